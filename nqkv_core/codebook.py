@@ -1,0 +1,166 @@
+"""Normal-quantile codebooks.
+
+A codebook is a sorted float32 tensor of ``2**bits`` levels in ``[-1, 1]``. An element ``x`` of a
+block with absolute maximum ``s`` is stored as the index of the level nearest to ``x / s`` and
+decoded as ``level * s``.
+
+Two kinds:
+
+* ``"nf"`` -- the normal-float levels of QLoRA / bitsandbytes: quantiles of N(0, 1) with an exact
+  zero, scaled to ``[-1, 1]``. For 4 bits they are bitsandbytes' NF4 table.
+* ``"lloyd"`` -- the levels that minimise the expected squared error of ``x / absmax(block)`` for
+  i.i.d. Gaussian blocks of a given size (Lloyd-Max on that distribution). NF levels are quantiles
+  of N(0, 1), but what is coded is ``x / absmax``, whose spread shrinks as blocks grow (the absmax of
+  64 Gaussian samples is about 2.4 sigma); these levels account for that.
+
+Codebooks are built once per ``(kind, bits, block)`` in float64 outside any traced graph and then
+cached per device and dtype, so quantizing never rebuilds them.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import numpy as np
+import torch
+from scipy.stats import norm
+
+CodebookKind = Literal["nf", "lloyd"]
+SUPPORTED_BITS = (2, 3, 4, 8)
+_LLOYD_SAMPLES = 1 << 21  # Gaussian samples behind a Lloyd-Max codebook (fixed seed).
+_LLOYD_ITERS = 200
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def _nf_levels(bits: int) -> tuple[float, ...]:
+    # QLoRA eq. 4 as bitsandbytes' create_normal_map builds it: 2**(bits-1) positive quantiles and
+    # 2**(bits-1) - 1 negative ones, each half from its own linspace so that zero is exact.
+    # The offset halves the gap between the two halves' outermost quantiles (0.9677083 for 4 bits).
+    n_pos = 2 ** (bits - 1)
+    n_neg = n_pos - 1
+    offset = 1.0 - 0.5 * (1.0 / (2 * 2**bits) + 1.0 / (2 * (2**bits - 1)))
+    pos = norm.ppf(np.linspace(offset, 0.5, n_pos + 1)[:-1])
+    neg = -norm.ppf(np.linspace(offset, 0.5, n_neg + 1)[:-1])
+    levels = np.sort(np.concatenate([pos, [0.0], neg]))
+    levels = levels / np.abs(levels).max()
+    return tuple(float(v) for v in levels)
+
+
+def _gaussian_blocks(block: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(y, s)``: ``y = x / s`` with ``s = absmax(block)`` for i.i.d. N(0,1) blocks, per element."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((max(n // block, 1), block))
+    s = np.abs(x).max(axis=1, keepdims=True)
+    return (x / s).ravel(), np.broadcast_to(s, x.shape).ravel()
+
+
+@functools.lru_cache(maxsize=None)
+def _lloyd_levels(bits: int, block: int) -> tuple[float, ...]:
+    # The error that matters is in the data's units: (x - s*q(y))^2 = s^2 (y - q(y))^2, so each
+    # normalised sample is weighted by its block's s^2 (weighted Lloyd iterations, symmetrised).
+    y, s = _gaussian_blocks(block, _LLOYD_SAMPLES, seed=0)
+    y, w = np.concatenate([y, -y]), np.concatenate([s, s]) ** 2
+    order = np.argsort(y, kind="stable")
+    y, w = y[order], w[order]
+    wsum = np.concatenate([[0.0], np.cumsum(w)])
+    wysum = np.concatenate([[0.0], np.cumsum(w * y)])
+    levels = np.asarray(_nf_levels(bits)) * 0.9  # NF is a good start; Lloyd only moves it.
+    for _ in range(_LLOYD_ITERS):
+        edges = np.searchsorted(y, (levels[1:] + levels[:-1]) / 2)
+        lo = np.concatenate([[0], edges])
+        hi = np.concatenate([edges, [len(y)]])
+        mass = wsum[hi] - wsum[lo]
+        centroids = (wysum[hi] - wysum[lo]) / np.maximum(mass, 1e-300)
+        new = np.where(mass > 0, centroids, levels)
+        if np.allclose(new, levels, rtol=0, atol=1e-9):
+            break
+        levels = new
+    levels = np.clip(np.sort(levels), -1.0, 1.0)
+    return tuple(float(v) for v in levels)
+
+
+def nf_codebook(bits: int) -> torch.Tensor:
+    """The normal-float (NF) levels for ``bits`` bits, float32, ascending, in ``[-1, 1]``.
+
+    Zero is exact and ``-1`` and ``1`` are levels. For ``bits=4`` this is bitsandbytes' NF4 table.
+
+    Raises:
+        ValueError: if ``bits`` is not one of 2, 3, 4 or 8.
+    """
+    _check_bits(bits)
+    return torch.tensor(_nf_levels(bits), dtype=torch.float32)
+
+
+def lloyd_max_codebook(bits: int, block: int) -> torch.Tensor:
+    """Levels minimising E[(x - s*q(x/s))^2], s = absmax, for i.i.d. N(0,1) blocks of ``block``.
+
+    Symmetric about zero (no exact zero level when the count is even; all-zero blocks still decode
+    to zeros because their scale is zero). Computed once per ``(bits, block)`` with a fixed seed.
+
+    Raises:
+        ValueError: if ``bits`` is not one of 2, 3, 4 or 8, or ``block`` is below 2.
+    """
+    _check_bits(bits)
+    if block < 2:
+        raise ValueError(f"block must be at least 2, got {block}")
+    return torch.tensor(_lloyd_levels(bits, block), dtype=torch.float32)
+
+
+# A plain dict rather than lru_cache: torch.compile looks through lru_cache wrappers and would trace
+# the scipy construction; a dict lookup of an already-built codebook traces to a constant.
+_CODEBOOK_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def get_codebook(
+    kind: CodebookKind,
+    bits: int,
+    block: int = 64,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Cached codebook tensor for ``(kind, bits, block, device, dtype)``.
+
+    ``block`` only matters for ``kind="lloyd"``. Do not modify the returned tensor in place: it is
+    shared by every caller. Build codebooks eagerly before compiling code that asks for them.
+    """
+    device = torch.device("cpu") if device is None else torch.device(device)
+    key = (kind, bits, block if kind == "lloyd" else 0, device, dtype)
+    codebook = _CODEBOOK_CACHE.get(key)
+    if codebook is None:
+        if kind == "nf":
+            levels = nf_codebook(bits)
+        elif kind == "lloyd":
+            levels = lloyd_max_codebook(bits, block)
+        else:
+            raise ValueError(f"codebook kind must be 'nf' or 'lloyd', got {kind!r}")
+        codebook = _CODEBOOK_CACHE[key] = levels.to(device=device, dtype=dtype)
+    return codebook
+
+
+def max_rounding_error(codebook: torch.Tensor) -> float:
+    """Largest distance from a point of ``[-1, 1]`` to its nearest level (in units of the absmax).
+
+    Half the largest gap between neighbouring levels, or the distance from an outermost level to
+    ``±1`` if that is larger. Times a block's absmax, this bounds every element's error.
+    """
+    levels = codebook.double().cpu()
+    half_gaps = (levels[1:] - levels[:-1]) / 2
+    return float(max(half_gaps.max().item(), 1 - levels[-1].item(), levels[0].item() + 1))
+
+
+def expected_mse(codebook: torch.Tensor, block: int, n: int = 1 << 20) -> float:
+    """Expected squared error per element of N(0,1) data quantized with ``codebook`` in blocks.
+
+    Estimated on ``n`` samples with a fixed seed (relative error of order 1/sqrt(n)); the unit is
+    the variance of the data, so the result is also the normalised MSE.
+    """
+    y, s = _gaussian_blocks(block, n, seed=1)  # a different seed from the one Lloyd fits on
+    levels = codebook.double().cpu().numpy()
+    idx = np.searchsorted((levels[1:] + levels[:-1]) / 2, y)
+    return float(np.mean(((y - levels[idx]) * s) ** 2))

@@ -1,0 +1,175 @@
+"""Blockwise absmax quantization with a codebook, on plain tensors.
+
+A block is ``block`` consecutive elements along ``axis``: one token's head_dim for ``axis=-1``,
+``block`` tokens of one channel for ``axis=-2`` on a ``(batch, heads, tokens, head_dim)`` tensor.
+Each block stores its absolute maximum ``s`` (fp16 or fp32) and one code per element, the index of
+the codebook level nearest to ``x / s``; codes are packed along the last axis
+(:mod:`nqkv_core.packing`) whatever the blocked axis, so token rows stay contiguous.
+
+Shapes, for ``x`` of shape ``(..., n_axis, ...)``:
+
+* ``codes``: ``x.shape`` with the last axis ``* bits / 8``, uint8.
+* ``absmax``: ``x.shape`` with the blocked axis ``/ block``, ``scale_dtype``.
+
+The stored scale is rounded *up* to ``scale_dtype`` so that ``|x / s| <= 1`` always holds: every
+element's error is then at most ``max_rounding_error(codebook) * s``. A block of zeros has ``s = 0``
+and decodes to exact zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nqkv_core.codebook import SUPPORTED_BITS
+from nqkv_core.packing import codes_per_row_multiple, pack, unpack
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+SCALE_DTYPES = (torch.float16, torch.float32)
+MIN_BLOCK = 8
+
+
+def codebook_bits(codebook: torch.Tensor) -> int:
+    """Bits per code of a codebook (its length must be ``2**bits`` for a supported ``bits``)."""
+    n = codebook.numel()
+    bits = n.bit_length() - 1
+    if codebook.dim() != 1 or n != 2**bits or bits not in SUPPORTED_BITS:
+        allowed = [2**b for b in SUPPORTED_BITS]
+        raise ValueError(f"codebook must be 1-D with {allowed} levels, got shape {tuple(codebook.shape)}")
+    return bits
+
+
+def bits_per_element(bits: int, block: int, scale_dtype: torch.dtype = torch.float16) -> float:
+    """Storage cost per element: the code plus the block's share of its scale."""
+    return bits + torch.finfo(scale_dtype).bits / block
+
+
+def _check_input(x: torch.Tensor, codebook: torch.Tensor, block: int, axis: int, scale_dtype: torch.dtype) -> int:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected a tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"can only quantize floating-point tensors {FLOAT_DTYPES}, got {x.dtype}")
+    if scale_dtype not in SCALE_DTYPES:
+        raise ValueError(f"scale_dtype must be one of {SCALE_DTYPES}, got {scale_dtype}")
+    if x.dim() == 0:
+        raise ValueError("cannot quantize a 0-d tensor; it has no axis to block")
+    if not -x.dim() <= axis < x.dim():
+        raise ValueError(f"axis {axis} is out of range for a {x.dim()}-d tensor")
+    bits = codebook_bits(codebook)
+    n = x.shape[axis]
+    if block < MIN_BLOCK or n % block:
+        raise ValueError(
+            f"block must be >= {MIN_BLOCK} and divide the blocked axis (axis {axis}, size {n}); got {block}."
+            f" Allowed blocks here: {[b for b in range(MIN_BLOCK, n + 1) if n % b == 0] or 'none'}"
+        )
+    m = codes_per_row_multiple(bits)
+    if x.shape[-1] % m:
+        raise ValueError(
+            f"{bits}-bit codes are packed along the last axis, whose size must be a multiple of {m};"
+            f" got shape {tuple(x.shape)}"
+        )
+    if codebook.device != x.device:
+        raise ValueError(f"codebook is on {codebook.device} but the input is on {x.device}")
+    if not torch.compiler.is_compiling():
+        # Data-dependent checks cannot run inside a compiled graph; eager calls get them.
+        bad = ~torch.isfinite(x)
+        if bad.any():
+            count = int(bad.sum())
+            first = tuple(int(i) for i in bad.nonzero()[0])
+            raise ValueError(
+                f"input has {count} non-finite value(s) (NaN or Inf); the first at index {first}."
+                " Quantization cannot represent them; clean or clamp the input first."
+            )
+    return bits
+
+
+def _round_up(absmax: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
+    scale = absmax.to(scale_dtype)
+    if scale_dtype == torch.float32:
+        return scale
+    if not torch.compiler.is_compiling() and absmax.numel() and bool(absmax.max() > torch.finfo(scale_dtype).max):
+        raise ValueError(
+            f"a block's absmax {float(absmax.max()):.4g} exceeds the {scale_dtype} range;"
+            " pass scale_dtype=torch.float32"
+        )
+    low = scale.float() < absmax
+    return torch.where(low, torch.nextafter(scale, torch.full_like(scale, float("inf"))), scale)
+
+
+def quantize_blockwise(
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    block: int = 64,
+    axis: int = -1,
+    scale_dtype: torch.dtype = torch.float16,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``x`` in blocks of ``block`` elements along ``axis``.
+
+    Args:
+        x: floating-point tensor (fp32, fp16, bf16 or fp64), finite.
+        codebook: ascending levels in ``[-1, 1]``, ``2**bits`` of them (see :mod:`nqkv_core.codebook`).
+        block: elements per block (>= 8, dividing ``x.shape[axis]``).
+        axis: the blocked axis.
+        scale_dtype: dtype of the stored per-block absmax, fp16 or fp32.
+
+    Returns:
+        ``(codes, absmax)``: packed uint8 codes and per-block scales (shapes in the module docstring).
+
+    Raises:
+        TypeError: non-floating input.
+        ValueError: NaN/Inf in the input, a bad block, axis, codebook or scale dtype, or an absmax
+            beyond the fp16 range with ``scale_dtype=float16``.
+    """
+    bits = _check_input(x, codebook, block, axis, scale_dtype)
+    axis = axis % x.dim()
+    xb = x.float().movedim(axis, -1).contiguous()
+    xb = xb.reshape(*xb.shape[:-1], -1, block)
+    absmax = _round_up(xb.abs().amax(dim=-1), scale_dtype)
+    s = absmax.float().unsqueeze(-1)
+    y = xb / torch.where(s > 0, s, 1.0)  # a zero block stays zero; its scale decodes it to zero
+    thresholds = (codebook[1:] + codebook[:-1]).float() / 2
+    codes = torch.bucketize(y, thresholds).to(torch.uint8)
+    codes = codes.flatten(-2).movedim(-1, axis)
+    return pack(codes, bits), absmax.movedim(-1, axis)
+
+
+def _byte_table(codebook: torch.Tensor, bits: int) -> torch.Tensor:
+    # For 2/4/8 bits each byte holds whole codes: one gather per byte yields 8 // bits levels.
+    byte = torch.arange(256, dtype=torch.uint8, device=codebook.device).unsqueeze(-1)
+    return codebook.float()[unpack(byte, bits).long()]  # (256, 8 // bits)
+
+
+def dequantize_blockwise(
+    codes: torch.Tensor,
+    absmax: torch.Tensor,
+    codebook: torch.Tensor,
+    block: int = 64,
+    axis: int = -1,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Inverse of :func:`quantize_blockwise`: ``codebook[code] * absmax`` in ``dtype``.
+
+    Raises:
+        ValueError: if ``codes`` and ``absmax`` shapes do not match ``block`` and ``axis``.
+    """
+    bits = codebook_bits(codebook)
+    if codes.dtype != torch.uint8:
+        raise TypeError(f"codes must be uint8, got {codes.dtype}")
+    if codes.dim() == 0 or not -codes.dim() <= axis < codes.dim():
+        raise ValueError(f"axis {axis} is out of range for codes of shape {tuple(codes.shape)}")
+    axis = axis % codes.dim()
+    shape = list(codes.shape)
+    shape[-1] = shape[-1] * 8 // bits
+    expected = list(shape)
+    expected[axis] = shape[axis] // block if shape[axis] % block == 0 else -1
+    if list(absmax.shape) != expected:
+        raise ValueError(
+            f"absmax shape {tuple(absmax.shape)} does not match codes {tuple(codes.shape)} with"
+            f" {bits}-bit codes, block {block} along axis {axis} (expected {tuple(expected)})"
+        )
+    if bits == 3:
+        values = codebook.float()[unpack(codes, bits).long()]
+    else:
+        values = _byte_table(codebook, bits)[codes.long()].flatten(-2)
+    blocked = shape[:axis] + [shape[axis] // block, block] + shape[axis + 1 :]
+    out = values.view(blocked) * absmax.float().unsqueeze(axis + 1)
+    return out.view(shape).to(dtype)
