@@ -81,7 +81,8 @@ def _lloyd_levels(bits: int, block: int) -> tuple[float, ...]:
         if np.allclose(new, levels, rtol=0, atol=1e-9):
             break
         levels = new
-    levels = np.clip(np.sort(levels), -1.0, 1.0)
+    levels = np.sort(levels)
+    levels = np.clip((levels - levels[::-1]) / 2, -1.0, 1.0)  # exactly symmetric, as the data are
     return tuple(float(v) for v in levels)
 
 

@@ -45,7 +45,7 @@ def _check(last: int, bits: int) -> None:
 def _pack_lanes(codes: torch.Tensor, lane_bits: int) -> torch.Tensor:
     # codes (..., D) uint8 with values < 2**lane_bits -> (..., D * lane_bits / 8) uint8
     per_byte = 8 // lane_bits
-    lanes = codes.reshape(*codes.shape[:-1], -1, per_byte)
+    lanes = codes.reshape(*codes.shape[:-1], codes.shape[-1] // per_byte, per_byte)
     packed = lanes[..., 0].clone()
     for i in range(1, per_byte):
         packed |= lanes[..., i] << (lane_bits * i)

@@ -18,6 +18,8 @@ and decodes to exact zeros.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from nqkv_core.codebook import SUPPORTED_BITS
@@ -69,30 +71,41 @@ def _check_input(x: torch.Tensor, codebook: torch.Tensor, block: int, axis: int,
         )
     if codebook.device != x.device:
         raise ValueError(f"codebook is on {codebook.device} but the input is on {x.device}")
-    if not torch.compiler.is_compiling():
-        # Data-dependent checks cannot run inside a compiled graph; eager calls get them.
-        bad = ~torch.isfinite(x)
-        if bad.any():
-            count = int(bad.sum())
-            first = tuple(int(i) for i in bad.nonzero()[0])
-            raise ValueError(
-                f"input has {count} non-finite value(s) (NaN or Inf); the first at index {first}."
-                " Quantization cannot represent them; clean or clamp the input first."
-            )
     return bits
 
 
+def _check_finite(x: torch.Tensor, absmax: torch.Tensor) -> None:
+    # NaN and Inf propagate into their block's absmax, so the (64x smaller) absmax is what is
+    # checked; the input is searched only to word the error. Skipped inside a compiled graph,
+    # where a data-dependent branch would break it.
+    if torch.compiler.is_compiling() or bool(torch.isfinite(absmax).all()):
+        return
+    bad = ~torch.isfinite(x)
+    first = tuple(int(i) for i in bad.nonzero()[0])
+    raise ValueError(
+        f"input has {int(bad.sum())} non-finite value(s) (NaN or Inf); the first at index {first}."
+        " Quantization cannot represent them; clean or clamp the input first."
+    )
+
+
 def _round_up(absmax: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
-    scale = absmax.to(scale_dtype)
+    """``absmax`` rounded up to ``scale_dtype`` (float32 in, float32 out, exactly representable)."""
     if scale_dtype == torch.float32:
-        return scale
-    if not torch.compiler.is_compiling() and absmax.numel() and bool(absmax.max() > torch.finfo(scale_dtype).max):
+        return absmax
+    finfo = torch.finfo(scale_dtype)
+    if not torch.compiler.is_compiling() and absmax.numel() and bool(absmax.max() > finfo.max):
         raise ValueError(
             f"a block's absmax {float(absmax.max()):.4g} exceeds the {scale_dtype} range;"
             " pass scale_dtype=torch.float32"
         )
-    low = scale.float() < absmax
-    return torch.where(low, torch.nextafter(scale, torch.full_like(scale, float("inf"))), scale)
+    # Ceil to a multiple of the fp16 spacing at the value's exponent, all in exact fp32 arithmetic.
+    # A cast would round to nearest (possibly down, so |x / s| > 1), and torch.compile may fuse a
+    # cast round trip away; with this the fp32 scale used for coding equals the stored fp16 one.
+    _, exponent = torch.frexp(absmax)
+    mantissa_bits = int(-math.log2(finfo.eps))  # 10 for fp16
+    min_exponent = int(math.log2(finfo.tiny)) + 1  # subnormals share the smallest normal spacing
+    spacing = torch.exp2((exponent.clamp(min=min_exponent) - 1 - mantissa_bits).float())
+    return torch.ceil(absmax / spacing) * spacing
 
 
 def quantize_blockwise(
@@ -122,14 +135,16 @@ def quantize_blockwise(
     bits = _check_input(x, codebook, block, axis, scale_dtype)
     axis = axis % x.dim()
     xb = x.float().movedim(axis, -1).contiguous()
-    xb = xb.reshape(*xb.shape[:-1], -1, block)
-    absmax = _round_up(xb.abs().amax(dim=-1), scale_dtype)
-    s = absmax.float().unsqueeze(-1)
+    xb = xb.reshape(*xb.shape[:-1], xb.shape[-1] // block, block)
+    absmax = xb.abs().amax(dim=-1)
+    _check_finite(x, absmax)
+    absmax = _round_up(absmax, scale_dtype)
+    s = absmax.unsqueeze(-1)
     y = xb / torch.where(s > 0, s, 1.0)  # a zero block stays zero; its scale decodes it to zero
     thresholds = (codebook[1:] + codebook[:-1]).float() / 2
     codes = torch.bucketize(y, thresholds).to(torch.uint8)
     codes = codes.flatten(-2).movedim(-1, axis)
-    return pack(codes, bits), absmax.movedim(-1, axis)
+    return pack(codes, bits), absmax.to(scale_dtype).movedim(-1, axis)
 
 
 def _byte_table(codebook: torch.Tensor, bits: int) -> torch.Tensor:

@@ -1,0 +1,100 @@
+import numpy as np
+import pytest
+import torch
+
+from nqkv_core.codebook import (
+    expected_mse,
+    get_codebook,
+    lloyd_max_codebook,
+    max_rounding_error,
+    nf_codebook,
+)
+
+# bitsandbytes' NF4 table (bitsandbytes/functional.py, get_4bit_type("nf4")).
+BNB_NF4 = [
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+]
+
+
+def test_nf4_equals_bitsandbytes_table():
+    torch.testing.assert_close(nf_codebook(4), torch.tensor(BNB_NF4), atol=1e-6, rtol=0)
+
+
+def test_nf4_matches_bitsandbytes_constructor_if_installed():
+    functional = pytest.importorskip("bitsandbytes.functional")
+    ref = functional.create_normal_map(offset=0.9677083, use_extra_value=True)
+    ref = ref[ref != 0]  # the 8-bit map pads with zeros; keep the 15 non-zero levels
+    levels = nf_codebook(4)
+    torch.testing.assert_close(levels[levels != 0], ref.float(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("kind", ["nf", "lloyd"])
+def test_codebooks_are_sorted_in_range(bits, kind):
+    cb = get_codebook(kind, bits, 64)
+    assert cb.shape == (2**bits,) and cb.dtype == torch.float32
+    assert torch.all(cb[1:] > cb[:-1])
+    assert cb.min() >= -1 and cb.max() <= 1
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_nf_has_exact_zero_and_unit_ends(bits):
+    cb = nf_codebook(bits)
+    assert (cb == 0).sum() == 1 and cb[0] == -1 and cb[-1] == 1
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("block", [32, 64, 128])
+def test_lloyd_beats_nf_on_gaussian_blocks(bits, block):
+    nf = expected_mse(nf_codebook(bits), block)
+    lloyd = expected_mse(lloyd_max_codebook(bits, block), block)
+    assert lloyd < nf
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_lloyd_is_a_local_optimum(bits):
+    # Nudging any level must not lower the expected error (on samples other than the fitted ones).
+    cb = lloyd_max_codebook(bits, 64)
+    best = expected_mse(cb, 64, n=1 << 18)
+    for i in range(cb.numel()):
+        for delta in (-0.02, 0.02):
+            moved = cb.clone()
+            moved[i] += delta
+            assert expected_mse(torch.sort(moved).values, 64, n=1 << 18) >= best * (1 - 1e-3)
+
+
+def test_lloyd_is_symmetric_and_deterministic():
+    a = lloyd_max_codebook(3, 64)
+    torch.testing.assert_close(a, -a.flip(0), atol=1e-9, rtol=0)
+    from nqkv_core import codebook as module
+
+    module._lloyd_levels.cache_clear()
+    assert torch.equal(a, lloyd_max_codebook(3, 64))
+
+
+def test_get_codebook_is_cached_per_key():
+    a = get_codebook("nf", 4)
+    assert get_codebook("nf", 4) is a
+    assert get_codebook("nf", 4, dtype=torch.float16) is not a
+    assert get_codebook("lloyd", 4, 32) is not get_codebook("lloyd", 4, 64)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="bits must be one of"):
+        nf_codebook(5)
+    with pytest.raises(ValueError, match="kind"):
+        get_codebook("uniform", 4)
+    with pytest.raises(ValueError, match="block"):
+        lloyd_max_codebook(4, 1)
+
+
+def test_max_rounding_error():
+    cb = torch.tensor([-0.5, 0.0, 0.25, 1.0])
+    # half gaps 0.25, 0.125, 0.375; ends: 1 - 1.0 = 0, -0.5 + 1 = 0.5
+    assert max_rounding_error(cb) == pytest.approx(0.5)
+    assert max_rounding_error(nf_codebook(4)) == pytest.approx(
+        float(np.max(np.diff(np.array(BNB_NF4)))) / 2, rel=1e-6
+    )

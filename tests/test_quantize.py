@@ -1,0 +1,150 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nqkv_core.codebook import expected_mse, get_codebook, max_rounding_error
+from nqkv_core.quantize import bits_per_element, dequantize_blockwise, quantize_blockwise
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@st.composite
+def cases(draw, kinds=("nf", "lloyd")):
+    bits = draw(st.sampled_from([2, 3, 4]))
+    block = draw(st.sampled_from([8, 16, 32, 64]))
+    axis = draw(st.sampled_from([-1, -2, 0]))
+    lead = draw(st.integers(1, 3))
+    shape = [lead, 8 * draw(st.integers(1, 4)), 8 * draw(st.integers(1, 4))]
+    shape[axis] = block * draw(st.integers(1, 3))
+    dtype = draw(st.sampled_from(DTYPES))
+    scale = draw(st.sampled_from([1e-3, 1.0, 30.0]))
+    seed = draw(st.integers(0, 2**16))
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * scale
+    kind = draw(st.sampled_from(kinds))
+    return x.to(dtype), get_codebook(kind, bits, block), block, axis
+
+
+def _block_absmax(absmax, block, axis, shape):
+    return absmax.float().repeat_interleave(block, dim=axis).reshape(shape)
+
+
+@settings(max_examples=60, deadline=None)
+@given(cases())
+def test_error_bound(case):
+    x, cb, block, axis = case
+    codes, absmax = quantize_blockwise(x, cb, block, axis)
+    y = dequantize_blockwise(codes, absmax, cb, block, axis)
+    bound = max_rounding_error(cb) * _block_absmax(absmax, block, axis, x.shape)
+    err = (y - x.float()).abs()
+    assert torch.all(err <= bound * (1 + 1e-5) + 1e-30)
+
+
+@settings(max_examples=40, deadline=None)
+@given(cases(kinds=("nf",)))
+def test_idempotent(case):
+    # Codebooks with levels at ±1 reproduce each block's absmax, so requantizing is a fixed point.
+    x, cb, block, axis = case
+    codes, absmax = quantize_blockwise(x, cb, block, axis)
+    y = dequantize_blockwise(codes, absmax, cb, block, axis)
+    codes2, absmax2 = quantize_blockwise(y, cb, block, axis)
+    assert torch.equal(codes, codes2) and torch.equal(absmax, absmax2)
+
+
+@settings(max_examples=40, deadline=None)
+@given(cases(), st.integers(-6, 6))
+def test_positive_scaling(case, power):
+    x, cb, block, axis = case
+    c = 2.0**power  # exact in floating point, so the comparison is exact too
+    codes, absmax = quantize_blockwise(x.float(), cb, block, axis, torch.float32)
+    codes_c, absmax_c = quantize_blockwise(x.float() * c, cb, block, axis, torch.float32)
+    assert torch.equal(codes, codes_c)
+    assert torch.equal(absmax * c, absmax_c)
+
+
+@settings(max_examples=40, deadline=None)
+@given(cases())
+def test_sign_preserved(case):
+    x, cb, block, axis = case
+    y = dequantize_blockwise(*quantize_blockwise(x, cb, block, axis), cb, block, axis)
+    xf = x.float()
+    assert torch.all(y[xf > 0] >= 0) and torch.all(y[xf < 0] <= 0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(cases())
+def test_zero_blocks_are_exact(case):
+    x, cb, block, axis = case
+    x = x.clone()
+    x.narrow(axis, 0, block).zero_()  # the first block of every row along axis
+    y = dequantize_blockwise(*quantize_blockwise(x, cb, block, axis), cb, block, axis)
+    assert torch.all(y.narrow(axis, 0, block) == 0)
+
+
+@pytest.mark.parametrize("kind", ["nf", "lloyd"])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("block", [32, 64])
+def test_mse_matches_codebook_theory(kind, bits, block):
+    cb = get_codebook(kind, bits, block)
+    x = torch.randn(1 << 20, generator=torch.Generator().manual_seed(7))
+    y = dequantize_blockwise(*quantize_blockwise(x, cb, block, scale_dtype=torch.float32), cb, block)
+    assert ((x - y) ** 2).mean().item() == pytest.approx(expected_mse(cb, block), rel=0.02)
+
+
+def test_deterministic_and_exact_sizes():
+    x = torch.randn(4, 3, 256, 64, dtype=torch.bfloat16)
+    cb = get_codebook("nf", 4)
+    a = quantize_blockwise(x, cb, 64)
+    b = quantize_blockwise(x.clone(), cb, 64)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    nbytes = a[0].nbytes + a[1].nbytes
+    assert 8 * nbytes / x.numel() == bits_per_element(4, 64) == 4.25
+    assert bits_per_element(3, 32, torch.float32) == 4.0
+
+
+def test_empty_input():
+    cb = get_codebook("nf", 4)
+    x = torch.empty(0, 3, 64)
+    codes, absmax = quantize_blockwise(x, cb, 64)
+    assert codes.shape == (0, 3, 32) and absmax.shape == (0, 3, 1)
+    assert dequantize_blockwise(codes, absmax, cb, 64).shape == x.shape
+
+
+def test_fp16_scale_rounds_up():
+    cb = get_codebook("nf", 4)
+    x = torch.full((1, 64), 1.0001)  # not representable in fp16; rounding down would clip
+    codes, absmax = quantize_blockwise(x, cb, 64)
+    assert absmax.dtype == torch.float16 and absmax.float().item() >= 1.0001
+
+
+@pytest.mark.parametrize(
+    "x, kwargs, error, match",
+    [
+        (torch.tensor([[1.0, float("nan")] * 32]), {}, ValueError, r"32 non-finite.*\(0, 1\)"),
+        (torch.full((2, 64), float("inf")), {}, ValueError, "128 non-finite"),
+        (torch.ones(2, 64, dtype=torch.int32), {}, TypeError, "floating-point"),
+        (torch.ones(2, 64, dtype=torch.bool), {}, TypeError, "floating-point"),
+        (torch.ones(2, 48), {"block": 32}, ValueError, r"divide.*Allowed blocks here: \[8, 12, 16, 24, 48\]"),
+        (torch.ones(2, 64), {"block": 4}, ValueError, ">= 8"),
+        (torch.ones(2, 64), {"axis": 2}, ValueError, "out of range"),
+        (torch.full((1, 64), 1e6), {}, ValueError, "scale_dtype=torch.float32"),
+        (torch.ones(2, 64), {"scale_dtype": torch.bfloat16}, ValueError, "scale_dtype"),
+        (torch.ones(64, 12), {"axis": 0, "bits": 3}, ValueError, "multiple of 8"),
+    ],
+)
+def test_bad_input(x, kwargs, error, match):
+    bits = kwargs.pop("bits", 4)
+    with pytest.raises(error, match=match):
+        quantize_blockwise(x, get_codebook("nf", bits), **{"block": 64, **kwargs})
+
+
+def test_bad_codebook():
+    with pytest.raises(ValueError, match="levels"):
+        quantize_blockwise(torch.ones(2, 64), torch.linspace(-1, 1, 5), 64)
+
+
+def test_dequantize_shape_mismatch():
+    cb = get_codebook("nf", 4)
+    codes, absmax = quantize_blockwise(torch.randn(4, 64), cb, 32)
+    with pytest.raises(ValueError, match="does not match"):
+        dequantize_blockwise(codes, absmax, cb, 64)

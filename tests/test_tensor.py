@@ -1,0 +1,115 @@
+import io
+
+import pytest
+import torch
+
+from nqkv_core import NQTensor
+
+
+def kv(dtype=torch.float16, shape=(2, 3, 128, 64), seed=0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("axis", [-1, -2])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_roundtrip_metadata(dtype, axis, bits):
+    x = kv(dtype)
+    q = NQTensor.from_float(x, block=32, bits=bits, axis=axis)
+    assert q.shape == x.shape and q.dtype == dtype and q.bits == bits and q.axis == axis % 4
+    y = q.dequantize()
+    assert y.dtype == dtype and y.shape == x.shape
+    assert q.dequantize(torch.float32).dtype == torch.float32
+    assert q.nbytes == x.numel() * bits // 8 + x.numel() // 32 * 2
+    rel = ((y.float() - x.float()).norm() / x.float().norm()).item()
+    assert rel < {2: 0.6, 3: 0.25, 4: 0.12}[bits]
+
+
+def test_lloyd_and_tensor_codebooks():
+    x = kv(torch.float32)
+    a = NQTensor.from_float(x, bits=2, codebook="lloyd")
+    b = NQTensor.from_float(x, bits=2, codebook=a.codebook)
+    assert torch.equal(a.codes, b.codes)
+    with pytest.raises(ValueError, match="levels but bits"):
+        NQTensor.from_float(x, bits=4, codebook=a.codebook)
+
+
+def test_slice_select_cat_follow_dequantize():
+    x = kv()
+    for axis, step in ((-1, 1), (-2, 32)):
+        q = NQTensor.from_float(x, block=32, axis=axis)
+        full = q.dequantize()
+        torch.testing.assert_close(q[:, :, 32:96].dequantize(), full[:, :, 32:96], rtol=0, atol=0)
+        torch.testing.assert_close(q[1].dequantize(), full[1], rtol=0, atol=0)
+        torch.testing.assert_close(q[:, 2].dequantize(), full[:, 2], rtol=0, atol=0)
+        torch.testing.assert_close(q[:, :, -step:].dequantize(), full[:, :, -step:], rtol=0, atol=0)
+        cat = torch.cat([q[:, :, :64], q[:, :, 64:]], dim=2)
+        assert torch.equal(cat.codes, q.codes) and torch.equal(cat.absmax, q.absmax)
+        assert torch.cat([q, q], dim=0).shape == (4, 3, 128, 64)
+
+
+def test_detach_clone_to():
+    q = NQTensor.from_float(kv())
+    for other in (q.detach(), q.clone(), q.to("cpu"), q.to(torch.float32)):
+        assert isinstance(other, NQTensor) and torch.equal(other.codes, q.codes)
+    c = q.clone()
+    assert c.codes.data_ptr() != q.codes.data_ptr()
+    assert q.to(torch.float32).dequantize().dtype == torch.float32
+    with pytest.raises(TypeError, match="floating point"):
+        q.to(torch.int8)
+
+
+def test_unsupported_ops_name_the_op():
+    q = NQTensor.from_float(kv())
+    with pytest.raises(NotImplementedError, match=r"aten\.add.*dequantize\(\)"):
+        q + 1
+    with pytest.raises(NotImplementedError, match=r"aten\.transpose"):
+        q.transpose(-1, -2)
+    with pytest.raises(NotImplementedError, match="last axis"):
+        q[..., :32]
+    with pytest.raises(NotImplementedError, match="whole blocks"):
+        NQTensor.from_float(kv(), block=32, axis=-2)[:, :, 5:40]
+
+
+def test_repr_does_not_dequantize():
+    r = repr(NQTensor.from_float(kv(), bits=3, block=64))
+    assert "bits=3" in r and "block=64" in r and "bits_per_element=3.250" in r
+
+
+def test_torch_save_load_weights_only():
+    q = NQTensor.from_float(kv(torch.bfloat16), bits=3, axis=-2, block=32)
+    buf = io.BytesIO()
+    torch.save({"k": q}, buf)
+    buf.seek(0)
+    r = torch.load(buf, weights_only=True)["k"]
+    assert isinstance(r, NQTensor) and (r.block, r.axis, r.dtype, r.shape) == (q.block, q.axis, q.dtype, q.shape)
+    for n in NQTensor.tensor_data_names:
+        assert torch.equal(getattr(r, n), getattr(q, n))
+
+
+def test_state_dict_safetensors_roundtrip(tmp_path):
+    safetensors = pytest.importorskip("safetensors.torch")
+    q = NQTensor.from_float(kv(), bits=4, block=64)
+    tensors, metadata = q.state_dict()
+    path = tmp_path / "k.safetensors"
+    safetensors.save_file(tensors, path, metadata=metadata)
+    with safetensors.safe_open(path, "pt") as f:
+        loaded = {k: f.get_tensor(k) for k in f.keys()}
+        r = NQTensor.from_state_dict(loaded, f.metadata())
+    assert torch.equal(r.dequantize(), q.dequantize())
+    with pytest.raises(ValueError, match="does not fit"):
+        NQTensor.from_state_dict({**loaded, "absmax": loaded["absmax"][:1]}, metadata)
+    with pytest.raises(ValueError, match="missing"):
+        NQTensor.from_state_dict({"codes": loaded["codes"]}, metadata)
+
+
+def test_compile_fullgraph_quantize_dequantize():
+    torch._dynamo.reset()
+    x = kv(torch.float32, shape=(1, 2, 64, 64))
+
+    def roundtrip(t):
+        q = NQTensor.from_float(t, block=32, bits=4)
+        return q.dequantize() * 2
+
+    compiled = torch.compile(roundtrip, fullgraph=True)  # fullgraph: any graph break raises
+    torch.testing.assert_close(compiled(x), roundtrip(x), rtol=0, atol=0)
