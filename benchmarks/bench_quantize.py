@@ -1,0 +1,116 @@
+"""Blockwise 4-bit quantize / dequantize on CPU: nqkv vs bitsandbytes NF4 vs torchao NF4.
+
+Every library runs in the same process on the same input; the table gives medians and each time as
+a ratio to bitsandbytes, plus the MSE of each round trip. Usage:
+
+    python benchmarks/bench_quantize.py [--numel 4194304] [--repeats 15] [--markdown out.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from nqkv_core.codebook import get_codebook
+from nqkv_core.quantize import dequantize_blockwise, quantize_blockwise
+
+
+def median_time(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up (and compilation for compiled paths)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def nqkv_rows(x: torch.Tensor, block: int, repeats: int) -> list[tuple[str, float, float, float]]:
+    cb = get_codebook("nf", 4, block)
+    rows_view = x.view(-1, block)
+    codes, absmax = quantize_blockwise(rows_view, cb, block)
+    y = dequantize_blockwise(codes, absmax, cb, block, dtype=x.dtype)
+    mse = ((y.float() - rows_view.float()) ** 2).mean().item()
+    q = median_time(lambda: quantize_blockwise(rows_view, cb, block), repeats)
+    dq = median_time(lambda: dequantize_blockwise(codes, absmax, cb, block, dtype=x.dtype), repeats)
+    compiled = torch.compile(dequantize_blockwise, dynamic=False)
+    dqc = median_time(lambda: compiled(codes, absmax, cb, block, dtype=x.dtype), repeats)
+    return [("nqkv (eager)", q, dq, mse), ("nqkv (compiled dequantize)", q, dqc, mse)]
+
+
+def bitsandbytes_row(x: torch.Tensor, block: int, repeats: int):
+    try:
+        import bitsandbytes.functional as bnb
+    except ImportError:
+        return None
+    packed, state = bnb.quantize_4bit(x, blocksize=block, quant_type="nf4")
+    y = bnb.dequantize_4bit(packed, state)
+    mse = ((y.float() - x.float()) ** 2).mean().item()
+    q = median_time(lambda: bnb.quantize_4bit(x, blocksize=block, quant_type="nf4"), repeats)
+    dq = median_time(lambda: bnb.dequantize_4bit(packed, state), repeats)
+    return ("bitsandbytes nf4", q, dq, mse)
+
+
+def torchao_row(x: torch.Tensor, block: int, repeats: int):
+    try:
+        from torchao.dtypes.nf4tensor import to_nf4
+    except ImportError:
+        try:
+            from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+        except ImportError:
+            return None
+    # torchao's double quantization needs the number of blocks to divide its scaler block (256).
+    shaped = x.view(-1, 4096)
+    nf4 = to_nf4(shaped, block_size=block, scaler_block_size=256)
+    y = nf4.get_original_weight()
+    mse = ((y.float() - shaped.float()) ** 2).mean().item()
+    q = median_time(lambda: to_nf4(shaped, block_size=block, scaler_block_size=256), repeats)
+    dq = median_time(lambda: nf4.get_original_weight(), repeats)
+    return ("torchao nf4", q, dq, mse)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--numel", type=int, default=4 << 20, help="elements to quantize")
+    parser.add_argument("--block", type=int, default=64, help="block size")
+    parser.add_argument("--repeats", type=int, default=15, help="timed repeats (median reported)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--markdown", default=None, help="also write the table to this file")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    lines = [
+        f"{args.numel} elements, block {args.block}, 4-bit, {torch.get_num_threads()} threads,"
+        f" median of {args.repeats}; ratios are bitsandbytes time / this time (>1 = faster).",
+        "",
+        "| input | method | quantize ms | x bnb | dequantize ms | x bnb | MSE | MSE / bnb |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(args.numel, generator=torch.Generator().manual_seed(0)).to(dtype)
+        rows = []
+        ref = bitsandbytes_row(x, args.block, args.repeats)
+        rows += nqkv_rows(x, args.block, args.repeats)
+        rows += [r for r in (ref, torchao_row(x, args.block, args.repeats)) if r is not None]
+        for name, q, dq, mse in rows:
+            rq = f"{ref[1] / q:.2f}" if ref else "-"
+            rdq = f"{ref[2] / dq:.2f}" if ref else "-"
+            rmse = f"{mse / ref[3]:.4f}" if ref else "-"
+            lines.append(
+                f"| {str(dtype).removeprefix('torch.')} | {name} | {q * 1e3:.1f} | {rq} |"
+                f" {dq * 1e3:.2f} | {rdq} | {mse:.3e} | {rmse} |"
+            )
+    table = "\n".join(lines)
+    print(table)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
