@@ -1,0 +1,853 @@
+"""``NQKVCache``: a transformers ``Cache`` that stores keys and values quantized, append-only.
+
+Per layer and per ``(batch, kv head)``, in the storage basis of the scheme (after its exact transform,
+see :mod:`nqkv_core.scheme`), positions are split three ways::
+
+    [0, S)                 sinks: full precision, never quantized
+    [S, n - W)             body: quantized once, when the token leaves the window; never re-quantized
+    [n - W, n)             window: full precision (the query's own token is the W-th)
+
+with ``n`` the number of tokens seen, ``S = scheme.sinks`` and ``W = max(scheme.window, 1)``. The
+window is a ring buffer of ``W - 1 + crop_margin`` slots; the body is a preallocated code and scale
+buffer (grown by doubling in the dynamic mode, fixed with ``max_cache_len``). Every write is an
+``index_copy_`` at tensor positions and every read is masked, so a decode step with a fixed
+``max_cache_len`` has static shapes, allocates no cache storage, and traces with
+``torch.compile(fullgraph=True)``.
+
+A step is split between the two hooks transformers gives a cache:
+
+* ``Cache.update`` (called by the model after RoPE) only parks the new K/V on the layer and returns
+  a handle instead of tensors, so attention that is not NQKV fails loudly instead of silently
+  attending to a partial cache.
+* the registered attention function (``attn_implementation="nqkv"``) fits the scheme's transform
+  on the first call (it needs the queries), attends to ``[body | sinks | window | new]`` with the new
+  tokens exact, and then commits the new tokens (quantizing those that leave the window).
+
+All attention goes through :func:`attend`; it is the one place that reads the quantized body.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from nqkv_core.codebook import get_codebook
+from nqkv_core.quantize import dequantize_blockwise, quantize_blockwise
+from nqkv_core.scheme import FP_BITS, KVScheme, KVTransform, fit_transform
+
+try:  # transformers is an optional dependency of the package; the cache needs it.
+    import transformers
+    from transformers.cache_utils import Cache, CacheLayerMixin
+except ImportError as e:  # pragma: no cover - exercised only without transformers
+    raise ImportError("nqkv_core.cache needs transformers>=4.57: pip install 'nqkv[eval]'") from e
+
+ATTN_NAME = "nqkv"
+FORMAT_VERSION = "1"
+_ENABLE_HINT = (
+    "pass attn_implementation='nqkv' when loading the model, or call nqkv_core.enable(model)"
+)
+
+
+def _version() -> tuple[int, int]:
+    major, minor = transformers.__version__.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+# -- attention over the stored layout --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SideFormat:
+    """How one of K/V is stored in the body: ``bits`` (16 = plain full precision), codebook, block."""
+
+    bits: int
+    block: int
+    codebook: torch.Tensor | None  # None for bits=16
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits < FP_BITS
+
+
+def _read_body(data: tuple[torch.Tensor, ...], fmt: SideFormat, dtype: torch.dtype) -> torch.Tensor:
+    if not fmt.quantized:
+        return data[0].to(dtype)
+    codes, absmax = data
+    return dequantize_blockwise(codes, absmax, fmt.codebook, fmt.block, axis=-1, dtype=dtype)
+
+
+def attend(
+    query: torch.Tensor,
+    k_body: tuple[torch.Tensor, ...],
+    v_body: tuple[torch.Tensor, ...],
+    k_fmt: SideFormat,
+    v_fmt: SideFormat,
+    k_fp: torch.Tensor,
+    v_fp: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of ``query`` over a quantized body followed by full-precision keys/values.
+
+    Args:
+        query: ``(b, hq, T, d)`` in the storage basis.
+        k_body, v_body: ``(codes, absmax)`` of ``N`` body tokens, ``(b, hkv, N, ...)`` (or a
+            one-tuple with a plain ``(b, hkv, N, d)`` tensor for a 16-bit side).
+        k_fmt, v_fmt: their storage formats.
+        k_fp, v_fp: ``(b, hkv, M, d)`` full-precision keys/values (sinks, window, new tokens).
+        mask: boolean ``(b or 1, 1, T, N + M)``, True = attend; every row has at least one True.
+        scale: softmax scale.
+
+    Returns:
+        ``(b, hq, T, d)`` in ``query.dtype``.
+    """
+    # Reference path: dequantizes the body for torch's SDPA. The fused op that reads the packed codes
+    # directly replaces this body, with the same arguments.
+    k = torch.cat([_read_body(k_body, k_fmt, query.dtype), k_fp.to(query.dtype)], dim=2)
+    v = torch.cat([_read_body(v_body, v_fmt, query.dtype), v_fp.to(query.dtype)], dim=2)
+    return F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
+# -- one layer --------------------------------------------------------------------------------------
+
+
+class _Handle:
+    """What ``update`` returns in place of K/V tensors: the layer, for the NQKV attention function."""
+
+    __slots__ = ("layer",)
+
+    def __init__(self, layer: "NQKVLayer"):
+        self.layer = layer
+
+    def __getattr__(self, name: str):
+        raise TypeError(
+            f"an NQKVCache layer holds quantized K/V that only the 'nqkv' attention function can read"
+            f" (something asked for .{name}); {_ENABLE_HINT}"
+        )
+
+    def __repr__(self) -> str:
+        return f"<NQKV layer handle: {self.layer!r}>"
+
+
+def side_format(scheme: KVScheme, side: str, device: torch.device | str = "cpu") -> SideFormat:
+    """The body format of ``side`` (``"k"`` or ``"v"``) of ``scheme``.
+
+    Raises:
+        NotImplementedError: for schemes the cache cannot store (uniform ``"int"`` quantizer, blocks
+            of tokens per channel); they remain available as fake quantization in
+            :mod:`nqkv_core.evaluate`.
+    """
+    bits, quant, block, axis = (getattr(scheme, f"{side}_{f}") for f in ("bits", "quant", "block", "axis"))
+    if bits >= FP_BITS:
+        return SideFormat(FP_BITS, 1, None)
+    if quant not in ("nf", "lloyd"):
+        raise NotImplementedError(
+            f"NQKVCache stores codebook schemes ('nf', 'lloyd'); {side}_quant={quant!r} is evaluation-only"
+        )
+    if axis != "token":
+        raise NotImplementedError(
+            f"NQKVCache stores blocks along head_dim ({side}_axis='token'); {side}_axis={axis!r} is"
+            " evaluation-only"
+        )
+    return SideFormat(bits, block, get_codebook(quant, bits, block, device=device))
+
+
+class NQKVLayer(CacheLayerMixin):
+    """The quantized K/V cache of one attention layer (layout in the module docstring).
+
+    Buffers, for batch ``b``, ``h`` kv heads, head_dim ``d``, body capacity ``C`` and ring size ``R``
+    (one extra "trash" slot in each, where writes that must not land go):
+
+    * ``k_body`` / ``v_body``: ``(codes uint8 (b, h, C+1, d*bits/8), absmax (b, h, C+1, d/block))``,
+      or ``(values (b, h, C+1, d),)`` for a 16-bit side.
+    * ``k_sink`` / ``v_sink``: ``(b, h, S+1, d)``; ``k_ring`` / ``v_ring``: ``(b, h, R+1, d)``.
+    * ``length``: int64 scalar tensor, tokens seen (a tensor so compiled steps do not recompile).
+    * ``transform``: the frozen :class:`~nqkv_core.scheme.KVTransform` (None before the first step).
+    """
+
+    is_sliding = False
+    is_croppable = True
+    supports_early_init = True
+
+    def __init__(self, scheme: KVScheme, max_cache_len: int | None = None, crop_margin: int = 0):
+        super().__init__()
+        if max_cache_len is not None and max_cache_len < 1:
+            raise ValueError(f"max_cache_len must be positive or None, got {max_cache_len}")
+        if crop_margin < 0:
+            raise ValueError(f"crop_margin must be >= 0, got {crop_margin}")
+        side_format(scheme, "k"), side_format(scheme, "v")  # fail at construction, not mid-generate
+        self.scheme = scheme
+        self.max_cache_len = max_cache_len
+        self.crop_margin = crop_margin
+        self.n_sinks = scheme.sinks
+        self.window = max(scheme.window, 1)  # the current token is always attended exactly
+        self.n_ring = self.window - 1 + crop_margin
+        self.length = torch.tensor(0, dtype=torch.long)
+        self.transform: KVTransform | None = None
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.handle = _Handle(self)
+
+    @property
+    def is_compileable(self) -> bool:  # type: ignore[override]
+        return self.max_cache_len is not None
+
+    def __repr__(self) -> str:
+        return (
+            f"NQKVLayer(scheme={self.scheme.name!r}, length={int(self.length)},"
+            f" max_cache_len={self.max_cache_len})"
+        )
+
+    # -- storage ----------------------------------------------------------------------------------
+
+    def _body_capacity(self, n_tokens: int) -> int:
+        return max(n_tokens - self.n_sinks - self.window + 1, 0)
+
+    def _new_body(self, fmt: SideFormat, capacity: int) -> tuple[torch.Tensor, ...]:
+        b, h, d = self.batch_size, self.num_heads, self.head_dim
+        if not fmt.quantized:
+            return (torch.zeros(b, h, capacity + 1, d, dtype=self.fp_dtype, device=self.device),)
+        return (
+            torch.zeros(b, h, capacity + 1, d * fmt.bits // 8, dtype=torch.uint8, device=self.device),
+            torch.zeros(b, h, capacity + 1, d // fmt.block, dtype=self.scheme.scale_dtype, device=self.device),
+        )
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Allocate every buffer from the first K/V's batch, heads, head_dim, dtype and device."""
+        if key_states.shape != value_states.shape:
+            raise NotImplementedError(
+                f"NQKVCache needs keys and values of one shape, got {tuple(key_states.shape)} and"
+                f" {tuple(value_states.shape)}"
+            )
+        self.device = key_states.device
+        self.dtype = key_states.dtype
+        self.batch_size, self.num_heads, _, self.head_dim = key_states.shape
+        s = self.scheme
+        needs_basis = s.needs_stats or s.k_rotate or s.v_rotate
+        # The storage basis comes out of the transform in fp32; keeping the exact tokens in fp32 there
+        # means a token is quantized from the same numbers a fake-quantized reference uses.
+        self.fp_dtype = torch.float32 if needs_basis else self.dtype
+        self.k_fmt = side_format(s, "k", self.device)
+        self.v_fmt = side_format(s, "v", self.device)
+        for fmt in (self.k_fmt, self.v_fmt):
+            if fmt.quantized and (self.head_dim % fmt.block or self.head_dim * fmt.bits % 8):
+                raise ValueError(
+                    f"head_dim {self.head_dim} does not fit {fmt.bits}-bit blocks of {fmt.block}: the block"
+                    f" must divide head_dim (and 3-bit codes need head_dim % 8 == 0)"
+                )
+        capacity = self._body_capacity(self.max_cache_len or 64)
+        self.k_body = self._new_body(self.k_fmt, capacity)
+        self.v_body = self._new_body(self.v_fmt, capacity)
+        b, h, d = self.batch_size, self.num_heads, self.head_dim
+        fp = dict(dtype=self.fp_dtype, device=self.device)
+        self.k_sink, self.v_sink = torch.zeros(b, h, self.n_sinks + 1, d, **fp), torch.zeros(b, h, self.n_sinks + 1, d, **fp)
+        self.k_ring, self.v_ring = torch.zeros(b, h, self.n_ring + 1, d, **fp), torch.zeros(b, h, self.n_ring + 1, d, **fp)
+        self.length = self.length.to(self.device)
+        self.is_initialized = True
+
+    @property
+    def capacity(self) -> int:
+        """Body slots (tokens that can be quantized before the buffers are full or grow)."""
+        return self.k_body[0].shape[2] - 1 if self.is_initialized else 0
+
+    def _grow(self, n_tokens: int) -> None:
+        if self.max_cache_len is not None and n_tokens > self.max_cache_len:
+            raise ValueError(
+                f"NQKVCache is preallocated for max_cache_len={self.max_cache_len} tokens, but this step"
+                f" would hold {n_tokens}. Create the cache with a larger max_cache_len (prompt plus"
+                " max_new_tokens), or with max_cache_len=None to let it grow."
+            )
+        needed = self._body_capacity(n_tokens)
+        if needed <= self.capacity:
+            return
+        capacity = max(needed, 2 * self.capacity)
+        n = self.capacity
+        for name, fmt in (("k_body", self.k_fmt), ("v_body", self.v_fmt)):
+            old, new = getattr(self, name), self._new_body(fmt, capacity)
+            for o, t in zip(old, new):
+                t[:, :, :n].copy_(o[:, :, :n])
+            setattr(self, name, new)
+
+    # -- the step ---------------------------------------------------------------------------------
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Park the new K/V for the attention call that follows; returns ``(handle, handle)``."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        elif key_states.shape[0] != self.batch_size or key_states.shape[1] != self.num_heads:
+            raise ValueError(
+                f"NQKVCache was filled with batch {self.batch_size} and {self.num_heads} kv heads, got"
+                f" keys of shape {tuple(key_states.shape)}; call cache.reset() to start a new batch"
+            )
+        if not torch.compiler.is_compiling():
+            self._grow(int(self.length) + key_states.shape[2])
+        self._pending = (key_states, value_states)
+        return self.handle, self.handle
+
+    def _slot_positions(self, p0: torch.Tensor, n_body: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions of the stored slots ``[body n_body | sinks S | ring R]`` before this step, and validity."""
+        dev = self.device
+        body = torch.arange(n_body, device=dev) + self.n_sinks
+        sinks = torch.arange(self.n_sinks, device=dev)
+        slots = torch.arange(self.n_ring, device=dev)
+        ring = p0 - 1 - torch.remainder(p0 - 1 - slots, max(self.n_ring, 1))
+        valid = torch.cat([
+            body < p0 - self.window + 1,  # quantized so far: [S, p0 - W + 1)
+            sinks < p0,
+            (ring >= self.n_sinks) & (ring > p0 - self.window),  # the W - 1 tokens before p0 (no margin)
+        ])
+        return torch.cat([body, sinks, ring]), valid
+
+    def attention(
+        self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
+    ) -> torch.Tensor:
+        """Attend ``query`` ``(b, hq, T, d)`` to the cache plus the parked tokens, then commit them.
+
+        Returns ``(b, T, hq, d)`` in the query dtype.
+        """
+        if self._pending is None:
+            raise RuntimeError("NQKVLayer.attention called without a preceding cache.update")
+        k_new, v_new = self._pending
+        self._pending = None
+        b, hq, T, d = query.shape
+        group = hq // self.num_heads
+        if self.transform is None:
+            self.transform = fit_transform(self.scheme, k_new, v_new, query)
+        t = self.transform
+        q = t.queries(query, group).to(self.fp_dtype)
+        k_new, v_new = t.keys(k_new).to(self.fp_dtype), t.values(v_new).to(self.fp_dtype)
+
+        p0 = self.length
+        # Compiled steps read the whole preallocated body (masked) so that shapes never change.
+        n_body = self.capacity if torch.compiler.is_compiling() else min(self._body_capacity(int(p0)), self.capacity)
+        positions, valid = self._slot_positions(p0, n_body)
+        positions = torch.cat([positions, p0 + torch.arange(T, device=self.device)])
+        valid = torch.cat([valid, torch.ones(T, dtype=torch.bool, device=self.device)])
+        q_pos = p0 + torch.arange(T, device=self.device)
+        if attention_mask is None:
+            allowed = positions[None, :] <= q_pos[:, None]
+            allowed = allowed[None, None]
+        else:
+            if attention_mask.dtype != torch.bool:  # an additive float mask
+                attention_mask = attention_mask > torch.finfo(attention_mask.dtype).min / 2
+            cols = positions.clamp(0, attention_mask.shape[-1] - 1)
+            allowed = attention_mask[:, :, -T:, :].index_select(-1, cols)
+        allowed = allowed & valid
+        # Rows of padding queries see nothing; give them every slot (finite zeros at worst) so that no
+        # NaN appears: their outputs are discarded, but their K/V at the next layer are stored.
+        allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
+
+        k_fp = torch.cat([self.k_sink[:, :, : self.n_sinks], self.k_ring[:, :, : self.n_ring], k_new], dim=2)
+        v_fp = torch.cat([self.v_sink[:, :, : self.n_sinks], self.v_ring[:, :, : self.n_ring], v_new], dim=2)
+        out = attend(
+            q, tuple(x[:, :, :n_body] for x in self.k_body), tuple(x[:, :, :n_body] for x in self.v_body),
+            self.k_fmt, self.v_fmt, k_fp, v_fp, allowed, scaling,
+        )
+        out = t.output(out.float(), group) if (t.rot_v is not None or t.b_v is not None or t.mu_v is not None) else out
+        self._commit(k_new, v_new)
+        return out.to(query.dtype).transpose(1, 2).contiguous()
+
+    def _write_body(self, body: tuple[torch.Tensor, ...], fmt: SideFormat, index: torch.Tensor, x: torch.Tensor) -> None:
+        if fmt.quantized:
+            parts = quantize_blockwise(x, fmt.codebook, fmt.block, axis=-1, scale_dtype=self.scheme.scale_dtype)
+        else:
+            parts = (x.to(body[0].dtype),)
+        for buf, part in zip(body, parts):
+            buf.index_copy_(2, index, part)
+
+    def _commit(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+        """Store the ``T`` new tokens: sinks, ring, and quantize the ``T`` tokens that leave the window."""
+        T, dev = k_new.shape[2], self.device
+        S, R, W = self.n_sinks, self.n_ring, self.window
+        p0 = self.length
+        # Tokens leaving the window: positions p0 - W + 1 + j, j < T; the first min(T, W - 1) come from the
+        # ring (read before it is overwritten), the rest straight from this chunk.
+        leaving = p0 - W + 1 + torch.arange(T, device=dev)
+        from_ring = min(T, W - 1)
+        if from_ring:
+            slots = torch.remainder(leaving[:from_ring], max(R, 1))
+            k_out = torch.cat([self.k_ring.index_select(2, slots), k_new[:, :, : T - from_ring]], dim=2)
+            v_out = torch.cat([self.v_ring.index_select(2, slots), v_new[:, :, : T - from_ring]], dim=2)
+        else:
+            k_out, v_out = k_new, v_new
+        index = torch.where(leaving >= S, leaving - S, self.capacity)  # not yet in the body: trash slot
+        self._write_body(self.k_body, self.k_fmt, index, k_out)
+        self._write_body(self.v_body, self.v_fmt, index, v_out)
+
+        pos = p0 + torch.arange(T, device=dev)
+        n = min(T, S)
+        if n:
+            sink_index = torch.where(pos[:n] < S, pos[:n], S)
+            self.k_sink.index_copy_(2, sink_index, k_new[:, :, :n])
+            self.v_sink.index_copy_(2, sink_index, v_new[:, :, :n])
+        n = min(T, R)
+        if n:
+            last = pos[T - n :]
+            ring_index = torch.where(last >= S, torch.remainder(last, R), R)
+            self.k_ring.index_copy_(2, ring_index, k_new[:, :, T - n :])
+            self.v_ring.index_copy_(2, ring_index, v_new[:, :, T - n :])
+        self.length.add_(T)
+
+    # -- transformers' layer interface -------------------------------------------------------------
+
+    def get_seq_length(self, *args) -> int | torch.Tensor:
+        """Tokens seen (a tensor while compiling, so that a compiled step does not specialise on it)."""
+        return self.length if torch.compiler.is_compiling() else int(self.length)
+
+    def get_mask_sizes(self, query_length: int | torch.Tensor, *args) -> tuple[int, int]:
+        """``(kv_length, kv_offset)`` of the mask: absolute positions ``[0, kv_length)``."""
+        if isinstance(query_length, torch.Tensor):  # transformers < 5.12 passes cache_position
+            query_length = query_length.shape[0]
+        if torch.compiler.is_compiling() and self.max_cache_len is not None:
+            return self.max_cache_len, 0
+        return int(self.length) + query_length, 0
+
+    def get_max_length(self) -> int:
+        return self.max_cache_len if self.max_cache_len is not None else -1
+
+    get_max_cache_shape = get_max_length  # transformers < 5.18
+
+    def reset(self) -> None:
+        """Forget every token and the transform; buffers are kept (zeroed) for reuse."""
+        self.length.zero_()
+        self.transform = None
+        self._pending = None
+        if self.is_initialized:
+            for buf in (*self.k_body, *self.v_body, self.k_sink, self.v_sink, self.k_ring, self.v_ring):
+                buf.zero_()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last ``-tokens_to_remove`` tokens (or keep ``tokens_to_remove`` if positive).
+
+        Exact when the window's tokens after cropping are still held in full precision: always while
+        nothing has been quantized, and for up to ``crop_margin`` tokens otherwise. The quantized body
+        is never changed: its tokens only get masked out and are quantized again, bit for bit the
+        same, when they leave the window again.
+
+        Raises:
+            ValueError: if cropping would need full-precision values that were already quantized.
+        """
+        n = int(self.length)
+        keep = tokens_to_remove if tokens_to_remove >= 0 else n + tokens_to_remove
+        keep = max(min(keep, n), 0)
+        if keep == n:
+            return
+        ring_from = max(self.n_sinks, n - self.n_ring)  # oldest position still held in fp
+        if max(self.n_sinks, keep - self.window + 1) < ring_from:
+            raise ValueError(
+                f"cannot crop the NQKV cache from {n} to {keep} tokens: tokens that would re-enter the"
+                f" full-precision window were already quantized (only the last {self.n_ring} are kept"
+                f" exact). Create the cache with crop_margin>={n - keep} to allow it."
+            )
+        self.length.fill_(keep)
+
+    def _batch_map(self, fn) -> None:
+        if not self.is_initialized:
+            return
+        self.k_body = tuple(fn(x) for x in self.k_body)
+        self.v_body = tuple(fn(x) for x in self.v_body)
+        self.k_sink, self.v_sink = fn(self.k_sink), fn(self.v_sink)
+        self.k_ring, self.v_ring = fn(self.k_ring), fn(self.v_ring)
+        if self.transform is not None:
+            for f in ("mu_k", "a_k", "mu_v", "b_v"):
+                x = getattr(self.transform, f)
+                if x is not None:
+                    setattr(self.transform, f, fn(x))
+        self.batch_size = self.k_sink.shape[0]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: take batch rows ``beam_idx`` (codes and scales are gathered, not re-quantized)."""
+        self._batch_map(lambda x: x.index_select(0, beam_idx.to(x.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._batch_map(lambda x: x.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._batch_map(lambda x: x[indices])
+
+    def offload(self):  # the base class moves .keys/.values, which this layer does not have
+        raise NotImplementedError("NQKVCache does not support offloading")
+
+    prefetch = offload
+
+    # -- storage accounting and state ----------------------------------------------------------------
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The tensors that define the cache contents (used parts of the body only)."""
+        if not self.is_initialized:
+            return {"length": self.length.clone()}
+        n_body = self._body_capacity(int(self.length))
+        out = {"length": self.length.clone()}
+        for side in ("k", "v"):
+            for i, x in enumerate(getattr(self, f"{side}_body")):
+                out[f"{side}_body{i}"] = x[:, :, :n_body]
+            out[f"{side}_sink"] = getattr(self, f"{side}_sink")[:, :, : self.n_sinks]
+            out[f"{side}_ring"] = getattr(self, f"{side}_ring")[:, :, : self.n_ring]
+        if self.transform is not None:
+            for f in ("mu_k", "a_k", "rot_k", "mu_v", "b_v", "rot_v"):
+                x = getattr(self.transform, f)
+                if x is not None:
+                    out[f"t_{f}"] = x
+        return out
+
+    def load_state(self, state: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+        """Inverse of :meth:`state` on a fresh layer of the same scheme; ``dtype``: the model's."""
+        n = int(state["length"])
+        self.reset()
+        if "k_sink" not in state:
+            return
+        k = state["k_sink"]
+        empty = torch.zeros(k.shape[0], k.shape[1], 0, k.shape[3], dtype=dtype, device=k.device)
+        self.lazy_initialization(empty, empty)
+        self._grow(n)
+        n_body = self._body_capacity(n)
+        for side in ("k", "v"):
+            for i, x in enumerate(getattr(self, f"{side}_body")):
+                x[:, :, :n_body].copy_(state[f"{side}_body{i}"])
+            getattr(self, f"{side}_sink")[:, :, : self.n_sinks].copy_(state[f"{side}_sink"])
+            getattr(self, f"{side}_ring")[:, :, : self.n_ring].copy_(state[f"{side}_ring"])
+        fields = {f: state.get(f"t_{f}") for f in ("mu_k", "a_k", "rot_k", "mu_v", "b_v", "rot_v")}
+        self.transform = KVTransform(**fields)
+        self.length.fill_(n)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all storage this layer holds (allocated capacity, not only the used part)."""
+        if not self.is_initialized:
+            return 0
+        bufs = (*self.k_body, *self.v_body, self.k_sink, self.v_sink, self.k_ring, self.v_ring)
+        return sum(x.nbytes for x in bufs)
+
+    def bytes_per_token(self) -> float:
+        """Storage bytes of one quantized (body) token: codes and scales of K and V, all heads."""
+        if not self.is_initialized:
+            raise RuntimeError("the layer holds no data yet")
+        return sum(x[:, :, :1].nbytes for x in (*self.k_body, *self.v_body)) / self.batch_size
+
+
+# -- the cache --------------------------------------------------------------------------------------
+
+
+def check_supported(config: Any) -> None:
+    """Raise ``NotImplementedError`` for models whose attention the cache cannot serve.
+
+    Supported: decoder-only causal self-attention over every position (Llama, Mistral without a
+    sliding window, Qwen2/3, Phi-3, ...). Rejected: sliding-window or chunked layers, encoder-decoder
+    models (cross-attention), non-causal models, and K/V of different head dims.
+    """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    name = type(config).__name__
+    if getattr(config, "is_encoder_decoder", False):
+        raise NotImplementedError(f"{name}: NQKVCache serves decoder-only models, not cross-attention")
+    if getattr(text, "is_decoder", True) is False or getattr(text, "is_causal", True) is False:
+        raise NotImplementedError(f"{name}: NQKVCache needs causal attention")
+    layer_types = getattr(text, "layer_types", None) or []
+    other = sorted({t for t in layer_types if t != "full_attention"})
+    sliding = getattr(text, "sliding_window", None)
+    if sliding is not None and getattr(text, "use_sliding_window", True):
+        other.append(f"sliding_window={sliding}")
+    if getattr(text, "attention_chunk_size", None) is not None:
+        other.append("chunked attention")
+    if other:
+        raise NotImplementedError(
+            f"{name}: NQKVCache supports full causal attention only; this model has {', '.join(map(str, other))}"
+        )
+
+
+class NQKVCache(Cache):
+    """A quantized, append-only KV cache for transformers models (one :class:`NQKVLayer` per layer).
+
+    Args:
+        scheme: how K/V are stored (codebook schemes with blocks along head_dim).
+        config: the model config; gives the number of layers and is checked for support.
+        num_layers: the number of layers, if no ``config`` (otherwise layers are added as needed).
+        max_cache_len: preallocate for this many tokens (prompt plus new tokens): a decode step then
+            allocates nothing and can be compiled; exceeding it raises ``ValueError``. None: grow.
+        crop_margin: extra full-precision tokens kept so that :meth:`crop` can go back that far.
+
+    Use with a model whose attention is ``"nqkv"`` (see :func:`enable`).
+    """
+
+    def __init__(
+        self,
+        scheme: KVScheme,
+        config: Any = None,
+        num_layers: int | None = None,
+        max_cache_len: int | None = None,
+        crop_margin: int = 0,
+    ):
+        if config is not None:
+            check_supported(config)
+            text = config.get_text_config() if hasattr(config, "get_text_config") else config
+            num_layers = text.num_hidden_layers
+        self.scheme = scheme
+        self.max_cache_len = max_cache_len
+        self.crop_margin = crop_margin
+        layers = [NQKVLayer(scheme, max_cache_len, crop_margin) for _ in range(num_layers or 0)]
+        super().__init__(layers=layers)
+
+    def _layer(self, layer_idx: int) -> NQKVLayer:
+        while len(self.layers) <= layer_idx:
+            self.layers.append(NQKVLayer(self.scheme, self.max_cache_len, self.crop_margin))
+        return self.layers[layer_idx]
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        """transformers' hook (``cache_kwargs`` before 5.12, ``*args, **kwargs`` after): park new K/V."""
+        return self._layer(layer_idx).update(key_states, value_states)
+
+    def get_seq_length(self, layer_idx: int = 0, *args) -> int | torch.Tensor:
+        return self.layers[layer_idx].get_seq_length() if layer_idx < len(self.layers) else 0
+
+    def get_mask_sizes(self, query_length, layer_idx: int = 0) -> tuple[int, int]:
+        if isinstance(query_length, torch.Tensor):  # transformers < 5.12 passes cache_position
+            query_length = query_length.shape[0]
+        if layer_idx >= len(self.layers):
+            return query_length, 0
+        return self.layers[layer_idx].get_mask_sizes(query_length)
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return self.max_cache_len if self.max_cache_len is not None else -1
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:  # transformers < 5.18
+        return self.get_max_length()
+
+    @property
+    def is_compileable(self) -> bool:  # type: ignore[override]
+        return self.max_cache_len is not None and len(self.layers) > 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all allocated cache storage."""
+        return sum(layer.nbytes for layer in self.layers)
+
+    def bytes_per_token(self) -> float:
+        """Storage bytes per quantized token over all layers (K and V, all kv heads, one sequence)."""
+        return sum(layer.bytes_per_token() for layer in self.layers)
+
+    # -- save / load (prefix reuse) ------------------------------------------------------------------
+
+    def _meta(self) -> dict[str, str]:
+        s = self.scheme
+        scheme = {f: (str(getattr(s, f)).removeprefix("torch.") if f == "scale_dtype" else getattr(s, f))
+                  for f in s.__dataclass_fields__}
+        first = self.layers[0] if self.layers else None
+        return {
+            "format": "nqkv-cache",
+            "version": FORMAT_VERSION,
+            "scheme": json.dumps(scheme, sort_keys=True),
+            "num_layers": str(len(self.layers)),
+            "dtype": str(getattr(first, "dtype", "")).removeprefix("torch."),
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Write the cache contents to a safetensors file (used parts only, with a checksum)."""
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for i, layer in enumerate(self.layers):
+            if layer._pending is not None:
+                raise RuntimeError("cannot save an NQKVCache in the middle of a forward pass")
+            for name, x in layer.state().items():
+                tensors[f"layer{i}.{name}"] = x.contiguous()
+        meta = self._meta()
+        meta["sha256"] = _digest(tensors, meta)
+        save_file(tensors, str(path), metadata=meta)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        scheme: KVScheme,
+        config: Any = None,
+        max_cache_len: int | None = None,
+        crop_margin: int = 0,
+        device: torch.device | str | None = None,
+    ) -> "NQKVCache":
+        """Read a cache written by :meth:`save` and check it against ``scheme`` and ``config``.
+
+        Raises:
+            ValueError: unreadable or corrupted file (checksum), another scheme, another number of
+                layers, or a shape that does not fit ``config``.
+        """
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device=str(device or "cpu")) as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # safetensors raises its own error types for a bad header or size
+            raise ValueError(f"{path}: not a readable safetensors NQKV cache ({type(e).__name__}: {e})") from e
+        if meta.get("format") != "nqkv-cache" or meta.get("version") != FORMAT_VERSION:
+            raise ValueError(f"{path}: not an NQKV cache file of format version {FORMAT_VERSION} (metadata {meta})")
+        expected = meta.get("sha256")
+        if _digest(tensors, {k: v for k, v in meta.items() if k != "sha256"}) != expected:
+            raise ValueError(f"{path}: checksum mismatch; the file is corrupted or was modified")
+        cache = cls(scheme, config=config, num_layers=int(meta["num_layers"]), max_cache_len=max_cache_len,
+                    crop_margin=crop_margin)
+        mine = cache._meta()
+        if mine["scheme"] != meta["scheme"]:
+            raise ValueError(f"{path}: saved with scheme {meta['scheme']}, not {mine['scheme']}")
+        if len(cache.layers) != int(meta["num_layers"]):
+            raise ValueError(f"{path}: {meta['num_layers']} layers saved, the model has {len(cache.layers)}")
+        dtype = getattr(torch, meta.get("dtype") or "float32", None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"{path}: unknown dtype {meta.get('dtype')!r}")
+        for i, layer in enumerate(cache.layers):
+            state = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"layer{i}.")}
+            if "k_sink" in state and config is not None:
+                _check_shape(state["k_sink"], config, path)
+            try:
+                layer.load_state(state, dtype)
+            except (KeyError, RuntimeError) as e:
+                raise ValueError(f"{path}: layer {i} does not fit the scheme ({type(e).__name__}: {e})") from e
+        return cache
+
+
+def _digest(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
+    h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+    for name in sorted(tensors):
+        x = tensors[name].contiguous()
+        h.update(f"{name}:{x.dtype}:{tuple(x.shape)}".encode())
+        h.update(x.reshape(-1).view(torch.uint8).numpy().tobytes() if x.numel() else b"")
+    return h.hexdigest()
+
+
+def _check_shape(k_sink: torch.Tensor, config: Any, path) -> None:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    if k_sink.shape[1] != heads or k_sink.shape[3] != head_dim:
+        raise ValueError(
+            f"{path}: cache has {k_sink.shape[1]} kv heads of dim {k_sink.shape[3]}; the model has"
+            f" {heads} of dim {head_dim}"
+        )
+
+
+# -- the attention function and the one-call setup ---------------------------------------------------
+
+
+def nqkv_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: Any,
+    value: Any,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function for ``attn_implementation="nqkv"``.
+
+    With an :class:`NQKVCache`, ``key``/``value`` are layer handles and attention reads the quantized
+    cache. Without one (no cache, or another cache type) it is exact SDPA over the given tensors.
+    """
+    if not getattr(module, "is_causal", True):
+        raise NotImplementedError(f"{type(module).__name__}: NQKV attention is causal only")
+    if kwargs.get("sliding_window") is not None:
+        raise NotImplementedError(f"{type(module).__name__}: NQKV attention does not support sliding windows")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if isinstance(key, _Handle):
+        return key.layer.attention(query, attention_mask, scale), None
+    T, tk = query.shape[2], key.shape[2]
+    if attention_mask is None:
+        mask = torch.ones(T, tk, dtype=torch.bool, device=query.device).tril(tk - T)
+    else:
+        mask = attention_mask[:, :, -T:, -tk:]
+        if mask.dtype != torch.bool:
+            mask = mask > torch.finfo(mask.dtype).min / 2
+        mask = mask | ~mask.any(dim=-1, keepdim=True)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> str:
+    """Register :func:`nqkv_attention` and its (SDPA-style boolean) mask under ``"nqkv"``."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_NAME, nqkv_attention)
+    try:
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+        ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, sdpa_mask)
+    except ImportError:  # pragma: no cover - older layouts build the mask from the attention name
+        pass
+    return ATTN_NAME
+
+
+def default_scheme(bits: int = 4, head_dim: int = 64, sinks: int = 4, window: int = 32) -> KVScheme:
+    """NF codes per token in blocks along head_dim after a Hadamard rotation, 4 sinks, window 32."""
+    block = math.gcd(head_dim, 64)
+    return KVScheme(
+        f"nf{bits} rot b{block} S{sinks} W{window}", k_bits=bits, v_bits=bits, k_block=block, v_block=block,
+        k_rotate=True, v_rotate=True, sinks=sinks, window=window,
+    )
+
+
+@dataclass
+class NQKVModel:
+    """What :func:`enable` returns: the model, its scheme and cache settings, and generate helpers."""
+
+    model: torch.nn.Module
+    scheme: KVScheme
+    max_cache_len: int | None = None
+    crop_margin: int = 0
+
+    def new_cache(self, max_cache_len: int | None = None) -> NQKVCache:
+        """A fresh cache for one ``generate`` call (``max_cache_len`` overrides the default)."""
+        return NQKVCache(self.scheme, config=self.model.config,
+                         max_cache_len=max_cache_len if max_cache_len is not None else self.max_cache_len,
+                         crop_margin=self.crop_margin)
+
+    def generate_kwargs(self, max_cache_len: int | None = None) -> dict[str, Any]:
+        """``{"cache": ...}`` (transformers >= 5.24) or ``{"past_key_values": ...}`` with a fresh cache."""
+        key = "cache" if _version() >= (5, 24) else "past_key_values"
+        return {key: self.new_cache(max_cache_len), "use_cache": True}
+
+    def generate(self, *args, **kwargs):
+        """``model.generate`` with a fresh NQKV cache."""
+        return self.model.generate(*args, **self.generate_kwargs(), **kwargs)
+
+
+def enable(
+    model: torch.nn.Module,
+    bits: int = 4,
+    scheme: KVScheme | None = None,
+    max_cache_len: int | None = None,
+    crop_margin: int = 0,
+) -> NQKVModel:
+    """Make ``model`` attend through NQKV caches; returns the cache factory and generate kwargs.
+
+    Args:
+        model: a transformers decoder-only causal LM with full attention.
+        bits: code bits for K and V of the default scheme (:func:`default_scheme`); ignored if
+            ``scheme`` is given.
+        scheme: the storage scheme.
+        max_cache_len: preallocate caches for this many tokens (compileable decode); None grows.
+        crop_margin: see :class:`NQKVCache`.
+
+    Raises:
+        NotImplementedError: for an unsupported model or scheme.
+
+    Example::
+
+        nq = nqkv_core.enable(model, bits=4)
+        out = model.generate(ids, max_new_tokens=32, **nq.generate_kwargs())
+    """
+    config = model.config
+    check_supported(config)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    scheme = scheme or default_scheme(bits, head_dim)
+    side_format(scheme, "k"), side_format(scheme, "v")
+    register()
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(ATTN_NAME)
+    else:  # pragma: no cover - older transformers
+        config._attn_implementation = ATTN_NAME
+    return NQKVModel(model, scheme, max_cache_len, crop_margin)

