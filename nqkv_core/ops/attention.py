@@ -1,0 +1,254 @@
+"""``nqkv::attention``: attention of full-precision queries over a quantized KV cache.
+
+The op takes plain tensors -- codes, absmax and codebook of K and of V, with their block layout --
+so it can be traced, exported and checked with ``torch.library.opcheck``; ``NQTensor`` keys and
+values reach it through ``F.scaled_dot_product_attention`` (registered below).
+
+Semantics of :func:`attention`:
+
+* Keys/values are the quantized history (``T_hist`` tokens) followed by an optional full-precision
+  tail (``T_tail`` tokens: the recent window or sink tokens a cache keeps exact), ``Tk = T_hist +
+  T_tail``. Nothing is concatenated: both sources are read in place.
+* The ``Tq`` queries are the LAST ``Tq`` of the ``Tk`` positions (prefill: ``Tq == Tk``; decode:
+  ``Tq`` small). ``is_causal`` lets query ``i`` attend to key ``j`` iff ``j <= Tk - Tq + i``
+  (bottom-right alignment, what a cache needs; for ``Tq == Tk`` it is the usual lower triangle).
+* ``attn_mask``: bool (True = attend) or additive float, broadcastable to ``(B, Hq, Tq, Tk)``; it
+  may be combined with ``is_causal`` (both apply). Rows that can attend to nothing give zeros.
+* GQA: ``Hq`` must be a multiple of ``Hkv``; query head ``h`` uses KV head ``h // (Hq // Hkv)``.
+* ``scale`` defaults to ``1 / sqrt(D)``. The result has ``q``'s dtype, shape ``(B, Hq, Tq, Dv)``.
+
+Where it runs: Triton kernels when the tensors are on CUDA (or ``TRITON_INTERPRET=1`` outside
+``torch.compile``), otherwise the chunked torch path of :mod:`nqkv_core.ops.cpu`. The op is a
+``triton_op``, so ``torch.compile`` traces into this body and sees the kernels (or lowers the torch
+path with Inductor).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from nqkv_core.codebook import SUPPORTED_BITS
+from nqkv_core.ops import cpu
+from nqkv_core.tensor import NQTensor, implements_torch_function
+
+Q_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SCALE_DTYPES = (torch.float16, torch.float32)
+
+
+# -- checks -----------------------------------------------------------------------------------------
+
+
+def _bits(codebook: Tensor, name: str) -> int:
+    n = codebook.numel()
+    bits = n.bit_length() - 1
+    if codebook.dim() != 1 or n != 2**bits or bits not in SUPPORTED_BITS:
+        raise ValueError(
+            f"{name}_codebook must be 1-D with {[2**b for b in SUPPORTED_BITS]} levels, got shape"
+            f" {tuple(codebook.shape)}"
+        )
+    return bits
+
+
+def _check_packed(name, q, codes, absmax, codebook, block, axis, dim) -> int:
+    """Check one packed K or V; returns its logical last-axis size."""
+    if codes.dtype != torch.uint8:
+        raise TypeError(f"{name}_codes must be uint8, got {codes.dtype}")
+    if absmax.dtype not in SCALE_DTYPES:
+        raise TypeError(f"{name}_absmax must be float16 or float32, got {absmax.dtype}")
+    if codebook.dtype != torch.float32:
+        raise TypeError(f"{name}_codebook must be float32, got {codebook.dtype}")
+    for t, what in ((codes, "codes"), (absmax, "absmax"), (codebook, "codebook")):
+        if t.device != q.device:
+            raise ValueError(f"{name}_{what} is on {t.device} but q is on {q.device}")
+    if codes.dim() != 4:
+        raise ValueError(f"{name}_codes must be (B, H_kv, T, D*bits/8), got shape {tuple(codes.shape)}")
+    if axis not in (2, 3):
+        raise NotImplementedError(
+            f"{name}_axis={axis}: only blocks along head_dim (3) or along tokens (2) are supported"
+        )
+    bits = _bits(codebook, name)
+    b, h, t, nbytes = codes.shape
+    if (nbytes * 8) % bits:
+        raise ValueError(f"{name}_codes last axis {nbytes} bytes does not hold whole {bits}-bit codes")
+    d = nbytes * 8 // bits
+    if dim is not None and d != dim:
+        raise ValueError(f"{name}_codes hold head_dim {d} ({bits}-bit) but q has head_dim {dim}")
+    if bits == 3 and d % 8:
+        raise ValueError(f"3-bit codes need head_dim a multiple of 8, got {d}")
+    if block < 1 or (axis == 3 and d % block):
+        raise ValueError(f"{name}_block={block} must divide head_dim {d} for {name}_axis=3")
+    expected = (b, h, t, d // block) if axis == 3 else (b, h, -(-t // block), d)
+    if tuple(absmax.shape) != expected:
+        raise ValueError(
+            f"{name}_absmax has shape {tuple(absmax.shape)}; {name}_codes {tuple(codes.shape)} with"
+            f" {bits}-bit codes in blocks of {block} along axis {axis} need {expected}"
+        )
+    return d
+
+
+def _check(q, k_codes, k_absmax, k_codebook, k_block, k_axis, v_codes, v_absmax, v_codebook,
+           v_block, v_axis, k_tail, v_tail, attn_mask) -> None:
+    if q.dtype not in Q_DTYPES:
+        raise TypeError(f"q must be float32, float16 or bfloat16, got {q.dtype}")
+    if q.dim() != 4:
+        raise ValueError(f"q must be (B, H_q, T_q, D), got shape {tuple(q.shape)}")
+    d = _check_packed("k", q, k_codes, k_absmax, k_codebook, k_block, k_axis, q.shape[3])
+    dv = _check_packed("v", q, v_codes, v_absmax, v_codebook, v_block, v_axis, None)
+    b, hq, tq, _ = q.shape
+    kb, hkv, th, _ = k_codes.shape
+    if tuple(v_codes.shape[:3]) != (kb, hkv, th):
+        raise ValueError(f"k_codes {tuple(k_codes.shape)} and v_codes {tuple(v_codes.shape)} disagree on (B, H_kv, T)")
+    if kb != b:
+        raise ValueError(f"q has batch {b} but the cache has batch {kb}")
+    if hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    if (k_tail is None) != (v_tail is None):
+        raise ValueError("k_tail and v_tail must be given together")
+    tt = 0
+    if k_tail is not None:
+        for t, name, dim in ((k_tail, "k_tail", d), (v_tail, "v_tail", dv)):
+            if not t.dtype.is_floating_point:
+                raise TypeError(f"{name} must be floating point, got {t.dtype}")
+            if t.device != q.device:
+                raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+            if t.dim() != 4 or tuple(t.shape[:2]) != (b, hkv) or t.shape[3] != dim:
+                raise ValueError(f"{name} must be ({b}, {hkv}, T_tail, {dim}), got {tuple(t.shape)}")
+        if k_tail.shape[2] != v_tail.shape[2]:
+            raise ValueError(f"k_tail has {k_tail.shape[2]} tokens but v_tail has {v_tail.shape[2]}")
+        tt = k_tail.shape[2]
+    if attn_mask is not None:
+        if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
+            raise TypeError(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
+        if attn_mask.device != q.device:
+            raise ValueError(f"attn_mask is on {attn_mask.device} but q is on {q.device}")
+        try:
+            torch.broadcast_shapes(attn_mask.shape, (b, hq, tq, th + tt))
+        except RuntimeError:
+            raise ValueError(
+                f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (B, H_q, T_q, T_k)"
+                f" = {(b, hq, tq, th + tt)}"
+            ) from None
+
+
+def _use_triton(q: Tensor) -> bool:
+    if q.is_cuda:
+        return True
+    return os.environ.get("TRITON_INTERPRET") == "1" and not torch.compiler.is_compiling()
+
+
+# -- the op ---------------------------------------------------------------------------------------------
+
+
+@torch.library.triton_op("nqkv::attention", mutates_args=())
+def attention(
+    q: Tensor,
+    k_codes: Tensor,
+    k_absmax: Tensor,
+    k_codebook: Tensor,
+    k_block: int,
+    k_axis: int,
+    v_codes: Tensor,
+    v_absmax: Tensor,
+    v_codebook: Tensor,
+    v_block: int,
+    v_axis: int,
+    k_tail: Optional[Tensor] = None,
+    v_tail: Optional[Tensor] = None,
+    attn_mask: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    is_causal: bool = False,
+) -> Tensor:
+    """Attention of ``q`` over quantized history K/V plus an optional full-precision tail.
+
+    Args:
+        q: (B, Hq, Tq, D) float32/float16/bfloat16.
+        k_codes, v_codes: uint8 (B, Hkv, T_hist, D*bits/8), codes packed along head_dim.
+        k_absmax, v_absmax: fp16/fp32 scales, (B, Hkv, T_hist, D/block) for ``axis == 3`` (blocks
+            along head_dim) or (B, Hkv, ceil(T_hist/block), D) for ``axis == 2`` (blocks of tokens).
+        k_codebook, v_codebook: float32 (2**bits,) levels; bits 2, 3, 4 or 8.
+        k_block, v_block, k_axis, v_axis: the block layout of each.
+        k_tail, v_tail: optional (B, Hkv, T_tail, D / Dv) floating tensors after the history.
+        attn_mask: optional bool or additive mask broadcastable to (B, Hq, Tq, T_hist + T_tail).
+        scale: softmax scale, default ``1/sqrt(D)``.
+        is_causal: causal masking with the queries at the last Tq positions.
+
+    Returns:
+        (B, Hq, Tq, Dv) in ``q.dtype``.
+
+    Raises:
+        TypeError / ValueError: wrong dtypes, devices or shapes.
+        NotImplementedError: an unsupported ``k_axis``/``v_axis``.
+    """
+    _check(q, k_codes, k_absmax, k_codebook, k_block, k_axis, v_codes, v_absmax, v_codebook,
+           v_block, v_axis, k_tail, v_tail, attn_mask)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    k = (k_codes, k_absmax, k_codebook, k_block, k_axis)
+    v = (v_codes, v_absmax, v_codebook, v_block, v_axis)
+    if _use_triton(q):
+        from nqkv_core.ops import triton_decode, triton_prefill
+
+        if triton_decode.supports(q, k, v):
+            if q.shape[2] * (q.shape[1] // k_codes.shape[1]) <= triton_decode.MAX_ROWS:
+                return triton_decode.flash_decode(
+                    q, *k, *v, k_tail, v_tail, attn_mask, scale, is_causal
+                )
+            return triton_prefill.flash_prefill(q, *k, *v, k_tail, v_tail, attn_mask, scale, is_causal)
+    plain = torch.compiler.is_compiling()
+    return cpu.attention_chunked(q, k, v, k_tail, v_tail, attn_mask, scale, is_causal, plain=plain)
+
+
+# -- F.scaled_dot_product_attention with NQTensor keys/values ---------------------------------------------
+
+
+def _sdpa_args(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    return query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
+
+
+@implements_torch_function([F.scaled_dot_product_attention])
+def _scaled_dot_product_attention(func, types, args, kwargs):
+    """``F.scaled_dot_product_attention`` with NQTensor ``key`` and ``value``, same semantics as torch's
+    on the dequantized tensors (``is_causal`` with ``Tq != Tk`` is torch's top-left triangle)."""
+    query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa = _sdpa_args(*args, **kwargs)
+    if isinstance(query, NQTensor):
+        raise NotImplementedError("scaled_dot_product_attention: query must be a plain tensor, not an NQTensor")
+    for name, t in (("key", key), ("value", value)):
+        if not isinstance(t, NQTensor):
+            raise NotImplementedError(
+                f"scaled_dot_product_attention: {name} is a plain tensor while the other of key/value is"
+                " an NQTensor; quantize both (or dequantize() both)"
+            )
+    if isinstance(attn_mask, NQTensor):
+        raise NotImplementedError("scaled_dot_product_attention: attn_mask cannot be an NQTensor")
+    if dropout_p:
+        raise NotImplementedError(f"scaled_dot_product_attention over NQTensors: dropout_p={dropout_p} (only 0)")
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        raise NotImplementedError(
+            "scaled_dot_product_attention over NQTensors needs 4-D (B, H, T, D) query, key and value; got"
+            f" {tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+        )
+    if query.shape[1] != key.shape[1] and not enable_gqa:
+        raise ValueError(
+            f"query has {query.shape[1]} heads but key/value have {key.shape[1]}: pass enable_gqa=True"
+        )
+    tq, tk = query.shape[2], key.shape[2]
+    if is_causal and tq != tk:
+        top_left = torch.ones(tq, tk, dtype=torch.bool, device=query.device).tril()
+        if attn_mask is None:
+            attn_mask = top_left
+        elif attn_mask.dtype == torch.bool:
+            attn_mask = attn_mask & top_left
+        else:
+            attn_mask = attn_mask.masked_fill(~top_left, -math.inf)
+        is_causal = False
+    return torch.ops.nqkv.attention(
+        query,
+        key.codes, key.absmax, key.codebook, key.block, key.axis,
+        value.codes, value.absmax, value.codebook, value.block, value.axis,
+        None, None, attn_mask, scale, is_causal,
+    )

@@ -1,0 +1,324 @@
+"""Attention over packed K/V in plain torch: the CPU path of ``nqkv::attention``.
+
+Flash-attention in chunks of tokens: a chunk of codes is decoded, multiplied with the queries,
+folded into a running (max, sum, output) online softmax in fp32, and dropped, so no dequantized
+copy of the cache ever exists; only one chunk (about a megabyte) is live at a time.
+
+Eager CPU (the fast path):
+
+* A chunk is decoded with one ``index_select`` per chunk: two bytes of 4-bit codes (or one byte
+  of 2-bit codes, or 12 bits of 3-bit codes) index a table of four bfloat16 codebook levels held
+  as one int64, so a lookup yields four elements. Tables are built once per codebook.
+* The block scales are not applied to the decoded chunk (that would be one more pass over it):
+  they are folded into the small operands. Per-token blocks (``axis == 3``): each query row is
+  split into one row per block of head_dim, the matmul gives per-block partial scores, and
+  ``sum_b absmax[t, b] * partial[b, t]`` is a tiny reduction; for V the probabilities are scaled
+  per block before the matmul. Per-channel blocks (``axis == 2``): the queries are scaled per
+  token block, and V partial outputs per token block are scaled afterwards. With many query rows
+  (prefill) the decoded chunk is scaled instead, which is cheaper there.
+* Products are bfloat16 with fp32 accumulation; scores, softmax and the output accumulator are
+  fp32 (the same split as torch's bf16 SDPA). Compared with fp32 attention over the dequantized
+  cache the output differs by about 1e-3 relative -- far below the 4-bit quantization error.
+
+Under ``torch.compile`` the same chunk loop runs with a plain fp32 dequantization (shifts, masks,
+a codebook gather and the scales), which Inductor fuses and lowers to C++.
+
+Sequence semantics (shared by every path of the op): keys are the quantized history followed by
+the optional full-precision tail, ``Tk = T_hist + T_tail``; the ``Tq`` queries are the LAST ``Tq``
+positions, so query ``i`` may attend to key ``j`` under ``is_causal`` iff ``j <= Tk - Tq + i``.
+Rows that can attend to nothing (masked out entirely) return zeros, as torch's SDPA does.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from nqkv_core.packing import unpack
+
+COMPUTE_DTYPE = torch.bfloat16
+CHUNK_ELEMS = 1 << 20  # decoded elements per chunk over all heads (2 MiB of bf16)
+SCORE_ELEMS = 1 << 22  # fp32 scores per (query block x key chunk) over all heads
+FOLD_MAX_ROWS = 32  # query rows per KV head up to which scales are folded into small operands
+
+_TABLES: dict[tuple, tuple[Tensor, int, int]] = {}
+
+
+# -- decoding -------------------------------------------------------------------------------------
+
+
+def _levels_per_index(bits: int, index_bits: int) -> Tensor:
+    """Codes held by each value of an ``index_bits``-bit index, (2**index_bits, n) int64."""
+    idx = torch.arange(2**index_bits, dtype=torch.int64)
+    if bits == 3:  # index = low-plane byte | high nibble << 8: four codes
+        r = torch.arange(4)
+        low = (idx[:, None] & 255) >> (2 * r) & 3
+        high = (idx[:, None] >> 8) >> r & 1
+        return low | high << 2
+    n = index_bits // bits
+    return (idx[:, None] >> (bits * torch.arange(n))) & (2**bits - 1)
+
+
+def _decode_table(codebook: Tensor, bits: int, wide: bool) -> tuple[Tensor, int, int]:
+    """``(table, index_bits, values_per_index)``: levels packed as one integer per index value.
+
+    ``wide`` uses two-byte indices for 4- and 8-bit codes (four resp. two levels per lookup).
+    """
+    index_bits = {2: 8, 3: 12, 4: 16 if wide else 8, 8: 16 if wide else 8}[bits]
+    fake = torch._subclasses.fake_tensor.is_fake(codebook)
+    key = None if fake else (bits, index_bits, codebook.device, tuple(codebook.tolist()))
+    cached = _TABLES.get(key) if key is not None else None
+    if cached is not None:
+        return cached
+    codes = _levels_per_index(bits, index_bits).to(codebook.device)
+    per = codes.shape[1]
+    carrier = {1: torch.int16, 2: torch.int32, 4: torch.int64}[per]
+    table = codebook.float()[codes].to(COMPUTE_DTYPE).contiguous().view(carrier).view(-1)
+    out = (table, index_bits, per)
+    if key is not None:
+        _TABLES[key] = out
+    return out
+
+
+def _decode_lut(codes: Tensor, codebook: Tensor, bits: int, dim: int, buf: Optional[list] = None) -> Tensor:
+    """Packed codes (R, n, bytes) -> codebook levels (R, n, dim) in bfloat16, unscaled.
+
+    ``buf`` (a one-item list) keeps the index and output buffers between chunks: fresh multi-MB
+    allocations cost a page fault per 4 KiB on every chunk.
+    """
+    r, n, nbytes = codes.shape
+    wide = bits in (4, 8) and nbytes % 2 == 0
+    table, index_bits, per = _decode_table(codebook, bits, wide)
+    lookups = r * n * (dim // per)
+    if buf is None or buf[0] is None or buf[0][0].numel() < lookups:
+        bufs = (torch.empty(lookups, dtype=torch.int32, device=codes.device), table.new_empty(lookups))
+        if buf is not None:
+            buf[0] = bufs
+    else:
+        bufs = buf[0]
+    idx, out = bufs[0][:lookups].view(r, n, dim // per), bufs[1][:lookups]
+    if bits == 3:
+        low, high = codes.split([dim // 4, dim // 8], dim=-1)
+        idx.copy_(torch.stack([high & 15, high >> 4], dim=-1).view(r, n, dim // 4))
+        idx.bitwise_left_shift_(8).add_(low)
+    elif index_bits == 16:
+        idx.copy_(codes.view(torch.uint16))
+    else:
+        idx.copy_(codes)
+    torch.index_select(table, 0, idx.view(-1), out=out)
+    return out.view(COMPUTE_DTYPE).view(r, n, dim)
+
+
+def _decode_plain(codes: Tensor, codebook: Tensor, bits: int, dim: int) -> Tensor:
+    """Packed codes -> fp32 codebook levels (unscaled), with ops Inductor fuses into one loop."""
+    return codebook.float()[unpack(codes, bits).long()]
+
+
+# -- one source of keys/values ----------------------------------------------------------------------
+
+
+class _Packed:
+    """One packed K or V history, viewed as (B*H, T, ...) with what decoding a chunk needs."""
+
+    def __init__(self, codes, absmax, codebook, block, axis, dim, decode):
+        bh = codes.shape[0] * codes.shape[1]
+        if codes.stride(-1) != 1 or codes.stride(-2) % 2:
+            codes = codes.contiguous()  # rows must be contiguous runs of bytes for the lookups
+        self.codes = codes.reshape(bh, codes.shape[2], codes.shape[3])
+        self.buf: list = [None]
+        self.codebook, self.block, self.axis, self.dim = codebook, block, axis, dim
+        self.bits = int(math.log2(codebook.numel()))
+        self.decode = decode
+        a = absmax.float().reshape(bh, absmax.shape[2], absmax.shape[3])
+        # axis 3: (BH, nb, T) so a chunk of tokens is a contiguous slice; axis 2: (BH, T/block, D)
+        self.absmax = a.transpose(1, 2).contiguous() if axis == 3 else a
+        self.nb = dim // block if axis == 3 else 1
+
+    def levels(self, c0: int, c1: int) -> Tensor:
+        if self.decode is _decode_lut:
+            return _decode_lut(self.codes[:, c0:c1], self.codebook, self.bits, self.dim, self.buf)
+        return self.decode(self.codes[:, c0:c1], self.codebook, self.bits, self.dim)
+
+    def scales(self, c0: int, c1: int) -> Tensor:
+        """Per-element scales of tokens [c0, c1): (BH, n, dim) fp32 (for the scaled mode)."""
+        if self.axis == 3:
+            return self.absmax[:, :, c0:c1].transpose(1, 2).repeat_interleave(self.block, dim=2)
+        b0 = c0 // self.block
+        s = self.absmax[:, b0 : -(-c1 // self.block)].repeat_interleave(self.block, dim=1)
+        return s[:, c0 - b0 * self.block : c1 - b0 * self.block]
+
+
+def _pad_tokens(x: Tensor, n: int, dim: int) -> Tensor:
+    pad = -x.shape[dim] % n
+    if not pad:
+        return x
+    shape = list(x.shape)
+    shape[dim] = pad
+    return torch.cat([x, x.new_zeros(shape)], dim=dim)
+
+
+def _scores_folded(qrows: Tensor, qbd: Tensor, k: _Packed, c0: int, c1: int) -> Tensor:
+    """Query rows against history tokens [c0, c1) with the scales folded in.
+
+    Per-token blocks: the unscaled per-block partial scores (BH, R*nb, n) in the compute dtype (the
+    caller applies ``absmax`` for a whole key block at once). Per-channel blocks: fp32 scores (BH, R, n).
+    """
+    lv = k.levels(c0, c1)  # (BH, n, D) unscaled
+    bh, n, d = lv.shape
+    r = qrows.shape[1]
+    if k.axis == 3:
+        return torch.bmm(qbd, lv.transpose(1, 2))
+    # per-channel: scale the queries per token block, one small matmul per block
+    blk, b0 = k.block, c0 // k.block
+    nt = -(-n // blk)
+    qs = (qrows[:, None] * k.absmax[:, b0 : b0 + nt, None, :]).to(lv.dtype)  # (BH, nt, R, D)
+    lvb = _pad_tokens(lv, blk, 1).view(bh * nt, blk, d)
+    s = torch.bmm(qs.reshape(bh * nt, r, d), lvb.transpose(1, 2)).view(bh, nt, r, blk)
+    return s.permute(0, 2, 1, 3).reshape(bh, r, nt * blk)[:, :, :n].float()
+
+
+def _pv_folded(p: Tensor, w: Optional[Tensor], v: _Packed, c0: int, c1: int) -> Tensor:
+    """Unnormalised output of probabilities over history tokens [c0, c1).
+
+    Per-token blocks: ``w`` are the probabilities already scaled per block, (BH, R*nb, n) in the
+    compute dtype; returns the per-block products (BH, R*nb, Dv) (the caller keeps the diagonal
+    blocks). Per-channel blocks: uses ``p`` (BH, R, n) and returns fp32 (BH, R, Dv).
+    """
+    lv = v.levels(c0, c1)
+    if v.axis == 3:
+        return torch.bmm(w, lv)
+    bh, n, dv = lv.shape
+    r = p.shape[1]
+    blk, b0 = v.block, c0 // v.block
+    nt = -(-n // blk)
+    pb = _pad_tokens(p.to(lv.dtype), blk, 2).view(bh, r, nt, blk).transpose(1, 2).reshape(bh * nt, r, blk)
+    o = torch.bmm(pb, _pad_tokens(lv, blk, 1).view(bh * nt, blk, dv)).view(bh, nt, r, dv)
+    return (o.float() * v.absmax[:, b0 : b0 + nt, None, :]).sum(1)
+
+
+# -- the chunk loop ------------------------------------------------------------------------------
+
+
+def _chunk_size(bh: int, dim: int, align: int) -> int:
+    c = max(64, min(4096, CHUNK_ELEMS // max(bh * dim, 1)))
+    return max(align, c // align * align)
+
+
+def attention_chunked(
+    q: Tensor,
+    k: tuple,
+    v: tuple,
+    k_tail: Optional[Tensor],
+    v_tail: Optional[Tensor],
+    attn_mask: Optional[Tensor],
+    scale: float,
+    is_causal: bool,
+    plain: bool = False,
+) -> Tensor:
+    """Attention of ``q`` (B, Hq, Tq, D) over packed history ``k``/``v`` plus an optional fp tail.
+
+    ``k`` and ``v`` are ``(codes, absmax, codebook, block, axis)`` with arguments already checked.
+    ``plain=True`` takes the compile-friendly fp32 route (no lookup tables, scaled mode only).
+    Returns (B, Hq, Tq, Dv) in ``q.dtype``.
+
+    Loop structure: query blocks x key blocks x chunks. Within a key block the scores of all its
+    chunks are gathered first and the softmax statistics are updated once per key block (for decode
+    the whole cache is usually one key block: a two-pass softmax over tiny score rows); key blocks
+    are merged with the online-softmax rescaling.
+    """
+    b, hq, tq, d = q.shape
+    hkv, th = k[0].shape[1], k[0].shape[2]
+    dv = v[0].shape[3] * 8 // int(math.log2(v[2].numel()))
+    g = hq // hkv
+    bh = b * hkv
+    tt = 0 if k_tail is None else k_tail.shape[2]
+    tk = th + tt
+    dev = q.device
+    cdt = torch.float32 if plain else COMPUTE_DTYPE
+    decode: Callable = _decode_plain if plain else _decode_lut
+    kp = _Packed(*k, d, decode)
+    vp = _Packed(*v, dv, decode)
+    align = math.lcm(*(p.block for p in (kp, vp) if p.axis == 2)) if 2 in (kp.axis, vp.axis) else 64
+    chunk = _chunk_size(bh, max(d, dv), align)
+    qb_len = max(1, min(tq, SCORE_ELEMS // (bh * g * chunk)))
+    fold = not plain and g * qb_len <= FOLD_MAX_ROWS
+
+    qf = (q.float() * scale).reshape(b, hkv, g, tq, d)
+    mask = None
+    if attn_mask is not None:
+        mask = attn_mask.expand(b, hq, tq, tk).reshape(b, hkv, g, tq, tk)
+    kt = None if k_tail is None else k_tail.reshape(bh, tt, d)
+    vt = None if v_tail is None else v_tail.reshape(bh, tt, dv)
+    out = q.new_empty(b, hkv, g, tq, dv)
+
+    for i0 in range(0, tq, qb_len):
+        i1 = min(tq, i0 + qb_len)
+        r = g * (i1 - i0)
+        qrows = qf[:, :, :, i0:i1].reshape(bh, r, d)
+        qc = qrows.to(cdt)
+        nbk = kp.nb if fold and kp.axis == 3 else 1
+        nbv = vp.nb if fold and vp.axis == 3 else 1
+        qbd = qc
+        if nbk > 1:
+            onehot = torch.arange(d, device=dev) // kp.block == torch.arange(nbk, device=dev)[:, None]
+            qbd = (qrows[:, :, None, :] * onehot).to(cdt).reshape(bh, r * nbk, d)
+        m = torch.full((bh, r, 1), -math.inf, device=dev)
+        den = torch.zeros(bh, r, 1, device=dev)
+        acc = torch.zeros(bh, r, dv, device=dev)
+        # last key each query row may see (bottom-right causal alignment)
+        last = tk - tq + torch.arange(i0, i1, device=dev).repeat(g).view(1, r, 1)
+        end = tk if not is_causal else max(0, min(tk, tk - tq + i1))
+        block_len = max(chunk, SCORE_ELEMS // (bh * r * max(nbk, nbv)) // chunk * chunk)
+        # key blocks never straddle the history/tail boundary
+        blocks = [(k0, min(th, end, k0 + block_len)) for k0 in range(0, min(th, end), block_len)]
+        blocks += [(k0, min(end, k0 + block_len)) for k0 in range(th, end, block_len)]
+        for k0, k1 in blocks:
+            packed = k0 < th
+            chunks = [(c0, min(k1, c0 + chunk)) for c0 in range(k0, k1, chunk)]
+            # -- scores of the key block --
+            if packed and fold and kp.axis == 3:
+                part = torch.cat([_scores_folded(qrows, qbd, kp, c0, c1) for c0, c1 in chunks], dim=2)
+                part = part.view(bh, r, nbk, k1 - k0)
+                s = (part * kp.absmax[:, None, :, k0:k1]).sum(2) if nbk > 1 else part[:, :, 0] * kp.absmax[:, :, k0:k1]
+            elif packed and fold:
+                s = torch.cat([_scores_folded(qrows, qbd, kp, c0, c1) for c0, c1 in chunks], dim=2)
+            elif packed:
+                s = torch.cat(
+                    [torch.bmm(qc, (kp.levels(c0, c1) * kp.scales(c0, c1)).to(cdt).transpose(1, 2))
+                     for c0, c1 in chunks], dim=2).float()
+            else:
+                s = torch.bmm(qc, kt[:, k0 - th : k1 - th].to(cdt).transpose(1, 2)).float()
+            # -- masks --
+            if mask is not None:
+                mc = mask[..., i0:i1, k0:k1].reshape(bh, r, k1 - k0)
+                s = s.masked_fill(~mc, -math.inf) if mc.dtype == torch.bool else s + mc.float()
+            if is_causal and k1 - 1 > tk - tq + i0:
+                s = s.masked_fill(torch.arange(k0, k1, device=dev).view(1, 1, -1) > last, -math.inf)
+            # -- softmax statistics, merged across key blocks --
+            m_new = torch.maximum(m, s.amax(-1, keepdim=True))
+            m_safe = m_new.masked_fill(m_new == -math.inf, 0.0)
+            p = torch.exp(s - m_safe)
+            alpha = torch.exp(m - m_safe)
+            den = den * alpha + p.sum(-1, keepdim=True)
+            m = m_new
+            # -- values --
+            if packed and fold and vp.axis == 3:
+                w = (p[:, :, None, :] * vp.absmax[:, None, :, k0:k1]).to(cdt).view(bh, r * nbv, k1 - k0)
+                o = sum(_pv_folded(p, w[:, :, c0 - k0 : c1 - k0], vp, c0, c1).float() for c0, c1 in chunks)
+                blk = dv // nbv
+                o = o.view(bh, r, nbv, nbv, blk).diagonal(dim1=2, dim2=3).transpose(2, 3).reshape(bh, r, dv)
+            elif packed and fold:
+                o = sum(_pv_folded(p[:, :, c0 - k0 : c1 - k0], None, vp, c0, c1) for c0, c1 in chunks)
+            elif packed:
+                o = sum(
+                    torch.bmm(p[:, :, c0 - k0 : c1 - k0].to(cdt), (vp.levels(c0, c1) * vp.scales(c0, c1)).to(cdt)).float()
+                    for c0, c1 in chunks)
+            else:
+                o = torch.bmm(p.to(cdt), vt[:, k0 - th : k1 - th].to(cdt)).float()
+            acc = acc * alpha + o
+        res = acc / den.masked_fill(den == 0, 1.0)
+        out[:, :, :, i0:i1] = res.view(b, hkv, g, i1 - i0, dv).to(q.dtype)
+    return out.view(b, hq, tq, dv)

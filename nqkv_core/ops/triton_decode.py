@@ -1,0 +1,343 @@
+"""Split-K flash-decoding over packed K/V (Triton), with its plain-torch reference.
+
+Layout of this file: shared ``@triton.jit`` helpers (decode a tile of packed codes; attend a range of
+keys with online softmax) -> the split kernel (one program per KV head x key split x block of query
+rows; writes a partial output and its log-sum-exp) -> the merge kernel (combines the splits) ->
+the launcher, registered as ``nqkv::flash_decode`` with ``torch.library.triton_op`` ->
+:func:`reference`.
+
+Query rows: the ``G * Tq`` queries that share one KV head (``G = Hq / Hkv``) are the rows of one
+tile, padded to ``BLOCK_R >= 16`` so both products are ``tl.dot`` (GPUs need every dot dimension
+>= 16). Codes are decoded in registers: byte loads, shifts and masks, a gather from the codebook,
+times the block's absmax. Scores, softmax and accumulators are fp32.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+MAX_ROWS = 64  # query rows per KV head (G * Tq) up to which the split-K decode kernel is used
+BLOCK_N = 64
+
+
+# -- shared jit helpers ------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_packed(codes_ptr, absmax_ptr, cb_ptr, offs_t, t_ok, offs_d, stride_ct, stride_at, stride_ad,
+                 BITS: tl.constexpr, AXIS: tl.constexpr, QBLOCK: tl.constexpr, DIM: tl.constexpr):
+    """fp32 tile (len(offs_t), DIM) of codebook[code] * absmax; pointers already at (batch, head)."""
+    row = codes_ptr + offs_t[:, None] * stride_ct
+    m = t_ok[:, None]
+    # -- codes --
+    if BITS == 4:
+        byte = tl.load(row + (offs_d // 2)[None, :], mask=m, other=0).to(tl.int32)
+        code = (byte >> ((offs_d % 2) * 4)[None, :]) & 15
+    elif BITS == 2:
+        byte = tl.load(row + (offs_d // 4)[None, :], mask=m, other=0).to(tl.int32)
+        code = (byte >> ((offs_d % 4) * 2)[None, :]) & 3
+    elif BITS == 3:
+        lo = tl.load(row + (offs_d // 4)[None, :], mask=m, other=0).to(tl.int32)
+        hi = tl.load(row + (DIM // 4 + offs_d // 8)[None, :], mask=m, other=0).to(tl.int32)
+        code = ((lo >> ((offs_d % 4) * 2)[None, :]) & 3) | (((hi >> (offs_d % 8)[None, :]) & 1) << 2)
+    else:
+        code = tl.load(row + offs_d[None, :], mask=m, other=0).to(tl.int32)
+    level = tl.load(cb_ptr + code)
+    # -- scales --
+    if AXIS == 3:
+        s_ptr = absmax_ptr + offs_t[:, None] * stride_at + (offs_d // QBLOCK)[None, :] * stride_ad
+    else:
+        s_ptr = absmax_ptr + (offs_t // QBLOCK)[:, None] * stride_at + offs_d[None, :] * stride_ad
+    scale = tl.load(s_ptr, mask=m, other=0.0).to(tl.float32)
+    return level * scale
+
+
+@triton.jit
+def _attend_range(
+    q, r_ok, last_key, head, i_q,
+    kc_ptr, ka_ptr, kcb_ptr, vc_ptr, va_ptr, vcb_ptr, kt_ptr, vt_ptr, mask_ptr,
+    stride_kct, stride_kat, stride_kad, stride_vct, stride_vat, stride_vad,
+    stride_ktt, stride_ktd, stride_vtt, stride_vtd,
+    stride_mh, stride_mq, stride_mk,
+    start, stop, T_HIST,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    K_BITS: tl.constexpr, K_AXIS: tl.constexpr, K_QBLOCK: tl.constexpr,
+    V_BITS: tl.constexpr, V_AXIS: tl.constexpr, V_QBLOCK: tl.constexpr,
+    HAS_TAIL: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Online softmax of the rows of ``q`` (pre-scaled fp32) over keys [start, stop).
+
+    Returns ``(acc, m, l)``: unnormalised fp32 output, running max and running sum per row.
+    Keys below ``T_HIST`` come from the packed history, the rest from the fp tail.
+    """
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, HEAD_DIM_V], tl.float32)
+    for start_n in range(start, stop, BLOCK_N):
+        offs_t = start_n + tl.arange(0, BLOCK_N)
+        t_ok = offs_t < stop
+        hist = t_ok & (offs_t < T_HIST)
+        # -- load K --
+        k = _load_packed(kc_ptr, ka_ptr, kcb_ptr, offs_t, hist, offs_d, stride_kct, stride_kat, stride_kad,
+                         K_BITS, K_AXIS, K_QBLOCK, HEAD_DIM)
+        if HAS_TAIL:
+            tail = t_ok & (offs_t >= T_HIST)
+            kt = tl.load(kt_ptr + (offs_t - T_HIST)[:, None] * stride_ktt + offs_d[None, :] * stride_ktd,
+                         mask=tail[:, None], other=0.0)
+            k = tl.where(hist[:, None], k, kt.to(tl.float32))
+        # -- compute qk --
+        if FP32_DOT:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q.to(kt_ptr.dtype.element_ty), tl.trans(k).to(kt_ptr.dtype.element_ty))
+        valid = r_ok[:, None] & t_ok[None, :]
+        if IS_CAUSAL:
+            valid = valid & (offs_t[None, :] <= last_key[:, None])
+        if MASK_KIND != 0:
+            m_ptrs = mask_ptr + head[:, None] * stride_mh + i_q[:, None] * stride_mq + offs_t[None, :] * stride_mk
+            mv = tl.load(m_ptrs, mask=valid, other=0)
+            if MASK_KIND == 1:
+                valid = valid & (mv != 0)
+            else:
+                s = s + mv.to(tl.float32)
+        s = tl.where(valid, s, float("-inf"))
+        # -- online softmax --
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+        # -- load V, accumulate --
+        v = _load_packed(vc_ptr, va_ptr, vcb_ptr, offs_t, hist, offs_dv, stride_vct, stride_vat, stride_vad,
+                         V_BITS, V_AXIS, V_QBLOCK, HEAD_DIM_V)
+        if HAS_TAIL:
+            vt = tl.load(vt_ptr + (offs_t - T_HIST)[:, None] * stride_vtt + offs_dv[None, :] * stride_vtd,
+                         mask=tail[:, None], other=0.0)
+            v = tl.where(hist[:, None], v, vt.to(tl.float32))
+        if FP32_DOT:
+            pv = tl.dot(p, v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(vt_ptr.dtype.element_ty), v.to(vt_ptr.dtype.element_ty))
+        acc = acc * alpha[:, None] + pv
+    return acc, m_i, l_i
+
+
+# -- kernels -------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, kc_ptr, ka_ptr, kcb_ptr, vc_ptr, va_ptr, vcb_ptr, kt_ptr, vt_ptr, mask_ptr, po_ptr, plse_ptr,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kcb, stride_kch, stride_kct, stride_kab, stride_kah, stride_kat, stride_kad,
+    stride_vcb, stride_vch, stride_vct, stride_vab, stride_vah, stride_vat, stride_vad,
+    stride_ktb, stride_kth, stride_ktt, stride_ktd, stride_vtb, stride_vth, stride_vtt, stride_vtd,
+    stride_mb, stride_mh, stride_mq, stride_mk,
+    H_KV, T_Q, T_HIST, T_K, N_ROWS, SPLIT_LEN, scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    K_BITS: tl.constexpr, K_AXIS: tl.constexpr, K_QBLOCK: tl.constexpr,
+    V_BITS: tl.constexpr, V_AXIS: tl.constexpr, V_QBLOCK: tl.constexpr,
+    HAS_TAIL: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_r = tl.program_id(2)
+    b = pid_bh // H_KV
+    h = pid_bh % H_KV
+    # -- query rows of this KV head: row = g * T_Q + i --
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = offs_r < N_ROWS
+    i_q = offs_r % T_Q
+    head = h * GROUP + offs_r // T_Q
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_ptrs = q_ptr + b * stride_qb + head[:, None] * stride_qh + i_q[:, None] * stride_qt + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=r_ok[:, None], other=0.0).to(tl.float32) * scale
+    last_key = T_K - T_Q + i_q
+    # -- this split's keys --
+    start = pid_s * SPLIT_LEN
+    stop = tl.minimum(T_K, start + SPLIT_LEN)
+    if IS_CAUSAL:
+        stop = tl.minimum(stop, T_K - T_Q + tl.max(tl.where(r_ok, i_q, 0), 0) + 1)
+    acc, m_i, l_i = _attend_range(
+        q, r_ok, last_key, head, i_q,
+        kc_ptr + b * stride_kcb + h * stride_kch, ka_ptr + b * stride_kab + h * stride_kah, kcb_ptr,
+        vc_ptr + b * stride_vcb + h * stride_vch, va_ptr + b * stride_vab + h * stride_vah, vcb_ptr,
+        kt_ptr + b * stride_ktb + h * stride_kth, vt_ptr + b * stride_vtb + h * stride_vth, mask_ptr + b * stride_mb,
+        stride_kct, stride_kat, stride_kad, stride_vct, stride_vat, stride_vad,
+        stride_ktt, stride_ktd, stride_vtt, stride_vtd, stride_mh, stride_mq, stride_mk,
+        start, stop, T_HIST,
+        HEAD_DIM, HEAD_DIM_V, K_BITS, K_AXIS, K_QBLOCK, V_BITS, V_AXIS, V_QBLOCK,
+        HAS_TAIL, MASK_KIND, IS_CAUSAL, FP32_DOT, BLOCK_R, BLOCK_N,
+    )
+    # -- partial output (normalised) and its log-sum-exp --
+    has = l_i > 0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    base = (pid_bh * NUM_SPLITS + pid_s) * N_ROWS
+    tl.store(po_ptr + (base + offs_r)[:, None] * HEAD_DIM_V + offs_dv[None, :], out, mask=r_ok[:, None])
+    tl.store(plse_ptr + base + offs_r, lse, mask=r_ok)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    po_ptr, plse_ptr, o_ptr,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    H_KV, T_Q, N_ROWS,
+    GROUP: tl.constexpr, HEAD_DIM_V: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    row = tl.program_id(1)
+    b = pid_bh // H_KV
+    h = pid_bh % H_KV
+    offs_s = tl.arange(0, SPLITS_P2)
+    s_ok = offs_s < NUM_SPLITS
+    idx = (pid_bh * NUM_SPLITS + offs_s) * N_ROWS + row
+    lse = tl.load(plse_ptr + idx, mask=s_ok, other=float("-inf"))
+    # -- weights of the splits --
+    m = tl.max(lse, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse - m_safe)
+    total = tl.sum(w, 0)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    parts = tl.load(po_ptr + idx[:, None] * HEAD_DIM_V + offs_dv[None, :], mask=s_ok[:, None], other=0.0)
+    out = tl.sum(parts * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    head = h * GROUP + row // T_Q
+    i_q = row % T_Q
+    o_ptrs = o_ptr + b * stride_ob + head * stride_oh + i_q * stride_ot + offs_dv * stride_od
+    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty))
+
+
+# -- launcher --------------------------------------------------------------------------------------------
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def supports(q: Tensor, k: tuple, v: tuple) -> bool:
+    """Whether the kernels take these shapes: power-of-two head dims from 16 to 256."""
+    d = q.shape[-1]
+    dv = v[0].shape[-1] * 8 // int(math.log2(v[2].numel()))
+    return all(x >= 16 and x <= 256 and x & (x - 1) == 0 for x in (d, dv))
+
+
+def kernel_args(q, k_codes, k_absmax, k_codebook, k_block, k_axis, v_codes, v_absmax, v_codebook,
+                v_block, v_axis, k_tail, v_tail, attn_mask):
+    """Tensors, strides and meta-parameters shared by the decode and prefill launchers."""
+    b, hq, tq, d = q.shape
+    hkv, th = k_codes.shape[1], k_codes.shape[2]
+    vbits = int(math.log2(v_codebook.numel()))
+    dv = v_codes.shape[3] * 8 // vbits
+    tt = 0 if k_tail is None else k_tail.shape[2]
+    # the kernels step through a row's bytes with stride 1
+    k_codes = k_codes if k_codes.stride(-1) == 1 else k_codes.contiguous()
+    v_codes = v_codes if v_codes.stride(-1) == 1 else v_codes.contiguous()
+    interp = _interpreting()
+    work = torch.float32 if (interp or q.dtype == torch.float32) else q.dtype
+    if k_tail is None:  # dummies, never read; their dtype sets the dot dtype
+        k_tail = v_tail = q.new_empty((1, 1, 1, 1), dtype=work)
+    else:
+        k_tail, v_tail = k_tail.to(work), v_tail.to(work)
+    mask_kind = 0
+    if attn_mask is None:
+        mask = q.new_zeros((1, 1, 1, 1), dtype=torch.uint8)
+    else:
+        mask_kind = 1 if attn_mask.dtype == torch.bool else 2
+        mask = attn_mask.expand(b, hq, tq, th + tt)
+        mask = mask.view(torch.uint8) if mask_kind == 1 else mask.to(torch.float32)
+    qw = q.to(work) if interp and q.dtype == torch.bfloat16 else q
+    tensors = (qw, k_codes, k_absmax, k_codebook, v_codes, v_absmax, v_codebook, k_tail, v_tail, mask)
+    strides = (*qw.stride(), *k_codes.stride()[:3], *k_absmax.stride(), *v_codes.stride()[:3],
+               *v_absmax.stride(), *k_tail.stride(), *v_tail.stride(), *mask.stride())
+    meta = dict(
+        GROUP=hq // hkv, HEAD_DIM=d, HEAD_DIM_V=dv,
+        K_BITS=int(math.log2(k_codebook.numel())), K_AXIS=k_axis, K_QBLOCK=k_block,
+        V_BITS=vbits, V_AXIS=v_axis, V_QBLOCK=v_block,
+        HAS_TAIL=tt > 0, MASK_KIND=mask_kind, FP32_DOT=work == torch.float32,
+    )
+    return tensors, strides, meta, (b, hq, tq, d, hkv, th, tt, dv)
+
+
+@triton_op("nqkv::flash_decode", mutates_args=())
+def flash_decode(
+    q: Tensor,
+    k_codes: Tensor, k_absmax: Tensor, k_codebook: Tensor, k_block: int, k_axis: int,
+    v_codes: Tensor, v_absmax: Tensor, v_codebook: Tensor, v_block: int, v_axis: int,
+    k_tail: Optional[Tensor], v_tail: Optional[Tensor], attn_mask: Optional[Tensor],
+    scale: float, is_causal: bool,
+) -> Tensor:
+    """Split-K decode attention; arguments and semantics as ``nqkv::attention`` (checked there)."""
+    tensors, strides, meta, (b, hq, tq, d, hkv, th, tt, dv) = kernel_args(
+        q, k_codes, k_absmax, k_codebook, k_block, k_axis, v_codes, v_absmax, v_codebook,
+        v_block, v_axis, k_tail, v_tail, attn_mask)
+    tk = th + tt
+    n_rows = (hq // hkv) * tq
+    block_r = max(16, triton.next_power_of_2(n_rows))
+    # -- splits: enough programs to fill the GPU, each at least a few tiles long --
+    # (the interpreter uses short splits so that small test shapes exercise the merge)
+    target, min_len = (3, BLOCK_N) if _interpreting() else (max(1, 256 // (b * hkv)), BLOCK_N * 4)
+    split_len = max(min_len, triton.cdiv(triton.cdiv(max(tk, 1), target), BLOCK_N) * BLOCK_N)
+    num_splits = max(1, triton.cdiv(tk, split_len))
+    po = torch.empty((b * hkv, num_splits, n_rows, dv), device=q.device, dtype=torch.float32)
+    plse = torch.empty((b * hkv, num_splits, n_rows), device=q.device, dtype=torch.float32)
+    grid = (b * hkv, num_splits, triton.cdiv(n_rows, block_r))
+    wrap_triton(_decode_split_kernel)[grid](
+        *tensors, po, plse, *strides, hkv, tq, th, tk, n_rows, split_len, scale,
+        **meta, IS_CAUSAL=is_causal, BLOCK_R=block_r, BLOCK_N=BLOCK_N, NUM_SPLITS=num_splits,
+    )
+    out = torch.empty((b, hq, tq, dv), device=q.device, dtype=tensors[0].dtype)
+    wrap_triton(_decode_merge_kernel)[(b * hkv, n_rows)](
+        po, plse, out, *out.stride(), hkv, tq, n_rows,
+        GROUP=hq // hkv, HEAD_DIM_V=dv, NUM_SPLITS=num_splits, SPLITS_P2=triton.next_power_of_2(num_splits),
+    )
+    return out.to(q.dtype)
+
+
+# -- reference --------------------------------------------------------------------------------------------
+
+
+def reference(q, k_codes, k_absmax, k_codebook, k_block, k_axis, v_codes, v_absmax, v_codebook, v_block,
+              v_axis, k_tail=None, v_tail=None, attn_mask=None, scale=None, is_causal=False) -> Tensor:
+    """Plain torch: dequantize everything, concatenate the tail, fp32 SDPA (bottom-right causal)."""
+    from nqkv_core.quantize import dequantize_blockwise
+
+    def deq(codes, absmax, codebook, block, axis):
+        if axis == 2 and codes.shape[2] % block:  # a partial last block of tokens
+            pad = block - codes.shape[2] % block
+            codes = torch.cat([codes, codes.new_zeros(*codes.shape[:2], pad, codes.shape[3])], 2)
+            return dequantize_blockwise(codes, absmax, codebook, block, axis)[:, :, :-pad]
+        return dequantize_blockwise(codes, absmax, codebook, block, axis)
+
+    k = deq(k_codes, k_absmax, k_codebook, k_block, k_axis)
+    v = deq(v_codes, v_absmax, v_codebook, v_block, v_axis)
+    if k_tail is not None:
+        k, v = torch.cat([k, k_tail.float()], 2), torch.cat([v, v_tail.float()], 2)
+    tq, tk = q.shape[2], k.shape[2]
+    mask = attn_mask
+    if is_causal:
+        causal = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
+        if mask is None:
+            mask = causal
+        elif mask.dtype == torch.bool:
+            mask = mask & causal
+        else:
+            mask = mask.float().masked_fill(~causal, float("-inf"))
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.float()
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.to(q.dtype)
