@@ -38,6 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+import nqkv_core.ops  # noqa: F401  (registers torch.ops.nqkv.attention)
 from nqkv_core.codebook import get_codebook
 from nqkv_core.quantize import dequantize_blockwise, quantize_blockwise
 from nqkv_core.scheme import FP_BITS, KVScheme, KVTransform, fit_transform
@@ -49,6 +50,9 @@ except ImportError as e:  # pragma: no cover - exercised only without transforme
     raise ImportError("nqkv_core.cache needs transformers>=4.57: pip install 'nqkv[eval]'") from e
 
 ATTN_NAME = "nqkv"
+# Attend through the fused op (torch.ops.nqkv.attention). False: fp32 SDPA over the dequantized body, a
+# reference path that makes the cache bit-comparable with fake quantization (used by the tests).
+FUSED = True
 FORMAT_VERSION = "1"
 _ENABLE_HINT = (
     "pass attn_implementation='nqkv' when loading the model, or call nqkv_core.enable(model)"
@@ -108,8 +112,13 @@ def attend(
     Returns:
         ``(b, hq, T, d)`` in ``query.dtype``.
     """
-    # Reference path: dequantizes the body for torch's SDPA. The fused op that reads the packed codes
-    # directly replaces this body, with the same arguments.
+    if FUSED and k_fmt.quantized and v_fmt.quantized:
+        # The fused op reads the packed codes in place (chunked decode on CPU, Triton on GPU).
+        return torch.ops.nqkv.attention(
+            query, *k_body, k_fmt.codebook, k_fmt.block, 3, *v_body, v_fmt.codebook, v_fmt.block, 3,
+            k_fp.to(query.dtype), v_fp.to(query.dtype), mask, scale, False,
+        )
+    # A 16-bit side (or the reference path): SDPA over the dequantized body and the exact tokens.
     k = torch.cat([_read_body(k_body, k_fmt, query.dtype), k_fp.to(query.dtype)], dim=2)
     v = torch.cat([_read_body(v_body, v_fmt, query.dtype), v_fp.to(query.dtype)], dim=2)
     return F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scale, enable_gqa=True)

@@ -1,4 +1,10 @@
-"""NQKVCache against the fake-quantized reference of the same scheme, on tiny random Llama models."""
+"""NQKVCache against the fake-quantized reference of the same scheme, on tiny random Llama models.
+
+The cache logic (what is stored, quantized once, masked) is checked bit-comparably with the cache's
+fp32 reference attention (``cache.FUSED = False``): logits to 2e-4 and identical tokens. The fused op
+(CPU path: bfloat16 products, fp32 accumulation) is checked against the size of the quantization
+effect itself (reference vs full precision).
+"""
 
 from __future__ import annotations
 
@@ -10,11 +16,17 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+from nqkv_core import cache as nqkv_cache  # noqa: E402
 from nqkv_core import evaluate  # noqa: E402
 from nqkv_core.cache import NQKVCache, _version, enable  # noqa: E402
 from nqkv_core.scheme import KVScheme  # noqa: E402
 
 NEW = 20
+
+
+@pytest.fixture
+def reference_attention(monkeypatch):
+    monkeypatch.setattr(nqkv_cache, "FUSED", False)
 
 
 def tiny_model(head_dim: int = 16, layers: int = 2, seed: int = 0) -> LlamaForCausalLM:
@@ -57,7 +69,7 @@ def generate(model, ids, scheme=None, cache=None, mask=None, **kw):
 
 
 @pytest.mark.parametrize("name", list(SCHEMES))
-def test_generate_matches_fake_quantization(name):
+def test_generate_matches_fake_quantization(name, reference_attention):
     model, scheme = tiny_model(), SCHEMES[name]
     ids = torch.randint(1, 96, (1, scheme.window), generator=torch.Generator().manual_seed(1))
     nq = enable(model, scheme=scheme)
@@ -66,23 +78,41 @@ def test_generate_matches_fake_quantization(name):
     fp_seq, fp_logits = generate(model, ids, None)
     torch.testing.assert_close(logits, ref_logits, rtol=0, atol=2e-4)
     assert torch.equal(seq, ref_seq)
-    assert (logits - fp_logits).abs().max() > 1e-3  # the quantized body really is read
+    assert (ref_logits - fp_logits).abs().max() > 1e-2  # the quantized body really is read
 
 
-def test_static_cache_matches_dynamic_and_bytes_are_exact():
+@pytest.mark.parametrize("name", ["nf3-plain", "nf4-rot-centre"])
+def test_fused_op_matches_fake_quantization(name):
+    model, scheme = tiny_model(), SCHEMES[name]
+    ids = torch.randint(1, 96, (2, scheme.window), generator=torch.Generator().manual_seed(1))
+    nq = enable(model, scheme=scheme)
+    _, logits = generate(model, ids, cache=nq.generate_kwargs())
+    _, ref_logits = generate(model, ids, scheme)
+    _, fp_logits = generate(model, ids, None)
+    assert_matches_reference(logits, ref_logits, fp_logits)
+
+
+def assert_matches_reference(logits, ref_logits, fp_logits):
+    """The cache's logits are far closer to the reference than the reference is to full precision."""
+    quant_effect = (ref_logits - fp_logits).abs().max()
+    assert quant_effect > 1e-2  # the quantized body really is read
+    assert (logits - ref_logits).abs().max() < 0.5 * quant_effect
+
+
+def test_static_cache_matches_dynamic_and_bytes_are_exact(reference_attention):
     model, scheme = tiny_model(), SCHEMES["nf4-rot-centre"]
     ids = torch.randint(1, 96, (2, 4), generator=torch.Generator().manual_seed(2))
     nq = enable(model, scheme=scheme)
     _, dyn = generate(model, ids, cache=nq.generate_kwargs())
     cache = nq.new_cache(max_cache_len=ids.shape[1] + NEW)
     _, stat = generate(model, ids, cache={"past_key_values": cache})
-    torch.testing.assert_close(stat, dyn, rtol=0, atol=1e-5)
+    torch.testing.assert_close(stat, dyn, rtol=0, atol=1e-4)
     # 4-bit codes of head_dim 16 (8 bytes) + one fp16 scale (2 bytes), K and V, 2 kv heads, 2 layers
     assert cache.bytes_per_token() == (8 + 2) * 2 * 2 * 2
     assert int(cache.layers[0].length) == ids.shape[1] + NEW - 1
 
 
-def test_batch_with_left_padding_matches_reference():
+def test_batch_with_left_padding_matches_reference(reference_attention):
     model, scheme = tiny_model(), SCHEMES["nf4-rot-centre"]
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(1, 96, (3, 4), generator=g)
@@ -94,6 +124,7 @@ def test_batch_with_left_padding_matches_reference():
     seq, logits = generate(model, ids, cache=nq.generate_kwargs(), mask=mask)
     ref_seq, ref_logits = generate(model, ids, scheme, mask=mask)
     assert torch.isfinite(logits).all()
+    assert torch.equal(seq, ref_seq)
     torch.testing.assert_close(logits, ref_logits, rtol=0, atol=2e-4)
 
 
@@ -108,7 +139,7 @@ def test_past_key_values_and_cache_keywords_agree():
     assert torch.equal(a, nq.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0))
 
 
-def test_sampling_matches_reference():
+def test_sampling_matches_reference(reference_attention):
     model, scheme = tiny_model(), SCHEMES["nf4-rot-centre"]
     ids = torch.randint(1, 96, (2, 4), generator=torch.Generator().manual_seed(5))
     nq = enable(model, scheme=scheme)
@@ -119,7 +150,7 @@ def test_sampling_matches_reference():
     assert torch.equal(a, b)
 
 
-def test_beam_search_matches_reference_and_reorder_is_a_gather():
+def test_beam_search_matches_reference_and_reorder_is_a_gather(reference_attention):
     model, scheme = tiny_model(), SCHEMES["nf4-rot-centre"]
     ids = torch.randint(1, 96, (1, 4), generator=torch.Generator().manual_seed(6))
     nq = enable(model, scheme=scheme)
@@ -236,7 +267,8 @@ def test_compiled_decode_step_has_no_graph_break():
             for i in range(12):  # crosses the window: tokens get quantized inside the graph
                 a = step(nxt, eager)
                 b = compiled(nxt, compiled_cache)
-                torch.testing.assert_close(b, a, rtol=0, atol=1e-3)
+                # eager runs the op's bf16 CPU path, compiled its fp32 one
+                torch.testing.assert_close(b, a, rtol=0, atol=5e-3)
                 nxt = a[:, -1:].argmax(-1)
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert frames <= 2, f"{frames} graphs compiled; decode steps should reuse one"
