@@ -1,0 +1,130 @@
+"""Triton decode/prefill kernels against their plain-torch reference.
+
+With CUDA the kernels run on the GPU. Without it they run in Triton's interpreter, which needs
+``TRITON_INTERPRET=1`` before ``triton`` itself is first imported (``triton.jit`` reads it when
+decorating, Triton's own library included). Other test modules import triton earlier, so in a
+normal run this file re-runs itself in a child process with the variable set.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+CUDA = torch.cuda.is_available()
+NEED_CHILD = not CUDA and os.environ.get("TRITON_INTERPRET") != "1"
+DEVICE = "cuda" if CUDA else "cpu"
+
+if not NEED_CHILD:
+    from nqkv_core.ops import triton_decode, triton_prefill
+from nqkv_core import NQTensor  # noqa: E402
+
+
+@pytest.mark.skipif(not NEED_CHILD, reason="runs the kernels in this process")
+def test_kernels_in_interpreter_process():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+
+
+def _kernel_test(fn):
+    return pytest.mark.skipif(NEED_CHILD, reason="run in the interpreter child process")(fn)
+
+
+def make(b=1, hkv=2, g=2, tq=1, t=100, d=64, bits=4, k_axis=3, v_axis=3, block=32, tail=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(0)
+    k, v = torch.randn(b, hkv, t, d, generator=gen), torch.randn(b, hkv, t, d, generator=gen)
+    q = torch.randn(b, hkv * g, tq, d, generator=gen).to(DEVICE, dtype)
+    K = NQTensor.from_float(k.to(DEVICE), block=block, bits=bits, axis=k_axis - 4)
+    V = NQTensor.from_float(v.to(DEVICE), block=block, bits=bits, axis=v_axis - 4)
+    kt = vt = None
+    if tail:
+        kt = torch.randn(b, hkv, tail, d, generator=gen).to(DEVICE, dtype)
+        vt = torch.randn(b, hkv, tail, d, generator=gen).to(DEVICE, dtype)
+    return q, K, V, kt, vt
+
+
+def args_of(q, K, V, kt=None, vt=None, mask=None, scale=None, is_causal=False):
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return (q, K.codes, K.absmax, K.codebook, K.block, K.axis, V.codes, V.absmax, V.codebook, V.block,
+            V.axis, kt, vt, mask, scale, is_causal)
+
+
+def check(out, ref, dtype):
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert out.dtype == ref.dtype
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+@_kernel_test
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("k_axis,v_axis", [(3, 3), (2, 2), (2, 3)])
+def test_decode_kernel(bits, k_axis, v_axis):
+    # 200 tokens: several splits of the interpreter's short split length, a partial last tile
+    q, K, V, kt, vt = make(tq=1, t=192, bits=bits, k_axis=k_axis, v_axis=v_axis, tail=5)
+    a = args_of(q, K, V, kt, vt)
+    check(triton_decode.flash_decode(*a), triton_decode.reference(*a), torch.float32)
+
+
+@_kernel_test
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_kernel_causal_masks_gqa(dtype):
+    q, K, V, kt, vt = make(g=4, tq=3, t=100, tail=7, dtype=dtype)
+    bool_mask = torch.rand(3, 107, generator=torch.Generator().manual_seed(2)).to(DEVICE) > 0.3
+    bool_mask[1] = False
+    for mask in (None, bool_mask, torch.randn(1, 8, 3, 107, device=DEVICE).to(dtype)):
+        a = args_of(q, K, V, kt, vt, mask=mask, is_causal=True)
+        check(triton_decode.flash_decode(*a), triton_decode.reference(*a), dtype)
+
+
+@_kernel_test
+@pytest.mark.parametrize("k_axis,v_axis", [(3, 3), (3, 2)])
+def test_prefill_kernel(k_axis, v_axis):
+    q, K, V, kt, vt = make(g=2, tq=37, t=32, bits=3, k_axis=k_axis, v_axis=v_axis, tail=5)
+    for mask in (None, torch.randn(37, 37, device=DEVICE)):
+        a = args_of(q, K, V, kt, vt, mask=mask, is_causal=True)
+        check(triton_prefill.flash_prefill(*a), triton_prefill.reference(*a), torch.float32)
+
+
+@_kernel_test
+def test_single_token_128():
+    q, K, V, _, _ = make(hkv=1, g=4, tq=1, t=1, d=128, block=64)
+    a = args_of(q, K, V)
+    check(triton_decode.flash_decode(*a), triton_decode.reference(*a), torch.float32)
+
+
+@_kernel_test
+def test_attention_op_dispatches_to_triton():
+    q, K, V, kt, vt = make(g=2, tq=2, t=64, tail=3, dtype=torch.bfloat16 if CUDA else torch.float32)
+    a = args_of(q, K, V, kt, vt, is_causal=True)
+    out = torch.ops.nqkv.attention(*a)
+    check(out, triton_decode.reference(*a), q.dtype)
+    import nqkv_core.ops.cpu as cpu
+
+    calls = []
+    orig = cpu.attention_chunked
+    cpu.attention_chunked = lambda *x, **y: calls.append(1) or orig(*x, **y)
+    try:
+        torch.ops.nqkv.attention(*a)
+    finally:
+        cpu.attention_chunked = orig
+    assert not calls, "with TRITON_INTERPRET=1 or CUDA the op must run the Triton kernels"
+
+
+@_kernel_test
+def test_opcheck_kernels():
+    q, K, V, kt, vt = make(tq=2, t=64, tail=3)
+    a = args_of(q, K, V, kt, vt, is_causal=True)
+    # the interpreter cannot run kernels on FakeTensors: fake and AOT checks only on a GPU
+    tests = ("test_schema", "test_autograd_registration")
+    if CUDA:
+        tests += ("test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(torch.ops.nqkv.flash_decode.default, a, test_utils=tests)
+    torch.library.opcheck(torch.ops.nqkv.flash_prefill.default, a, test_utils=tests)
