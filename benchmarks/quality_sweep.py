@@ -1,0 +1,137 @@
+"""Sweep of KV-cache storage schemes: perplexity (and optionally greedy agreement) side by side.
+
+Every candidate is a :class:`nqkv_core.scheme.KVScheme`; full precision is always the first row and
+the reference of ΔPPL. Candidate sets (``--set``):
+
+* ``explore``: NQKV design choices one at a time at 2/3/4 bits (layout, centring, equalisation,
+  rotation, codebook) with 4 sinks and the window of ``--window``.
+* ``blocks``: block size, K/V bit split and window for the best transform.
+* ``final``: the recommended presets next to the KIVI-style and uniform baselines at 4/3/2 bits,
+  windows 0 / 32 / 64 / 128, plus transformers' quanto ``QuantizedCache`` when ``--quanto``.
+
+Example (the numbers in docs/quality.md)::
+
+    python benchmarks/quality_sweep.py --set final --windows 8 --agree --quanto --out results/final
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from nqkv_core.evaluate import evaluate, markdown_table, register_attention, save_rows
+from nqkv_core.models import DEFAULT_MODEL, load_model, load_text, token_windows
+from nqkv_core.scheme import KVScheme, kivi, nqkv_preset, uniform
+
+
+def _nqkv(bits: int, name: str, **kw) -> KVScheme:
+    base = dict(k_bits=bits, v_bits=bits, sinks=4)
+    base.update(kw)
+    return KVScheme(name, **base)
+
+
+def explore_set(window: int, bits_list: list[int]) -> list[KVScheme]:
+    out: list[KVScheme] = []
+    for b in bits_list:
+        w = dict(window=window)
+        out += [
+            kivi(b, window=window),
+            uniform(b, window=window),
+            _nqkv(b, f"nf{b} pt", **w),
+            _nqkv(b, f"nf{b} pt rot", k_rotate=True, v_rotate=True, **w),
+            _nqkv(b, f"nf{b} pt cK rot", k_centre=True, k_rotate=True, v_rotate=True, **w),
+            _nqkv(b, f"nf{b} pt cKV rot", k_centre=True, v_centre=True, k_rotate=True, v_rotate=True, **w),
+            _nqkv(b, f"nf{b} pt cK eqrms rot", k_centre=True, k_equalize="rms", k_rotate=True, v_rotate=True, **w),
+            _nqkv(b, f"nf{b} pt cK eqqk rot", k_centre=True, k_equalize="qk", k_rotate=True, v_rotate=True, **w),
+            _nqkv(b, f"lloyd{b} pt cK rot", k_quant="lloyd", v_quant="lloyd", k_centre=True, k_rotate=True,
+                  v_rotate=True, **w),
+            _nqkv(b, f"lloyd{b} pt cK eqqk rot", k_quant="lloyd", v_quant="lloyd", k_centre=True, k_equalize="qk",
+                  k_rotate=True, v_rotate=True, **w),
+            _nqkv(b, f"nf{b} K-ch32 cK, V pt rot", k_axis="channel", k_block=32, k_centre=True, v_rotate=True, **w),
+        ]
+    return out
+
+
+def blocks_set(window: int, bits_list: list[int]) -> list[KVScheme]:
+    out: list[KVScheme] = []
+    for b in bits_list:
+        best = nqkv_preset(b).replace(window=window)
+        out.append(best.replace(name=f"{best.name} (preset)"))
+        for blk in (32, 128):
+            out.append(best.replace(name=f"{best.name} block{blk}", k_block=blk, v_block=blk))
+        out.append(best.replace(name=f"{best.name} stats128", stats_tokens=128))
+        out.append(best.replace(name=f"{best.name} stats32", stats_tokens=32))
+        if b < 4:
+            out.append(best.replace(name=f"{best.name} K{b + 1}V{b}", k_bits=b + 1))
+            out.append(best.replace(name=f"{best.name} K{b}V{b + 1}", v_bits=b + 1))
+    return out
+
+
+def final_set(windows_fp: list[int]) -> list[KVScheme]:
+    """Presets and baselines; 2-bit schemes get twice the window (at least 64)."""
+    out: list[KVScheme] = []
+    for b in (4, 3, 2):
+        for w in windows_fp:
+            w = max(2 * w, 64) if b == 2 else w
+            p = nqkv_preset(b).replace(window=w)
+            out += [p.replace(name=f"NQKV-{b} S4 W{w}"), kivi(b, window=w)]
+            if b > 2:  # uniform int2 per token diverges (PPL in the hundreds, see the explore table)
+                out.append(uniform(b, window=w))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--set", choices=["explore", "blocks", "final"], default="explore", help="candidate set")
+    ap.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2], help="bit widths (explore/blocks)")
+    ap.add_argument("--window", type=int, default=32, help="full-precision recent window (explore/blocks)")
+    ap.add_argument("--fp-windows", type=int, nargs="+", default=[32],
+                    help="recent windows for --set final (doubled, min 64, at 2 bits)")
+    ap.add_argument("--only", nargs="*", default=None, help="keep only candidates whose name contains one of these")
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="model id, local path or .gguf file")
+    ap.add_argument("--text-file", default=None, help="corpus (default: WikiText-2 raw test split)")
+    ap.add_argument("--windows", type=int, default=2, help="number of evaluation windows")
+    ap.add_argument("--window-len", type=int, default=1024, help="tokens per evaluation window")
+    ap.add_argument("--agree", action="store_true", help="also measure greedy agreement (4 prompts, 32 tokens)")
+    ap.add_argument("--prompt-len", type=int, default=256, help="prompt tokens for greedy agreement")
+    ap.add_argument("--quanto", action="store_true", help="add transformers QuantizedCache(quanto) int4/int2 rows")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--out", default="results/sweep", help="output directory for JSON and Markdown")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    if args.set == "explore":
+        schemes = explore_set(args.window, args.bits)
+    elif args.set == "blocks":
+        schemes = blocks_set(args.window, args.bits)
+    else:
+        schemes = final_set(args.fp_windows)
+    if args.only:
+        schemes = [s for s in schemes if any(o in s.name for o in args.only)]
+
+    lm = load_model(args.model, attn_implementation=register_attention())
+    text = load_text(args.text_file)
+    windows = token_windows(lm.tokenizer, text, args.window_len, args.windows)
+    prompts = None
+    if args.agree:
+        # 4 prompts from the part of the corpus after the evaluation windows.
+        all_w = token_windows(lm.tokenizer, text, args.prompt_len)
+        skip = args.windows * args.window_len // args.prompt_len
+        prompts = all_w[skip + 1 : skip + 5]
+    t0 = time.perf_counter()
+    rows = evaluate(lm.model, windows, schemes, prompts=prompts, quanto_bits=(4, 2) if args.quanto else (),
+                    desc=args.set)
+    meta = {
+        "command": "python benchmarks/quality_sweep.py " + " ".join(__import__("sys").argv[1:]),
+        "model": args.model, "windows": args.windows, "window_len": args.window_len,
+        "seconds": time.perf_counter() - t0,
+    }
+    print(markdown_table(rows, with_agree=args.agree))
+    js, md = save_rows(rows, args.out, args.set, meta)
+    print(f"wrote {js} and {md}")
+
+
+if __name__ == "__main__":
+    main()

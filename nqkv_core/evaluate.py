@@ -1,0 +1,302 @@
+"""Quality of KV-cache schemes: perplexity and greedy agreement with K/V fake-quantized post-RoPE.
+
+The model runs with a registered attention function (:data:`ATTN_NAME`). Before every attention
+call it passes the layer's keys and values through the active :class:`~nqkv_core.scheme.KVScheme`
+and then attends the way a streaming cache would: for each query position, keys/values of the first
+``sinks`` tokens and of the last ``window`` positions (``q_pos - k_pos < window``) are exact and all
+others are the quantized ones. Scores are computed against both exact and quantized keys and chosen
+per (query, key) pair; the output sums the split probability matrix times exact and quantized values.
+
+The per-channel statistics of a scheme (centre, equalisation) are measured on the first call of each
+sequence (the prompt) and frozen for that sequence's later calls, as a cache would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from nqkv_core.scheme import FP_BITS, KVScheme, KVTransform, fit_transform, roundtrip
+
+ATTN_NAME = "nqkv_fakequant"
+
+
+class _Active:
+    scheme: KVScheme | None = None
+    transforms: dict[int, KVTransform] = {}
+
+
+_ACTIVE = _Active()
+
+
+@contextmanager
+def active_scheme(scheme: KVScheme | None):
+    """Run the model's attention with ``scheme`` (``None`` = exact attention) inside the block."""
+    prev = _ACTIVE.scheme
+    _ACTIVE.scheme, _ACTIVE.transforms = scheme, {}
+    try:
+        yield
+    finally:
+        _ACTIVE.scheme, _ACTIVE.transforms = prev, {}
+
+
+def new_sequence() -> None:
+    """Forget the frozen per-layer statistics: the next attention call starts a new sequence."""
+    _ACTIVE.transforms = {}
+
+
+def _is_fp(scheme: KVScheme | None) -> bool:
+    return scheme is None or (scheme.k_bits >= FP_BITS and scheme.v_bits >= FP_BITS)
+
+
+def fakequant_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Attention over fake-quantized K/V with exact sinks and recent window, in fp32.
+
+    Shapes: ``query (b, hq, T, d)``, ``key``/``value`` ``(b, hkv, Tk, d)`` with the ``T`` queries at
+    the last ``T`` positions; ``attention_mask`` is None or a boolean ``(b, 1, T, Tk)`` (True =
+    attend). Returns ``(b, T, hq, d)`` in the query dtype.
+    """
+    scheme = _ACTIVE.scheme
+    T, tk = query.shape[2], key.shape[2]
+    qpos = torch.arange(tk - T, tk, device=query.device)
+    kpos = torch.arange(tk, device=query.device)
+    allowed = kpos[None, :] <= qpos[:, None]
+    if attention_mask is not None:
+        m = attention_mask[:, :, -T:, :]
+        allowed = allowed & (m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2)
+    q, k, v = query.float(), key.float(), value.float()
+    if _is_fp(scheme):
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling, enable_gqa=True)
+    else:
+        layer = getattr(module, "layer_idx", 0)
+        t = _ACTIVE.transforms.get(layer)
+        if t is None:
+            inv_freq = rope_inv_freq(module.config, key.shape[-1], key.device) if scheme.k_centre_rope else None
+            t = _ACTIVE.transforms[layer] = fit_transform(scheme, key, value, query, inv_freq)
+        k_hat, v_hat = roundtrip(scheme, key, value, transform=t)
+        # Each key appears twice, quantized and exact; the mask lets every (query, key) pair see
+        # exactly one of the two, so one softmax over both is the streaming cache's attention.
+        exact = (kpos[None, :] < scheme.sinks) | (qpos[:, None] - kpos[None, :] < scheme.window)
+        mask = torch.cat([allowed & ~exact, allowed & exact], dim=-1)
+        out = F.scaled_dot_product_attention(
+            q, torch.cat([k_hat, k], dim=-2), torch.cat([v_hat, v], dim=-2),
+            attn_mask=mask, scale=scaling, enable_gqa=True,
+        )
+    out = out.transpose(1, 2).contiguous()
+    return out.to(query.dtype), None
+
+
+def rope_inv_freq(config, head_dim: int, device=None) -> torch.Tensor:
+    """Default-type RoPE inverse frequencies of a model config (for RoPE-aware key centring)."""
+    params = getattr(config, "rope_parameters", None) or {}
+    if params.get("rope_type", "default") != "default":
+        raise ValueError(f"RoPE-aware centring supports default RoPE only, got {params.get('rope_type')!r}")
+    theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    return 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+
+
+def register_attention() -> str:
+    """Register :func:`fakequant_attention` (and an SDPA-style boolean mask) under :data:`ATTN_NAME`."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(ATTN_NAME, fakequant_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, sdpa_mask)
+    return ATTN_NAME
+
+
+# -- perplexity ---------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def window_nll(model: torch.nn.Module, ids: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token NLL (nats) and token count of one ``(1, n)`` window under the active scheme."""
+    new_sequence()
+    logits = model(ids).logits.float()
+    nll = F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")
+    return float(nll), ids.shape[1] - 1
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, windows: torch.Tensor, scheme: KVScheme | None, progress=None) -> float:
+    """Perplexity over ``windows`` ``(n, len)`` token ids, each window an independent sequence."""
+    nll, count = 0.0, 0
+    with active_scheme(scheme):
+        for w in windows:
+            s, c = window_nll(model, w[None])
+            nll, count = nll + s, count + c
+            if progress is not None:
+                progress.update(1)
+    return math.exp(nll / count)
+
+
+@torch.no_grad()
+def quanto_perplexity(
+    model: torch.nn.Module, windows: torch.Tensor, bits: int, chunk: int = 128, residual: int = 128, group: int = 64
+) -> float:
+    """Perplexity with transformers' ``QuantizedCache(backend="quanto")``, feeding each window in chunks.
+
+    The cache returns un-quantized states for the call that filled it, so one full-window forward
+    would measure full precision; feeding ``chunk`` tokens at a time makes later chunks attend to the
+    quantized earlier ones. Raises whatever the backend raises if it cannot run.
+    """
+    from transformers import QuantizedCache
+
+    nll, count = 0.0, 0
+    with active_scheme(None):
+        for w in windows:
+            cache = QuantizedCache(backend="quanto", config=model.config, nbits=bits, axis_key=0, axis_value=0,
+                                   q_group_size=group, residual_length=residual)
+            logits = []
+            for start in range(0, w.numel(), chunk):
+                out = model(w[None, start : start + chunk], past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                logits.append(out.logits[0].float())
+            logits = torch.cat(logits)
+            nll += float(F.cross_entropy(logits[:-1], w[1:], reduction="sum"))
+            count += w.numel() - 1
+    return math.exp(nll / count)
+
+
+# -- greedy agreement ---------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def greedy_tokens(model: torch.nn.Module, prompts: torch.Tensor, scheme: KVScheme | None, n_new: int = 32) -> torch.Tensor:
+    """Greedy continuations ``(n_prompts, n_new)`` of each prompt row under ``scheme``."""
+    outs = []
+    with active_scheme(scheme):
+        for p in prompts:
+            new_sequence()
+            ids = p[None]
+            cache = None
+            gen = []
+            for _ in range(n_new):
+                out = model(ids, past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                nxt = out.logits[0, -1].argmax()
+                gen.append(nxt)
+                ids = nxt.view(1, 1)
+            outs.append(torch.stack(gen))
+    return torch.stack(outs)
+
+
+def agreement(tokens: torch.Tensor, reference: torch.Tensor) -> float:
+    """Fraction of generated positions equal to the reference continuation."""
+    return float((tokens == reference).float().mean())
+
+
+# -- tables -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One result: ``bits`` per K/V element includes scales, zero-points and full-precision tokens."""
+
+    method: str
+    bits: float
+    ppl: float
+    dppl_pct: float
+    agree: float | None = None
+    seconds: float = 0.0
+    note: str = ""
+    scheme: dict = field(default_factory=dict)
+
+
+def scheme_dict(s: KVScheme) -> dict:
+    d = asdict(s)
+    d["scale_dtype"] = str(s.scale_dtype).replace("torch.", "")
+    return d
+
+
+def markdown_table(rows: list[Row], with_agree: bool = True) -> str:
+    head = "| method | bits/elem | PPL | ΔPPL % |" + (" greedy agree |" if with_agree else "")
+    sep = "|---|---:|---:|---:|" + ("---:|" if with_agree else "")
+    lines = [head, sep]
+    for r in rows:
+        ppl = f"{r.ppl:.3f}" if math.isfinite(r.ppl) else "n/a"
+        d = f"{r.dppl_pct:+.2f}" if math.isfinite(r.dppl_pct) else "n/a"
+        line = f"| {r.method}{' (' + r.note + ')' if r.note else ''} | {r.bits:.3f} | {ppl} | {d} |"
+        if with_agree:
+            line += f" {r.agree * 100:.1f}% |" if r.agree is not None else " |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def evaluate(
+    model: torch.nn.Module,
+    windows: torch.Tensor,
+    schemes: list[KVScheme],
+    prompts: torch.Tensor | None = None,
+    n_new: int = 32,
+    quanto_bits: tuple[int, ...] = (),
+    desc: str = "eval",
+) -> list[Row]:
+    """Run full precision and every scheme on the same windows; one :class:`Row` each.
+
+    ``model`` must use :data:`ATTN_NAME` attention. ``prompts`` ``(n, len)`` enables greedy
+    agreement against the full-precision continuation. ``quanto_bits`` adds transformers'
+    ``QuantizedCache`` rows (a failure becomes a row with PPL n/a and the reason in ``note``).
+    """
+    ctx = windows.shape[1]
+    total = len(windows) * (1 + len(schemes) + len(quanto_bits))
+    rows: list[Row] = []
+    ref_tokens = None
+    with tqdm(total=total, desc=desc, unit="win") as bar:
+        t0 = time.perf_counter()
+        fp = perplexity(model, windows, None, bar)
+        row = Row("full precision", float(FP_BITS), fp, 0.0, seconds=time.perf_counter() - t0)
+        if prompts is not None:
+            ref_tokens = greedy_tokens(model, prompts, None, n_new)
+            row.agree = 1.0
+        rows.append(row)
+        for s in schemes:
+            bar.set_postfix_str(s.name)
+            t0 = time.perf_counter()
+            ppl = perplexity(model, windows, s, bar)
+            row = Row(s.name, s.bits_per_element(ctx), ppl, 100 * (ppl / fp - 1), scheme=scheme_dict(s))
+            if ref_tokens is not None:
+                row.agree = agreement(greedy_tokens(model, prompts, s, n_new), ref_tokens)
+            row.seconds = time.perf_counter() - t0
+            rows.append(row)
+        for bits in quanto_bits:
+            name = f"HF QuantizedCache quanto int{bits} (g64, residual 128, chunks of 128)"
+            t0 = time.perf_counter()
+            try:
+                ppl = quanto_perplexity(model, windows, bits)
+                # int scale + zero-point per group of 64 in fp16 (quanto keeps them in the model dtype),
+                # residual of up to 128 tokens in full precision (charged at its mean, 64).
+                q_bits = bits + 32 / 64
+                eff = ((ctx - 64) * q_bits + 64 * FP_BITS) / ctx
+                rows.append(Row(name, eff, ppl, 100 * (ppl / fp - 1), seconds=time.perf_counter() - t0))
+            except Exception as e:  # noqa: BLE001 - the reason goes into the table
+                rows.append(Row(name, float("nan"), float("nan"), float("nan"), note=f"did not run: {type(e).__name__}: {e}"[:200]))
+            bar.update(len(windows))
+    return rows
+
+
+def save_rows(rows: list[Row], out_dir: str | Path, stem: str, meta: dict | None = None) -> tuple[Path, Path]:
+    """Write ``<stem>.json`` (rows and ``meta``) and ``<stem>.md`` (the table) under ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    js, md = out / f"{stem}.json", out / f"{stem}.md"
+    js.write_text(json.dumps({"meta": meta or {}, "rows": [asdict(r) for r in rows]}, indent=1, default=str))
+    md.write_text(markdown_table(rows, with_agree=any(r.agree is not None for r in rows)) + "\n")
+    return js, md

