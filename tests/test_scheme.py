@@ -1,0 +1,113 @@
+"""KVScheme: storage accounting, exactness of the transforms, round-trip error."""
+
+import pytest
+import torch
+
+from nqkv_core.scheme import (
+    FULL_PRECISION, KVScheme, apply_rope, fit_transform, hadamard, kivi, nqkv_preset, quantize_roundtrip,
+    roundtrip, uniform,
+)
+
+INV_FREQ = 1.0 / 10000 ** (torch.arange(0, 16, 2).float() / 16)
+
+
+def _kvq(b=1, hkv=2, g=2, t=96, d=16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    k = torch.randn(b, hkv, t, d, generator=gen) + torch.linspace(-3, 3, d)  # per-channel offsets
+    v = torch.randn(b, hkv, t, d, generator=gen)
+    q = torch.randn(b, hkv * g, t, d, generator=gen)
+    return k, v, q
+
+
+def test_hadamard_orthogonal():
+    h = hadamard(64)
+    torch.testing.assert_close(h @ h.T, torch.eye(64), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError):
+        hadamard(48)
+
+
+def test_bits_per_element_charges_scales_and_fp_tokens():
+    s = KVScheme("x", k_bits=4, v_bits=4, sinks=0, window=0)
+    assert s.bits_per_element(1024) == pytest.approx(4 + 16 / 64)
+    s = KVScheme("x", k_bits=4, v_bits=4, sinks=4, window=28)
+    assert s.bits_per_element(1024) == pytest.approx(((1024 - 32) * 4.25 + 32 * 16) / 1024)
+    # min-max baselines pay a scale and a zero-point per group
+    assert kivi(2, group=32, sinks=0, window=0).bits_per_element(1024) == pytest.approx(3.0)
+    assert FULL_PRECISION.bits_per_element(1024) == 16
+    # centre vectors: 16 bits per channel, once per head
+    c = KVScheme("c", k_centre=True)
+    assert c.bits_per_element(1024) == pytest.approx(4.25 + 16 / 1024 / 2)
+    assert nqkv_preset(4).bits_per_element(1 << 20) < 4.26
+
+
+@pytest.mark.parametrize(
+    "scheme",
+    [
+        KVScheme("c", k_centre=True, v_centre=True, k_rotate=True, v_rotate=True, stats_tokens=32),
+        KVScheme("e", k_centre=True, k_equalize="qk", v_equalize=True, k_rotate=True),
+        KVScheme("r", k_centre=True, k_centre_rope=True, k_rotate=True, v_centre=True, v_rotate=True),
+    ],
+    ids=["centre-rot", "equalize", "rope-centre"],
+)
+def test_transform_preserves_attention(scheme):
+    k, v, q = _kvq()
+    t = fit_transform(scheme, k, v, q, INV_FREQ)
+    g = q.shape[1] // k.shape[1]
+    ref = torch.softmax(q @ k.repeat_interleave(g, 1).transpose(-1, -2), -1) @ v.repeat_interleave(g, 1)
+    kk = t.keys(k)
+    off = t.key_offset(k.shape[-2])  # a RoPE'd centre is not shift-invariant: attention adds it back
+    assert (off is None) == (not scheme.k_centre_rope)
+    kk = kk + off if off is not None else kk
+    scores = t.queries(q, g) @ kk.repeat_interleave(g, 1).transpose(-1, -2)
+    out = t.output(torch.softmax(scores, -1) @ t.values(v).repeat_interleave(g, 1), g)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(t.keys_back(t.keys(k)), k, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(t.values_back(t.values(v)), v, atol=1e-4, rtol=1e-4)
+
+
+def test_rope_inverse():
+    x = torch.randn(1, 2, 10, 16)
+    pos = torch.arange(10)
+    torch.testing.assert_close(apply_rope(apply_rope(x, pos, INV_FREQ), pos, INV_FREQ, inverse=True), x)
+
+
+def test_roundtrip_error_shrinks_with_bits_and_centring_helps():
+    k, v, q = _kvq(t=128, d=64)
+    errs = {}
+    for bits in (2, 3, 4):
+        s = KVScheme("s", k_bits=bits, v_bits=bits, k_quant="lloyd" if bits == 2 else "nf")
+        k_hat, v_hat = roundtrip(s, k, v)
+        errs[bits] = float((k_hat - k).norm() / k.norm())
+        assert k_hat.shape == k.shape and v_hat.shape == v.shape
+    assert errs[4] < errs[3] < errs[2]
+    plain = roundtrip(KVScheme("p"), k, v)[0]
+    centred = roundtrip(KVScheme("c", k_centre=True, k_rotate=True, stats_tokens=128), k, v)[0]
+    assert (centred - k).norm() < (plain - k).norm()
+
+
+def test_sinks_exact_and_channel_blocks():
+    k, v, _ = _kvq(t=100, d=16)
+    s = kivi(4, group=32, sinks=4)
+    k_hat, v_hat = roundtrip(s, k, v)
+    torch.testing.assert_close(k_hat[..., :4, :], k[..., :4, :])
+    # 96 tokens after the sinks = 3 groups of 32; nothing left over here
+    assert not torch.equal(k_hat[..., 4:, :], k[..., 4:, :])
+    # a trailing partial group stays exact
+    part = quantize_roundtrip(k[..., :40, :], 4, "int", 32, "channel")
+    torch.testing.assert_close(part[..., 32:, :], k[..., 32:40, :])
+
+
+def test_minmax_uniform_error_bound():
+    x = torch.randn(2, 3, 8, 64)
+    y = quantize_roundtrip(x, 4, "int", 64, "token", torch.float32)
+    span = x.amax(-1, keepdim=True) - x.amin(-1, keepdim=True)
+    assert bool(((y - x).abs() <= span / 15 / 2 + 1e-5).all())
+    assert uniform(4).k_axis == "token"
+
+
+def test_presets():
+    for b in (4, 3, 2):
+        p = nqkv_preset(b)
+        assert p.k_bits == p.v_bits == b and p.k_axis == p.v_axis == "token" and p.k_rotate
+    with pytest.raises(ValueError):
+        nqkv_preset(5)
