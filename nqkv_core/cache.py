@@ -362,6 +362,18 @@ class NQKVLayer(CacheLayerMixin):
         self._commit(k_new, v_new)
         return out.to(query.dtype).transpose(1, 2).contiguous()
 
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor, query_states: torch.Tensor | None = None) -> None:
+        """Store tokens without attending (e.g. a prefix computed elsewhere); K/V ``(b, h, T, d)``.
+
+        ``query_states`` are needed only for a scheme with ``k_equalize="qk"`` on an empty layer.
+        """
+        self.update(key_states, value_states)
+        self._pending = None
+        if self.transform is None:
+            self.transform = fit_transform(self.scheme, key_states, value_states, query_states)
+        t = self.transform
+        self._commit(t.keys(key_states).to(self.fp_dtype), t.values(value_states).to(self.fp_dtype))
+
     def _write_body(self, body: tuple[torch.Tensor, ...], fmt: SideFormat, index: torch.Tensor, x: torch.Tensor) -> None:
         if fmt.quantized:
             parts = quantize_blockwise(x, fmt.codebook, fmt.block, axis=-1, scale_dtype=self.scheme.scale_dtype)
@@ -609,6 +621,11 @@ class NQKVCache(Cache):
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         """transformers' hook (``cache_kwargs`` before 5.12, ``*args, **kwargs`` after): park new K/V."""
         return self._layer(layer_idx).update(key_states, value_states)
+
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+               query_states: torch.Tensor | None = None) -> None:
+        """Store post-RoPE K/V ``(b, h, T, d)`` of layer ``layer_idx`` without attending."""
+        self._layer(layer_idx).append(key_states, value_states, query_states)
 
     def get_seq_length(self, layer_idx: int = 0, *args) -> int | torch.Tensor:
         return self.layers[layer_idx].get_seq_length() if layer_idx < len(self.layers) else 0

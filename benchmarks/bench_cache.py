@@ -1,0 +1,276 @@
+"""KV cache memory and decode speed on SmolLM2-135M: NQKVCache vs DynamicCache vs QuantizedCache(quanto).
+
+All caches are measured in one process on the same model:
+
+* bytes per token, exact, from the tensors each cache holds (quanto's packed tensors are flattened
+  to their inner data, scales and shifts);
+* the largest context (batch 1) and the largest batch (at --batch-context) that fit --budget,
+  found from the per-token bytes and then checked by actually allocating that cache (peak RSS kept);
+* decode tokens/s at each context for batch 1 and 8; the caches are filled with random post-RoPE
+  K/V (speed does not depend on the values) and then decode real model steps; "no cache" recomputes
+  the whole sequence for each token;
+* greedy agreement of the first 32 new tokens with full precision, on WikiText-2 prompts;
+* memory growth of a growing NQKV cache up to --growth tokens.
+
+Usage:
+
+    python benchmarks/bench_cache.py [--quick] [--budget 1GiB] [--markdown out.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import resource
+import statistics
+import time
+
+import torch
+
+from nqkv_core.cache import NQKVCache, enable
+from nqkv_core.models import load_model, load_text, token_windows
+
+GIB = 1 << 30
+
+
+def parse_bytes(s: str) -> int:
+    units = {"gib": GIB, "mib": 1 << 20, "kib": 1 << 10, "gb": 10**9, "mb": 10**6, "b": 1}
+    for u, f in units.items():
+        if s.lower().endswith(u):
+            return int(float(s[: -len(u)]) * f)
+    return int(s)
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of the plain tensors inside ``obj`` (through tensor subclasses' ``__tensor_flatten__``)."""
+    if isinstance(obj, torch.Tensor):
+        if type(obj) is not torch.Tensor and hasattr(obj, "__tensor_flatten__"):
+            names, _ = obj.__tensor_flatten__()
+            return sum(tensor_bytes(getattr(obj, n)) for n in names)
+        return obj.nbytes
+    return 0
+
+
+def dims(model):
+    c = model.config
+    return c.num_hidden_layers, c.num_key_value_heads, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+
+def quanto_cache(model):
+    from transformers import QuantizedCache
+
+    return QuantizedCache(backend="quanto", config=model.config, nbits=4, axis_key=0, axis_value=0,
+                          q_group_size=64, residual_length=128)
+
+
+def fill(kind: str, model, scheme, batch: int, ctx: int, dtype=torch.float32):
+    """A cache of ``kind`` holding ``ctx`` random tokens per layer."""
+    n_layers, h, d = dims(model)
+    if kind == "nqkv":
+        cache = NQKVCache(scheme, config=model.config)
+    elif kind == "dynamic":
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+    elif kind == "quanto":
+        cache = quanto_cache(model)
+    g = torch.Generator().manual_seed(0)
+    for i in range(n_layers):
+        k = torch.randn(batch, h, ctx, d, generator=g, dtype=dtype)
+        v = torch.randn(batch, h, ctx, d, generator=g, dtype=dtype)
+        if kind == "nqkv":
+            cache.append(k, v, i)
+        else:
+            cache.update(k, v, i)
+    return cache
+
+
+def layer_bytes(kind: str, cache) -> int:
+    if kind == "nqkv":
+        return cache.nbytes
+    total = 0
+    for layer in cache.layers:
+        for name, x in vars(layer).items():
+            total += tensor_bytes(x)
+    return total
+
+
+def bytes_per_token(model, scheme) -> dict[str, float]:
+    """Marginal storage bytes per token (batch 1), from two fills that differ by 1024 tokens."""
+    n_layers, h, d = dims(model)
+    out = {"DynamicCache fp32": 2 * n_layers * h * d * 4, "DynamicCache fp16": 2 * n_layers * h * d * 2}
+    nq_a, nq_b = (fill("nqkv", model, scheme, 1, n) for n in (1024, 2048))
+    out["NQKV exact (body)"] = nq_a.bytes_per_token()
+    qa, qb = (fill("quanto", model, scheme, 1, n) for n in (1024, 2048))
+    out["QuantizedCache quanto int4"] = (layer_bytes("quanto", qb) - layer_bytes("quanto", qa)) / 1024
+    return out
+
+
+def attend_kind(model, kind: str) -> None:
+    model.set_attn_implementation("nqkv" if kind == "nqkv" else "sdpa")
+
+
+@torch.no_grad()
+def decode_tps(model, kind: str, scheme, batch: int, ctx: int, steps: int) -> float:
+    attend_kind(model, kind)
+    tok = torch.full((batch, 1), 42, dtype=torch.long)
+    if kind == "none":
+        ids = torch.full((batch, ctx + 1), 42, dtype=torch.long)
+        model(ids, use_cache=False, logits_to_keep=1)  # warm-up
+        t = time.perf_counter()
+        model(ids, use_cache=False, logits_to_keep=1)
+        return batch / (time.perf_counter() - t)
+    cache = fill(kind, model, scheme, batch, ctx)
+    times = []
+    for _ in range(steps + 1):
+        t = time.perf_counter()
+        model(tok, past_key_values=cache, use_cache=True)
+        times.append(time.perf_counter() - t)
+    del cache
+    gc.collect()
+    return batch / statistics.median(times[1:])
+
+
+def fits_budget(model, scheme, budget: int, batch_context: int) -> list[dict]:
+    """Largest context (batch 1) and batch (at batch_context) per cache, checked by allocating."""
+    n_layers, h, d = dims(model)
+    rows = []
+    per_tok = {"DynamicCache fp16": 2 * n_layers * h * d * 2}
+    probe = NQKVCache(scheme, config=model.config, max_cache_len=4096)
+    probe.early_initialization(1, h, d, torch.float16, "cpu")
+    fixed = probe.nbytes - probe.bytes_per_token() * probe.layers[0].capacity
+    per_tok["NQKV"] = probe.bytes_per_token()
+    for name, ptb in per_tok.items():
+        ctx = int((budget - (fixed if name == "NQKV" else 0)) // ptb)
+        seq_bytes = batch_context * ptb + (fixed if name == "NQKV" else 0)
+        batch = int(budget // seq_bytes)
+        gc.collect()
+        before = rss()
+        if name == "NQKV":
+            cache = NQKVCache(scheme, config=model.config, max_cache_len=ctx)
+            cache.early_initialization(1, h, d, torch.float16, "cpu")
+            allocated = cache.nbytes
+            for layer in cache.layers:  # touch every page, as filling the cache would
+                for x in (*layer.k_body, *layer.v_body, layer.k_sink, layer.v_sink, layer.k_ring, layer.v_ring):
+                    x.fill_(1)
+        else:
+            cache = torch.ones(2 * n_layers, 1, h, ctx, d, dtype=torch.float16)
+            allocated = cache.nbytes
+        grown = rss() - before
+        rows.append(dict(cache=name, bytes_per_token=ptb, max_context=ctx, allocated=allocated,
+                         rss_delta=grown, max_batch_at=batch))
+        del cache
+        gc.collect()
+    return rows
+
+
+@torch.no_grad()
+def agreement(model, tok, scheme, n_prompts: int, prompt_len: int, n_new: int = 32) -> dict[str, float]:
+    ids = token_windows(tok, load_text(), prompt_len, n_prompts)
+    out = {}
+    refs = []
+    attend_kind(model, "dynamic")
+    for p in ids:
+        refs.append(model.generate(p[None], max_new_tokens=n_new, do_sample=False, pad_token_id=0)[0, prompt_len:])
+    nq = enable(model, scheme=scheme)
+    got = [nq.generate(p[None], max_new_tokens=n_new, do_sample=False, pad_token_id=0)[0, prompt_len:] for p in ids]
+    out["NQKV"] = float(torch.stack([(a == b).float().mean() for a, b in zip(got, refs)]).mean())
+    attend_kind(model, "quanto")
+    got = [model.generate(p[None], max_new_tokens=n_new, do_sample=False, pad_token_id=0,
+                          past_key_values=quanto_cache(model))[0, prompt_len:] for p in ids]
+    out["QuantizedCache quanto int4"] = float(torch.stack([(a == b).float().mean() for a, b in zip(got, refs)]).mean())
+    return out
+
+
+def growth(model, scheme, total: int, chunk: int = 512) -> list[tuple[int, int, int]]:
+    """(tokens, allocated cache bytes, RSS) while a dynamic NQKV cache grows by ``chunk`` tokens."""
+    n_layers, h, d = dims(model)
+    cache = NQKVCache(scheme, config=model.config)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for n in range(chunk, total + 1, chunk):
+        for i in range(n_layers):
+            cache.append(torch.randn(1, h, chunk, d, generator=g), torch.randn(1, h, chunk, d, generator=g), i)
+        rows.append((n, cache.nbytes, rss()))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="contexts 1k/4k, fewer steps and prompts, 4k growth")
+    ap.add_argument("--budget", default="1GiB", help="memory budget for the capacity check")
+    ap.add_argument("--batch-context", type=int, default=4096, help="context for the largest-batch check")
+    ap.add_argument("--contexts", type=int, nargs="*", help="decode contexts (default 1024 4096 16384)")
+    ap.add_argument("--batches", type=int, nargs="*", default=[1, 8], help="decode batch sizes")
+    ap.add_argument("--steps", type=int, default=None, help="decode steps per measurement")
+    ap.add_argument("--no-recompute-above", type=int, default=4096,
+                    help="skip the no-cache baseline above this context x batch / 8")
+    ap.add_argument("--markdown", help="also write the tables to this file")
+    args = ap.parse_args()
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    contexts = args.contexts or ([1024, 4096] if args.quick else [1024, 4096, 16384])
+    steps = args.steps or (3 if args.quick else 8)
+    budget = parse_bytes(args.budget)
+
+    lm = load_model()
+    model = lm.model
+    nq = enable(model, bits=4)
+    scheme = nq.scheme
+    lines = [f"Model {lm.name}, fp32 activations, {torch.get_num_threads()} threads; scheme `{scheme.name}`.", ""]
+
+    bpt = bytes_per_token(model, scheme)
+    lines += ["| cache | bytes/token | vs fp16 |", "|---|---:|---:|"]
+    for k, v in bpt.items():
+        lines.append(f"| {k} | {v:,.0f} | {bpt['DynamicCache fp16'] / v:.2f}x |")
+    print("\n".join(lines))
+
+    rows = fits_budget(model, scheme, budget, args.batch_context)
+    lines += ["", f"Budget {args.budget}: largest context (batch 1) and batch (at {args.batch_context} tokens)", "",
+              "| cache | max context | allocated | RSS growth | max batch |", "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['cache']} | {r['max_context']:,} | {r['allocated'] / GIB:.3f} GiB | {r['rss_delta'] / GIB:.3f} GiB |"
+                     f" {r['max_batch_at']} |")
+    lines.append(f"\nContext ratio NQKV / fp16: {rows[1]['max_context'] / rows[0]['max_context']:.2f}x;"
+                 f" peak RSS of the process {peak_rss() / GIB:.2f} GiB.")
+    print("\n".join(lines[-8:]))
+
+    lines += ["", "| context | batch | NQKV tok/s | DynamicCache tok/s | quanto tok/s | no cache tok/s | NQKV/Dynamic | NQKV/quanto |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for ctx in contexts:
+        for b in args.batches:
+            tps = {k: decode_tps(model, k, scheme, b, ctx, steps) for k in ("nqkv", "dynamic", "quanto")}
+            if ctx * b <= args.no_recompute_above * 2:
+                tps["none"] = decode_tps(model, "none", scheme, b, ctx, steps)
+            none = f"{tps['none']:.2f}" if "none" in tps else "skipped"
+            lines.append(f"| {ctx} | {b} | {tps['nqkv']:.1f} | {tps['dynamic']:.1f} | {tps['quanto']:.1f} | {none} |"
+                         f" {tps['nqkv'] / tps['dynamic']:.2f} | {tps['nqkv'] / tps['quanto']:.2f} |")
+            print(lines[-1], flush=True)
+
+    agree = agreement(model, lm.tokenizer, scheme, n_prompts=2 if args.quick else 8, prompt_len=256)
+    lines += ["", "Greedy agreement of 32 new tokens with full precision (WikiText-2 prompts of 256 tokens): "
+              + ", ".join(f"{k} {v * 100:.1f}%" for k, v in agree.items())]
+    print(lines[-1])
+
+    g = growth(model, scheme, 4096 if args.quick else 10240)
+    n0, b0, r0 = g[0]
+    n1, b1, r1 = g[-1]
+    lines += ["", f"Growth to {n1} tokens (dynamic NQKV cache, doubling body): allocated {b1 / 2**20:.1f} MiB"
+              f" ({b1 / n1:,.0f} B/token incl. spare capacity, {bpt['NQKV exact (body)']:,.0f} B/token used);"
+              f" RSS grew {(r1 - r0) / 2**20:.1f} MiB from {n0} to {n1} tokens."]
+    print(lines[-1])
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
