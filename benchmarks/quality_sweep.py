@@ -5,6 +5,8 @@ the reference of ΔPPL. Candidate sets (``--set``):
 
 * ``explore``: NQKV design choices one at a time at 2/3/4 bits (layout, centring, equalisation,
   rotation, codebook) with 4 sinks and the window of ``--window``.
+* ``ablation``: where the 3- and 2-bit error comes from (K vs V), statistics length, block size,
+  RoPE-aware key centring.
 * ``blocks``: block size, K/V bit split and window for the best transform.
 * ``final``: the recommended presets next to the KIVI-style and uniform baselines at 4/3/2 bits,
   windows 0 / 32 / 64 / 128, plus transformers' quanto ``QuantizedCache`` when ``--quanto``.
@@ -54,6 +56,27 @@ def explore_set(window: int, bits_list: list[int]) -> list[KVScheme]:
     return out
 
 
+def ablation_set(window: int) -> list[KVScheme]:
+    """Where the error comes from (K vs V), stats length, block size, RoPE-aware key centring."""
+    b3 = KVScheme("nf3 cKV rot", k_bits=3, v_bits=3, k_centre=True, v_centre=True, k_rotate=True, v_rotate=True,
+                  sinks=4, window=window)
+    l2 = KVScheme("lloyd2 cK rot", k_bits=2, v_bits=2, k_quant="lloyd", v_quant="lloyd", k_centre=True,
+                  k_rotate=True, v_rotate=True, sinks=4, window=window)
+    return [
+        b3, b3.replace(name="nf3 cKV rot, K at 8 bits", k_bits=8), b3.replace(name="nf3 cKV rot, V at 8 bits", v_bits=8),
+        b3.replace(name="nf3 cKV rot, stats over whole window", stats_tokens=4096),
+        b3.replace(name="nf3 cKV rot, stats 256", stats_tokens=256),
+        b3.replace(name="nf3 cKV rot, block 32", k_block=32, v_block=32),
+        b3.replace(name="nf3 cKV rot, V lloyd", v_quant="lloyd"),
+        b3.replace(name="nf3 cKV ropeC rot (NQKV-3)", k_centre_rope=True),
+        l2, l2.replace(name="lloyd2 cK rot, K at 8 bits", k_bits=8), l2.replace(name="lloyd2 cK rot, V at 8 bits", v_bits=8),
+        l2.replace(name="lloyd2 cK rot, block 32", k_block=32, v_block=32),
+        l2.replace(name="lloyd2 cK ropeC rot (NQKV-2)", k_centre_rope=True),
+        l2.replace(name="lloyd2 cK ropeC rot cV", k_centre_rope=True, v_centre=True),
+        l2.replace(name="lloyd2 cK ropeC rot K3V2", k_centre_rope=True, k_bits=3, k_quant="nf"),
+    ]
+
+
 def blocks_set(window: int, bits_list: list[int]) -> list[KVScheme]:
     out: list[KVScheme] = []
     for b in bits_list:
@@ -82,9 +105,45 @@ def final_set(windows_fp: list[int]) -> list[KVScheme]:
     return out
 
 
+def plot_curve(json_paths: list[str], png: str) -> None:
+    """ΔPPL (%) against bits/element for each method family found in result JSON files."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    families = {"NQKV": [], "KIVI-style": [], "uniform int per token": [], "HF quanto": []}
+    for path in json_paths:
+        for r in json.load(open(path))["rows"]:
+            if r["ppl"] is None or r["method"] == "full precision" or not r["ppl"] == r["ppl"]:
+                continue
+            m = r["method"]
+            key = ("NQKV" if m.startswith("NQKV") else "KIVI-style" if m.startswith("kivi")
+                   else "HF quanto" if "quanto" in m else "uniform int per token" if m.startswith("int") else None)
+            if key:
+                families[key].append((r["bits"], r["dppl_pct"], m.split()[0]))
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for (name, pts), marker in zip(families.items(), "osv^"):
+        if pts:
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=name)
+            for x, y, lab in pts:
+                ax.annotate(lab, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_yscale("symlog", linthresh=1)
+    ax.set_xlabel("bits per K/V element (codes + scales + fp sink/window tokens, 1024-token context)")
+    ax.set_ylabel("ΔPPL vs full precision (%)")
+    ax.grid(True, which="both", lw=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    print(f"wrote {png}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--set", choices=["explore", "blocks", "final"], default="explore", help="candidate set")
+    ap.add_argument("--set", choices=["explore", "ablation", "blocks", "final"], default="explore", help="candidate set")
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2], help="bit widths (explore/blocks)")
     ap.add_argument("--window", type=int, default=32, help="full-precision recent window (explore/blocks)")
     ap.add_argument("--fp-windows", type=int, nargs="+", default=[32],
@@ -99,11 +158,19 @@ def main() -> None:
     ap.add_argument("--quanto", action="store_true", help="add transformers QuantizedCache(quanto) int4/int2 rows")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--out", default="results/sweep", help="output directory for JSON and Markdown")
+    ap.add_argument("--plot", nargs="+", default=None, metavar="JSON",
+                    help="only plot ΔPPL vs bits/element from these result files (to --plot-png) and exit")
+    ap.add_argument("--plot-png", default="docs/quality_curve.png", help="output PNG for --plot")
     args = ap.parse_args()
+    if args.plot:
+        plot_curve(args.plot, args.plot_png)
+        return
     torch.set_num_threads(args.threads)
 
     if args.set == "explore":
         schemes = explore_set(args.window, args.bits)
+    elif args.set == "ablation":
+        schemes = ablation_set(args.window)
     elif args.set == "blocks":
         schemes = blocks_set(args.window, args.bits)
     else:

@@ -276,6 +276,8 @@ def evaluate(
                 row.agree = agreement(greedy_tokens(model, prompts, s, n_new), ref_tokens)
             row.seconds = time.perf_counter() - t0
             rows.append(row)
+            bar.write(f"{row.method}: {row.bits:.3f} bits/elem, PPL {row.ppl:.3f} ({row.dppl_pct:+.2f}%)"
+                      + (f", agree {100 * row.agree:.1f}%" if row.agree is not None else ""))
         for bits in quanto_bits:
             name = f"HF QuantizedCache quanto int{bits} (g64, residual 128, chunks of 128)"
             t0 = time.perf_counter()
