@@ -156,6 +156,10 @@ def side_format(scheme: KVScheme, side: str, device: torch.device | str = "cpu")
     bits, quant, block, axis = (getattr(scheme, f"{side}_{f}") for f in ("bits", "quant", "block", "axis"))
     if bits >= FP_BITS:
         return SideFormat(FP_BITS, 1, None)
+    if side == "k" and getattr(scheme, "k_centre_rope", False) and scheme.k_centre:
+        raise NotImplementedError(
+            "NQKVCache does not yet store RoPE-aware key centring (k_centre_rope); it is evaluation-only"
+        )
     if quant not in ("nf", "lloyd"):
         raise NotImplementedError(
             f"NQKVCache stores codebook schemes ('nf', 'lloyd'); {side}_quant={quant!r} is evaluation-only"
