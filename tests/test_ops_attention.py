@@ -9,7 +9,20 @@ import torch.nn.functional as F
 import nqkv_core.ops  # noqa: F401  (registers the op and the SDPA route)
 from nqkv_core import NQTensor
 from nqkv_core.ops import cpu
-from nqkv_core.ops.triton_decode import reference
+
+
+def reference(q, kc, ka, kcb, kblock, kaxis, vc, va, vcb, vblock, vaxis, kt=None, vt=None, mask=None,
+              scale=None, is_causal=False):
+    """Dequantize, append the tail, fp32 SDPA with the queries at the last positions."""
+    k = NQTensor(kc, ka, kcb, kblock, kaxis, (*kc.shape[:3], q.shape[-1]), torch.float32).dequantize()
+    v = NQTensor(vc, va, vcb, vblock, vaxis, k.shape, torch.float32).dequantize()
+    if kt is not None:
+        k, v = torch.cat([k, kt.float()], 2), torch.cat([v, vt.float()], 2)
+    tq, tk = q.shape[2], k.shape[2]
+    if is_causal:
+        causal = torch.ones(tq, tk, dtype=torch.bool).tril(tk - tq)
+        mask = causal if mask is None else mask & causal
+    return F.scaled_dot_product_attention(q.float(), k, v, attn_mask=mask, scale=scale, enable_gqa=True).to(q.dtype)
 
 
 @pytest.fixture(autouse=True)

@@ -142,6 +142,15 @@ def _use_triton(q: Tensor) -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1" and not torch.compiler.is_compiling()
 
 
+def _triton_kernels():
+    """The kernel modules, imported on first use (after any TRITON_INTERPRET setting); None without triton."""
+    try:
+        from nqkv_core.ops import triton_decode, triton_prefill
+    except ImportError:
+        return None
+    return triton_decode, triton_prefill
+
+
 # -- the op ---------------------------------------------------------------------------------------------
 
 
@@ -190,9 +199,9 @@ def attention(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     k = (k_codes, k_absmax, k_codebook, k_block, k_axis)
     v = (v_codes, v_absmax, v_codebook, v_block, v_axis)
-    if _use_triton(q):
-        from nqkv_core.ops import triton_decode, triton_prefill
-
+    kernels = _triton_kernels() if _use_triton(q) else None
+    if kernels is not None:
+        triton_decode, triton_prefill = kernels
         if triton_decode.supports(q, k, v):
             if q.shape[2] * (q.shape[1] // k_codes.shape[1]) <= triton_decode.MAX_ROWS:
                 return triton_decode.flash_decode(
