@@ -154,8 +154,7 @@ def _triton_kernels():
 # -- the op ---------------------------------------------------------------------------------------------
 
 
-@torch.library.triton_op("nqkv::attention", mutates_args=())
-def attention(
+def attention_eager(
     q: Tensor,
     k_codes: Tensor,
     k_absmax: Tensor,
@@ -209,7 +208,14 @@ def attention(
                 )
             return triton_prefill.flash_prefill(q, *k, *v, k_tail, v_tail, attn_mask, scale, is_causal)
     plain = torch.compiler.is_compiling()
+    if not plain and cpu.decode_fits(q, k, v, k_tail):
+        return cpu.attention_decode(q, k, v, k_tail, v_tail, attn_mask, scale, is_causal)
     return cpu.attention_chunked(q, k, v, k_tail, v_tail, attn_mask, scale, is_causal, plain=plain)
+
+
+# The op, registered from the same function. Eager callers outside any tracing may call
+# ``attention_eager`` directly: same result, without the dispatcher's ~0.1 ms per call.
+attention = torch.library.triton_op("nqkv::attention", mutates_args=())(attention_eager)
 
 
 # -- F.scaled_dot_product_attention with NQTensor keys/values ---------------------------------------------
@@ -255,7 +261,8 @@ def _scaled_dot_product_attention(func, types, args, kwargs):
         else:
             attn_mask = attn_mask.masked_fill(~top_left, -math.inf)
         is_causal = False
-    return torch.ops.nqkv.attention(
+    op = torch.ops.nqkv.attention if torch.compiler.is_compiling() else attention_eager
+    return op(
         query,
         key.codes, key.absmax, key.codebook, key.block, key.axis,
         value.codes, value.absmax, value.codebook, value.block, value.axis,

@@ -44,7 +44,10 @@ CHUNK_ELEMS = 1 << 20  # decoded elements per chunk over all heads (2 MiB of bf1
 SCORE_ELEMS = 1 << 22  # fp32 scores per (query block x key chunk) over all heads
 FOLD_MAX_ROWS = 32  # query rows per KV head up to which scales are folded into small operands
 
+DECODE_MAX_ROWS = 16  # query rows per KV head (Tq * group) up to which the decode path is taken
+
 _TABLES: dict[tuple, tuple[Tensor, int, int]] = {}
+_ONEHOT: dict[tuple, Tensor] = {}
 
 
 # -- decoding -------------------------------------------------------------------------------------
@@ -69,9 +72,16 @@ def _decode_table(codebook: Tensor, bits: int, wide: bool) -> tuple[Tensor, int,
     """
     index_bits = {2: 8, 3: 12, 4: 16 if wide else 8, 8: 16 if wide else 8}[bits]
     fake = torch._subclasses.fake_tensor.is_fake(codebook)
+    # The tables are also remembered on the codebook tensor itself (by bits, width and version), so a
+    # call does not read the levels back with ``tolist`` to find them; they die with the codebook.
+    mine = None if fake else codebook.__dict__.setdefault("_nqkv_tables", {})
+    fast_key = (bits, index_bits, codebook._version)
+    if mine is not None and fast_key in mine:
+        return mine[fast_key]
     key = None if fake else (bits, index_bits, codebook.device, tuple(codebook.tolist()))
     cached = _TABLES.get(key) if key is not None else None
     if cached is not None:
+        mine[fast_key] = cached
         return cached
     codes = _levels_per_index(bits, index_bits).to(codebook.device)
     per = codes.shape[1]
@@ -79,7 +89,7 @@ def _decode_table(codebook: Tensor, bits: int, wide: bool) -> tuple[Tensor, int,
     table = codebook.float()[codes].to(COMPUTE_DTYPE).contiguous().view(carrier).view(-1)
     out = (table, index_bits, per)
     if key is not None:
-        _TABLES[key] = out
+        _TABLES[key] = mine[fast_key] = out
     return out
 
 
@@ -197,6 +207,124 @@ def _pv_folded(p: Tensor, w: Optional[Tensor], v: _Packed, c0: int, c1: int) -> 
     pb = _pad_tokens(p.to(lv.dtype), blk, 2).view(bh, r, nt, blk).transpose(1, 2).reshape(bh * nt, r, blk)
     o = torch.bmm(pb, _pad_tokens(lv, blk, 1).view(bh * nt, blk, dv)).view(bh, nt, r, dv)
     return (o.float() * v.absmax[:, b0 : b0 + nt, None, :]).sum(1)
+
+
+# -- decode: few query rows -----------------------------------------------------------------------
+
+
+def decode_fits(q: Tensor, k: tuple, v: tuple, k_tail: Optional[Tensor]) -> bool:
+    """Whether :func:`attention_decode` serves this call: blocks along head_dim for K and V, at most
+    ``DECODE_MAX_ROWS`` query rows per KV head, and all scores of a row fit ``SCORE_ELEMS``."""
+    b, hq, tq, _ = q.shape
+    codes = k[0]
+    rows = tq * (hq // codes.shape[1])
+    tk = codes.shape[2] + (0 if k_tail is None else k_tail.shape[2])
+    return k[4] == 3 and v[4] == 3 and rows <= DECODE_MAX_ROWS and b * hq * tq * tk <= SCORE_ELEMS
+
+
+def _block_rows(x: Tensor, block: int) -> Tensor:
+    """Rows (BH, R, D) -> (BH, R * nb, D): row ``r * nb + i`` keeps only block ``i`` of row ``r``."""
+    bh, r, d = x.shape
+    nb = d // block
+    if nb == 1:
+        return x
+    fake = torch._subclasses.fake_tensor.is_fake(x)  # tracing: a cached real tensor cannot mix in
+    key = (d, block, x.device, x.dtype)
+    onehot = None if fake else _ONEHOT.get(key)
+    if onehot is None:
+        blocks = torch.arange(d, device=x.device) // block
+        onehot = (blocks == torch.arange(nb, device=x.device)[:, None]).to(x.dtype)
+        if not fake:
+            _ONEHOT[key] = onehot
+    return (x[:, :, None, :] * onehot).reshape(bh, r * nb, d)
+
+
+def attention_decode(
+    q: Tensor,
+    k: tuple,
+    v: tuple,
+    k_tail: Optional[Tensor],
+    v_tail: Optional[Tensor],
+    attn_mask: Optional[Tensor],
+    scale: float,
+    is_causal: bool,
+) -> Tensor:
+    """:func:`attention_chunked` for few query rows (decode), with as few ops as possible.
+
+    The query rows of all heads sharing a KV head are folded into one matrix (``R = group * Tq`` rows),
+    so K and V are read once per KV head. Every score of a row is kept (``R * Tk`` fp32 per KV head,
+    far less than the cache for ``R <= DECODE_MAX_ROWS``), so the softmax is one exact ``torch.softmax``
+    over ``[history | tail]`` instead of an online merge. History tokens are still decoded in chunks
+    (one chunk is live at a time, so it stays in cache between the decode and its matmul); block scales
+    are folded into the small operands as described in the module docstring.
+    """
+    b, hq, tq, d = q.shape
+    kc, ka, kcb, kblock, _ = k
+    vc, va, vcb, vblock, _ = v
+    hkv, th = kc.shape[1], kc.shape[2]
+    g, bh = hq // hkv, b * hkv
+    r = g * tq
+    kbits, vbits = kcb.numel().bit_length() - 1, vcb.numel().bit_length() - 1
+    dv = vc.shape[3] * 8 // vbits
+    nbk, nbv = d // kblock, dv // vblock
+
+    qf = (q.float() * scale).reshape(bh, r, d)  # rows of a KV head: (group, Tq) in order
+    parts = []
+    if th:
+        if kc.stride(-1) != 1 or kc.stride(-2) % 2:
+            kc = kc.contiguous()  # rows must be contiguous runs of bytes for the lookups
+        if vc.stride(-1) != 1 or vc.stride(-2) % 2:
+            vc = vc.contiguous()
+        kc, vc = kc.reshape(bh, th, -1), vc.reshape(bh, th, -1)
+        # absmax as (BH, 1, nb, T) views: multiplying the bf16 partial products by the fp16/fp32
+        # scales promotes to fp32, with no converted copy of the scales
+        ka = ka.reshape(bh, th, nbk).transpose(1, 2)[:, None]
+        va = va.reshape(bh, th, nbv).transpose(1, 2)[:, None]
+        kbuf, vbuf = [None], [None]
+        chunk = _chunk_size(bh, max(d, dv), 64)
+        spans = [(c0, min(th, c0 + chunk)) for c0 in range(0, th, chunk)]
+        qk = _block_rows(qf.to(COMPUTE_DTYPE), kblock)  # (BH, R * nbk, D)
+        for c0, c1 in spans:
+            lv = _decode_lut(kc[:, c0:c1], kcb, kbits, d, kbuf)
+            part = torch.bmm(qk, lv.transpose(1, 2)).view(bh, r, nbk, c1 - c0)
+            s = part * ka[..., c0:c1]  # unscaled partial scores times absmax, fp32
+            parts.append(s.sum(2) if nbk > 1 else s.reshape(bh, r, c1 - c0))
+    if k_tail is not None and k_tail.shape[2]:
+        parts.append(torch.bmm(qf, k_tail.reshape(bh, -1, d).float().transpose(1, 2)))
+    if not parts:  # no keys at all: every row attends to nothing
+        return q.new_zeros(b, hq, tq, dv)
+    s = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+    tk = s.shape[2]
+
+    masked = False
+    if attn_mask is not None:
+        m = attn_mask[(None,) * (4 - attn_mask.dim())]
+        m = m.unsqueeze(2) if m.shape[1] == 1 else m.reshape(m.shape[0], hkv, g, m.shape[2], m.shape[3])
+        s5 = s.view(b, hkv, g, tq, tk)
+        s5 = torch.where(m, s5, -math.inf) if m.dtype == torch.bool else s5 + m
+        s, masked = s5.reshape(bh, r, tk), True
+    if is_causal and tq > 1:
+        allowed = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
+        s = torch.where(allowed, s.view(bh, g, tq, tk), -math.inf).view(bh, r, tk)
+        masked = True
+    p = torch.softmax(s, dim=-1)
+    if masked:  # rows that can attend to nothing are NaN after the softmax; SDPA gives zeros
+        p = p.nan_to_num_(0.0)
+
+    o = None
+    if th:
+        # probabilities scaled per V block: (BH, R * nbv, T_hist), in the compute dtype
+        w = (p[:, :, None, :th] * va).to(COMPUTE_DTYPE, memory_format=torch.contiguous_format)
+        w = w.view(bh, r * nbv, th)
+        for c0, c1 in spans:
+            oc = torch.bmm(w[:, :, c0:c1], _decode_lut(vc[:, c0:c1], vcb, vbits, dv, vbuf))
+            o = oc.float() if o is None else o.add_(oc)
+        if nbv > 1:  # keep block i of the row scaled for block i
+            o = o.view(bh, r, nbv, nbv, vblock).diagonal(dim1=2, dim2=3).transpose(2, 3).reshape(bh, r, dv)
+    if v_tail is not None and v_tail.shape[2]:
+        ot = torch.bmm(p[:, :, th:], v_tail.reshape(bh, -1, dv).float())
+        o = ot if o is None else o.add_(ot)
+    return o.view(b, hq, tq, dv).to(q.dtype)
 
 
 # -- the chunk loop ------------------------------------------------------------------------------
