@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 import nqkv_core.ops  # noqa: F401  (registers torch.ops.nqkv.attention)
+from nqkv_core.ops.attention import attention_eager
 from nqkv_core.codebook import get_codebook
 from nqkv_core.quantize import dequantize_blockwise, quantize_blockwise
 from nqkv_core.scheme import FP_BITS, KVScheme, KVTransform, fit_transform
@@ -107,14 +108,17 @@ def attend(
         k_fmt, v_fmt: their storage formats.
         k_fp, v_fp: ``(b, hkv, M, d)`` full-precision keys/values (sinks, window, new tokens).
         mask: boolean ``(b or 1, 1, T, N + M)``, True = attend; every row has at least one True.
+            None: every query attends to every key.
         scale: softmax scale.
 
     Returns:
         ``(b, hq, T, d)`` in ``query.dtype``.
     """
     if FUSED and k_fmt.quantized and v_fmt.quantized:
-        # The fused op reads the packed codes in place (chunked decode on CPU, Triton on GPU).
-        return torch.ops.nqkv.attention(
+        # The fused op reads the packed codes in place (chunked decode on CPU, Triton on GPU); eager
+        # calls skip the dispatcher, which costs about as much as the attention of a short cache.
+        op = torch.ops.nqkv.attention if torch.compiler.is_compiling() else attention_eager
+        return op(
             query, *k_body, k_fmt.codebook, k_fmt.block, 3, *v_body, v_fmt.codebook, v_fmt.block, 3,
             k_fp.to(query.dtype), v_fp.to(query.dtype), mask, scale, False,
         )
@@ -248,6 +252,9 @@ class NQKVLayer(CacheLayerMixin):
         self.fp_dtype = torch.float32 if needs_basis else self.dtype
         self.k_fmt = side_format(s, "k", self.device)
         self.v_fmt = side_format(s, "v", self.device)
+        kf, vf = self.k_fmt, self.v_fmt
+        self._joint_format = (kf.quantized and vf.quantized and (kf.bits, kf.block) == (vf.bits, vf.block)
+                              and torch.equal(kf.codebook, vf.codebook))
         for fmt in (self.k_fmt, self.v_fmt):
             if fmt.quantized and (self.head_dim % fmt.block or self.head_dim * fmt.bits % 8):
                 raise ValueError(
@@ -337,8 +344,33 @@ class NQKVLayer(CacheLayerMixin):
         k_new, v_new = t.keys(k_new).to(self.fp_dtype), t.values(v_new).to(self.fp_dtype)
 
         p0 = self.length
+        n = None if torch.compiler.is_compiling() else int(p0)
         # Compiled steps read the whole preallocated body (masked) so that shapes never change.
-        n_body = self.capacity if torch.compiler.is_compiling() else min(self._body_capacity(int(p0)), self.capacity)
+        n_body = self.capacity if n is None else min(self._body_capacity(n), self.capacity)
+        if n is not None and T == 1 and attention_mask is None and self._all_slots_valid(n):
+            allowed = None  # one query that sees every stored slot: nothing to mask
+        else:
+            allowed = self._allowed(p0, n_body, T, attention_mask)
+        k_fp = torch.cat([self.k_sink[:, :, : self.n_sinks], self.k_ring[:, :, : self.n_ring], k_new], dim=2)
+        v_fp = torch.cat([self.v_sink[:, :, : self.n_sinks], self.v_ring[:, :, : self.n_ring], v_new], dim=2)
+        out = attend(
+            q, tuple(x[:, :, :n_body] for x in self.k_body), tuple(x[:, :, :n_body] for x in self.v_body),
+            self.k_fmt, self.v_fmt, k_fp, v_fp, allowed, scaling,
+        )
+        out = t.output(out.float(), group) if (t.rot_v is not None or t.b_v is not None or t.mu_v is not None) else out
+        self._commit(k_new, v_new)
+        return out.to(query.dtype).transpose(1, 2).contiguous()
+
+    def _all_slots_valid(self, n: int) -> bool:
+        """Whether every slot ``[body | sinks | ring]`` read at ``n`` tokens holds a token to attend to:
+        true once sinks and ring are full, unless the ring keeps a crop margin (older, masked tokens)."""
+        return self.n_ring == self.window - 1 and n >= self.n_sinks + self.n_ring
+
+    def _allowed(
+        self, p0: torch.Tensor, n_body: int, T: int, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The boolean mask ``(b or 1, 1, T, slots + T)`` of the ``T`` new queries over the stored slots
+        and the new tokens."""
         positions, valid = self._slot_positions(p0, n_body)
         positions = torch.cat([positions, p0 + torch.arange(T, device=self.device)])
         valid = torch.cat([valid, torch.ones(T, dtype=torch.bool, device=self.device)])
@@ -354,17 +386,7 @@ class NQKVLayer(CacheLayerMixin):
         allowed = allowed & valid
         # Rows of padding queries see nothing; give them every slot (finite zeros at worst) so that no
         # NaN appears: their outputs are discarded, but their K/V at the next layer are stored.
-        allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
-
-        k_fp = torch.cat([self.k_sink[:, :, : self.n_sinks], self.k_ring[:, :, : self.n_ring], k_new], dim=2)
-        v_fp = torch.cat([self.v_sink[:, :, : self.n_sinks], self.v_ring[:, :, : self.n_ring], v_new], dim=2)
-        out = attend(
-            q, tuple(x[:, :, :n_body] for x in self.k_body), tuple(x[:, :, :n_body] for x in self.v_body),
-            self.k_fmt, self.v_fmt, k_fp, v_fp, allowed, scaling,
-        )
-        out = t.output(out.float(), group) if (t.rot_v is not None or t.b_v is not None or t.mu_v is not None) else out
-        self._commit(k_new, v_new)
-        return out.to(query.dtype).transpose(1, 2).contiguous()
+        return allowed | ~allowed.any(dim=-1, keepdim=True)
 
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor, query_states: torch.Tensor | None = None) -> None:
         """Store tokens without attending (e.g. a prefix computed elsewhere); K/V ``(b, h, T, d)``.
@@ -378,17 +400,54 @@ class NQKVLayer(CacheLayerMixin):
         t = self.transform
         self._commit(t.keys(key_states).to(self.fp_dtype), t.values(value_states).to(self.fp_dtype))
 
-    def _write_body(self, body: tuple[torch.Tensor, ...], fmt: SideFormat, index: torch.Tensor, x: torch.Tensor) -> None:
+    def _encode(self, x: torch.Tensor, fmt: SideFormat) -> tuple[torch.Tensor, ...]:
         if fmt.quantized:
-            parts = quantize_blockwise(x, fmt.codebook, fmt.block, axis=-1, scale_dtype=self.scheme.scale_dtype)
+            return quantize_blockwise(x, fmt.codebook, fmt.block, axis=-1, scale_dtype=self.scheme.scale_dtype)
+        return (x.to(self.fp_dtype),)
+
+    def _write_bodies(self, index: torch.Tensor | int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store K/V tokens ``(b, h, n, d)`` in the body at slots ``index`` (a tensor, or the first slot).
+
+        When K and V share a quantized format they are quantized in one call (blocks are independent,
+        so the codes are the same): a single token costs about as much to quantize as a thousand.
+        """
+        if self._joint_format:
+            codes, absmax = self._encode(torch.cat([k, v]), self.k_fmt)
+            b = k.shape[0]
+            parts = ((codes[:b], absmax[:b]), (codes[b:], absmax[b:]))
         else:
-            parts = (x.to(body[0].dtype),)
-        for buf, part in zip(body, parts):
-            buf.index_copy_(2, index, part)
+            parts = (self._encode(k, self.k_fmt), self._encode(v, self.v_fmt))
+        for body, part in zip((self.k_body, self.v_body), parts):
+            for buf, x in zip(body, part):
+                if isinstance(index, int):
+                    buf[:, :, index : index + x.shape[2]].copy_(x)
+                else:
+                    buf.index_copy_(2, index, x)
+
+    def _commit_one(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+        """:meth:`_commit` of one token outside tracing: plain slice copies at known positions."""
+        S, R, W = self.n_sinks, self.n_ring, self.window
+        n = int(self.length)
+        leaving = n - W + 1  # the token that leaves the window (the new one itself when W == 1)
+        if leaving >= S:
+            if W > 1:
+                slot = leaving % R
+                self._write_bodies(leaving - S, self.k_ring[:, :, slot : slot + 1], self.v_ring[:, :, slot : slot + 1])
+            else:
+                self._write_bodies(leaving - S, k_new, v_new)
+        if n < S:
+            self.k_sink[:, :, n : n + 1].copy_(k_new)
+            self.v_sink[:, :, n : n + 1].copy_(v_new)
+        elif R:
+            self.k_ring[:, :, n % R : n % R + 1].copy_(k_new)
+            self.v_ring[:, :, n % R : n % R + 1].copy_(v_new)
+        self.length.add_(1)
 
     def _commit(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
         """Store the ``T`` new tokens: sinks, ring, and quantize the ``T`` tokens that leave the window."""
         T, dev = k_new.shape[2], self.device
+        if T == 1 and not torch.compiler.is_compiling():
+            return self._commit_one(k_new, v_new)
         S, R, W = self.n_sinks, self.n_ring, self.window
         p0 = self.length
         # Tokens leaving the window: positions p0 - W + 1 + j, j < T; the first min(T, W - 1) come from the
@@ -402,8 +461,7 @@ class NQKVLayer(CacheLayerMixin):
         else:
             k_out, v_out = k_new, v_new
         index = torch.where(leaving >= S, leaving - S, self.capacity)  # not yet in the body: trash slot
-        self._write_body(self.k_body, self.k_fmt, index, k_out)
-        self._write_body(self.v_body, self.v_fmt, index, v_out)
+        self._write_bodies(index, k_out, v_out)
 
         pos = p0 + torch.arange(T, device=dev)
         n = min(T, S)
