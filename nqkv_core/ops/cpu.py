@@ -20,6 +20,14 @@ Eager CPU (the fast path):
   fp32 (the same split as torch's bf16 SDPA). Compared with fp32 attention over the dequantized
   cache the output differs by about 1e-3 relative -- far below the 4-bit quantization error.
 
+Decode (at most ``DECODE_MAX_ROWS`` query rows per KV head, blocks along head_dim):
+:func:`attention_decode` computes every score of a row (``rows * Tk`` fp32 per KV head, small next
+to the cache), takes one exact ``torch.softmax`` over ``[history | tail]`` and then the values,
+with the same chunked lookups and scale folding but no online-softmax bookkeeping. At one token per
+step most of the cost of the general loop was per-op overhead, not arithmetic. Matmuls over the
+history are bf16 (about twice as fast as fp32 from a few hundred tokens on; below that a bf16 call
+has a fixed cost of ~15 us); the tail, whose tokens are few, is multiplied in fp32.
+
 Under ``torch.compile`` the same chunk loop runs with a plain fp32 dequantization (shifts, masks,
 a codebook gather and the scales), which Inductor fuses and lowers to C++.
 
@@ -276,19 +284,21 @@ def attention_decode(
         if vc.stride(-1) != 1 or vc.stride(-2) % 2:
             vc = vc.contiguous()
         kc, vc = kc.reshape(bh, th, -1), vc.reshape(bh, th, -1)
-        # absmax as (BH, 1, nb, T) views: multiplying the bf16 partial products by the fp16/fp32
-        # scales promotes to fp32, with no converted copy of the scales
-        ka = ka.reshape(bh, th, nbk).transpose(1, 2)[:, None]
-        va = va.reshape(bh, th, nbv).transpose(1, 2)[:, None]
+        # absmax as fp32 (BH, 1, nb, T): one small copy; multiplying by strided fp16 scales per
+        # chunk instead is several times slower
+        ka = ka.reshape(bh, th, nbk).transpose(1, 2).float().contiguous()[:, None]
+        va = va.reshape(bh, th, nbv).transpose(1, 2).float().contiguous()[:, None]
         kbuf, vbuf = [None], [None]
         chunk = _chunk_size(bh, max(d, dv), 64)
         spans = [(c0, min(th, c0 + chunk)) for c0 in range(0, th, chunk)]
         qk = _block_rows(qf.to(COMPUTE_DTYPE), kblock)  # (BH, R * nbk, D)
         for c0, c1 in spans:
             lv = _decode_lut(kc[:, c0:c1], kcb, kbits, d, kbuf)
-            part = torch.bmm(qk, lv.transpose(1, 2)).view(bh, r, nbk, c1 - c0)
-            s = part * ka[..., c0:c1]  # unscaled partial scores times absmax, fp32
-            parts.append(s.sum(2) if nbk > 1 else s.reshape(bh, r, c1 - c0))
+            part = torch.bmm(qk, lv.transpose(1, 2)).view(bh, r, nbk, c1 - c0)  # unscaled, bf16
+            if nbk == 1:
+                parts.append((part * ka[..., c0:c1]).reshape(bh, r, c1 - c0))  # fp32 scores
+            else:  # sum over blocks of partial score times absmax
+                parts.append(part.float().mul_(ka[..., c0:c1]).sum(2))
     if k_tail is not None and k_tail.shape[2]:
         parts.append(torch.bmm(qf, k_tail.reshape(bh, -1, d).float().transpose(1, 2)))
     if not parts:  # no keys at all: every row attends to nothing
@@ -314,8 +324,8 @@ def attention_decode(
     o = None
     if th:
         # probabilities scaled per V block: (BH, R * nbv, T_hist), in the compute dtype
-        w = (p[:, :, None, :th] * va).to(COMPUTE_DTYPE, memory_format=torch.contiguous_format)
-        w = w.view(bh, r * nbv, th)
+        w = torch.empty(bh, r, nbv, th, dtype=COMPUTE_DTYPE, device=q.device)
+        w = torch.mul(p[:, :, None, :th], va, out=w).view(bh, r * nbv, th)  # fp32 product, stored bf16
         for c0, c1 in spans:
             oc = torch.bmm(w[:, :, c0:c1], _decode_lut(vc[:, c0:c1], vcb, vbits, dv, vbuf))
             o = oc.float() if o is None else o.add_(oc)
