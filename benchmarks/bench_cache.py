@@ -14,7 +14,7 @@ All caches are measured in one process on the same model:
 
 Usage:
 
-    python benchmarks/bench_cache.py [--quick] [--budget 1GiB] [--markdown out.md]
+    python benchmarks/bench_cache.py [--quick] [--budget 1GiB] [--threads 1] [--markdown out.md]
 """
 
 from __future__ import annotations
@@ -214,9 +214,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="decode steps per measurement")
     ap.add_argument("--no-recompute-above", type=int, default=4096,
                     help="skip the no-cache baseline above this context x batch / 8")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: multi-thread timings on a shared machine are noise)")
     ap.add_argument("--markdown", help="also write the tables to this file")
     args = ap.parse_args()
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    torch.set_num_threads(max(args.threads, 1))
     contexts = args.contexts or ([1024, 4096] if args.quick else [1024, 4096, 16384])
     steps = args.steps or (3 if args.quick else 8)
     budget = parse_bytes(args.budget)
