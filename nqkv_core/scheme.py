@@ -391,19 +391,23 @@ def uniform(bits: int, block: int = 64, sinks: int = 4, window: int = 32) -> KVS
     )
 
 
-def nqkv_preset(bits: int, sinks: int = 4, window: int = 32) -> KVScheme:
+def nqkv_preset(bits: int, sinks: int = 4, window: int = 32, rope_centre: bool = False) -> KVScheme:
     """The recommended NQKV scheme at ``bits`` bits (measurements in docs/quality.md).
 
-    Per-token blocks of 64 along head_dim with an fp16 absmax each. Keys: minus a frozen pre-RoPE
-    per-channel mean rotated to the key's position, then the random-sign Hadamard rotation. Values:
-    minus a frozen per-channel mean (4 and 3 bits), then the Hadamard rotation. Codebook: NF at 4
-    and 3 bits, the block-aware Lloyd-Max levels at 2 bits (NF2 loses by far there).
+    Per-token blocks of 64 along head_dim with an fp16 absmax each. Keys: minus a frozen per-channel
+    mean (softmax-invariant, so attention never adds it back), then the random-sign Hadamard
+    rotation. Values: minus a frozen per-channel mean (4 and 3 bits), then the Hadamard rotation.
+    Codebook: NF at 4 and 3 bits, the block-aware Lloyd-Max levels at 2 bits (NF2 loses by far).
+
+    ``rope_centre=True`` subtracts a pre-RoPE key mean rotated to each key's position instead (lower
+    error at 3 and 2 bits, see docs/quality.md); attention must then add a per-position key offset,
+    which ``NQKVCache`` does not do yet, so that variant is for evaluation only.
     """
     if bits not in (2, 3, 4, 8):
         raise ValueError(f"presets exist for 2, 3, 4 and 8 bits, got {bits}")
     quant: Quantizer = "lloyd" if bits == 2 else "nf"
     return KVScheme(
-        f"NQKV-{bits}", k_bits=bits, v_bits=bits, k_quant=quant, v_quant=quant,
-        k_centre=True, k_centre_rope=True, v_centre=bits != 2, k_rotate=True, v_rotate=True,
-        sinks=sinks, window=window,
+        f"NQKV-{bits}" + (" rope-centre" if rope_centre else ""), k_bits=bits, v_bits=bits,
+        k_quant=quant, v_quant=quant, k_centre=True, k_centre_rope=rope_centre, v_centre=bits != 2,
+        k_rotate=True, v_rotate=True, sinks=sinks, window=window,
     )
