@@ -1,0 +1,263 @@
+"""The main job: quality, memory and decode speed of full precision, NQKV and peers, in one run.
+
+``nqkv report`` (``make report``) evaluates, on one model and corpus (SmolLM2-135M-Instruct and
+WikiText-2 by default):
+
+* perplexity and greedy agreement of full precision, NQKV at 4/3/2 bits, the KIVI-style and
+  uniform int baselines and transformers' ``QuantizedCache`` (quanto) -- :mod:`nqkv_core.evaluate`;
+* bits per element (codes, scales and full-precision tokens), cache bytes at a context and the
+  largest context that fits a memory budget;
+* decode tokens/s of ``NQKVCache`` vs ``DynamicCache`` vs ``QuantizedCache`` at several contexts,
+  caches pre-filled with random post-RoPE K/V (speed does not depend on the values).
+
+It prints one table, writes ``report.json`` / ``report.md`` and two plots (memory vs context,
+tokens/s vs context) under ``--out``. ``--quick`` shortens everything to a few minutes.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from nqkv_core.scheme import FP_BITS, KVScheme, kivi, nqkv_preset, uniform
+
+GIB = 1 << 30
+
+
+def model_dims(model) -> tuple[int, int, int]:
+    """``(layers, kv_heads, head_dim)`` of a transformers decoder."""
+    c = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return c.num_hidden_layers, c.num_key_value_heads, head_dim
+
+
+def cache_bytes(bits_per_element: float, context: int, dims: tuple[int, int, int]) -> float:
+    """Bytes of K and V for ``context`` tokens at ``bits_per_element`` (batch 1)."""
+    layers, heads, head_dim = dims
+    return bits_per_element * context * 2 * layers * heads * head_dim / 8
+
+
+def max_context(scheme: KVScheme | None, budget: int, dims: tuple[int, int, int]) -> int:
+    """Largest context whose cache fits ``budget`` bytes (``None`` = fp16 ``DynamicCache``)."""
+    bits = (lambda n: float(FP_BITS)) if scheme is None else scheme.bits_per_element
+    lo, hi = 0, 1 << 26
+    while lo < hi:  # bits_per_element(n) * n grows with n: bisect
+        mid = (lo + hi + 1) // 2
+        if cache_bytes(bits(mid), mid, dims) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+# -- decode speed -------------------------------------------------------------------------------
+
+
+def filled_cache(kind: str, model, batch: int, context: int, scheme: KVScheme | None = None):
+    """A cache of ``kind`` (``"nqkv"``, ``"dynamic"``, ``"quanto"``) holding ``context`` random tokens."""
+    layers, heads, head_dim = model_dims(model)
+    if kind == "nqkv":
+        from nqkv_core.cache import NQKVCache
+
+        cache = NQKVCache(scheme, config=model.config)
+    elif kind == "dynamic":
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+    elif kind == "quanto":
+        cache = quanto_cache(model)
+    else:
+        raise ValueError(f"unknown cache kind {kind!r}")
+    g = torch.Generator().manual_seed(0)
+    for i in range(layers):
+        k = torch.randn(batch, heads, context, head_dim, generator=g)
+        v = torch.randn(batch, heads, context, head_dim, generator=g)
+        cache.append(k, v, i) if kind == "nqkv" else cache.update(k, v, i)
+    return cache
+
+
+def quanto_cache(model, bits: int = 4):
+    """transformers' ``QuantizedCache`` with the quanto backend (group 64, residual 128)."""
+    from transformers import QuantizedCache
+
+    return QuantizedCache(backend="quanto", config=model.config, nbits=bits, axis_key=0, axis_value=0,
+                          q_group_size=64, residual_length=128)
+
+
+@torch.no_grad()
+def decode_tokens_per_s(model, kind: str, batch: int, context: int, steps: int,
+                        scheme: KVScheme | None = None) -> float:
+    """Median tokens/s of single-token decode steps over a cache pre-filled with ``context`` tokens.
+
+    ``kind="none"`` is decoding without a cache: the whole sequence is recomputed for each token.
+    """
+    from nqkv_core.cache import ATTN_NAME
+
+    model.set_attn_implementation(ATTN_NAME if kind == "nqkv" else "sdpa")
+    tok = torch.full((batch, 1), 42, dtype=torch.long)
+    if kind == "none":
+        ids = torch.full((batch, context + 1), 42, dtype=torch.long)
+        step = lambda: model(ids, use_cache=False, logits_to_keep=1)  # noqa: E731
+    else:
+        cache = filled_cache(kind, model, batch, context, scheme)
+        step = lambda: model(tok, past_key_values=cache, use_cache=True)  # noqa: E731
+    times = []
+    for _ in range(steps + 1):  # the first step warms up
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    gc.collect()
+    return batch / statistics.median(times[1:])
+
+
+# -- the report ---------------------------------------------------------------------------------
+
+
+@dataclass
+class ReportRow:
+    method: str
+    bits: float
+    ppl: float
+    dppl_pct: float
+    agree: float | None
+    context_at_budget: int | None
+    context_x_fp16: float | None
+
+
+def report_schemes(bits: tuple[int, ...], sinks: int, window: int) -> list[KVScheme]:
+    """NQKV presets and the KIVI-style / uniform baselines with the same full-precision tokens."""
+    schemes: list[KVScheme] = []
+    for b in bits:
+        schemes.append(nqkv_preset(b, sinks=sinks, window=window))
+        schemes.append(kivi(b, sinks=sinks, window=window))
+    schemes.append(uniform(4, sinks=sinks, window=window))
+    return schemes
+
+
+def _plot(out: Path, dims, schemes: list[KVScheme], speed: dict[str, dict[int, float]], budget: int) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    ctx = [2**i for i in range(9, 18)]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(ctx, [cache_bytes(FP_BITS, n, dims) / GIB for n in ctx], "k-o", ms=3, label="fp16 (DynamicCache)")
+    for s in schemes:
+        if s.name.startswith("NQKV") or s.name.startswith("kivi"):
+            style = "-o" if s.name.startswith("NQKV") else "--"
+            ax.plot(ctx, [cache_bytes(s.bits_per_element(n), n, dims) / GIB for n in ctx], style, ms=3, label=s.name)
+    ax.axhline(budget / GIB, color="grey", lw=0.8, ls=":", label=f"budget {budget / GIB:g} GiB")
+    ax.set(xscale="log", yscale="log", xlabel="context (tokens, batch 1)", ylabel="KV cache (GiB)",
+           title="KV cache memory vs context")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out / "memory_vs_context.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    if speed:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, by_ctx in speed.items():
+            xs = sorted(by_ctx)
+            ax.plot(xs, [by_ctx[x] for x in xs], "-o", ms=3, label=name)
+        ax.set(xscale="log", xlabel="context (tokens)", ylabel="decode tokens/s (batch 1)",
+               title="Decode speed vs context")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(out / "tokens_per_s_vs_context.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths
+
+
+def run_report(
+    model_name: str,
+    text_file: str | None,
+    out: str | Path,
+    quick: bool = False,
+    budget: int = GIB,
+    bits: tuple[int, ...] = (4, 3, 2),
+    sinks: int = 4,
+    window: int = 32,
+    contexts: tuple[int, ...] | None = None,
+    speed_bits: int = 4,
+) -> str:
+    """Run the whole report; returns the Markdown it wrote to ``out/report.md``."""
+    from nqkv_core.cache import enable
+    from nqkv_core.evaluate import evaluate, register_attention
+    from nqkv_core.models import load_model, load_text, token_windows
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    n_windows, window_len = (2, 512) if quick else (8, 1024)
+    contexts = contexts or ((512, 2048) if quick else (1024, 4096, 16384))
+    steps = 3 if quick else 8
+
+    lm = load_model(model_name, attn_implementation=register_attention())
+    model, dims = lm.model, model_dims(lm.model)
+    text = load_text(text_file)
+    windows = token_windows(lm.tokenizer, text, window_len, n_windows)
+    prompt_len = 128 if quick else 256
+    prompts = token_windows(lm.tokenizer, text, prompt_len)
+    skip = n_windows * window_len // prompt_len + 1
+    prompts = prompts[skip : skip + (2 if quick else 8)]
+
+    schemes = report_schemes(bits, sinks, window)
+    quality = evaluate(model, windows, schemes, prompts=prompts, quanto_bits=(4,), desc="perplexity")
+
+    fp16_ctx = max_context(None, budget, dims)
+    by_name = {s.name: s for s in schemes}
+    rows = []
+    for r in quality:
+        s = by_name.get(r.method)
+        ctx = fp16_ctx if r.method == "full precision" else (max_context(s, budget, dims) if s else None)
+        rows.append(ReportRow(r.method + (f" ({r.note})" if r.note else ""), r.bits, r.ppl, r.dppl_pct,
+                              r.agree, ctx, ctx / fp16_ctx if ctx else None))
+
+    speed_scheme = nqkv_preset(speed_bits, sinks=sinks, window=window)
+    enable(model, scheme=speed_scheme)
+    kinds = {"DynamicCache (fp32)": "dynamic", f"NQKV-{speed_bits}": "nqkv", "QuantizedCache quanto int4": "quanto"}
+    speed: dict[str, dict[int, float]] = {name: {} for name in kinds}
+    with tqdm(total=len(kinds) * len(contexts), desc="decode speed", unit="run") as bar:
+        for ctx in contexts:
+            for name, kind in kinds.items():
+                bar.set_postfix_str(f"{name} @ {ctx}")
+                speed[name][ctx] = decode_tokens_per_s(model, kind, 1, ctx, steps, speed_scheme)
+                bar.update()
+
+    lines = [
+        f"Model `{lm.name}`; corpus {text_file or 'WikiText-2 raw test'}; {n_windows} windows of {window_len}"
+        f" tokens; {sinks} sink tokens and a {window}-token recent window in full precision for every"
+        f" quantized scheme; budget {budget / GIB:g} GiB; command `nqkv {' '.join(sys.argv[1:])}`.",
+        "",
+        "| method | bits/elem | PPL | ΔPPL % | greedy agree | max context at budget | x fp16 |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        agree = f"{100 * r.agree:.1f}%" if r.agree is not None else "-"
+        ctx = f"{r.context_at_budget:,}" if r.context_at_budget else "-"
+        x = f"{r.context_x_fp16:.2f}x" if r.context_x_fp16 else "-"
+        lines.append(f"| {r.method} | {r.bits:.3f} | {r.ppl:.3f} | {r.dppl_pct:+.2f} | {agree} | {ctx} | {x} |")
+    lines += ["", "Decode tokens/s, batch 1 (ratio to DynamicCache in brackets):", "",
+              "| context | " + " | ".join(kinds) + " |", "|---:|" + "---:|" * len(kinds)]
+    base = speed["DynamicCache (fp32)"]
+    for ctx in contexts:
+        cells = [f"{speed[n][ctx]:.2f} ({speed[n][ctx] / base[ctx]:.2f}x)" for n in kinds]
+        lines.append(f"| {ctx} | " + " | ".join(cells) + " |")
+    plots = _plot(out, dims, schemes, speed, budget)
+    lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
+    md = "\n".join(lines) + "\n"
+    (out / "report.md").write_text(md)
+    (out / "report.json").write_text(json.dumps(
+        {"rows": [asdict(r) for r in rows], "decode_tokens_per_s": speed, "quick": quick,
+         "model": lm.name, "budget_bytes": budget}, indent=1))
+    return md
