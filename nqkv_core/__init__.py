@@ -9,7 +9,11 @@ from nqkv_core.tensor import NQTensor
 import nqkv_core.ops  # noqa: E402,F401  (after NQTensor: the op table is filled on import)
 
 __all__ = [
+    "KVScheme",
+    "NQKVCache",
     "NQTensor",
+    "enable",
+    "nqkv_preset",
     "bits_per_element",
     "dequantize_blockwise",
     "get_codebook",
@@ -20,3 +24,16 @@ __all__ = [
     "unpack",
 ]
 __version__ = "0.1.0"
+
+from nqkv_core.scheme import KVScheme, nqkv_preset  # noqa: E402
+
+_NEEDS_TRANSFORMERS = {"NQKVCache", "enable"}
+
+
+def __getattr__(name: str):
+    # The cache needs transformers (the "eval" extra); import it only when asked for.
+    if name in _NEEDS_TRANSFORMERS:
+        from nqkv_core import cache
+
+        return getattr(cache, name)
+    raise AttributeError(f"module 'nqkv_core' has no attribute {name!r}")
