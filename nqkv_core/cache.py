@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 import nqkv_core.ops  # noqa: F401  (registers torch.ops.nqkv.attention)
-from nqkv_core.ops.attention import attention_eager
+from nqkv_core.ops.attention import attention_eager, skips_dispatcher
 from nqkv_core.codebook import get_codebook
 from nqkv_core.quantize import dequantize_blockwise, quantize_blockwise
 from nqkv_core.scheme import FP_BITS, KVScheme, KVTransform, fit_transform
@@ -117,7 +117,7 @@ def attend(
     if FUSED and k_fmt.quantized and v_fmt.quantized:
         # The fused op reads the packed codes in place (chunked decode on CPU, Triton on GPU); eager
         # calls skip the dispatcher, which costs about as much as the attention of a short cache.
-        op = torch.ops.nqkv.attention if torch.compiler.is_compiling() else attention_eager
+        op = attention_eager if skips_dispatcher(query, k_fp, v_fp) else torch.ops.nqkv.attention
         return op(
             query, *k_body, k_fmt.codebook, k_fmt.block, 3, *v_body, v_fmt.codebook, v_fmt.block, 3,
             k_fp.to(query.dtype), v_fp.to(query.dtype), mask, scale, False,
