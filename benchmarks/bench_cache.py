@@ -22,13 +22,13 @@ from __future__ import annotations
 import argparse
 import gc
 import resource
-import statistics
-import time
 
 import torch
 
 from nqkv_core.cache import NQKVCache, enable
 from nqkv_core.models import load_model, load_text, token_windows
+from nqkv_core.report import decode_tokens_per_s, filled_cache, quanto_cache
+from nqkv_core.report import model_dims as dims
 
 GIB = 1 << 30
 
@@ -60,38 +60,8 @@ def tensor_bytes(obj) -> int:
     return 0
 
 
-def dims(model):
-    c = model.config
-    return c.num_hidden_layers, c.num_key_value_heads, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-
-
-def quanto_cache(model):
-    from transformers import QuantizedCache
-
-    return QuantizedCache(backend="quanto", config=model.config, nbits=4, axis_key=0, axis_value=0,
-                          q_group_size=64, residual_length=128)
-
-
-def fill(kind: str, model, scheme, batch: int, ctx: int, dtype=torch.float32):
-    """A cache of ``kind`` holding ``ctx`` random tokens per layer."""
-    n_layers, h, d = dims(model)
-    if kind == "nqkv":
-        cache = NQKVCache(scheme, config=model.config)
-    elif kind == "dynamic":
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=model.config)
-    elif kind == "quanto":
-        cache = quanto_cache(model)
-    g = torch.Generator().manual_seed(0)
-    for i in range(n_layers):
-        k = torch.randn(batch, h, ctx, d, generator=g, dtype=dtype)
-        v = torch.randn(batch, h, ctx, d, generator=g, dtype=dtype)
-        if kind == "nqkv":
-            cache.append(k, v, i)
-        else:
-            cache.update(k, v, i)
-    return cache
+def fill(kind: str, model, scheme, batch: int, ctx: int):
+    return filled_cache(kind, model, batch, ctx, scheme)
 
 
 def layer_bytes(kind: str, cache) -> int:
@@ -119,25 +89,8 @@ def attend_kind(model, kind: str) -> None:
     model.set_attn_implementation("nqkv" if kind == "nqkv" else "sdpa")
 
 
-@torch.no_grad()
 def decode_tps(model, kind: str, scheme, batch: int, ctx: int, steps: int) -> float:
-    attend_kind(model, kind)
-    tok = torch.full((batch, 1), 42, dtype=torch.long)
-    if kind == "none":
-        ids = torch.full((batch, ctx + 1), 42, dtype=torch.long)
-        model(ids, use_cache=False, logits_to_keep=1)  # warm-up
-        t = time.perf_counter()
-        model(ids, use_cache=False, logits_to_keep=1)
-        return batch / (time.perf_counter() - t)
-    cache = fill(kind, model, scheme, batch, ctx)
-    times = []
-    for _ in range(steps + 1):
-        t = time.perf_counter()
-        model(tok, past_key_values=cache, use_cache=True)
-        times.append(time.perf_counter() - t)
-    del cache
-    gc.collect()
-    return batch / statistics.median(times[1:])
+    return decode_tokens_per_s(model, kind, batch, ctx, steps, scheme)
 
 
 def fits_budget(model, scheme, budget: int, batch_context: int) -> list[dict]:
