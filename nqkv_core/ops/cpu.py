@@ -53,6 +53,10 @@ SCORE_ELEMS = 1 << 22  # fp32 scores per (query block x key chunk) over all head
 FOLD_MAX_ROWS = 32  # query rows per KV head up to which scales are folded into small operands
 
 DECODE_MAX_ROWS = 16  # query rows per KV head (Tq * group) up to which the decode path is taken
+# Decode pads its last chunk of history to a multiple of this many tokens. A bf16 matmul of a shape
+# not seen before builds a new oneDNN kernel (about a millisecond); a cache that grows by one token
+# per step would otherwise pay that on every step and layer.
+DECODE_PAD_TOKENS = 64
 
 _TABLES: dict[tuple, tuple[Tensor, int, int]] = {}
 _ONEHOT: dict[tuple, Tensor] = {}
@@ -101,23 +105,31 @@ def _decode_table(codebook: Tensor, bits: int, wide: bool) -> tuple[Tensor, int,
     return out
 
 
-def _decode_lut(codes: Tensor, codebook: Tensor, bits: int, dim: int, buf: Optional[list] = None) -> Tensor:
-    """Packed codes (R, n, bytes) -> codebook levels (R, n, dim) in bfloat16, unscaled.
+def _decode_lut(
+    codes: Tensor, codebook: Tensor, bits: int, dim: int, buf: Optional[list] = None, n_out: int = 0
+) -> Tensor:
+    """Packed codes (R, n, bytes) -> codebook levels (R, max(n, n_out), dim) in bfloat16, unscaled.
 
     ``buf`` (a one-item list) keeps the index and output buffers between chunks: fresh multi-MB
-    allocations cost a page fault per 4 KiB on every chunk.
+    allocations cost a page fault per 4 KiB on every chunk. Rows past ``n`` (up to ``n_out``) hold
+    finite levels (of index 0), so a matmul over them with zero weights adds nothing.
     """
     r, n, nbytes = codes.shape
     wide = bits in (4, 8) and nbytes % 2 == 0
     table, index_bits, per = _decode_table(codebook, bits, wide)
-    lookups = r * n * (dim // per)
+    n_out = max(n, n_out)
+    lookups = r * n_out * (dim // per)
     if buf is None or buf[0] is None or buf[0][0].numel() < lookups:
         bufs = (torch.empty(lookups, dtype=torch.int32, device=codes.device), table.new_empty(lookups))
         if buf is not None:
             buf[0] = bufs
     else:
         bufs = buf[0]
-    idx, out = bufs[0][:lookups].view(r, n, dim // per), bufs[1][:lookups]
+    all_idx, out = bufs[0][:lookups], bufs[1][:lookups]
+    idx = all_idx.view(r, n_out, dim // per)
+    if n_out > n:
+        idx[:, n:].zero_()
+        idx = idx[:, :n]
     if bits == 3:
         low, high = codes.split([dim // 4, dim // 8], dim=-1)
         idx.copy_(torch.stack([high & 15, high >> 4], dim=-1).view(r, n, dim // 4))
@@ -126,8 +138,8 @@ def _decode_lut(codes: Tensor, codebook: Tensor, bits: int, dim: int, buf: Optio
         idx.copy_(codes.view(torch.uint16))
     else:
         idx.copy_(codes)
-    torch.index_select(table, 0, idx.view(-1), out=out)
-    return out.view(COMPUTE_DTYPE).view(r, n, dim)
+    torch.index_select(table, 0, all_idx, out=out)
+    return out.view(COMPUTE_DTYPE).view(r, n_out, dim)
 
 
 def _decode_plain(codes: Tensor, codebook: Tensor, bits: int, dim: int) -> Tensor:
@@ -291,10 +303,12 @@ def attention_decode(
         kbuf, vbuf = [None], [None]
         chunk = _chunk_size(bh, max(d, dv), 64)
         spans = [(c0, min(th, c0 + chunk)) for c0 in range(0, th, chunk)]
+        th_pad = -(-th // DECODE_PAD_TOKENS) * DECODE_PAD_TOKENS
         qk = _block_rows(qf.to(COMPUTE_DTYPE), kblock)  # (BH, R * nbk, D)
         for c0, c1 in spans:
-            lv = _decode_lut(kc[:, c0:c1], kcb, kbits, d, kbuf)
-            part = torch.bmm(qk, lv.transpose(1, 2)).view(bh, r, nbk, c1 - c0)  # unscaled, bf16
+            n_pad = min(chunk, th_pad - c0)  # matmul width: padded, so that shapes repeat
+            lv = _decode_lut(kc[:, c0:c1], kcb, kbits, d, kbuf, n_pad)
+            part = torch.bmm(qk, lv.transpose(1, 2))[..., : c1 - c0].view(bh, r, nbk, c1 - c0)  # unscaled
             if nbk == 1:
                 parts.append((part * ka[..., c0:c1]).reshape(bh, r, c1 - c0))  # fp32 scores
             else:  # sum over blocks of partial score times absmax
@@ -324,10 +338,13 @@ def attention_decode(
     o = None
     if th:
         # probabilities scaled per V block: (BH, R * nbv, T_hist), in the compute dtype
-        w = torch.empty(bh, r, nbv, th, dtype=COMPUTE_DTYPE, device=q.device)
-        w = torch.mul(p[:, :, None, :th], va, out=w).view(bh, r * nbv, th)  # fp32 product, stored bf16
+        w = torch.empty(bh, r, nbv, th_pad, dtype=COMPUTE_DTYPE, device=q.device)
+        w[..., th:].zero_()  # padding: zero weights
+        torch.mul(p[:, :, None, :th], va, out=w[..., :th])  # fp32 product, stored bf16
+        w = w.view(bh, r * nbv, th_pad)
         for c0, c1 in spans:
-            oc = torch.bmm(w[:, :, c0:c1], _decode_lut(vc[:, c0:c1], vcb, vbits, dv, vbuf))
+            n_pad = min(chunk, th_pad - c0)
+            oc = torch.bmm(w[:, :, c0 : c0 + n_pad], _decode_lut(vc[:, c0:c1], vcb, vbits, dv, vbuf, n_pad))
             o = oc.float() if o is None else o.add_(oc)
         if nbv > 1:  # keep block i of the row scaled for block i
             o = o.view(bh, r, nbv, nbv, vblock).diagonal(dim1=2, dim2=3).transpose(2, 3).reshape(bh, r, dv)
