@@ -98,9 +98,9 @@ def final_set(windows_fp: list[int]) -> list[KVScheme]:
     for b in (4, 3, 2):
         for w in windows_fp:
             w = max(2 * w, 64) if b == 2 else w
-            p = nqkv_preset(b).replace(window=w)
-            r = nqkv_preset(b, rope_centre=True).replace(window=w)
-            out += [p.replace(name=f"NQKV-{b} S4 W{w}"), r.replace(name=f"NQKV-{b} rope-centre S4 W{w}"),
+            r = nqkv_preset(b).replace(window=w)
+            p = nqkv_preset(b, rope_centre=False).replace(window=w)
+            out += [r.replace(name=f"NQKV-{b} S4 W{w}"), p.replace(name=f"NQKV-{b} plain-centre S4 W{w}"),
                     kivi(b, window=w)]
             if b > 2:  # uniform int2 per token diverges (PPL in the hundreds, see the explore table)
                 out.append(uniform(b, window=w))

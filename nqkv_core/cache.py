@@ -42,7 +42,7 @@ import nqkv_core.ops  # noqa: F401  (registers torch.ops.nqkv.attention)
 from nqkv_core.ops.attention import attention_eager, skips_dispatcher
 from nqkv_core.codebook import get_codebook
 from nqkv_core.quantize import dequantize_blockwise, quantize_blockwise
-from nqkv_core.scheme import FP_BITS, KVScheme, KVTransform, fit_transform
+from nqkv_core.scheme import FP_BITS, KVScheme, KVTransform, fit_transform, nqkv_preset, rope_inv_freq
 
 try:  # transformers is an optional dependency of the package; the cache needs it.
     import transformers
@@ -107,8 +107,9 @@ def attend(
             one-tuple with a plain ``(b, hkv, N, d)`` tensor for a 16-bit side).
         k_fmt, v_fmt: their storage formats.
         k_fp, v_fp: ``(b, hkv, M, d)`` full-precision keys/values (sinks, window, new tokens).
-        mask: boolean ``(b or 1, 1, T, N + M)``, True = attend; every row has at least one True.
-            None: every query attends to every key.
+        mask: boolean ``(b or 1, 1, T, N + M)``, True = attend, or an additive float mask
+            broadcastable to ``(b, hq, T, N + M)`` (``-inf`` = masked); every row attends to at least
+            one key. None: every query attends to every key.
         scale: softmax scale.
 
     Returns:
@@ -160,10 +161,6 @@ def side_format(scheme: KVScheme, side: str, device: torch.device | str = "cpu")
     bits, quant, block, axis = (getattr(scheme, f"{side}_{f}") for f in ("bits", "quant", "block", "axis"))
     if bits >= FP_BITS:
         return SideFormat(FP_BITS, 1, None)
-    if side == "k" and getattr(scheme, "k_centre_rope", False) and scheme.k_centre:
-        raise NotImplementedError(
-            "NQKVCache does not yet store RoPE-aware key centring (k_centre_rope); it is evaluation-only"
-        )
     if quant not in ("nf", "lloyd"):
         raise NotImplementedError(
             f"NQKVCache stores codebook schemes ('nf', 'lloyd'); {side}_quant={quant!r} is evaluation-only"
@@ -174,6 +171,51 @@ def side_format(scheme: KVScheme, side: str, device: torch.device | str = "cpu")
             " evaluation-only"
         )
     return SideFormat(bits, block, get_codebook(quant, bits, block, device=device))
+
+
+class RopeTable:
+    """RoPE angles per position, shared by all layers of a cache (for RoPE-aware key centring).
+
+    ``table`` is ``(positions, d)``: ``[cos | sin]`` of the ``d / 2`` angles ``p * inv_freq`` of each
+    position ``p`` (computed like :func:`~nqkv_core.scheme.apply_rope`), grown by doubling as the
+    sequence grows (or allocated once for ``max_cache_len``).
+    """
+
+    def __init__(self, inv_freq: torch.Tensor | None = None, max_len: int | None = None):
+        self.inv_freq = inv_freq
+        self.max_len = max_len
+        self.table: torch.Tensor | None = None
+
+    def ensure(self, n: int, device: torch.device) -> None:
+        """Make the table cover positions ``[0, n)`` on ``device`` (eager only: it may allocate)."""
+        if self.inv_freq is None:
+            raise ValueError("RoPE-aware key centring needs the model's RoPE frequencies (pass config=)")
+        t = self.table
+        if t is not None and t.shape[0] >= n and t.device == torch.device(device):
+            return
+        rows = max(n, 2 * t.shape[0] if t is not None else 64, self.max_len or 0)
+        inv_freq = self.inv_freq.float().to(device)
+        ang = torch.arange(rows, device=device).float()[:, None] * inv_freq[None, :]
+        self.table = torch.cat([ang.cos(), ang.sin()], dim=-1)
+
+
+def rope_key_bias(query: torch.Tensor, mu: torch.Tensor, table: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale * q . R(p) mu`` for every query row and every table position ``p``: ``(b, hq, T, P)``.
+
+    With rotate-half RoPE, ``q . R(p) mu = cos(p) . (q * mu) + sin(p) . (q * rotate_half(mu))`` and
+    ``cos(p)``/``sin(p)`` repeat one half twice, so the halves are summed first and the bias is one
+    ``(T, d) @ (d, P)`` product per head against ``[cos | sin]`` (``table``, ``(P, d)``).
+
+    Args:
+        query: ``(b, hq, T, d)`` post-RoPE queries in the original basis.
+        mu: ``(b, hq, 1, d)`` pre-RoPE key centre of each query head's kv head.
+    """
+    q = query.float()
+    h = q.shape[-1] // 2
+    q_lo, q_hi, mu_lo, mu_hi = q[..., :h], q[..., h:], mu[..., :h], mu[..., h:]
+    cos_part = q_lo * mu_lo + q_hi * mu_hi
+    sin_part = q_hi * mu_lo - q_lo * mu_hi
+    return torch.cat([cos_part, sin_part], dim=-1).mul_(scale) @ table.T
 
 
 class NQKVLayer(CacheLayerMixin):
@@ -187,13 +229,18 @@ class NQKVLayer(CacheLayerMixin):
     * ``k_sink`` / ``v_sink``: ``(b, h, S+1, d)``; ``k_ring`` / ``v_ring``: ``(b, h, R+1, d)``.
     * ``length``: int64 scalar tensor, tokens seen (a tensor so compiled steps do not recompile).
     * ``transform``: the frozen :class:`~nqkv_core.scheme.KVTransform` (None before the first step).
+
+    With a RoPE-aware key centre (``k_centre_rope``) the keys are stored minus ``R(p) mu`` at their
+    position ``p`` and attention adds ``q . R(p) mu`` to each score as an additive mask, from the
+    cos/sin table ``rope`` shared by the layers of a cache.
     """
 
     is_sliding = False
     is_croppable = True
     supports_early_init = True
 
-    def __init__(self, scheme: KVScheme, max_cache_len: int | None = None, crop_margin: int = 0):
+    def __init__(self, scheme: KVScheme, max_cache_len: int | None = None, crop_margin: int = 0,
+                 rope: RopeTable | None = None):
         super().__init__()
         if max_cache_len is not None and max_cache_len < 1:
             raise ValueError(f"max_cache_len must be positive or None, got {max_cache_len}")
@@ -208,6 +255,8 @@ class NQKVLayer(CacheLayerMixin):
         self.n_ring = self.window - 1 + crop_margin
         self.length = torch.tensor(0, dtype=torch.long)
         self.transform: KVTransform | None = None
+        self.rope_centred = scheme.k_centre and scheme.k_centre_rope
+        self.rope = rope if rope is not None else RopeTable(max_len=max_cache_len)
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self.handle = _Handle(self)
 
@@ -307,6 +356,8 @@ class NQKVLayer(CacheLayerMixin):
             )
         if not torch.compiler.is_compiling():
             self._grow(int(self.length) + key_states.shape[2])
+            if self.rope_centred and self.rope.inv_freq is not None:
+                self.rope.ensure(int(self.length) + key_states.shape[2], self.device)
         self._pending = (key_states, value_states)
         return self.handle, self.handle
 
@@ -324,11 +375,47 @@ class NQKVLayer(CacheLayerMixin):
         ])
         return torch.cat([body, sinks, ring]), valid
 
+    def _fit(self, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None, config: Any = None) -> KVTransform:
+        """Fit the frozen transform on the first tokens (with the RoPE frequencies for ``k_centre_rope``)."""
+        inv_freq = None
+        if self.rope_centred:
+            if self.rope.inv_freq is None:
+                if config is None:
+                    raise ValueError(
+                        "a RoPE-centred NQKV scheme needs the model's RoPE frequencies: create the cache"
+                        " with config=model.config"
+                    )
+                self.rope.inv_freq = rope_inv_freq(config, k.shape[-1])
+            inv_freq = self.rope.inv_freq.to(k.device)
+            self.rope.ensure(int(self.length) + k.shape[2], self.device)
+        return fit_transform(self.scheme, k, v, q, inv_freq)
+
+    def _key_bias(
+        self, query: torch.Tensor, positions: torch.Tensor, n: int | None, scaling: float
+    ) -> torch.Tensor:
+        """``scaling * q . R(p) mu`` of every query row for the slots at ``positions``: ``(b, hq, T, slots)``."""
+        b, hq, T, d = query.shape
+        mu = self.transform.mu_k.repeat_interleave(hq // self.num_heads, dim=1)
+        table = self.rope.table
+        if n is not None and b * hq * T < d:
+            # Few query rows (decode): the bias over positions [0, P) in order, then cut into the slot
+            # order [body | sinks | ring | new]; body and sinks are contiguous runs of positions, so
+            # only the short ring needs a gather (a gather over all slots costs as much as the bias).
+            S, n_body, n_ring = self.n_sinks, positions.shape[0] - self.n_sinks - self.n_ring - T, self.n_ring
+            P = max(S + n_body, n + T)
+            self.rope.ensure(P, self.device)
+            bias = rope_key_bias(query, mu, self.rope.table[:P], scaling)
+            ring = positions[S + n_body : S + n_body + n_ring].clamp(min=0)  # unused slots: masked
+            return torch.cat([bias[..., S : S + n_body], bias[..., :S], bias[..., ring], bias[..., n : n + T]], -1)
+        positions = positions.clamp(0, table.shape[0] - 1)  # unused slots: masked, any finite value
+        return rope_key_bias(query, mu, table.index_select(0, positions), scaling)
+
     def attention(
-        self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
+        self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float, config: Any = None
     ) -> torch.Tensor:
         """Attend ``query`` ``(b, hq, T, d)`` to the cache plus the parked tokens, then commit them.
 
+        ``config``: the model config (RoPE frequencies of a RoPE-centred scheme, if the cache has none).
         Returns ``(b, T, hq, d)`` in the query dtype.
         """
         if self._pending is None:
@@ -338,19 +425,24 @@ class NQKVLayer(CacheLayerMixin):
         b, hq, T, d = query.shape
         group = hq // self.num_heads
         if self.transform is None:
-            self.transform = fit_transform(self.scheme, k_new, v_new, query)
+            self.transform = self._fit(k_new, v_new, query, config)
         t = self.transform
-        q = t.queries(query, group).to(self.fp_dtype)
-        k_new, v_new = t.keys(k_new).to(self.fp_dtype), t.values(v_new).to(self.fp_dtype)
-
         p0 = self.length
         n = None if torch.compiler.is_compiling() else int(p0)
+        q = t.queries(query, group).to(self.fp_dtype)
+        k_new = t.keys(k_new, start=p0 if n is None else n).to(self.fp_dtype)
+        v_new = t.values(v_new).to(self.fp_dtype)
+
         # Compiled steps read the whole preallocated body (masked) so that shapes never change.
         n_body = self.capacity if n is None else min(self._body_capacity(n), self.capacity)
+        positions, valid = self._positions(p0, n_body, T)
         if n is not None and T == 1 and attention_mask is None and self._all_slots_valid(n):
             allowed = None  # one query that sees every stored slot: nothing to mask
         else:
-            allowed = self._allowed(p0, n_body, T, attention_mask)
+            allowed = self._allowed(p0, positions, valid, T, attention_mask)
+        if t.inv_freq is not None:  # RoPE-aware centre: the score offset q . R(p) mu, as an additive mask
+            bias = self._key_bias(query, positions, n, scaling)
+            allowed = bias if allowed is None else bias.masked_fill(~allowed, -math.inf)
         k_fp = torch.cat([self.k_sink[:, :, : self.n_sinks], self.k_ring[:, :, : self.n_ring], k_new], dim=2)
         v_fp = torch.cat([self.v_sink[:, :, : self.n_sinks], self.v_ring[:, :, : self.n_ring], v_new], dim=2)
         out = attend(
@@ -366,14 +458,19 @@ class NQKVLayer(CacheLayerMixin):
         true once sinks and ring are full, unless the ring keeps a crop margin (older, masked tokens)."""
         return self.n_ring == self.window - 1 and n >= self.n_sinks + self.n_ring
 
-    def _allowed(
-        self, p0: torch.Tensor, n_body: int, T: int, attention_mask: torch.Tensor | None
-    ) -> torch.Tensor:
-        """The boolean mask ``(b or 1, 1, T, slots + T)`` of the ``T`` new queries over the stored slots
-        and the new tokens."""
+    def _positions(self, p0: torch.Tensor, n_body: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions and validity of the stored slots followed by the ``T`` new tokens."""
         positions, valid = self._slot_positions(p0, n_body)
         positions = torch.cat([positions, p0 + torch.arange(T, device=self.device)])
         valid = torch.cat([valid, torch.ones(T, dtype=torch.bool, device=self.device)])
+        return positions, valid
+
+    def _allowed(
+        self, p0: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, T: int,
+        attention_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The boolean mask ``(b or 1, 1, T, slots + T)`` of the ``T`` new queries over the stored slots
+        and the new tokens (``positions``, ``valid``: from :meth:`_positions`)."""
         q_pos = p0 + torch.arange(T, device=self.device)
         if attention_mask is None:
             allowed = positions[None, :] <= q_pos[:, None]
@@ -396,9 +493,10 @@ class NQKVLayer(CacheLayerMixin):
         self.update(key_states, value_states)
         self._pending = None
         if self.transform is None:
-            self.transform = fit_transform(self.scheme, key_states, value_states, query_states)
+            self.transform = self._fit(key_states, value_states, query_states)
         t = self.transform
-        self._commit(t.keys(key_states).to(self.fp_dtype), t.values(value_states).to(self.fp_dtype))
+        start = self.length if torch.compiler.is_compiling() else int(self.length)
+        self._commit(t.keys(key_states, start=start).to(self.fp_dtype), t.values(value_states).to(self.fp_dtype))
 
     def _encode(self, x: torch.Tensor, fmt: SideFormat) -> tuple[torch.Tensor, ...]:
         if fmt.quantized:
@@ -573,7 +671,7 @@ class NQKVLayer(CacheLayerMixin):
             out[f"{side}_sink"] = getattr(self, f"{side}_sink")[:, :, : self.n_sinks]
             out[f"{side}_ring"] = getattr(self, f"{side}_ring")[:, :, : self.n_ring]
         if self.transform is not None:
-            for f in ("mu_k", "a_k", "rot_k", "mu_v", "b_v", "rot_v"):
+            for f in ("mu_k", "a_k", "rot_k", "mu_v", "b_v", "rot_v", "inv_freq"):
                 x = getattr(self.transform, f)
                 if x is not None:
                     out[f"t_{f}"] = x
@@ -595,8 +693,12 @@ class NQKVLayer(CacheLayerMixin):
                 x[:, :, :n_body].copy_(state[f"{side}_body{i}"])
             getattr(self, f"{side}_sink")[:, :, : self.n_sinks].copy_(state[f"{side}_sink"])
             getattr(self, f"{side}_ring")[:, :, : self.n_ring].copy_(state[f"{side}_ring"])
-        fields = {f: state.get(f"t_{f}") for f in ("mu_k", "a_k", "rot_k", "mu_v", "b_v", "rot_v")}
+        fields = {f: state.get(f"t_{f}") for f in ("mu_k", "a_k", "rot_k", "mu_v", "b_v", "rot_v", "inv_freq")}
         self.transform = KVTransform(**fields)
+        if self.transform.inv_freq is not None:
+            if self.rope.inv_freq is None:
+                self.rope.inv_freq = self.transform.inv_freq
+            self.rope.ensure(n, self.device)
         self.length.fill_(n)
 
     @property
@@ -665,19 +767,25 @@ class NQKVCache(Cache):
         max_cache_len: int | None = None,
         crop_margin: int = 0,
     ):
+        inv_freq = None
         if config is not None:
             check_supported(config)
             text = config.get_text_config() if hasattr(config, "get_text_config") else config
             num_layers = text.num_hidden_layers
+            if scheme.k_centre and scheme.k_centre_rope:
+                head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+                inv_freq = rope_inv_freq(text, head_dim)
         self.scheme = scheme
         self.max_cache_len = max_cache_len
         self.crop_margin = crop_margin
-        layers = [NQKVLayer(scheme, max_cache_len, crop_margin) for _ in range(num_layers or 0)]
+        # One table of RoPE cos/sin per position for all layers (used by RoPE-centred schemes only).
+        self.rope = RopeTable(inv_freq, max_cache_len)
+        layers = [NQKVLayer(scheme, max_cache_len, crop_margin, self.rope) for _ in range(num_layers or 0)]
         super().__init__(layers=layers)
 
     def _layer(self, layer_idx: int) -> NQKVLayer:
         while len(self.layers) <= layer_idx:
-            self.layers.append(NQKVLayer(self.scheme, self.max_cache_len, self.crop_margin))
+            self.layers.append(NQKVLayer(self.scheme, self.max_cache_len, self.crop_margin, self.rope))
         return self.layers[layer_idx]
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
@@ -742,7 +850,8 @@ class NQKVCache(Cache):
             if layer._pending is not None:
                 raise RuntimeError("cannot save an NQKVCache in the middle of a forward pass")
             for name, x in layer.state().items():
-                tensors[f"layer{i}.{name}"] = x.contiguous()
+                # clone: layers share the RoPE frequencies, and safetensors refuses shared storage
+                tensors[f"layer{i}.{name}"] = x.clone() if name == "t_inv_freq" else x.contiguous()
         meta = self._meta()
         meta["sha256"] = _digest(tensors, meta)
         save_file(tensors, str(path), metadata=meta)
@@ -841,7 +950,7 @@ def nqkv_attention(
         raise NotImplementedError(f"{type(module).__name__}: NQKV attention does not support sliding windows")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if isinstance(key, _Handle):
-        return key.layer.attention(query, attention_mask, scale), None
+        return key.layer.attention(query, attention_mask, scale, getattr(module, "config", None)), None
     T, tk = query.shape[2], key.shape[2]
     if attention_mask is None:
         mask = torch.ones(T, tk, dtype=torch.bool, device=query.device).tril(tk - T)
@@ -868,13 +977,17 @@ def register() -> str:
     return ATTN_NAME
 
 
-def default_scheme(bits: int = 4, head_dim: int = 64, sinks: int = 4, window: int = 32) -> KVScheme:
-    """NF codes per token in blocks along head_dim after a Hadamard rotation, 4 sinks, window 32."""
+def default_scheme(bits: int = 4, head_dim: int = 64, sinks: int = 4, window: int | None = None) -> KVScheme:
+    """The measured NQKV preset (:func:`~nqkv_core.scheme.nqkv_preset`, RoPE-aware key centre) fitted
+    to ``head_dim``: blocks of ``gcd(head_dim, 64)``, the Hadamard rotation for a power-of-two
+    head_dim only, ``sinks`` full-precision sink tokens and a window of 32 tokens (64 at 2 bits)."""
+    if window is None:
+        window = 32 if bits > 2 else 64
     block = math.gcd(head_dim, 64)
-    return KVScheme(
-        f"nf{bits} rot b{block} S{sinks} W{window}", k_bits=bits, v_bits=bits, k_block=block, v_block=block,
-        k_rotate=True, v_rotate=True, sinks=sinks, window=window,
-    )
+    rotate = head_dim & (head_dim - 1) == 0
+    preset = nqkv_preset(bits, sinks=sinks, window=window)
+    name = f"{preset.name} b{block}{'' if rotate else ' no-rot'} S{sinks} W{window}"
+    return preset.replace(name=name, k_block=block, v_block=block, k_rotate=rotate, v_rotate=rotate)
 
 
 @dataclass

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from nqkv_core.scheme import FP_BITS, KVScheme, KVTransform, fit_transform, roundtrip
+from nqkv_core.scheme import FP_BITS, KVScheme, KVTransform, fit_transform, rope_inv_freq, roundtrip  # noqa: F401
 
 ATTN_NAME = "nqkv_fakequant"
 
@@ -101,15 +101,6 @@ def fakequant_attention(
         )
     out = out.transpose(1, 2).contiguous()
     return out.to(query.dtype), None
-
-
-def rope_inv_freq(config, head_dim: int, device=None) -> torch.Tensor:
-    """Default-type RoPE inverse frequencies of a model config (for RoPE-aware key centring)."""
-    params = getattr(config, "rope_parameters", None) or {}
-    if params.get("rope_type", "default") != "default":
-        raise ValueError(f"RoPE-aware centring supports default RoPE only, got {params.get('rope_type')!r}")
-    theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-    return 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
 
 
 def register_attention() -> str:

@@ -57,8 +57,8 @@ class KVScheme:
         k_rotate, v_rotate: apply a fixed random-sign Hadamard rotation of head_dim.
         k_centre_rope: with ``k_centre``, measure the key mean *before* RoPE and subtract it rotated
             to each key's position, ``R(p) mu_pre`` (RoPE turns a constant pre-RoPE offset into a
-            position-dependent one). Not shift-invariant: the cache adds ``R(p) mu_pre`` back when
-            it dequantizes (a RoPE of one vector per key position).
+            position-dependent one). Not shift-invariant: attention adds ``q . R(p) mu_pre`` to the
+            score of the key at position ``p`` (``NQKVCache`` computes it from shared cos/sin tables).
         sinks: first tokens kept in full precision.
         window: for each query, keys/values fewer than ``window`` positions behind are exact.
         stats_tokens: tokens after the sinks on which ``mu`` / equalisation are measured.
@@ -147,14 +147,15 @@ class KVTransform:
     rot_v: torch.Tensor | None = None
     inv_freq: torch.Tensor | None = None  # set with a pre-RoPE mu_k: mu_k is then rotated per position
 
-    def key_centre(self, n: int, start: int = 0) -> torch.Tensor | None:
+    def key_centre(self, n: int, start: int | torch.Tensor = 0) -> torch.Tensor | None:
         """The centre subtracted from keys at positions ``[start, start + n)``."""
         if self.mu_k is None or self.inv_freq is None:
             return self.mu_k
-        pos = torch.arange(start, start + n, device=self.mu_k.device, dtype=torch.float32)
+        # ``start`` may be a 0-d tensor (a cache's length), so that traced steps do not specialise on it.
+        pos = torch.arange(n, device=self.mu_k.device) + start
         return apply_rope(self.mu_k, pos, self.inv_freq)
 
-    def keys(self, k: torch.Tensor, start: int = 0) -> torch.Tensor:
+    def keys(self, k: torch.Tensor, start: int | torch.Tensor = 0) -> torch.Tensor:
         """Keys as stored before quantization: ``((k - mu_k) * a_k) @ rot_k`` (positions from ``start``)."""
         k = k.float()
         if self.mu_k is not None:
@@ -223,6 +224,15 @@ def apply_rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, inver
     ang = pos.float()[:, None] * inv_freq.float()[None, :]
     cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)
     return x * cos - rotate_half(x) * sin if inverse else x * cos + rotate_half(x) * sin
+
+
+def rope_inv_freq(config, head_dim: int, device=None) -> torch.Tensor:
+    """Default-type RoPE inverse frequencies ``(head_dim / 2,)`` of a model config (for RoPE-aware key centring)."""
+    params = getattr(config, "rope_parameters", None) or {}
+    if params.get("rope_type", "default") != "default":
+        raise ValueError(f"RoPE-aware centring supports default RoPE only, got {params.get('rope_type')!r}")
+    theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    return 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
 
 
 def _stats_slice(x: torch.Tensor, scheme: KVScheme) -> torch.Tensor:
@@ -391,23 +401,25 @@ def uniform(bits: int, block: int = 64, sinks: int = 4, window: int = 32) -> KVS
     )
 
 
-def nqkv_preset(bits: int, sinks: int = 4, window: int = 32, rope_centre: bool = False) -> KVScheme:
+def nqkv_preset(bits: int, sinks: int = 4, window: int = 32, rope_centre: bool = True) -> KVScheme:
     """The recommended NQKV scheme at ``bits`` bits (measurements in docs/quality.md).
 
-    Per-token blocks of 64 along head_dim with an fp16 absmax each. Keys: minus a frozen per-channel
-    mean (softmax-invariant, so attention never adds it back), then the random-sign Hadamard
-    rotation. Values: minus a frozen per-channel mean (4 and 3 bits), then the Hadamard rotation.
-    Codebook: NF at 4 and 3 bits, the block-aware Lloyd-Max levels at 2 bits (NF2 loses by far).
+    Per-token blocks of 64 along head_dim with an fp16 absmax each. Keys: minus a frozen pre-RoPE
+    per-channel mean rotated to each key's position, ``R(p) mu`` (RoPE turns a constant offset into a
+    position-dependent one), then the random-sign Hadamard rotation; attention adds the score
+    offset ``q . R(p) mu`` back (``NQKVCache`` does, from cos/sin tables shared by all layers).
+    Values: minus a frozen per-channel mean (4 and 3 bits), then the Hadamard rotation. Codebook:
+    NF at 4 and 3 bits, the block-aware Lloyd-Max levels at 2 bits (NF2 loses by far).
 
-    ``rope_centre=True`` subtracts a pre-RoPE key mean rotated to each key's position instead (lower
-    error at 3 and 2 bits, see docs/quality.md); attention must then add a per-position key offset,
-    which ``NQKVCache`` does not do yet, so that variant is for evaluation only.
+    ``rope_centre=False`` subtracts a plain post-RoPE key mean instead: softmax-invariant, so no
+    score offset is needed (a little faster to decode), at a higher perplexity cost
+    (docs/quality.md).
     """
     if bits not in (2, 3, 4, 8):
         raise ValueError(f"presets exist for 2, 3, 4 and 8 bits, got {bits}")
     quant: Quantizer = "lloyd" if bits == 2 else "nf"
     return KVScheme(
-        f"NQKV-{bits}" + (" rope-centre" if rope_centre else ""), k_bits=bits, v_bits=bits,
+        f"NQKV-{bits}" + ("" if rope_centre else " plain-centre"), k_bits=bits, v_bits=bits,
         k_quant=quant, v_quant=quant, k_centre=True, k_centre_rope=rope_centre, v_centre=bits != 2,
         k_rotate=True, v_rotate=True, sinks=sinks, window=window,
     )

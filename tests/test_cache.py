@@ -49,6 +49,11 @@ SCHEMES = {
     "nf3-plain": KVScheme("b", k_bits=3, v_bits=3, k_block=16, v_block=16, sinks=1, window=3),
     "lloyd2-k16-qk": KVScheme("c", k_bits=16, v_bits=2, v_quant="lloyd", v_block=8, k_equalize="qk",
                               k_rotate=True, sinks=0, window=1),
+    # RoPE-aware key centre: attention adds q . R(p) mu to every score
+    "nf4-rope-centre": KVScheme("d", k_block=16, v_block=16, k_rotate=True, v_rotate=True, k_centre=True,
+                                k_centre_rope=True, v_centre=True, sinks=2, window=4),
+    "nf3-rope-centre-qk": KVScheme("e", k_bits=3, v_bits=3, k_block=8, v_block=16, k_centre=True,
+                                   k_centre_rope=True, k_equalize="qk", sinks=1, window=3),
 }
 
 
@@ -81,7 +86,7 @@ def test_generate_matches_fake_quantization(name, reference_attention):
     assert (ref_logits - fp_logits).abs().max() > 1e-2  # the quantized body really is read
 
 
-@pytest.mark.parametrize("name", ["nf3-plain", "nf4-rot-centre"])
+@pytest.mark.parametrize("name", ["nf3-plain", "nf4-rot-centre", "nf4-rope-centre", "nf3-rope-centre-qk"])
 def test_fused_op_matches_fake_quantization(name):
     model, scheme = tiny_model(), SCHEMES[name]
     ids = torch.randint(1, 96, (2, scheme.window), generator=torch.Generator().manual_seed(1))
@@ -97,6 +102,62 @@ def assert_matches_reference(logits, ref_logits, fp_logits):
     quant_effect = (ref_logits - fp_logits).abs().max()
     assert quant_effect > 1e-2  # the quantized body really is read
     assert (logits - ref_logits).abs().max() < 0.5 * quant_effect
+
+
+def test_default_scheme_is_rope_centred_and_matches_reference(reference_attention):
+    model = tiny_model()
+    nq = enable(model, bits=4)
+    scheme = nq.scheme
+    assert scheme.k_centre and scheme.k_centre_rope and scheme.k_rotate and scheme.k_block == 16
+    assert (scheme.sinks, scheme.window) == (4, 32)
+    assert nqkv_cache.default_scheme(2, 64).window == 64
+    assert not nqkv_cache.default_scheme(4, 96).k_rotate and nqkv_cache.default_scheme(4, 96).k_block == 32
+    scheme = scheme.replace(window=4)  # so that 20 new tokens reach the quantized body
+    g = torch.Generator().manual_seed(10)
+    ids = torch.randint(1, 96, (2, 6), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    nq = enable(model, scheme=scheme)
+    seq, logits = generate(model, ids, cache=nq.generate_kwargs(), mask=mask)
+    # without config the cache takes the RoPE frequencies from the attention module's config
+    seq2, logits2 = generate(model, ids, cache={"past_key_values": NQKVCache(scheme, num_layers=2)}, mask=mask)
+    stat = nq.new_cache(max_cache_len=ids.shape[1] + NEW)
+    seq3, logits3 = generate(model, ids, cache={"past_key_values": stat}, mask=mask)
+    ref_seq, ref_logits = generate(model, ids, scheme, mask=mask)
+    _, fp_logits = generate(model, ids, None, mask=mask)
+    for s, x in ((seq, logits), (seq2, logits2), (seq3, logits3)):
+        torch.testing.assert_close(x, ref_logits, rtol=0, atol=2e-4)
+        assert torch.equal(s, ref_seq)
+    assert (ref_logits - fp_logits).abs().max() > 1e-2
+
+
+def test_rope_centred_save_load_and_append(tmp_path, reference_attention):
+    model, scheme = tiny_model(), SCHEMES["nf4-rope-centre"]
+    ids = torch.randint(1, 96, (1, 16), generator=torch.Generator().manual_seed(11))
+    nq = enable(model, scheme=scheme)
+    cache = nq.new_cache()
+    model(ids[:, :12], past_key_values=cache, use_cache=True)
+    cache.save(tmp_path / "p.safetensors")
+    loaded = NQKVCache.load(tmp_path / "p.safetensors", scheme, config=model.config)
+    x = model(ids[:, 12:], past_key_values=cache, use_cache=True).logits
+    y = model(ids[:, 12:], past_key_values=loaded, use_cache=True).logits
+    assert torch.equal(x, y)
+    for layer in loaded.layers:
+        assert layer.transform.inv_freq is not None and int(layer.length) == 16
+    with pytest.raises(ValueError, match="config"):
+        NQKVCache(scheme, num_layers=1).append(torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16), 0)
+    # appending in two parts stores each key minus R(p) mu at its own position p: the same as one
+    # append of all tokens under the same frozen transform
+    k, v = torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16)
+    appended = NQKVCache(scheme, config=model.config)
+    appended.append(k[:, :, :5], v[:, :, :5], 0)
+    appended.append(k[:, :, 5:], v[:, :, 5:], 0)
+    whole = NQKVCache(scheme, config=model.config)
+    whole.layers[0].transform = appended.layers[0].transform
+    whole.append(k, v, 0)
+    for name, a in appended.layers[0].state().items():
+        torch.testing.assert_close(a, whole.layers[0].state()[name], rtol=0, atol=1e-6, msg=name)
 
 
 def test_static_cache_matches_dynamic_and_bytes_are_exact(reference_attention):
@@ -249,8 +310,9 @@ def test_save_load_round_trip_and_rejects_bad_files(tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_decode_step_has_no_graph_break():
-    model, scheme = tiny_model(), SCHEMES["nf4-rot-centre"]
+@pytest.mark.parametrize("name", ["nf4-rot-centre", "nf4-rope-centre"])
+def test_compiled_decode_step_has_no_graph_break(name):
+    model, scheme = tiny_model(), SCHEMES[name]
     ids = torch.randint(1, 96, (2, 6), generator=torch.Generator().manual_seed(9))
     nq = enable(model, scheme=scheme, max_cache_len=32)
     eager, compiled_cache = nq.new_cache(), nq.new_cache()
