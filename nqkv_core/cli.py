@@ -118,10 +118,9 @@ def add_analyze(sub) -> None:
 def cmd_demo(args) -> None:
     from nqkv_core.analysis import capture_kv
     from nqkv_core.codebook import get_codebook
-    from nqkv_core.scheme import rope_inv_freq
     from nqkv_core.models import load_model, load_text, token_windows
     from nqkv_core.quantize import quantize_blockwise
-    from nqkv_core.scheme import fit_transform, nqkv_preset, roundtrip
+    from nqkv_core.scheme import fit_transform, nqkv_preset, rope_inv_freq, roundtrip
 
     lm = load_model(args.model)
     ids = token_windows(lm.tokenizer, load_text(args.text_file), args.window_len, 1)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from nqkv_core.scheme import FP_BITS, KVScheme, KVTransform, fit_transform, rope_inv_freq, roundtrip  # noqa: F401
+from nqkv_core.scheme import FP_BITS, KVScheme, KVTransform, fit_transform, rope_inv_freq, roundtrip
 
 ATTN_NAME = "nqkv_fakequant"
 
