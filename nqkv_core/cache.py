@@ -396,18 +396,20 @@ class NQKVLayer(CacheLayerMixin):
         """``scaling * q . R(p) mu`` of every query row for the slots at ``positions``: ``(b, hq, T, slots)``."""
         b, hq, T, d = query.shape
         mu = self.transform.mu_k.repeat_interleave(hq // self.num_heads, dim=1)
-        table = self.rope.table
-        if n is not None and b * hq * T < d:
-            # Few query rows (decode): the bias over positions [0, P) in order, then cut into the slot
-            # order [body | sinks | ring | new]; body and sinks are contiguous runs of positions, so
-            # only the short ring needs a gather (a gather over all slots costs as much as the bias).
+        if n is not None:
+            # Eager: the bias over positions [0, P) in order, then cut into the slot order
+            # [body | sinks | ring | new]; body and sinks are contiguous runs of positions, so only the
+            # short ring needs a gather (gathering table rows for every slot costs as much as the bias).
             S, n_body, n_ring = self.n_sinks, positions.shape[0] - self.n_sinks - self.n_ring - T, self.n_ring
             P = max(S + n_body, n + T)
             self.rope.ensure(P, self.device)
             bias = rope_key_bias(query, mu, self.rope.table[:P], scaling)
             ring = positions[S + n_body : S + n_body + n_ring].clamp(min=0)  # unused slots: masked
             return torch.cat([bias[..., S : S + n_body], bias[..., :S], bias[..., ring], bias[..., n : n + T]], -1)
-        positions = positions.clamp(0, table.shape[0] - 1)  # unused slots: masked, any finite value
+        # Compiled: the slot positions are data; every slot's table row is gathered (unused slots are
+        # masked, any finite row will do).
+        table = self.rope.table
+        positions = positions.clamp(0, table.shape[0] - 1)
         return rope_key_bias(query, mu, table.index_select(0, positions), scaling)
 
     def attention(
