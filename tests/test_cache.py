@@ -325,6 +325,7 @@ def test_compiled_decode_step_has_no_graph_break(name):
 
         compiled = torch.compile(step, fullgraph=True)
         torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()  # count this test's graphs only
         with torch._dynamo.config.patch(error_on_recompile=False):
             for i in range(12):  # crosses the window: tokens get quantized inside the graph
                 a = step(nxt, eager)

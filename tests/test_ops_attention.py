@@ -128,6 +128,11 @@ def test_opcheck():
     mask = torch.rand(2, 67) > 0.3
     torch.library.opcheck(torch.ops.nqkv.attention.default, op_args(q, K, V, kt, vt, mask=mask, is_causal=True))
     torch.library.opcheck(torch.ops.nqkv.attention.default, op_args(q, K, V))
+    # the opaque CPU decode op that compiled graphs call (its fake implementation, schema, autograd)
+    args = op_args(q, K, V, kt, vt, mask=mask, is_causal=True)
+    args = args[:13] + (args[13], q.shape[-1] ** -0.5, True)
+    torch.library.opcheck(torch.ops.nqkv.attention_cpu_decode.default, args)
+    torch.testing.assert_close(torch.ops.nqkv.attention_cpu_decode(*args), torch.ops.nqkv.attention(*args))
 
 
 # -- F.scaled_dot_product_attention ------------------------------------------------------------------

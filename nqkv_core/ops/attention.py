@@ -207,15 +207,43 @@ def attention_eager(
                     q, *k, *v, k_tail, v_tail, attn_mask, scale, is_causal
                 )
             return triton_prefill.flash_prefill(q, *k, *v, k_tail, v_tail, attn_mask, scale, is_causal)
-    plain = torch.compiler.is_compiling()
-    if not plain and cpu.decode_fits(q, k, v, k_tail):
+    if cpu.decode_fits(q, k, v, k_tail):
+        if torch.compiler.is_compiling():  # an opaque call: see attention_cpu_decode
+            return torch.ops.nqkv.attention_cpu_decode(q, *k, *v, k_tail, v_tail, attn_mask, scale, is_causal)
         return cpu.attention_decode(q, k, v, k_tail, v_tail, attn_mask, scale, is_causal)
+    plain = torch.compiler.is_compiling()
     return cpu.attention_chunked(q, k, v, k_tail, v_tail, attn_mask, scale, is_causal, plain=plain)
 
 
 # The op, registered from the same function. Eager callers may call ``attention_eager`` directly
 # where :func:`skips_dispatcher` allows: same result, without the dispatcher's ~0.1 ms per call.
 attention = torch.library.triton_op("nqkv::attention", mutates_args=())(attention_eager)
+
+
+@torch.library.custom_op("nqkv::attention_cpu_decode", mutates_args=())
+def attention_cpu_decode(
+    q: Tensor, k_codes: Tensor, k_absmax: Tensor, k_codebook: Tensor, k_block: int, k_axis: int,
+    v_codes: Tensor, v_absmax: Tensor, v_codebook: Tensor, v_block: int, v_axis: int,
+    k_tail: Optional[Tensor], v_tail: Optional[Tensor], attn_mask: Optional[Tensor], scale: float,
+    is_causal: bool,
+) -> Tensor:
+    """The CPU decode path (:func:`nqkv_core.ops.cpu.attention_decode`) as an op opaque to compilers.
+
+    Compiled CPU graphs call this for decode-sized queries instead of tracing the chunk loop: Inductor
+    lowers that decoding to fp32 loops with a codebook gather per element, slower than the bf16 table
+    lookups and matmuls of the eager path (``benchmarks/bench_compiled_decode.py``, docs/benchmarks.md).
+    Arguments as :func:`attention_eager`, already checked.
+    """
+    k = (k_codes, k_absmax, k_codebook, k_block, k_axis)
+    v = (v_codes, v_absmax, v_codebook, v_block, v_axis)
+    return cpu.attention_decode(q, k, v, k_tail, v_tail, attn_mask, scale, is_causal)
+
+
+@attention_cpu_decode.register_fake
+def _(q, k_codes, k_absmax, k_codebook, k_block, k_axis, v_codes, v_absmax, v_codebook, v_block, v_axis,
+      k_tail, v_tail, attn_mask, scale, is_causal):
+    dv = v_codes.shape[3] * 8 // (int(v_codebook.shape[0]).bit_length() - 1)
+    return q.new_empty(q.shape[0], q.shape[1], q.shape[2], dv)
 
 
 def skips_dispatcher(*tensors: Optional[Tensor]) -> bool:
