@@ -393,24 +393,24 @@ class NQKVLayer(CacheLayerMixin):
     def _key_bias(
         self, query: torch.Tensor, positions: torch.Tensor, n: int | None, scaling: float
     ) -> torch.Tensor:
-        """``scaling * q . R(p) mu`` of every query row for the slots at ``positions``: ``(b, hq, T, slots)``."""
+        """``scaling * q . R(p) mu`` of every query row for the slots at ``positions``: ``(b, hq, T, slots)``.
+
+        The bias is computed for positions ``[0, P)`` in order and cut into the slot order
+        ``[body | sinks | ring | new]``: body and sinks are contiguous runs of positions, so only the
+        ring and the new tokens are gathered (gathering a table row per slot costs as much as the bias).
+        """
         b, hq, T, d = query.shape
         mu = self.transform.mu_k.repeat_interleave(hq // self.num_heads, dim=1)
-        if n is not None:
-            # Eager: the bias over positions [0, P) in order, then cut into the slot order
-            # [body | sinks | ring | new]; body and sinks are contiguous runs of positions, so only the
-            # short ring needs a gather (gathering table rows for every slot costs as much as the bias).
-            S, n_body, n_ring = self.n_sinks, positions.shape[0] - self.n_sinks - self.n_ring - T, self.n_ring
+        S = self.n_sinks
+        n_body = positions.shape[0] - S - self.n_ring - T
+        if n is None:  # compiled: static shapes; the table was sized for max_cache_len eagerly
+            P = self.rope.table.shape[0]
+        else:
             P = max(S + n_body, n + T)
             self.rope.ensure(P, self.device)
-            bias = rope_key_bias(query, mu, self.rope.table[:P], scaling)
-            ring = positions[S + n_body : S + n_body + n_ring].clamp(min=0)  # unused slots: masked
-            return torch.cat([bias[..., S : S + n_body], bias[..., :S], bias[..., ring], bias[..., n : n + T]], -1)
-        # Compiled: the slot positions are data; every slot's table row is gathered (unused slots are
-        # masked, any finite row will do).
-        table = self.rope.table
-        positions = positions.clamp(0, table.shape[0] - 1)
-        return rope_key_bias(query, mu, table.index_select(0, positions), scaling)
+        bias = rope_key_bias(query, mu, self.rope.table[:P], scaling)
+        tail = positions[n_body + S :].clamp(0, P - 1)  # ring (unused slots are masked) and new tokens
+        return torch.cat([bias[..., S : S + n_body], bias[..., :S], bias.index_select(-1, tail)], dim=-1)
 
     def attention(
         self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float, config: Any = None
@@ -432,6 +432,10 @@ class NQKVLayer(CacheLayerMixin):
         p0 = self.length
         n = None if torch.compiler.is_compiling() else int(p0)
         q = t.queries(query, group).to(self.fp_dtype)
+        # With a RoPE-aware centre, the first tokens of an empty cache (a prompt) attend only to each
+        # other, all exact: they are scored uncentred, which needs no (T, T) score offset.
+        fresh = n == 0 and t.inv_freq is not None
+        k_attend = t.keys(k_new, centre=False).to(self.fp_dtype) if fresh else None
         k_new = t.keys(k_new, start=p0 if n is None else n).to(self.fp_dtype)
         v_new = t.values(v_new).to(self.fp_dtype)
 
@@ -442,10 +446,11 @@ class NQKVLayer(CacheLayerMixin):
             allowed = None  # one query that sees every stored slot: nothing to mask
         else:
             allowed = self._allowed(p0, positions, valid, T, attention_mask)
-        if t.inv_freq is not None:  # RoPE-aware centre: the score offset q . R(p) mu, as an additive mask
+        if t.inv_freq is not None and not fresh:  # RoPE-aware centre: the score offset q . R(p) mu
             bias = self._key_bias(query, positions, n, scaling)
             allowed = bias if allowed is None else bias.masked_fill(~allowed, -math.inf)
-        k_fp = torch.cat([self.k_sink[:, :, : self.n_sinks], self.k_ring[:, :, : self.n_ring], k_new], dim=2)
+        k_fp = torch.cat([self.k_sink[:, :, : self.n_sinks], self.k_ring[:, :, : self.n_ring],
+                          k_new if k_attend is None else k_attend], dim=2)
         v_fp = torch.cat([self.v_sink[:, :, : self.n_sinks], self.v_ring[:, :, : self.n_ring], v_new], dim=2)
         out = attend(
             q, tuple(x[:, :, :n_body] for x in self.k_body), tuple(x[:, :, :n_body] for x in self.v_body),

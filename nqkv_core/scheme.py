@@ -155,10 +155,13 @@ class KVTransform:
         pos = torch.arange(n, device=self.mu_k.device) + start
         return apply_rope(self.mu_k, pos, self.inv_freq)
 
-    def keys(self, k: torch.Tensor, start: int | torch.Tensor = 0) -> torch.Tensor:
-        """Keys as stored before quantization: ``((k - mu_k) * a_k) @ rot_k`` (positions from ``start``)."""
+    def keys(self, k: torch.Tensor, start: int | torch.Tensor = 0, centre: bool = True) -> torch.Tensor:
+        """Keys as stored before quantization: ``((k - mu_k) * a_k) @ rot_k`` (positions from ``start``).
+
+        ``centre=False`` leaves ``mu_k`` in: ``(k * a_k) @ rot_k``, scored exactly by :meth:`queries`.
+        """
         k = k.float()
-        if self.mu_k is not None:
+        if self.mu_k is not None and centre:
             k = k - self.key_centre(k.shape[-2], start)
         if self.a_k is not None:
             k = k * self.a_k
