@@ -115,6 +115,11 @@ def attend(
     Returns:
         ``(b, hq, T, d)`` in ``query.dtype``.
     """
+    if k_body[0].shape[2] == 0:
+        # Nothing quantized yet (a prompt on an empty cache): torch's own fused SDPA over the exact
+        # tokens; the op's chunked path would only add its bookkeeping.
+        return F.scaled_dot_product_attention(query, k_fp.to(query.dtype), v_fp.to(query.dtype), attn_mask=mask,
+                                              scale=scale, enable_gqa=True)
     if FUSED and k_fmt.quantized and v_fmt.quantized:
         # The fused op reads the packed codes in place (chunked decode on CPU, Triton on GPU); eager
         # calls skip the dispatcher, which costs about as much as the attention of a short cache.
