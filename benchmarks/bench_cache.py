@@ -7,8 +7,9 @@ All caches are measured in one process on the same model:
 * the largest context (batch 1) and the largest batch (at --batch-context) that fit --budget,
   found from the per-token bytes and then checked by actually allocating that cache (peak RSS kept);
 * decode tokens/s at each context for batch 1 and 8; the caches are filled with random post-RoPE
-  K/V (speed does not depend on the values) and then decode real model steps; "no cache" recomputes
-  the whole sequence for each token;
+  K/V (speed does not depend on the values) and then decode real model steps (median of --steps);
+  each figure is the median of --rounds rounds that measure every cache in turn; "no cache"
+  recomputes the whole sequence for each token (one round);
 * greedy agreement of the first 32 new tokens with full precision, on WikiText-2 prompts;
 * memory growth of a growing NQKV cache up to --growth tokens.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import gc
 import resource
+import statistics
 
 import torch
 
@@ -166,6 +168,7 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, nargs="*", help="decode contexts (default 1024 4096 16384)")
     ap.add_argument("--batches", type=int, nargs="*", default=[1, 8], help="decode batch sizes")
     ap.add_argument("--steps", type=int, default=None, help="decode steps per measurement")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per decode figure (median)")
     ap.add_argument("--no-recompute-above", type=int, default=4096,
                     help="skip the no-cache baseline above this context x batch / 8")
     ap.add_argument("--threads", type=int, default=1,
@@ -207,10 +210,17 @@ def main() -> None:
               "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for ctx in contexts:
         for b in args.batches:
-            tps = {k: decode_tps(model, k, scheme, b, ctx, steps) for k in ("nqkv", "dynamic", "quanto")}
-            tps["plain"] = decode_tps(model, "nqkv", plain, b, ctx, steps)
+            runs = {"nqkv": ("nqkv", scheme), "plain": ("nqkv", plain), "dynamic": ("dynamic", scheme),
+                    "quanto": ("quanto", scheme)}
             if ctx * b <= args.no_recompute_above * 2:
-                tps["none"] = decode_tps(model, "none", scheme, b, ctx, steps)
+                runs["none"] = ("none", scheme)
+            # every cache once per round, rounds interleaved: slow drifts of a shared machine hit all alike
+            samples = {name: [] for name in runs}
+            for _ in range(args.rounds):
+                for name, (kind, s) in runs.items():
+                    if kind != "none" or not samples[name]:  # recomputing is slow and far behind anyway
+                        samples[name].append(decode_tps(model, kind, s, b, ctx, steps))
+            tps = {name: statistics.median(v) for name, v in samples.items()}
             none = f"{tps['none']:.2f}" if "none" in tps else "skipped"
             lines.append(f"| {ctx} | {b} | {tps['nqkv']:.1f} | {tps['plain']:.1f} | {tps['dynamic']:.1f} |"
                          f" {tps['quanto']:.1f} | {none} | {tps['nqkv'] / tps['dynamic']:.2f} |"

@@ -10,8 +10,9 @@ Caches and step functions, all with the same model in one process:
 * ``StaticCache compiled``: transformers' fp32 ``StaticCache`` with SDPA, compiled the same way;
 * ``DynamicCache eager``: transformers' default.
 
-Printed: compile time (first two compiled calls: trace and lowering, then the first re-use) and the
-median step time after warm-up, with ratios to ``DynamicCache eager``.
+Printed: the eager prefill time of the prompt, compile time (first two compiled calls: trace and
+lowering, then the first re-use) and the step time: the median over ``--rounds`` rounds, each
+running ``--steps`` steps of every variant in turn, with ratios to ``DynamicCache eager``.
 
     python benchmarks/bench_compiled_decode.py --contexts 1024 4096
 """
@@ -28,53 +29,60 @@ from nqkv_core.cache import ATTN_NAME, enable
 from nqkv_core.models import load_model
 
 
-def timed_steps(step, cache, tok: torch.Tensor, steps: int) -> tuple[float, float]:
-    """(seconds of the first two calls, median seconds of the rest)."""
+def step_times(fn, cache, tok: torch.Tensor, n: int) -> list[float]:
     times = []
-    for _ in range(steps):
+    for _ in range(n):
         t = time.perf_counter()
-        step(tok, cache)
+        fn(tok, cache)
         times.append(time.perf_counter() - t)
-    return times[0] + times[1], statistics.median(times[3:])
+    return times
 
 
 @torch.no_grad()
-def run(model, nq, context: int, steps: int) -> dict[str, tuple[float, float]]:
+def run(model, nq, context: int, steps: int, rounds: int) -> dict[str, tuple[float, float, float]]:
+    """``{variant: (prefill s, first two calls s, median step s)}``; steps interleaved in rounds."""
     from transformers import DynamicCache, StaticCache
 
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(100, 20000, (1, context), generator=g)
     tok = torch.full((1, 1), 42, dtype=torch.long)
+    total = context + 2 + rounds * steps
 
     def step(t, cache):
         return model(t, past_key_values=cache, use_cache=True).logits
 
-    out = {}
+    variants = {}
+    torch._dynamo.reset()
     for name in ("NQKV compiled", "NQKV eager", "StaticCache compiled", "DynamicCache eager"):
-        nqkv = name.startswith("NQKV")
-        model.set_attn_implementation(ATTN_NAME if nqkv else "sdpa")
+        model.set_attn_implementation(ATTN_NAME if name.startswith("NQKV") else "sdpa")
         if name == "NQKV compiled":
-            cache = nq.new_cache(max_cache_len=context + steps)
+            cache = nq.new_cache(max_cache_len=total)
         elif name == "NQKV eager":
             cache = nq.new_cache()
         elif name == "StaticCache compiled":
-            cache = StaticCache(config=model.config, max_cache_len=context + steps)
+            cache = StaticCache(config=model.config, max_cache_len=total)
         else:
             cache = DynamicCache(config=model.config)
+        t = time.perf_counter()
         model(prompt, past_key_values=cache, use_cache=True)  # prefill, eager
-        fn = step
-        if "compiled" in name:
-            torch._dynamo.reset()
-            fn = torch.compile(step, fullgraph=True)
-        out[name] = timed_steps(fn, cache, tok, steps)
-        print(f"  {context} {name}: first calls {out[name][0]:.1f} s, step {1e3 * out[name][1]:.1f} ms", flush=True)
-    return out
+        prefill = time.perf_counter() - t
+        fn = torch.compile(step, fullgraph=True) if "compiled" in name else step
+        first = sum(step_times(fn, cache, tok, 2))  # compiled: trace, lower, then the first re-use
+        variants[name] = (fn, cache, prefill, first)
+        print(f"  {context} {name}: prefill {prefill:.1f} s, first two calls {first:.1f} s", flush=True)
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):  # each variant in turn, so that drifts of a shared machine hit all alike
+        for name, (fn, cache, _, _) in variants.items():
+            model.set_attn_implementation(ATTN_NAME if name.startswith("NQKV") else "sdpa")
+            samples[name].append(statistics.median(step_times(fn, cache, tok, steps)))
+    return {name: (v[2], v[3], statistics.median(samples[name])) for name, v in variants.items()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096], help="prompt lengths")
-    ap.add_argument("--steps", type=int, default=12, help="decode steps per cache (3 warm-up)")
+    ap.add_argument("--steps", type=int, default=5, help="decode steps per variant and round")
+    ap.add_argument("--rounds", type=int, default=4, help="interleaved rounds (median of round medians)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -84,12 +92,12 @@ def main() -> None:
           f" scheme `{nq.scheme.name}`")
     rows = []
     for ctx in args.contexts:
-        res = run(lm.model, nq, ctx, args.steps)
-        base = res["DynamicCache eager"][1]
-        for name, (first, step) in res.items():
-            rows.append(f"| {ctx} | {name} | {first:.1f} | {1e3 * step:.1f} | {base / step:.2f}x |")
-    print("\n| context | cache / step | first two calls s | step ms | speed vs DynamicCache eager |")
-    print("|---:|---|---:|---:|---:|")
+        res = run(lm.model, nq, ctx, args.steps, args.rounds)
+        base = res["DynamicCache eager"][2]
+        for name, (prefill, first, step) in res.items():
+            rows.append(f"| {ctx} | {name} | {prefill:.1f} | {first:.1f} | {1e3 * step:.1f} | {base / step:.2f}x |")
+    print("\n| context | cache / step | prefill s (eager) | first two calls s | step ms | step speed vs DynamicCache eager |")
+    print("|---:|---|---:|---:|---:|---:|")
     print("\n".join(rows))
 
 

@@ -46,7 +46,7 @@ def timed(fn, reps=20):
 
 rows = ["tokens,batch,kv_heads,head_dim,nqkv_ms,nqkv_GBps,sdpa_fp16_ms,sdpa_GBps,speedup,max_abs_err"]
 b, hkv, g, d = 1, 8, 4, 128
-for t in (4096, 16384, 65536, 131072):
+for t in (4096, 16384, 32768, 65536, 131072):
     k = torch.randn(b, hkv, t, d, device="cuda", dtype=torch.float16)
     v = torch.randn(b, hkv, t, d, device="cuda", dtype=torch.float16)
     q = torch.randn(b, hkv * g, 1, d, device="cuda", dtype=torch.float16)
