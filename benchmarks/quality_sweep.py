@@ -24,7 +24,7 @@ import time
 import torch
 
 from nqkv_core.evaluate import evaluate, markdown_table, register_attention, save_rows
-from nqkv_core.models import DEFAULT_MODEL, load_model, load_text, token_windows
+from nqkv_core.models import DEFAULT_MODEL, load_model, load_text, prompts_after, token_windows
 from nqkv_core.scheme import KVScheme, kivi, nqkv_preset, uniform
 
 
@@ -184,11 +184,8 @@ def main() -> None:
     text = load_text(args.text_file)
     windows = token_windows(lm.tokenizer, text, args.window_len, args.windows)
     prompts = None
-    if args.agree:
-        # 4 prompts from the part of the corpus after the evaluation windows.
-        all_w = token_windows(lm.tokenizer, text, args.prompt_len)
-        skip = args.windows * args.window_len // args.prompt_len
-        prompts = all_w[skip + 1 : skip + 5]
+    if args.agree:  # 4 prompts from the part of the corpus after the evaluation windows
+        prompts = prompts_after(lm.tokenizer, text, args.windows, args.window_len, args.prompt_len, 4)
     t0 = time.perf_counter()
     rows = evaluate(lm.model, windows, schemes, prompts=prompts, quanto_bits=(4, 2) if args.quanto else (),
                     desc=args.set)

@@ -47,16 +47,14 @@ def _schemes(args):
 
 def cmd_eval(args) -> None:
     from nqkv_core.evaluate import evaluate, markdown_table, register_attention, save_rows
-    from nqkv_core.models import load_model, load_text, token_windows
+    from nqkv_core.models import load_model, load_text, prompts_after, token_windows
 
     lm = load_model(args.model, attn_implementation=register_attention())
     text = load_text(args.text_file)
     windows = token_windows(lm.tokenizer, text, args.window_len, args.windows)
     prompts = None
     if args.agree:
-        all_w = token_windows(lm.tokenizer, text, args.prompt_len)
-        skip = args.windows * args.window_len // args.prompt_len
-        prompts = all_w[skip + 1 : skip + 1 + args.prompts]
+        prompts = prompts_after(lm.tokenizer, text, args.windows, args.window_len, args.prompt_len, args.prompts)
     rows = evaluate(lm.model, windows, _schemes(args), prompts=prompts, n_new=args.new_tokens,
                     quanto_bits=tuple(b for b in args.bits if b in (2, 4)) if args.quanto else ())
     print(markdown_table(rows, with_agree=args.agree))

@@ -131,3 +131,10 @@ def token_windows(tokenizer, text: str, window_len: int, n_windows: int | None =
     if n < 1 or n > available:
         raise ValueError(f"asked for {n_windows} windows of {window_len} tokens; the text has {available}")
     return ids[: n * window_len].view(n, window_len)
+
+
+def prompts_after(tokenizer, text: str, n_windows: int, window_len: int, prompt_len: int, n: int) -> torch.Tensor:
+    """``n`` prompts of ``prompt_len`` tokens taken after the first ``n_windows`` evaluation windows
+    of ``window_len`` tokens (so that generation is not scored on text the perplexity already saw)."""
+    skip = n_windows * window_len // prompt_len + 1
+    return token_windows(tokenizer, text, prompt_len)[skip : skip + n]

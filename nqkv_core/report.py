@@ -194,7 +194,7 @@ def run_report(
     """Run the whole report; returns the Markdown it wrote to ``out/report.md``."""
     from nqkv_core.cache import enable
     from nqkv_core.evaluate import evaluate, register_attention
-    from nqkv_core.models import load_model, load_text, token_windows
+    from nqkv_core.models import load_model, load_text, prompts_after, token_windows
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -207,9 +207,7 @@ def run_report(
     text = load_text(text_file)
     windows = token_windows(lm.tokenizer, text, window_len, n_windows)
     prompt_len = 128 if quick else 256
-    prompts = token_windows(lm.tokenizer, text, prompt_len)
-    skip = n_windows * window_len // prompt_len + 1
-    prompts = prompts[skip : skip + (2 if quick else 8)]
+    prompts = prompts_after(lm.tokenizer, text, n_windows, window_len, prompt_len, 2 if quick else 8)
 
     schemes = report_schemes(bits, sinks, window)
     quality = evaluate(model, windows, schemes, prompts=prompts, quanto_bits=(4,), desc="perplexity")
