@@ -3,7 +3,7 @@
 Every library runs in the same process on the same input; the table gives medians and each time as
 a ratio to bitsandbytes, plus the MSE of each round trip. Usage:
 
-    python benchmarks/bench_quantize.py [--numel 4194304] [--repeats 15] [--markdown out.md]
+    python benchmarks/bench_quantize.py [--numel 4194304] [--repeats 9] [--rounds 3] [--markdown out.md]
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from typing import Callable
 
 import torch
 
+from nqkv_core import native
 from nqkv_core.codebook import get_codebook
 from nqkv_core.quantize import dequantize_blockwise, quantize_blockwise
 
 
 def median_time(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up (and compilation for compiled paths)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -29,20 +29,34 @@ def median_time(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def nqkv_rows(x: torch.Tensor, block: int, repeats: int) -> list[tuple[str, float, float, float]]:
+Method = tuple[str, Callable[[], object], Callable[[], object], float]  # name, quantize, dequantize, MSE
+
+
+def _in(ctx_factory, fn):
+    def run():
+        with ctx_factory():
+            return fn()
+    return run
+
+
+def nqkv_methods(x: torch.Tensor, block: int) -> list[Method]:
     cb = get_codebook("nf", 4, block)
     rows_view = x.view(-1, block)
     codes, absmax = quantize_blockwise(rows_view, cb, block)
     y = dequantize_blockwise(codes, absmax, cb, block, dtype=x.dtype)
     mse = ((y.float() - rows_view.float()) ** 2).mean().item()
-    q = median_time(lambda: quantize_blockwise(rows_view, cb, block), repeats)
-    dq = median_time(lambda: dequantize_blockwise(codes, absmax, cb, block, dtype=x.dtype), repeats)
+    q = lambda: quantize_blockwise(rows_view, cb, block)  # noqa: E731
+    dq = lambda: dequantize_blockwise(codes, absmax, cb, block, dtype=x.dtype)  # noqa: E731
     compiled = torch.compile(dequantize_blockwise, dynamic=False)
-    dqc = median_time(lambda: compiled(codes, absmax, cb, block, dtype=x.dtype), repeats)
-    return [("nqkv (eager)", q, dq, mse), ("nqkv (compiled dequantize)", q, dqc, mse)]
+    methods = [("nqkv (torch ops)", _in(native.disabled, q), _in(native.disabled, dq), mse),
+               ("nqkv (torch ops, compiled dequantize)", _in(native.disabled, q),
+                lambda: compiled(codes, absmax, cb, block, dtype=x.dtype), mse)]
+    if native.available():
+        methods.insert(0, ("nqkv (native)", q, dq, mse))
+    return methods
 
 
-def bitsandbytes_row(x: torch.Tensor, block: int, repeats: int):
+def bitsandbytes_method(x: torch.Tensor, block: int):
     try:
         import bitsandbytes.functional as bnb
     except ImportError:
@@ -50,12 +64,11 @@ def bitsandbytes_row(x: torch.Tensor, block: int, repeats: int):
     packed, state = bnb.quantize_4bit(x, blocksize=block, quant_type="nf4")
     y = bnb.dequantize_4bit(packed, state)
     mse = ((y.float() - x.float()) ** 2).mean().item()
-    q = median_time(lambda: bnb.quantize_4bit(x, blocksize=block, quant_type="nf4"), repeats)
-    dq = median_time(lambda: bnb.dequantize_4bit(packed, state), repeats)
-    return ("bitsandbytes nf4", q, dq, mse)
+    return ("bitsandbytes nf4", lambda: bnb.quantize_4bit(x, blocksize=block, quant_type="nf4"),
+            lambda: bnb.dequantize_4bit(packed, state), mse)
 
 
-def torchao_row(x: torch.Tensor, block: int, repeats: int):
+def torchao_method(x: torch.Tensor, block: int):
     try:
         from torchao.dtypes.nf4tensor import to_nf4
     except ImportError:
@@ -68,16 +81,29 @@ def torchao_row(x: torch.Tensor, block: int, repeats: int):
     nf4 = to_nf4(shaped, block_size=block, scaler_block_size=256)
     y = nf4.get_original_weight()
     mse = ((y.float() - shaped.float()) ** 2).mean().item()
-    q = median_time(lambda: to_nf4(shaped, block_size=block, scaler_block_size=256), repeats)
-    dq = median_time(lambda: nf4.get_original_weight(), repeats)
-    return ("torchao nf4", q, dq, mse)
+    return ("torchao nf4", lambda: to_nf4(shaped, block_size=block, scaler_block_size=256),
+            lambda: nf4.get_original_weight(), mse)
+
+
+def timed(methods: list[Method], repeats: int, rounds: int) -> list[tuple[str, float, float, float]]:
+    """Median over interleaved rounds (each a median of ``repeats``) of every method's two calls."""
+    for _, q, dq, _ in methods:  # warm-up and compilation
+        q(), dq()
+    per = {name: ([], []) for name, *_ in methods}
+    for _ in range(rounds):
+        for name, q, dq, _ in methods:
+            per[name][0].append(median_time(q, repeats))
+            per[name][1].append(median_time(dq, repeats))
+    return [(name, statistics.median(per[name][0]), statistics.median(per[name][1]), mse)
+            for name, _, _, mse in methods]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--numel", type=int, default=4 << 20, help="elements to quantize")
     parser.add_argument("--block", type=int, default=64, help="block size")
-    parser.add_argument("--repeats", type=int, default=15, help="timed repeats (median reported)")
+    parser.add_argument("--repeats", type=int, default=9, help="timed repeats per round (median)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median of their medians)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--markdown", default=None, help="also write the table to this file")
     args = parser.parse_args()
@@ -86,17 +112,18 @@ def main() -> None:
 
     lines = [
         f"{args.numel} elements, block {args.block}, 4-bit, {torch.get_num_threads()} threads,"
-        f" median of {args.repeats}; ratios are bitsandbytes time / this time (>1 = faster).",
+        f" median of {args.rounds} interleaved rounds of {args.repeats} repeats;"
+        " ratios are bitsandbytes time / this time (>1 = faster).",
         "",
         "| input | method | quantize ms | x bnb | dequantize ms | x bnb | MSE | MSE / bnb |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for dtype in (torch.bfloat16, torch.float32):
         x = torch.randn(args.numel, generator=torch.Generator().manual_seed(0)).to(dtype)
-        rows = []
-        ref = bitsandbytes_row(x, args.block, args.repeats)
-        rows += nqkv_rows(x, args.block, args.repeats)
-        rows += [r for r in (ref, torchao_row(x, args.block, args.repeats)) if r is not None]
+        methods = nqkv_methods(x, args.block)
+        methods += [m for m in (bitsandbytes_method(x, args.block), torchao_method(x, args.block)) if m is not None]
+        rows = timed(methods, args.repeats, args.rounds)
+        ref = next((r for r in rows if r[0] == "bitsandbytes nf4"), None)
         for name, q, dq, mse in rows:
             rq = f"{ref[1] / q:.2f}" if ref else "-"
             rdq = f"{ref[2] / dq:.2f}" if ref else "-"

@@ -11,6 +11,10 @@ Shapes, for ``x`` of shape ``(..., n_axis, ...)``:
 * ``codes``: ``x.shape`` with the last axis ``* bits / 8``, uint8.
 * ``absmax``: ``x.shape`` with the blocked axis ``/ block``, ``scale_dtype``.
 
+Blocks along a contiguous last axis (fp32 / bf16 input or output) run through the native CPU
+kernels of :mod:`nqkv_core.native` when they are built: one fused pass per row, bitwise the same
+codes, scales and values as the torch ops below, which serve every other case and compiled graphs.
+
 The stored scale is rounded *up* to ``scale_dtype`` so that ``|x / s| <= 1`` always holds: every
 element's error is then at most ``max_rounding_error(codebook) * s``. A block of zeros has ``s = 0``
 and decodes to exact zeros.
@@ -22,6 +26,7 @@ import math
 
 import torch
 
+from nqkv_core import native
 from nqkv_core.codebook import SUPPORTED_BITS
 from nqkv_core.packing import codes_per_row_multiple, pack, unpack
 
@@ -88,16 +93,21 @@ def _check_finite(x: torch.Tensor, absmax: torch.Tensor) -> None:
     )
 
 
-def _round_up(absmax: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
-    """``absmax`` rounded up to ``scale_dtype`` (float32 in, float32 out, exactly representable)."""
-    if scale_dtype == torch.float32:
-        return absmax
+def _check_scale_range(absmax: torch.Tensor, scale_dtype: torch.dtype) -> None:
     finfo = torch.finfo(scale_dtype)
     if not torch.compiler.is_compiling() and absmax.numel() and bool(absmax.max() > finfo.max):
         raise ValueError(
             f"a block's absmax {float(absmax.max()):.4g} exceeds the {scale_dtype} range;"
             " pass scale_dtype=torch.float32"
         )
+
+
+def _round_up(absmax: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
+    """``absmax`` rounded up to ``scale_dtype`` (float32 in, float32 out, exactly representable)."""
+    if scale_dtype == torch.float32:
+        return absmax
+    finfo = torch.finfo(scale_dtype)
+    _check_scale_range(absmax, scale_dtype)
     # Ceil to a multiple of the fp16 spacing at the value's exponent, all in exact fp32 arithmetic.
     # A cast would round to nearest (possibly down, so |x / s| > 1), and torch.compile may fuse a
     # cast round trip away; with this the fp32 scale used for coding equals the stored fp16 one.
@@ -134,6 +144,15 @@ def quantize_blockwise(
     """
     bits = _check_input(x, codebook, block, axis, scale_dtype)
     axis = axis % x.dim()
+    thresholds = (codebook[1:] + codebook[:-1]).float() / 2
+    if axis == x.dim() - 1:
+        xc = (x if x.dtype in (torch.float32, torch.bfloat16) else x.float()).contiguous()
+        if native.quantize_rows_supported(xc, bits, block):  # one fused pass, same codes as below
+            codes, absmax = native.quantize_rows(xc, thresholds, bits, block, scale_dtype == torch.float16)
+            _check_finite(x, absmax)
+            if scale_dtype == torch.float16:
+                _check_scale_range(absmax, scale_dtype)
+            return codes, absmax.to(scale_dtype)
     xb = x.float().movedim(axis, -1).contiguous()
     xb = xb.reshape(*xb.shape[:-1], xb.shape[-1] // block, block)
     absmax = xb.abs().amax(dim=-1)
@@ -141,7 +160,6 @@ def quantize_blockwise(
     absmax = _round_up(absmax, scale_dtype)
     s = absmax.unsqueeze(-1)
     y = xb / torch.where(s > 0, s, 1.0)  # a zero block stays zero; its scale decodes it to zero
-    thresholds = (codebook[1:] + codebook[:-1]).float() / 2
     codes = torch.bucketize(y, thresholds).to(torch.uint8)
     codes = codes.flatten(-2).movedim(-1, axis)
     return pack(codes, bits), absmax.to(scale_dtype).movedim(-1, axis)
@@ -181,6 +199,8 @@ def dequantize_blockwise(
             f"absmax shape {tuple(absmax.shape)} does not match codes {tuple(codes.shape)} with"
             f" {bits}-bit codes, block {block} along axis {axis} (expected {tuple(expected)})"
         )
+    if axis == codes.dim() - 1 and native.dequantize_rows_supported(codes, absmax, codebook, bits, block, dtype):
+        return native.dequantize_rows(codes, absmax, codebook, bits, block, dtype)
     if bits == 3:
         values = codebook.float()[unpack(codes, bits).long()]
     else:

@@ -154,6 +154,11 @@ def _triton_kernels():
 # -- the op ---------------------------------------------------------------------------------------------
 
 
+def _tracing(q: Tensor) -> bool:
+    """Whether this call is being traced (torch.compile, or make_fx with fake/functional tensors)."""
+    return torch.compiler.is_compiling() or type(q) is not Tensor or torch._subclasses.fake_tensor.is_fake(q)
+
+
 def attention_eager(
     q: Tensor,
     k_codes: Tensor,
@@ -208,7 +213,7 @@ def attention_eager(
                 )
             return triton_prefill.flash_prefill(q, *k, *v, k_tail, v_tail, attn_mask, scale, is_causal)
     if cpu.decode_fits(q, k, v, k_tail):
-        if torch.compiler.is_compiling():  # an opaque call: see attention_cpu_decode
+        if _tracing(q):  # an opaque call: see attention_cpu_decode
             return torch.ops.nqkv.attention_cpu_decode(q, *k, *v, k_tail, v_tail, attn_mask, scale, is_causal)
         return cpu.attention_decode(q, k, v, k_tail, v_tail, attn_mask, scale, is_causal)
     plain = torch.compiler.is_compiling()
@@ -229,9 +234,10 @@ def attention_cpu_decode(
 ) -> Tensor:
     """The CPU decode path (:func:`nqkv_core.ops.cpu.attention_decode`) as an op opaque to compilers.
 
-    Compiled CPU graphs call this for decode-sized queries instead of tracing the chunk loop: Inductor
-    lowers that decoding to fp32 loops with a codebook gather per element, slower than the bf16 table
-    lookups and matmuls of the eager path (``benchmarks/bench_compiled_decode.py``, docs/benchmarks.md).
+    Traced CPU graphs call this for decode-sized queries instead of tracing the chunk loop: the eager
+    path is one native call (:mod:`nqkv_core.native`), and without it Inductor would lower the
+    decoding to fp32 loops with a codebook gather per element (``benchmarks/bench_compiled_decode.py``).
+    Tracing and eager calls then compute the same thing.
     Arguments as :func:`attention_eager`, already checked.
     """
     k = (k_codes, k_absmax, k_codebook, k_block, k_axis)

@@ -45,6 +45,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from nqkv_core import native
 from nqkv_core.packing import unpack
 
 COMPUTE_DTYPE = torch.bfloat16
@@ -271,6 +272,10 @@ def attention_decode(
 ) -> Tensor:
     """:func:`attention_chunked` for few query rows (decode), with as few ops as possible.
 
+    With the native CPU kernels built (:mod:`nqkv_core.native`) the whole call is one native
+    function (fp32 throughout, codes decoded in registers); what follows is the plain-torch path
+    used without them.
+
     The query rows of all heads sharing a KV head are folded into one matrix (``R = group * Tq`` rows),
     so K and V are read once per KV head. Every score of a row is kept (``R * Tk`` fp32 per KV head,
     far less than the cache for ``R <= DECODE_MAX_ROWS``), so the softmax is one exact ``torch.softmax``
@@ -278,6 +283,8 @@ def attention_decode(
     (one chunk is live at a time, so it stays in cache between the decode and its matmul); block scales
     are folded into the small operands as described in the module docstring.
     """
+    if native.attention_decode_supported(q, k, v, k_tail, v_tail, attn_mask):
+        return native.attention_decode(q, k, v, k_tail, v_tail, attn_mask, scale, is_causal)
     b, hq, tq, d = q.shape
     kc, ka, kcb, kblock, _ = k
     vc, va, vcb, vblock, _ = v

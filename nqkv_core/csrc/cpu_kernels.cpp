@@ -1,0 +1,520 @@
+// Native CPU kernels of nqkv: blockwise quantize / dequantize of rows, and decode attention that
+// reads packed codes in place.
+//
+// A plain C ABI on raw pointers, loaded with ctypes (as Inductor loads the C++ it generates) by
+// nqkv_core/native.py, which owns every check: shapes, dtypes, strides and ranges are validated in
+// Python before a pointer reaches this file. No torch headers, so the library builds in about a
+// second with the system compiler, for whatever torch version is installed.
+//
+// Storage layout (docs/design.md): codes are packed along a row's last axis -- 4-bit: code d in
+// byte d/2 at bit 4*(d%2); 2-bit: byte d/4, bit 2*(d%4); 8-bit: one byte; 3-bit: a 2-bit plane of
+// the low bits in bytes [0, D/4) and a 1-bit plane of the high bit in bytes [D/4, 3D/8). An element
+// decodes to codebook[code] * absmax[its block].
+//
+// The hot loops have an AVX-512 version (a 16-level codebook fits one zmm register, so
+// `vpermps` decodes sixteen 4-bit codes in one instruction) and a portable scalar version used
+// when the compiler does not target AVX-512.
+
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+// -- scalar helpers --------------------------------------------------------------------------------
+
+inline float bits_to_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint32_t float_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+inline float half_to_float(uint16_t h) {
+#ifdef __F16C__
+  return _cvtsh_ss(h);
+#endif
+  const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+  float mag;
+  if (exp == 0) {
+    mag = std::ldexp((float)man, -24);  // zero or subnormal
+  } else if (exp == 31) {
+    mag = man ? NAN : INFINITY;
+  } else {
+    mag = bits_to_float(((exp + 112) << 23) | (man << 13));
+  }
+  return bits_to_float(float_to_bits(mag) | sign);
+}
+
+// Round to nearest even, as torch's float -> bfloat16 cast (inputs here are finite).
+inline uint16_t float_to_bf16(float f) {
+  const uint32_t u = float_to_bits(f);
+  return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+inline float load_scale(const void* p, int64_t i, int half) {
+  return half ? half_to_float(((const uint16_t*)p)[i]) : ((const float*)p)[i];
+}
+
+inline int code_at(const uint8_t* row, int bits, int64_t row_len, int64_t d) {
+  switch (bits) {
+    case 4: return (row[d >> 1] >> ((d & 1) * 4)) & 15;
+    case 2: return (row[d >> 2] >> ((d & 3) * 2)) & 3;
+    case 8: return row[d];
+    default:  // 3-bit: low plane, then high plane
+      return ((row[d >> 2] >> ((d & 3) * 2)) & 3) | (((row[row_len / 4 + (d >> 3)] >> (d & 7)) & 1) << 2);
+  }
+}
+
+// fp32 absmax rounded up to the fp16 grid, exactly as nqkv_core.quantize._round_up: ceil to a
+// multiple of the fp16 spacing at the value's exponent, so |x / s| <= 1 with the stored scale.
+inline float round_up_half(float a) {
+  int e;
+  std::frexp(a, &e);
+  if (e < -13) e = -13;  // subnormals share the smallest normal spacing
+  const float spacing = std::ldexp(1.0f, e - 11);
+  return std::ceil(a / spacing) * spacing;
+}
+
+// -- one row of codes -> levels ----------------------------------------------------------------------
+
+#ifdef __AVX512F__
+// Sixteen fp32 to bf16 bits, rounding to nearest even.
+inline __m256i to_bf16(__m512 v) {
+#ifdef __AVX512BF16__
+  return (__m256i)_mm512_cvtneps_pbh(v);
+#else
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd), 16));
+#endif
+}
+#endif
+
+// Levels of the D codes of one token row times their block scales, into out[0, D) as fp32, or as
+// bf16 bits into out_bf16 when that is not null.
+void decode_row(const uint8_t* row, const float* scales, const float* cb, int bits, int64_t D, int64_t block,
+                float* out, uint16_t* out_bf16 = nullptr) {
+#ifdef __AVX512F__
+  if (bits == 4 && block % 32 == 0) {
+    const __m512 levels = _mm512_loadu_ps(cb);
+    const __m512i nibble = _mm512_set1_epi32(15);
+    // interleave even (low nibble) and odd (high nibble) codes back into row order
+    const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i second = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+    for (int64_t d = 0; d < D; d += 32) {
+      const __m512 s = _mm512_set1_ps(scales[d / block]);
+      const __m512i w = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(row + d / 2)));
+      const __m512 lo = _mm512_permutexvar_ps(_mm512_and_si512(w, nibble), levels);
+      const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(w, 4), levels);
+      const __m512 a = _mm512_mul_ps(_mm512_permutex2var_ps(lo, first, hi), s);
+      const __m512 b = _mm512_mul_ps(_mm512_permutex2var_ps(lo, second, hi), s);
+      if (out_bf16) {
+        _mm256_storeu_si256((__m256i*)(out_bf16 + d), to_bf16(a));
+        _mm256_storeu_si256((__m256i*)(out_bf16 + d + 16), to_bf16(b));
+      } else {
+        _mm512_storeu_ps(out + d, a);
+        _mm512_storeu_ps(out + d + 16, b);
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t d = 0; d < D; ++d) {
+    const float x = cb[code_at(row, bits, D, d)] * scales[d / block];
+    if (out_bf16) out_bf16[d] = float_to_bf16(x); else out[d] = x;
+  }
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+#ifdef __AVX512F__
+  if (n % 16 == 0) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+    return _mm512_reduce_add_ps(acc);
+  }
+#endif
+  float acc = 0.f;
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+inline void axpy(float w, const float* x, float* y, int64_t n) {  // y += w * x
+#ifdef __AVX512F__
+  if (n % 16 == 0) {
+    const __m512 wv = _mm512_set1_ps(w);
+    for (int64_t i = 0; i < n; i += 16)
+      _mm512_storeu_ps(y + i, _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) y[i] += w * x[i];
+}
+
+// In place: x[i] = exp(x[i] - m), returns the sum. exp(-inf) is exactly 0.
+float exp_shift_sum(float* x, int64_t n, float m) {
+  int64_t i = 0;
+  float sum = 0.f;
+#ifdef __AVX512F__
+  // exp(t) = 2^k * p(r), t = k ln2 + r, |r| <= ln2 / 2; degree-6 polynomial (rel. error ~2e-7).
+  const __m512 mv = _mm512_set1_ps(m), log2e = _mm512_set1_ps(1.44269504f);
+  const __m512 ln2_hi = _mm512_set1_ps(0.693359375f), ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
+  const __m512 lo_clamp = _mm512_set1_ps(-87.0f);
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    const __m512 t = _mm512_sub_ps(_mm512_loadu_ps(x + i), mv);
+    const __mmask16 live = _mm512_cmp_ps_mask(t, lo_clamp, _CMP_GE_OQ);  // below: underflows to 0
+    const __m512 tc = _mm512_max_ps(t, lo_clamp);
+    const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(tc, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(k, ln2_hi, tc);
+    r = _mm512_fnmadd_ps(k, ln2_lo, r);
+    __m512 p = _mm512_set1_ps(1.3981999507e-3f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    const __m512 e = _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, k));
+    _mm512_storeu_ps(x + i, e);
+    acc = _mm512_add_ps(acc, e);
+  }
+  sum = _mm512_reduce_add_ps(acc);
+#endif
+  for (; i < n; ++i) {
+    x[i] = std::exp(x[i] - m);
+    sum += x[i];
+  }
+  return sum;
+}
+
+// One packed history (K or V): codes (B, H, T, row_bytes) and absmax (B, H, T, D / block) with
+// element strides for the batch, head and token axes; rows of codes and of scales are contiguous.
+struct Packed {
+  const uint8_t* codes;
+  int64_t cs_b, cs_h, cs_t;
+  const void* absmax;
+  int64_t as_b, as_h, as_t;
+  int absmax_half;
+  const float* codebook;  // 2**bits levels
+  int bits;
+  int64_t block;
+};
+
+inline const uint8_t* packed_row(const Packed& p, int64_t b, int64_t h, int64_t j) {
+  return p.codes + b * p.cs_b + h * p.cs_h + j * p.cs_t;
+}
+
+inline int64_t scale_index(const Packed& p, int64_t b, int64_t h, int64_t j) {
+  return b * p.as_b + h * p.as_h + j * p.as_t;
+}
+
+#ifdef __AVX512F__
+// -- decode attention, 4-bit codes and head_dim = 16 * ND: the decoded row stays in registers ---------
+
+inline bool fast_4bit(const Packed& p, int64_t dim) {
+  return p.bits == 4 && p.block % 32 == 0 && (dim == 64 || dim == 128);
+}
+
+// Sixteen-level codebook in `levels`; blocks of a multiple of 32 codes.
+template <int ND>
+inline void decode4_regs(const uint8_t* row, const Packed& p, int64_t si, __m512 levels, __m512* out) {
+  const __m512i nibble = _mm512_set1_epi32(15);
+  const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i second = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  for (int i = 0; i < ND; i += 2) {
+    const __m512 s = _mm512_set1_ps(load_scale(p.absmax, si + i * 16 / p.block, p.absmax_half));
+    const __m512i w = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(row + i * 8)));
+    const __m512 lo = _mm512_permutexvar_ps(_mm512_and_si512(w, nibble), levels);
+    const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(w, 4), levels);
+    out[i] = _mm512_mul_ps(_mm512_permutex2var_ps(lo, first, hi), s);
+    out[i + 1] = _mm512_mul_ps(_mm512_permutex2var_ps(lo, second, hi), s);
+  }
+}
+
+// The four horizontal sums of x0..x3, in one 128-bit vector.
+inline __m128 reduce4(__m512 x0, __m512 x1, __m512 x2, __m512 x3) {
+  const __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(x0, x1), _mm512_unpackhi_ps(x0, x1));
+  const __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(x2, x3), _mm512_unpackhi_ps(x2, x3));
+  const __m512 w = _mm512_add_ps(_mm512_shuffle_ps(t0, t1, _MM_SHUFFLE(1, 0, 1, 0)),
+                                 _mm512_shuffle_ps(t0, t1, _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m256 y = _mm256_add_ps(_mm512_castps512_ps256(w),
+                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(w), 1)));
+  return _mm_add_ps(_mm256_castps256_ps128(y), _mm256_extractf128_ps(y, 1));
+}
+
+// s[r * Tk + j] = q_r . k_j for packed tokens j in [j0, j1); q holds R rows padded with zero rows
+// to a multiple of four, so four dot products share one reduction.
+template <int ND>
+void scores_4bit(const Packed& k, int64_t b, int64_t h, const float* q, int64_t R, int64_t j0, int64_t j1,
+                 float* s, int64_t Tk) {
+  constexpr int64_t D = 16 * ND;
+  const __m512 levels = _mm512_loadu_ps(k.codebook);
+  alignas(16) float sums[4];
+  for (int64_t j = j0; j < j1; ++j) {
+    __m512 kv[ND];
+    decode4_regs<ND>(packed_row(k, b, h, j), k, scale_index(k, b, h, j), levels, kv);
+    for (int64_t r0 = 0; r0 < R; r0 += 4) {
+      const float* qr = q + r0 * D;
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int i = 0; i < ND; ++i) {
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + i * 16), kv[i], a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + D + i * 16), kv[i], a1);
+        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + 2 * D + i * 16), kv[i], a2);
+        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + 3 * D + i * 16), kv[i], a3);
+      }
+      _mm_store_ps(sums, reduce4(a0, a1, a2, a3));
+      for (int64_t r = r0; r < R && r < r0 + 4; ++r) s[r * Tk + j] = sums[r - r0];
+    }
+  }
+}
+
+// o[r] += sum_j p[r * Tk + j] v_j for packed tokens j in [j0, j1). Groups of rows keep their
+// outputs in registers across the tokens (the row is decoded again for each group).
+template <int ND>
+void values_4bit(const Packed& v, int64_t b, int64_t h, const float* p, int64_t R, int64_t j0, int64_t j1,
+                 int64_t Tk, float* o) {
+  constexpr int64_t Dv = 16 * ND;
+  constexpr int RG = ND <= 4 ? 4 : 2;
+  const __m512 levels = _mm512_loadu_ps(v.codebook);
+  for (int64_t r0 = 0; r0 < R; r0 += RG) {
+    const int rows = R - r0 < RG ? (int)(R - r0) : RG;
+    __m512 acc[RG][ND];
+    for (int r = 0; r < RG; ++r)
+      for (int i = 0; i < ND; ++i) acc[r][i] = _mm512_setzero_ps();
+    for (int64_t j = j0; j < j1; ++j) {
+      __m512 vv[ND];
+      decode4_regs<ND>(packed_row(v, b, h, j), v, scale_index(v, b, h, j), levels, vv);
+      for (int r = 0; r < RG; ++r) {
+        if (r >= rows) break;
+        const __m512 w = _mm512_set1_ps(p[(r0 + r) * Tk + j]);
+        for (int i = 0; i < ND; ++i) acc[r][i] = _mm512_fmadd_ps(w, vv[i], acc[r][i]);
+      }
+    }
+    for (int r = 0; r < rows; ++r)
+      for (int i = 0; i < ND; ++i) {
+        float* dst = o + (r0 + r) * Dv + i * 16;
+        _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), acc[r][i]));
+      }
+  }
+}
+#endif
+
+}  // namespace
+
+extern "C" {
+
+// Codes and fp32 absmax of `rows` rows of `row_len` elements, blocks of `block` along the row.
+// x: fp32 (x_bf16 = 0) or bf16 bits (x_bf16 = 1), contiguous. thresholds: the 2**bits - 1 midpoints
+// between ascending levels; a code is the number of midpoints strictly below x / s (what
+// torch.bucketize gives). absmax_out gets the scale used for coding (rounded up to the fp16 grid
+// when round_half). Non-finite input propagates into its block's absmax, which the caller checks.
+void nqkv_quantize_rows(const void* x, int x_bf16, int64_t rows, int64_t row_len, int64_t block,
+                        const float* thresholds, int bits, int round_half, uint8_t* codes, float* absmax_out,
+                        int threads) {
+  const int n_thr = (1 << bits) - 1;
+  const int64_t row_bytes = row_len * bits / 8, nb = row_len / block;
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> y(block);
+    std::vector<uint8_t> c(block);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      uint8_t* out = codes + r * row_bytes;
+      std::memset(out, 0, row_bytes);
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t base = r * row_len + b * block;
+        if (x_bf16) {
+          const uint16_t* xs = (const uint16_t*)x + base;
+          for (int64_t i = 0; i < block; ++i) y[i] = bits_to_float((uint32_t)xs[i] << 16);
+        } else {
+          std::memcpy(y.data(), (const float*)x + base, block * sizeof(float));
+        }
+        float a = 0.f;
+        for (int64_t i = 0; i < block; ++i) a = std::fmax(a, std::fabs(y[i]));
+        for (int64_t i = 0; i < block; ++i) a = std::isnan(y[i]) ? y[i] : a;  // NaN must reach the check
+        if (round_half && std::isfinite(a)) a = round_up_half(a);
+        absmax_out[r * nb + b] = a;
+        const float s = a > 0.f ? a : 1.f;
+        for (int64_t i = 0; i < block; ++i) y[i] = y[i] / s;
+        for (int64_t i = 0; i < block; ++i) c[i] = 0;
+        for (int t = 0; t < n_thr; ++t) {  // a vectorised count of midpoints below each element
+          const float th = thresholds[t];
+          for (int64_t i = 0; i < block; ++i) c[i] += y[i] > th;
+        }
+        const int64_t d0 = b * block;
+        for (int64_t i = 0; i < block; ++i) {
+          const int64_t d = d0 + i;
+          switch (bits) {
+            case 4: out[d >> 1] |= c[i] << ((d & 1) * 4); break;
+            case 2: out[d >> 2] |= c[i] << ((d & 3) * 2); break;
+            case 8: out[d] = c[i]; break;
+            default:
+              out[d >> 2] |= (c[i] & 3) << ((d & 3) * 2);
+              out[row_len / 4 + (d >> 3)] |= (c[i] >> 2) << (d & 7);
+          }
+        }
+      }
+    }
+  }
+}
+
+// Inverse of nqkv_quantize_rows: codebook[code] * absmax into fp32 (out_bf16 = 0) or bf16 bits.
+// absmax: fp16 bits (absmax_half = 1) or fp32, one per block, rows contiguous.
+void nqkv_dequantize_rows(const uint8_t* codes, const void* absmax, int absmax_half, const float* codebook,
+                          int bits, int64_t rows, int64_t row_len, int64_t block, void* out, int out_bf16,
+                          int threads) {
+  const int64_t row_bytes = row_len * bits / 8, nb = row_len / block;
+  float cb[16] = {0};
+  if (bits <= 4) std::memcpy(cb, codebook, sizeof(float) << bits);
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> scales(nb);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t b = 0; b < nb; ++b) scales[b] = load_scale(absmax, r * nb + b, absmax_half);
+      decode_row(codes + r * row_bytes, scales.data(), bits == 8 ? codebook : cb, bits, row_len, block,
+                 out_bf16 ? nullptr : (float*)out + r * row_len, out_bf16 ? (uint16_t*)out + r * row_len : nullptr);
+    }
+  }
+}
+
+// Decode attention: every query row of a KV head against its whole cache, with one exact softmax.
+//
+// q: (B, Hkv, R, D) fp32 contiguous, already multiplied by the softmax scale; the R = G * Tq rows
+// of a KV head are its G query heads' Tq queries, row g * Tq + i. Keys are the T_hist packed tokens
+// followed by T_tail full-precision tokens (k_tail / v_tail: (B, Hkv, T_tail, D / Dv) fp32
+// contiguous, or null). mask: additive fp32 with element strides (b, query head, query, key = 1),
+// or null. causal: query i sees key j iff j <= Tk - Tq + i. out: (B, Hkv, R, Dv) fp32. Rows that
+// can see no key get zeros, as torch's SDPA. Work is split over (batch x head x token chunk).
+void nqkv_attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, const float* k_tail,
+                           const float* v_tail, int64_t t_tail, const float* mask, int64_t ms_b, int64_t ms_h,
+                           int64_t ms_q, int causal, int64_t B, int64_t Hkv, int64_t G, int64_t Tq, int64_t D,
+                           int64_t Dv, float* out, int threads) {
+  const int64_t R = G * Tq, Tk = t_hist + t_tail, BH = B * Hkv;
+  const int64_t chunk = 256;  // tokens per work item
+  const int64_t n_chunks = (Tk + chunk - 1) / chunk, items = BH * n_chunks;
+  float kcb[16] = {0}, vcb[16] = {0};
+  if (k.bits <= 4) std::memcpy(kcb, k.codebook, sizeof(float) << k.bits);
+  if (v.bits <= 4) std::memcpy(vcb, v.codebook, sizeof(float) << v.bits);
+  const float* kc = k.bits <= 4 ? kcb : k.codebook;
+  const float* vc = v.bits <= 4 ? vcb : v.codebook;
+  std::vector<float> scores(BH * R * Tk);
+  std::vector<float> partial(items * R * Dv);  // unnormalised outputs of each work item
+
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> row(D > Dv ? D : Dv), scales(D > Dv ? D : Dv), qpad((R + 3) / 4 * 4 * D, 0.f);
+    // scores: s[r, j] = q_r . k_j (+ mask), -inf where causally hidden
+#pragma omp for schedule(static)
+    for (int64_t it = 0; it < items; ++it) {
+      const int64_t bh = it / n_chunks, b = bh / Hkv, h = bh % Hkv;
+      const int64_t j0 = (it % n_chunks) * chunk, j1 = j0 + chunk < Tk ? j0 + chunk : Tk;
+      const int64_t jh = j1 < t_hist ? j1 : t_hist;  // [j0, jh) packed, [max(j0, t_hist), j1) tail
+      const float* qr = q + bh * R * D;
+      float* s = scores.data() + bh * R * Tk;
+      int64_t j = j0;
+#ifdef __AVX512F__
+      if (j < jh && fast_4bit(k, D)) {
+        std::memcpy(qpad.data(), qr, R * D * sizeof(float));
+        if (D == 64) scores_4bit<4>(k, b, h, qpad.data(), R, j, jh, s, Tk);
+        else scores_4bit<8>(k, b, h, qpad.data(), R, j, jh, s, Tk);
+        j = jh;
+      }
+#endif
+      for (; j < j1; ++j) {
+        const float* key;
+        if (j < t_hist) {
+          const int64_t nb = D / k.block, ai = scale_index(k, b, h, j);
+          for (int64_t i = 0; i < nb; ++i) scales[i] = load_scale(k.absmax, ai + i, k.absmax_half);
+          decode_row(packed_row(k, b, h, j), scales.data(), kc, k.bits, D, k.block, row.data());
+          key = row.data();
+        } else {
+          key = k_tail + (bh * t_tail + (j - t_hist)) * D;
+        }
+        for (int64_t r = 0; r < R; ++r) s[r * Tk + j] = dot(qr + r * D, key, D);
+      }
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t g = r / Tq, i = r % Tq;
+        float* sr = s + r * Tk;
+        if (mask) {
+          const float* mr = mask + b * ms_b + (h * G + g) * ms_h + i * ms_q;
+          for (int64_t jj = j0; jj < j1; ++jj) sr[jj] += mr[jj];
+        }
+        if (causal) {
+          const int64_t last = Tk - Tq + i;
+          for (int64_t jj = (last + 1 > j0 ? last + 1 : j0); jj < j1; ++jj) sr[jj] = -INFINITY;
+        }
+      }
+    }
+    // softmax per row (unnormalised: the sums divide the merged outputs)
+#pragma omp for schedule(static)
+    for (int64_t rr = 0; rr < BH * R; ++rr) {
+      float* sr = scores.data() + rr * Tk;
+      float m = -INFINITY;
+      for (int64_t j = 0; j < Tk; ++j) m = sr[j] > m ? sr[j] : m;
+      if (m == -INFINITY) {  // sees nothing: zero weights, zero output
+        std::memset(sr, 0, Tk * sizeof(float));
+        continue;
+      }
+      const float inv = 1.f / exp_shift_sum(sr, Tk, m);
+      for (int64_t j = 0; j < Tk; ++j) sr[j] *= inv;
+    }
+    // values: each work item's weighted sum of its tokens
+#pragma omp for schedule(static)
+    for (int64_t it = 0; it < items; ++it) {
+      const int64_t bh = it / n_chunks, b = bh / Hkv, h = bh % Hkv;
+      const int64_t j0 = (it % n_chunks) * chunk, j1 = j0 + chunk < Tk ? j0 + chunk : Tk;
+      const int64_t jh = j1 < t_hist ? j1 : t_hist;
+      const float* p = scores.data() + bh * R * Tk;
+      float* o = partial.data() + it * R * Dv;
+      std::memset(o, 0, R * Dv * sizeof(float));
+      int64_t j = j0;
+#ifdef __AVX512F__
+      if (j < jh && fast_4bit(v, Dv)) {
+        if (Dv == 64) values_4bit<4>(v, b, h, p, R, j, jh, Tk, o);
+        else values_4bit<8>(v, b, h, p, R, j, jh, Tk, o);
+        j = jh;
+      }
+#endif
+      for (; j < j1; ++j) {
+        const float* val;
+        if (j < t_hist) {
+          const int64_t nb = Dv / v.block, ai = scale_index(v, b, h, j);
+          for (int64_t i = 0; i < nb; ++i) scales[i] = load_scale(v.absmax, ai + i, v.absmax_half);
+          decode_row(packed_row(v, b, h, j), scales.data(), vc, v.bits, Dv, v.block, row.data());
+          val = row.data();
+        } else {
+          val = v_tail + (bh * t_tail + (j - t_hist)) * Dv;
+        }
+        for (int64_t r = 0; r < R; ++r) {
+          const float w = p[r * Tk + j];
+          if (w != 0.f) axpy(w, val, o + r * Dv, Dv);
+        }
+      }
+    }
+    // merge the work items of each (batch, head)
+#pragma omp for schedule(static)
+    for (int64_t bh = 0; bh < BH; ++bh) {
+      float* dst = out + bh * R * Dv;
+      std::memset(dst, 0, R * Dv * sizeof(float));
+      for (int64_t c = 0; c < n_chunks; ++c) {
+        const float* src = partial.data() + (bh * n_chunks + c) * R * Dv;
+        for (int64_t e = 0; e < R * Dv; ++e) dst[e] += src[e];
+      }
+    }
+  }
+}
+
+}  // extern "C"

@@ -1,0 +1,277 @@
+"""Native CPU kernels: build, load and call ``csrc/cpu_kernels.cpp``.
+
+The kernels are plain C functions on raw pointers. On first use the source is compiled with the
+system C++ compiler (``-O3 -march=native -fopenmp``, about a second; no torch headers) into a cache
+directory keyed by the source, the compiler and this CPU, and loaded with :mod:`ctypes`, the way
+Inductor loads the C++ it generates. Every argument is checked here before a pointer is passed.
+
+When no compiler is found, the build fails, or ``NQKV_NATIVE=0`` is set, :func:`available` is False
+and callers take their plain-torch paths, which compute the same results (the tests compare them).
+The build log of a failure is kept in the cache directory and named in a one-time warning.
+
+Threads: each call uses ``torch.get_num_threads()`` OpenMP threads. The library links the same
+``libgomp`` torch's CPU build has loaded, so both share one thread pool.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-fno-math-errno"]
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("NQKV_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nqkv"
+    )
+    return Path(root)
+
+
+def _cpu_signature() -> str:
+    # -march=native code runs only on CPUs with the same features: key the build on them.
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return platform.machine() + flags
+
+
+def _compiler() -> Optional[str]:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+
+
+def _build(cxx: str) -> Path:
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + cxx.encode() + " ".join(FLAGS).encode() + _cpu_signature().encode()).hexdigest()
+    out_dir = _cache_dir() / key[:16]
+    lib = out_dir / "libnqkv_cpu.so"
+    if lib.exists():
+        return lib
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Build under a temporary name and rename: concurrent processes (test workers) never load a
+    # half-written library.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+    os.close(fd)
+    cmd = [cxx, *FLAGS, str(SOURCE), "-o", tmp]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        log = out_dir / "build.log"
+        log.write_text(" ".join(cmd) + "\n" + proc.stdout + proc.stderr)
+        os.unlink(tmp)
+        raise RuntimeError(f"compiling {SOURCE.name} failed; the log is in {log}")
+    os.replace(tmp, lib)
+    return lib
+
+
+class _Packed(ctypes.Structure):
+    _fields_ = [
+        ("codes", ctypes.c_void_p),
+        ("cs_b", ctypes.c_int64), ("cs_h", ctypes.c_int64), ("cs_t", ctypes.c_int64),
+        ("absmax", ctypes.c_void_p),
+        ("as_b", ctypes.c_int64), ("as_h", ctypes.c_int64), ("as_t", ctypes.c_int64),
+        ("absmax_half", ctypes.c_int),
+        ("codebook", ctypes.c_void_p),
+        ("bits", ctypes.c_int),
+        ("block", ctypes.c_int64),
+    ]
+
+
+_ENABLED = [True]
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Within this block every caller takes its plain-torch path (tests and benchmarks compare them)."""
+    before, _ENABLED[0] = _ENABLED[0], False
+    try:
+        yield
+    finally:
+        _ENABLED[0] = before
+
+
+@functools.lru_cache(maxsize=None)
+def _library() -> Optional[ctypes.CDLL]:
+    if os.environ.get("NQKV_NATIVE", "1") == "0":
+        return None
+    cxx = _compiler()
+    if cxx is None:
+        warnings.warn("nqkv: no C++ compiler found (set CXX); CPU kernels fall back to plain torch", stacklevel=3)
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(cxx)))
+    except (OSError, RuntimeError) as e:
+        warnings.warn(f"nqkv: native CPU kernels unavailable ({e}); falling back to plain torch", stacklevel=3)
+        return None
+    i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.nqkv_quantize_rows.argtypes = [ptr, i32, i64, i64, i64, ptr, i32, i32, ptr, ptr, i32]
+    lib.nqkv_dequantize_rows.argtypes = [ptr, ptr, i32, ptr, i32, i64, i64, i64, ptr, i32, i32]
+    lib.nqkv_attention_decode.argtypes = [
+        ptr, _Packed, _Packed, i64, ptr, ptr, i64, ptr, i64, i64, i64, i32, i64, i64, i64, i64, i64, i64, ptr, i32,
+    ]
+    for fn in (lib.nqkv_quantize_rows, lib.nqkv_dequantize_rows, lib.nqkv_attention_decode):
+        fn.restype = None
+    return lib
+
+
+def available() -> bool:
+    """Whether the native CPU kernels are built and loaded (builds them on the first call)."""
+    return _ENABLED[0] and _library() is not None
+
+
+def _ptr(t: Optional[Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+def _usable(*tensors: Optional[Tensor]) -> bool:
+    # Plain CPU tensors only: not inside a traced graph (checked first, so that tracing never reaches
+    # the rest), not fake tensors (no data), not subclasses.
+    if torch.compiler.is_compiling():
+        return False
+    return all(
+        t is None or (t.device.type == "cpu" and type(t) is Tensor and not torch._subclasses.fake_tensor.is_fake(t))
+        for t in tensors
+    )
+
+
+# -- quantize / dequantize rows ---------------------------------------------------------------------
+
+
+def quantize_rows_supported(x: Tensor, bits: int, block: int) -> bool:
+    """Blocks along a contiguous last axis, fp32/bf16 input, whole bytes per block."""
+    return (
+        _usable(x)
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and x.is_contiguous()
+        and x.numel() > 0
+        and (block * bits) % 8 == 0
+        and (bits != 3 or block % 8 == 0)
+        and available()
+    )
+
+
+def quantize_rows(x: Tensor, thresholds: Tensor, bits: int, block: int, round_half: bool) -> tuple[Tensor, Tensor]:
+    """Codes (packed, ``x.shape`` with last axis ``* bits / 8``) and fp32 absmax (last axis ``/ block``).
+
+    ``x`` contiguous fp32 or bf16 (see :func:`quantize_rows_supported`); ``thresholds`` the fp32
+    midpoints between levels. The absmax is rounded up to the fp16 grid when ``round_half``.
+    """
+    row_len = x.shape[-1]
+    rows = x.numel() // row_len
+    th = thresholds.float().contiguous()
+    codes = torch.empty(*x.shape[:-1], row_len * bits // 8, dtype=torch.uint8)
+    absmax = torch.empty(*x.shape[:-1], row_len // block, dtype=torch.float32)
+    _library().nqkv_quantize_rows(
+        x.data_ptr(), int(x.dtype == torch.bfloat16), rows, row_len, block, th.data_ptr(), bits,
+        int(round_half), codes.data_ptr(), absmax.data_ptr(), torch.get_num_threads(),
+    )
+    return codes, absmax
+
+
+def dequantize_rows_supported(codes: Tensor, absmax: Tensor, codebook: Tensor, bits: int, block: int,
+                              dtype: torch.dtype) -> bool:
+    return (
+        _usable(codes, absmax, codebook)
+        and dtype in (torch.float32, torch.bfloat16)
+        and absmax.dtype in (torch.float16, torch.float32)
+        and codes.is_contiguous()
+        and absmax.is_contiguous()
+        and codes.numel() > 0
+        and (block * bits) % 8 == 0
+        and (bits != 3 or block % 8 == 0)
+        and available()
+    )
+
+
+def dequantize_rows(codes: Tensor, absmax: Tensor, codebook: Tensor, bits: int, block: int,
+                    dtype: torch.dtype) -> Tensor:
+    """``codebook[code] * absmax`` for codes packed and blocked along the last axis."""
+    row_len = codes.shape[-1] * 8 // bits
+    rows = codes.numel() // codes.shape[-1]
+    cb = codebook.float().contiguous()
+    out = torch.empty(*codes.shape[:-1], row_len, dtype=dtype)
+    _library().nqkv_dequantize_rows(
+        codes.data_ptr(), absmax.data_ptr(), int(absmax.dtype == torch.float16), cb.data_ptr(), bits, rows,
+        row_len, block, out.data_ptr(), int(dtype == torch.bfloat16), torch.get_num_threads(),
+    )
+    return out
+
+
+# -- decode attention ------------------------------------------------------------------------------
+
+
+def attention_decode_supported(q: Tensor, k: tuple, v: tuple, k_tail: Optional[Tensor], v_tail: Optional[Tensor],
+                               attn_mask: Optional[Tensor]) -> bool:
+    """CPU tensors, blocks along head_dim for K and V with whole bytes per block."""
+    for codes, absmax, codebook, block, axis in (k, v):
+        bits = codebook.numel().bit_length() - 1
+        if axis != 3 or (block * bits) % 8 or (bits == 3 and block % 8) or absmax.dtype not in (
+            torch.float16, torch.float32
+        ):
+            return False
+    return _usable(q, k[0], k[1], k[2], v[0], v[1], v[2], k_tail, v_tail, attn_mask) and available()
+
+
+def _packed(codes: Tensor, absmax: Tensor, codebook: Tensor, block: int, keep: list) -> _Packed:
+    if codes.stride(-1) != 1:
+        codes = codes.contiguous()
+    if absmax.stride(-1) != 1:
+        absmax = absmax.contiguous()
+    cb = codebook.float().contiguous()
+    keep += [codes, absmax, cb]  # alive until the call returns
+    cs, as_ = codes.stride(), absmax.stride()
+    return _Packed(
+        codes.data_ptr(), cs[0], cs[1], cs[2], absmax.data_ptr(), as_[0], as_[1], as_[2],
+        int(absmax.dtype == torch.float16), cb.data_ptr(), codebook.numel().bit_length() - 1, block,
+    )
+
+
+def attention_decode(q: Tensor, k: tuple, v: tuple, k_tail: Optional[Tensor], v_tail: Optional[Tensor],
+                     attn_mask: Optional[Tensor], scale: float, is_causal: bool) -> Tensor:
+    """Same contract as :func:`nqkv_core.ops.cpu.attention_decode`, in one native call.
+
+    ``q`` (B, Hq, Tq, D); ``k``/``v`` ``(codes, absmax, codebook, block, axis)`` with ``axis == 3``;
+    tails (B, Hkv, T_tail, D) or None; ``attn_mask`` boolean or additive, broadcastable to
+    (B, Hq, Tq, Tk). Returns (B, Hq, Tq, Dv) in ``q.dtype``.
+    """
+    b, hq, tq, d = q.shape
+    hkv, th = k[0].shape[1], k[0].shape[2]
+    g = hq // hkv
+    dv = v[0].shape[3] * 8 // (v[2].numel().bit_length() - 1)
+    tt = 0 if k_tail is None else k_tail.shape[2]
+    tk = th + tt
+    keep: list = []
+    qf = (q.float() * scale).contiguous()
+    kt = None if not tt else k_tail.float().contiguous()
+    vt = None if not tt else v_tail.float().contiguous()
+    mask, ms = None, (0, 0, 0)
+    if attn_mask is not None:
+        m = attn_mask
+        if m.dtype == torch.bool:
+            m = torch.zeros(m.shape, dtype=torch.float32).masked_fill_(~m, -float("inf"))
+        m = m.float().expand(b, hq, tq, tk)
+        if m.stride(-1) != 1:
+            m = m.contiguous()
+        mask, ms = m, (m.stride(0), m.stride(1), m.stride(2))
+    out = torch.empty(b, hkv, g * tq, dv, dtype=torch.float32)
+    _library().nqkv_attention_decode(
+        qf.data_ptr(), _packed(*k[:4], keep), _packed(*v[:4], keep), th, _ptr(kt), _ptr(vt), tt,
+        _ptr(mask), ms[0], ms[1], ms[2], int(is_causal and tq > 1), b, hkv, g, tq, d, dv, out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return out.view(b, hq, tq, dv).to(q.dtype)

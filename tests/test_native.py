@@ -1,0 +1,150 @@
+"""The native CPU kernels (nqkv_core/csrc/cpu_kernels.cpp) against the plain-torch paths and references."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nqkv_core import native
+from nqkv_core.codebook import get_codebook
+from nqkv_core.ops import cpu
+from nqkv_core.quantize import dequantize_blockwise, quantize_blockwise
+
+pytestmark = pytest.mark.skipif(os.environ.get("NQKV_NATIVE") == "0", reason="native kernels disabled")
+
+
+def test_builds_and_loads():
+    # CI and the Makefile's machines have a C++ compiler: a failed build must fail here, not fall back quietly.
+    assert native.available()
+    with native.disabled():
+        assert not native.available()
+    assert native.available()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("block,scale_dtype", [(64, torch.float16), (32, torch.float32), (16, torch.float16)])
+def test_quantize_dequantize_match_torch_bitwise(bits, dtype, block, scale_dtype):
+    torch.manual_seed(bits * 7 + block)
+    x = (torch.randn(5, 3, 128) * torch.rand(5, 3, 1) * 10).to(dtype)
+    x[1, 2, :block] = 0  # an all-zero block
+    x[2, 0, 5] = torch.finfo(dtype).max / 4 if scale_dtype == torch.float32 else 1000.0
+    cb = get_codebook("nf", bits, block)
+    codes, absmax = quantize_blockwise(x, cb, block, scale_dtype=scale_dtype)
+    with native.disabled():
+        ref_codes, ref_absmax = quantize_blockwise(x, cb, block, scale_dtype=scale_dtype)
+    assert torch.equal(codes, ref_codes)
+    assert torch.equal(absmax, ref_absmax)
+    for out in (torch.float32, torch.bfloat16):
+        y = dequantize_blockwise(codes, absmax, cb, block, dtype=out)
+        with native.disabled():
+            ref = dequantize_blockwise(codes, absmax, cb, block, dtype=out)
+        assert torch.equal(y, ref)
+    assert (dequantize_blockwise(codes, absmax, cb, block)[1, 2, :block] == 0).all()
+
+
+def test_quantize_errors_survive_the_native_path():
+    cb = get_codebook("nf", 4, 64)
+    x = torch.randn(4, 128)
+    x[3, 70] = float("nan")
+    with pytest.raises(ValueError, match=r"1 non-finite value.*\(3, 70\)"):
+        quantize_blockwise(x, cb, 64)
+    x[3, 70] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        quantize_blockwise(x.bfloat16(), cb, 64)
+    with pytest.raises(ValueError, match="float16 range"):
+        quantize_blockwise(torch.full((2, 64), 1e5), cb, 64)
+
+
+def _packed(b, hkv, t, d, bits, block, scale_dtype=torch.float16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cb = get_codebook("nf" if bits != 2 else "lloyd", bits, block)
+    x = torch.randn(b, hkv, t, d, generator=g) * (1 + torch.arange(d) / d)
+    codes, absmax = quantize_blockwise(x, cb, block, scale_dtype=scale_dtype)
+    return (codes, absmax, cb, block, 3)
+
+
+def _reference(q, k, v, k_tail, v_tail, mask, scale, causal):
+    """fp32 SDPA over the dequantized history plus the tail, causal aligned bottom-right."""
+    kd = dequantize_blockwise(*k[:4], axis=-1)
+    vd = dequantize_blockwise(*v[:4], axis=-1)
+    if k_tail is not None:
+        kd, vd = torch.cat([kd, k_tail.float()], 2), torch.cat([vd, v_tail.float()], 2)
+    tq, tk = q.shape[2], kd.shape[2]
+    if causal:
+        allowed = torch.ones(tq, tk, dtype=torch.bool).tril(tk - tq)
+        mask = allowed if mask is None else mask & allowed
+    return F.scaled_dot_product_attention(q.float(), kd, vd, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
+CASES = [
+    # b, hkv, g, tq, d, t_hist, t_tail, bits, block
+    (1, 3, 3, 1, 64, 300, 5, 4, 64),  # SmolLM2-like decode step
+    (2, 2, 4, 3, 128, 130, 0, 4, 64),
+    (1, 2, 2, 2, 128, 77, 9, 4, 32),
+    (1, 1, 5, 1, 64, 257, 36, 3, 64),  # R not a multiple of four
+    (2, 1, 2, 1, 64, 64, 1, 2, 64),
+    (1, 2, 1, 4, 32, 40, 3, 4, 16),  # portable path: head_dim 32, blocks of 16
+    (1, 1, 2, 1, 64, 33, 2, 8, 64),
+    (1, 2, 2, 1, 64, 0, 7, 4, 64),  # no history yet
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}h{}g{}q{}d{}t{}+{}b{}k{}".format(*c))
+@pytest.mark.parametrize("variant", ["plain", "causal", "additive", "bool", "fp32-scales"])
+def test_attention_decode_matches_reference(case, variant):
+    b, hkv, g, tq, d, th, tt, bits, block = case
+    scale_dtype = torch.float32 if variant == "fp32-scales" else torch.float16
+    k = _packed(b, hkv, th, d, bits, block, scale_dtype, seed=1)
+    v = _packed(b, hkv, th, d, bits, block, scale_dtype, seed=2)
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(b, hkv * g, tq, d, generator=gen)
+    k_tail = torch.randn(b, hkv, tt, d, generator=gen) if tt else None
+    v_tail = torch.randn(b, hkv, tt, d, generator=gen) if tt else None
+    tk = th + tt
+    mask = None
+    if variant == "additive":
+        mask = torch.randn(1, hkv * g, tq, tk, generator=gen)  # broadcast over the batch
+    elif variant == "bool":
+        mask = torch.rand(b, 1, tq, tk, generator=gen) > 0.3
+        mask[0, 0, 0] = False  # a row that sees nothing: zeros, as SDPA
+    causal = variant == "causal"
+    scale = d**-0.5
+    assert native.attention_decode_supported(q, k, v, k_tail, v_tail, mask)
+    out = native.attention_decode(q, k, v, k_tail, v_tail, mask, scale, causal)
+    ref = _reference(q, k, v, k_tail, v_tail, mask, scale, causal).nan_to_num(0.0)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    with native.disabled():  # the torch path (bf16 products) agrees to its own tolerance
+        torch_path = cpu.attention_decode(q, k, v, k_tail, v_tail, mask, scale, causal)
+    torch.testing.assert_close(out, torch_path, atol=2e-2, rtol=2e-2)
+
+
+def test_attention_decode_strided_cache_views_and_dtypes():
+    # A preallocated cache hands the op views of its storage: tokens [0, T) of a longer buffer.
+    b, hkv, g, d, cap, th = 2, 2, 3, 64, 512, 200
+    kk = _packed(b, hkv, cap, d, 4, 64, seed=4)
+    vv = _packed(b, hkv, cap, d, 4, 64, seed=5)
+    k = (kk[0][:, :, :th], kk[1][:, :, :th], *kk[2:])
+    v = (vv[0][:, :, :th], vv[1][:, :, :th], *vv[2:])
+    assert not k[0].is_contiguous()
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        q = torch.randn(b, hkv * g, 1, d).to(dtype)
+        out = native.attention_decode(q, k, v, None, None, None, 0.125, False)
+        assert out.dtype == dtype
+        ref = _reference(q, k, v, None, None, None, 0.125, False)
+        torch.testing.assert_close(out.float(), ref, atol=1e-2 if dtype != torch.float32 else 2e-5, rtol=1e-2)
+
+
+def test_attention_decode_long_cache_softmax_is_exact():
+    # Many chunks of work and one dominant key: the split softmax must merge exactly.
+    k = _packed(1, 1, 3000, 64, 4, 64, seed=6)
+    v = _packed(1, 1, 3000, 64, 4, 64, seed=7)
+    q = dequantize_blockwise(*k[:4], axis=-1)[:, :, 2222:2223] * 3.0  # aligned with key 2222
+    out = native.attention_decode(q, k, v, None, None, None, 1.0, False)
+    ref = _reference(q, k, v, None, None, None, 1.0, False)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    assert math.isfinite(float(out.abs().max()))
