@@ -5,6 +5,9 @@ Every variant runs in the same loop, interleaved, and the median of the repeats 
 
 * ``nqkv fp32`` / ``nqkv bf16``: ``F.scaled_dot_product_attention(q, K, V, enable_gqa=True)`` with
   NQTensor K/V (4-bit NF codes, blocks of 64 along head_dim, fp16 scales) and fp32 / bf16 queries;
+  the native decode kernel when it is built (``nqkv_core.native``);
+* ``nqkv torch``: the same call (bf16 queries) on the plain-torch path, the fallback without the
+  native kernels;
 * ``fp32 gqa``: torch SDPA on the unquantized fp32 cache with ``enable_gqa=True``;
 * ``fp32 fold`` / ``bf16 fold``: the query-head group folded into query rows, (B, Hkv, 4, D);
 * ``deq+sdpa``: ``K.dequantize()``, ``V.dequantize()`` then ``fp32 fold``.
@@ -30,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import nqkv_core.ops  # noqa: F401  (registers the SDPA route for NQTensor)
-from nqkv_core import NQTensor
+from nqkv_core import NQTensor, native
 
 GROUP = 4
 try:
@@ -94,6 +97,11 @@ def peak_bytes(fn) -> int:
     return peak[0] - base
 
 
+def _torch_path(fn):
+    with native.disabled():
+        return fn()
+
+
 def bench_config(b: int, hkv: int, d: int, t: int, repeats: int, bw: float) -> dict:
     gen = torch.Generator().manual_seed(0)
     k = torch.randn(b, hkv, t, d, generator=gen)
@@ -107,6 +115,7 @@ def bench_config(b: int, hkv: int, d: int, t: int, repeats: int, bw: float) -> d
     variants = {
         "nqkv fp32": lambda: F.scaled_dot_product_attention(q, K, V, enable_gqa=True),
         "nqkv bf16": lambda: F.scaled_dot_product_attention(qbh, K, V, enable_gqa=True),
+        "nqkv torch": lambda: _torch_path(lambda: F.scaled_dot_product_attention(qbh, K, V, enable_gqa=True)),
         "fp32 gqa": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
         "fp32 fold": lambda: F.scaled_dot_product_attention(qf, k, v),
         "bf16 fold": lambda: F.scaled_dot_product_attention(qb, kb, vb),
@@ -154,8 +163,9 @@ def main() -> None:
     if args.quick:
         args.batch, args.kv_heads, args.head_dim, args.tokens, args.repeats = [1], [8], [128], [1024, 8192], 5
     bw = read_bandwidth()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, read bandwidth {bw / 1e9:.1f} GB/s")
-    names = ["nqkv fp32", "nqkv bf16", "fp32 gqa", "fp32 fold", "bf16 fold", "deq+sdpa"]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, read bandwidth {bw / 1e9:.1f} GB/s,"
+          f" native kernels: {'yes' if native.available() else 'no (torch path)'}")
+    names = ["nqkv fp32", "nqkv bf16", "nqkv torch", "fp32 gqa", "fp32 fold", "bf16 fold", "deq+sdpa"]
     print("| config | " + " | ".join(f"{n} ms" for n in names)
           + " | nqkv/fastest fp (fp32 q, bf16 q) | deq+sdpa/nqkv | peak MiB (nqkv vs deq copy) | floor ms (op/floor) |")
     print("|" + "---|" * (len(names) + 5))

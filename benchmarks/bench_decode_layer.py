@@ -6,7 +6,7 @@ Isolates what a model's decode step spends per layer (no linear layers around it
 
 * ``nqkv``: the default 4-bit scheme (RoPE-aware key centre: attention adds a score offset);
 * ``nqkv plain-centre``: the same with a post-RoPE key mean (no offset);
-* ``nqkv no-pad``: ``nqkv`` with ``DECODE_PAD_TOKENS = 1`` (every step a new matmul shape);
+* ``nqkv torch path``: ``nqkv`` without the native CPU kernels (``nqkv_core.native.disabled()``);
 * ``sdpa fp32 cat``: fp32 SDPA (``enable_gqa``) over a cache grown by ``torch.cat``, as
   ``DynamicCache`` does;
 * ``sdpa fp32 static``: the same over a preallocated cache written in place.
@@ -19,13 +19,14 @@ Variants run in interleaved rounds; each figure is the median over rounds of the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
-import nqkv_core.ops.cpu as cpu_ops
+from nqkv_core import native
 from nqkv_core.cache import NQKVCache
 from nqkv_core.scheme import nqkv_preset
 
@@ -37,23 +38,20 @@ def rope_config(kv_heads: int, group: int, head_dim: int):
                        num_key_value_heads=kv_heads, num_hidden_layers=1, head_dim=head_dim, rope_theta=1e5)
 
 
-def nqkv_steps(scheme, config, tokens: int, steps: int, kv_heads: int, group: int, d: int, pad: int) -> float:
+def nqkv_steps(scheme, config, tokens: int, steps: int, kv_heads: int, group: int, d: int, use_native: bool = True) -> float:
     cache = NQKVCache(scheme, config=config)
     g = torch.Generator().manual_seed(0)
     cache.append(torch.randn(1, kv_heads, tokens, d, generator=g), torch.randn(1, kv_heads, tokens, d, generator=g), 0)
     layer = cache.layers[0]
     q = torch.randn(1, kv_heads * group, 1, d, generator=g)
     new = [(torch.randn(1, kv_heads, 1, d, generator=g), torch.randn(1, kv_heads, 1, d, generator=g)) for _ in range(steps)]
-    saved, cpu_ops.DECODE_PAD_TOKENS = cpu_ops.DECODE_PAD_TOKENS, pad
-    try:
-        times = []
+    times = []
+    with contextlib.nullcontext() if use_native else native.disabled():
         for k, v in new:
             t = time.perf_counter()
             layer.update(k, v)
             layer.attention(q, None, d**-0.5)
             times.append(time.perf_counter() - t)
-    finally:
-        cpu_ops.DECODE_PAD_TOKENS = saved
     return statistics.median(times[2:])
 
 
@@ -94,18 +92,17 @@ def main() -> None:
     config = rope_config(h, grp, d)
     rope = nqkv_preset(4)
     plain = nqkv_preset(4, rope_centre=False)
-    pad = cpu_ops.DECODE_PAD_TOKENS
     variants = {
-        "nqkv": lambda t: nqkv_steps(rope, config, t, args.steps, h, grp, d, pad),
-        "nqkv plain-centre": lambda t: nqkv_steps(plain, config, t, args.steps, h, grp, d, pad),
-        "nqkv no-pad": lambda t: nqkv_steps(rope, config, t, args.steps, h, grp, d, 1),
-        # (each round starts a little further on, so that no-pad meets lengths it has not seen)
+        "nqkv": lambda t: nqkv_steps(rope, config, t, args.steps, h, grp, d),
+        "nqkv plain-centre": lambda t: nqkv_steps(plain, config, t, args.steps, h, grp, d),
+        "nqkv torch path": lambda t: nqkv_steps(rope, config, t, args.steps, h, grp, d, use_native=False),
+        # (each round starts a little further on: the torch path meets matmul shapes it has not seen)
         "sdpa fp32 cat": lambda t: sdpa_steps(t, args.steps, h, grp, d, static=False),
         "sdpa fp32 static": lambda t: sdpa_steps(t, args.steps, h, grp, d, static=True),
     }
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); {h} KV heads x {grp} query heads,"
           f" head_dim {d}; {args.steps} steps x {args.rounds} rounds; ms per layer and step\n")
-    print("| tokens | " + " | ".join(variants) + " | nqkv / sdpa cat | nqkv / plain-centre | no-pad / nqkv |")
+    print("| tokens | " + " | ".join(variants) + " | nqkv / sdpa cat | nqkv / plain-centre | torch path / nqkv |")
     print("|---:|" + "---:|" * (len(variants) + 3))
     for t in args.tokens:
         samples: dict[str, list[float]] = {name: [] for name in variants}
@@ -115,7 +112,7 @@ def main() -> None:
         ms = {name: 1e3 * statistics.median(v) for name, v in samples.items()}
         cells = " | ".join(f"{ms[n]:.3f}" for n in variants)
         print(f"| {t} | {cells} | {ms['nqkv'] / ms['sdpa fp32 cat']:.2f} | {ms['nqkv'] / ms['nqkv plain-centre']:.2f}"
-              f" | {ms['nqkv no-pad'] / ms['nqkv']:.2f} |", flush=True)
+              f" | {ms['nqkv torch path'] / ms['nqkv']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -33,12 +33,14 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
 import nqkv_core.ops  # noqa: F401  (registers torch.ops.nqkv.attention)
+from nqkv_core import native
+from nqkv_core.ops import cpu as cpu_ops
 from nqkv_core.ops.attention import attention_eager, skips_dispatcher
 from nqkv_core.codebook import get_codebook
 from nqkv_core.quantize import dequantize_blockwise, quantize_blockwise
@@ -88,6 +90,19 @@ def _read_body(data: tuple[torch.Tensor, ...], fmt: SideFormat, dtype: torch.dty
     return dequantize_blockwise(codes, absmax, fmt.codebook, fmt.block, axis=-1, dtype=dtype)
 
 
+@dataclass
+class KeyBias:
+    """A per-key score offset ``w[b, h, i] . table[positions[j]]`` (the RoPE-centred cache's).
+
+    ``parts = (w, table, positions)``: ``w`` ``(b, hq, T, d)``, ``table`` ``(P, d)``, ``positions``
+    ``(slots,)`` in ``[0, P)``, what the native decode kernel takes; ``dense()`` materialises the
+    ``(b, hq, T, slots)`` offsets for every other path.
+    """
+
+    parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    dense: Callable[[], torch.Tensor]
+
+
 def attend(
     query: torch.Tensor,
     k_body: tuple[torch.Tensor, ...],
@@ -98,6 +113,7 @@ def attend(
     v_fp: torch.Tensor,
     mask: torch.Tensor,
     scale: float,
+    key_bias: KeyBias | None = None,
 ) -> torch.Tensor:
     """Attention of ``query`` over a quantized body followed by full-precision keys/values.
 
@@ -111,10 +127,22 @@ def attend(
             broadcastable to ``(b, hq, T, N + M)`` (``-inf`` = masked); every row attends to at least
             one key. None: every query attends to every key.
         scale: softmax scale.
+        key_bias: a score offset added to every key's score (a RoPE-centred cache's), or None.
 
     Returns:
         ``(b, hq, T, d)`` in ``query.dtype``.
     """
+    if key_bias is not None:
+        k = (*k_body, k_fmt.codebook, k_fmt.block, 3)
+        v = (*v_body, v_fmt.codebook, v_fmt.block, 3)
+        if (
+            FUSED and k_fmt.quantized and v_fmt.quantized and k_body[0].shape[2]
+            and skips_dispatcher(query, k_fp, v_fp) and cpu_ops.decode_fits(query, k, v, k_fp)
+            and native.attention_decode_supported(query, k, v, k_fp, v_fp, mask)
+        ):  # one native call that adds the offset itself, no (b, hq, T, slots) offset tensor
+            return native.attention_decode(query, k, v, k_fp, v_fp, mask, scale, False, key_bias.parts)
+        bias = key_bias.dense()
+        mask = bias if mask is None else bias.masked_fill(~mask, -math.inf)
     if k_body[0].shape[2] == 0:
         # Nothing quantized yet (a prompt on an empty cache): torch's own fused SDPA over the exact
         # tokens; the op's chunked path would only add its bookkeeping.
@@ -215,12 +243,17 @@ def rope_key_bias(query: torch.Tensor, mu: torch.Tensor, table: torch.Tensor, sc
         query: ``(b, hq, T, d)`` post-RoPE queries in the original basis.
         mu: ``(b, hq, 1, d)`` pre-RoPE key centre of each query head's kv head.
     """
+    return rope_bias_weights(query, mu, scale) @ table.T
+
+
+def rope_bias_weights(query: torch.Tensor, mu: torch.Tensor, scale: float) -> torch.Tensor:
+    """The rows ``w`` of :func:`rope_key_bias` (``bias = w @ table.T``): ``(b, hq, T, d)`` fp32."""
     q = query.float()
     h = q.shape[-1] // 2
     q_lo, q_hi, mu_lo, mu_hi = q[..., :h], q[..., h:], mu[..., :h], mu[..., h:]
     cos_part = q_lo * mu_lo + q_hi * mu_hi
     sin_part = q_hi * mu_lo - q_lo * mu_hi
-    return torch.cat([cos_part, sin_part], dim=-1).mul_(scale) @ table.T
+    return torch.cat([cos_part, sin_part], dim=-1).mul_(scale)
 
 
 class NQKVLayer(CacheLayerMixin):
@@ -395,12 +428,10 @@ class NQKVLayer(CacheLayerMixin):
             self.rope.ensure(int(self.length) + k.shape[2], self.device)
         return fit_transform(self.scheme, k, v, q, inv_freq)
 
-    def _key_bias(
-        self, query: torch.Tensor, positions: torch.Tensor, n: int | None, scaling: float
-    ) -> torch.Tensor:
-        """``scaling * q . R(p) mu`` of every query row for the slots at ``positions``: ``(b, hq, T, slots)``.
+    def _key_bias(self, query: torch.Tensor, positions: torch.Tensor, n: int | None, scaling: float) -> KeyBias:
+        """``scaling * q . R(p) mu`` of every query row for the slots at ``positions`` (``(b, hq, T, slots)``).
 
-        The bias is computed for positions ``[0, P)`` in order and cut into the slot order
+        Densely, the bias is computed for positions ``[0, P)`` in order and cut into the slot order
         ``[body | sinks | ring | new]``: body and sinks are contiguous runs of positions, so only the
         ring and the new tokens are gathered (gathering a table row per slot costs as much as the bias).
         """
@@ -413,9 +444,15 @@ class NQKVLayer(CacheLayerMixin):
         else:
             P = max(S + n_body, n + T)
             self.rope.ensure(P, self.device)
-        bias = rope_key_bias(query, mu, self.rope.table[:P], scaling)
-        tail = positions[n_body + S :].clamp(0, P - 1)  # ring (unused slots are masked) and new tokens
-        return torch.cat([bias[..., S : S + n_body], bias[..., :S], bias.index_select(-1, tail)], dim=-1)
+        w, table = rope_bias_weights(query, mu, scaling), self.rope.table[:P]
+        slot_positions = positions.clamp(0, P - 1)  # unused ring slots (masked) hold positions < 0
+
+        def dense() -> torch.Tensor:
+            bias = w @ table.T
+            tail = slot_positions[n_body + S :]  # ring and new tokens
+            return torch.cat([bias[..., S : S + n_body], bias[..., :S], bias.index_select(-1, tail)], dim=-1)
+
+        return KeyBias((w, table, slot_positions), dense)
 
     def attention(
         self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float, config: Any = None
@@ -451,15 +488,14 @@ class NQKVLayer(CacheLayerMixin):
             allowed = None  # one query that sees every stored slot: nothing to mask
         else:
             allowed = self._allowed(p0, positions, valid, T, attention_mask)
-        if t.inv_freq is not None and not fresh:  # RoPE-aware centre: the score offset q . R(p) mu
-            bias = self._key_bias(query, positions, n, scaling)
-            allowed = bias if allowed is None else bias.masked_fill(~allowed, -math.inf)
+        # RoPE-aware centre: the score offset q . R(p) mu, added inside attend
+        key_bias = self._key_bias(query, positions, n, scaling) if t.inv_freq is not None and not fresh else None
         k_fp = torch.cat([self.k_sink[:, :, : self.n_sinks], self.k_ring[:, :, : self.n_ring],
                           k_new if k_attend is None else k_attend], dim=2)
         v_fp = torch.cat([self.v_sink[:, :, : self.n_sinks], self.v_ring[:, :, : self.n_ring], v_new], dim=2)
         out = attend(
             q, tuple(x[:, :, :n_body] for x in self.k_body), tuple(x[:, :, :n_body] for x in self.v_body),
-            self.k_fmt, self.v_fmt, k_fp, v_fp, allowed, scaling,
+            self.k_fmt, self.v_fmt, k_fp, v_fp, allowed, scaling, key_bias,
         )
         out = t.output(out.float(), group) if (t.rot_v is not None or t.b_v is not None or t.mu_v is not None) else out
         self._commit(k_new, v_new)

@@ -122,10 +122,12 @@ def _library() -> Optional[ctypes.CDLL]:
     lib.nqkv_quantize_rows.argtypes = [ptr, i32, i64, i64, i64, ptr, i32, i32, ptr, ptr, i32]
     lib.nqkv_dequantize_rows.argtypes = [ptr, ptr, i32, ptr, i32, i64, i64, i64, ptr, i32, i32]
     lib.nqkv_attention_decode.argtypes = [
-        ptr, _Packed, _Packed, i64, ptr, ptr, i64, ptr, i64, i64, i64, i32, i64, i64, i64, i64, i64, i64, ptr, i32,
+        ptr, _Packed, _Packed, i64, ptr, ptr, i64, ptr, i64, i64, i64, ptr, ptr, ptr, i64, i32, i64, i64, i64, i64,
+        i64, i64, ptr, i32,
     ]
-    for fn in (lib.nqkv_quantize_rows, lib.nqkv_dequantize_rows, lib.nqkv_attention_decode):
+    for fn in (lib.nqkv_quantize_rows, lib.nqkv_dequantize_rows):
         fn.restype = None
+    lib.nqkv_attention_decode.restype = ctypes.c_int
     return lib
 
 
@@ -242,12 +244,18 @@ def _packed(codes: Tensor, absmax: Tensor, codebook: Tensor, block: int, keep: l
 
 
 def attention_decode(q: Tensor, k: tuple, v: tuple, k_tail: Optional[Tensor], v_tail: Optional[Tensor],
-                     attn_mask: Optional[Tensor], scale: float, is_causal: bool) -> Tensor:
+                     attn_mask: Optional[Tensor], scale: float, is_causal: bool,
+                     key_bias: Optional[tuple[Tensor, Tensor, Tensor]] = None) -> Tensor:
     """Same contract as :func:`nqkv_core.ops.cpu.attention_decode`, in one native call.
 
     ``q`` (B, Hq, Tq, D); ``k``/``v`` ``(codes, absmax, codebook, block, axis)`` with ``axis == 3``;
     tails (B, Hkv, T_tail, D) or None; ``attn_mask`` boolean or additive, broadcastable to
     (B, Hq, Tq, Tk). Returns (B, Hq, Tq, Dv) in ``q.dtype``.
+
+    ``key_bias = (w, table, positions)`` adds ``w[b, hq, i] . table[positions[j]]`` to the score of
+    query ``i`` and key ``j`` (``w`` (B, Hq, Tq, D), ``table`` (P, D), ``positions`` (Tk,) in
+    ``[0, P)``): the RoPE-centred cache's score offset (docs/design.md), computed inside the
+    kernel instead of as a (B, Hq, Tq, Tk) mask.
     """
     b, hq, tq, d = q.shape
     hkv, th = k[0].shape[1], k[0].shape[2]
@@ -268,10 +276,22 @@ def attention_decode(q: Tensor, k: tuple, v: tuple, k_tail: Optional[Tensor], v_
         if m.stride(-1) != 1:
             m = m.contiguous()
         mask, ms = m, (m.stride(0), m.stride(1), m.stride(2))
+    w = table = pos = None
+    if key_bias is not None:
+        w, table, pos = key_bias
+        if w.shape != q.shape or table.dim() != 2 or table.shape[1] != d or pos.shape != (tk,):
+            raise ValueError(
+                f"key_bias shapes {tuple(w.shape)}, {tuple(table.shape)}, {tuple(pos.shape)} do not match"
+                f" queries {tuple(q.shape)} over {tk} keys"
+            )
+        w, table = w.float().contiguous(), table.float().contiguous()
+        pos = pos.to(torch.int64).contiguous()
     out = torch.empty(b, hkv, g * tq, dv, dtype=torch.float32)
-    _library().nqkv_attention_decode(
+    status = _library().nqkv_attention_decode(
         qf.data_ptr(), _packed(*k[:4], keep), _packed(*v[:4], keep), th, _ptr(kt), _ptr(vt), tt,
-        _ptr(mask), ms[0], ms[1], ms[2], int(is_causal and tq > 1), b, hkv, g, tq, d, dv, out.data_ptr(),
-        torch.get_num_threads(),
+        _ptr(mask), ms[0], ms[1], ms[2], _ptr(w), _ptr(table), _ptr(pos), 0 if table is None else table.shape[0],
+        int(is_causal and tq > 1), b, hkv, g, tq, d, dv, out.data_ptr(), torch.get_num_threads(),
     )
+    if status:
+        raise ValueError(f"key_bias positions must lie in [0, {table.shape[0]})")
     return out.view(b, hq, tq, dv).to(q.dtype)

@@ -148,3 +148,26 @@ def test_attention_decode_long_cache_softmax_is_exact():
     ref = _reference(q, k, v, None, None, None, 1.0, False)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
     assert math.isfinite(float(out.abs().max()))
+
+
+@pytest.mark.parametrize("d,g,tq", [(64, 3, 1), (128, 4, 2), (32, 2, 1)])
+def test_attention_decode_key_bias_matches_dense_offset(d, g, tq):
+    # The RoPE-centred cache's score offset w . table[pos[j]], added inside the kernel, equals the
+    # same offset passed as an additive mask.
+    b, hkv, th, tt, P = 2, 2, 150, 6, 400
+    k = _packed(b, hkv, th, d, 4, 32 if d == 32 else 64, seed=8)
+    v = _packed(b, hkv, th, d, 4, 32 if d == 32 else 64, seed=9)
+    gen = torch.Generator().manual_seed(10)
+    q = torch.randn(b, hkv * g, tq, d, generator=gen)
+    kt, vt = torch.randn(b, hkv, tt, d, generator=gen), torch.randn(b, hkv, tt, d, generator=gen)
+    w = torch.randn(b, hkv * g, tq, d, generator=gen)
+    table = torch.randn(P, d, generator=gen)
+    pos = torch.randint(0, P, (th + tt,), generator=gen)
+    allowed = torch.rand(b, 1, tq, th + tt, generator=gen) > 0.2
+    out = native.attention_decode(q, k, v, kt, vt, allowed, 0.1, False, key_bias=(w, table, pos))
+    dense = (w @ table.T)[..., pos].masked_fill(~allowed, -math.inf)
+    ref = native.attention_decode(q, k, v, kt, vt, dense, 0.1, False)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out, _reference(q, k, v, kt, vt, dense, 0.1, False), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="positions must lie in"):
+        native.attention_decode(q, k, v, kt, vt, None, 0.1, False, key_bias=(w, table, pos + P))

@@ -254,11 +254,12 @@ inline __m128 reduce4(__m512 x0, __m512 x1, __m512 x2, __m512 x3) {
   return _mm_add_ps(_mm256_castps256_ps128(y), _mm256_extractf128_ps(y, 1));
 }
 
-// s[r * Tk + j] = q_r . k_j for packed tokens j in [j0, j1); q holds R rows padded with zero rows
-// to a multiple of four, so four dot products share one reduction.
+// s[r * Tk + j] = q_r . k_j (+ w_r . table[pos[j]] when w is not null) for packed tokens j in
+// [j0, j1); q (and w) hold R rows padded with zero rows to a multiple of four, so four dot products
+// share one reduction.
 template <int ND>
-void scores_4bit(const Packed& k, int64_t b, int64_t h, const float* q, int64_t R, int64_t j0, int64_t j1,
-                 float* s, int64_t Tk) {
+void scores_4bit(const Packed& k, int64_t b, int64_t h, const float* q, const float* w, const float* table,
+                 const int64_t* pos, int64_t R, int64_t j0, int64_t j1, float* s, int64_t Tk) {
   constexpr int64_t D = 16 * ND;
   const __m512 levels = _mm512_loadu_ps(k.codebook);
   alignas(16) float sums[4];
@@ -273,6 +274,17 @@ void scores_4bit(const Packed& k, int64_t b, int64_t h, const float* q, int64_t 
         a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + D + i * 16), kv[i], a1);
         a2 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + 2 * D + i * 16), kv[i], a2);
         a3 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + 3 * D + i * 16), kv[i], a3);
+      }
+      if (w) {  // the score offset of the key's position, in the same reduction
+        const float* wr = w + r0 * D;
+        const float* tr = table + pos[j] * D;
+        for (int i = 0; i < ND; ++i) {
+          const __m512 t = _mm512_loadu_ps(tr + i * 16);
+          a0 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + i * 16), t, a0);
+          a1 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + D + i * 16), t, a1);
+          a2 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + 2 * D + i * 16), t, a2);
+          a3 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + 3 * D + i * 16), t, a3);
+        }
       }
       _mm_store_ps(sums, reduce4(a0, a1, a2, a3));
       for (int64_t r = r0; r < R && r < r0 + 4; ++r) s[r * Tk + j] = sums[r - r0];
@@ -396,13 +408,21 @@ void nqkv_dequantize_rows(const uint8_t* codes, const void* absmax, int absmax_h
 // of a KV head are its G query heads' Tq queries, row g * Tq + i. Keys are the T_hist packed tokens
 // followed by T_tail full-precision tokens (k_tail / v_tail: (B, Hkv, T_tail, D / Dv) fp32
 // contiguous, or null). mask: additive fp32 with element strides (b, query head, query, key = 1),
-// or null. causal: query i sees key j iff j <= Tk - Tq + i. out: (B, Hkv, R, Dv) fp32. Rows that
-// can see no key get zeros, as torch's SDPA. Work is split over (batch x head x token chunk).
-void nqkv_attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, const float* k_tail,
-                           const float* v_tail, int64_t t_tail, const float* mask, int64_t ms_b, int64_t ms_h,
-                           int64_t ms_q, int causal, int64_t B, int64_t Hkv, int64_t G, int64_t Tq, int64_t D,
-                           int64_t Dv, float* out, int threads) {
+// or null. Optional key bias (a RoPE-centred cache's score offset, docs/design.md): bias_w
+// (B, Hkv, R, D) fp32 contiguous, bias_table (P, D) fp32 contiguous and bias_pos (Tk) int64;
+// key j's score gains bias_w[r] . bias_table[bias_pos[j]]. causal: query i sees key j iff
+// j <= Tk - Tq + i. out: (B, Hkv, R, Dv) fp32. Rows that can see no key get zeros, as torch's SDPA.
+// Work is split over (batch x head x token chunk). Returns 0, or 1 (nothing computed) when a bias
+// position is outside [0, P).
+int nqkv_attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, const float* k_tail,
+                          const float* v_tail, int64_t t_tail, const float* mask, int64_t ms_b, int64_t ms_h,
+                          int64_t ms_q, const float* bias_w, const float* bias_table, const int64_t* bias_pos,
+                          int64_t bias_rows, int causal, int64_t B, int64_t Hkv, int64_t G, int64_t Tq, int64_t D,
+                          int64_t Dv, float* out, int threads) {
   const int64_t R = G * Tq, Tk = t_hist + t_tail, BH = B * Hkv;
+  if (bias_w)
+    for (int64_t j = 0; j < Tk; ++j)
+      if (bias_pos[j] < 0 || bias_pos[j] >= bias_rows) return 1;
   const int64_t chunk = 256;  // tokens per work item
   const int64_t n_chunks = (Tk + chunk - 1) / chunk, items = BH * n_chunks;
   float kcb[16] = {0}, vcb[16] = {0};
@@ -416,6 +436,7 @@ void nqkv_attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, c
 #pragma omp parallel num_threads(threads)
   {
     std::vector<float> row(D > Dv ? D : Dv), scales(D > Dv ? D : Dv), qpad((R + 3) / 4 * 4 * D, 0.f);
+    std::vector<float> wpad(bias_w ? (R + 3) / 4 * 4 * D : 0, 0.f);
     // scores: s[r, j] = q_r . k_j (+ mask), -inf where causally hidden
 #pragma omp for schedule(static)
     for (int64_t it = 0; it < items; ++it) {
@@ -423,13 +444,16 @@ void nqkv_attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, c
       const int64_t j0 = (it % n_chunks) * chunk, j1 = j0 + chunk < Tk ? j0 + chunk : Tk;
       const int64_t jh = j1 < t_hist ? j1 : t_hist;  // [j0, jh) packed, [max(j0, t_hist), j1) tail
       const float* qr = q + bh * R * D;
+      const float* wr = bias_w ? bias_w + bh * R * D : nullptr;
       float* s = scores.data() + bh * R * Tk;
       int64_t j = j0;
 #ifdef __AVX512F__
       if (j < jh && fast_4bit(k, D)) {
         std::memcpy(qpad.data(), qr, R * D * sizeof(float));
-        if (D == 64) scores_4bit<4>(k, b, h, qpad.data(), R, j, jh, s, Tk);
-        else scores_4bit<8>(k, b, h, qpad.data(), R, j, jh, s, Tk);
+        if (wr) std::memcpy(wpad.data(), wr, R * D * sizeof(float));
+        const float* wp = wr ? wpad.data() : nullptr;
+        if (D == 64) scores_4bit<4>(k, b, h, qpad.data(), wp, bias_table, bias_pos, R, j, jh, s, Tk);
+        else scores_4bit<8>(k, b, h, qpad.data(), wp, bias_table, bias_pos, R, j, jh, s, Tk);
         j = jh;
       }
 #endif
@@ -444,6 +468,8 @@ void nqkv_attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, c
           key = k_tail + (bh * t_tail + (j - t_hist)) * D;
         }
         for (int64_t r = 0; r < R; ++r) s[r * Tk + j] = dot(qr + r * D, key, D);
+        if (wr)
+          for (int64_t r = 0; r < R; ++r) s[r * Tk + j] += dot(wr + r * D, bias_table + bias_pos[j] * D, D);
       }
       for (int64_t r = 0; r < R; ++r) {
         const int64_t g = r / Tq, i = r % Tq;
@@ -515,6 +541,7 @@ void nqkv_attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, c
       }
     }
   }
+  return 0;
 }
 
 }  // extern "C"
