@@ -162,6 +162,30 @@ def attend(
     return F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
 
 
+def prompt_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """Causal attention of ``T`` new tokens over themselves (a prompt on an empty cache).
+
+    ``attention_mask``: None or transformers' ``(b, 1, T, >= T)`` mask (bool, or additive) whose
+    first ``T`` columns are these tokens. Without padding it is the plain causal mask, and torch's
+    SDPA runs with ``is_causal=True`` instead: its fused CPU kernel then skips the masked half and
+    is about 2x faster than with an explicit ``(T, T)`` mask at 4k tokens.
+    """
+    T = query.shape[2]
+    mask = None
+    if attention_mask is not None:
+        mask = attention_mask[:, :, -T:, :T]
+        if mask.dtype != torch.bool:
+            mask = mask > torch.finfo(mask.dtype).min / 2
+        # rows of padding queries see nothing; give them every token (finite, discarded outputs)
+        mask = mask | ~mask.any(dim=-1, keepdim=True)
+        if bool((mask == torch.ones(T, T, dtype=torch.bool, device=mask.device).tril()).all()):
+            mask = None
+    return F.scaled_dot_product_attention(query, key.to(query.dtype), value.to(query.dtype), attn_mask=mask,
+                                          is_causal=mask is None, scale=scale, enable_gqa=True)
+
+
 # -- one layer --------------------------------------------------------------------------------------
 
 
@@ -481,22 +505,26 @@ class NQKVLayer(CacheLayerMixin):
         k_new = t.keys(k_new, start=p0 if n is None else n).to(self.fp_dtype)
         v_new = t.values(v_new).to(self.fp_dtype)
 
-        # Compiled steps read the whole preallocated body (masked) so that shapes never change.
-        n_body = self.capacity if n is None else min(self._body_capacity(n), self.capacity)
-        positions, valid = self._positions(p0, n_body, T)
-        if n is not None and T == 1 and attention_mask is None and self._all_slots_valid(n):
-            allowed = None  # one query that sees every stored slot: nothing to mask
+        if n == 0 and (attention_mask is None or attention_mask.shape[-1] >= T):
+            # A prompt on an empty cache: sinks and ring hold nothing yet, so it attends to its own
+            # exact tokens only (a plain centre is a constant per query row, which the softmax ignores).
+            out = prompt_attention(q, k_new if k_attend is None else k_attend, v_new, attention_mask, scaling)
         else:
-            allowed = self._allowed(p0, positions, valid, T, attention_mask)
-        # RoPE-aware centre: the score offset q . R(p) mu, added inside attend
-        key_bias = self._key_bias(query, positions, n, scaling) if t.inv_freq is not None and not fresh else None
-        k_fp = torch.cat([self.k_sink[:, :, : self.n_sinks], self.k_ring[:, :, : self.n_ring],
-                          k_new if k_attend is None else k_attend], dim=2)
-        v_fp = torch.cat([self.v_sink[:, :, : self.n_sinks], self.v_ring[:, :, : self.n_ring], v_new], dim=2)
-        out = attend(
-            q, tuple(x[:, :, :n_body] for x in self.k_body), tuple(x[:, :, :n_body] for x in self.v_body),
-            self.k_fmt, self.v_fmt, k_fp, v_fp, allowed, scaling, key_bias,
-        )
+            # Compiled steps read the whole preallocated body (masked) so that shapes never change.
+            n_body = self.capacity if n is None else min(self._body_capacity(n), self.capacity)
+            positions, valid = self._positions(p0, n_body, T)
+            if n is not None and T == 1 and attention_mask is None and self._all_slots_valid(n):
+                allowed = None  # one query that sees every stored slot: nothing to mask
+            else:
+                allowed = self._allowed(p0, positions, valid, T, attention_mask)
+            # RoPE-aware centre: the score offset q . R(p) mu, added inside attend
+            key_bias = self._key_bias(query, positions, n, scaling) if t.inv_freq is not None else None
+            k_fp = torch.cat([self.k_sink[:, :, : self.n_sinks], self.k_ring[:, :, : self.n_ring], k_new], dim=2)
+            v_fp = torch.cat([self.v_sink[:, :, : self.n_sinks], self.v_ring[:, :, : self.n_ring], v_new], dim=2)
+            out = attend(
+                q, tuple(x[:, :, :n_body] for x in self.k_body), tuple(x[:, :, :n_body] for x in self.v_body),
+                self.k_fmt, self.v_fmt, k_fp, v_fp, allowed, scaling, key_bias,
+            )
         out = t.output(out.float(), group) if (t.rot_v is not None or t.b_v is not None or t.mu_v is not None) else out
         self._commit(k_new, v_new)
         return out.to(query.dtype).transpose(1, 2).contiguous()

@@ -12,6 +12,7 @@ import importlib.util
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
@@ -356,3 +357,25 @@ def test_smollm2_smoke():
     out = nq.generate(ids, max_new_tokens=8, do_sample=False)
     assert out.shape == fp.shape
     assert (out[0, ids.shape[1]:] == fp[0, ids.shape[1]:]).float().mean() >= 0.5
+
+
+def test_prompt_attention_matches_explicit_masks():
+    from nqkv_core.cache import prompt_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 4, 7, 16, generator=g), torch.randn(2, 2, 7, 16, generator=g), torch.randn(2, 2, 7, 16, generator=g)
+    causal = torch.ones(7, 7, dtype=torch.bool).tril()
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=0.3, enable_gqa=True)
+    torch.testing.assert_close(prompt_attention(q, k, v, None, 0.3), ref)
+    # transformers' additive mask of a preallocated cache: 10 columns, the last 3 beyond the prompt
+    additive = torch.full((2, 1, 7, 10), torch.finfo(torch.float32).min)
+    additive[..., :7] = additive[..., :7].masked_fill(causal, 0.0)
+    torch.testing.assert_close(prompt_attention(q, k, v, additive, 0.3), ref)
+    # left padding: sequence 0 starts at token 2; its padding rows see everything, the rest as given
+    padded = causal.expand(2, 1, 7, 7).clone()
+    padded[0, :, :, :2] = False
+    out = prompt_attention(q, k, v, padded, 0.3)
+    expect = F.scaled_dot_product_attention(q, k, v, attn_mask=padded | ~padded.any(-1, keepdim=True), scale=0.3,
+                                            enable_gqa=True)
+    torch.testing.assert_close(out, expect)
+    assert not torch.allclose(out[0, :, 2:], ref[0, :, 2:])
