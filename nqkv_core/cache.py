@@ -39,7 +39,6 @@ import torch
 import torch.nn.functional as F
 
 import nqkv_core.ops  # noqa: F401  (registers torch.ops.nqkv.attention)
-from nqkv_core import native
 from nqkv_core.ops import cpu as cpu_ops
 from nqkv_core.ops.attention import attention_eager, skips_dispatcher
 from nqkv_core.codebook import get_codebook
@@ -137,10 +136,13 @@ def attend(
         v = (*v_body, v_fmt.codebook, v_fmt.block, 3)
         if (
             FUSED and k_fmt.quantized and v_fmt.quantized and k_body[0].shape[2]
-            and skips_dispatcher(query, k_fp, v_fp) and cpu_ops.decode_fits(query, k, v, k_fp)
-            and native.attention_decode_supported(query, k, v, k_fp, v_fp, mask)
-        ):  # one native call that adds the offset itself, no (b, hq, T, slots) offset tensor
-            return native.attention_decode(query, k, v, k_fp, v_fp, mask, scale, False, key_bias.parts)
+            and query.device.type == "cpu" and cpu_ops.decode_fits(query, k, v, k_fp)
+        ):  # the CPU decode path takes the offset as (w, table, positions): no (b, hq, T, slots) tensor
+            if torch.compiler.is_compiling():
+                return torch.ops.nqkv.attention_cpu_decode(query, *k, *v, k_fp, v_fp, mask, scale, False,
+                                                           *key_bias.parts)
+            if skips_dispatcher(query, k_fp, v_fp):
+                return cpu_ops.attention_decode(query, k, v, k_fp, v_fp, mask, scale, False, key_bias.parts)
         bias = key_bias.dense()
         mask = bias if mask is None else bias.masked_fill(~mask, -math.inf)
     if k_body[0].shape[2] == 0:

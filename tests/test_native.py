@@ -169,5 +169,12 @@ def test_attention_decode_key_bias_matches_dense_offset(d, g, tq):
     ref = native.attention_decode(q, k, v, kt, vt, dense, 0.1, False)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out, _reference(q, k, v, kt, vt, dense, 0.1, False), atol=1e-4, rtol=1e-4)
+    with native.disabled():  # the torch path materialises the same offset
+        torch_path = cpu.attention_decode(q, k, v, kt, vt, allowed, 0.1, False, (w, table, pos))
+    torch.testing.assert_close(out, torch_path, atol=2e-2, rtol=2e-2)
+    # the opaque op that compiled graphs call: schema, fake implementation, same values
+    args = (q, *k, *v, kt, vt, allowed, 0.1, False, w, table, pos)
+    torch.library.opcheck(torch.ops.nqkv.attention_cpu_decode.default, args)
+    torch.testing.assert_close(torch.ops.nqkv.attention_cpu_decode(*args), out)
     with pytest.raises(ValueError, match="positions must lie in"):
         native.attention_decode(q, k, v, kt, vt, None, 0.1, False, key_bias=(w, table, pos + P))

@@ -230,7 +230,8 @@ def attention_cpu_decode(
     q: Tensor, k_codes: Tensor, k_absmax: Tensor, k_codebook: Tensor, k_block: int, k_axis: int,
     v_codes: Tensor, v_absmax: Tensor, v_codebook: Tensor, v_block: int, v_axis: int,
     k_tail: Optional[Tensor], v_tail: Optional[Tensor], attn_mask: Optional[Tensor], scale: float,
-    is_causal: bool,
+    is_causal: bool, bias_w: Optional[Tensor] = None, bias_table: Optional[Tensor] = None,
+    bias_pos: Optional[Tensor] = None,
 ) -> Tensor:
     """The CPU decode path (:func:`nqkv_core.ops.cpu.attention_decode`) as an op opaque to compilers.
 
@@ -238,16 +239,18 @@ def attention_cpu_decode(
     path is one native call (:mod:`nqkv_core.native`), and without it Inductor would lower the
     decoding to fp32 loops with a codebook gather per element (``benchmarks/bench_compiled_decode.py``).
     Tracing and eager calls then compute the same thing.
-    Arguments as :func:`attention_eager`, already checked.
+    Arguments as :func:`attention_eager`, already checked, plus an optional key bias
+    ``(bias_w, bias_table, bias_pos)`` (see :func:`nqkv_core.ops.cpu.attention_decode`).
     """
     k = (k_codes, k_absmax, k_codebook, k_block, k_axis)
     v = (v_codes, v_absmax, v_codebook, v_block, v_axis)
-    return cpu.attention_decode(q, k, v, k_tail, v_tail, attn_mask, scale, is_causal)
+    key_bias = None if bias_w is None else (bias_w, bias_table, bias_pos)
+    return cpu.attention_decode(q, k, v, k_tail, v_tail, attn_mask, scale, is_causal, key_bias)
 
 
 @attention_cpu_decode.register_fake
 def _(q, k_codes, k_absmax, k_codebook, k_block, k_axis, v_codes, v_absmax, v_codebook, v_block, v_axis,
-      k_tail, v_tail, attn_mask, scale, is_causal):
+      k_tail, v_tail, attn_mask, scale, is_causal, bias_w=None, bias_table=None, bias_pos=None):
     dv = v_codes.shape[3] * 8 // (int(v_codebook.shape[0]).bit_length() - 1)
     return q.new_empty(q.shape[0], q.shape[1], q.shape[2], dv)
 

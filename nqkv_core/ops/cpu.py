@@ -269,12 +269,18 @@ def attention_decode(
     attn_mask: Optional[Tensor],
     scale: float,
     is_causal: bool,
+    key_bias: Optional[tuple[Tensor, Tensor, Tensor]] = None,
 ) -> Tensor:
     """:func:`attention_chunked` for few query rows (decode), with as few ops as possible.
 
+    ``key_bias = (w, table, positions)`` adds ``w[b, hq, i] . table[positions[j]]`` to the score of
+    query ``i`` and key ``j`` (``w`` (B, Hq, Tq, D), ``table`` (P, D), ``positions`` (Tk,) in
+    ``[0, P)``): the RoPE-centred cache's score offset.
+
     With the native CPU kernels built (:mod:`nqkv_core.native`) the whole call is one native
-    function (fp32 throughout, codes decoded in registers); what follows is the plain-torch path
-    used without them.
+    function (fp32 throughout, codes decoded in registers, the key bias added in its reduction);
+    what follows is the plain-torch path used without them, which materialises the key bias as an
+    additive mask.
 
     The query rows of all heads sharing a KV head are folded into one matrix (``R = group * Tq`` rows),
     so K and V are read once per KV head. Every score of a row is kept (``R * Tk`` fp32 per KV head,
@@ -284,7 +290,16 @@ def attention_decode(
     are folded into the small operands as described in the module docstring.
     """
     if native.attention_decode_supported(q, k, v, k_tail, v_tail, attn_mask):
-        return native.attention_decode(q, k, v, k_tail, v_tail, attn_mask, scale, is_causal)
+        return native.attention_decode(q, k, v, k_tail, v_tail, attn_mask, scale, is_causal, key_bias)
+    if key_bias is not None:
+        w, table, positions = key_bias
+        bias = (w.float() @ table.float().T).index_select(-1, positions)
+        if attn_mask is None:
+            attn_mask = bias
+        elif attn_mask.dtype == torch.bool:
+            attn_mask = bias.masked_fill(~attn_mask, -math.inf)
+        else:
+            attn_mask = bias + attn_mask
     b, hq, tq, d = q.shape
     kc, ka, kcb, kblock, _ = k
     vc, va, vcb, vblock, _ = v
