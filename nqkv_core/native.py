@@ -119,14 +119,14 @@ def _library() -> Optional[ctypes.CDLL]:
         warnings.warn(f"nqkv: native CPU kernels unavailable ({e}); falling back to plain torch", stacklevel=3)
         return None
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    lib.nqkv_quantize_rows.argtypes = [ptr, i32, i64, i64, i64, ptr, i32, i32, ptr, ptr, i32]
+    lib.nqkv_quantize_rows.argtypes = [ptr, i32, i64, i64, i64, ptr, i32, i32, ctypes.c_float, ptr, ptr, i32]
     lib.nqkv_dequantize_rows.argtypes = [ptr, ptr, i32, ptr, i32, i64, i64, i64, ptr, i32, i32]
     lib.nqkv_attention_decode.argtypes = [
         ptr, _Packed, _Packed, i64, ptr, ptr, i64, ptr, i64, i64, i64, ptr, ptr, ptr, i64, i32, i64, i64, i64, i64,
         i64, i64, ptr, i32,
     ]
-    for fn in (lib.nqkv_quantize_rows, lib.nqkv_dequantize_rows):
-        fn.restype = None
+    lib.nqkv_quantize_rows.restype = i64
+    lib.nqkv_dequantize_rows.restype = None
     lib.nqkv_attention_decode.restype = ctypes.c_int
     return lib
 
@@ -167,8 +167,10 @@ def quantize_rows_supported(x: Tensor, bits: int, block: int) -> bool:
     )
 
 
-def quantize_rows(x: Tensor, thresholds: Tensor, bits: int, block: int, round_half: bool) -> tuple[Tensor, Tensor]:
-    """Codes (packed, ``x.shape`` with last axis ``* bits / 8``) and fp32 absmax (last axis ``/ block``).
+def quantize_rows(x: Tensor, thresholds: Tensor, bits: int, block: int, round_half: bool,
+                  max_scale: float = float("inf")) -> tuple[Tensor, Tensor, int]:
+    """Codes (packed, ``x.shape`` with last axis ``* bits / 8``), fp32 absmax (last axis ``/ block``)
+    and the number of blocks whose absmax is NaN, Inf or above ``max_scale``.
 
     ``x`` contiguous fp32 or bf16 (see :func:`quantize_rows_supported`); ``thresholds`` the fp32
     midpoints between levels. The absmax is rounded up to the fp16 grid when ``round_half``.
@@ -178,11 +180,11 @@ def quantize_rows(x: Tensor, thresholds: Tensor, bits: int, block: int, round_ha
     th = thresholds.float().contiguous()
     codes = torch.empty(*x.shape[:-1], row_len * bits // 8, dtype=torch.uint8)
     absmax = torch.empty(*x.shape[:-1], row_len // block, dtype=torch.float32)
-    _library().nqkv_quantize_rows(
+    bad = _library().nqkv_quantize_rows(
         x.data_ptr(), int(x.dtype == torch.bfloat16), rows, row_len, block, th.data_ptr(), bits,
-        int(round_half), codes.data_ptr(), absmax.data_ptr(), torch.get_num_threads(),
+        int(round_half), max_scale, codes.data_ptr(), absmax.data_ptr(), torch.get_num_threads(),
     )
-    return codes, absmax
+    return codes, absmax, bad
 
 
 def dequantize_rows_supported(codes: Tensor, absmax: Tensor, codebook: Tensor, bits: int, block: int,

@@ -148,9 +148,10 @@ def quantize_blockwise(
     if axis == x.dim() - 1:
         xc = (x if x.dtype in (torch.float32, torch.bfloat16) else x.float()).contiguous()
         if native.quantize_rows_supported(xc, bits, block):  # one fused pass, same codes as below
-            codes, absmax = native.quantize_rows(xc, thresholds, bits, block, scale_dtype == torch.float16)
-            _check_finite(x, absmax)
-            if scale_dtype == torch.float16:
+            half = scale_dtype == torch.float16
+            codes, absmax, bad = native.quantize_rows(xc, thresholds, bits, block, half, torch.finfo(scale_dtype).max)
+            if bad:  # NaN/Inf or a scale beyond fp16: the checks below word the error
+                _check_finite(x, absmax)
                 _check_scale_range(absmax, scale_dtype)
             return codes, absmax.to(scale_dtype)
     xb = x.float().movedim(axis, -1).contiguous()

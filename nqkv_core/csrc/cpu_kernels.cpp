@@ -331,13 +331,15 @@ extern "C" {
 // x: fp32 (x_bf16 = 0) or bf16 bits (x_bf16 = 1), contiguous. thresholds: the 2**bits - 1 midpoints
 // between ascending levels; a code is the number of midpoints strictly below x / s (what
 // torch.bucketize gives). absmax_out gets the scale used for coding (rounded up to the fp16 grid
-// when round_half). Non-finite input propagates into its block's absmax, which the caller checks.
-void nqkv_quantize_rows(const void* x, int x_bf16, int64_t rows, int64_t row_len, int64_t block,
-                        const float* thresholds, int bits, int round_half, uint8_t* codes, float* absmax_out,
-                        int threads) {
+// when round_half). Returns the number of blocks whose absmax is not finite (NaN or Inf in the
+// input) or above max_scale; the caller then finds and words the error.
+int64_t nqkv_quantize_rows(const void* x, int x_bf16, int64_t rows, int64_t row_len, int64_t block,
+                           const float* thresholds, int bits, int round_half, float max_scale, uint8_t* codes,
+                           float* absmax_out, int threads) {
   const int n_thr = (1 << bits) - 1;
   const int64_t row_bytes = row_len * bits / 8, nb = row_len / block;
-#pragma omp parallel num_threads(threads)
+  int64_t bad = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : bad)
   {
     std::vector<float> y(block);
     std::vector<uint8_t> c(block);
@@ -356,6 +358,7 @@ void nqkv_quantize_rows(const void* x, int x_bf16, int64_t rows, int64_t row_len
         float a = 0.f;
         for (int64_t i = 0; i < block; ++i) a = std::fmax(a, std::fabs(y[i]));
         for (int64_t i = 0; i < block; ++i) a = std::isnan(y[i]) ? y[i] : a;  // NaN must reach the check
+        if (!(a <= max_scale)) ++bad;  // NaN compares false
         if (round_half && std::isfinite(a)) a = round_up_half(a);
         absmax_out[r * nb + b] = a;
         const float s = a > 0.f ? a : 1.f;
@@ -380,6 +383,7 @@ void nqkv_quantize_rows(const void* x, int x_bf16, int64_t rows, int64_t row_len
       }
     }
   }
+  return bad;
 }
 
 // Inverse of nqkv_quantize_rows: codebook[code] * absmax into fp32 (out_bf16 = 0) or bf16 bits.
