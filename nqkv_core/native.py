@@ -154,16 +154,16 @@ def _usable(*tensors: Optional[Tensor]) -> bool:
 # -- quantize / dequantize rows ---------------------------------------------------------------------
 
 
+def _whole_bytes(bits: int, block: int) -> bool:
+    # a block's codes start on a byte boundary (3-bit rows are two planes: 8 codes per byte in one)
+    return (block * bits) % 8 == 0 and (bits != 3 or block % 8 == 0)
+
+
 def quantize_rows_supported(x: Tensor, bits: int, block: int) -> bool:
     """Blocks along a contiguous last axis, fp32/bf16 input, whole bytes per block."""
     return (
-        _usable(x)
-        and x.dtype in (torch.float32, torch.bfloat16)
-        and x.is_contiguous()
-        and x.numel() > 0
-        and (block * bits) % 8 == 0
-        and (bits != 3 or block % 8 == 0)
-        and available()
+        _usable(x) and x.dtype in (torch.float32, torch.bfloat16) and x.is_contiguous() and x.numel() > 0
+        and _whole_bytes(bits, block) and available()
     )
 
 
@@ -189,16 +189,11 @@ def quantize_rows(x: Tensor, thresholds: Tensor, bits: int, block: int, round_ha
 
 def dequantize_rows_supported(codes: Tensor, absmax: Tensor, codebook: Tensor, bits: int, block: int,
                               dtype: torch.dtype) -> bool:
+    """Codes and scales contiguous, blocked along the last axis; fp32/bf16 output."""
     return (
-        _usable(codes, absmax, codebook)
-        and dtype in (torch.float32, torch.bfloat16)
-        and absmax.dtype in (torch.float16, torch.float32)
-        and codes.is_contiguous()
-        and absmax.is_contiguous()
-        and codes.numel() > 0
-        and (block * bits) % 8 == 0
-        and (bits != 3 or block % 8 == 0)
-        and available()
+        _usable(codes, absmax, codebook) and dtype in (torch.float32, torch.bfloat16)
+        and absmax.dtype in (torch.float16, torch.float32) and codes.is_contiguous() and absmax.is_contiguous()
+        and codes.numel() > 0 and _whole_bytes(bits, block) and available()
     )
 
 
@@ -224,9 +219,7 @@ def attention_decode_supported(q: Tensor, k: tuple, v: tuple, k_tail: Optional[T
     """CPU tensors, blocks along head_dim for K and V with whole bytes per block."""
     for codes, absmax, codebook, block, axis in (k, v):
         bits = codebook.numel().bit_length() - 1
-        if axis != 3 or (block * bits) % 8 or (bits == 3 and block % 8) or absmax.dtype not in (
-            torch.float16, torch.float32
-        ):
+        if axis != 3 or not _whole_bytes(bits, block) or absmax.dtype not in (torch.float16, torch.float32):
             return False
     return _usable(q, k[0], k[1], k[2], v[0], v[1], v[2], k_tail, v_tail, attn_mask) and available()
 

@@ -220,6 +220,18 @@ inline int64_t scale_index(const Packed& p, int64_t b, int64_t h, int64_t j) {
   return b * p.as_b + h * p.as_h + j * p.as_t;
 }
 
+// Token j of (batch b, KV head h) as fp32: packed history tokens (j < t_hist) are decoded into
+// `row` (with `scales` as scratch); tail tokens are read in place from `tail`.
+inline const float* token_row(const Packed& p, const float* codebook, const float* tail, int64_t b, int64_t h,
+                              int64_t bh, int64_t j, int64_t t_hist, int64_t t_tail, int64_t dim, float* scales,
+                              float* row) {
+  if (j >= t_hist) return tail + (bh * t_tail + (j - t_hist)) * dim;
+  const int64_t nb = dim / p.block, ai = scale_index(p, b, h, j);
+  for (int64_t i = 0; i < nb; ++i) scales[i] = load_scale(p.absmax, ai + i, p.absmax_half);
+  decode_row(packed_row(p, b, h, j), scales, codebook, p.bits, dim, p.block, row);
+  return row;
+}
+
 #ifdef __AVX512F__
 // -- decode attention, 4-bit codes and head_dim = 16 * ND: the decoded row stays in registers ---------
 
@@ -462,15 +474,7 @@ int nqkv_attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, co
       }
 #endif
       for (; j < j1; ++j) {
-        const float* key;
-        if (j < t_hist) {
-          const int64_t nb = D / k.block, ai = scale_index(k, b, h, j);
-          for (int64_t i = 0; i < nb; ++i) scales[i] = load_scale(k.absmax, ai + i, k.absmax_half);
-          decode_row(packed_row(k, b, h, j), scales.data(), kc, k.bits, D, k.block, row.data());
-          key = row.data();
-        } else {
-          key = k_tail + (bh * t_tail + (j - t_hist)) * D;
-        }
+        const float* key = token_row(k, kc, k_tail, b, h, bh, j, t_hist, t_tail, D, scales.data(), row.data());
         for (int64_t r = 0; r < R; ++r) s[r * Tk + j] = dot(qr + r * D, key, D);
         if (wr)
           for (int64_t r = 0; r < R; ++r) s[r * Tk + j] += dot(wr + r * D, bias_table + bias_pos[j] * D, D);
@@ -519,15 +523,7 @@ int nqkv_attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, co
       }
 #endif
       for (; j < j1; ++j) {
-        const float* val;
-        if (j < t_hist) {
-          const int64_t nb = Dv / v.block, ai = scale_index(v, b, h, j);
-          for (int64_t i = 0; i < nb; ++i) scales[i] = load_scale(v.absmax, ai + i, v.absmax_half);
-          decode_row(packed_row(v, b, h, j), scales.data(), vc, v.bits, Dv, v.block, row.data());
-          val = row.data();
-        } else {
-          val = v_tail + (bh * t_tail + (j - t_hist)) * Dv;
-        }
+        const float* val = token_row(v, vc, v_tail, b, h, bh, j, t_hist, t_tail, Dv, scales.data(), row.data());
         for (int64_t r = 0; r < R; ++r) {
           const float w = p[r * Tk + j];
           if (w != 0.f) axpy(w, val, o + r * Dv, Dv);
