@@ -104,6 +104,9 @@ def final_set(windows_fp: list[int]) -> list[KVScheme]:
                     kivi(b, window=w)]
             if b > 2:  # uniform int2 per token diverges (PPL in the hundreds, see the explore table)
                 out.append(uniform(b, window=w))
+    for kb, vb in ((4, 3), (3, 2)):  # one more bit for keys: the steps between the widths
+        for w in windows_fp:
+            out.append(nqkv_preset(kb, v_bits=vb).replace(window=w, name=f"NQKV-K{kb}V{vb} S4 W{w}"))
     return out
 
 

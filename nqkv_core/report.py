@@ -138,6 +138,8 @@ def report_schemes(bits: tuple[int, ...], sinks: int, window: int) -> list[KVSch
     for b in bits:
         schemes.append(nqkv_preset(b, sinks=sinks, window=window))
         schemes.append(kivi(b, sinks=sinks, window=window))
+        if b - 1 in bits:  # keys one bit wider than values: the step between two widths
+            schemes.append(nqkv_preset(b, v_bits=b - 1, sinks=sinks, window=window))
     schemes.append(uniform(4, sinks=sinks, window=window))
     return schemes
 

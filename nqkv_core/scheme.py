@@ -404,7 +404,8 @@ def uniform(bits: int, block: int = 64, sinks: int = 4, window: int = 32) -> KVS
     )
 
 
-def nqkv_preset(bits: int, sinks: int = 4, window: int = 32, rope_centre: bool = True) -> KVScheme:
+def nqkv_preset(bits: int, sinks: int = 4, window: int = 32, rope_centre: bool = True,
+                v_bits: int | None = None) -> KVScheme:
     """The recommended NQKV scheme at ``bits`` bits (measurements in docs/quality.md).
 
     Per-token blocks of 64 along head_dim with an fp16 absmax each. Keys: minus a frozen pre-RoPE
@@ -414,15 +415,22 @@ def nqkv_preset(bits: int, sinks: int = 4, window: int = 32, rope_centre: bool =
     Values: minus a frozen per-channel mean (4 and 3 bits), then the Hadamard rotation. Codebook:
     NF at 4 and 3 bits, the block-aware Lloyd-Max levels at 2 bits (NF2 loses by far).
 
+    ``v_bits`` stores values at another width than keys (default: ``bits``), each side following
+    the rules above for its own width. Keys carry most of the error, so one more bit for keys is
+    the cheapest step between the widths: ``nqkv_preset(4, v_bits=3)`` ("NQKV-K4V3") and
+    ``nqkv_preset(3, v_bits=2)`` ("NQKV-K3V2").
+
     ``rope_centre=False`` subtracts a plain post-RoPE key mean instead: softmax-invariant, so no
     score offset is needed (a little faster to decode), at a higher perplexity cost
     (docs/quality.md).
     """
-    if bits not in (2, 3, 4, 8):
-        raise ValueError(f"presets exist for 2, 3, 4 and 8 bits, got {bits}")
-    quant: Quantizer = "lloyd" if bits == 2 else "nf"
+    v_bits = bits if v_bits is None else v_bits
+    for b in (bits, v_bits):
+        if b not in (2, 3, 4, 8):
+            raise ValueError(f"presets exist for 2, 3, 4 and 8 bits, got {b}")
+    name = f"NQKV-{bits}" if v_bits == bits else f"NQKV-K{bits}V{v_bits}"
     return KVScheme(
-        f"NQKV-{bits}" + ("" if rope_centre else " plain-centre"), k_bits=bits, v_bits=bits,
-        k_quant=quant, v_quant=quant, k_centre=True, k_centre_rope=rope_centre, v_centre=bits != 2,
-        k_rotate=True, v_rotate=True, sinks=sinks, window=window,
+        name + ("" if rope_centre else " plain-centre"), k_bits=bits, v_bits=v_bits,
+        k_quant="lloyd" if bits == 2 else "nf", v_quant="lloyd" if v_bits == 2 else "nf", k_centre=True,
+        k_centre_rope=rope_centre, v_centre=v_bits != 2, k_rotate=True, v_rotate=True, sinks=sinks, window=window,
     )

@@ -55,6 +55,9 @@ SCHEMES = {
                                 k_centre_rope=True, v_centre=True, sinks=2, window=4),
     "nf3-rope-centre-qk": KVScheme("e", k_bits=3, v_bits=3, k_block=8, v_block=16, k_centre=True,
                                    k_centre_rope=True, k_equalize="qk", sinks=1, window=3),
+    # keys one bit wider than values (nqkv_preset(4, v_bits=3) with this model's blocks)
+    "k4v3-rope-centre": KVScheme("f", k_bits=4, v_bits=3, k_block=16, v_block=16, k_rotate=True, v_rotate=True,
+                                 k_centre=True, k_centre_rope=True, v_centre=True, sinks=2, window=4),
 }
 
 

@@ -30,6 +30,8 @@ def test_report_schemes_pair_nqkv_with_baselines():
     names = [s.name for s in report_schemes((4, 2), sinks=4, window=32)]
     assert names[0].startswith("NQKV-4") and names[1].startswith("kivi-int4")
     assert any(n.startswith("NQKV-2") for n in names) and any(n.startswith("int4") for n in names)
+    names = [s.name for s in report_schemes((4, 3, 2), sinks=4, window=32)]
+    assert "NQKV-K4V3" in names and "NQKV-K3V2" in names and "NQKV-K4V2" not in names
 
 
 def test_decode_speed_runs_on_a_tiny_model():

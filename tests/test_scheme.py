@@ -111,3 +111,9 @@ def test_presets():
         assert p.k_bits == p.v_bits == b and p.k_axis == p.v_axis == "token" and p.k_rotate
     with pytest.raises(ValueError):
         nqkv_preset(5)
+    # unequal widths: each side follows the rules of its own width
+    p = nqkv_preset(3, v_bits=2)
+    assert (p.name, p.k_bits, p.v_bits, p.k_quant, p.v_quant, p.v_centre) == ("NQKV-K3V2", 3, 2, "nf", "lloyd", False)
+    assert nqkv_preset(4, v_bits=3).bits_per_element(1 << 20) == pytest.approx((4.25 + 3.25) / 2, abs=0.01)
+    with pytest.raises(ValueError, match="got 5"):
+        nqkv_preset(4, v_bits=5)
