@@ -4,7 +4,7 @@ One decode step (one query per query head, 4 query heads per KV head) over a cac
 Every variant runs in the same loop, interleaved, and the median of the repeats is reported:
 
 * ``nqkv fp32`` / ``nqkv bf16``: ``F.scaled_dot_product_attention(q, K, V, enable_gqa=True)`` with
-  NQTensor K/V (4-bit NF codes, blocks of 64 along head_dim, fp16 scales) and fp32 / bf16 queries;
+  NQTensor K/V (NF codes, 4-bit unless --bits, blocks of 64 along head_dim, fp16 scales) and fp32 / bf16 queries;
   the native decode kernel when it is built (``nqkv_core.native``);
 * ``nqkv torch``: the same call (bf16 queries) on the plain-torch path, the fallback without the
   native kernels;
@@ -102,13 +102,13 @@ def _torch_path(fn):
         return fn()
 
 
-def bench_config(b: int, hkv: int, d: int, t: int, repeats: int, bw: float) -> dict:
+def bench_config(b: int, hkv: int, d: int, t: int, repeats: int, bw: float, bits: int = 4) -> dict:
     gen = torch.Generator().manual_seed(0)
     k = torch.randn(b, hkv, t, d, generator=gen)
     v = torch.randn(b, hkv, t, d, generator=gen)
     q = torch.randn(b, hkv * GROUP, 1, d, generator=gen)
-    K = NQTensor.from_float(k, block=64, bits=4)
-    V = NQTensor.from_float(v, block=64, bits=4)
+    K = NQTensor.from_float(k, block=64, bits=bits)
+    V = NQTensor.from_float(v, block=64, bits=bits)
     qf = q.view(b, hkv, GROUP, d)
     kb, vb, qb = k.bfloat16(), v.bfloat16(), qf.bfloat16()
     qbh = q.bfloat16()
@@ -157,20 +157,21 @@ def main() -> None:
     p.add_argument("--tokens", type=int, nargs="+", default=[1024, 8192, 32768], help="cache lengths")
     p.add_argument("--repeats", type=int, default=9, help="timed repeats per variant (median reported)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4], help="code bits of K and V (NF codebook)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
         args.batch, args.kv_heads, args.head_dim, args.tokens, args.repeats = [1], [8], [128], [1024, 8192], 5
     bw = read_bandwidth()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, read bandwidth {bw / 1e9:.1f} GB/s,"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.bits}-bit codes, read bandwidth {bw / 1e9:.1f} GB/s,"
           f" native kernels: {'yes' if native.available() else 'no (torch path)'}")
     names = ["nqkv fp32", "nqkv bf16", "nqkv torch", "fp32 gqa", "fp32 fold", "bf16 fold", "deq+sdpa"]
     print("| config | " + " | ".join(f"{n} ms" for n in names)
           + " | nqkv/fastest fp (fp32 q, bf16 q) | deq+sdpa/nqkv | peak MiB (nqkv vs deq copy) | floor ms (op/floor) |")
     print("|" + "---|" * (len(names) + 5))
     for b, hkv, d, t in itertools.product(args.batch, args.kv_heads, args.head_dim, args.tokens):
-        r = bench_config(b, hkv, d, t, args.repeats, bw)
+        r = bench_config(b, hkv, d, t, args.repeats, bw, args.bits)
         nq = min(r["ms"]["nqkv fp32"], r["ms"]["nqkv bf16"])
         print(
             f"| {r['config']} | " + " | ".join(f"{r['ms'][n]:.2f}" for n in names)

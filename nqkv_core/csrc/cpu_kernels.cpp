@@ -232,27 +232,58 @@ inline const float* token_row(const Packed& p, const float* codebook, const floa
   return row;
 }
 
-#ifdef __AVX512F__
-// -- decode attention, 4-bit codes and head_dim = 16 * ND: the decoded row stays in registers ---------
-
-inline bool fast_4bit(const Packed& p, int64_t dim) {
-  return p.bits == 4 && p.block % 32 == 0 && (dim == 64 || dim == 128);
+// Lane order: how the decoder below emits a group of 64 codes, as four vectors of sixteen, without
+// interleaving them back. 4-bit: [even codes 0-30 | odd 1-31 | even 32-62 | odd 33-63] (low and high
+// nibbles of 32 bytes); 2- and 3-bit: [codes 4i | 4i+1 | 4i+2 | 4i+3], i < 16 (the 2-bit fields of 16
+// bytes). A dot product does not depend on the order, so queries are put in lane order once per
+// call and keys are never reordered; value outputs are summed in lane order and reordered once.
+inline int lane_position(int bits, int d) {  // d in [0, 64)
+  return bits == 4 ? (d / 32) * 32 + (d & 1) * 16 + (d % 32) / 2 : (d & 3) * 16 + d / 4;
 }
 
-// Sixteen-level codebook in `levels`; blocks of a multiple of 32 codes.
-template <int ND>
-inline void decode4_regs(const uint8_t* row, const Packed& p, int64_t si, __m512 levels, __m512* out) {
-  const __m512i nibble = _mm512_set1_epi32(15);
-  const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  const __m512i second = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
-  for (int i = 0; i < ND; i += 2) {
-    const __m512 s = _mm512_set1_ps(load_scale(p.absmax, si + i * 16 / p.block, p.absmax_half));
-    const __m512i w = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(row + i * 8)));
-    const __m512 lo = _mm512_permutexvar_ps(_mm512_and_si512(w, nibble), levels);
-    const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(w, 4), levels);
-    out[i] = _mm512_mul_ps(_mm512_permutex2var_ps(lo, first, hi), s);
-    out[i + 1] = _mm512_mul_ps(_mm512_permutex2var_ps(lo, second, hi), s);
+#ifdef __AVX512F__
+// -- decode attention in registers: 2/3/4-bit codes, head_dim = 16 * ND (64 or 128) ------------------
+
+// Whether a side can take the register path: a scale is constant over the codes a vector mixes
+// (32 for 4-bit, a whole group of 64 otherwise).
+inline bool fast_path(const Packed& p, int64_t dim) {
+  return (dim == 64 || dim == 128) && (p.bits == 4 ? p.block % 32 == 0 : (p.bits == 2 || p.bits == 3) && p.block % 64 == 0);
+}
+
+// Group g (codes [64g, 64g + 64)) of a row of D codes, times their scales, in lane order.
+// `levels`: the codebook padded to sixteen entries; si: index of the row's first scale.
+inline void decode_group(const Packed& p, const uint8_t* row, int64_t D, int g, int64_t si, __m512 levels, __m512* out) {
+  const int64_t d0 = 64 * g;
+  if (p.bits == 4) {
+    for (int half = 0; half < 2; ++half) {
+      const __m512 s = _mm512_set1_ps(load_scale(p.absmax, si + (d0 + 32 * half) / p.block, p.absmax_half));
+      const __m512i w = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(row + d0 / 2 + 16 * half)));
+      out[2 * half] = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(w, _mm512_set1_epi32(15)), levels), s);
+      out[2 * half + 1] = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(w, 4), levels), s);
+    }
+    return;
   }
+  const __m512 s = _mm512_set1_ps(load_scale(p.absmax, si + d0 / p.block, p.absmax_half));
+  const __m512i w = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(row + d0 / 4)));  // lane i: byte i
+  __m512i high = _mm512_setzero_si512();
+  if (p.bits == 3) {  // code 4i+f has its high bit in plane byte i/2, bit 4*(i%2) + f
+    const __m128i hb = _mm_loadl_epi64((const __m128i*)(row + D / 4 + d0 / 8));
+    high = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hb, hb));  // lane i: plane byte i/2
+  }
+  const __m512i odd_nibble = _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
+  for (int f = 0; f < 4; ++f) {
+    __m512i c = _mm512_and_si512(_mm512_srli_epi32(w, 2 * f), _mm512_set1_epi32(3));
+    if (p.bits == 3) {
+      const __m512i bit = _mm512_srlv_epi32(high, _mm512_add_epi32(odd_nibble, _mm512_set1_epi32(f)));
+      c = _mm512_or_si512(c, _mm512_slli_epi32(_mm512_and_si512(bit, _mm512_set1_epi32(1)), 2));
+    }
+    out[f] = _mm512_mul_ps(_mm512_permutexvar_ps(c, levels), s);
+  }
+}
+
+template <int ND>
+inline void decode_row_lanes(const Packed& p, const uint8_t* row, int64_t si, __m512 levels, __m512* out) {
+  for (int g = 0; g < ND / 4; ++g) decode_group(p, row, 16 * ND, g, si, levels, out + 4 * g);
 }
 
 // The four horizontal sums of x0..x3, in one 128-bit vector.
@@ -267,17 +298,18 @@ inline __m128 reduce4(__m512 x0, __m512 x1, __m512 x2, __m512 x3) {
 }
 
 // s[r * Tk + j] = q_r . k_j (+ w_r . table[pos[j]] when w is not null) for packed tokens j in
-// [j0, j1); q (and w) hold R rows padded with zero rows to a multiple of four, so four dot products
-// share one reduction.
+// [j0, j1). q: R rows in lane order, padded with zero rows to a multiple of four, so four dot
+// products share one reduction; w (original order, padded the same way) meets table rows in the
+// same reduction.
 template <int ND>
-void scores_4bit(const Packed& k, int64_t b, int64_t h, const float* q, const float* w, const float* table,
-                 const int64_t* pos, int64_t R, int64_t j0, int64_t j1, float* s, int64_t Tk) {
+void scores_fast(const Packed& k, const float* levels16, int64_t b, int64_t h, const float* q, const float* w,
+                 const float* table, const int64_t* pos, int64_t R, int64_t j0, int64_t j1, float* s, int64_t Tk) {
   constexpr int64_t D = 16 * ND;
-  const __m512 levels = _mm512_loadu_ps(k.codebook);
+  const __m512 levels = _mm512_loadu_ps(levels16);
   alignas(16) float sums[4];
   for (int64_t j = j0; j < j1; ++j) {
     __m512 kv[ND];
-    decode4_regs<ND>(packed_row(k, b, h, j), k, scale_index(k, b, h, j), levels, kv);
+    decode_row_lanes<ND>(k, packed_row(k, b, h, j), scale_index(k, b, h, j), levels, kv);
     for (int64_t r0 = 0; r0 < R; r0 += 4) {
       const float* qr = q + r0 * D;
       __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
@@ -304,14 +336,16 @@ void scores_4bit(const Packed& k, int64_t b, int64_t h, const float* q, const fl
   }
 }
 
-// o[r] += sum_j p[r * Tk + j] v_j for packed tokens j in [j0, j1). Groups of rows keep their
-// outputs in registers across the tokens (the row is decoded again for each group).
+// o[r] += sum_j p[r * Tk + j] v_j for packed tokens j in [j0, j1), o in the original order. Groups
+// of rows keep their outputs in registers, in lane order, across the tokens (the row is decoded
+// again for each group) and are reordered once at the end.
 template <int ND>
-void values_4bit(const Packed& v, int64_t b, int64_t h, const float* p, int64_t R, int64_t j0, int64_t j1,
-                 int64_t Tk, float* o) {
+void values_fast(const Packed& v, const float* levels16, int64_t b, int64_t h, const float* p, int64_t R,
+                 int64_t j0, int64_t j1, int64_t Tk, float* o) {
   constexpr int64_t Dv = 16 * ND;
   constexpr int RG = ND <= 4 ? 4 : 2;
-  const __m512 levels = _mm512_loadu_ps(v.codebook);
+  const __m512 levels = _mm512_loadu_ps(levels16);
+  alignas(64) float lanes[Dv];
   for (int64_t r0 = 0; r0 < R; r0 += RG) {
     const int rows = R - r0 < RG ? (int)(R - r0) : RG;
     __m512 acc[RG][ND];
@@ -319,18 +353,18 @@ void values_4bit(const Packed& v, int64_t b, int64_t h, const float* p, int64_t 
       for (int i = 0; i < ND; ++i) acc[r][i] = _mm512_setzero_ps();
     for (int64_t j = j0; j < j1; ++j) {
       __m512 vv[ND];
-      decode4_regs<ND>(packed_row(v, b, h, j), v, scale_index(v, b, h, j), levels, vv);
+      decode_row_lanes<ND>(v, packed_row(v, b, h, j), scale_index(v, b, h, j), levels, vv);
       for (int r = 0; r < RG; ++r) {
         if (r >= rows) break;
         const __m512 w = _mm512_set1_ps(p[(r0 + r) * Tk + j]);
         for (int i = 0; i < ND; ++i) acc[r][i] = _mm512_fmadd_ps(w, vv[i], acc[r][i]);
       }
     }
-    for (int r = 0; r < rows; ++r)
-      for (int i = 0; i < ND; ++i) {
-        float* dst = o + (r0 + r) * Dv + i * 16;
-        _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), acc[r][i]));
-      }
+    for (int r = 0; r < rows; ++r) {
+      for (int i = 0; i < ND; ++i) _mm512_store_ps(lanes + i * 16, acc[r][i]);
+      float* dst = o + (r0 + r) * Dv;
+      for (int64_t d = 0; d < Dv; ++d) dst[d] += lanes[(d / 64) * 64 + lane_position(v.bits, d % 64)];
+    }
   }
 }
 #endif
@@ -464,12 +498,13 @@ int nqkv_attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, co
       float* s = scores.data() + bh * R * Tk;
       int64_t j = j0;
 #ifdef __AVX512F__
-      if (j < jh && fast_4bit(k, D)) {
-        std::memcpy(qpad.data(), qr, R * D * sizeof(float));
+      if (j < jh && fast_path(k, D)) {
+        for (int64_t r = 0; r < R; ++r)  // queries in lane order
+          for (int64_t d = 0; d < D; ++d) qpad[r * D + (d / 64) * 64 + lane_position(k.bits, d % 64)] = qr[r * D + d];
         if (wr) std::memcpy(wpad.data(), wr, R * D * sizeof(float));
         const float* wp = wr ? wpad.data() : nullptr;
-        if (D == 64) scores_4bit<4>(k, b, h, qpad.data(), wp, bias_table, bias_pos, R, j, jh, s, Tk);
-        else scores_4bit<8>(k, b, h, qpad.data(), wp, bias_table, bias_pos, R, j, jh, s, Tk);
+        if (D == 64) scores_fast<4>(k, kc, b, h, qpad.data(), wp, bias_table, bias_pos, R, j, jh, s, Tk);
+        else scores_fast<8>(k, kc, b, h, qpad.data(), wp, bias_table, bias_pos, R, j, jh, s, Tk);
         j = jh;
       }
 #endif
@@ -516,9 +551,9 @@ int nqkv_attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, co
       std::memset(o, 0, R * Dv * sizeof(float));
       int64_t j = j0;
 #ifdef __AVX512F__
-      if (j < jh && fast_4bit(v, Dv)) {
-        if (Dv == 64) values_4bit<4>(v, b, h, p, R, j, jh, Tk, o);
-        else values_4bit<8>(v, b, h, p, R, j, jh, Tk, o);
+      if (j < jh && fast_path(v, Dv)) {
+        if (Dv == 64) values_fast<4>(v, vc, b, h, p, R, j, jh, Tk, o);
+        else values_fast<8>(v, vc, b, h, p, R, j, jh, Tk, o);
         j = jh;
       }
 #endif
