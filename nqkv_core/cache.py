@@ -43,7 +43,8 @@ from nqkv_core.ops import cpu as cpu_ops
 from nqkv_core.ops.attention import attention_eager, skips_dispatcher
 from nqkv_core.codebook import get_codebook
 from nqkv_core.quantize import dequantize_blockwise, quantize_blockwise
-from nqkv_core.scheme import FP_BITS, KVScheme, KVTransform, fit_transform, nqkv_preset, rope_inv_freq
+from nqkv_core.scheme import (FP_BITS, KVScheme, KVTransform, fit_transform, nqkv_preset, per_query_head,
+                              rope_inv_freq)
 
 try:  # transformers is an optional dependency of the package; the cache needs it.
     import transformers
@@ -462,7 +463,7 @@ class NQKVLayer(CacheLayerMixin):
         ring and the new tokens are gathered (gathering a table row per slot costs as much as the bias).
         """
         b, hq, T, d = query.shape
-        mu = self.transform.mu_k.repeat_interleave(hq // self.num_heads, dim=1)
+        mu = per_query_head(self.transform.mu_k, hq // self.num_heads)
         S = self.n_sinks
         n_body = positions.shape[0] - S - self.n_ring - T
         if n is None:  # compiled: static shapes; the table was sized for max_cache_len eagerly

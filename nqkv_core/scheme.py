@@ -192,7 +192,7 @@ class KVTransform:
         """Queries to score against stored keys: ``(q / a_k) @ rot_k``; ``group`` = query heads per kv head."""
         q = q.float()
         if self.a_k is not None:
-            q = q / self.a_k.repeat_interleave(group, dim=1)
+            q = q / per_query_head(self.a_k, group)
         return q @ self.rot_k if self.rot_k is not None else q
 
     def values(self, v: torch.Tensor) -> torch.Tensor:
@@ -209,12 +209,24 @@ class KVTransform:
         if self.rot_v is not None:
             o = o @ self.rot_v.T
         if self.b_v is not None:
-            o = o * self.b_v.repeat_interleave(group, dim=1)
-        return o + self.mu_v.repeat_interleave(group, dim=1) if self.mu_v is not None else o
+            o = o * per_query_head(self.b_v, group)
+        return o + per_query_head(self.mu_v, group) if self.mu_v is not None else o
 
     def values_back(self, v: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`values`."""
         return self.output(v)
+
+
+def per_query_head(x: torch.Tensor, group: int) -> torch.Tensor:
+    """A per-KV-head tensor ``(b, h, ...)`` repeated for the ``group`` query heads of each: ``(b, h * group, ...)``.
+
+    The same as ``x.repeat_interleave(group, dim=1)``, which costs ~40 us per call on CPU (it builds
+    an index); a decode step does this for every layer.
+    """
+    if group == 1:
+        return x
+    b, h = x.shape[:2]
+    return x.unsqueeze(2).expand(b, h, group, *x.shape[2:]).reshape(b, h * group, *x.shape[2:])
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -117,3 +117,11 @@ def test_presets():
     assert nqkv_preset(4, v_bits=3).bits_per_element(1 << 20) == pytest.approx((4.25 + 3.25) / 2, abs=0.01)
     with pytest.raises(ValueError, match="got 5"):
         nqkv_preset(4, v_bits=5)
+
+
+def test_per_query_head_is_repeat_interleave():
+    from nqkv_core.scheme import per_query_head
+
+    x = torch.randn(2, 3, 1, 8)
+    for g in (1, 3):
+        assert torch.equal(per_query_head(x, g), x.repeat_interleave(g, dim=1))
