@@ -340,6 +340,9 @@ def quantize_roundtrip(
         return x.float()
     dim = -1 if axis == "token" else -2
     n = x.shape[dim]
+    if axis == "token" and n % block:
+        # only token groups may be partial (they fill as tokens arrive); a head_dim block must fit
+        raise ValueError(f"per-token blocks of {block} do not divide head_dim {n}")
     n_full = n - n % block
     if n_full == 0:
         return x.float()

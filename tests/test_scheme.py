@@ -86,7 +86,7 @@ def test_roundtrip_error_shrinks_with_bits_and_centring_helps():
 
 
 def test_sinks_exact_and_channel_blocks():
-    k, v, _ = _kvq(t=100, d=16)
+    k, v, _ = _kvq(t=100, d=32)
     s = kivi(4, group=32, sinks=4)
     k_hat, v_hat = roundtrip(s, k, v)
     torch.testing.assert_close(k_hat[..., :4, :], k[..., :4, :])
@@ -125,3 +125,13 @@ def test_per_query_head_is_repeat_interleave():
     x = torch.randn(2, 3, 1, 8)
     for g in (1, 3):
         assert torch.equal(per_query_head(x, g), x.repeat_interleave(g, dim=1))
+
+
+def test_per_token_block_wider_than_head_dim_is_an_error_not_full_precision():
+    from nqkv_core.scheme import quantize_roundtrip
+
+    x = torch.randn(1, 2, 10, 64)
+    with pytest.raises(ValueError, match="do not divide head_dim 64"):
+        quantize_roundtrip(x, 3, "nf", 128, "token")
+    # a partial group of tokens is legitimately kept exact (it fills as tokens arrive)
+    assert torch.equal(quantize_roundtrip(x, 3, "nf", 32, "channel"), x)
