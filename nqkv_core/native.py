@@ -2,7 +2,7 @@
 
 The kernels are plain C functions on raw pointers. On first use the source is compiled with the
 system C++ compiler (``-O3 -march=native -fopenmp``, about a second; no torch headers) into a cache
-directory keyed by the source, the compiler and this CPU, and loaded with :mod:`ctypes`, the way
+directory keyed by the source, the compiler, the flags and this CPU, and loaded with :mod:`ctypes`, the way
 Inductor loads the C++ it generates. Every argument is checked here before a pointer is passed.
 
 When no compiler is found, the build fails, or ``NQKV_NATIVE=0`` is set, :func:`available` is False
@@ -32,7 +32,10 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-fno-math-errno"]
+# NQKV_MARCH picks the target CPU (default: this one); e.g. NQKV_MARCH=x86-64 builds the portable
+# version without AVX-512, as the tests do to check it.
+FLAGS = ["-O3", f"-march={os.environ.get('NQKV_MARCH', 'native')}", "-fopenmp", "-shared", "-fPIC", "-std=c++17",
+         "-fno-math-errno"]
 
 
 def _cache_dir() -> Path:

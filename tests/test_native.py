@@ -180,3 +180,16 @@ def test_attention_decode_key_bias_matches_dense_offset(d, g, tq):
     torch.testing.assert_close(torch.ops.nqkv.attention_cpu_decode(*args), out)
     with pytest.raises(ValueError, match="positions must lie in"):
         native.attention_decode(q, k, v, kt, vt, None, 0.1, False, key_bias=(w, table, pos + P))
+
+
+@pytest.mark.skipif(os.environ.get("NQKV_MARCH") is not None, reason="already the portable build")
+def test_portable_build_without_avx512(tmp_path):
+    # The scalar loops (what a CPU without AVX-512 runs) pass this file's tests too.
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NQKV_MARCH": "x86-64", "NQKV_CACHE_DIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert any(tmp_path.iterdir())  # it built its own library

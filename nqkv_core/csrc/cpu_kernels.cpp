@@ -11,9 +11,9 @@
 // the low bits in bytes [0, D/4) and a 1-bit plane of the high bit in bytes [D/4, 3D/8). An element
 // decodes to codebook[code] * absmax[its block].
 //
-// The hot loops have an AVX-512 version (a 16-level codebook fits one zmm register, so
-// `vpermps` decodes sixteen 4-bit codes in one instruction) and a portable scalar version used
-// when the compiler does not target AVX-512.
+// The hot loops have an AVX-512 version (a codebook of up to 16 levels fits one zmm register, so
+// `vpermps` decodes sixteen 2-, 3- or 4-bit codes in one instruction) and a portable scalar
+// version used when the compiler does not target AVX-512 (or for other head dims and blocks).
 
 #include <cmath>
 #include <cstdint>
@@ -44,7 +44,7 @@ inline uint32_t float_to_bits(float f) {
 inline float half_to_float(uint16_t h) {
 #ifdef __F16C__
   return _cvtsh_ss(h);
-#endif
+#else
   const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
   const uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff;
   float mag;
@@ -56,6 +56,7 @@ inline float half_to_float(uint16_t h) {
     mag = bits_to_float(((exp + 112) << 23) | (man << 13));
   }
   return bits_to_float(float_to_bits(mag) | sign);
+#endif
 }
 
 // Round to nearest even, as torch's float -> bfloat16 cast (inputs here are finite).
@@ -492,7 +493,7 @@ int nqkv_attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, co
     for (int64_t it = 0; it < items; ++it) {
       const int64_t bh = it / n_chunks, b = bh / Hkv, h = bh % Hkv;
       const int64_t j0 = (it % n_chunks) * chunk, j1 = j0 + chunk < Tk ? j0 + chunk : Tk;
-      const int64_t jh = j1 < t_hist ? j1 : t_hist;  // [j0, jh) packed, [max(j0, t_hist), j1) tail
+      [[maybe_unused]] const int64_t jh = j1 < t_hist ? j1 : t_hist;  // [j0, jh) packed, then tail
       const float* qr = q + bh * R * D;
       const float* wr = bias_w ? bias_w + bh * R * D : nullptr;
       float* s = scores.data() + bh * R * Tk;
@@ -545,7 +546,7 @@ int nqkv_attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, co
     for (int64_t it = 0; it < items; ++it) {
       const int64_t bh = it / n_chunks, b = bh / Hkv, h = bh % Hkv;
       const int64_t j0 = (it % n_chunks) * chunk, j1 = j0 + chunk < Tk ? j0 + chunk : Tk;
-      const int64_t jh = j1 < t_hist ? j1 : t_hist;
+      [[maybe_unused]] const int64_t jh = j1 < t_hist ? j1 : t_hist;
       const float* p = scores.data() + bh * R * Tk;
       float* o = partial.data() + it * R * Dv;
       std::memset(o, 0, R * Dv * sizeof(float));
