@@ -172,8 +172,8 @@ def prompt_attention(
 
     ``attention_mask``: None or transformers' ``(b, 1, T, >= T)`` mask (bool, or additive) whose
     first ``T`` columns are these tokens. Without padding it is the plain causal mask, and torch's
-    SDPA runs with ``is_causal=True`` instead: its fused CPU kernel then skips the masked half and
-    is about 2x faster than with an explicit ``(T, T)`` mask at 4k tokens.
+    SDPA runs with ``is_causal=True`` instead: its fused CPU kernel then skips the masked half
+    (prefill figures in docs/benchmarks.md, "Compiled decode").
     """
     T = query.shape[2]
     mask = None
@@ -259,22 +259,18 @@ class RopeTable:
         self.table = torch.cat([ang.cos(), ang.sin()], dim=-1)
 
 
-def rope_key_bias(query: torch.Tensor, mu: torch.Tensor, table: torch.Tensor, scale: float) -> torch.Tensor:
-    """``scale * q . R(p) mu`` for every query row and every table position ``p``: ``(b, hq, T, P)``.
+def rope_bias_weights(query: torch.Tensor, mu: torch.Tensor, scale: float) -> torch.Tensor:
+    """Rows ``w`` with ``w . table[p] = scale * q . R(p) mu`` for every position ``p``: ``(b, hq, T, d)`` fp32.
 
     With rotate-half RoPE, ``q . R(p) mu = cos(p) . (q * mu) + sin(p) . (q * rotate_half(mu))`` and
-    ``cos(p)``/``sin(p)`` repeat one half twice, so the halves are summed first and the bias is one
-    ``(T, d) @ (d, P)`` product per head against ``[cos | sin]`` (``table``, ``(P, d)``).
+    ``cos(p)``/``sin(p)`` repeat one half twice, so the halves are summed first and the bias of all
+    positions is one ``(T, d) @ (d, P)`` product per head against ``table = [cos | sin]`` (``(P, d)``,
+    :class:`RopeTable`); the native decode kernel takes ``w`` and the table rows instead.
 
     Args:
         query: ``(b, hq, T, d)`` post-RoPE queries in the original basis.
         mu: ``(b, hq, 1, d)`` pre-RoPE key centre of each query head's kv head.
     """
-    return rope_bias_weights(query, mu, scale) @ table.T
-
-
-def rope_bias_weights(query: torch.Tensor, mu: torch.Tensor, scale: float) -> torch.Tensor:
-    """The rows ``w`` of :func:`rope_key_bias` (``bias = w @ table.T``): ``(b, hq, T, d)`` fp32."""
     q = query.float()
     h = q.shape[-1] // 2
     q_lo, q_hi, mu_lo, mu_hi = q[..., :h], q[..., h:], mu[..., :h], mu[..., h:]

@@ -145,16 +145,11 @@ def _ptr(t: Optional[Tensor]) -> Optional[int]:
 
 def _usable(*tensors: Optional[Tensor]) -> bool:
     # Plain CPU tensors only: not inside a traced graph (checked first, so that tracing never reaches
-    # the rest), not fake tensors (no data), not subclasses.
+    # the rest), not subclasses -- fake and functional tensors are subclasses, so the exact type
+    # check excludes them too (cheaper than asking each whether it is fake).
     if torch.compiler.is_compiling():
         return False
-    return all(
-        t is None or (t.device.type == "cpu" and type(t) is Tensor and not torch._subclasses.fake_tensor.is_fake(t))
-        for t in tensors
-    )
-
-
-# -- quantize / dequantize rows ---------------------------------------------------------------------
+    return all(t is None or (type(t) is Tensor and t.device.type == "cpu") for t in tensors)
 
 
 def _whole_bytes(bits: int, block: int) -> bool:

@@ -118,6 +118,21 @@ def _round_up(absmax: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
     return torch.ceil(absmax / spacing) * spacing
 
 
+def _midpoints(codebook: torch.Tensor) -> torch.Tensor:
+    """The fp32 midpoints between consecutive levels (a code is the number of them below ``x / s``).
+
+    Remembered on the codebook tensor (by version), since the cache quantizes a token per layer and
+    step; inside a traced graph they are computed.
+    """
+    if torch.compiler.is_compiling() or type(codebook) is not torch.Tensor:
+        return (codebook[1:] + codebook[:-1]).float() / 2
+    cached = codebook.__dict__.get("_nqkv_midpoints")
+    if cached is None or cached[0] != codebook._version:
+        cached = (codebook._version, (codebook[1:] + codebook[:-1]).float() / 2)
+        codebook.__dict__["_nqkv_midpoints"] = cached
+    return cached[1]
+
+
 def quantize_blockwise(
     x: torch.Tensor,
     codebook: torch.Tensor,
@@ -144,7 +159,7 @@ def quantize_blockwise(
     """
     bits = _check_input(x, codebook, block, axis, scale_dtype)
     axis = axis % x.dim()
-    thresholds = (codebook[1:] + codebook[:-1]).float() / 2
+    thresholds = _midpoints(codebook)
     if axis == x.dim() - 1:
         xc = (x if x.dtype in (torch.float32, torch.bfloat16) else x.float()).contiguous()
         if native.quantize_rows_supported(xc, bits, block):  # one fused pass, same codes as below
