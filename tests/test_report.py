@@ -49,3 +49,22 @@ def test_decode_speed_runs_on_a_tiny_model():
         assert decode_tokens_per_s(model, kind, batch=2, context=128, steps=2, scheme=scheme) > 0
     with pytest.raises(ValueError, match="unknown cache kind"):
         decode_tokens_per_s(model, "paged", batch=1, context=8, steps=1, scheme=scheme)
+
+
+def test_parse_bytes():
+    from nqkv_core.report import parse_bytes
+
+    assert parse_bytes("1GiB") == 1 << 30 and parse_bytes("512MiB") == 512 << 20
+    assert parse_bytes("2GB") == 2 * 10**9 and parse_bytes("4096") == 4096
+    with pytest.raises(ValueError):
+        parse_bytes("lots")
+
+
+def test_nqkv_bench_command_reaches_the_benchmark(monkeypatch):
+    pytest.importorskip("transformers")
+    from nqkv_core import bench, cli
+
+    seen = {}
+    monkeypatch.setattr(bench, "run", lambda args: seen.update(vars(args)))
+    cli.main(["bench", "--quick", "--budget", "256MiB", "--contexts", "512", "--threads", "1"])
+    assert seen["quick"] and seen["budget"] == "256MiB" and seen["contexts"] == [512] and seen["batches"] == [1, 8]

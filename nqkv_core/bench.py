@@ -1,0 +1,225 @@
+"""KV cache memory and decode speed on SmolLM2-135M: NQKVCache vs DynamicCache vs QuantizedCache(quanto).
+
+All caches are measured in one process on the same model:
+
+* bytes per token, exact, from the tensors each cache holds (quanto's packed tensors are flattened
+  to their inner data, scales and shifts);
+* the largest context (batch 1) and the largest batch (at --batch-context) that fit --budget,
+  found from the per-token bytes and then checked by actually allocating that cache (peak RSS kept);
+* decode tokens/s at each context for batch 1 and 8; the caches are filled with random post-RoPE
+  K/V (speed does not depend on the values) and then decode real model steps (median of --steps);
+  each figure is the median of --rounds rounds that measure every cache in turn; "no cache"
+  recomputes the whole sequence for each token (one round);
+* greedy agreement of the first 32 new tokens with full precision, on WikiText-2 prompts;
+* memory growth of a growing NQKV cache up to --growth tokens.
+
+Usage (``benchmarks/bench_cache.py`` takes the same arguments; ``nqkv bench --help`` lists them):
+
+    nqkv bench [--quick] [--budget 1GiB] [--threads 1] [--markdown out.md] [--model ID] [--text-file F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import resource
+import statistics
+
+import torch
+
+from nqkv_core.cache import NQKVCache, enable
+from nqkv_core.models import load_model, load_text, token_windows
+from nqkv_core.report import decode_tokens_per_s, filled_cache, parse_bytes, quanto_cache
+from nqkv_core.scheme import nqkv_preset
+from nqkv_core.report import model_dims as dims
+
+GIB = 1 << 30
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of the plain tensors inside ``obj`` (through tensor subclasses' ``__tensor_flatten__``)."""
+    if isinstance(obj, torch.Tensor):
+        if type(obj) is not torch.Tensor and hasattr(obj, "__tensor_flatten__"):
+            names, _ = obj.__tensor_flatten__()
+            return sum(tensor_bytes(getattr(obj, n)) for n in names)
+        return obj.nbytes
+    return 0
+
+
+def fill(kind: str, model, scheme, batch: int, ctx: int):
+    return filled_cache(kind, model, batch, ctx, scheme)
+
+
+def layer_bytes(kind: str, cache) -> int:
+    if kind == "nqkv":
+        return cache.nbytes
+    total = 0
+    for layer in cache.layers:
+        for name, x in vars(layer).items():
+            total += tensor_bytes(x)
+    return total
+
+
+def bytes_per_token(model, scheme) -> dict[str, float]:
+    """Marginal storage bytes per token (batch 1), from two fills that differ by 1024 tokens."""
+    n_layers, h, d = dims(model)
+    out = {"DynamicCache fp32": 2 * n_layers * h * d * 4, "DynamicCache fp16": 2 * n_layers * h * d * 2}
+    nq_a, nq_b = (fill("nqkv", model, scheme, 1, n) for n in (1024, 2048))
+    out["NQKV exact (body)"] = nq_a.bytes_per_token()
+    qa, qb = (fill("quanto", model, scheme, 1, n) for n in (1024, 2048))
+    out["QuantizedCache quanto int4"] = (layer_bytes("quanto", qb) - layer_bytes("quanto", qa)) / 1024
+    return out
+
+
+def attend_kind(model, kind: str) -> None:
+    model.set_attn_implementation("nqkv" if kind == "nqkv" else "sdpa")
+
+
+def decode_tps(model, kind: str, scheme, batch: int, ctx: int, steps: int) -> float:
+    return decode_tokens_per_s(model, kind, batch, ctx, steps, scheme)
+
+
+def fits_budget(model, scheme, budget: int, batch_context: int) -> list[dict]:
+    """Largest context (batch 1) and batch (at batch_context) per cache, checked by allocating."""
+    n_layers, h, d = dims(model)
+    rows = []
+    per_tok = {"DynamicCache fp16": 2 * n_layers * h * d * 2}
+    probe = NQKVCache(scheme, config=model.config, max_cache_len=4096)
+    probe.early_initialization(1, h, d, torch.float16, "cpu")
+    fixed = probe.nbytes - probe.bytes_per_token() * probe.layers[0].capacity
+    per_tok["NQKV"] = probe.bytes_per_token()
+    for name, ptb in per_tok.items():
+        ctx = int((budget - (fixed if name == "NQKV" else 0)) // ptb)
+        seq_bytes = batch_context * ptb + (fixed if name == "NQKV" else 0)
+        batch = int(budget // seq_bytes)
+        gc.collect()
+        before = rss()
+        if name == "NQKV":
+            cache = NQKVCache(scheme, config=model.config, max_cache_len=ctx)
+            cache.early_initialization(1, h, d, torch.float16, "cpu")
+            allocated = cache.nbytes
+            for layer in cache.layers:  # touch every page, as filling the cache would
+                for x in (*layer.k_body, *layer.v_body, layer.k_sink, layer.v_sink, layer.k_ring, layer.v_ring):
+                    x.fill_(1)
+        else:
+            cache = torch.ones(2 * n_layers, 1, h, ctx, d, dtype=torch.float16)
+            allocated = cache.nbytes
+        grown = rss() - before
+        rows.append(dict(cache=name, bytes_per_token=ptb, max_context=ctx, allocated=allocated,
+                         rss_delta=grown, max_batch_at=batch))
+        del cache
+        gc.collect()
+    return rows
+
+
+@torch.no_grad()
+def agreement(model, tok, scheme, n_prompts: int, prompt_len: int, n_new: int = 32,
+              text_file: str | None = None) -> dict[str, float]:
+    ids = token_windows(tok, load_text(text_file), prompt_len, n_prompts)
+    out = {}
+    refs = []
+    attend_kind(model, "dynamic")
+    for p in ids:
+        refs.append(model.generate(p[None], max_new_tokens=n_new, do_sample=False, pad_token_id=0)[0, prompt_len:])
+    nq = enable(model, scheme=scheme)
+    got = [nq.generate(p[None], max_new_tokens=n_new, do_sample=False, pad_token_id=0)[0, prompt_len:] for p in ids]
+    out["NQKV"] = float(torch.stack([(a == b).float().mean() for a, b in zip(got, refs)]).mean())
+    attend_kind(model, "quanto")
+    got = [model.generate(p[None], max_new_tokens=n_new, do_sample=False, pad_token_id=0,
+                          past_key_values=quanto_cache(model))[0, prompt_len:] for p in ids]
+    out["QuantizedCache quanto int4"] = float(torch.stack([(a == b).float().mean() for a, b in zip(got, refs)]).mean())
+    return out
+
+
+def growth(model, scheme, total: int, chunk: int = 512) -> list[tuple[int, int, int]]:
+    """(tokens, allocated cache bytes, RSS) while a dynamic NQKV cache grows by ``chunk`` tokens."""
+    n_layers, h, d = dims(model)
+    cache = NQKVCache(scheme, config=model.config)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for n in range(chunk, total + 1, chunk):
+        for i in range(n_layers):
+            cache.append(torch.randn(1, h, chunk, d, generator=g), torch.randn(1, h, chunk, d, generator=g), i)
+        rows.append((n, cache.nbytes, rss()))
+    return rows
+
+
+def run(args: argparse.Namespace) -> None:
+    """Measure and print the tables (and write them to ``args.markdown``)."""
+    torch.set_num_threads(max(args.threads, 1))
+    contexts = args.contexts or ([1024, 4096] if args.quick else [1024, 4096, 16384])
+    steps = args.steps or (3 if args.quick else 8)
+    budget = parse_bytes(args.budget)
+
+    lm = load_model(args.model)
+    model = lm.model
+    nq = enable(model, bits=4)
+    scheme = nq.scheme
+    lines = [f"Model {lm.name}, fp32 activations, {torch.get_num_threads()} threads; scheme `{scheme.name}`.", ""]
+
+    bpt = bytes_per_token(model, scheme)
+    lines += ["| cache | bytes/token | vs fp16 |", "|---|---:|---:|"]
+    for k, v in bpt.items():
+        lines.append(f"| {k} | {v:,.0f} | {bpt['DynamicCache fp16'] / v:.2f}x |")
+    print("\n".join(lines))
+
+    rows = fits_budget(model, scheme, budget, args.batch_context)
+    lines += ["", f"Budget {args.budget}: largest context (batch 1) and batch (at {args.batch_context} tokens)", "",
+              "| cache | max context | allocated | RSS growth | max batch |", "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['cache']} | {r['max_context']:,} | {r['allocated'] / GIB:.3f} GiB | {r['rss_delta'] / GIB:.3f} GiB |"
+                     f" {r['max_batch_at']} |")
+    lines.append(f"\nContext ratio NQKV / fp16: {rows[1]['max_context'] / rows[0]['max_context']:.2f}x;"
+                 f" peak RSS of the process {peak_rss() / GIB:.2f} GiB.")
+    print("\n".join(lines[-8:]))
+
+    # the same preset with a plain post-RoPE key mean: no per-position score offset to compute
+    plain = nqkv_preset(4, rope_centre=False).replace(
+        k_block=scheme.k_block, v_block=scheme.v_block, k_rotate=scheme.k_rotate, v_rotate=scheme.v_rotate)
+    lines += ["", "| context | batch | NQKV tok/s | NQKV plain-centre tok/s | DynamicCache tok/s | quanto tok/s |"
+              " no cache tok/s | NQKV/Dynamic | NQKV/quanto | NQKV/plain-centre |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for ctx in contexts:
+        for b in args.batches:
+            runs = {"nqkv": ("nqkv", scheme), "plain": ("nqkv", plain), "dynamic": ("dynamic", scheme),
+                    "quanto": ("quanto", scheme)}
+            if ctx * b <= args.no_recompute_above * 2:
+                runs["none"] = ("none", scheme)
+            # every cache once per round, rounds interleaved: slow drifts of a shared machine hit all alike
+            samples = {name: [] for name in runs}
+            for _ in range(args.rounds):
+                for name, (kind, s) in runs.items():
+                    if kind != "none" or not samples[name]:  # recomputing is slow and far behind anyway
+                        samples[name].append(decode_tps(model, kind, s, b, ctx, steps))
+            tps = {name: statistics.median(v) for name, v in samples.items()}
+            none = f"{tps['none']:.2f}" if "none" in tps else "skipped"
+            lines.append(f"| {ctx} | {b} | {tps['nqkv']:.1f} | {tps['plain']:.1f} | {tps['dynamic']:.1f} |"
+                         f" {tps['quanto']:.1f} | {none} | {tps['nqkv'] / tps['dynamic']:.2f} |"
+                         f" {tps['nqkv'] / tps['quanto']:.2f} | {tps['nqkv'] / tps['plain']:.2f} |")
+            print(lines[-1], flush=True)
+
+    agree = agreement(model, lm.tokenizer, scheme, n_prompts=2 if args.quick else 8, prompt_len=256,
+                      text_file=args.text_file)
+    lines += ["", "Greedy agreement of 32 new tokens with full precision (WikiText-2 prompts of 256 tokens): "
+              + ", ".join(f"{k} {v * 100:.1f}%" for k, v in agree.items())]
+    print(lines[-1])
+
+    g = growth(model, scheme, 4096 if args.quick else 10240)
+    n0, b0, r0 = g[0]
+    n1, b1, r1 = g[-1]
+    lines += ["", f"Growth to {n1} tokens (dynamic NQKV cache, doubling body): allocated {b1 / 2**20:.1f} MiB"
+              f" ({b1 / n1:,.0f} B/token incl. spare capacity, {bpt['NQKV exact (body)']:,.0f} B/token used);"
+              f" RSS grew {(r1 - r0) / 2**20:.1f} MiB from {n0} to {n1} tokens."]
+    print(lines[-1])
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write("\n".join(lines) + "\n")
