@@ -1,9 +1,9 @@
 """Native CPU kernels: build, load and call ``csrc/cpu_kernels.cpp``.
 
 The kernels are plain C functions on raw pointers. On first use the source is compiled with the
-system C++ compiler (``-O3 -march=native -fopenmp``, about a second; no torch headers) into a cache
-directory keyed by the source, the compiler, the flags and this CPU, and loaded with :mod:`ctypes`, the way
-Inductor loads the C++ it generates. Every argument is checked here before a pointer is passed.
+system C++ compiler (``-O3 -march=native -fopenmp``, a few seconds; no torch headers) into a cache
+directory keyed by the source, the compiler, the flags and this CPU, and loaded with :mod:`ctypes`,
+the way Inductor loads the C++ it generates. Every argument is checked here before a pointer is passed.
 
 When no compiler is found, the build fails, or ``NQKV_NATIVE=0`` is set, :func:`available` is False
 and callers take their plain-torch paths, which compute the same results (the tests compare them).
@@ -11,6 +11,9 @@ The build log of a failure is kept in the cache directory and named in a one-tim
 
 Threads: each call uses ``torch.get_num_threads()`` OpenMP threads. The library links the same
 ``libgomp`` torch's CPU build has loaded, so both share one thread pool.
+
+Environment: ``NQKV_NATIVE=0`` (torch paths only), ``NQKV_CACHE_DIR`` (default
+``~/.cache/nqkv``), ``NQKV_MARCH`` (``-march``, default ``native``), ``CXX`` (the compiler).
 """
 
 from __future__ import annotations
