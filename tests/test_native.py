@@ -7,12 +7,12 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from nqkv_core import native
 from nqkv_core.codebook import get_codebook
 from nqkv_core.ops import cpu
 from nqkv_core.quantize import dequantize_blockwise, quantize_blockwise
+from test_ops_attention import reference  # the dequantize-then-SDPA reference of the op's tests
 
 pytestmark = pytest.mark.skipif(os.environ.get("NQKV_NATIVE") == "0", reason="native kernels disabled")
 
@@ -70,15 +70,7 @@ def _packed(b, hkv, t, d, bits, block, scale_dtype=torch.float16, seed=0):
 
 def _reference(q, k, v, k_tail, v_tail, mask, scale, causal):
     """fp32 SDPA over the dequantized history plus the tail, causal aligned bottom-right."""
-    kd = dequantize_blockwise(*k[:4], axis=-1)
-    vd = dequantize_blockwise(*v[:4], axis=-1)
-    if k_tail is not None:
-        kd, vd = torch.cat([kd, k_tail.float()], 2), torch.cat([vd, v_tail.float()], 2)
-    tq, tk = q.shape[2], kd.shape[2]
-    if causal:
-        allowed = torch.ones(tq, tk, dtype=torch.bool).tril(tk - tq)
-        mask = allowed if mask is None else mask & allowed
-    return F.scaled_dot_product_attention(q.float(), kd, vd, attn_mask=mask, scale=scale, enable_gqa=True)
+    return reference(q.float(), *k, *v, k_tail, v_tail, mask, scale, causal)
 
 
 CASES = [
