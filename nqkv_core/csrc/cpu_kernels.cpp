@@ -3,8 +3,8 @@
 //
 // A plain C ABI on raw pointers, loaded with ctypes (as Inductor loads the C++ it generates) by
 // nqkv_core/native.py, which owns every check: shapes, dtypes, strides and ranges are validated in
-// Python before a pointer reaches this file. No torch headers, so the library builds in about a
-// second with the system compiler, for whatever torch version is installed.
+// Python before a pointer reaches this file. No torch headers, so the library builds in a few
+// seconds with the system compiler, for whatever torch version is installed.
 //
 // Storage layout (docs/design.md): codes are packed along a row's last axis -- 4-bit: code d in
 // byte d/2 at bit 4*(d%2); 2-bit: byte d/4, bit 2*(d%4); 8-bit: one byte; 3-bit: a 2-bit plane of
