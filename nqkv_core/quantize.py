@@ -160,7 +160,7 @@ def quantize_blockwise(
     bits = _check_input(x, codebook, block, axis, scale_dtype)
     axis = axis % x.dim()
     thresholds = _midpoints(codebook)
-    if axis == x.dim() - 1:
+    if axis == x.dim() - 1 and x.device.type == "cpu":  # (no conversion copy for other devices)
         xc = (x if x.dtype in (torch.float32, torch.bfloat16) else x.float()).contiguous()
         if native.quantize_rows_supported(xc, bits, block):  # one fused pass, same codes as below
             half = scale_dtype == torch.float16
