@@ -10,6 +10,10 @@ the reference of ΔPPL. Candidate sets (``--set``):
 * ``blocks``: block size, K/V bit split and window for the best transform.
 * ``final``: the recommended presets next to the KIVI-style and uniform baselines at 4/3/2 bits,
   windows 0 / 32 / 64 / 128, plus transformers' quanto ``QuantizedCache`` when ``--quanto``.
+* ``layers``: the presets of ``--bits`` and, for each count in ``--layer-widths``, the preset with
+  that many of its most sensitive layers one bit wider. Sensitivity (each layer alone quantized)
+  is measured on the last ``--calibration-windows`` windows of the text, which the evaluation
+  windows and prompts never reach; it is saved with the results and plotted.
 
 Example (the numbers in docs/quality.md)::
 
@@ -20,11 +24,15 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
-from nqkv_core.evaluate import evaluate, markdown_table, register_attention, save_rows
-from nqkv_core.models import DEFAULT_MODEL, load_model, load_text, prompts_after, token_windows
+from nqkv_core.evaluate import (
+    evaluate, layer_sensitivity, markdown_table, num_layers, register_attention, save_rows, widen_layers,
+)
+from nqkv_core.models import DEFAULT_MODEL, calibration_windows, load_model, load_text, prompts_after, token_windows
 from nqkv_core.scheme import KVScheme, kivi, nqkv_preset, uniform
 
 
@@ -110,6 +118,43 @@ def final_set(windows_fp: list[int]) -> list[KVScheme]:
     return out
 
 
+def layers_set(model, calibration: torch.Tensor, bits_list: list[int], window: int, counts: list[int],
+               wide_bits: int | None) -> tuple[list[KVScheme], dict[str, list[float]]]:
+    """Each preset and its calibrated versions; also returns each preset's per-layer sensitivity (%)."""
+    out: list[KVScheme] = []
+    sensitivity: dict[str, list[float]] = {}
+    passes = (num_layers(model) + 1) * len(calibration)
+    for b in bits_list:
+        w = max(2 * window, 64) if b == 2 else window
+        base = nqkv_preset(b, window=w)
+        base = base.replace(name=f"{base.name} S{base.sinks} W{w}")
+        with tqdm(total=passes, desc=f"layer sensitivity {base.name}", unit="win") as bar:
+            sens = layer_sensitivity(model, calibration, base, bar)
+        sensitivity[base.name] = sens
+        print(f"{base.name}: layer sensitivity (ΔPPL %, alone) " + " ".join(f"{i}:{v:+.2f}" for i, v in enumerate(sens)))
+        out += [base] + [widen_layers(base, sens, n, wide_bits) for n in counts]
+    return out, sensitivity
+
+
+def plot_sensitivity(sensitivity: dict[str, list[float]], png: str) -> None:
+    """Bars of each layer's ΔPPL when it alone is quantized, one panel per scheme."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(sensitivity), 1, figsize=(7, 2.2 * len(sensitivity)), squeeze=False)
+    for ax, (name, sens) in zip(axes[:, 0], sensitivity.items()):
+        ax.bar(range(len(sens)), sens, color="tab:blue")
+        ax.set_title(f"{name}: ΔPPL when only this layer is quantized", fontsize=9)
+        ax.set_ylabel("ΔPPL %")
+        ax.grid(True, axis="y", lw=0.3)
+    axes[-1, 0].set_xlabel("layer")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    print(f"wrote {png}")
+
+
 def plot_curve(json_paths: list[str], png: str) -> None:
     """ΔPPL (%) against bits/element for each method family found in result JSON files."""
     import json
@@ -128,7 +173,10 @@ def plot_curve(json_paths: list[str], png: str) -> None:
             key = ("NQKV" if m.startswith("NQKV") else "KIVI-style" if m.startswith("kivi")
                    else "HF quanto" if "quanto" in m else "uniform int per token" if m.startswith("int") else None)
             if key:
-                families[key].append((r["bits"], r["dppl_pct"], m.split()[0]))
+                label = m.split()[0]
+                wide = [w for w in m.split() if "@" in w]  # per-layer widths: "L1,17@3b" -> "+2L"
+                label += f"+{len(wide[0].split('@')[0].split(','))}L" if wide else ""
+                families[key].append((r["bits"], r["dppl_pct"], label))
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for (name, pts), marker in zip(families.items(), "osv^"):
         if pts:
@@ -148,11 +196,17 @@ def plot_curve(json_paths: list[str], png: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--set", choices=["explore", "ablation", "blocks", "final"], default="explore", help="candidate set")
+    ap.add_argument("--set", choices=["explore", "ablation", "blocks", "final", "layers"], default="explore",
+                    help="candidate set")
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2], help="bit widths (explore/blocks)")
     ap.add_argument("--window", type=int, default=32, help="full-precision recent window (explore/blocks)")
     ap.add_argument("--fp-windows", type=int, nargs="+", default=[32],
                     help="recent windows for --set final (doubled, min 64, at 2 bits)")
+    ap.add_argument("--layer-widths", type=int, nargs="+", default=[1, 2, 4],
+                    help="numbers of most sensitive layers to widen (--set layers)")
+    ap.add_argument("--wide-bits", type=int, default=None, help="width of widened layers (default: one bit more)")
+    ap.add_argument("--calibration-windows", type=int, default=2,
+                    help="windows at the end of the text on which layer sensitivity is measured (--set layers)")
     ap.add_argument("--only", nargs="*", default=None, help="keep only candidates whose name contains one of these")
     ap.add_argument("--model", default=DEFAULT_MODEL, help="model id, local path or .gguf file")
     ap.add_argument("--text-file", default=None, help="corpus (default: WikiText-2 raw test split)")
@@ -178,8 +232,10 @@ def main() -> None:
         schemes = ablation_set(args.window)
     elif args.set == "blocks":
         schemes = blocks_set(args.window, args.bits)
-    else:
+    elif args.set == "final":
         schemes = final_set(args.fp_windows)
+    else:
+        schemes = []  # needs the model: built below
     if args.only:
         schemes = [s for s in schemes if any(o in s.name for o in args.only)]
 
@@ -189,6 +245,14 @@ def main() -> None:
     prompts = None
     if args.agree:  # 4 prompts from the part of the corpus after the evaluation windows
         prompts = prompts_after(lm.tokenizer, text, args.windows, args.window_len, args.prompt_len, 4)
+    sensitivity = None
+    if args.set == "layers":
+        used = args.windows * args.window_len + (args.windows * args.window_len // args.prompt_len + 5) * args.prompt_len
+        calibration = calibration_windows(lm.tokenizer, text, args.window_len, args.calibration_windows, used)
+        schemes, sensitivity = layers_set(lm.model, calibration, args.bits, args.window, args.layer_widths,
+                                          args.wide_bits)
+        if args.only:
+            schemes = [s for s in schemes if any(o in s.name for o in args.only)]
     t0 = time.perf_counter()
     rows = evaluate(lm.model, windows, schemes, prompts=prompts, quanto_bits=(4, 2) if args.quanto else (),
                     desc=args.set)
@@ -197,6 +261,11 @@ def main() -> None:
         "model": args.model, "windows": args.windows, "window_len": args.window_len,
         "seconds": time.perf_counter() - t0,
     }
+    if sensitivity is not None:
+        meta["layer_sensitivity_pct"] = sensitivity
+        meta["calibration_windows"] = f"last {args.calibration_windows} windows of the text"
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        plot_sensitivity(sensitivity, str(Path(args.out) / "layer_sensitivity.png"))
     print(markdown_table(rows, with_agree=args.agree))
     js, md = save_rows(rows, args.out, args.set, meta)
     print(f"wrote {js} and {md}")

@@ -138,3 +138,21 @@ def prompts_after(tokenizer, text: str, n_windows: int, window_len: int, prompt_
     of ``window_len`` tokens (so that generation is not scored on text the perplexity already saw)."""
     skip = n_windows * window_len // prompt_len + 1
     return token_windows(tokenizer, text, prompt_len)[skip : skip + n]
+
+
+def calibration_windows(tokenizer, text: str, window_len: int, n: int, held_out: int) -> torch.Tensor:
+    """The last ``n`` windows of ``window_len`` tokens of ``text``, for calibration.
+
+    Evaluation windows and prompts are taken from the start of the text; ``held_out`` is how many
+    tokens of that start they use, and the calibration windows must not overlap them.
+
+    Raises:
+        ValueError: if the text is too short for both.
+    """
+    windows = token_windows(tokenizer, text, window_len)
+    if (len(windows) - n) * window_len < held_out:
+        raise ValueError(
+            f"the text has {len(windows)} windows of {window_len} tokens: too short for {n} calibration"
+            f" windows after the {held_out} evaluation tokens; pass a longer --text-file or fewer windows"
+        )
+    return windows[-n:]

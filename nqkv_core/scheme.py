@@ -35,6 +35,7 @@ Quantizer = Literal["nf", "lloyd", "int"]  # "int": uniform asymmetric min-max (
 Axis = Literal["token", "channel"]  # blocks along head_dim of one token / along tokens of one channel
 Equalize = Literal["none", "rms", "qk"]
 FP_BITS = 16
+PRESET_BITS = (2, 3, 4, 8)
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,10 @@ class KVScheme:
         window: for each query, keys/values fewer than ``window`` positions behind are exact.
         stats_tokens: tokens after the sinks on which ``mu`` / equalisation are measured.
         scale_dtype: dtype of stored per-block scales (and of the zero-points of ``"int"``).
+        layer_bits: optional code width of K and V for every layer (one entry per layer, from
+            :func:`nqkv_core.evaluate.calibrate_layer_bits`); a layer at another width than
+            ``k_bits`` follows :func:`nqkv_preset`'s rules for that width (codebook, value centring),
+            16 keeps it exact. Empty: every layer is stored as the fields above say.
     """
 
     name: str
@@ -85,10 +90,31 @@ class KVScheme:
     window: int = 0
     stats_tokens: int = 64
     scale_dtype: torch.dtype = torch.float16
+    layer_bits: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.layer_bits:
+            if self.k_bits != self.v_bits:
+                raise ValueError(f"{self.name}: per-layer widths need equal K and V widths, got K{self.k_bits}V{self.v_bits}")
+            bad = sorted({b for b in self.layer_bits if b not in (*PRESET_BITS, FP_BITS)})
+            if bad:
+                raise ValueError(f"{self.name}: layer widths must be among {PRESET_BITS} or {FP_BITS}, got {bad}")
 
     def replace(self, **changes) -> "KVScheme":
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
+
+    def for_layer(self, layer: int) -> "KVScheme":
+        """The scheme layer ``layer`` stores (itself unless ``layer_bits`` gives layers their own width)."""
+        if not self.layer_bits:
+            return self
+        if not 0 <= layer < len(self.layer_bits):
+            raise ValueError(
+                f"scheme {self.name!r} has widths for {len(self.layer_bits)} layers; there is no layer {layer}"
+            )
+        bits = self.layer_bits[layer]
+        fields = {} if bits == self.k_bits else _width_fields(bits, bits)
+        return self.replace(layer_bits=(), **fields)
 
     @property
     def needs_stats(self) -> bool:
@@ -111,6 +137,10 @@ class KVScheme:
         """
         k_vec = int(self.k_centre) + int(self.k_equalize != "none")
         v_vec = int(self.v_centre) + int(self.v_equalize)
+        if self.layer_bits:
+            return sum(self.for_layer(i).bits_per_element(context_len) for i in range(len(self.layer_bits))) / len(
+                self.layer_bits
+            )
         k = self._side_bits(self.k_bits, self.k_quant, self.k_block, k_vec, context_len)
         v = self._side_bits(self.v_bits, self.v_quant, self.v_block, v_vec, context_len)
         return (k + v) / 2
@@ -440,12 +470,20 @@ def nqkv_preset(bits: int, sinks: int = 4, window: int = 32, rope_centre: bool =
     (docs/quality.md).
     """
     v_bits = bits if v_bits is None else v_bits
-    for b in (bits, v_bits):
-        if b not in (2, 3, 4, 8):
-            raise ValueError(f"presets exist for 2, 3, 4 and 8 bits, got {b}")
+    if bits not in PRESET_BITS or v_bits not in PRESET_BITS:
+        raise ValueError(f"presets exist for {', '.join(map(str, PRESET_BITS))} bits, got K{bits} V{v_bits}")
     name = f"NQKV-{bits}" if v_bits == bits else f"NQKV-K{bits}V{v_bits}"
     return KVScheme(
-        name + ("" if rope_centre else " plain-centre"), k_bits=bits, v_bits=v_bits,
-        k_quant="lloyd" if bits == 2 else "nf", v_quant="lloyd" if v_bits == 2 else "nf", k_centre=True,
-        k_centre_rope=rope_centre, v_centre=v_bits != 2, k_rotate=True, v_rotate=True, sinks=sinks, window=window,
+        name + ("" if rope_centre else " plain-centre"), k_centre=True, k_centre_rope=rope_centre,
+        k_rotate=True, v_rotate=True, sinks=sinks, window=window, **_width_fields(bits, v_bits),
     )
+
+
+def _width_fields(k_bits: int, v_bits: int) -> dict:
+    """The width-dependent fields of the presets: NF codes at 3+ bits, Lloyd-Max at 2, value centring
+    except at 2 bits (16 = that side exact)."""
+    for b in (k_bits, v_bits):
+        if b not in (*PRESET_BITS, FP_BITS):
+            raise ValueError(f"presets exist for {', '.join(map(str, PRESET_BITS))} bits, got {b}")
+    return dict(k_bits=k_bits, v_bits=v_bits, k_quant="lloyd" if k_bits == 2 else "nf",
+                v_quant="lloyd" if v_bits == 2 else "nf", v_centre=v_bits not in (2, FP_BITS))

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from nqkv_core.evaluate import (
-    ATTN_NAME, agreement, evaluate, greedy_tokens, markdown_table, perplexity, register_attention, save_rows,
+    ATTN_NAME, agreement, calibrate_layer_bits, evaluate, greedy_tokens, layer_sensitivity, markdown_table,
+    perplexity, register_attention, save_rows,
 )
-from nqkv_core.models import load_text, token_windows
+from nqkv_core.models import calibration_windows, load_text, token_windows
 from nqkv_core.scheme import FULL_PRECISION, KVScheme, kivi, nqkv_preset
 
 
@@ -96,3 +97,39 @@ def test_smollm2_smoke():
     fp = perplexity(lm.model, ids, None)
     q = perplexity(lm.model, ids, nqkv_preset(4, window=16))
     assert 1 < fp < 200 and abs(q / fp - 1) < 0.1
+
+
+def test_layer_widths_in_fake_quantization(tiny):
+    model, ids = tiny
+    base = KVScheme("nf2", k_bits=2, v_bits=2, k_block=16, v_block=16, sinks=1, window=4)
+    fp, p2 = perplexity(model, ids, None), perplexity(model, ids, base)
+    assert perplexity(model, ids, base.replace(layer_bits=(2, 2))) == pytest.approx(p2, rel=1e-6)
+    assert perplexity(model, ids, base.replace(layer_bits=(16, 16))) == pytest.approx(fp, rel=1e-6)
+    only0 = perplexity(model, ids, base.replace(layer_bits=(2, 16)))
+    assert only0 != pytest.approx(fp, rel=1e-5) and only0 != pytest.approx(p2, rel=1e-5)
+
+
+def test_calibration_widens_the_most_sensitive_layers(tiny):
+    model, ids = tiny
+    base = KVScheme("nf2", k_bits=2, v_bits=2, k_block=16, v_block=16, sinks=1, window=4)
+    sens = layer_sensitivity(model, ids, base)
+    fp = perplexity(model, ids, None)
+    for i in range(2):  # each entry is that layer alone at 2 bits
+        alone = base.replace(layer_bits=tuple(2 if j == i else 16 for j in range(2)))
+        assert sens[i] == pytest.approx(100 * (perplexity(model, ids, alone) / fp - 1), rel=1e-6)
+    plan, sens2 = calibrate_layer_bits(model, ids, base, wide_layers=1)
+    worst = max(range(2), key=lambda i: sens[i])
+    assert sens2 == sens and plan.layer_bits == tuple(3 if i == worst else 2 for i in range(2))
+    assert plan.name == f"nf2 L{worst}@3b"
+    assert plan.bits_per_element(64) > base.bits_per_element(64)
+
+
+def test_calibration_windows_are_held_out():
+    class Tok:
+        def __call__(self, text, add_special_tokens, return_tensors):
+            return {"input_ids": torch.arange(len(text.split()))[None]}
+
+    w = calibration_windows(Tok(), "a " * 100, 16, 2, held_out=64)
+    assert w.shape == (2, 16) and w[0, 0] == 64  # the last two of six windows
+    with pytest.raises(ValueError, match="too short"):
+        calibration_windows(Tok(), "a " * 100, 16, 2, held_out=70)

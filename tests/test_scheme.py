@@ -115,7 +115,7 @@ def test_presets():
     p = nqkv_preset(3, v_bits=2)
     assert (p.name, p.k_bits, p.v_bits, p.k_quant, p.v_quant, p.v_centre) == ("NQKV-K3V2", 3, 2, "nf", "lloyd", False)
     assert nqkv_preset(4, v_bits=3).bits_per_element(1 << 20) == pytest.approx((4.25 + 3.25) / 2, abs=0.01)
-    with pytest.raises(ValueError, match="got 5"):
+    with pytest.raises(ValueError, match="got K4 V5"):
         nqkv_preset(4, v_bits=5)
 
 
@@ -135,3 +135,23 @@ def test_per_token_block_wider_than_head_dim_is_an_error_not_full_precision():
         quantize_roundtrip(x, 3, "nf", 128, "token")
     # a partial group of tokens is legitimately kept exact (it fills as tokens arrive)
     assert torch.equal(quantize_roundtrip(x, 3, "nf", 32, "channel"), x)
+
+
+def test_layer_bits_give_each_layer_its_width():
+    base = nqkv_preset(3)
+    s = base.replace(name="mixed", layer_bits=(3, 4, 2, 16))
+    assert s.for_layer(0) == base.replace(name="mixed")
+    assert (s.for_layer(1).k_bits, s.for_layer(1).v_bits, s.for_layer(1).k_quant) == (4, 4, "nf")
+    two = s.for_layer(2)
+    assert (two.k_bits, two.k_quant, two.v_quant, two.v_centre) == (2, "lloyd", "lloyd", False)
+    assert two.k_centre_rope and two.window == base.window and not two.layer_bits
+    assert s.for_layer(3).k_bits == s.for_layer(3).v_bits == 16
+    per_layer = [base.bits_per_element(1024), nqkv_preset(4).bits_per_element(1024),
+                 s.for_layer(2).bits_per_element(1024), 16.0]
+    assert s.bits_per_element(1024) == pytest.approx(sum(per_layer) / 4)
+    with pytest.raises(ValueError, match="no layer 4"):
+        s.for_layer(4)
+    with pytest.raises(ValueError, match="layer widths"):
+        base.replace(layer_bits=(3, 5))
+    with pytest.raises(ValueError, match="equal K and V"):
+        nqkv_preset(4, v_bits=3).replace(layer_bits=(4, 4))
