@@ -42,9 +42,10 @@ import nqkv_core.ops  # noqa: F401  (registers torch.ops.nqkv.attention)
 from nqkv_core.ops import cpu as cpu_ops
 from nqkv_core.ops.attention import attention_eager, skips_dispatcher
 from nqkv_core.codebook import get_codebook
-from nqkv_core.quantize import dequantize_blockwise, quantize_blockwise
+from nqkv_core import native
+from nqkv_core.quantize import _midpoints, dequantize_blockwise, quantize_blockwise
 from nqkv_core.scheme import (FP_BITS, KVScheme, KVTransform, fit_transform, nqkv_preset, per_query_head,
-                              rope_inv_freq)
+                              rope_inv_freq, rotate_half)
 
 try:  # transformers is an optional dependency of the package; the cache needs it.
     import transformers
@@ -56,6 +57,9 @@ ATTN_NAME = "nqkv"
 # Attend through the fused op (torch.ops.nqkv.attention). False: fp32 SDPA over the dequantized body, a
 # reference path that makes the cache bit-comparable with fake quantization (used by the tests).
 FUSED = True
+# Fold the frozen transform of an eager one-token step into a few matmuls (_StepMaps). False: the
+# general path of any step (the tests compare the two).
+FOLD_STEPS = True
 FORMAT_VERSION = "1"
 _ENABLE_HINT = (
     "pass attn_implementation='nqkv' when loading the model, or call nqkv_core.enable(model)"
@@ -245,6 +249,8 @@ class RopeTable:
         self.inv_freq = inv_freq
         self.max_len = max_len
         self.table: torch.Tensor | None = None
+        self.cos_full: torch.Tensor | None = None
+        self.sin_full: torch.Tensor | None = None
 
     def ensure(self, n: int, device: torch.device) -> None:
         """Make the table cover positions ``[0, n)`` on ``device`` (eager only: it may allocate)."""
@@ -256,7 +262,49 @@ class RopeTable:
         rows = max(n, 2 * t.shape[0] if t is not None else 64, self.max_len or 0)
         inv_freq = self.inv_freq.float().to(device)
         ang = torch.arange(rows, device=device).float()[:, None] * inv_freq[None, :]
-        self.table = torch.cat([ang.cos(), ang.sin()], dim=-1)
+        cos, sin = ang.cos(), ang.sin()
+        self.table = torch.cat([cos, sin], dim=-1)
+        # the same angles as apply_rope's (P, d) cos / sin rows: a decode step reads one row of each
+        self.cos_full, self.sin_full = torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
+
+
+@dataclass
+class _StepMaps:
+    """A layer's frozen transform folded for eager one-token decode steps.
+
+    ``q_map`` turns a query row into ``[q' | w]`` with one matmul: the rotated query and, for a
+    RoPE-aware key centre, the bias weights of :func:`rope_bias_weights` (which are linear in ``q``);
+    ``mu_k`` / ``mu_k_half`` give the key centre at position ``p`` as ``mu_k * cos[p] + mu_k_half *
+    sin[p]``, the same arithmetic as :func:`~nqkv_core.scheme.apply_rope`; ``out_shift`` is ``mu_v``
+    per query head. ``refs`` are what they were built from (compared by identity).
+    """
+
+    refs: tuple
+    q_map: torch.Tensor
+    mu_k: torch.Tensor | None
+    mu_k_half: torch.Tensor | None
+    mu_v: torch.Tensor | None
+    out_shift: torch.Tensor | None
+
+
+class StepMemo:
+    """The last value of a per-step quantity that every layer of a cache computes alike.
+
+    The layers of a cache hold the same tokens in the same slots, so e.g. the slot positions of an
+    eager decode step are the same for all of them: the first layer computes them, the others reuse
+    them (a step of a small model is dominated by such small per-layer ops).
+    """
+
+    def __init__(self):
+        self._entries: dict[str, tuple[tuple, Any]] = {}
+
+    def get(self, name: str, key: tuple, make: Callable[[], Any]) -> Any:
+        """The value of ``name`` for ``key`` (a tuple of plain values): ``make()`` unless the last call
+        for ``name`` had the same key."""
+        entry = self._entries.get(name)
+        if entry is None or entry[0] != key:
+            entry = self._entries[name] = (key, make())
+        return entry[1]
 
 
 def rope_bias_weights(query: torch.Tensor, mu: torch.Tensor, scale: float) -> torch.Tensor:
@@ -301,7 +349,7 @@ class NQKVLayer(CacheLayerMixin):
     supports_early_init = True
 
     def __init__(self, scheme: KVScheme, max_cache_len: int | None = None, crop_margin: int = 0,
-                 rope: RopeTable | None = None):
+                 rope: RopeTable | None = None, step_memo: StepMemo | None = None):
         super().__init__()
         if max_cache_len is not None and max_cache_len < 1:
             raise ValueError(f"max_cache_len must be positive or None, got {max_cache_len}")
@@ -318,6 +366,8 @@ class NQKVLayer(CacheLayerMixin):
         self.transform: KVTransform | None = None
         self.rope_centred = scheme.k_centre and scheme.k_centre_rope
         self.rope = rope if rope is not None else RopeTable(max_len=max_cache_len)
+        self.step_memo = step_memo if step_memo is not None else StepMemo()
+        self._step_maps: _StepMaps | None = None
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self.handle = _Handle(self)
 
@@ -451,24 +501,21 @@ class NQKVLayer(CacheLayerMixin):
             self.rope.ensure(int(self.length) + k.shape[2], self.device)
         return fit_transform(self.scheme, k, v, q, inv_freq)
 
-    def _key_bias(self, query: torch.Tensor, positions: torch.Tensor, n: int | None, scaling: float) -> KeyBias:
+    def _key_bias(self, query: torch.Tensor, positions: torch.Tensor, n: int | None, scaling: float,
+                  w: torch.Tensor | None = None) -> KeyBias:
         """``scaling * q . R(p) mu`` of every query row for the slots at ``positions`` (``(b, hq, T, slots)``).
 
+        ``w``: the query rows' bias weights if already computed (:class:`_StepMaps`).
         Densely, the bias is computed for positions ``[0, P)`` in order and cut into the slot order
         ``[body | sinks | ring | new]``: body and sinks are contiguous runs of positions, so only the
         ring and the new tokens are gathered (gathering a table row per slot costs as much as the bias).
         """
         b, hq, T, d = query.shape
-        mu = per_query_head(self.transform.mu_k, hq // self.num_heads)
         S = self.n_sinks
         n_body = positions.shape[0] - S - self.n_ring - T
-        if n is None:  # compiled: static shapes; the table was sized for max_cache_len eagerly
-            P = self.rope.table.shape[0]
-        else:
-            P = max(S + n_body, n + T)
-            self.rope.ensure(P, self.device)
-        w, table = rope_bias_weights(query, mu, scaling), self.rope.table[:P]
-        slot_positions = positions.clamp(0, P - 1)  # unused ring slots (masked) hold positions < 0
+        table, slot_positions = self._bias_table(positions, n, n_body, T)
+        if w is None:
+            w = rope_bias_weights(query, per_query_head(self.transform.mu_k, hq // self.num_heads), scaling)
 
         def dense() -> torch.Tensor:
             bias = w @ table.T
@@ -476,6 +523,17 @@ class NQKVLayer(CacheLayerMixin):
             return torch.cat([bias[..., S : S + n_body], bias[..., :S], bias.index_select(-1, tail)], dim=-1)
 
         return KeyBias((w, table, slot_positions), dense)
+
+    def _bias_table(self, positions: torch.Tensor, n: int | None, n_body: int, T: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The RoPE table rows ``[0, P)`` a step's key bias reads, and the slot positions clamped into them."""
+        if n is None:  # compiled: static shapes; the table was sized for max_cache_len eagerly
+            P = self.rope.table.shape[0]
+            return self.rope.table, positions.clamp(0, P - 1)  # unused ring slots (masked) hold positions < 0
+        P = max(self.n_sinks + n_body, n + T)
+        self.rope.ensure(P, self.device)
+        key = (n, n_body, T, P, self.n_sinks, self.n_ring, self.window, self.device)  # all the positions depend on
+        return self.rope.table[:P], self.step_memo.get("clamped positions", key, lambda: positions.clamp(0, P - 1))
 
     def attention(
         self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float, config: Any = None
@@ -496,12 +554,32 @@ class NQKVLayer(CacheLayerMixin):
         t = self.transform
         p0 = self.length
         n = None if torch.compiler.is_compiling() else int(p0)
-        q = t.queries(query, group).to(self.fp_dtype)
-        # With a RoPE-aware centre, the first tokens of an empty cache (a prompt) attend only to each
-        # other, all exact: they are scored uncentred, which needs no (T, T) score offset.
-        fresh = n == 0 and t.inv_freq is not None
-        k_attend = t.keys(k_new, centre=False).to(self.fp_dtype) if fresh else None
-        k_new = t.keys(k_new, start=p0 if n is None else n).to(self.fp_dtype)
+        # An eager one-token step folds the transform into a few matmuls (_StepMaps); the reference
+        # path (FUSED = False) keeps the exact arithmetic of the fake-quantized reference.
+        fold = FUSED and FOLD_STEPS and n and T == 1 and self.fp_dtype == torch.float32 and t.a_k is None and t.b_v is None
+        maps = self._maps(group, scaling) if fold else None
+        if maps is not None and attention_mask is None and self._all_slots_valid(n):
+            out = self._native_step(query, k_new, v_new, maps, n, scaling)
+            if out is not None:
+                return out.to(query.dtype).transpose(1, 2)
+        w = None
+        if maps is not None:
+            qw = query.float() @ maps.q_map
+            q, w = qw[..., :d], (qw[..., d:] if maps.mu_k_half is not None else None)
+            k_new = k_new.float()
+            if maps.mu_k_half is not None:  # minus the RoPE'd centre at position n
+                k_new = k_new - (t.mu_k * self.rope.cos_full[n] + maps.mu_k_half * self.rope.sin_full[n])
+            elif t.mu_k is not None:
+                k_new = k_new - t.mu_k
+            k_new = k_new @ t.rot_k if t.rot_k is not None else k_new
+            k_attend = None
+        else:
+            q = t.queries(query, group).to(self.fp_dtype)
+            # With a RoPE-aware centre, the first tokens of an empty cache (a prompt) attend only to each
+            # other, all exact: they are scored uncentred, which needs no (T, T) score offset.
+            fresh = n == 0 and t.inv_freq is not None
+            k_attend = t.keys(k_new, centre=False).to(self.fp_dtype) if fresh else None
+            k_new = t.keys(k_new, start=p0 if n is None else n).to(self.fp_dtype)
         v_new = t.values(v_new).to(self.fp_dtype)
 
         if n == 0 and (attention_mask is None or attention_mask.shape[-1] >= T):
@@ -511,22 +589,99 @@ class NQKVLayer(CacheLayerMixin):
         else:
             # Compiled steps read the whole preallocated body (masked) so that shapes never change.
             n_body = self.capacity if n is None else min(self._body_capacity(n), self.capacity)
-            positions, valid = self._positions(p0, n_body, T)
+            if n is None:
+                positions, valid = self._positions(p0, n_body, T)
+            else:  # the same for every layer of the step
+                key = (n, n_body, T, self.n_sinks, self.n_ring, self.window, self.device)
+                positions, valid = self.step_memo.get("positions", key, lambda: self._positions(p0, n_body, T))
             if n is not None and T == 1 and attention_mask is None and self._all_slots_valid(n):
                 allowed = None  # one query that sees every stored slot: nothing to mask
             else:
                 allowed = self._allowed(p0, positions, valid, T, attention_mask)
             # RoPE-aware centre: the score offset q . R(p) mu, added inside attend
-            key_bias = self._key_bias(query, positions, n, scaling) if t.inv_freq is not None else None
+            key_bias = self._key_bias(query, positions, n, scaling, w) if t.inv_freq is not None else None
             k_fp = torch.cat([self.k_sink[:, :, : self.n_sinks], self.k_ring[:, :, : self.n_ring], k_new], dim=2)
             v_fp = torch.cat([self.v_sink[:, :, : self.n_sinks], self.v_ring[:, :, : self.n_ring], v_new], dim=2)
             out = attend(
                 q, tuple(x[:, :, :n_body] for x in self.k_body), tuple(x[:, :, :n_body] for x in self.v_body),
                 self.k_fmt, self.v_fmt, k_fp, v_fp, allowed, scaling, key_bias,
             )
-        out = t.output(out.float(), group) if (t.rot_v is not None or t.b_v is not None or t.mu_v is not None) else out
+        if maps is not None:
+            out = out.float() @ t.rot_v.T if t.rot_v is not None else out.float()
+            out = out + maps.out_shift if maps.out_shift is not None else out
+        elif t.rot_v is not None or t.b_v is not None or t.mu_v is not None:
+            out = t.output(out.float(), group)
         self._commit(k_new, v_new)
         return out.to(query.dtype).transpose(1, 2).contiguous()
+
+    def _native_step(self, query: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, maps: _StepMaps, n: int,
+                     scaling: float) -> torch.Tensor | None:
+        """The folded one-token step (transform, attention, commit) as one native call, when the
+        native kernels can take it; None otherwise (the caller runs the torch ops).
+
+        Same arithmetic as the torch ops of :meth:`attention` up to fp32 rounding (a code may
+        differ at a level boundary, rarely); ``tests/test_cache.py`` compares the two.
+        """
+        S, R, W = self.n_sinks, self.n_ring, self.window
+        kf, vf = self.k_fmt, self.v_fmt
+        if R == 0 or not (kf.quantized and vf.quantized):
+            return None
+        t = self.transform
+        q, k, v = query.float().contiguous(), k_new.float().contiguous(), v_new.float().contiguous()
+        if not native.decode_step_supported(
+            q, k, v, maps.q_map, t.rot_k, t.rot_v, maps.mu_k, maps.mu_k_half, maps.mu_v, self.k_sink, self.v_sink,
+            self.k_ring, self.v_ring, formats=((kf.bits, kf.block), (vf.bits, vf.block)),
+        ):
+            return None
+        n_body = min(self._body_capacity(n), self.capacity)
+        bias = cos_row = sin_row = None
+        if maps.mu_k_half is not None:  # the RoPE-aware centre: rows of position n, the key bias
+            positions, _ = self.step_memo.get(
+                "positions", (n, n_body, 1, S, R, W, self.device), lambda: self._positions(self.length, n_body, 1)
+            )
+            bias = self._bias_table(positions, n, n_body, 1)
+            cos_row, sin_row = self.rope.cos_full[n], self.rope.sin_full[n]
+        leaving = n - W + 1  # the token that leaves the window (W > 1: it is in the ring)
+        scale_max = torch.finfo(self.scheme.scale_dtype).max
+        out = native.decode_step(
+            q, k, v, maps.q_map, t.rot_k, t.rot_v, maps.mu_k, maps.mu_k_half, cos_row, sin_row, maps.mu_v,
+            (self.k_sink, self.v_sink), S, (self.k_ring, self.v_ring), R,
+            (*self.k_body, kf.codebook, kf.block), (*self.v_body, vf.codebook, vf.block), n_body,
+            (_midpoints(kf.codebook), _midpoints(vf.codebook)), scale_max,
+            leaving % R if leaving >= S else -1, leaving - S, n if n < S else -1, n % R if n >= S else -1,
+            bias, scaling,
+        )
+        self.length.add_(1)
+        return out
+
+    def _maps(self, group: int, scaling: float) -> _StepMaps:
+        """The :class:`_StepMaps` of the current transform (built on first use, then reused)."""
+        t = self.transform
+        refs = (t.mu_k, t.rot_k, t.mu_v, t.inv_freq, group, scaling)
+        m = self._step_maps
+        if m is not None and all(a is b for a, b in zip(m.refs[:4], refs[:4])) and m.refs[4:] == refs[4:]:
+            return m
+        b, h, d = self.batch_size, self.num_heads, self.head_dim
+        rot = t.rot_k if t.rot_k is not None else torch.eye(d, device=self.device)
+        q_map = rot.expand(b, h * group, d, d)
+        mu_k_half = None
+        if t.inv_freq is not None:
+            # w = scaling * [q_lo mu_lo + q_hi mu_hi | q_hi mu_lo - q_lo mu_hi] = q @ B (rope_bias_weights)
+            mu = per_query_head(t.mu_k, group)[:, :, 0].float()
+            half, i = d // 2, torch.arange(d // 2, device=self.device)
+            lo, hi = mu[..., :half], mu[..., half:]
+            B = torch.zeros(b, h * group, d, d, device=self.device)
+            B[:, :, i, i], B[:, :, i + half, i] = lo, hi
+            B[:, :, i + half, i + half], B[:, :, i, i + half] = lo, -hi
+            q_map = torch.cat([q_map, B * scaling], dim=-1)
+            mu_k_half = rotate_half(t.mu_k)
+        out_shift = per_query_head(t.mu_v, group).float().contiguous() if t.mu_v is not None else None
+
+        def flat(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x.float().contiguous()
+
+        self._step_maps = _StepMaps(refs, q_map.contiguous(), flat(t.mu_k), flat(mu_k_half), flat(t.mu_v), out_shift)
+        return self._step_maps
 
     def _all_slots_valid(self, n: int) -> bool:
         """Whether every slot ``[body | sinks | ring]`` read at ``n`` tokens holds a token to attend to:
@@ -850,17 +1005,26 @@ class NQKVCache(Cache):
             if scheme.k_centre and scheme.k_centre_rope:
                 head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
                 inv_freq = rope_inv_freq(text, head_dim)
+        if scheme.layer_bits and num_layers is not None and num_layers != len(scheme.layer_bits):
+            raise ValueError(
+                f"scheme {scheme.name!r} has widths for {len(scheme.layer_bits)} layers; the model has {num_layers}"
+            )
         self.scheme = scheme
         self.max_cache_len = max_cache_len
         self.crop_margin = crop_margin
         # One table of RoPE cos/sin per position for all layers (used by RoPE-centred schemes only).
         self.rope = RopeTable(inv_freq, max_cache_len)
-        layers = [NQKVLayer(scheme, max_cache_len, crop_margin, self.rope) for _ in range(num_layers or 0)]
+        self.step_memo = StepMemo()
+        layers = [self._new_layer(i) for i in range(num_layers or 0)]
         super().__init__(layers=layers)
+
+    def _new_layer(self, layer_idx: int) -> NQKVLayer:
+        return NQKVLayer(self.scheme.for_layer(layer_idx), self.max_cache_len, self.crop_margin, self.rope,
+                         self.step_memo)
 
     def _layer(self, layer_idx: int) -> NQKVLayer:
         while len(self.layers) <= layer_idx:
-            self.layers.append(NQKVLayer(self.scheme, self.max_cache_len, self.crop_margin, self.rope))
+            self.layers.append(self._new_layer(len(self.layers)))
         return self.layers[layer_idx]
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):

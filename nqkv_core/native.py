@@ -131,6 +131,12 @@ def _library() -> Optional[ctypes.CDLL]:
         ptr, _Packed, _Packed, i64, ptr, ptr, i64, ptr, i64, i64, i64, ptr, ptr, ptr, i64, i32, i64, i64, i64, i64,
         i64, i64, ptr, i32,
     ]
+    f32 = ctypes.c_float
+    lib.nqkv_decode_step.argtypes = [
+        ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, i64, i64, _Packed,
+        _Packed, i64, ptr, ptr, f32, i64, i64, i64, i64, ptr, ptr, i64, f32, i64, i64, i64, i64, ptr, i32,
+    ]
+    lib.nqkv_decode_step.restype = ctypes.c_int
     lib.nqkv_quantize_rows.restype = i64
     lib.nqkv_dequantize_rows.restype = None
     lib.nqkv_attention_decode.restype = ctypes.c_int
@@ -291,3 +297,60 @@ def attention_decode(q: Tensor, k: tuple, v: tuple, k_tail: Optional[Tensor], v_
     if status:
         raise ValueError(f"key_bias positions must lie in [0, {table.shape[0]})")
     return out.view(b, hq, tq, dv).to(q.dtype)
+
+
+# -- one decode step of a cache layer --------------------------------------------------------------
+
+
+def decode_step_supported(*tensors: Optional[Tensor], formats: tuple = ()) -> bool:
+    """Plain contiguous fp32 CPU tensors, packed bodies with whole bytes per block."""
+    return (
+        _usable(*tensors) and all(t is None or (t.dtype == torch.float32 and t.is_contiguous()) for t in tensors)
+        and all(_whole_bytes(bits, block) for bits, block in formats) and available()
+    )
+
+
+def decode_step(
+    q: Tensor, k_new: Tensor, v_new: Tensor, q_map: Tensor, rot_k: Optional[Tensor], rot_v: Optional[Tensor],
+    mu_k: Optional[Tensor], mu_k_half: Optional[Tensor], cos_row: Optional[Tensor], sin_row: Optional[Tensor],
+    mu_v: Optional[Tensor], sinks: tuple[Tensor, Tensor], n_sinks: int, ring: tuple[Tensor, Tensor], n_ring: int,
+    k_body: tuple, v_body: tuple, n_body: int, thresholds: tuple[Tensor, Tensor], max_scale: float,
+    leave_slot: int, body_slot: int, sink_slot: int, ring_slot: int, bias: Optional[tuple[Tensor, Tensor]],
+    scale: float,
+) -> Tensor:
+    """One decode step of one cache layer for one new token, in one native call.
+
+    The contract is ``NQKVLayer``'s folded step (nqkv_core/cache.py), which also checks that every
+    tensor fits (:func:`decode_step_supported`): ``q`` (B, Hq, 1, D) raw query, ``k_new``/``v_new``
+    (B, Hkv, 1, D) raw key/value; ``q_map`` (B, Hq, D, D or 2D); the transform vectors (B, Hkv, 1, D)
+    or None; ``cos_row``/``sin_row`` (D,) RoPE rows of the new position; sink and ring buffers
+    (B, Hkv, slots, D), updated in place; ``k_body``/``v_body`` ``(codes, absmax, codebook, block)``
+    whose slot ``body_slot`` receives ring slot ``leave_slot`` quantized (``leave_slot < 0``: none);
+    ``bias = (table, positions)`` for the key bias. Returns the output (B, Hq, 1, D) in the original
+    basis.
+
+    Raises:
+        ValueError: a key-bias position outside the table, or a token leaving the window whose
+            block scale is not finite or beyond ``max_scale`` (nothing is stored then).
+    """
+    b, hq, _, d = q.shape
+    hkv = k_new.shape[1]
+    keep: list = []
+    out = torch.empty(b, hq, 1, d, dtype=torch.float32)
+    table, pos = bias if bias is not None else (None, None)
+    status = _library().nqkv_decode_step(
+        q.data_ptr(), k_new.data_ptr(), v_new.data_ptr(), q_map.data_ptr(), q_map.shape[-1], _ptr(rot_k), _ptr(rot_v),
+        _ptr(mu_k), _ptr(mu_k_half), _ptr(cos_row), _ptr(sin_row), _ptr(mu_v), sinks[0].data_ptr(),
+        sinks[1].data_ptr(), n_sinks, sinks[0].shape[2], ring[0].data_ptr(), ring[1].data_ptr(), n_ring,
+        ring[0].shape[2], _packed(*k_body, keep), _packed(*v_body, keep), n_body, thresholds[0].data_ptr(),
+        thresholds[1].data_ptr(), max_scale, leave_slot, body_slot, sink_slot, ring_slot, _ptr(table), _ptr(pos),
+        0 if table is None else table.shape[0], scale, b, hkv, hq // hkv, d, out.data_ptr(), torch.get_num_threads(),
+    )
+    if status == 1:
+        raise ValueError(f"key bias positions must lie in [0, {table.shape[0]})")
+    if status == 2:
+        raise ValueError(
+            "a key or value leaving the full-precision window has a non-finite element (NaN or Inf) or a"
+            " block absmax beyond the scale dtype's range; it cannot be quantized"
+        )
+    return out

@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from nqkv_core import cache as nqkv_cache  # noqa: E402
-from nqkv_core import evaluate  # noqa: E402
+from nqkv_core import evaluate, native  # noqa: E402
 from nqkv_core.cache import NQKVCache, _version, enable  # noqa: E402
 from nqkv_core.scheme import KVScheme  # noqa: E402
 
@@ -58,6 +58,10 @@ SCHEMES = {
     # keys one bit wider than values (nqkv_preset(4, v_bits=3) with this model's blocks)
     "k4v3-rope-centre": KVScheme("f", k_bits=4, v_bits=3, k_block=16, v_block=16, k_rotate=True, v_rotate=True,
                                  k_centre=True, k_centre_rope=True, v_centre=True, sinks=2, window=4),
+    # per-layer widths (a calibrated scheme): layer 0 at 2 bits (Lloyd levels, no value centre), layer 1 at 4
+    "layer-widths-2-4": KVScheme("g", k_bits=3, v_bits=3, k_block=16, v_block=16, k_rotate=True, v_rotate=True,
+                                 k_centre=True, k_centre_rope=True, v_centre=True, sinks=2, window=4,
+                                 layer_bits=(2, 4)),
 }
 
 
@@ -99,6 +103,31 @@ def test_fused_op_matches_fake_quantization(name):
     _, ref_logits = generate(model, ids, scheme)
     _, fp_logits = generate(model, ids, None)
     assert_matches_reference(logits, ref_logits, fp_logits)
+
+
+@pytest.mark.parametrize("use_native", [True, False])
+@pytest.mark.parametrize("name", ["nf4-rot-centre", "nf4-rope-centre", "layer-widths-2-4"])
+def test_folded_decode_steps_match_the_general_path(name, use_native, monkeypatch):
+    # Eager one-token steps fold the transform into a few matmuls (cache._StepMaps), or into one
+    # native call; the logits must agree with the general path to fp32 rounding (a code may flip at a
+    # level boundary, rarely).
+    if not use_native:
+        monkeypatch.setattr(native, "_ENABLED", [False])
+    model, scheme = tiny_model(), SCHEMES[name]
+    ids = torch.randint(1, 96, (2, scheme.window), generator=torch.Generator().manual_seed(1))
+    nq = enable(model, scheme=scheme)
+    calls = []
+    step = native.decode_step
+    monkeypatch.setattr(native, "decode_step", lambda *a, **k: calls.append(1) or step(*a, **k))
+    kwargs = nq.generate_kwargs()
+    seq, logits = generate(model, ids, cache=kwargs)
+    cache = next(v for v in kwargs.values() if isinstance(v, NQKVCache))
+    assert all(layer._step_maps is not None for layer in cache.layers)  # the folded path ran
+    assert bool(calls) == native.available()  # as one native call per layer and step, where built
+    monkeypatch.setattr(nqkv_cache, "FOLD_STEPS", False)
+    seq_ref, ref_logits = generate(model, ids, cache=nq.generate_kwargs())
+    assert torch.equal(seq, seq_ref)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-3)
 
 
 def assert_matches_reference(logits, ref_logits, fp_logits):

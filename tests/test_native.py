@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -176,12 +177,14 @@ def test_attention_decode_key_bias_matches_dense_offset(d, g, tq):
 
 @pytest.mark.skipif(os.environ.get("NQKV_MARCH") is not None, reason="already the portable build")
 def test_portable_build_without_avx512(tmp_path):
-    # The scalar loops (what a CPU without AVX-512 runs) pass this file's tests too.
+    # The scalar loops (what a CPU without AVX-512 runs) pass this file's tests too, and the cache's
+    # native decode step (tests/test_cache.py, "folded") against its torch ops.
     import subprocess
     import sys
 
     env = {**os.environ, "NQKV_MARCH": "x86-64", "NQKV_CACHE_DIR": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
-                          env=env, capture_output=True, text=True, timeout=600)
+    cache_tests = str(Path(__file__).with_name("test_cache.py")) + "::test_folded_decode_steps_match_the_general_path"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+                           cache_tests], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert any(tmp_path.iterdir())  # it built its own library

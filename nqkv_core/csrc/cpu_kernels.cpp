@@ -89,6 +89,15 @@ inline float round_up_half(float a) {
   return std::ceil(a / spacing) * spacing;
 }
 
+// fp16 bits of a value that fp16 represents exactly (a scale rounded by round_up_half).
+inline uint16_t half_bits_exact(float a) {
+  if (a == 0.f) return 0;
+  int e;
+  std::frexp(a, &e);  // a = m * 2**e, m in [0.5, 1)
+  if (e < -13) return (uint16_t)(a * 16777216.0f);  // subnormal: a multiple of 2**-24
+  return (uint16_t)(((e + 14) << 10) | (uint16_t)((std::ldexp(a, 1 - e) - 1.0f) * 1024.0f));
+}
+
 // -- one row of codes -> levels ----------------------------------------------------------------------
 
 #ifdef __AVX512F__
@@ -370,106 +379,12 @@ void values_fast(const Packed& v, const float* levels16, int64_t b, int64_t h, c
 }
 #endif
 
-}  // namespace
-
-extern "C" {
-
-// Codes and fp32 absmax of `rows` rows of `row_len` elements, blocks of `block` along the row.
-// x: fp32 (x_bf16 = 0) or bf16 bits (x_bf16 = 1), contiguous. thresholds: the 2**bits - 1 midpoints
-// between ascending levels; a code is the number of midpoints strictly below x / s (what
-// torch.bucketize gives). absmax_out gets the scale used for coding (rounded up to the fp16 grid
-// when round_half). Returns the number of blocks whose absmax is not finite (NaN or Inf in the
-// input) or above max_scale; the caller then finds and words the error.
-int64_t nqkv_quantize_rows(const void* x, int x_bf16, int64_t rows, int64_t row_len, int64_t block,
-                           const float* thresholds, int bits, int round_half, float max_scale, uint8_t* codes,
-                           float* absmax_out, int threads) {
-  const int n_thr = (1 << bits) - 1;
-  const int64_t row_bytes = row_len * bits / 8, nb = row_len / block;
-  int64_t bad = 0;
-#pragma omp parallel num_threads(threads) reduction(+ : bad)
-  {
-    std::vector<float> y(block);
-    std::vector<uint8_t> c(block);
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-      uint8_t* out = codes + r * row_bytes;
-      std::memset(out, 0, row_bytes);
-      for (int64_t b = 0; b < nb; ++b) {
-        const int64_t base = r * row_len + b * block;
-        if (x_bf16) {
-          const uint16_t* xs = (const uint16_t*)x + base;
-          for (int64_t i = 0; i < block; ++i) y[i] = bits_to_float((uint32_t)xs[i] << 16);
-        } else {
-          std::memcpy(y.data(), (const float*)x + base, block * sizeof(float));
-        }
-        float a = 0.f;
-        for (int64_t i = 0; i < block; ++i) a = std::fmax(a, std::fabs(y[i]));
-        for (int64_t i = 0; i < block; ++i) a = std::isnan(y[i]) ? y[i] : a;  // NaN must reach the check
-        if (!(a <= max_scale)) ++bad;  // NaN compares false
-        if (round_half && std::isfinite(a)) a = round_up_half(a);
-        absmax_out[r * nb + b] = a;
-        const float s = a > 0.f ? a : 1.f;
-        for (int64_t i = 0; i < block; ++i) y[i] = y[i] / s;
-        for (int64_t i = 0; i < block; ++i) c[i] = 0;
-        for (int t = 0; t < n_thr; ++t) {  // a vectorised count of midpoints below each element
-          const float th = thresholds[t];
-          for (int64_t i = 0; i < block; ++i) c[i] += y[i] > th;
-        }
-        const int64_t d0 = b * block;
-        for (int64_t i = 0; i < block; ++i) {
-          const int64_t d = d0 + i;
-          switch (bits) {
-            case 4: out[d >> 1] |= c[i] << ((d & 1) * 4); break;
-            case 2: out[d >> 2] |= c[i] << ((d & 3) * 2); break;
-            case 8: out[d] = c[i]; break;
-            default:
-              out[d >> 2] |= (c[i] & 3) << ((d & 3) * 2);
-              out[row_len / 4 + (d >> 3)] |= (c[i] >> 2) << (d & 7);
-          }
-        }
-      }
-    }
-  }
-  return bad;
-}
-
-// Inverse of nqkv_quantize_rows: codebook[code] * absmax into fp32 (out_bf16 = 0) or bf16 bits.
-// absmax: fp16 bits (absmax_half = 1) or fp32, one per block, rows contiguous.
-void nqkv_dequantize_rows(const uint8_t* codes, const void* absmax, int absmax_half, const float* codebook,
-                          int bits, int64_t rows, int64_t row_len, int64_t block, void* out, int out_bf16,
-                          int threads) {
-  const int64_t row_bytes = row_len * bits / 8, nb = row_len / block;
-  float cb[16] = {0};
-  if (bits <= 4) std::memcpy(cb, codebook, sizeof(float) << bits);
-#pragma omp parallel num_threads(threads)
-  {
-    std::vector<float> scales(nb);
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t b = 0; b < nb; ++b) scales[b] = load_scale(absmax, r * nb + b, absmax_half);
-      decode_row(codes + r * row_bytes, scales.data(), bits == 8 ? codebook : cb, bits, row_len, block,
-                 out_bf16 ? nullptr : (float*)out + r * row_len, out_bf16 ? (uint16_t*)out + r * row_len : nullptr);
-    }
-  }
-}
-
-// Decode attention: every query row of a KV head against its whole cache, with one exact softmax.
-//
-// q: (B, Hkv, R, D) fp32 contiguous, already multiplied by the softmax scale; the R = G * Tq rows
-// of a KV head are its G query heads' Tq queries, row g * Tq + i. Keys are the T_hist packed tokens
-// followed by T_tail full-precision tokens (k_tail / v_tail: (B, Hkv, T_tail, D / Dv) fp32
-// contiguous, or null). mask: additive fp32 with element strides (b, query head, query, key = 1),
-// or null. Optional key bias (a RoPE-centred cache's score offset, docs/design.md): bias_w
-// (B, Hkv, R, D) fp32 contiguous, bias_table (P, D) fp32 contiguous and bias_pos (Tk) int64;
-// key j's score gains bias_w[r] . bias_table[bias_pos[j]]. causal: query i sees key j iff
-// j <= Tk - Tq + i. out: (B, Hkv, R, Dv) fp32. Rows that can see no key get zeros, as torch's SDPA.
-// Work is split over (batch x head x token chunk). Returns 0, or 1 (nothing computed) when a bias
-// position is outside [0, P).
-int nqkv_attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, const float* k_tail,
-                          const float* v_tail, int64_t t_tail, const float* mask, int64_t ms_b, int64_t ms_h,
-                          int64_t ms_q, const float* bias_w, const float* bias_table, const int64_t* bias_pos,
-                          int64_t bias_rows, int causal, int64_t B, int64_t Hkv, int64_t G, int64_t Tq, int64_t D,
-                          int64_t Dv, float* out, int threads) {
+// Decode attention (see nqkv_attention_decode below for the contract).
+int attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, const float* k_tail, const float* v_tail,
+                     int64_t t_tail, const float* mask, int64_t ms_b, int64_t ms_h, int64_t ms_q,
+                     const float* bias_w, const float* bias_table, const int64_t* bias_pos, int64_t bias_rows,
+                     int causal, int64_t B, int64_t Hkv, int64_t G, int64_t Tq, int64_t D, int64_t Dv, float* out,
+                     int threads) {
   const int64_t R = G * Tq, Tk = t_hist + t_tail, BH = B * Hkv;
   if (bias_w)
     for (int64_t j = 0; j < Tk; ++j)
@@ -575,6 +490,244 @@ int nqkv_attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, co
         const float* src = partial.data() + (bh * n_chunks + c) * R * Dv;
         for (int64_t e = 0; e < R * Dv; ++e) dst[e] += src[e];
       }
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+// Codes and fp32 absmax of `rows` rows of `row_len` elements, blocks of `block` along the row.
+// x: fp32 (x_bf16 = 0) or bf16 bits (x_bf16 = 1), contiguous. thresholds: the 2**bits - 1 midpoints
+// between ascending levels; a code is the number of midpoints strictly below x / s (what
+// torch.bucketize gives). absmax_out gets the scale used for coding (rounded up to the fp16 grid
+// when round_half). Returns the number of blocks whose absmax is not finite (NaN or Inf in the
+// input) or above max_scale; the caller then finds and words the error.
+int64_t nqkv_quantize_rows(const void* x, int x_bf16, int64_t rows, int64_t row_len, int64_t block,
+                           const float* thresholds, int bits, int round_half, float max_scale, uint8_t* codes,
+                           float* absmax_out, int threads) {
+  const int n_thr = (1 << bits) - 1;
+  const int64_t row_bytes = row_len * bits / 8, nb = row_len / block;
+  int64_t bad = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : bad)
+  {
+    std::vector<float> y(block);
+    std::vector<uint8_t> c(block);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      uint8_t* out = codes + r * row_bytes;
+      std::memset(out, 0, row_bytes);
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t base = r * row_len + b * block;
+        if (x_bf16) {
+          const uint16_t* xs = (const uint16_t*)x + base;
+          for (int64_t i = 0; i < block; ++i) y[i] = bits_to_float((uint32_t)xs[i] << 16);
+        } else {
+          std::memcpy(y.data(), (const float*)x + base, block * sizeof(float));
+        }
+        float a = 0.f;
+        for (int64_t i = 0; i < block; ++i) a = std::fmax(a, std::fabs(y[i]));
+        for (int64_t i = 0; i < block; ++i) a = std::isnan(y[i]) ? y[i] : a;  // NaN must reach the check
+        if (!(a <= max_scale)) ++bad;  // NaN compares false
+        if (round_half && std::isfinite(a)) a = round_up_half(a);
+        absmax_out[r * nb + b] = a;
+        const float s = a > 0.f ? a : 1.f;
+        for (int64_t i = 0; i < block; ++i) y[i] = y[i] / s;
+        for (int64_t i = 0; i < block; ++i) c[i] = 0;
+        for (int t = 0; t < n_thr; ++t) {  // a vectorised count of midpoints below each element
+          const float th = thresholds[t];
+          for (int64_t i = 0; i < block; ++i) c[i] += y[i] > th;
+        }
+        const int64_t d0 = b * block;
+        for (int64_t i = 0; i < block; ++i) {
+          const int64_t d = d0 + i;
+          switch (bits) {
+            case 4: out[d >> 1] |= c[i] << ((d & 1) * 4); break;
+            case 2: out[d >> 2] |= c[i] << ((d & 3) * 2); break;
+            case 8: out[d] = c[i]; break;
+            default:
+              out[d >> 2] |= (c[i] & 3) << ((d & 3) * 2);
+              out[row_len / 4 + (d >> 3)] |= (c[i] >> 2) << (d & 7);
+          }
+        }
+      }
+    }
+  }
+  return bad;
+}
+
+// Inverse of nqkv_quantize_rows: codebook[code] * absmax into fp32 (out_bf16 = 0) or bf16 bits.
+// absmax: fp16 bits (absmax_half = 1) or fp32, one per block, rows contiguous.
+void nqkv_dequantize_rows(const uint8_t* codes, const void* absmax, int absmax_half, const float* codebook,
+                          int bits, int64_t rows, int64_t row_len, int64_t block, void* out, int out_bf16,
+                          int threads) {
+  const int64_t row_bytes = row_len * bits / 8, nb = row_len / block;
+  float cb[16] = {0};
+  if (bits <= 4) std::memcpy(cb, codebook, sizeof(float) << bits);
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> scales(nb);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t b = 0; b < nb; ++b) scales[b] = load_scale(absmax, r * nb + b, absmax_half);
+      decode_row(codes + r * row_bytes, scales.data(), bits == 8 ? codebook : cb, bits, row_len, block,
+                 out_bf16 ? nullptr : (float*)out + r * row_len, out_bf16 ? (uint16_t*)out + r * row_len : nullptr);
+    }
+  }
+}
+
+// Decode attention: every query row of a KV head against its whole cache, with one exact softmax.
+//
+// q: (B, Hkv, R, D) fp32 contiguous, already multiplied by the softmax scale; the R = G * Tq rows
+// of a KV head are its G query heads' Tq queries, row g * Tq + i. Keys are the T_hist packed tokens
+// followed by T_tail full-precision tokens (k_tail / v_tail: (B, Hkv, T_tail, D / Dv) fp32
+// contiguous, or null). mask: additive fp32 with element strides (b, query head, query, key = 1),
+// or null. Optional key bias (a RoPE-centred cache's score offset, docs/design.md): bias_w
+// (B, Hkv, R, D) fp32 contiguous, bias_table (P, D) fp32 contiguous and bias_pos (Tk) int64;
+// key j's score gains bias_w[r] . bias_table[bias_pos[j]]. causal: query i sees key j iff
+// j <= Tk - Tq + i. out: (B, Hkv, R, Dv) fp32. Rows that can see no key get zeros, as torch's SDPA.
+// Work is split over (batch x head x token chunk). Returns 0, or 1 (nothing computed) when a bias
+// position is outside [0, P).
+int nqkv_attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, const float* k_tail,
+                          const float* v_tail, int64_t t_tail, const float* mask, int64_t ms_b, int64_t ms_h,
+                          int64_t ms_q, const float* bias_w, const float* bias_table, const int64_t* bias_pos,
+                          int64_t bias_rows, int causal, int64_t B, int64_t Hkv, int64_t G, int64_t Tq, int64_t D,
+                          int64_t Dv, float* out, int threads) {
+  return attention_decode(q, k, v, t_hist, k_tail, v_tail, t_tail, mask, ms_b, ms_h, ms_q, bias_w, bias_table,
+                          bias_pos, bias_rows, causal, B, Hkv, G, Tq, D, Dv, out, threads);
+}
+
+// One eager decode step of one cache layer for a single new token (NQKVLayer's folded step, whose
+// torch ops are the reference: nqkv_core/cache.py). Per (batch, KV head):
+//   q' = q @ q_map[:, :D] * scale, w = q @ q_map[:, D:] (bias weights, when q_map_cols == 2D);
+//   k' = (k - centre) @ rot_k, centre = mu_k * cos_row + mu_k_half * sin_row (RoPE-aware), mu_k
+//   (plain) or none; v' = (v - mu_v) @ rot_v (null rot = identity, null mu = none);
+// then attention over [n_body packed tokens | S sinks | R ring slots | the new token] (ring and
+// sinks read from their buffers, (B, Hkv, slots, D) contiguous), out = o @ rot_v^T + mu_v, and the
+// commit: the ring slot `leave_slot` (>= 0) is quantized into body slot `body_slot` (K and V: the
+// packed bodies are written), then k', v' go to sink slot `sink_slot` or ring slot `ring_slot`
+// (whichever is >= 0). Returns 0, 1 for a key-bias position out of range, 2 for a non-finite or
+// out-of-range block scale in the token being quantized (nothing is written then).
+int nqkv_decode_step(const float* q, const float* k_new, const float* v_new, const float* q_map, int64_t q_map_cols,
+                     const float* rot_k, const float* rot_v, const float* mu_k, const float* mu_k_half,
+                     const float* cos_row, const float* sin_row, const float* mu_v, float* k_sink, float* v_sink,
+                     int64_t n_sinks, int64_t sink_slots, float* k_ring, float* v_ring, int64_t n_ring,
+                     int64_t ring_slots, Packed k_body, Packed v_body, int64_t n_body, const float* k_thresholds,
+                     const float* v_thresholds, float max_scale, int64_t leave_slot, int64_t body_slot,
+                     int64_t sink_slot, int64_t ring_slot, const float* bias_table, const int64_t* bias_pos,
+                     int64_t bias_rows, float scale, int64_t B, int64_t Hkv, int64_t G, int64_t D, float* out,
+                     int threads) {
+  const int64_t Hq = Hkv * G, BH = B * Hkv, T_tail = n_sinks + n_ring + 1;
+  const bool bias = q_map_cols == 2 * D;
+  std::vector<float> qs(Hq * B * D), ws(bias ? Hq * B * D : 0), kn(BH * D), vn(BH * D), tmp(D);
+  std::vector<float> k_tail(BH * T_tail * D), v_tail(BH * T_tail * D), o(B * Hq * D);
+  for (int64_t bh = 0; bh < BH; ++bh) {
+    const float* k = k_new + bh * D;
+    const float* v = v_new + bh * D;
+    for (int64_t d = 0; d < D; ++d) {
+      float c = 0.f;
+      if (mu_k && mu_k_half) c = mu_k[bh * D + d] * cos_row[d] + mu_k_half[bh * D + d] * sin_row[d];
+      else if (mu_k) c = mu_k[bh * D + d];
+      tmp[d] = k[d] - c;
+    }
+    float* kd = kn.data() + bh * D;
+    if (rot_k) {
+      for (int64_t e = 0; e < D; ++e) kd[e] = 0.f;
+      for (int64_t d = 0; d < D; ++d) axpy(tmp[d], rot_k + d * D, kd, D);
+    } else {
+      std::memcpy(kd, tmp.data(), D * sizeof(float));
+    }
+    for (int64_t d = 0; d < D; ++d) tmp[d] = v[d] - (mu_v ? mu_v[bh * D + d] : 0.f);
+    float* vd = vn.data() + bh * D;
+    if (rot_v) {
+      for (int64_t e = 0; e < D; ++e) vd[e] = 0.f;
+      for (int64_t d = 0; d < D; ++d) axpy(tmp[d], rot_v + d * D, vd, D);
+    } else {
+      std::memcpy(vd, tmp.data(), D * sizeof(float));
+    }
+    // the tail the attention reads: sinks, ring slots, the new token
+    float* kt = k_tail.data() + bh * T_tail * D;
+    float* vt = v_tail.data() + bh * T_tail * D;
+    std::memcpy(kt, k_sink + bh * sink_slots * D, n_sinks * D * sizeof(float));
+    std::memcpy(vt, v_sink + bh * sink_slots * D, n_sinks * D * sizeof(float));
+    std::memcpy(kt + n_sinks * D, k_ring + bh * ring_slots * D, n_ring * D * sizeof(float));
+    std::memcpy(vt + n_sinks * D, v_ring + bh * ring_slots * D, n_ring * D * sizeof(float));
+    std::memcpy(kt + (T_tail - 1) * D, kd, D * sizeof(float));
+    std::memcpy(vt + (T_tail - 1) * D, vd, D * sizeof(float));
+    // the query rows of this KV head (q_map is (B, Hq, D, cols), rows in (b, h * G + g) order)
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t r = bh * G + g;
+      const float* qr = q + r * D;
+      const float* m = q_map + r * D * q_map_cols;
+      float* qd = qs.data() + r * D;
+      float* wd = bias ? ws.data() + r * D : nullptr;
+      for (int64_t e = 0; e < D; ++e) qd[e] = 0.f;
+      if (wd)
+        for (int64_t e = 0; e < D; ++e) wd[e] = 0.f;
+      for (int64_t d = 0; d < D; ++d) {
+        axpy(qr[d], m + d * q_map_cols, qd, D);
+        if (wd) axpy(qr[d], m + d * q_map_cols + D, wd, D);
+      }
+      for (int64_t e = 0; e < D; ++e) qd[e] *= scale;
+    }
+  }
+  // positions of [body | sinks | ring | new] are the caller's bias_pos
+  const int status = attention_decode(qs.data(), k_body, v_body, n_body, k_tail.data(), v_tail.data(), T_tail,
+                                      nullptr, 0, 0, 0, bias ? ws.data() : nullptr, bias_table, bias_pos, bias_rows,
+                                      0, B, Hkv, G, 1, D, D, o.data(), threads);
+  if (status) return status;
+  for (int64_t r = 0; r < B * Hq; ++r) {  // out = o @ rot_v^T + mu_v (rows in (b, h * G + g) order)
+    const float* orow = o.data() + r * D;
+    float* dst = out + r * D;
+    const int64_t bh = r / G;
+    for (int64_t e = 0; e < D; ++e) dst[e] = rot_v ? dot(orow, rot_v + e * D, D) : orow[e];
+    if (mu_v)
+      for (int64_t e = 0; e < D; ++e) dst[e] += mu_v[bh * D + e];
+  }
+  // commit: the leaving ring token into the body (quantized first, written only if it is valid)
+  if (leave_slot >= 0) {
+    const Packed* bodies[2] = {&k_body, &v_body};
+    const float* rings[2] = {k_ring, v_ring};
+    const float* thresholds[2] = {k_thresholds, v_thresholds};
+    std::vector<uint8_t> codes[2];
+    std::vector<float> scales[2];
+    for (int side = 0; side < 2; ++side) {
+      const Packed& p = *bodies[side];
+      const int64_t row_bytes = D * p.bits / 8, nb = D / p.block;
+      std::vector<float> rows(BH * D);
+      for (int64_t bh = 0; bh < BH; ++bh)
+        std::memcpy(rows.data() + bh * D, rings[side] + (bh * ring_slots + leave_slot) * D, D * sizeof(float));
+      codes[side].resize(BH * row_bytes);
+      scales[side].resize(BH * nb);
+      if (nqkv_quantize_rows(rows.data(), 0, BH, D, p.block, thresholds[side], p.bits, p.absmax_half, max_scale,
+                             codes[side].data(), scales[side].data(), 1))
+        return 2;
+    }
+    for (int side = 0; side < 2; ++side) {
+      const Packed& p = *bodies[side];
+      const int64_t row_bytes = D * p.bits / 8, nb = D / p.block;
+      for (int64_t bh = 0; bh < BH; ++bh) {
+        const int64_t b = bh / Hkv, h = bh % Hkv;
+        std::memcpy(const_cast<uint8_t*>(packed_row(p, b, h, body_slot)), codes[side].data() + bh * row_bytes,
+                    row_bytes);
+        const int64_t si = scale_index(p, b, h, body_slot);
+        for (int64_t i = 0; i < nb; ++i) {
+          const float a = scales[side][bh * nb + i];
+          if (p.absmax_half) ((uint16_t*)p.absmax)[si + i] = half_bits_exact(a);
+          else ((float*)p.absmax)[si + i] = a;
+        }
+      }
+    }
+  }
+  for (int64_t bh = 0; bh < BH; ++bh) {
+    if (sink_slot >= 0) {
+      std::memcpy(k_sink + (bh * sink_slots + sink_slot) * D, kn.data() + bh * D, D * sizeof(float));
+      std::memcpy(v_sink + (bh * sink_slots + sink_slot) * D, vn.data() + bh * D, D * sizeof(float));
+    } else if (ring_slot >= 0) {
+      std::memcpy(k_ring + (bh * ring_slots + ring_slot) * D, kn.data() + bh * D, D * sizeof(float));
+      std::memcpy(v_ring + (bh * ring_slots + ring_slot) * D, vn.data() + bh * D, D * sizeof(float));
     }
   }
   return 0;
