@@ -346,6 +346,44 @@ void scores_fast(const Packed& k, const float* levels16, int64_t b, int64_t h, c
   }
 }
 
+// scores_fast for head_dim 64 and at most four query rows (a decode step of a model with up to four
+// query heads per KV head): the query rows stay in registers across the tokens, and the score
+// offset is a second pass with the bias weights in registers, so each token costs its codes and one
+// table row of loads instead of the query and weight rows again.
+void scores_fast_64x4(const Packed& k, const float* levels16, int64_t b, int64_t h, const float* q, const float* w,
+                      const float* table, const int64_t* pos, int64_t R, int64_t j0, int64_t j1, float* s,
+                      int64_t Tk) {
+  const __m512 levels = _mm512_loadu_ps(levels16);
+  alignas(16) float sums[4];
+  __m512 qv[4][4];
+  for (int r = 0; r < 4; ++r)
+    for (int i = 0; i < 4; ++i) qv[r][i] = _mm512_loadu_ps(q + r * 64 + i * 16);
+  for (int64_t j = j0; j < j1; ++j) {
+    __m512 kv[4], a[4];
+    decode_row_lanes<4>(k, packed_row(k, b, h, j), scale_index(k, b, h, j), levels, kv);
+    for (int r = 0; r < 4; ++r) {
+      a[r] = _mm512_mul_ps(qv[r][0], kv[0]);
+      for (int i = 1; i < 4; ++i) a[r] = _mm512_fmadd_ps(qv[r][i], kv[i], a[r]);
+    }
+    _mm_store_ps(sums, reduce4(a[0], a[1], a[2], a[3]));
+    for (int64_t r = 0; r < R; ++r) s[r * Tk + j] = sums[r];
+  }
+  if (!w) return;
+  for (int r = 0; r < 4; ++r)  // (the query registers are free again)
+    for (int i = 0; i < 4; ++i) qv[r][i] = _mm512_loadu_ps(w + r * 64 + i * 16);
+  for (int64_t j = j0; j < j1; ++j) {
+    const float* tr = table + pos[j] * 64;
+    __m512 t[4], a[4];
+    for (int i = 0; i < 4; ++i) t[i] = _mm512_loadu_ps(tr + i * 16);
+    for (int r = 0; r < 4; ++r) {
+      a[r] = _mm512_mul_ps(qv[r][0], t[0]);
+      for (int i = 1; i < 4; ++i) a[r] = _mm512_fmadd_ps(qv[r][i], t[i], a[r]);
+    }
+    _mm_store_ps(sums, reduce4(a[0], a[1], a[2], a[3]));
+    for (int64_t r = 0; r < R; ++r) s[r * Tk + j] += sums[r];
+  }
+}
+
 // o[r] += sum_j p[r * Tk + j] v_j for packed tokens j in [j0, j1), o in the original order. Groups
 // of rows keep their outputs in registers, in lane order, across the tokens (the row is decoded
 // again for each group) and are reordered once at the end.
@@ -419,7 +457,8 @@ int attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, const f
           for (int64_t d = 0; d < D; ++d) qpad[r * D + (d / 64) * 64 + lane_position(k.bits, d % 64)] = qr[r * D + d];
         if (wr) std::memcpy(wpad.data(), wr, R * D * sizeof(float));
         const float* wp = wr ? wpad.data() : nullptr;
-        if (D == 64) scores_fast<4>(k, kc, b, h, qpad.data(), wp, bias_table, bias_pos, R, j, jh, s, Tk);
+        if (D == 64 && R <= 4) scores_fast_64x4(k, kc, b, h, qpad.data(), wp, bias_table, bias_pos, R, j, jh, s, Tk);
+        else if (D == 64) scores_fast<4>(k, kc, b, h, qpad.data(), wp, bias_table, bias_pos, R, j, jh, s, Tk);
         else scores_fast<8>(k, kc, b, h, qpad.data(), wp, bias_table, bias_pos, R, j, jh, s, Tk);
         j = jh;
       }
