@@ -251,6 +251,7 @@ class RopeTable:
         self.table: torch.Tensor | None = None
         self.cos_full: torch.Tensor | None = None
         self.sin_full: torch.Tensor | None = None
+        self.tiles: torch.Tensor | None = None
 
     def ensure(self, n: int, device: torch.device) -> None:
         """Make the table cover positions ``[0, n)`` on ``device`` (eager only: it may allocate)."""
@@ -266,6 +267,10 @@ class RopeTable:
         self.table = torch.cat([cos, sin], dim=-1)
         # the same angles as apply_rope's (P, d) cos / sin rows: a decode step reads one row of each
         self.cos_full, self.sin_full = torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
+        # (P / 16, d, 16): tiles of sixteen positions, from which the native decode step computes the
+        # key bias of sixteen consecutive positions per vector
+        pad = -rows % 16
+        self.tiles = F.pad(self.table, (0, 0, 0, pad)).view(-1, 16, self.table.shape[1]).transpose(1, 2).contiguous()
 
 
 @dataclass
@@ -634,22 +639,19 @@ class NQKVLayer(CacheLayerMixin):
         ):
             return None
         n_body = min(self._body_capacity(n), self.capacity)
-        bias = cos_row = sin_row = None
-        if maps.mu_k_half is not None:  # the RoPE-aware centre: rows of position n, the key bias
-            positions, _ = self.step_memo.get(
-                "positions", (n, n_body, 1, S, R, W, self.device), lambda: self._positions(self.length, n_body, 1)
-            )
-            bias = self._bias_table(positions, n, n_body, 1)
-            cos_row, sin_row = self.rope.cos_full[n], self.rope.sin_full[n]
+        rope = None
+        if maps.mu_k_half is not None:  # the RoPE-aware centre: the kernel reads the shared cos/sin table
+            self.rope.ensure(n + 1, self.device)
+            rope = (self.rope.table, self.rope.tiles)
         leaving = n - W + 1  # the token that leaves the window (W > 1: it is in the ring)
         scale_max = torch.finfo(self.scheme.scale_dtype).max
         out = native.decode_step(
-            q, k, v, maps.q_map, t.rot_k, t.rot_v, maps.mu_k, maps.mu_k_half, cos_row, sin_row, maps.mu_v,
+            q, k, v, maps.q_map, t.rot_k, t.rot_v, maps.mu_k, maps.mu_k_half, maps.mu_v,
             (self.k_sink, self.v_sink), S, (self.k_ring, self.v_ring), R,
             (*self.k_body, kf.codebook, kf.block), (*self.v_body, vf.codebook, vf.block), n_body,
             (_midpoints(kf.codebook), _midpoints(vf.codebook)), scale_max,
             leaving % R if leaving >= S else -1, leaving - S, n if n < S else -1, n % R if n >= S else -1,
-            bias, scaling,
+            rope, n, scaling,
         )
         self.length.add_(1)
         return out

@@ -133,8 +133,8 @@ def _library() -> Optional[ctypes.CDLL]:
     ]
     f32 = ctypes.c_float
     lib.nqkv_decode_step.argtypes = [
-        ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, i64, i64, _Packed,
-        _Packed, i64, ptr, ptr, f32, i64, i64, i64, i64, ptr, ptr, i64, f32, i64, i64, i64, i64, ptr, i32,
+        ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, i64, i64, _Packed,
+        _Packed, i64, ptr, ptr, f32, i64, i64, i64, i64, ptr, ptr, i64, i64, f32, i64, i64, i64, i64, ptr, i32,
     ]
     lib.nqkv_decode_step.restype = ctypes.c_int
     lib.nqkv_quantize_rows.restype = i64
@@ -312,22 +312,22 @@ def decode_step_supported(*tensors: Optional[Tensor], formats: tuple = ()) -> bo
 
 def decode_step(
     q: Tensor, k_new: Tensor, v_new: Tensor, q_map: Tensor, rot_k: Optional[Tensor], rot_v: Optional[Tensor],
-    mu_k: Optional[Tensor], mu_k_half: Optional[Tensor], cos_row: Optional[Tensor], sin_row: Optional[Tensor],
-    mu_v: Optional[Tensor], sinks: tuple[Tensor, Tensor], n_sinks: int, ring: tuple[Tensor, Tensor], n_ring: int,
-    k_body: tuple, v_body: tuple, n_body: int, thresholds: tuple[Tensor, Tensor], max_scale: float,
-    leave_slot: int, body_slot: int, sink_slot: int, ring_slot: int, bias: Optional[tuple[Tensor, Tensor]],
-    scale: float,
+    mu_k: Optional[Tensor], mu_k_half: Optional[Tensor], mu_v: Optional[Tensor], sinks: tuple[Tensor, Tensor],
+    n_sinks: int, ring: tuple[Tensor, Tensor], n_ring: int, k_body: tuple, v_body: tuple, n_body: int,
+    thresholds: tuple[Tensor, Tensor], max_scale: float, leave_slot: int, body_slot: int, sink_slot: int,
+    ring_slot: int, rope: Optional[tuple[Tensor, Tensor]], n_tokens: int, scale: float,
 ) -> Tensor:
     """One decode step of one cache layer for one new token, in one native call.
 
     The contract is ``NQKVLayer``'s folded step (nqkv_core/cache.py), which also checks that every
     tensor fits (:func:`decode_step_supported`): ``q`` (B, Hq, 1, D) raw query, ``k_new``/``v_new``
     (B, Hkv, 1, D) raw key/value; ``q_map`` (B, Hq, D, D or 2D); the transform vectors (B, Hkv, 1, D)
-    or None; ``cos_row``/``sin_row`` (D,) RoPE rows of the new position; sink and ring buffers
-    (B, Hkv, slots, D), updated in place; ``k_body``/``v_body`` ``(codes, absmax, codebook, block)``
-    whose slot ``body_slot`` receives ring slot ``leave_slot`` quantized (``leave_slot < 0``: none);
-    ``bias = (table, positions)`` for the key bias. Returns the output (B, Hq, 1, D) in the original
-    basis.
+    or None; sink and ring buffers (B, Hkv, slots, D), updated in place; ``k_body``/``v_body``
+    ``(codes, absmax, codebook, block)`` whose slot ``body_slot`` receives ring slot ``leave_slot``
+    quantized (``leave_slot < 0``: none); ``rope = (table, tiles)``, the RoPE ``[cos | sin]`` table
+    (P, D) and the same in tiles of sixteen positions (P / 16, D, 16), for a RoPE-aware centre (the
+    new token is at position ``n_tokens``; every slot holds a token). Returns the output
+    (B, Hq, 1, D) in the original basis.
 
     Raises:
         ValueError: a key-bias position outside the table, or a token leaving the window whose
@@ -337,17 +337,18 @@ def decode_step(
     hkv = k_new.shape[1]
     keep: list = []
     out = torch.empty(b, hq, 1, d, dtype=torch.float32)
-    table, pos = bias if bias is not None else (None, None)
+    table, tiles = rope if rope is not None else (None, None)
     status = _library().nqkv_decode_step(
         q.data_ptr(), k_new.data_ptr(), v_new.data_ptr(), q_map.data_ptr(), q_map.shape[-1], _ptr(rot_k), _ptr(rot_v),
-        _ptr(mu_k), _ptr(mu_k_half), _ptr(cos_row), _ptr(sin_row), _ptr(mu_v), sinks[0].data_ptr(),
-        sinks[1].data_ptr(), n_sinks, sinks[0].shape[2], ring[0].data_ptr(), ring[1].data_ptr(), n_ring,
-        ring[0].shape[2], _packed(*k_body, keep), _packed(*v_body, keep), n_body, thresholds[0].data_ptr(),
-        thresholds[1].data_ptr(), max_scale, leave_slot, body_slot, sink_slot, ring_slot, _ptr(table), _ptr(pos),
-        0 if table is None else table.shape[0], scale, b, hkv, hq // hkv, d, out.data_ptr(), torch.get_num_threads(),
+        _ptr(mu_k), _ptr(mu_k_half), _ptr(mu_v), sinks[0].data_ptr(), sinks[1].data_ptr(), n_sinks,
+        sinks[0].shape[2], ring[0].data_ptr(), ring[1].data_ptr(), n_ring, ring[0].shape[2],
+        _packed(*k_body, keep), _packed(*v_body, keep), n_body, thresholds[0].data_ptr(), thresholds[1].data_ptr(),
+        max_scale, leave_slot, body_slot, sink_slot, ring_slot, _ptr(table), _ptr(tiles),
+        0 if table is None else table.shape[0], n_tokens, scale, b, hkv, hq // hkv, d, out.data_ptr(),
+        torch.get_num_threads(),
     )
     if status == 1:
-        raise ValueError(f"key bias positions must lie in [0, {table.shape[0]})")
+        raise ValueError(f"the RoPE table has {table.shape[0]} positions; the step is at position {n_tokens}")
     if status == 2:
         raise ValueError(
             "a key or value leaving the full-precision window has a non-finite element (NaN or Inf) or a"

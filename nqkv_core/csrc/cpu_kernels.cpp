@@ -415,14 +415,45 @@ void values_fast(const Packed& v, const float* levels16, int64_t b, int64_t h, c
     }
   }
 }
+
+// s[r * Tk + j] += w_r . table[p + j - j0] for j in [j0, j1): the key bias of keys at consecutive
+// positions p, p + 1, ... from the table in tiles of sixteen positions, (P / 16, D, 16): sixteen keys
+// per vector, one contiguous 16 x D tile per sixteen positions, no horizontal sums and no padded
+// rows (the cache body's positions are consecutive).
+void bias_tiles(const float* w, int64_t R, int64_t D, const float* tiles, int64_t p, int64_t j0, int64_t j1,
+                float* s, int64_t Tk) {
+  const int64_t n = j1 - j0;
+  for (int64_t r0 = 0; r0 < R; r0 += 4) {
+    const int rows = R - r0 < 4 ? (int)(R - r0) : 4;
+    const float* wr = w + r0 * D;
+    for (int64_t tb = p & ~int64_t(15); tb < p + n; tb += 16) {
+      // lane l is position tb + l, key j0 + tb + l - p; only positions in [p, p + n) are written
+      const int64_t lo = p - tb > 0 ? p - tb : 0, hi = p + n - tb < 16 ? p + n - tb : 16;
+      const __mmask16 m = (__mmask16)(((1u << hi) - 1u) & ~((1u << lo) - 1u));
+      const float* tile = tiles + (tb / 16) * D * 16;
+      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+      for (int64_t d = 0; d < D; ++d) {
+        const __m512 t = _mm512_loadu_ps(tile + d * 16);
+        for (int r = 0; r < rows; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(wr[r * D + d]), t, acc[r]);
+      }
+      for (int r = 0; r < rows; ++r) {
+        float* dst = s + (r0 + r) * Tk + j0 + (tb - p);  // lanes before j0 / after j1 are masked off
+        _mm512_mask_storeu_ps(dst, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, dst), acc[r]));
+      }
+    }
+  }
+}
 #endif
 
-// Decode attention (see nqkv_attention_decode below for the contract).
+// Decode attention (see nqkv_attention_decode below for the contract). bias_tiles: the bias table
+// in tiles of sixteen positions ((bias_rows + 15) / 16, D, 16), or null; with it, packed tokens at
+// consecutive positions take their bias from it (bias_tiles).
+
 int attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, const float* k_tail, const float* v_tail,
                      int64_t t_tail, const float* mask, int64_t ms_b, int64_t ms_h, int64_t ms_q,
                      const float* bias_w, const float* bias_table, const int64_t* bias_pos, int64_t bias_rows,
                      int causal, int64_t B, int64_t Hkv, int64_t G, int64_t Tq, int64_t D, int64_t Dv, float* out,
-                     int threads) {
+                     int threads, const float* bias_tiles_t = nullptr) {
   const int64_t R = G * Tq, Tk = t_hist + t_tail, BH = B * Hkv;
   if (bias_w)
     for (int64_t j = 0; j < Tk; ++j)
@@ -456,10 +487,13 @@ int attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, const f
         for (int64_t r = 0; r < R; ++r)  // queries in lane order
           for (int64_t d = 0; d < D; ++d) qpad[r * D + (d / 64) * 64 + lane_position(k.bits, d % 64)] = qr[r * D + d];
         if (wr) std::memcpy(wpad.data(), wr, R * D * sizeof(float));
-        const float* wp = wr ? wpad.data() : nullptr;
+        bool consecutive = wr && bias_tiles_t;
+        for (int64_t jj = j + 1; consecutive && jj < jh; ++jj) consecutive = bias_pos[jj] == bias_pos[j] + (jj - j);
+        const float* wp = wr && !consecutive ? wpad.data() : nullptr;
         if (D == 64 && R <= 4) scores_fast_64x4(k, kc, b, h, qpad.data(), wp, bias_table, bias_pos, R, j, jh, s, Tk);
         else if (D == 64) scores_fast<4>(k, kc, b, h, qpad.data(), wp, bias_table, bias_pos, R, j, jh, s, Tk);
         else scores_fast<8>(k, kc, b, h, qpad.data(), wp, bias_table, bias_pos, R, j, jh, s, Tk);
+        if (consecutive) bias_tiles(wr, R, D, bias_tiles_t, bias_pos[j], j, jh, s, Tk);
         j = jh;
       }
 #endif
@@ -638,28 +672,53 @@ int nqkv_attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, co
                           bias_pos, bias_rows, causal, B, Hkv, G, Tq, D, Dv, out, threads);
 }
 
-// One eager decode step of one cache layer for a single new token (NQKVLayer's folded step, whose
-// torch ops are the reference: nqkv_core/cache.py). Per (batch, KV head):
+// One eager decode step of one cache layer for a single new token at position n_tokens
+// (NQKVLayer's folded step, whose torch ops are the reference: nqkv_core/cache.py). Per (batch, KV
+// head):
 //   q' = q @ q_map[:, :D] * scale, w = q @ q_map[:, D:] (bias weights, when q_map_cols == 2D);
-//   k' = (k - centre) @ rot_k, centre = mu_k * cos_row + mu_k_half * sin_row (RoPE-aware), mu_k
-//   (plain) or none; v' = (v - mu_v) @ rot_v (null rot = identity, null mu = none);
+//   k' = (k - centre) @ rot_k, centre = mu_k * cos + mu_k_half * sin (RoPE-aware: cos / sin are the
+//   halves of row n_tokens of rope_table (rope_rows, D), each repeated twice, as apply_rope builds
+//   them), mu_k (plain) or none; v' = (v - mu_v) @ rot_v (null rot = identity, null mu = none);
 // then attention over [n_body packed tokens | S sinks | R ring slots | the new token] (ring and
 // sinks read from their buffers, (B, Hkv, slots, D) contiguous), out = o @ rot_v^T + mu_v, and the
 // commit: the ring slot `leave_slot` (>= 0) is quantized into body slot `body_slot` (K and V: the
 // packed bodies are written), then k', v' go to sink slot `sink_slot` or ring slot `ring_slot`
-// (whichever is >= 0). Returns 0, 1 for a key-bias position out of range, 2 for a non-finite or
-// out-of-range block scale in the token being quantized (nothing is written then).
+// (whichever is >= 0). With bias weights each key's score gains w . rope_table[p] at its position p
+// (body slot j: sinks + j; sink i: i; ring slot r: the last position < n_tokens that is r modulo
+// n_ring; new: n_tokens), the packed body's from rope_tiles, the table in tiles of sixteen
+// positions ((rope_rows + 15) / 16, D, 16).
+// Returns 0, 1 for a position beyond the table, 2 for a non-finite or out-of-range block scale in
+// the token being quantized (nothing is written then).
 int nqkv_decode_step(const float* q, const float* k_new, const float* v_new, const float* q_map, int64_t q_map_cols,
                      const float* rot_k, const float* rot_v, const float* mu_k, const float* mu_k_half,
-                     const float* cos_row, const float* sin_row, const float* mu_v, float* k_sink, float* v_sink,
+                     const float* mu_v, float* k_sink, float* v_sink,
                      int64_t n_sinks, int64_t sink_slots, float* k_ring, float* v_ring, int64_t n_ring,
                      int64_t ring_slots, Packed k_body, Packed v_body, int64_t n_body, const float* k_thresholds,
                      const float* v_thresholds, float max_scale, int64_t leave_slot, int64_t body_slot,
-                     int64_t sink_slot, int64_t ring_slot, const float* bias_table, const int64_t* bias_pos,
-                     int64_t bias_rows, float scale, int64_t B, int64_t Hkv, int64_t G, int64_t D, float* out,
-                     int threads) {
+                     int64_t sink_slot, int64_t ring_slot, const float* rope_table, const float* rope_tiles,
+                     int64_t rope_rows, int64_t n_tokens, float scale, int64_t B, int64_t Hkv, int64_t G, int64_t D,
+                     float* out, int threads) {
   const int64_t Hq = Hkv * G, BH = B * Hkv, T_tail = n_sinks + n_ring + 1;
   const bool bias = q_map_cols == 2 * D;
+  // RoPE-aware centre: the [cos | sin] rows of the new token's position give apply_rope's full rows
+  std::vector<float> cos_full(D), sin_full(D);
+  const float* cos_row = nullptr;
+  const float* sin_row = nullptr;
+  if (mu_k_half) {
+    if (n_tokens >= rope_rows) return 1;
+    const float* t = rope_table + n_tokens * D;
+    for (int64_t d = 0; d < D; ++d) cos_full[d] = t[d % (D / 2)], sin_full[d] = t[D / 2 + d % (D / 2)];
+    cos_row = cos_full.data(), sin_row = sin_full.data();
+  }
+  // positions of [body | sinks | ring slots | new]: the key bias's table rows (every slot is filled)
+  std::vector<int64_t> pos(bias ? n_body + T_tail : 0);
+  if (bias) {
+    for (int64_t j = 0; j < n_body; ++j) pos[j] = n_sinks + j;
+    for (int64_t i = 0; i < n_sinks; ++i) pos[n_body + i] = i;
+    for (int64_t r = 0; r < n_ring; ++r)
+      pos[n_body + n_sinks + r] = n_tokens - 1 - (((n_tokens - 1 - r) % n_ring) + n_ring) % n_ring;
+    pos[n_body + T_tail - 1] = n_tokens;
+  }
   std::vector<float> qs(Hq * B * D), ws(bias ? Hq * B * D : 0), kn(BH * D), vn(BH * D), tmp(D);
   std::vector<float> k_tail(BH * T_tail * D), v_tail(BH * T_tail * D), o(B * Hq * D);
   for (int64_t bh = 0; bh < BH; ++bh) {
@@ -712,10 +771,9 @@ int nqkv_decode_step(const float* q, const float* k_new, const float* v_new, con
       for (int64_t e = 0; e < D; ++e) qd[e] *= scale;
     }
   }
-  // positions of [body | sinks | ring | new] are the caller's bias_pos
   const int status = attention_decode(qs.data(), k_body, v_body, n_body, k_tail.data(), v_tail.data(), T_tail,
-                                      nullptr, 0, 0, 0, bias ? ws.data() : nullptr, bias_table, bias_pos, bias_rows,
-                                      0, B, Hkv, G, 1, D, D, o.data(), threads);
+                                      nullptr, 0, 0, 0, bias ? ws.data() : nullptr, rope_table, pos.data(), rope_rows,
+                                      0, B, Hkv, G, 1, D, D, o.data(), threads, rope_tiles);
   if (status) return status;
   for (int64_t r = 0; r < B * Hq; ++r) {  // out = o @ rot_v^T + mu_v (rows in (b, h * G + g) order)
     const float* orow = o.data() + r * D;
