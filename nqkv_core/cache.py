@@ -242,15 +242,15 @@ class RopeTable:
 
     ``table`` is ``(positions, d)``: ``[cos | sin]`` of the ``d / 2`` angles ``p * inv_freq`` of each
     position ``p`` (computed like :func:`~nqkv_core.scheme.apply_rope`), grown by doubling as the
-    sequence grows (or allocated once for ``max_cache_len``).
+    sequence grows (or allocated once for ``max_cache_len``). ``tiles`` holds the same numbers in
+    tiles of sixteen positions, ``(positions / 16, d, 16)``, for the native decode step (512 bytes
+    per position for head_dim 64 together, once per cache).
     """
 
     def __init__(self, inv_freq: torch.Tensor | None = None, max_len: int | None = None):
         self.inv_freq = inv_freq
         self.max_len = max_len
         self.table: torch.Tensor | None = None
-        self.cos_full: torch.Tensor | None = None
-        self.sin_full: torch.Tensor | None = None
         self.tiles: torch.Tensor | None = None
 
     def ensure(self, n: int, device: torch.device) -> None:
@@ -263,10 +263,7 @@ class RopeTable:
         rows = max(n, 2 * t.shape[0] if t is not None else 64, self.max_len or 0)
         inv_freq = self.inv_freq.float().to(device)
         ang = torch.arange(rows, device=device).float()[:, None] * inv_freq[None, :]
-        cos, sin = ang.cos(), ang.sin()
-        self.table = torch.cat([cos, sin], dim=-1)
-        # the same angles as apply_rope's (P, d) cos / sin rows: a decode step reads one row of each
-        self.cos_full, self.sin_full = torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
+        self.table = torch.cat([ang.cos(), ang.sin()], dim=-1)
         # (P / 16, d, 16): tiles of sixteen positions, from which the native decode step computes the
         # key bias of sixteen consecutive positions per vector
         pad = -rows % 16
@@ -280,8 +277,9 @@ class _StepMaps:
     ``q_map`` turns a query row into ``[q' | w]`` with one matmul: the rotated query and, for a
     RoPE-aware key centre, the bias weights of :func:`rope_bias_weights` (which are linear in ``q``);
     ``mu_k`` / ``mu_k_half`` give the key centre at position ``p`` as ``mu_k * cos[p] + mu_k_half *
-    sin[p]``, the same arithmetic as :func:`~nqkv_core.scheme.apply_rope`; ``out_shift`` is ``mu_v``
-    per query head. ``refs`` are what they were built from (compared by identity).
+    sin[p]``, the same arithmetic as :func:`~nqkv_core.scheme.apply_rope`; ``mu_v`` and
+    ``out_shift`` (``mu_v`` per query head) shift values and outputs. All contiguous fp32 (what
+    the native step reads); ``refs`` are what they were built from (compared by identity).
     """
 
     refs: tuple
@@ -537,7 +535,7 @@ class NQKVLayer(CacheLayerMixin):
             return self.rope.table, positions.clamp(0, P - 1)  # unused ring slots (masked) hold positions < 0
         P = max(self.n_sinks + n_body, n + T)
         self.rope.ensure(P, self.device)
-        key = (n, n_body, T, P, self.n_sinks, self.n_ring, self.window, self.device)  # all the positions depend on
+        key = (n, n_body, T, P, self.n_sinks, self.n_ring, self.window, self.device)  # what positions depend on
         return self.rope.table[:P], self.step_memo.get("clamped positions", key, lambda: positions.clamp(0, P - 1))
 
     def attention(
@@ -572,8 +570,10 @@ class NQKVLayer(CacheLayerMixin):
             qw = query.float() @ maps.q_map
             q, w = qw[..., :d], (qw[..., d:] if maps.mu_k_half is not None else None)
             k_new = k_new.float()
-            if maps.mu_k_half is not None:  # minus the RoPE'd centre at position n
-                k_new = k_new - (t.mu_k * self.rope.cos_full[n] + maps.mu_k_half * self.rope.sin_full[n])
+            if maps.mu_k_half is not None:  # minus the RoPE'd centre at position n (apply_rope's arithmetic)
+                row = self.rope.table[n]
+                cos, sin = row[: d // 2].repeat(2), row[d // 2 :].repeat(2)
+                k_new = k_new - (t.mu_k * cos + maps.mu_k_half * sin)
             elif t.mu_k is not None:
                 k_new = k_new - t.mu_k
             k_new = k_new @ t.rot_k if t.rot_k is not None else k_new
