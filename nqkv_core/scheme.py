@@ -481,9 +481,6 @@ def nqkv_preset(bits: int, sinks: int = 4, window: int = 32, rope_centre: bool =
 
 def _width_fields(k_bits: int, v_bits: int) -> dict:
     """The width-dependent fields of the presets: NF codes at 3+ bits, Lloyd-Max at 2, value centring
-    except at 2 bits (16 = that side exact)."""
-    for b in (k_bits, v_bits):
-        if b not in (*PRESET_BITS, FP_BITS):
-            raise ValueError(f"presets exist for {', '.join(map(str, PRESET_BITS))} bits, got {b}")
+    except at 2 bits (16 = that side exact). The callers have checked the widths."""
     return dict(k_bits=k_bits, v_bits=v_bits, k_quant="lloyd" if k_bits == 2 else "nf",
                 v_quant="lloyd" if v_bits == 2 else "nf", v_centre=v_bits not in (2, FP_BITS))

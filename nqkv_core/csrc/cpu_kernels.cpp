@@ -173,6 +173,16 @@ inline void axpy(float w, const float* x, float* y, int64_t n) {  // y += w * x
   for (int64_t i = 0; i < n; ++i) y[i] += w * x[i];
 }
 
+// y = x @ M for a row x of n and M (n, cols) row-major; M null: y = x (cols == n).
+inline void row_times(const float* x, const float* M, int64_t n, int64_t cols, float* y) {
+  if (!M) {
+    std::memcpy(y, x, n * sizeof(float));
+    return;
+  }
+  for (int64_t e = 0; e < cols; ++e) y[e] = 0.f;
+  for (int64_t d = 0; d < n; ++d) axpy(x[d], M + d * cols, y, cols);
+}
+
 // In place: x[i] = exp(x[i] - m), returns the sum. exp(-inf) is exactly 0.
 float exp_shift_sum(float* x, int64_t n, float m) {
   int64_t i = 0;
@@ -719,7 +729,7 @@ int nqkv_decode_step(const float* q, const float* k_new, const float* v_new, con
       pos[n_body + n_sinks + r] = n_tokens - 1 - (((n_tokens - 1 - r) % n_ring) + n_ring) % n_ring;
     pos[n_body + T_tail - 1] = n_tokens;
   }
-  std::vector<float> qs(Hq * B * D), ws(bias ? Hq * B * D : 0), kn(BH * D), vn(BH * D), tmp(D);
+  std::vector<float> qs(Hq * B * D), ws(bias ? Hq * B * D : 0), kn(BH * D), vn(BH * D), tmp(D), qw(q_map_cols);
   std::vector<float> k_tail(BH * T_tail * D), v_tail(BH * T_tail * D), o(B * Hq * D);
   for (int64_t bh = 0; bh < BH; ++bh) {
     const float* k = k_new + bh * D;
@@ -731,20 +741,10 @@ int nqkv_decode_step(const float* q, const float* k_new, const float* v_new, con
       tmp[d] = k[d] - c;
     }
     float* kd = kn.data() + bh * D;
-    if (rot_k) {
-      for (int64_t e = 0; e < D; ++e) kd[e] = 0.f;
-      for (int64_t d = 0; d < D; ++d) axpy(tmp[d], rot_k + d * D, kd, D);
-    } else {
-      std::memcpy(kd, tmp.data(), D * sizeof(float));
-    }
+    row_times(tmp.data(), rot_k, D, D, kd);
     for (int64_t d = 0; d < D; ++d) tmp[d] = v[d] - (mu_v ? mu_v[bh * D + d] : 0.f);
     float* vd = vn.data() + bh * D;
-    if (rot_v) {
-      for (int64_t e = 0; e < D; ++e) vd[e] = 0.f;
-      for (int64_t d = 0; d < D; ++d) axpy(tmp[d], rot_v + d * D, vd, D);
-    } else {
-      std::memcpy(vd, tmp.data(), D * sizeof(float));
-    }
+    row_times(tmp.data(), rot_v, D, D, vd);
     // the tail the attention reads: sinks, ring slots, the new token
     float* kt = k_tail.data() + bh * T_tail * D;
     float* vt = v_tail.data() + bh * T_tail * D;
@@ -757,18 +757,9 @@ int nqkv_decode_step(const float* q, const float* k_new, const float* v_new, con
     // the query rows of this KV head (q_map is (B, Hq, D, cols), rows in (b, h * G + g) order)
     for (int64_t g = 0; g < G; ++g) {
       const int64_t r = bh * G + g;
-      const float* qr = q + r * D;
-      const float* m = q_map + r * D * q_map_cols;
-      float* qd = qs.data() + r * D;
-      float* wd = bias ? ws.data() + r * D : nullptr;
-      for (int64_t e = 0; e < D; ++e) qd[e] = 0.f;
-      if (wd)
-        for (int64_t e = 0; e < D; ++e) wd[e] = 0.f;
-      for (int64_t d = 0; d < D; ++d) {
-        axpy(qr[d], m + d * q_map_cols, qd, D);
-        if (wd) axpy(qr[d], m + d * q_map_cols + D, wd, D);
-      }
-      for (int64_t e = 0; e < D; ++e) qd[e] *= scale;
+      row_times(q + r * D, q_map + r * D * q_map_cols, D, q_map_cols, qw.data());
+      for (int64_t e = 0; e < D; ++e) qs[r * D + e] = qw[e] * scale;
+      if (bias) std::memcpy(ws.data() + r * D, qw.data() + D, D * sizeof(float));
     }
   }
   const int status = attention_decode(qs.data(), k_body, v_body, n_body, k_tail.data(), v_tail.data(), T_tail,
