@@ -130,6 +130,30 @@ def test_folded_decode_steps_match_the_general_path(name, use_native, monkeypatc
     torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-3)
 
 
+@pytest.mark.parametrize("use_native", [True, False])
+def test_non_finite_token_leaving_the_window_is_a_clear_error(use_native, monkeypatch):
+    # A NaN key is held exactly in the window; quantizing it when it leaves must raise, not store garbage.
+    if not use_native:
+        monkeypatch.setattr(native, "_ENABLED", [False])
+    scheme = SCHEMES["nf4-rot-centre"]
+    layer = NQKVCache(scheme, num_layers=1).layers[0]
+    g = torch.Generator().manual_seed(0)
+
+    def step(k, v, q):
+        layer.update(k, v)
+        return layer.attention(q, None, 0.25)
+
+    step(torch.randn(1, 2, 8, 16, generator=g), torch.randn(1, 2, 8, 16, generator=g),
+         torch.randn(1, 4, 8, 16, generator=g))
+    q = torch.randn(1, 4, 1, 16, generator=g)
+    k = torch.randn(1, 2, 1, 16, generator=g)
+    k[..., 3] = float("nan")
+    step(k, torch.randn(1, 2, 1, 16, generator=g), q)  # in the full-precision window: no error yet
+    with pytest.raises(ValueError, match="non-finite"):
+        for _ in range(scheme.window):
+            step(torch.randn(1, 2, 1, 16, generator=g), torch.randn(1, 2, 1, 16, generator=g), q)
+
+
 def assert_matches_reference(logits, ref_logits, fp_logits):
     """The cache's logits are far closer to the reference than the reference is to full precision."""
     quant_effect = (ref_logits - fp_logits).abs().max()
