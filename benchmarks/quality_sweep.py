@@ -30,7 +30,8 @@ import torch
 from tqdm.auto import tqdm
 
 from nqkv_core.evaluate import (
-    evaluate, layer_sensitivity, markdown_table, num_layers, register_attention, save_rows, widen_layers,
+    evaluate, layer_sensitivity, markdown_table, num_layers, plot_layer_sensitivity, register_attention, save_rows,
+    widen_layers,
 )
 from nqkv_core.models import DEFAULT_MODEL, calibration_windows, load_model, load_text, prompts_after, token_windows
 from nqkv_core.scheme import KVScheme, kivi, nqkv_preset, uniform
@@ -134,25 +135,6 @@ def layers_set(model, calibration: torch.Tensor, bits_list: list[int], window: i
         print(f"{base.name}: layer sensitivity (ΔPPL %, alone) " + " ".join(f"{i}:{v:+.2f}" for i, v in enumerate(sens)))
         out += [base] + [widen_layers(base, sens, n, wide_bits) for n in counts]
     return out, sensitivity
-
-
-def plot_sensitivity(sensitivity: dict[str, list[float]], png: str) -> None:
-    """Bars of each layer's ΔPPL when it alone is quantized, one panel per scheme."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(sensitivity), 1, figsize=(7, 2.2 * len(sensitivity)), squeeze=False)
-    for ax, (name, sens) in zip(axes[:, 0], sensitivity.items()):
-        ax.bar(range(len(sens)), sens, color="tab:blue")
-        ax.set_title(f"{name}: ΔPPL when only this layer is quantized", fontsize=9)
-        ax.set_ylabel("ΔPPL %")
-        ax.grid(True, axis="y", lw=0.3)
-    axes[-1, 0].set_xlabel("layer")
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    print(f"wrote {png}")
 
 
 def plot_curve(json_paths: list[str], png: str) -> None:
@@ -265,7 +247,7 @@ def main() -> None:
         meta["layer_sensitivity_pct"] = sensitivity
         meta["calibration_windows"] = f"last {args.calibration_windows} windows of the text"
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        plot_sensitivity(sensitivity, str(Path(args.out) / "layer_sensitivity.png"))
+        print(f"wrote {plot_layer_sensitivity(sensitivity, Path(args.out) / 'layer_sensitivity.png')}")
     print(markdown_table(rows, with_agree=args.agree))
     js, md = save_rows(rows, args.out, args.set, meta)
     print(f"wrote {js} and {md}")

@@ -2,7 +2,8 @@
 
 Subcommands: ``report`` (the main job: quality, memory and speed of NQKV vs peers), ``eval``
 (perplexity / greedy agreement of KV schemes), ``analyze`` (normality of KV blocks), ``demo``
-(quantize a real model's KV cache and print error and memory). Each subcommand is
+(quantize a real model's KV cache and print error and memory), ``bench`` (cache memory and decode
+speed), ``calibrate`` (per-layer code widths from measured layer sensitivity). Each subcommand is
 one ``add_<name>(subparsers)`` function that sets ``func``; adding another is adding such a function
 to :data:`SUBCOMMANDS`.
 """
@@ -213,7 +214,51 @@ def add_bench(sub) -> None:
     p.set_defaults(func=cmd_bench)
 
 
-SUBCOMMANDS = [add_eval, add_analyze, add_demo, add_report, add_bench]
+def cmd_calibrate(args) -> None:
+    from tqdm.auto import tqdm
+
+    from nqkv_core.evaluate import calibrate_layer_bits, num_layers, plot_layer_sensitivity, register_attention
+    from nqkv_core.cache import default_scheme
+    from nqkv_core.models import calibration_windows, load_model, load_text
+
+    torch.set_num_threads(args.threads)
+    lm = load_model(args.model, attn_implementation=register_attention())
+    windows = calibration_windows(lm.tokenizer, load_text(args.text_file), args.window_len, args.windows, 0)
+    config = lm.model.config.get_text_config() if hasattr(lm.model.config, "get_text_config") else lm.model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    base = default_scheme(args.bits, head_dim, window=args.fp_window)  # what enable(model, bits=...) uses
+    with tqdm(total=(num_layers(lm.model) + 1) * len(windows), desc="layer sensitivity", unit="win") as bar:
+        scheme, sens = calibrate_layer_bits(lm.model, windows, base, args.wide_layers, args.wide_bits, bar)
+    print("| layer | ΔPPL % alone | width |\n|---:|---:|---:|")
+    for i, v in enumerate(sens):
+        print(f"| {i} | {v:+.3f} | {scheme.layer_bits[i]} |")
+    print(f"{scheme.name}: {scheme.bits_per_element(args.window_len):.3f} bits/element at {args.window_len} tokens"
+          f" ({base.bits_per_element(args.window_len):.3f} for {base.name})")
+    out = Path(args.out or ".")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "nqkv_scheme.json"
+    path.write_text(json.dumps({"scheme": scheme.to_dict(), "layer_sensitivity_pct": sens,
+                                "command": "nqkv " + " ".join(sys.argv[1:])}, indent=1))
+    png = plot_layer_sensitivity({base.name: sens}, out / "layer_sensitivity.png")
+    print(f"wrote {path} and {png}; use it with"
+          f" nqkv_core.enable(model, scheme=KVScheme.from_dict(json.load(open({str(path)!r}))['scheme']))")
+
+
+def add_calibrate(sub) -> None:
+    p = sub.add_parser("calibrate", help="per-layer widths: measure each layer's sensitivity and widen the worst")
+    _common(p, windows=4, window_len=1024)
+    p.set_defaults(windows=4)
+    p.add_argument("--bits", type=int, choices=[2, 3, 4], default=2, help="code width of the base preset")
+    p.add_argument("--wide-layers", type=int, default=4, help="how many of the most sensitive layers to widen")
+    p.add_argument("--wide-bits", type=int, default=None, help="their width (default one bit more; 8 for 4-bit)")
+    p.add_argument("--fp-window", type=int, default=None, help="full-precision recent window (default 32; 64 at 2 bits)")
+    p.description = ("Measures on the LAST --windows windows of the text (evaluation commands read from the start)"
+                     " each layer's ΔPPL when it alone is quantized, then writes nqkv_scheme.json (--out) with the"
+                     " preset whose most sensitive layers are one bit wider, and a bar plot.")
+    p.set_defaults(func=cmd_calibrate)
+
+
+SUBCOMMANDS = [add_eval, add_analyze, add_demo, add_report, add_bench, add_calibrate]
 
 
 def build_parser() -> argparse.ArgumentParser:

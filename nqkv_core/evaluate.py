@@ -201,6 +201,26 @@ def widen_layers(scheme: KVScheme, sensitivity: list[float], wide_layers: int, w
     return scheme.replace(name=name, layer_bits=bits)
 
 
+def plot_layer_sensitivity(sensitivity: dict[str, list[float]], png: str | Path) -> Path:
+    """Bars of each layer's ΔPPL when it alone is quantized (:func:`layer_sensitivity`), a panel per scheme."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(sensitivity), 1, figsize=(7, 2.2 * len(sensitivity)), squeeze=False)
+    for ax, (name, sens) in zip(axes[:, 0], sensitivity.items()):
+        ax.bar(range(len(sens)), sens, color="tab:blue")
+        ax.set_title(f"{name}: ΔPPL when only this layer is quantized", fontsize=9)
+        ax.set_ylabel("ΔPPL %")
+        ax.grid(True, axis="y", lw=0.3)
+    axes[-1, 0].set_xlabel("layer")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return Path(png)
+
+
 @torch.no_grad()
 def quanto_perplexity(
     model: torch.nn.Module, windows: torch.Tensor, bits: int, chunk: int = 128, residual: int = 128, group: int = 64
@@ -274,12 +294,6 @@ class Row:
     scheme: dict = field(default_factory=dict)
 
 
-def scheme_dict(s: KVScheme) -> dict:
-    d = asdict(s)
-    d["scale_dtype"] = str(s.scale_dtype).replace("torch.", "")
-    return d
-
-
 def markdown_table(rows: list[Row], with_agree: bool = True) -> str:
     head = "| method | bits/elem | PPL | ΔPPL % |" + (" greedy agree |" if with_agree else "")
     sep = "|---|---:|---:|---:|" + ("---:|" if with_agree else "")
@@ -325,7 +339,7 @@ def evaluate(
             bar.set_postfix_str(s.name)
             t0 = time.perf_counter()
             ppl = perplexity(model, windows, s, bar)
-            row = Row(s.name, s.bits_per_element(ctx), ppl, 100 * (ppl / fp - 1), scheme=scheme_dict(s))
+            row = Row(s.name, s.bits_per_element(ctx), ppl, 100 * (ppl / fp - 1), scheme=s.to_dict())
             if ref_tokens is not None:
                 row.agree = agreement(greedy_tokens(model, prompts, s, n_new), ref_tokens)
             row.seconds = time.perf_counter() - t0

@@ -104,6 +104,28 @@ class KVScheme:
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
 
+    def to_dict(self) -> dict:
+        """Plain JSON-able fields (``scale_dtype`` as its name); :meth:`from_dict` reads them back."""
+        d = dataclasses.asdict(self)
+        d["scale_dtype"] = str(self.scale_dtype).removeprefix("torch.")
+        d["layer_bits"] = list(self.layer_bits)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "KVScheme":
+        """The scheme :meth:`to_dict` wrote (e.g. a calibrated one saved by ``nqkv calibrate``)."""
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"not KVScheme fields: {sorted(unknown)}")
+        fields = dict(d)
+        if "scale_dtype" in fields:
+            dtype = getattr(torch, str(fields["scale_dtype"]), None)
+            if not isinstance(dtype, torch.dtype):
+                raise ValueError(f"unknown scale_dtype {fields['scale_dtype']!r}")
+            fields["scale_dtype"] = dtype
+        fields["layer_bits"] = tuple(fields.get("layer_bits", ()))
+        return cls(**fields)
+
     def for_layer(self, layer: int) -> "KVScheme":
         """The scheme layer ``layer`` stores (itself unless ``layer_bits`` gives layers their own width)."""
         if not self.layer_bits:

@@ -155,3 +155,15 @@ def test_layer_bits_give_each_layer_its_width():
         base.replace(layer_bits=(3, 5))
     with pytest.raises(ValueError, match="equal K and V"):
         nqkv_preset(4, v_bits=3).replace(layer_bits=(4, 4))
+
+
+def test_scheme_dict_round_trip():
+    import json
+
+    s = nqkv_preset(2, window=64).replace(name="plan", layer_bits=(2, 3, 16), scale_dtype=torch.float32)
+    back = KVScheme.from_dict(json.loads(json.dumps(s.to_dict())))
+    assert back == s and back.for_layer(1).k_bits == 3
+    with pytest.raises(ValueError, match="not KVScheme fields"):
+        KVScheme.from_dict({**s.to_dict(), "colour": 1})
+    with pytest.raises(ValueError, match="scale_dtype"):
+        KVScheme.from_dict({**s.to_dict(), "scale_dtype": "float99"})
