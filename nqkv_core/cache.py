@@ -641,8 +641,7 @@ class NQKVLayer(CacheLayerMixin):
         n_body = min(self._body_capacity(n), self.capacity)
         rope = None
         if maps.mu_k_half is not None:  # the RoPE-aware centre: the kernel reads the shared cos/sin table
-            self.rope.ensure(n + 1, self.device)
-            rope = (self.rope.table, self.rope.tiles)
+            rope = (self.rope.table, self.rope.tiles)  # (update() made it cover position n)
         leaving = n - W + 1  # the token that leaves the window (W > 1: it is in the ring)
         scale_max = torch.finfo(self.scheme.scale_dtype).max
         out = native.decode_step(

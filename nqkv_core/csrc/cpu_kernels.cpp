@@ -430,7 +430,7 @@ void values_fast(const Packed& v, const float* levels16, int64_t b, int64_t h, c
 // positions p, p + 1, ... from the table in tiles of sixteen positions, (P / 16, D, 16): sixteen keys
 // per vector, one contiguous 16 x D tile per sixteen positions, no horizontal sums and no padded
 // rows (the cache body's positions are consecutive).
-void bias_tiles(const float* w, int64_t R, int64_t D, const float* tiles, int64_t p, int64_t j0, int64_t j1,
+void add_tile_bias(const float* w, int64_t R, int64_t D, const float* tiles, int64_t p, int64_t j0, int64_t j1,
                 float* s, int64_t Tk) {
   const int64_t n = j1 - j0;
   for (int64_t r0 = 0; r0 < R; r0 += 4) {
@@ -457,13 +457,13 @@ void bias_tiles(const float* w, int64_t R, int64_t D, const float* tiles, int64_
 
 // Decode attention (see nqkv_attention_decode below for the contract). bias_tiles: the bias table
 // in tiles of sixteen positions ((bias_rows + 15) / 16, D, 16), or null; with it, packed tokens at
-// consecutive positions take their bias from it (bias_tiles).
+// consecutive positions take their bias from it (add_tile_bias).
 
 int attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, const float* k_tail, const float* v_tail,
                      int64_t t_tail, const float* mask, int64_t ms_b, int64_t ms_h, int64_t ms_q,
                      const float* bias_w, const float* bias_table, const int64_t* bias_pos, int64_t bias_rows,
                      int causal, int64_t B, int64_t Hkv, int64_t G, int64_t Tq, int64_t D, int64_t Dv, float* out,
-                     int threads, const float* bias_tiles_t = nullptr) {
+                     int threads, const float* bias_tiles = nullptr) {
   const int64_t R = G * Tq, Tk = t_hist + t_tail, BH = B * Hkv;
   if (bias_w)
     for (int64_t j = 0; j < Tk; ++j)
@@ -497,13 +497,13 @@ int attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, const f
         for (int64_t r = 0; r < R; ++r)  // queries in lane order
           for (int64_t d = 0; d < D; ++d) qpad[r * D + (d / 64) * 64 + lane_position(k.bits, d % 64)] = qr[r * D + d];
         if (wr) std::memcpy(wpad.data(), wr, R * D * sizeof(float));
-        bool consecutive = wr && bias_tiles_t;
+        bool consecutive = wr && bias_tiles;
         for (int64_t jj = j + 1; consecutive && jj < jh; ++jj) consecutive = bias_pos[jj] == bias_pos[j] + (jj - j);
         const float* wp = wr && !consecutive ? wpad.data() : nullptr;
         if (D == 64 && R <= 4) scores_fast_64x4(k, kc, b, h, qpad.data(), wp, bias_table, bias_pos, R, j, jh, s, Tk);
         else if (D == 64) scores_fast<4>(k, kc, b, h, qpad.data(), wp, bias_table, bias_pos, R, j, jh, s, Tk);
         else scores_fast<8>(k, kc, b, h, qpad.data(), wp, bias_table, bias_pos, R, j, jh, s, Tk);
-        if (consecutive) bias_tiles(wr, R, D, bias_tiles_t, bias_pos[j], j, jh, s, Tk);
+        if (consecutive) add_tile_bias(wr, R, D, bias_tiles, bias_pos[j], j, jh, s, Tk);
         j = jh;
       }
 #endif
