@@ -20,7 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from nqkv_core import cache as nqkv_cache  # noqa: E402
 from nqkv_core import evaluate, native  # noqa: E402
 from nqkv_core.cache import NQKVCache, _version, enable  # noqa: E402
-from nqkv_core.scheme import KVScheme  # noqa: E402
+from nqkv_core.scheme import KVScheme, nqkv_preset  # noqa: E402
 
 NEW = 20
 
@@ -30,17 +30,23 @@ def reference_attention(monkeypatch):
     monkeypatch.setattr(nqkv_cache, "FUSED", False)
 
 
-def tiny_model(head_dim: int = 16, layers: int = 2, seed: int = 0) -> LlamaForCausalLM:
+def tiny_model(head_dim: int = 16, layers: int = 2, seed: int = 0, key_offset: float = 0.0) -> LlamaForCausalLM:
+    """A random Llama; ``key_offset`` > 0 gives the pre-RoPE keys a constant offset of that scale
+    (a key-projection bias), as real models have, so that a RoPE-aware key centre matters."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=256,
+        num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=256, attention_bias=key_offset > 0,
     )
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # larger K/V than the tiny init gives, so that quantization shows in the logits
         for layer in model.model.layers:
             layer.self_attn.k_proj.weight.mul_(4)
             layer.self_attn.q_proj.weight.mul_(4)
+            if key_offset:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.v_proj, layer.self_attn.o_proj):
+                    proj.bias.zero_()
+                layer.self_attn.k_proj.bias.copy_(key_offset * torch.randn(layer.self_attn.k_proj.bias.shape))
     return model
 
 
@@ -125,6 +131,23 @@ def test_folded_decode_steps_match_the_general_path(name, use_native, monkeypatc
     assert all(layer._step_maps is not None for layer in cache.layers)  # the folded path ran
     assert bool(calls) == native.available()  # as one native call per layer and step, where built
     monkeypatch.setattr(nqkv_cache, "FOLD_STEPS", False)
+    seq_ref, ref_logits = generate(model, ids, cache=nq.generate_kwargs())
+    assert torch.equal(seq, seq_ref)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-3)
+
+
+def test_native_step_at_head_dim_64_matches_the_torch_step(monkeypatch):
+    # head_dim 64 with the preset's blocks of 64 takes the kernel's register paths (codes decoded in
+    # lane order, one scale per token factored out of the sums, the RoPE-centred key bias from the
+    # table's tiles of sixteen positions); a 150-token prompt gives a body of several tiles that
+    # starts inside the first one, and the key offset makes the bias large.
+    if not native.available():
+        pytest.skip("native CPU kernels not built")
+    model, scheme = tiny_model(head_dim=64, key_offset=3.0), nqkv_preset(4)
+    ids = torch.randint(1, 96, (2, 150), generator=torch.Generator().manual_seed(2))
+    nq = enable(model, scheme=scheme)
+    seq, logits = generate(model, ids, cache=nq.generate_kwargs())
+    monkeypatch.setattr(native, "_ENABLED", [False])
     seq_ref, ref_logits = generate(model, ids, cache=nq.generate_kwargs())
     assert torch.equal(seq, seq_ref)
     torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-3)

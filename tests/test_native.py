@@ -86,6 +86,8 @@ CASES = [
     (1, 2, 1, 4, 32, 40, 3, 4, 16),  # portable path: head_dim 32, blocks of 16
     (1, 1, 2, 1, 64, 33, 2, 8, 64),
     (1, 2, 2, 1, 64, 0, 7, 4, 64),  # no history yet
+    (1, 2, 4, 1, 64, 100, 3, 4, 32),  # four rows in registers, two scales per row (not factored out)
+    (1, 3, 1, 1, 64, 70, 2, 3, 64),  # one row
 ]
 
 

@@ -183,6 +183,23 @@ inline void row_times(const float* x, const float* M, int64_t n, int64_t cols, f
   for (int64_t d = 0; d < n; ++d) axpy(x[d], M + d * cols, y, cols);
 }
 
+// max(x[0..n)), -inf for n = 0. (A scalar `m = x > m ? x : m` loop is one dependent chain the
+// compiler cannot vectorize, which cost a tenth of a decode call at 4k tokens.)
+float row_max(const float* x, int64_t n) {
+  int64_t i = 0;
+  float m = -INFINITY;
+#ifdef __AVX512F__
+  __m512 mv = _mm512_set1_ps(-INFINITY), mv2 = mv;
+  for (; i + 32 <= n; i += 32) {
+    mv = _mm512_max_ps(mv, _mm512_loadu_ps(x + i));
+    mv2 = _mm512_max_ps(mv2, _mm512_loadu_ps(x + i + 16));
+  }
+  m = _mm512_reduce_max_ps(_mm512_max_ps(mv, mv2));
+#endif
+  for (; i < n; ++i) m = x[i] > m ? x[i] : m;
+  return m;
+}
+
 // In place: x[i] = exp(x[i] - m), returns the sum. exp(-inf) is exactly 0.
 float exp_shift_sum(float* x, int64_t n, float m) {
   int64_t i = 0;
@@ -270,20 +287,25 @@ inline bool fast_path(const Packed& p, int64_t dim) {
   return (dim == 64 || dim == 128) && (p.bits == 4 ? p.block % 32 == 0 : (p.bits == 2 || p.bits == 3) && p.block % 64 == 0);
 }
 
-// Group g (codes [64g, 64g + 64)) of a row of D codes, times their scales, in lane order.
+// Group g (codes [64g, 64g + 64)) of a row of D codes, times their scales (Scaled) or as bare
+// codebook levels (for a caller that applies the group's one scale to a sum), in lane order.
 // `levels`: the codebook padded to sixteen entries; si: index of the row's first scale.
+template <bool Scaled = true>
 inline void decode_group(const Packed& p, const uint8_t* row, int64_t D, int g, int64_t si, __m512 levels, __m512* out) {
   const int64_t d0 = 64 * g;
   if (p.bits == 4) {
     for (int half = 0; half < 2; ++half) {
-      const __m512 s = _mm512_set1_ps(load_scale(p.absmax, si + (d0 + 32 * half) / p.block, p.absmax_half));
       const __m512i w = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(row + d0 / 2 + 16 * half)));
-      out[2 * half] = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(w, _mm512_set1_epi32(15)), levels), s);
-      out[2 * half + 1] = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(w, 4), levels), s);
+      out[2 * half] = _mm512_permutexvar_ps(_mm512_and_si512(w, _mm512_set1_epi32(15)), levels);
+      out[2 * half + 1] = _mm512_permutexvar_ps(_mm512_srli_epi32(w, 4), levels);
+      if (Scaled) {
+        const __m512 s = _mm512_set1_ps(load_scale(p.absmax, si + (d0 + 32 * half) / p.block, p.absmax_half));
+        out[2 * half] = _mm512_mul_ps(out[2 * half], s);
+        out[2 * half + 1] = _mm512_mul_ps(out[2 * half + 1], s);
+      }
     }
     return;
   }
-  const __m512 s = _mm512_set1_ps(load_scale(p.absmax, si + d0 / p.block, p.absmax_half));
   const __m512i w = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(row + d0 / 4)));  // lane i: byte i
   __m512i high = _mm512_setzero_si512();
   if (p.bits == 3) {  // code 4i+f has its high bit in plane byte i/2, bit 4*(i%2) + f
@@ -297,14 +319,21 @@ inline void decode_group(const Packed& p, const uint8_t* row, int64_t D, int g, 
       const __m512i bit = _mm512_srlv_epi32(high, _mm512_add_epi32(odd_nibble, _mm512_set1_epi32(f)));
       c = _mm512_or_si512(c, _mm512_slli_epi32(_mm512_and_si512(bit, _mm512_set1_epi32(1)), 2));
     }
-    out[f] = _mm512_mul_ps(_mm512_permutexvar_ps(c, levels), s);
+    out[f] = _mm512_permutexvar_ps(c, levels);
+  }
+  if (Scaled) {
+    const __m512 s = _mm512_set1_ps(load_scale(p.absmax, si + d0 / p.block, p.absmax_half));
+    for (int f = 0; f < 4; ++f) out[f] = _mm512_mul_ps(out[f], s);
   }
 }
 
-template <int ND>
+template <int ND, bool Scaled = true>
 inline void decode_row_lanes(const Packed& p, const uint8_t* row, int64_t si, __m512 levels, __m512* out) {
-  for (int g = 0; g < ND / 4; ++g) decode_group(p, row, 16 * ND, g, si, levels, out + 4 * g);
+  for (int g = 0; g < ND / 4; ++g) decode_group<Scaled>(p, row, 16 * ND, g, si, levels, out + 4 * g);
 }
+
+// Whether every group of 64 codes has one scale, which can then multiply a sum instead of each code.
+inline bool scale_per_group(const Packed& p) { return p.block % 64 == 0; }
 
 // The four horizontal sums of x0..x3, in one 128-bit vector.
 inline __m128 reduce4(__m512 x0, __m512 x1, __m512 x2, __m512 x3) {
@@ -356,48 +385,78 @@ void scores_fast(const Packed& k, const float* levels16, int64_t b, int64_t h, c
   }
 }
 
-// scores_fast for head_dim 64 and at most four query rows (a decode step of a model with up to four
-// query heads per KV head): the query rows stay in registers across the tokens, and the score
-// offset is a second pass with the bias weights in registers, so each token costs its codes and one
-// table row of loads instead of the query and weight rows again.
-void scores_fast_64x4(const Packed& k, const float* levels16, int64_t b, int64_t h, const float* q, const float* w,
-                      const float* table, const int64_t* pos, int64_t R, int64_t j0, int64_t j1, float* s,
-                      int64_t Tk) {
+// scores_fast for head_dim 64 and R <= 4 query rows (a decode step of a model with up to four query
+// heads per KV head): the query rows stay in registers across the tokens, only the R real rows are
+// multiplied, and with one scale per token (Factored) the scale multiplies the R sums instead of
+// the 64 codes. The score offset is a second pass with the bias weights in registers, so each token
+// costs its codes and one table row of loads instead of the query and weight rows again.
+template <int R, bool Factored>
+void scores_fast_64(const Packed& k, const float* levels16, int64_t b, int64_t h, const float* q, const float* w,
+                    const float* table, const int64_t* pos, int64_t j0, int64_t j1, float* s, int64_t Tk) {
   const __m512 levels = _mm512_loadu_ps(levels16);
   alignas(16) float sums[4];
-  __m512 qv[4][4];
-  for (int r = 0; r < 4; ++r)
+  __m512 qv[R][4];
+  for (int r = 0; r < R; ++r)
     for (int i = 0; i < 4; ++i) qv[r][i] = _mm512_loadu_ps(q + r * 64 + i * 16);
   for (int64_t j = j0; j < j1; ++j) {
     __m512 kv[4], a[4];
-    decode_row_lanes<4>(k, packed_row(k, b, h, j), scale_index(k, b, h, j), levels, kv);
+    const int64_t si = scale_index(k, b, h, j);
+    decode_row_lanes<4, !Factored>(k, packed_row(k, b, h, j), si, levels, kv);
     for (int r = 0; r < 4; ++r) {
+      if (r >= R) {
+        a[r] = _mm512_setzero_ps();
+        continue;
+      }
       a[r] = _mm512_mul_ps(qv[r][0], kv[0]);
       for (int i = 1; i < 4; ++i) a[r] = _mm512_fmadd_ps(qv[r][i], kv[i], a[r]);
     }
-    _mm_store_ps(sums, reduce4(a[0], a[1], a[2], a[3]));
-    for (int64_t r = 0; r < R; ++r) s[r * Tk + j] = sums[r];
+    __m128 sum = reduce4(a[0], a[1], a[2], a[3]);
+    if (Factored) sum = _mm_mul_ps(sum, _mm_set1_ps(load_scale(k.absmax, si, k.absmax_half)));
+    _mm_store_ps(sums, sum);
+    for (int r = 0; r < R; ++r) s[r * Tk + j] = sums[r];
   }
   if (!w) return;
-  for (int r = 0; r < 4; ++r)  // (the query registers are free again)
+  for (int r = 0; r < R; ++r)  // (the query registers are free again)
     for (int i = 0; i < 4; ++i) qv[r][i] = _mm512_loadu_ps(w + r * 64 + i * 16);
   for (int64_t j = j0; j < j1; ++j) {
     const float* tr = table + pos[j] * 64;
     __m512 t[4], a[4];
     for (int i = 0; i < 4; ++i) t[i] = _mm512_loadu_ps(tr + i * 16);
     for (int r = 0; r < 4; ++r) {
+      if (r >= R) {
+        a[r] = _mm512_setzero_ps();
+        continue;
+      }
       a[r] = _mm512_mul_ps(qv[r][0], t[0]);
       for (int i = 1; i < 4; ++i) a[r] = _mm512_fmadd_ps(qv[r][i], t[i], a[r]);
     }
     _mm_store_ps(sums, reduce4(a[0], a[1], a[2], a[3]));
-    for (int64_t r = 0; r < R; ++r) s[r * Tk + j] += sums[r];
+    for (int r = 0; r < R; ++r) s[r * Tk + j] += sums[r];
+  }
+}
+
+// scores_fast_64 for a run-time row count R in [1, 4].
+void scores_fast_64x4(const Packed& k, const float* levels16, int64_t b, int64_t h, const float* q, const float* w,
+                      const float* table, const int64_t* pos, int64_t R, int64_t j0, int64_t j1, float* s,
+                      int64_t Tk) {
+  const bool f = scale_per_group(k);
+  switch (R) {
+    case 1: return f ? scores_fast_64<1, true>(k, levels16, b, h, q, w, table, pos, j0, j1, s, Tk)
+                     : scores_fast_64<1, false>(k, levels16, b, h, q, w, table, pos, j0, j1, s, Tk);
+    case 2: return f ? scores_fast_64<2, true>(k, levels16, b, h, q, w, table, pos, j0, j1, s, Tk)
+                     : scores_fast_64<2, false>(k, levels16, b, h, q, w, table, pos, j0, j1, s, Tk);
+    case 3: return f ? scores_fast_64<3, true>(k, levels16, b, h, q, w, table, pos, j0, j1, s, Tk)
+                     : scores_fast_64<3, false>(k, levels16, b, h, q, w, table, pos, j0, j1, s, Tk);
+    default: return f ? scores_fast_64<4, true>(k, levels16, b, h, q, w, table, pos, j0, j1, s, Tk)
+                      : scores_fast_64<4, false>(k, levels16, b, h, q, w, table, pos, j0, j1, s, Tk);
   }
 }
 
 // o[r] += sum_j p[r * Tk + j] v_j for packed tokens j in [j0, j1), o in the original order. Groups
 // of rows keep their outputs in registers, in lane order, across the tokens (the row is decoded
-// again for each group) and are reordered once at the end.
-template <int ND>
+// again for each group) and are reordered once at the end. With one scale per group of 64 codes
+// (Factored) the scale goes into the row weight instead of into the 64 decoded values.
+template <int ND, bool Factored>
 void values_fast(const Packed& v, const float* levels16, int64_t b, int64_t h, const float* p, int64_t R,
                  int64_t j0, int64_t j1, int64_t Tk, float* o) {
   constexpr int64_t Dv = 16 * ND;
@@ -411,11 +470,17 @@ void values_fast(const Packed& v, const float* levels16, int64_t b, int64_t h, c
       for (int i = 0; i < ND; ++i) acc[r][i] = _mm512_setzero_ps();
     for (int64_t j = j0; j < j1; ++j) {
       __m512 vv[ND];
-      decode_row_lanes<ND>(v, packed_row(v, b, h, j), scale_index(v, b, h, j), levels, vv);
+      const int64_t si = scale_index(v, b, h, j);
+      decode_row_lanes<ND, !Factored>(v, packed_row(v, b, h, j), si, levels, vv);
+      float gs[ND / 4];  // Factored: each group's one scale goes into the row weights
+      for (int g = 0; g < ND / 4; ++g) gs[g] = Factored ? load_scale(v.absmax, si + 64 * g / v.block, v.absmax_half) : 1.f;
       for (int r = 0; r < RG; ++r) {
         if (r >= rows) break;
-        const __m512 w = _mm512_set1_ps(p[(r0 + r) * Tk + j]);
-        for (int i = 0; i < ND; ++i) acc[r][i] = _mm512_fmadd_ps(w, vv[i], acc[r][i]);
+        const float pr = p[(r0 + r) * Tk + j];
+        for (int g = 0; g < ND / 4; ++g) {
+          const __m512 w = _mm512_set1_ps(pr * gs[g]);
+          for (int i = 4 * g; i < 4 * g + 4; ++i) acc[r][i] = _mm512_fmadd_ps(w, vv[i], acc[r][i]);
+        }
       }
     }
     for (int r = 0; r < rows; ++r) {
@@ -426,30 +491,56 @@ void values_fast(const Packed& v, const float* levels16, int64_t b, int64_t h, c
   }
 }
 
-// s[r * Tk + j] += w_r . table[p + j - j0] for j in [j0, j1): the key bias of keys at consecutive
-// positions p, p + 1, ... from the table in tiles of sixteen positions, (P / 16, D, 16): sixteen keys
-// per vector, one contiguous 16 x D tile per sixteen positions, no horizontal sums and no padded
-// rows (the cache body's positions are consecutive).
+// s[r * Tk + j] += w_r . table[p + j - j0] for j in [j0, j0 + n) and ROWS rows from r0: the key
+// bias of keys at consecutive positions p, p + 1, ... from the table in tiles of sixteen positions,
+// (P / 16, D, 16): sixteen keys per vector, one contiguous 16 x D tile per sixteen positions, no
+// horizontal sums and no padded rows (the cache body's positions are consecutive). NT tiles at a
+// time from tile tb: NT x ROWS independent accumulators in registers (template arguments), enough
+// to hide the FMA latency, and each weight broadcast serves NT tiles.
+template <int ROWS, int NT>
+void add_tile_bias_rows(const float* wr, int64_t D, const float* tiles, int64_t tb, int64_t p, int64_t j0, int64_t n,
+                        float* s, int64_t Tk) {
+  __m512 acc[NT][ROWS];
+  for (int t = 0; t < NT; ++t)
+    for (int r = 0; r < ROWS; ++r) acc[t][r] = _mm512_setzero_ps();
+  const float* tile = tiles + (tb / 16) * D * 16;
+  for (int64_t d = 0; d < D; ++d) {
+    __m512 x[NT];
+    for (int t = 0; t < NT; ++t) x[t] = _mm512_loadu_ps(tile + t * D * 16 + d * 16);
+    for (int r = 0; r < ROWS; ++r) {
+      const __m512 wv = _mm512_set1_ps(wr[r * D + d]);
+      for (int t = 0; t < NT; ++t) acc[t][r] = _mm512_fmadd_ps(wv, x[t], acc[t][r]);
+    }
+  }
+  for (int t = 0; t < NT; ++t) {
+    // lane l is position tb + 16t + l, key j0 + tb + 16t + l - p; only positions in [p, p + n) are written
+    const int64_t t0 = tb + 16 * t, lo = p - t0 > 0 ? p - t0 : 0, hi = p + n - t0 < 16 ? p + n - t0 : 16;
+    const __mmask16 m = (__mmask16)(((1u << hi) - 1u) & ~((1u << lo) - 1u));
+    for (int r = 0; r < ROWS; ++r) {
+      float* dst = s + r * Tk + j0 + (t0 - p);  // lanes before j0 / after j0 + n are masked off
+      _mm512_mask_storeu_ps(dst, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, dst), acc[t][r]));
+    }
+  }
+}
+
+template <int ROWS>
+void add_tile_bias_rows(const float* wr, int64_t D, const float* tiles, int64_t p, int64_t j0, int64_t n, float* s,
+                        int64_t Tk) {
+  int64_t tb = p & ~int64_t(15);
+  for (; tb + 64 <= p + n; tb += 64) add_tile_bias_rows<ROWS, 4>(wr, D, tiles, tb, p, j0, n, s, Tk);
+  for (; tb < p + n; tb += 16) add_tile_bias_rows<ROWS, 1>(wr, D, tiles, tb, p, j0, n, s, Tk);
+}
+
 void add_tile_bias(const float* w, int64_t R, int64_t D, const float* tiles, int64_t p, int64_t j0, int64_t j1,
-                float* s, int64_t Tk) {
-  const int64_t n = j1 - j0;
+                   float* s, int64_t Tk) {
   for (int64_t r0 = 0; r0 < R; r0 += 4) {
-    const int rows = R - r0 < 4 ? (int)(R - r0) : 4;
     const float* wr = w + r0 * D;
-    for (int64_t tb = p & ~int64_t(15); tb < p + n; tb += 16) {
-      // lane l is position tb + l, key j0 + tb + l - p; only positions in [p, p + n) are written
-      const int64_t lo = p - tb > 0 ? p - tb : 0, hi = p + n - tb < 16 ? p + n - tb : 16;
-      const __mmask16 m = (__mmask16)(((1u << hi) - 1u) & ~((1u << lo) - 1u));
-      const float* tile = tiles + (tb / 16) * D * 16;
-      __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-      for (int64_t d = 0; d < D; ++d) {
-        const __m512 t = _mm512_loadu_ps(tile + d * 16);
-        for (int r = 0; r < rows; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(wr[r * D + d]), t, acc[r]);
-      }
-      for (int r = 0; r < rows; ++r) {
-        float* dst = s + (r0 + r) * Tk + j0 + (tb - p);  // lanes before j0 / after j1 are masked off
-        _mm512_mask_storeu_ps(dst, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, dst), acc[r]));
-      }
+    float* sr = s + r0 * Tk;
+    switch (R - r0 < 4 ? R - r0 : 4) {
+      case 1: add_tile_bias_rows<1>(wr, D, tiles, p, j0, j1 - j0, sr, Tk); break;
+      case 2: add_tile_bias_rows<2>(wr, D, tiles, p, j0, j1 - j0, sr, Tk); break;
+      case 3: add_tile_bias_rows<3>(wr, D, tiles, p, j0, j1 - j0, sr, Tk); break;
+      default: add_tile_bias_rows<4>(wr, D, tiles, p, j0, j1 - j0, sr, Tk);
     }
   }
 }
@@ -468,7 +559,10 @@ int attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, const f
   if (bias_w)
     for (int64_t j = 0; j < Tk; ++j)
       if (bias_pos[j] < 0 || bias_pos[j] >= bias_rows) return 1;
-  const int64_t chunk = 256;  // tokens per work item
+  // Work items: chunks of 256 tokens of one (batch, KV head), ordered chunk-major so that the heads
+  // of a chunk run one after the other and share the chunk's rows of the key-bias table in cache
+  // (for head_dim 64 a table row is 256 bytes, eight times a head's 4-bit key codes).
+  const int64_t chunk = 256;
   const int64_t n_chunks = (Tk + chunk - 1) / chunk, items = BH * n_chunks;
   float kcb[16] = {0}, vcb[16] = {0};
   if (k.bits <= 4) std::memcpy(kcb, k.codebook, sizeof(float) << k.bits);
@@ -485,8 +579,8 @@ int attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, const f
     // scores: s[r, j] = q_r . k_j (+ mask), -inf where causally hidden
 #pragma omp for schedule(static)
     for (int64_t it = 0; it < items; ++it) {
-      const int64_t bh = it / n_chunks, b = bh / Hkv, h = bh % Hkv;
-      const int64_t j0 = (it % n_chunks) * chunk, j1 = j0 + chunk < Tk ? j0 + chunk : Tk;
+      const int64_t bh = it % BH, b = bh / Hkv, h = bh % Hkv;
+      const int64_t j0 = (it / BH) * chunk, j1 = j0 + chunk < Tk ? j0 + chunk : Tk;
       [[maybe_unused]] const int64_t jh = j1 < t_hist ? j1 : t_hist;  // [j0, jh) packed, then tail
       const float* qr = q + bh * R * D;
       const float* wr = bias_w ? bias_w + bh * R * D : nullptr;
@@ -530,8 +624,7 @@ int attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, const f
 #pragma omp for schedule(static)
     for (int64_t rr = 0; rr < BH * R; ++rr) {
       float* sr = scores.data() + rr * Tk;
-      float m = -INFINITY;
-      for (int64_t j = 0; j < Tk; ++j) m = sr[j] > m ? sr[j] : m;
+      const float m = row_max(sr, Tk);
       if (m == -INFINITY) {  // sees nothing: zero weights, zero output
         std::memset(sr, 0, Tk * sizeof(float));
         continue;
@@ -542,8 +635,8 @@ int attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, const f
     // values: each work item's weighted sum of its tokens
 #pragma omp for schedule(static)
     for (int64_t it = 0; it < items; ++it) {
-      const int64_t bh = it / n_chunks, b = bh / Hkv, h = bh % Hkv;
-      const int64_t j0 = (it % n_chunks) * chunk, j1 = j0 + chunk < Tk ? j0 + chunk : Tk;
+      const int64_t bh = it % BH, b = bh / Hkv, h = bh % Hkv;
+      const int64_t j0 = (it / BH) * chunk, j1 = j0 + chunk < Tk ? j0 + chunk : Tk;
       [[maybe_unused]] const int64_t jh = j1 < t_hist ? j1 : t_hist;
       const float* p = scores.data() + bh * R * Tk;
       float* o = partial.data() + it * R * Dv;
@@ -551,8 +644,9 @@ int attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, const f
       int64_t j = j0;
 #ifdef __AVX512F__
       if (j < jh && fast_path(v, Dv)) {
-        if (Dv == 64) values_fast<4>(v, vc, b, h, p, R, j, jh, Tk, o);
-        else values_fast<8>(v, vc, b, h, p, R, j, jh, Tk, o);
+        const bool f = scale_per_group(v);
+        if (Dv == 64) f ? values_fast<4, true>(v, vc, b, h, p, R, j, jh, Tk, o) : values_fast<4, false>(v, vc, b, h, p, R, j, jh, Tk, o);
+        else f ? values_fast<8, true>(v, vc, b, h, p, R, j, jh, Tk, o) : values_fast<8, false>(v, vc, b, h, p, R, j, jh, Tk, o);
         j = jh;
       }
 #endif
@@ -570,7 +664,7 @@ int attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, const f
       float* dst = out + bh * R * Dv;
       std::memset(dst, 0, R * Dv * sizeof(float));
       for (int64_t c = 0; c < n_chunks; ++c) {
-        const float* src = partial.data() + (bh * n_chunks + c) * R * Dv;
+        const float* src = partial.data() + (c * BH + bh) * R * Dv;
         for (int64_t e = 0; e < R * Dv; ++e) dst[e] += src[e];
       }
     }
