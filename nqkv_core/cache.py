@@ -205,6 +205,8 @@ class _Handle:
         self.layer = layer
 
     def __getattr__(self, name: str):
+        if name.startswith("__"):  # protocol lookups (copy, pickle) fall back to the defaults
+            raise AttributeError(name)
         raise TypeError(
             f"an NQKVCache layer holds quantized K/V that only the 'nqkv' attention function can read"
             f" (something asked for .{name}); {_ENABLE_HINT}"
@@ -371,6 +373,7 @@ class NQKVLayer(CacheLayerMixin):
         self.rope = rope if rope is not None else RopeTable(max_len=max_cache_len)
         self.step_memo = step_memo if step_memo is not None else StepMemo()
         self._step_maps: _StepMaps | None = None
+        self._decode_step: native.DecodeStep | None = None
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self.handle = _Handle(self)
 
@@ -631,29 +634,38 @@ class NQKVLayer(CacheLayerMixin):
         kf, vf = self.k_fmt, self.v_fmt
         if R == 0 or not (kf.quantized and vf.quantized):
             return None
-        t = self.transform
+        step = self._native_decode_step(maps)
+        if not step.supported:
+            return None
         q, k, v = query.float().contiguous(), k_new.float().contiguous(), v_new.float().contiguous()
-        if not native.decode_step_supported(
-            q, k, v, maps.q_map, t.rot_k, t.rot_v, maps.mu_k, maps.mu_k_half, maps.mu_v, self.k_sink, self.v_sink,
-            self.k_ring, self.v_ring, formats=((kf.bits, kf.block), (vf.bits, vf.block)),
-        ):
+        if not native.decode_step_supported(q, k, v):  # (heads and head_dim are the layer's own)
             return None
         n_body = min(self._body_capacity(n), self.capacity)
-        rope = None
-        if maps.mu_k_half is not None:  # the RoPE-aware centre: the kernel reads the shared cos/sin table
-            rope = (self.rope.table, self.rope.tiles)  # (update() made it cover position n)
         leaving = n - W + 1  # the token that leaves the window (W > 1: it is in the ring)
-        scale_max = torch.finfo(self.scheme.scale_dtype).max
-        out = native.decode_step(
-            q, k, v, maps.q_map, t.rot_k, t.rot_v, maps.mu_k, maps.mu_k_half, maps.mu_v,
-            (self.k_sink, self.v_sink), S, (self.k_ring, self.v_ring), R,
-            (*self.k_body, kf.codebook, kf.block), (*self.v_body, vf.codebook, vf.block), n_body,
-            (_midpoints(kf.codebook), _midpoints(vf.codebook)), scale_max,
-            leaving % R if leaving >= S else -1, leaving - S, n if n < S else -1, n % R if n >= S else -1,
-            rope, n, scaling,
+        out = step.run(
+            q, k, v, S, R, n_body, leaving % R if leaving >= S else -1, leaving - S, n if n < S else -1,
+            n % R if n >= S else -1, n, scaling,
         )
         self.length.add_(1)
         return out
+
+    def _native_decode_step(self, maps: _StepMaps) -> native.DecodeStep:
+        """The layer's prepared native step (:class:`~nqkv_core.native.DecodeStep`), rebuilt when one
+        of the tensors it reads was replaced (new maps, a body that grew, a longer RoPE table)."""
+        t, kf, vf = self.transform, self.k_fmt, self.v_fmt
+        rope = (self.rope.table, self.rope.tiles) if maps.mu_k_half is not None else None
+        current = (maps.q_map, t.rot_k, t.rot_v, maps.mu_k, maps.mu_k_half, maps.mu_v, self.k_sink, self.v_sink,
+                   self.k_ring, self.v_ring, *self.k_body, *self.v_body, _midpoints(kf.codebook),
+                   _midpoints(vf.codebook), *(rope or (None, None)))
+        step = self._decode_step
+        if step is None or len(step.tensors) != len(current) or any(a is not b for a, b in zip(step.tensors, current)):
+            step = native.DecodeStep(
+                maps.q_map, t.rot_k, t.rot_v, maps.mu_k, maps.mu_k_half, maps.mu_v, (self.k_sink, self.v_sink),
+                (self.k_ring, self.v_ring), (*self.k_body, kf.codebook, kf.block), (*self.v_body, vf.codebook, vf.block),
+                (_midpoints(kf.codebook), _midpoints(vf.codebook)), torch.finfo(self.scheme.scale_dtype).max, rope,
+            )
+            self._decode_step = step
+        return step
 
     def _maps(self, group: int, scaling: float) -> _StepMaps:
         """The :class:`_StepMaps` of the current transform (built on first use, then reused)."""

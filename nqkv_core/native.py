@@ -310,48 +310,89 @@ def decode_step_supported(*tensors: Optional[Tensor], formats: tuple = ()) -> bo
     )
 
 
-def decode_step(
-    q: Tensor, k_new: Tensor, v_new: Tensor, q_map: Tensor, rot_k: Optional[Tensor], rot_v: Optional[Tensor],
-    mu_k: Optional[Tensor], mu_k_half: Optional[Tensor], mu_v: Optional[Tensor], sinks: tuple[Tensor, Tensor],
-    n_sinks: int, ring: tuple[Tensor, Tensor], n_ring: int, k_body: tuple, v_body: tuple, n_body: int,
-    thresholds: tuple[Tensor, Tensor], max_scale: float, leave_slot: int, body_slot: int, sink_slot: int,
-    ring_slot: int, rope: Optional[tuple[Tensor, Tensor]], n_tokens: int, scale: float,
-) -> Tensor:
-    """One decode step of one cache layer for one new token, in one native call.
+class DecodeStep:
+    """One cache layer's one-token decode step, in one native call, prepared once.
 
-    The contract is ``NQKVLayer``'s folded step (nqkv_core/cache.py), which also checks that every
-    tensor fits (:func:`decode_step_supported`): ``q`` (B, Hq, 1, D) raw query, ``k_new``/``v_new``
-    (B, Hkv, 1, D) raw key/value; ``q_map`` (B, Hq, D, D or 2D); the transform vectors (B, Hkv, 1, D)
-    or None; sink and ring buffers (B, Hkv, slots, D), updated in place; ``k_body``/``v_body``
-    ``(codes, absmax, codebook, block)`` whose slot ``body_slot`` receives ring slot ``leave_slot``
-    quantized (``leave_slot < 0``: none); ``rope = (table, tiles)``, the RoPE ``[cos | sin]`` table
-    (P, D) and the same in tiles of sixteen positions (P / 16, D, 16), for a RoPE-aware centre (the
-    new token is at position ``n_tokens``; every slot holds a token). Returns the output
-    (B, Hq, 1, D) in the original basis.
+    The contract is ``NQKVLayer``'s folded step (nqkv_core/cache.py). What stays put from step to
+    step -- the folded transform, the sink and ring buffers, the packed bodies, the coding
+    thresholds, the RoPE table -- is checked and turned into call arguments here, once (a layer
+    builds a new ``DecodeStep`` when one of them is replaced, e.g. a body that grew); a step then
+    costs the call and the checks of its three new tensors, not ~40 Python-level checks and
+    conversions (about a twentieth of a SmolLM2 decode step at 1k tokens otherwise).
 
-    Raises:
-        ValueError: a key-bias position outside the table, or a token leaving the window whose
-            block scale is not finite or beyond ``max_scale`` (nothing is stored then).
+    ``q_map`` (B, Hq, D, D or 2D); the transform vectors (B, Hkv, 1, D) or None; sink and ring
+    buffers (B, Hkv, slots, D), updated in place; ``k_body``/``v_body`` ``(codes, absmax, codebook,
+    block)``; ``thresholds`` the K and V coding midpoints; ``rope = (table, tiles)``, the RoPE
+    ``[cos | sin]`` table (P, D) and the same in tiles of sixteen positions (P / 16, D, 16), for a
+    RoPE-aware centre. ``supported`` is False when the native kernels cannot take these tensors.
     """
-    b, hq, _, d = q.shape
-    hkv = k_new.shape[1]
-    keep: list = []
-    out = torch.empty(b, hq, 1, d, dtype=torch.float32)
-    table, tiles = rope if rope is not None else (None, None)
-    status = _library().nqkv_decode_step(
-        q.data_ptr(), k_new.data_ptr(), v_new.data_ptr(), q_map.data_ptr(), q_map.shape[-1], _ptr(rot_k), _ptr(rot_v),
-        _ptr(mu_k), _ptr(mu_k_half), _ptr(mu_v), sinks[0].data_ptr(), sinks[1].data_ptr(), n_sinks,
-        sinks[0].shape[2], ring[0].data_ptr(), ring[1].data_ptr(), n_ring, ring[0].shape[2],
-        _packed(*k_body, keep), _packed(*v_body, keep), n_body, thresholds[0].data_ptr(), thresholds[1].data_ptr(),
-        max_scale, leave_slot, body_slot, sink_slot, ring_slot, _ptr(table), _ptr(tiles),
-        0 if table is None else table.shape[0], n_tokens, scale, b, hkv, hq // hkv, d, out.data_ptr(),
-        torch.get_num_threads(),
-    )
-    if status == 1:
-        raise ValueError(f"the RoPE table has {table.shape[0]} positions; the step is at position {n_tokens}")
-    if status == 2:
-        raise ValueError(
-            "a key or value leaving the full-precision window has a non-finite element (NaN or Inf) or a"
-            " block absmax beyond the scale dtype's range; it cannot be quantized"
+
+    def __init__(
+        self, q_map: Tensor, rot_k: Optional[Tensor], rot_v: Optional[Tensor], mu_k: Optional[Tensor],
+        mu_k_half: Optional[Tensor], mu_v: Optional[Tensor], sinks: tuple[Tensor, Tensor], ring: tuple[Tensor, Tensor],
+        k_body: tuple, v_body: tuple, thresholds: tuple[Tensor, Tensor], max_scale: float,
+        rope: Optional[tuple[Tensor, Tensor]],
+    ):
+        table, tiles = rope if rope is not None else (None, None)
+        self.tensors = (q_map, rot_k, rot_v, mu_k, mu_k_half, mu_v, *sinks, *ring, *k_body[:2], *v_body[:2],
+                        *thresholds, table, tiles)  # what the call reads; held so the pointers stay valid
+        formats = ((k_body[2].numel().bit_length() - 1, k_body[3]), (v_body[2].numel().bit_length() - 1, v_body[3]))
+        self.supported = decode_step_supported(
+            q_map, rot_k, rot_v, mu_k, mu_k_half, mu_v, *sinks, *ring, *thresholds, table, tiles, formats=formats,
         )
-    return out
+        if not self.supported:
+            return
+        self._keep: list = []
+        self.rope_rows = 0 if table is None else table.shape[0]
+        self.hkv, self.hq, self.d = sinks[0].shape[1], q_map.shape[1], q_map.shape[2]
+        self._head = (q_map.data_ptr(), q_map.shape[-1], _ptr(rot_k), _ptr(rot_v), _ptr(mu_k), _ptr(mu_k_half),
+                      _ptr(mu_v), sinks[0].data_ptr(), sinks[1].data_ptr())
+        self._sink_slots, self._ring_slots = sinks[0].shape[2], ring[0].shape[2]
+        self._ring = (ring[0].data_ptr(), ring[1].data_ptr())
+        self._bodies = (_packed(*k_body, self._keep), _packed(*v_body, self._keep))
+        self._tail = (thresholds[0].data_ptr(), thresholds[1].data_ptr(), max_scale)
+        self._rope = (_ptr(table), _ptr(tiles), self.rope_rows)
+
+    def __reduce__(self):
+        # Copies and pickles of a cache drop the prepared step (its pointers are into the original's
+        # tensors, and ctypes refuses to pickle them); the copy's layer prepares its own.
+        return (type(None), ())
+
+    def __call__(self, q: Tensor, k_new: Tensor, v_new: Tensor, n_sinks: int, n_ring: int, n_body: int,
+                 leave_slot: int, body_slot: int, sink_slot: int, ring_slot: int, n_tokens: int,
+                 scale: float) -> Tensor:
+        """The step for ``q`` (B, Hq, 1, D) raw query and ``k_new``/``v_new`` (B, Hkv, 1, D) raw key/value
+        (contiguous fp32): attention over ``[body[:n_body] | sinks[:n_sinks] | ring[:n_ring] | new]``
+        (every slot holds a token), then the ring token ``leave_slot`` quantized into body slot
+        ``body_slot`` (``leave_slot < 0``: none) and the new token stored in its sink or ring slot.
+        The new token is at position ``n_tokens``. Returns the output (B, Hq, 1, D), original basis.
+
+        Raises:
+            ValueError: a new tensor the kernel cannot read, a position beyond the RoPE table, or a
+                token leaving the window whose block scale is not finite or beyond ``max_scale``
+                (nothing is stored then).
+        """
+        if not (decode_step_supported(q, k_new, v_new) and q.shape[1] == self.hq and k_new.shape[1] == self.hkv):
+            raise ValueError("decode step: q, k_new and v_new must be contiguous fp32 CPU tensors of this layer's heads")
+        return self.run(q, k_new, v_new, n_sinks, n_ring, n_body, leave_slot, body_slot, sink_slot, ring_slot,
+                        n_tokens, scale)
+
+    def run(self, q: Tensor, k_new: Tensor, v_new: Tensor, n_sinks: int, n_ring: int, n_body: int, leave_slot: int,
+            body_slot: int, sink_slot: int, ring_slot: int, n_tokens: int, scale: float) -> Tensor:
+        """:meth:`__call__` for a caller that has checked ``q``, ``k_new`` and ``v_new`` itself."""
+        b = q.shape[0]
+        out = torch.empty(b, self.hq, 1, self.d, dtype=torch.float32)
+        status = _library().nqkv_decode_step(
+            q.data_ptr(), k_new.data_ptr(), v_new.data_ptr(), *self._head, n_sinks, self._sink_slots,
+            *self._ring, n_ring, self._ring_slots, *self._bodies, n_body, *self._tail,
+            leave_slot, body_slot, sink_slot, ring_slot, *self._rope, n_tokens, scale, b, self.hkv,
+            self.hq // self.hkv, self.d, out.data_ptr(), torch.get_num_threads(),
+        )
+        if status == 1:
+            raise ValueError(f"the RoPE table has {self.rope_rows} positions; the step is at position {n_tokens}")
+        if status == 2:
+            raise ValueError(
+                "a key or value leaving the full-precision window has a non-finite element (NaN or Inf) or a"
+                " block absmax beyond the scale dtype's range; it cannot be quantized"
+            )
+        return out

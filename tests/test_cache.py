@@ -8,7 +8,10 @@ effect itself (reference vs full precision).
 
 from __future__ import annotations
 
+import gc
 import importlib.util
+import pickle
+from copy import deepcopy
 
 import pytest
 import torch
@@ -123,8 +126,8 @@ def test_folded_decode_steps_match_the_general_path(name, use_native, monkeypatc
     ids = torch.randint(1, 96, (2, scheme.window), generator=torch.Generator().manual_seed(1))
     nq = enable(model, scheme=scheme)
     calls = []
-    step = native.decode_step
-    monkeypatch.setattr(native, "decode_step", lambda *a, **k: calls.append(1) or step(*a, **k))
+    step = native.DecodeStep.run
+    monkeypatch.setattr(native.DecodeStep, "run", lambda *a, **k: calls.append(1) or step(*a, **k))
     kwargs = nq.generate_kwargs()
     seq, logits = generate(model, ids, cache=kwargs)
     cache = next(v for v in kwargs.values() if isinstance(v, NQKVCache))
@@ -151,6 +154,28 @@ def test_native_step_at_head_dim_64_matches_the_torch_step(monkeypatch):
     seq_ref, ref_logits = generate(model, ids, cache=nq.generate_kwargs())
     assert torch.equal(seq, seq_ref)
     torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-3)
+
+
+def test_copied_cache_continues_like_the_original():
+    # The prefix-reuse pattern of transformers' docs: fill a cache once, deep-copy it per request. A
+    # copy must not use the original's prepared native step (its pointers are into the original's
+    # tensors), and a pickled cache must not carry it.
+    model = tiny_model(head_dim=64, key_offset=3.0)
+    nq = enable(model, scheme=nqkv_preset(4))
+    ids = torch.randint(1, 96, (1, 80), generator=torch.Generator().manual_seed(4))
+    kwargs = nq.generate_kwargs()
+    key, cache = next((k, v) for k, v in kwargs.items() if isinstance(v, NQKVCache))
+    with torch.no_grad():
+        model(ids, **{key: cache}, use_cache=True)
+        model(ids[:, -1:], **{key: cache}, use_cache=True)  # a decode step prepares the native step
+        copy = deepcopy(cache)
+        pickle.loads(pickle.dumps(cache))
+        nxt = torch.tensor([[7]])
+        a = model(nxt, **{key: cache}, use_cache=True).logits
+        del cache  # the copy must not read the original's freed tensors
+        gc.collect()
+        b = model(nxt, **{key: copy}, use_cache=True).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("use_native", [True, False])
