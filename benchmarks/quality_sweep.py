@@ -194,7 +194,8 @@ def main() -> None:
     ap.add_argument("--text-file", default=None, help="corpus (default: WikiText-2 raw test split)")
     ap.add_argument("--windows", type=int, default=2, help="number of evaluation windows")
     ap.add_argument("--window-len", type=int, default=1024, help="tokens per evaluation window")
-    ap.add_argument("--agree", action="store_true", help="also measure greedy agreement (4 prompts, 32 tokens)")
+    ap.add_argument("--agree", action="store_true", help="also measure greedy agreement (32 new tokens per prompt)")
+    ap.add_argument("--prompts", type=int, default=16, help="prompts for greedy agreement")
     ap.add_argument("--prompt-len", type=int, default=256, help="prompt tokens for greedy agreement")
     ap.add_argument("--quanto", action="store_true", help="add transformers QuantizedCache(quanto) int4/int2 rows")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -225,11 +226,11 @@ def main() -> None:
     text = load_text(args.text_file)
     windows = token_windows(lm.tokenizer, text, args.window_len, args.windows)
     prompts = None
-    if args.agree:  # 4 prompts from the part of the corpus after the evaluation windows
-        prompts = prompts_after(lm.tokenizer, text, args.windows, args.window_len, args.prompt_len, 4)
+    if args.agree:  # prompts from the part of the corpus after the evaluation windows
+        prompts = prompts_after(lm.tokenizer, text, args.windows, args.window_len, args.prompt_len, args.prompts)
     sensitivity = None
     if args.set == "layers":
-        used = args.windows * args.window_len + (args.windows * args.window_len // args.prompt_len + 5) * args.prompt_len
+        used = args.windows * args.window_len + (args.prompts + 1) * args.prompt_len
         calibration = calibration_windows(lm.tokenizer, text, args.window_len, args.calibration_windows, used)
         schemes, sensitivity = layers_set(lm.model, calibration, args.bits, args.window, args.layer_widths,
                                           args.wide_bits)
