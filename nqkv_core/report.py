@@ -218,7 +218,7 @@ def run_report(
     text = load_text(text_file)
     windows = token_windows(lm.tokenizer, text, window_len, n_windows)
     prompt_len = 128 if quick else 256
-    prompts = prompts_after(lm.tokenizer, text, n_windows, window_len, prompt_len, 2 if quick else 8)
+    prompts = prompts_after(lm.tokenizer, text, n_windows, window_len, prompt_len, 2 if quick else 16)
 
     schemes = report_schemes(bits, sinks, window)
     quality = evaluate(model, windows, schemes, prompts=prompts, quanto_bits=(4,), desc="perplexity")
