@@ -317,8 +317,8 @@ class DecodeStep:
     step -- the folded transform, the sink and ring buffers, the packed bodies, the coding
     thresholds, the RoPE table -- is checked and turned into call arguments here, once (a layer
     builds a new ``DecodeStep`` when one of them is replaced, e.g. a body that grew); a step then
-    costs the call and the checks of its three new tensors, not ~40 Python-level checks and
-    conversions (about a twentieth of a SmolLM2 decode step at 1k tokens otherwise).
+    costs the call and the checks of its three new tensors instead of some forty Python-level checks
+    and conversions (docs/benchmarks.md: about 0.01 ms less per layer and step).
 
     ``q_map`` (B, Hq, D, D or 2D); the transform vectors (B, Hkv, 1, D) or None; sink and ring
     buffers (B, Hkv, slots, D), updated in place; ``k_body``/``v_body`` ``(codes, absmax, codebook,
@@ -372,8 +372,13 @@ class DecodeStep:
                 token leaving the window whose block scale is not finite or beyond ``max_scale``
                 (nothing is stored then).
         """
-        if not (decode_step_supported(q, k_new, v_new) and q.shape[1] == self.hq and k_new.shape[1] == self.hkv):
-            raise ValueError("decode step: q, k_new and v_new must be contiguous fp32 CPU tensors of this layer's heads")
+        b = self.tensors[6].shape[0]  # the sink buffer's batch
+        if not (decode_step_supported(q, k_new, v_new) and q.shape == (b, self.hq, 1, self.d)
+                and k_new.shape == v_new.shape == (b, self.hkv, 1, self.d)):
+            raise ValueError(
+                f"decode step: q (B, Hq, 1, D) = ({b}, {self.hq}, 1, {self.d}) and k_new, v_new ({b}, {self.hkv}, 1,"
+                f" {self.d}) must be contiguous fp32 CPU tensors of this layer's heads"
+            )
         return self.run(q, k_new, v_new, n_sinks, n_ring, n_body, leave_slot, body_slot, sink_slot, ring_slot,
                         n_tokens, scale)
 

@@ -178,6 +178,24 @@ def test_copied_cache_continues_like_the_original():
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_prepared_decode_step_rejects_tensors_it_cannot_read():
+    if not native.available():
+        pytest.skip("native CPU kernels not built")
+    model = tiny_model(head_dim=64)
+    cache = enable(model, scheme=nqkv_preset(4)).new_cache()
+    ids = torch.randint(1, 96, (1, 60), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)
+        model(ids[:, -1:], past_key_values=cache, use_cache=True)
+    step = cache.layers[0]._decode_step
+    assert step is not None and step.supported
+    k = torch.zeros(1, 2, 1, 64)
+    for q in (torch.zeros(1, 4, 1, 64, dtype=torch.float64), torch.zeros(1, 4, 1, 128)[..., ::2],
+              torch.zeros(1, 3, 1, 64)):
+        with pytest.raises(ValueError, match="contiguous fp32 CPU tensors of this layer's heads"):
+            step(q, k, k, 4, 31, 30, 0, 0, -1, 0, 61, 0.125)
+
+
 @pytest.mark.parametrize("use_native", [True, False])
 def test_non_finite_token_leaving_the_window_is_a_clear_error(use_native, monkeypatch):
     # A NaN key is held exactly in the window; quantizing it when it leaves must raise, not store garbage.
