@@ -33,7 +33,9 @@ from nqkv_core.evaluate import (
     evaluate, layer_sensitivity, markdown_table, num_layers, plot_layer_sensitivity, register_attention, save_rows,
     widen_layers,
 )
-from nqkv_core.models import DEFAULT_MODEL, calibration_windows, load_model, load_text, prompts_after, token_windows
+from nqkv_core.models import (
+    DEFAULT_MODEL, calibration_windows, chat_prompts_after, load_model, load_text, prompts_after, token_windows,
+)
 from nqkv_core.scheme import KVScheme, kivi, nqkv_preset, uniform
 
 
@@ -197,6 +199,8 @@ def main() -> None:
     ap.add_argument("--agree", action="store_true", help="also measure greedy agreement (32 new tokens per prompt)")
     ap.add_argument("--prompts", type=int, default=16, help="prompts for greedy agreement")
     ap.add_argument("--prompt-len", type=int, default=256, help="prompt tokens for greedy agreement")
+    ap.add_argument("--chat", action="store_true",
+                    help="agreement prompts are instructions in the chat template over passages of --prompt-len tokens")
     ap.add_argument("--quanto", action="store_true", help="add transformers QuantizedCache(quanto) int4/int2 rows")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--out", default="results/sweep", help="output directory for JSON and Markdown")
@@ -227,7 +231,8 @@ def main() -> None:
     windows = token_windows(lm.tokenizer, text, args.window_len, args.windows)
     prompts = None
     if args.agree:  # prompts from the part of the corpus after the evaluation windows
-        prompts = prompts_after(lm.tokenizer, text, args.windows, args.window_len, args.prompt_len, args.prompts)
+        pick = chat_prompts_after if args.chat else prompts_after
+        prompts = pick(lm.tokenizer, text, args.windows, args.window_len, args.prompt_len, args.prompts)
     sensitivity = None
     if args.set == "layers":
         used = args.windows * args.window_len + (args.prompts + 1) * args.prompt_len

@@ -253,8 +253,10 @@ def quanto_perplexity(
 
 
 @torch.no_grad()
-def greedy_tokens(model: torch.nn.Module, prompts: torch.Tensor, scheme: KVScheme | None, n_new: int = 32) -> torch.Tensor:
-    """Greedy continuations ``(n_prompts, n_new)`` of each prompt row under ``scheme``."""
+def greedy_tokens(model: torch.nn.Module, prompts: torch.Tensor | list[torch.Tensor], scheme: KVScheme | None,
+                  n_new: int = 32) -> torch.Tensor:
+    """Greedy continuations ``(n_prompts, n_new)`` of each prompt (a row of ``prompts``, or 1-D
+    tensors of any lengths) under ``scheme``."""
     outs = []
     with active_scheme(scheme):
         for p in prompts:
@@ -312,15 +314,15 @@ def evaluate(
     model: torch.nn.Module,
     windows: torch.Tensor,
     schemes: list[KVScheme],
-    prompts: torch.Tensor | None = None,
+    prompts: torch.Tensor | list[torch.Tensor] | None = None,
     n_new: int = 32,
     quanto_bits: tuple[int, ...] = (),
     desc: str = "eval",
 ) -> list[Row]:
     """Run full precision and every scheme on the same windows; one :class:`Row` each.
 
-    ``model`` must use :data:`ATTN_NAME` attention. ``prompts`` ``(n, len)`` enables greedy
-    agreement against the full-precision continuation. ``quanto_bits`` adds transformers'
+    ``model`` must use :data:`ATTN_NAME` attention. ``prompts`` (``(n, len)``, or a list of 1-D
+    token tensors) enables greedy agreement against the full-precision continuation. ``quanto_bits`` adds transformers'
     ``QuantizedCache`` rows (a failure becomes a row with PPL n/a and the reason in ``note``).
     """
     ctx = windows.shape[1]

@@ -140,6 +140,34 @@ def prompts_after(tokenizer, text: str, n_windows: int, window_len: int, prompt_
     return token_windows(tokenizer, text, prompt_len)[skip : skip + n]
 
 
+CHAT_INSTRUCTIONS = (
+    "Summarize the following text in two sentences.",
+    "What is the main topic of the following text?",
+    "List the key facts in the following text.",
+    "Write a short title for the following text.",
+)
+
+
+def chat_prompts_after(tokenizer, text: str, n_windows: int, window_len: int, passage_len: int,
+                       n: int) -> list[torch.Tensor]:
+    """``n`` instruction prompts in the model's chat template: an instruction (cycling through
+    :data:`CHAT_INSTRUCTIONS`) over a passage of ``passage_len`` tokens, the passages taken as
+    :func:`prompts_after` takes prompts. Token ids, one 1-D tensor per prompt (lengths differ).
+
+    Raises:
+        ValueError: if the tokenizer has no chat template.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("chat prompts need a tokenizer with a chat template (an instruction-tuned model)")
+    prompts = []
+    for i, passage in enumerate(prompts_after(tokenizer, text, n_windows, window_len, passage_len, n)):
+        message = CHAT_INSTRUCTIONS[i % len(CHAT_INSTRUCTIONS)] + "\n\n" + tokenizer.decode(passage).strip()
+        chat = tokenizer.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True,
+                                             tokenize=False)
+        prompts.append(tokenizer(chat, add_special_tokens=False, return_tensors="pt")["input_ids"][0])
+    return prompts
+
+
 def calibration_windows(tokenizer, text: str, window_len: int, n: int, held_out: int) -> torch.Tensor:
     """The last ``n`` windows of ``window_len`` tokens of ``text``, for calibration.
 

@@ -10,7 +10,7 @@ from nqkv_core.evaluate import (
     ATTN_NAME, agreement, calibrate_layer_bits, evaluate, greedy_tokens, layer_sensitivity, markdown_table,
     perplexity, register_attention, save_rows,
 )
-from nqkv_core.models import calibration_windows, load_text, token_windows
+from nqkv_core.models import calibration_windows, chat_prompts_after, load_text, token_windows
 from nqkv_core.scheme import FULL_PRECISION, KVScheme, kivi, nqkv_preset
 
 
@@ -133,3 +133,27 @@ def test_calibration_windows_are_held_out():
     assert w.shape == (2, 16) and w[0, 0] == 64  # the last two of six windows
     with pytest.raises(ValueError, match="too short"):
         calibration_windows(Tok(), "a " * 100, 16, 2, held_out=70)
+
+
+def test_chat_prompts_wrap_held_out_passages_in_the_template():
+    class Tok:
+        chat_template = "toy"
+
+        def __call__(self, text, add_special_tokens, return_tensors):
+            return {"input_ids": torch.tensor([int(w) for w in text.split()])[None]}
+
+        def decode(self, ids):
+            return " ".join(str(int(i)) for i in ids)
+
+        def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+            assert not tokenize and add_generation_prompt and messages[0]["role"] == "user"
+            # keep only the passage's numbers, framed by two "special" ids
+            return "9000 " + " ".join(w for w in messages[0]["content"].split() if w.isdigit()) + " 9001"
+
+    text = " ".join(str(i) for i in range(200))
+    prompts = chat_prompts_after(Tok(), text, n_windows=2, window_len=32, passage_len=16, n=3)
+    # passages start after the 2 evaluation windows (64 tokens): at 80, 96, 112 (prompts_after's rule)
+    assert [p.tolist() for p in prompts] == [[9000, *range(s, s + 16), 9001] for s in (80, 96, 112)]
+    Tok.chat_template = None
+    with pytest.raises(ValueError, match="chat template"):
+        chat_prompts_after(Tok(), text, 2, 32, 16, 3)
