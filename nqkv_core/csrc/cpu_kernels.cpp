@@ -559,10 +559,7 @@ int attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, const f
   if (bias_w)
     for (int64_t j = 0; j < Tk; ++j)
       if (bias_pos[j] < 0 || bias_pos[j] >= bias_rows) return 1;
-  // Work items: chunks of 256 tokens of one (batch, KV head), ordered chunk-major so that the heads
-  // of a chunk run one after the other and share the chunk's rows of the key-bias table in cache
-  // (for head_dim 64 a table row is 256 bytes, eight times a head's 4-bit key codes).
-  const int64_t chunk = 256;
+  const int64_t chunk = 256;  // tokens per work item
   const int64_t n_chunks = (Tk + chunk - 1) / chunk, items = BH * n_chunks;
   float kcb[16] = {0}, vcb[16] = {0};
   if (k.bits <= 4) std::memcpy(kcb, k.codebook, sizeof(float) << k.bits);
@@ -579,8 +576,8 @@ int attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, const f
     // scores: s[r, j] = q_r . k_j (+ mask), -inf where causally hidden
 #pragma omp for schedule(static)
     for (int64_t it = 0; it < items; ++it) {
-      const int64_t bh = it % BH, b = bh / Hkv, h = bh % Hkv;
-      const int64_t j0 = (it / BH) * chunk, j1 = j0 + chunk < Tk ? j0 + chunk : Tk;
+      const int64_t bh = it / n_chunks, b = bh / Hkv, h = bh % Hkv;
+      const int64_t j0 = (it % n_chunks) * chunk, j1 = j0 + chunk < Tk ? j0 + chunk : Tk;
       [[maybe_unused]] const int64_t jh = j1 < t_hist ? j1 : t_hist;  // [j0, jh) packed, then tail
       const float* qr = q + bh * R * D;
       const float* wr = bias_w ? bias_w + bh * R * D : nullptr;
@@ -635,8 +632,8 @@ int attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, const f
     // values: each work item's weighted sum of its tokens
 #pragma omp for schedule(static)
     for (int64_t it = 0; it < items; ++it) {
-      const int64_t bh = it % BH, b = bh / Hkv, h = bh % Hkv;
-      const int64_t j0 = (it / BH) * chunk, j1 = j0 + chunk < Tk ? j0 + chunk : Tk;
+      const int64_t bh = it / n_chunks, b = bh / Hkv, h = bh % Hkv;
+      const int64_t j0 = (it % n_chunks) * chunk, j1 = j0 + chunk < Tk ? j0 + chunk : Tk;
       [[maybe_unused]] const int64_t jh = j1 < t_hist ? j1 : t_hist;
       const float* p = scores.data() + bh * R * Tk;
       float* o = partial.data() + it * R * Dv;
@@ -664,7 +661,7 @@ int attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, const f
       float* dst = out + bh * R * Dv;
       std::memset(dst, 0, R * Dv * sizeof(float));
       for (int64_t c = 0; c < n_chunks; ++c) {
-        const float* src = partial.data() + (c * BH + bh) * R * Dv;
+        const float* src = partial.data() + (bh * n_chunks + c) * R * Dv;
         for (int64_t e = 0; e < R * Dv; ++e) dst[e] += src[e];
       }
     }
