@@ -344,7 +344,7 @@ class DecodeStep:
             return
         self._keep: list = []
         self.rope_rows = 0 if table is None else table.shape[0]
-        self.hkv, self.hq, self.d = sinks[0].shape[1], q_map.shape[1], q_map.shape[2]
+        self.batch, self.hkv, self.hq, self.d = sinks[0].shape[0], sinks[0].shape[1], q_map.shape[1], q_map.shape[2]
         self._head = (q_map.data_ptr(), q_map.shape[-1], _ptr(rot_k), _ptr(rot_v), _ptr(mu_k), _ptr(mu_k_half),
                       _ptr(mu_v), sinks[0].data_ptr(), sinks[1].data_ptr())
         self._sink_slots, self._ring_slots = sinks[0].shape[2], ring[0].shape[2]
@@ -372,7 +372,7 @@ class DecodeStep:
                 token leaving the window whose block scale is not finite or beyond ``max_scale``
                 (nothing is stored then).
         """
-        b = self.tensors[6].shape[0]  # the sink buffer's batch
+        b = self.batch
         if not (decode_step_supported(q, k_new, v_new) and q.shape == (b, self.hq, 1, self.d)
                 and k_new.shape == v_new.shape == (b, self.hkv, 1, self.d)):
             raise ValueError(
@@ -385,7 +385,7 @@ class DecodeStep:
     def run(self, q: Tensor, k_new: Tensor, v_new: Tensor, n_sinks: int, n_ring: int, n_body: int, leave_slot: int,
             body_slot: int, sink_slot: int, ring_slot: int, n_tokens: int, scale: float) -> Tensor:
         """:meth:`__call__` for a caller that has checked ``q``, ``k_new`` and ``v_new`` itself."""
-        b = q.shape[0]
+        b = self.batch
         out = torch.empty(b, self.hq, 1, self.d, dtype=torch.float32)
         status = _library().nqkv_decode_step(
             q.data_ptr(), k_new.data_ptr(), v_new.data_ptr(), *self._head, n_sinks, self._sink_slots,
