@@ -385,6 +385,22 @@ void scores_fast(const Packed& k, const float* levels16, int64_t b, int64_t h, c
   }
 }
 
+// The R <= 4 dot products of 64-wide rows held in registers with x (four vectors), in one
+// reduction; the lanes of rows R..3 are zero.
+template <int R>
+__attribute__((always_inline)) inline __m128 dot_rows_64(const __m512 (&rows)[R][4], const __m512* x) {
+  __m512 a[4];
+  for (int r = 0; r < 4; ++r) {
+    if (r >= R) {
+      a[r] = _mm512_setzero_ps();
+      continue;
+    }
+    a[r] = _mm512_mul_ps(rows[r][0], x[0]);
+    for (int i = 1; i < 4; ++i) a[r] = _mm512_fmadd_ps(rows[r][i], x[i], a[r]);
+  }
+  return reduce4(a[0], a[1], a[2], a[3]);
+}
+
 // scores_fast for head_dim 64 and R <= 4 query rows (a decode step of a model with up to four query
 // heads per KV head): the query rows stay in registers across the tokens, only the R real rows are
 // multiplied, and with one scale per token (Factored) the scale multiplies the R sums instead of
@@ -399,18 +415,10 @@ void scores_fast_64(const Packed& k, const float* levels16, int64_t b, int64_t h
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < 4; ++i) qv[r][i] = _mm512_loadu_ps(q + r * 64 + i * 16);
   for (int64_t j = j0; j < j1; ++j) {
-    __m512 kv[4], a[4];
+    __m512 kv[4];
     const int64_t si = scale_index(k, b, h, j);
     decode_row_lanes<4, !Factored>(k, packed_row(k, b, h, j), si, levels, kv);
-    for (int r = 0; r < 4; ++r) {
-      if (r >= R) {
-        a[r] = _mm512_setzero_ps();
-        continue;
-      }
-      a[r] = _mm512_mul_ps(qv[r][0], kv[0]);
-      for (int i = 1; i < 4; ++i) a[r] = _mm512_fmadd_ps(qv[r][i], kv[i], a[r]);
-    }
-    __m128 sum = reduce4(a[0], a[1], a[2], a[3]);
+    __m128 sum = dot_rows_64<R>(qv, kv);
     if (Factored) sum = _mm_mul_ps(sum, _mm_set1_ps(load_scale(k.absmax, si, k.absmax_half)));
     _mm_store_ps(sums, sum);
     for (int r = 0; r < R; ++r) s[r * Tk + j] = sums[r];
@@ -420,17 +428,9 @@ void scores_fast_64(const Packed& k, const float* levels16, int64_t b, int64_t h
     for (int i = 0; i < 4; ++i) qv[r][i] = _mm512_loadu_ps(w + r * 64 + i * 16);
   for (int64_t j = j0; j < j1; ++j) {
     const float* tr = table + pos[j] * 64;
-    __m512 t[4], a[4];
+    __m512 t[4];
     for (int i = 0; i < 4; ++i) t[i] = _mm512_loadu_ps(tr + i * 16);
-    for (int r = 0; r < 4; ++r) {
-      if (r >= R) {
-        a[r] = _mm512_setzero_ps();
-        continue;
-      }
-      a[r] = _mm512_mul_ps(qv[r][0], t[0]);
-      for (int i = 1; i < 4; ++i) a[r] = _mm512_fmadd_ps(qv[r][i], t[i], a[r]);
-    }
-    _mm_store_ps(sums, reduce4(a[0], a[1], a[2], a[3]));
+    _mm_store_ps(sums, dot_rows_64<R>(qv, t));
     for (int r = 0; r < R; ++r) s[r * Tk + j] += sums[r];
   }
 }
