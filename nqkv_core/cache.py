@@ -374,6 +374,7 @@ class NQKVLayer(CacheLayerMixin):
         self.step_memo = step_memo if step_memo is not None else StepMemo()
         self._step_maps: _StepMaps | None = None
         self._decode_step: native.DecodeStep | None = None
+        self._decode_step_key: tuple = ()  # what _decode_step was built from (compared by identity)
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self.handle = _Handle(self)
 
@@ -650,22 +651,21 @@ class NQKVLayer(CacheLayerMixin):
         return out
 
     def _native_decode_step(self, maps: _StepMaps) -> native.DecodeStep:
-        """The layer's prepared native step (:class:`~nqkv_core.native.DecodeStep`), rebuilt when one
-        of the tensors it reads was replaced (new maps, a body that grew, a longer RoPE table)."""
+        """The layer's prepared native step (:class:`~nqkv_core.native.DecodeStep`), rebuilt when an
+        object it was built from was replaced (new maps or transform, a body that grew, a longer RoPE
+        table); the check is a few identity tests, since it runs on every step."""
         t, kf, vf = self.transform, self.k_fmt, self.v_fmt
-        rope = (self.rope.table, self.rope.tiles) if maps.mu_k_half is not None else None
-        current = (maps.q_map, t.rot_k, t.rot_v, maps.mu_k, maps.mu_k_half, maps.mu_v, self.k_sink, self.v_sink,
-                   self.k_ring, self.v_ring, *self.k_body, *self.v_body, _midpoints(kf.codebook),
-                   _midpoints(vf.codebook), *(rope or (None, None)))
-        step = self._decode_step
-        if step is None or len(step.tensors) != len(current) or any(a is not b for a, b in zip(step.tensors, current)):
-            step = native.DecodeStep(
+        key = (maps, t, kf, vf, self.k_sink, self.v_sink, self.k_ring, self.v_ring, self.k_body, self.v_body,
+               self.rope.table)
+        if self._decode_step is None or any(a is not b for a, b in zip(key, self._decode_step_key)):
+            rope = (self.rope.table, self.rope.tiles) if maps.mu_k_half is not None else None
+            self._decode_step = native.DecodeStep(
                 maps.q_map, t.rot_k, t.rot_v, maps.mu_k, maps.mu_k_half, maps.mu_v, (self.k_sink, self.v_sink),
                 (self.k_ring, self.v_ring), (*self.k_body, kf.codebook, kf.block), (*self.v_body, vf.codebook, vf.block),
                 (_midpoints(kf.codebook), _midpoints(vf.codebook)), torch.finfo(self.scheme.scale_dtype).max, rope,
             )
-            self._decode_step = step
-        return step
+            self._decode_step_key = key
+        return self._decode_step
 
     def _maps(self, group: int, scaling: float) -> _StepMaps:
         """The :class:`_StepMaps` of the current transform (built on first use, then reused)."""

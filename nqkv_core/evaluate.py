@@ -322,8 +322,9 @@ def evaluate(
     """Run full precision and every scheme on the same windows; one :class:`Row` each.
 
     ``model`` must use :data:`ATTN_NAME` attention. ``prompts`` (``(n, len)``, or a list of 1-D
-    token tensors) enables greedy agreement against the full-precision continuation. ``quanto_bits`` adds transformers'
-    ``QuantizedCache`` rows (a failure becomes a row with PPL n/a and the reason in ``note``).
+    token tensors) enables greedy agreement against the full-precision continuation.
+    ``quanto_bits`` adds transformers' ``QuantizedCache`` rows (a failure becomes a row with PPL n/a
+    and the reason in ``note``).
     """
     ctx = windows.shape[1]
     total = len(windows) * (1 + len(schemes) + len(quanto_bits))

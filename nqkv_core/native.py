@@ -334,8 +334,9 @@ class DecodeStep:
         rope: Optional[tuple[Tensor, Tensor]],
     ):
         table, tiles = rope if rope is not None else (None, None)
-        self.tensors = (q_map, rot_k, rot_v, mu_k, mu_k_half, mu_v, *sinks, *ring, *k_body[:2], *v_body[:2],
-                        *thresholds, table, tiles)  # what the call reads; held so the pointers stay valid
+        # what the call reads, held so that the pointers below stay valid
+        self._args = (q_map, rot_k, rot_v, mu_k, mu_k_half, mu_v, sinks, ring, k_body, v_body, thresholds, max_scale,
+                      rope)
         formats = ((k_body[2].numel().bit_length() - 1, k_body[3]), (v_body[2].numel().bit_length() - 1, v_body[3]))
         self.supported = decode_step_supported(
             q_map, rot_k, rot_v, mu_k, mu_k_half, mu_v, *sinks, *ring, *thresholds, table, tiles, formats=formats,
