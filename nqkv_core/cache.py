@@ -76,11 +76,16 @@ def _version() -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class SideFormat:
-    """How one of K/V is stored in the body: ``bits`` (16 = plain full precision), codebook, block."""
+    """How one of K/V is stored in the body: ``bits`` (16 = plain full precision), codebooks, block.
+
+    ``codebook`` decodes; ``encode_codebook`` chooses the codes (the same levels, unless the scheme
+    decodes with the unbiased codebook, :mod:`nqkv_core.codebook`).
+    """
 
     bits: int
     block: int
     codebook: torch.Tensor | None  # None for bits=16
+    encode_codebook: torch.Tensor | None
 
     @property
     def quantized(self) -> bool:
@@ -226,7 +231,7 @@ def side_format(scheme: KVScheme, side: str, device: torch.device | str = "cpu")
     """
     bits, quant, block, axis = (getattr(scheme, f"{side}_{f}") for f in ("bits", "quant", "block", "axis"))
     if bits >= FP_BITS:
-        return SideFormat(FP_BITS, 1, None)
+        return SideFormat(FP_BITS, 1, None, None)
     if quant not in ("nf", "lloyd"):
         raise NotImplementedError(
             f"NQKVCache stores codebook schemes ('nf', 'lloyd'); {side}_quant={quant!r} is evaluation-only"
@@ -236,7 +241,9 @@ def side_format(scheme: KVScheme, side: str, device: torch.device | str = "cpu")
             f"NQKVCache stores blocks along head_dim ({side}_axis='token'); {side}_axis={axis!r} is"
             " evaluation-only"
         )
-    return SideFormat(bits, block, get_codebook(quant, bits, block, device=device))
+    plain = get_codebook(quant, bits, block, device=device)
+    decode = get_codebook(quant, bits, block, device=device, unbiased=scheme.unbiased)
+    return SideFormat(bits, block, decode, plain)
 
 
 class RopeTable:
@@ -421,7 +428,8 @@ class NQKVLayer(CacheLayerMixin):
         self.v_fmt = side_format(s, "v", self.device)
         kf, vf = self.k_fmt, self.v_fmt
         self._joint_format = (kf.quantized and vf.quantized and (kf.bits, kf.block) == (vf.bits, vf.block)
-                              and torch.equal(kf.codebook, vf.codebook))
+                              and torch.equal(kf.codebook, vf.codebook)
+                              and torch.equal(kf.encode_codebook, vf.encode_codebook))
         for fmt in (self.k_fmt, self.v_fmt):
             if fmt.quantized and (self.head_dim % fmt.block or self.head_dim * fmt.bits % 8):
                 raise ValueError(
@@ -662,7 +670,8 @@ class NQKVLayer(CacheLayerMixin):
             self._decode_step = native.DecodeStep(
                 maps.q_map, t.rot_k, t.rot_v, maps.mu_k, maps.mu_k_half, maps.mu_v, (self.k_sink, self.v_sink),
                 (self.k_ring, self.v_ring), (*self.k_body, kf.codebook, kf.block), (*self.v_body, vf.codebook, vf.block),
-                (_midpoints(kf.codebook), _midpoints(vf.codebook)), torch.finfo(self.scheme.scale_dtype).max, rope,
+                (_midpoints(kf.encode_codebook), _midpoints(vf.encode_codebook)),
+                torch.finfo(self.scheme.scale_dtype).max, rope,
             )
             self._decode_step_key = key
         return self._decode_step
@@ -743,7 +752,7 @@ class NQKVLayer(CacheLayerMixin):
 
     def _encode(self, x: torch.Tensor, fmt: SideFormat) -> tuple[torch.Tensor, ...]:
         if fmt.quantized:
-            return quantize_blockwise(x, fmt.codebook, fmt.block, axis=-1, scale_dtype=self.scheme.scale_dtype)
+            return quantize_blockwise(x, fmt.encode_codebook, fmt.block, axis=-1, scale_dtype=self.scheme.scale_dtype)
         return (x.to(self.fp_dtype),)
 
     def _write_bodies(self, index: torch.Tensor | int, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -64,6 +64,9 @@ class KVScheme:
         window: for each query, keys/values fewer than ``window`` positions behind are exact.
         stats_tokens: tokens after the sinks on which ``mu`` / equalisation are measured.
         scale_dtype: dtype of stored per-block scales (and of the zero-points of ``"int"``).
+        unbiased: decode ``"nf"`` / ``"lloyd"`` codes with the unbiased codebook (levels times
+            :func:`nqkv_core.codebook.unbiased_gain`, so that decoded keys and values are not shrunk
+            on average); codes and scales are unchanged.
         layer_bits: optional code width of K and V for every layer (one entry per layer, from
             :func:`nqkv_core.evaluate.calibrate_layer_bits`); a layer at another width than
             ``k_bits`` follows :func:`nqkv_preset`'s rules for that width (codebook, value centring),
@@ -91,6 +94,7 @@ class KVScheme:
     stats_tokens: int = 64
     scale_dtype: torch.dtype = torch.float16
     layer_bits: tuple[int, ...] = ()
+    unbiased: bool = False
 
     def __post_init__(self) -> None:
         if self.layer_bits:
@@ -381,11 +385,12 @@ def _minmax_roundtrip(x: torch.Tensor, bits: int, block: int, axis: int, scale_d
 
 
 def quantize_roundtrip(
-    x: torch.Tensor, bits: int, quant: Quantizer, block: int, axis: Axis, scale_dtype: torch.dtype = torch.float16
+    x: torch.Tensor, bits: int, quant: Quantizer, block: int, axis: Axis, scale_dtype: torch.dtype = torch.float16,
+    unbiased: bool = False,
 ) -> torch.Tensor:
     """Quantize and dequantize ``x`` ``(..., tokens, head_dim)``; float32 result.
 
-    With ``axis="channel"`` only whole groups of ``block`` tokens are quantized; a trailing partial
+    ``unbiased`` decodes codebook codes with the unbiased levels (ignored for ``"int"``). With ``axis="channel"`` only whole groups of ``block`` tokens are quantized; a trailing partial
     group is returned unchanged (a streaming cache keeps it in full precision until it fills).
     """
     if bits >= FP_BITS:
@@ -404,6 +409,8 @@ def quantize_roundtrip(
     else:
         cb = get_codebook(quant, bits, block, device=x.device)
         codes, absmax = quantize_blockwise(xq.float(), cb, block=block, axis=dim, scale_dtype=scale_dtype)
+        if unbiased:
+            cb = get_codebook(quant, bits, block, device=x.device, unbiased=True)
         out = dequantize_blockwise(codes, absmax, cb, block=block, axis=dim)
     if n_full < n:
         out = torch.cat([out, x.narrow(dim, n_full, n - n_full).float()], dim=dim)
@@ -440,7 +447,7 @@ def roundtrip(
         if bits >= FP_BITS:
             return x.float()
         y = fwd(x)
-        body = quantize_roundtrip(y[..., s:, :], bits, quant, block, axis, scheme.scale_dtype)
+        body = quantize_roundtrip(y[..., s:, :], bits, quant, block, axis, scheme.scale_dtype, scheme.unbiased)
         return back(torch.cat([y[..., :s, :], body], dim=-2))
 
     k_hat = side(k, t.keys, t.keys_back, scheme.k_bits, scheme.k_quant, scheme.k_block, scheme.k_axis)
@@ -480,7 +487,9 @@ def nqkv_preset(bits: int, sinks: int = 4, window: int = 32, rope_centre: bool =
     position-dependent one), then the random-sign Hadamard rotation; attention adds the score
     offset ``q . R(p) mu`` back (``NQKVCache`` does, from cos/sin tables shared by all layers).
     Values: minus a frozen per-channel mean (4 and 3 bits), then the Hadamard rotation. Codebook:
-    NF at 4 and 3 bits, the block-aware Lloyd-Max levels at 2 bits (NF2 loses by far).
+    NF at 4 and 3 bits, the block-aware Lloyd-Max levels at 2 bits (NF2 loses by far), decoded with
+    the unbiased levels (``unbiased=True``: nearest-level rounding shrinks keys and values on
+    average, which flattens attention; most of all at 2 bits).
 
     ``v_bits`` stores values at another width than keys (default: ``bits``), each side following
     the rules above for its own width. Keys carry most of the error, so one more bit for keys is
@@ -497,7 +506,7 @@ def nqkv_preset(bits: int, sinks: int = 4, window: int = 32, rope_centre: bool =
     name = f"NQKV-{bits}" if v_bits == bits else f"NQKV-K{bits}V{v_bits}"
     return KVScheme(
         name + ("" if rope_centre else " plain-centre"), k_centre=True, k_centre_rope=rope_centre,
-        k_rotate=True, v_rotate=True, sinks=sinks, window=window, **_width_fields(bits, v_bits),
+        k_rotate=True, v_rotate=True, sinks=sinks, window=window, unbiased=True, **_width_fields(bits, v_bits),
     )
 
 

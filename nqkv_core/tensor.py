@@ -54,7 +54,8 @@ class NQTensor(torch.Tensor):
     * ``codes``: uint8, ``shape`` with the last axis ``* bits / 8`` -- codes packed along the last
       axis (layout in :mod:`nqkv_core.packing`).
     * ``absmax``: fp16 or fp32, ``shape`` with ``axis`` divided by ``block`` -- one scale per block.
-    * ``codebook``: float32, ``(2**bits,)`` -- ascending levels in ``[-1, 1]``.
+    * ``codebook``: float32, ``(2**bits,)`` -- ascending levels in ``[-1, 1]`` (a little beyond
+      for an unbiased codebook, :mod:`nqkv_core.codebook`).
 
     Attributes: ``block`` (int), ``axis`` (int, non-negative), and the logical ``shape`` and
     ``dtype`` (what :meth:`dequantize` returns by default). An element decodes to
@@ -94,6 +95,7 @@ class NQTensor(torch.Tensor):
         axis: int = -1,
         codebook: CodebookKind | torch.Tensor = "nf",
         scale_dtype: torch.dtype = torch.float16,
+        unbiased: bool = False,
     ) -> "NQTensor":
         """Quantize ``x`` in blocks of ``block`` elements along ``axis`` with ``bits``-bit codes.
 
@@ -106,16 +108,24 @@ class NQTensor(torch.Tensor):
             codebook: ``"nf"`` (normal-float levels), ``"lloyd"`` (block-size-aware Lloyd-Max
                 levels) or a ready codebook tensor of ``2**bits`` levels.
             scale_dtype: dtype of the per-block absmax (fp16 or fp32).
+            unbiased: with a codebook kind, decode with the unbiased levels (the kind's levels
+                times :func:`nqkv_core.codebook.unbiased_gain`, so that the decoded values are not
+                shrunk on average); the codes are chosen against the plain levels.
 
         Raises:
             TypeError / ValueError: see :func:`nqkv_core.quantize.quantize_blockwise`.
         """
+        decode = None
         if isinstance(codebook, str):
+            if unbiased:
+                decode = get_codebook(codebook, bits, block, device=x.device, unbiased=True)
             codebook = get_codebook(codebook, bits, block, device=x.device)
+        elif unbiased:
+            raise ValueError("unbiased=True needs a codebook kind ('nf' or 'lloyd'), not a codebook tensor")
         elif codebook_bits(codebook) != bits:
             raise ValueError(f"codebook has {codebook.numel()} levels but bits={bits}")
         codes, absmax = quantize_blockwise(x, codebook, block, axis, scale_dtype)
-        return cls(codes, absmax, codebook, block, axis % x.dim(), x.shape, x.dtype)
+        return cls(codes, absmax, codebook if decode is None else decode, block, axis % x.dim(), x.shape, x.dtype)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The full-precision tensor these codes stand for, in ``dtype`` (default: ``self.dtype``)."""

@@ -8,7 +8,9 @@ from nqkv_core.codebook import (
     lloyd_max_codebook,
     max_rounding_error,
     nf_codebook,
+    unbiased_gain,
 )
+from nqkv_core.quantize import dequantize_blockwise, quantize_blockwise
 
 # bitsandbytes' NF4 table (bitsandbytes/functional.py, get_4bit_type("nf4")).
 BNB_NF4 = [
@@ -80,6 +82,33 @@ def test_get_codebook_is_cached_per_key():
     assert get_codebook("nf", 4) is a
     assert get_codebook("nf", 4, dtype=torch.float16) is not a
     assert get_codebook("lloyd", 4, 32) is not get_codebook("lloyd", 4, 64)
+
+
+@pytest.mark.parametrize("kind,bits", [("nf", 4), ("nf", 3), ("lloyd", 3), ("lloyd", 2)])
+def test_unbiased_codebook_removes_the_shrink(kind, bits):
+    # Fresh Gaussian blocks coded against the plain levels: decoded with them, x shrinks on average
+    # (E[x * xhat] < E[x^2]); decoded with the unbiased levels it does not, to sampling error.
+    x = torch.randn(1 << 14, 64, generator=torch.Generator().manual_seed(5))
+    plain = get_codebook(kind, bits, 64)
+    unbiased = get_codebook(kind, bits, 64, unbiased=True)
+    codes, absmax = quantize_blockwise(x, plain, block=64, scale_dtype=torch.float32)
+
+    def slope(cb):
+        return float((x * dequantize_blockwise(codes, absmax, cb, block=64)).sum() / (x * x).sum())
+
+    assert slope(plain) < 0.997
+    assert slope(unbiased) == pytest.approx(1.0, abs=2e-3)
+    torch.testing.assert_close(unbiased, plain * unbiased_gain(plain, 64), atol=1e-6, rtol=0)
+
+
+def test_unbiased_gain_grows_as_codes_narrow():
+    gains = [unbiased_gain(get_codebook(k, b, 64), 64) for k, b in (("nf", 8), ("nf", 4), ("nf", 3), ("lloyd", 2))]
+    assert 1 < gains[0] < gains[1] < gains[2] < gains[3] < 1.2
+    assert get_codebook("nf", 4, unbiased=True) is not get_codebook("nf", 4)
+    # larger blocks have a larger absmax relative to their spread, so coarser steps shrink more
+    assert get_codebook("nf", 4, 32, unbiased=True)[-1] < get_codebook("nf", 4, 128, unbiased=True)[-1]
+    with pytest.raises(ValueError, match="block"):
+        unbiased_gain(nf_codebook(4), 1)
 
 
 def test_bad_arguments():

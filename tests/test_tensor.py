@@ -34,6 +34,22 @@ def test_lloyd_and_tensor_codebooks():
         NQTensor.from_float(x, bits=4, codebook=a.codebook)
 
 
+def test_unbiased_codebook_keeps_the_codes():
+    from nqkv_core.codebook import get_codebook
+
+    x = kv(torch.float32)
+    plain = NQTensor.from_float(x, bits=3)
+    unbiased = NQTensor.from_float(x, bits=3, unbiased=True)
+    assert torch.equal(plain.codes, unbiased.codes) and torch.equal(plain.absmax, unbiased.absmax)
+    assert torch.equal(unbiased.codebook, get_codebook("nf", 3, 64, unbiased=True))
+    assert unbiased.codebook[-1] > 1
+    # the decoded tensor is the plain one times the gain, so it is not shrunk on average
+    gain = float(unbiased.codebook[-1])
+    torch.testing.assert_close(unbiased.dequantize(), plain.dequantize() * gain)
+    with pytest.raises(ValueError, match="codebook kind"):
+        NQTensor.from_float(x, bits=3, codebook=plain.codebook, unbiased=True)
+
+
 def test_slice_select_cat_follow_dequantize():
     x = kv()
     for axis, step in ((-1, 1), (-2, 32)):
