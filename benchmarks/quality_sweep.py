@@ -141,6 +141,12 @@ def layers_set(model, calibration: torch.Tensor, bits_list: list[int], window: i
     return out, sensitivity
 
 
+def _fits_head_dim(s: KVScheme, head_dim: int) -> bool:
+    """Whether every quantized per-token block of ``s`` divides ``head_dim``."""
+    sides = ((s.k_bits, s.k_axis, s.k_block), (s.v_bits, s.v_axis, s.v_block))
+    return all(bits >= 16 or axis == "channel" or head_dim % block == 0 for bits, axis, block in sides)
+
+
 def plot_curve(json_paths: list[str], png: str) -> None:
     """ΔPPL (%) against bits/element for each method family found in result JSON files."""
     import json
@@ -151,11 +157,15 @@ def plot_curve(json_paths: list[str], png: str) -> None:
     import matplotlib.pyplot as plt
 
     families = {"NQKV": [], "KIVI-style": [], "uniform int per token": [], "HF quanto": []}
+    seen = set()
     for path in json_paths:
         for r in json.load(open(path))["rows"]:
             if r["ppl"] is None or r["method"] == "full precision" or not r["ppl"] == r["ppl"]:
                 continue
             m = r["method"]
+            if m in seen or "plain-centre" in m:  # a row repeated by another run; an ablation, not a preset
+                continue
+            seen.add(m)
             key = ("NQKV" if m.startswith("NQKV") else "KIVI-style" if m.startswith("kivi")
                    else "HF quanto" if "quanto" in m else "uniform int per token" if m.startswith("int") else None)
             if key:
@@ -243,6 +253,11 @@ def main() -> None:
                                           args.wide_bits)
         if args.only:
             schemes = [s for s in schemes if any(o in s.name for o in args.only)]
+    cfg = lm.model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    for s in [s for s in schemes if not _fits_head_dim(s, head_dim)]:
+        print(f"skipped {s.name}: its blocks along head_dim do not divide head_dim {head_dim}")
+    schemes = [s for s in schemes if _fits_head_dim(s, head_dim)]
     t0 = time.perf_counter()
     rows = evaluate(lm.model, windows, schemes, prompts=prompts, quanto_bits=(4, 2) if args.quanto else (),
                     desc=args.set)
