@@ -1,6 +1,6 @@
 """nqkv: key-value cache quantization with per-block normal-quantile codebooks."""
 
-from nqkv_core.codebook import get_codebook, lloyd_max_codebook, nf_codebook
+from nqkv_core.codebook import get_codebook, lloyd_max_codebook, nf_codebook, unbiased_gain
 from nqkv_core.packing import pack, unpack
 from nqkv_core.quantize import bits_per_element, dequantize_blockwise, quantize_blockwise
 from nqkv_core.tensor import NQTensor
@@ -21,6 +21,7 @@ __all__ = [
     "nf_codebook",
     "pack",
     "quantize_blockwise",
+    "unbiased_gain",
     "unpack",
 ]
 __version__ = "0.1.0"

@@ -390,8 +390,9 @@ def quantize_roundtrip(
 ) -> torch.Tensor:
     """Quantize and dequantize ``x`` ``(..., tokens, head_dim)``; float32 result.
 
-    ``unbiased`` decodes codebook codes with the unbiased levels (ignored for ``"int"``). With ``axis="channel"`` only whole groups of ``block`` tokens are quantized; a trailing partial
-    group is returned unchanged (a streaming cache keeps it in full precision until it fills).
+    ``unbiased`` decodes codebook codes with the unbiased levels (ignored for ``"int"``). With
+    ``axis="channel"`` only whole groups of ``block`` tokens are quantized; a trailing partial group
+    is returned unchanged (a streaming cache keeps it in full precision until it fills).
     """
     if bits >= FP_BITS:
         return x.float()
