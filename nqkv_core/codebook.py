@@ -1,9 +1,8 @@
 """Normal-quantile codebooks.
 
 A codebook is a sorted float32 tensor of ``2**bits`` levels in ``[-1, 1]`` (an unbiased one, below,
-reaches a little beyond). An element ``x`` of a
-block with absolute maximum ``s`` is stored as the index of the level nearest to ``x / s`` and
-decoded as ``level * s``.
+reaches a little beyond). An element ``x`` of a block with absolute maximum ``s`` is stored as the
+index of the level nearest to ``x / s`` and decoded as ``level * s``.
 
 Two kinds:
 
@@ -16,12 +15,13 @@ Two kinds:
 
 Unbiased decoding (``get_codebook(..., unbiased=True)``): a quantizer that rounds to the nearest
 level shrinks what it decodes on average -- for Gaussian blocks ``E[x * xhat] = slope * E[x^2]``
-with a slope below one (0.99 for NF3 in blocks of 64, 0.88 for 2-bit Lloyd-Max). Attention adds up
-hundreds of decoded keys and values, so a shrink that is the same for every token does not average
-out the way rounding noise does: it flattens the softmax and scales the output. The unbiased
+with a slope below one in blocks of 16 or more (0.99 for NF3 in blocks of 64, 0.88 for 2-bit
+Lloyd-Max). Attention adds up hundreds of decoded keys and values, so a shrink that is the same
+for every token does not average out the way rounding noise does: it flattens the softmax and
+scales the output. The unbiased
 codebook decodes with the levels divided by that slope (:func:`unbiased_gain`); codes are still
-chosen against the plain levels, so the codes and scales are the same and
-only the decoded values change.
+chosen against the plain levels, so the codes and scales are the same and only the decoded values
+change.
 
 Codebooks are built once per ``(kind, bits, block)`` in float64 outside any traced graph and then
 cached per device and dtype, so quantizing never rebuilds them.
@@ -136,8 +136,9 @@ def unbiased_gain(codebook: torch.Tensor, block: int) -> float:
     """``1 / slope`` of ``codebook`` on i.i.d. N(0,1) blocks of ``block``: ``E[x^2] / E[x * xhat]``.
 
     Decoding with the levels times this gain makes the decoded blocks unbiased in dot products
-    (``E[x * gain * xhat] = E[x^2]``). Above one; 1.011 for NF3, 1.134 for 2-bit Lloyd-Max in blocks
-    of 64. Estimated once per ``(levels, block)`` on 2**21 samples with a fixed seed.
+    (``E[x * gain * xhat] = E[x^2]``). Above one for blocks of 16 or more (1.011 for NF3, 1.134 for
+    2-bit Lloyd-Max in blocks of 64); NF2, whose outer levels overshoot, gets 0.998 in blocks of 8.
+    Estimated once per ``(levels, block)`` on 2**21 samples with a fixed seed.
     """
     if block < 2:
         raise ValueError(f"block must be at least 2, got {block}")

@@ -41,6 +41,21 @@ def test_error_bound(case):
 
 
 @settings(max_examples=40, deadline=None)
+@given(cases())
+def test_unbiased_error_bound(case):
+    # Codes chosen against the plain levels, decoded with the levels times the gain: each element
+    # moves by at most |gain - 1| * |level| * s <= |gain - 1| * s more than with the plain levels.
+    x, cb, block, axis = case
+    kind = "nf" if cb[0] == -1 else "lloyd"
+    unbiased = get_codebook(kind, cb.numel().bit_length() - 1, block, unbiased=True)
+    gain = float(unbiased[-1] / cb[-1])
+    codes, absmax = quantize_blockwise(x, cb, block, axis)
+    y = dequantize_blockwise(codes, absmax, unbiased, block, axis)
+    bound = (max_rounding_error(cb) + abs(gain - 1)) * _block_absmax(absmax, block, axis, x.shape)
+    assert torch.all((y - x.float()).abs() <= bound * (1 + 1e-5) + 1e-30)
+
+
+@settings(max_examples=40, deadline=None)
 @given(cases(kinds=("nf",)))
 def test_idempotent(case):
     # Codebooks with levels at ±1 reproduce each block's absmax, so requantizing is a fixed point.
