@@ -7,8 +7,8 @@ the reference of ΔPPL. Candidate sets (``--set``):
   rotation, codebook) with 4 sinks and the window of ``--window``.
 * ``ablation``: where the 3- and 2-bit error comes from (K vs V), statistics length, block size,
   RoPE-aware key centring.
-* ``blocks``: block size, statistics length, K/V bit split and unbiased decoding for the best
-  transform.
+* ``blocks``: block size, statistics length, K/V bit split, unbiased decoding and signed-scale
+  levels for the best transform.
 * ``final``: the recommended presets next to the KIVI-style and uniform baselines at 4/3/2 bits,
   windows 0 / 32 / 64 / 128, plus transformers' quanto ``QuantizedCache`` when ``--quanto``.
 * ``layers``: the presets of ``--bits`` and, for each count in ``--layer-widths``, the preset with
@@ -99,6 +99,7 @@ def blocks_set(window: int, bits_list: list[int]) -> list[KVScheme]:
         out.append(best.replace(name=f"{best.name} stats128", stats_tokens=128))
         out.append(best.replace(name=f"{best.name} stats32", stats_tokens=32))
         out.append(best.replace(name=f"{best.name} biased", unbiased=False))
+        out.append(best.replace(name=f"{best.name} signed", k_quant="signed", v_quant="signed"))
         if b < 4:
             out.append(best.replace(name=f"{best.name} K{b + 1}V{b}", k_bits=b + 1))
             out.append(best.replace(name=f"{best.name} K{b}V{b + 1}", v_bits=b + 1))

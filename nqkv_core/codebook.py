@@ -62,11 +62,16 @@ def _nf_levels(bits: int) -> tuple[float, ...]:
     return tuple(float(v) for v in levels)
 
 
-def _gaussian_blocks(block: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(y, s)``: ``y = x / s`` with ``s = absmax(block)`` for i.i.d. N(0,1) blocks, per element."""
+def _gaussian_blocks(block: int, n: int, seed: int, signed: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``(y, s)``: ``y = x / s`` with ``s = absmax(block)`` for i.i.d. N(0,1) blocks, per element.
+
+    ``signed``: ``s`` is the block's largest-magnitude element with its sign (so its ``y`` is 1).
+    """
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((max(n // block, 1), block))
     s = np.abs(x).max(axis=1, keepdims=True)
+    if signed:
+        s = np.take_along_axis(x, np.abs(x).argmax(axis=1)[:, None], axis=1)
     return (x / s).ravel(), np.broadcast_to(s, x.shape).ravel()
 
 
@@ -124,8 +129,50 @@ def lloyd_max_codebook(bits: int, block: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _gain(levels: tuple[float, ...], block: int) -> float:
-    y, s = _gaussian_blocks(block, 1 << 21, seed=2)  # not the seed Lloyd fits on
+def _signed_levels(bits: int, block: int) -> tuple[float, ...]:
+    # Weighted Lloyd iterations as in _lloyd_levels, on the elements other than each block's
+    # largest, which a signed scale puts exactly on the pinned top level 1.
+    y, s = _gaussian_blocks(block, _LLOYD_SAMPLES, seed=0, signed=True)
+    rest = y < 1
+    y, w = np.concatenate([y[rest], -y[rest]]), np.concatenate([s[rest], s[rest]]) ** 2
+    order = np.argsort(y, kind="stable")
+    y, w = y[order], w[order]
+    wsum = np.concatenate([[0.0], np.cumsum(w)])
+    wysum = np.concatenate([[0.0], np.cumsum(w * y)])
+    free = np.quantile(y, (np.arange(2**bits - 1) + 0.5) / (2**bits - 1))
+    for _ in range(_LLOYD_ITERS):
+        levels = np.append(free, 1.0)
+        edges = np.searchsorted(y, (levels[1:] + levels[:-1]) / 2)
+        lo, hi = np.concatenate([[0], edges])[:-1], edges
+        mass = wsum[hi] - wsum[lo]
+        new = np.where(mass > 0, (wysum[hi] - wysum[lo]) / np.maximum(mass, 1e-300), free)
+        if np.allclose(new, free, rtol=0, atol=1e-9):
+            break
+        free = new
+    return tuple(float(v) for v in np.append(np.sort(free), 1.0))
+
+
+def signed_codebook(bits: int, block: int, unbiased: bool = False) -> torch.Tensor:
+    """Levels for blocks scaled by their largest-magnitude element *with its sign* (evaluation only).
+
+    That element always lands on the top level, 1, so no level is spent on -1: the other
+    ``2**bits - 1`` levels are Lloyd-Max for the rest of an i.i.d. Gaussian block. Coding needs the
+    signed scale, which :func:`nqkv_core.quantize.quantize_blockwise` and the kernels' cache path
+    do not produce; :func:`nqkv_core.scheme.quantize_roundtrip` evaluates it (``quant="signed"``).
+    ``unbiased`` multiplies the levels by their gain on such blocks (:func:`unbiased_gain`).
+    """
+    _check_bits(bits)
+    if block < 2:
+        raise ValueError(f"block must be at least 2, got {block}")
+    levels = torch.tensor(_signed_levels(bits, block), dtype=torch.float64)
+    if unbiased:
+        levels = levels * _gain(tuple(levels.tolist()), block, signed=True)
+    return levels.float()
+
+
+@functools.lru_cache(maxsize=None)
+def _gain(levels: tuple[float, ...], block: int, signed: bool = False) -> float:
+    y, s = _gaussian_blocks(block, 1 << 21, seed=2, signed=signed)  # not the seed Lloyd fits on
     lv = np.asarray(levels)
     x_hat = lv[np.searchsorted((lv[1:] + lv[:-1]) / 2, y)]
     x = y * s

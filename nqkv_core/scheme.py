@@ -28,10 +28,12 @@ from typing import Literal
 
 import torch
 
-from nqkv_core.codebook import get_codebook
+from nqkv_core.codebook import get_codebook, signed_codebook
 from nqkv_core.quantize import dequantize_blockwise, quantize_blockwise
 
-Quantizer = Literal["nf", "lloyd", "int"]  # "int": uniform asymmetric min-max (a scale and a zero per block)
+# "int": uniform asymmetric min-max (a scale and a zero per block); "signed": signed-scale levels
+# (nqkv_core.codebook.signed_codebook). Both are evaluation-only: NQKVCache stores "nf" / "lloyd".
+Quantizer = Literal["nf", "lloyd", "int", "signed"]
 Axis = Literal["token", "channel"]  # blocks along head_dim of one token / along tokens of one channel
 Equalize = Literal["none", "rms", "qk"]
 FP_BITS = 16
@@ -45,8 +47,9 @@ class KVScheme:
     Attributes:
         name: label used in result tables.
         k_bits, v_bits: code bits (2, 3, 4, 8; 16 = not quantized).
-        k_quant, v_quant: ``"nf"`` / ``"lloyd"`` codebook with an absmax per block, or ``"int"``
-            (asymmetric min-max, the KIVI / uniform baselines).
+        k_quant, v_quant: ``"nf"`` / ``"lloyd"`` codebook with an absmax per block, ``"int"``
+            (asymmetric min-max, the KIVI / uniform baselines) or ``"signed"`` (signed-scale levels,
+            :func:`nqkv_core.codebook.signed_codebook`); the last two are evaluation-only.
         k_block, v_block: elements per block.
         k_axis, v_axis: ``"token"`` (blocks along head_dim, axis -1) or ``"channel"`` (blocks of
             ``block`` consecutive tokens of one channel, axis -2).
@@ -384,6 +387,21 @@ def _minmax_roundtrip(x: torch.Tensor, bits: int, block: int, axis: int, scale_d
     return (q * scale + lo).reshape(shape).movedim(-1, axis)
 
 
+def _signed_roundtrip(x: torch.Tensor, bits: int, block: int, axis: int, scale_dtype: torch.dtype,
+                      unbiased: bool) -> torch.Tensor:
+    # Scale = the block's largest-magnitude element with its sign (to scale_dtype; |x / s| is
+    # clamped to 1 in case rounding made it a hair larger), codes against the plain signed levels.
+    xb = x.float().movedim(axis, -1)
+    shape = xb.shape
+    xb = xb.reshape(*shape[:-1], -1, block)
+    s = torch.gather(xb, -1, xb.abs().argmax(dim=-1, keepdim=True)).to(scale_dtype).float()
+    y = (xb / torch.where(s != 0, s, torch.ones_like(s))).clamp(-1, 1)
+    plain = signed_codebook(bits, block).to(x.device)
+    codes = torch.bucketize(y, (plain[1:] + plain[:-1]) / 2)
+    levels = signed_codebook(bits, block, unbiased).to(x.device) if unbiased else plain
+    return (levels[codes] * s).reshape(shape).movedim(-1, axis)
+
+
 def quantize_roundtrip(
     x: torch.Tensor, bits: int, quant: Quantizer, block: int, axis: Axis, scale_dtype: torch.dtype = torch.float16,
     unbiased: bool = False,
@@ -407,6 +425,8 @@ def quantize_roundtrip(
     xq = x.narrow(dim, 0, n_full)
     if quant == "int":
         out = _minmax_roundtrip(xq, bits, block, dim, scale_dtype)
+    elif quant == "signed":
+        out = _signed_roundtrip(xq, bits, block, dim, scale_dtype, unbiased)
     else:
         cb = get_codebook(quant, bits, block, device=x.device)
         codes, absmax = quantize_blockwise(xq.float(), cb, block=block, axis=dim, scale_dtype=scale_dtype)

@@ -398,6 +398,8 @@ def test_errors_are_clear(tmp_path):
     with pytest.raises(NotImplementedError, match="evaluation-only"):
         NQKVCache(scheme.replace(k_quant="int"), num_layers=2)
     with pytest.raises(NotImplementedError, match="evaluation-only"):
+        NQKVCache(scheme.replace(v_quant="signed"), num_layers=2)
+    with pytest.raises(NotImplementedError, match="evaluation-only"):
         NQKVCache(scheme.replace(k_axis="channel"), num_layers=2)
 
 

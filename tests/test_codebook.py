@@ -8,6 +8,7 @@ from nqkv_core.codebook import (
     lloyd_max_codebook,
     max_rounding_error,
     nf_codebook,
+    signed_codebook,
     unbiased_gain,
 )
 from nqkv_core.quantize import dequantize_blockwise, quantize_blockwise
@@ -109,6 +110,26 @@ def test_unbiased_gain_grows_as_codes_narrow():
     assert get_codebook("nf", 4, 32, unbiased=True)[-1] < get_codebook("nf", 4, 128, unbiased=True)[-1]
     with pytest.raises(ValueError, match="block"):
         unbiased_gain(nf_codebook(4), 1)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_signed_levels_spend_no_level_on_minus_one(bits):
+    cb = signed_codebook(bits, 64)
+    assert cb.shape == (2**bits,) and torch.all(cb[1:] > cb[:-1])
+    assert cb[-1] == 1 and -1 < cb[0] < -0.4  # the block's signed max is the top level
+    unbiased = signed_codebook(bits, 64, unbiased=True)
+    assert torch.all(unbiased / cb > 1)
+
+
+def test_signed_roundtrip_keeps_each_blocks_max_exact():
+    from nqkv_core.scheme import quantize_roundtrip
+
+    x = torch.randn(4, 3, 16, 64, generator=torch.Generator().manual_seed(3))
+    y = quantize_roundtrip(x, 3, "signed", 64, "token", torch.float32)
+    i = x.abs().argmax(dim=-1, keepdim=True)
+    assert torch.equal(torch.gather(y, -1, i), torch.gather(x, -1, i))
+    # smaller error than NF3 with an absmax on the same Gaussian blocks
+    assert (y - x).pow(2).mean() < (quantize_roundtrip(x, 3, "nf", 64, "token", torch.float32) - x).pow(2).mean()
 
 
 def test_bad_arguments():
