@@ -75,17 +75,15 @@ def _gaussian_blocks(block: int, n: int, seed: int, signed: bool = False) -> tup
     return (x / s).ravel(), np.broadcast_to(s, x.shape).ravel()
 
 
-@functools.lru_cache(maxsize=None)
-def _lloyd_levels(bits: int, block: int) -> tuple[float, ...]:
-    # The error that matters is in the data's units: (x - s*q(y))^2 = s^2 (y - q(y))^2, so each
-    # normalised sample is weighted by its block's s^2 (weighted Lloyd iterations, symmetrised).
-    y, s = _gaussian_blocks(block, _LLOYD_SAMPLES, seed=0)
-    y, w = np.concatenate([y, -y]), np.concatenate([s, s]) ** 2
+def _weighted_lloyd(y: np.ndarray, w: np.ndarray, levels: np.ndarray, pin_top: bool = False) -> np.ndarray:
+    """Weighted Lloyd-Max iterations over samples ``y`` (weights ``w``) from ``levels``; ascending.
+
+    ``pin_top`` keeps the top level where it is (its cell's samples still decode to it).
+    """
     order = np.argsort(y, kind="stable")
     y, w = y[order], w[order]
     wsum = np.concatenate([[0.0], np.cumsum(w)])
     wysum = np.concatenate([[0.0], np.cumsum(w * y)])
-    levels = np.asarray(_nf_levels(bits)) * 0.9  # NF is a good start; Lloyd only moves it.
     for _ in range(_LLOYD_ITERS):
         edges = np.searchsorted(y, (levels[1:] + levels[:-1]) / 2)
         lo = np.concatenate([[0], edges])
@@ -93,10 +91,21 @@ def _lloyd_levels(bits: int, block: int) -> tuple[float, ...]:
         mass = wsum[hi] - wsum[lo]
         centroids = (wysum[hi] - wysum[lo]) / np.maximum(mass, 1e-300)
         new = np.where(mass > 0, centroids, levels)
+        if pin_top:
+            new[-1] = levels[-1]
         if np.allclose(new, levels, rtol=0, atol=1e-9):
             break
         levels = new
-    levels = np.sort(levels)
+    return np.sort(levels)
+
+
+@functools.lru_cache(maxsize=None)
+def _lloyd_levels(bits: int, block: int) -> tuple[float, ...]:
+    # The error that matters is in the data's units: (x - s*q(y))^2 = s^2 (y - q(y))^2, so each
+    # normalised sample is weighted by its block's s^2 (weighted Lloyd iterations, symmetrised).
+    y, s = _gaussian_blocks(block, _LLOYD_SAMPLES, seed=0)
+    y, w = np.concatenate([y, -y]), np.concatenate([s, s]) ** 2
+    levels = _weighted_lloyd(y, w, np.asarray(_nf_levels(bits)) * 0.9)  # NF is a good start
     levels = np.clip((levels - levels[::-1]) / 2, -1.0, 1.0)  # exactly symmetric, as the data are
     return tuple(float(v) for v in levels)
 
@@ -130,26 +139,13 @@ def lloyd_max_codebook(bits: int, block: int) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=None)
 def _signed_levels(bits: int, block: int) -> tuple[float, ...]:
-    # Weighted Lloyd iterations as in _lloyd_levels, on the elements other than each block's
-    # largest, which a signed scale puts exactly on the pinned top level 1.
+    # As _lloyd_levels, on the elements other than each block's largest, which a signed scale puts
+    # exactly on the pinned top level 1.
     y, s = _gaussian_blocks(block, _LLOYD_SAMPLES, seed=0, signed=True)
     rest = y < 1
     y, w = np.concatenate([y[rest], -y[rest]]), np.concatenate([s[rest], s[rest]]) ** 2
-    order = np.argsort(y, kind="stable")
-    y, w = y[order], w[order]
-    wsum = np.concatenate([[0.0], np.cumsum(w)])
-    wysum = np.concatenate([[0.0], np.cumsum(w * y)])
     free = np.quantile(y, (np.arange(2**bits - 1) + 0.5) / (2**bits - 1))
-    for _ in range(_LLOYD_ITERS):
-        levels = np.append(free, 1.0)
-        edges = np.searchsorted(y, (levels[1:] + levels[:-1]) / 2)
-        lo, hi = np.concatenate([[0], edges])[:-1], edges
-        mass = wsum[hi] - wsum[lo]
-        new = np.where(mass > 0, (wysum[hi] - wysum[lo]) / np.maximum(mass, 1e-300), free)
-        if np.allclose(new, free, rtol=0, atol=1e-9):
-            break
-        free = new
-    return tuple(float(v) for v in np.append(np.sort(free), 1.0))
+    return tuple(float(v) for v in _weighted_lloyd(y, w, np.append(free, 1.0), pin_top=True))
 
 
 def signed_codebook(bits: int, block: int, unbiased: bool = False) -> torch.Tensor:
