@@ -7,8 +7,8 @@ the reference of ΔPPL. Candidate sets (``--set``):
   rotation, codebook) with 4 sinks and the window of ``--window``.
 * ``ablation``: where the 3- and 2-bit error comes from (K vs V), statistics length, block size,
   RoPE-aware key centring.
-* ``blocks``: block size, statistics length, K/V bit split, unbiased decoding and signed-scale
-  levels for the best transform.
+* ``blocks``: block size, statistics length, K/V bit split, unbiased decoding, signed-scale
+  levels, fitted scales and query-aware key rounding for the best transform.
 * ``final``: the recommended presets next to the KIVI-style and uniform baselines at 4/3/2 bits,
   windows 0 / 32 / 64 / 128, plus transformers' quanto ``QuantizedCache`` when ``--quanto``.
 * ``layers``: the presets of ``--bits`` and, for each count in ``--layer-widths``, the preset with
@@ -99,7 +99,13 @@ def blocks_set(window: int, bits_list: list[int]) -> list[KVScheme]:
         out.append(best.replace(name=f"{best.name} stats128", stats_tokens=128))
         out.append(best.replace(name=f"{best.name} stats32", stats_tokens=32))
         out.append(best.replace(name=f"{best.name} biased", unbiased=False))
-        out.append(best.replace(name=f"{best.name} signed", k_quant="signed", v_quant="signed"))
+        # encoders (the preset's own combination is one of these rows too)
+        plain = best.replace(k_rounding="nearest", k_fit_scale=False, v_fit_scale=False)
+        out.append(plain.replace(name=f"{best.name} signed", k_quant="signed", v_quant="signed"))
+        out.append(plain.replace(name=f"{best.name} nearest, absmax"))
+        out.append(plain.replace(name=f"{best.name} fitted scales", k_fit_scale=True, v_fit_scale=True))
+        out.append(plain.replace(name=f"{best.name} K query-rounded", k_rounding="query"))
+        out.append(plain.replace(name=f"{best.name} K query-rounded, V fitted", k_rounding="query", v_fit_scale=True))
         if b < 4:
             out.append(best.replace(name=f"{best.name} K{b + 1}V{b}", k_bits=b + 1))
             out.append(best.replace(name=f"{best.name} K{b}V{b + 1}", v_bits=b + 1))

@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -43,7 +44,7 @@ from nqkv_core.ops import cpu as cpu_ops
 from nqkv_core.ops.attention import attention_eager, skips_dispatcher
 from nqkv_core.codebook import get_codebook
 from nqkv_core import native
-from nqkv_core.quantize import _midpoints, dequantize_blockwise, quantize_blockwise
+from nqkv_core.quantize import _fit_ratios, _midpoints, dequantize_blockwise, quantize_blockwise
 from nqkv_core.scheme import (FP_BITS, KVScheme, KVTransform, fit_transform, nqkv_preset, per_query_head,
                               rope_inv_freq, rotate_half)
 
@@ -66,6 +67,9 @@ _ENABLE_HINT = (
 )
 
 
+TRANSFORM_FIELDS = tuple(f.name for f in dataclasses.fields(KVTransform))
+
+
 def _version() -> tuple[int, int]:
     major, minor = transformers.__version__.split(".")[:2]
     return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
@@ -79,13 +83,17 @@ class SideFormat:
     """How one of K/V is stored in the body: ``bits`` (16 = plain full precision), codebooks, block.
 
     ``codebook`` decodes; ``encode_codebook`` chooses the codes (the same levels, unless the scheme
-    decodes with the unbiased codebook, :mod:`nqkv_core.codebook`).
+    decodes with the unbiased codebook, :mod:`nqkv_core.codebook`); ``fit_scale``: blocks are
+    stored with fitted scales (``quantize_blockwise(..., fit_scale=True)``); ``feedback``: coded by
+    error feedback along the transform's ``k_feedback`` (keys with ``k_rounding="query"``).
     """
 
     bits: int
     block: int
     codebook: torch.Tensor | None  # None for bits=16
     encode_codebook: torch.Tensor | None
+    fit_scale: bool = False
+    feedback: bool = False
 
     @property
     def quantized(self) -> bool:
@@ -241,9 +249,10 @@ def side_format(scheme: KVScheme, side: str, device: torch.device | str = "cpu")
             f"NQKVCache stores blocks along head_dim ({side}_axis='token'); {side}_axis={axis!r} is"
             " evaluation-only"
         )
+    fit = getattr(scheme, f"{side}_fit_scale")
     plain = get_codebook(quant, bits, block, device=device)
-    decode = get_codebook(quant, bits, block, device=device, unbiased=scheme.unbiased)
-    return SideFormat(bits, block, decode, plain)
+    decode = get_codebook(quant, bits, block, device=device, unbiased=scheme.unbiased and not fit)
+    return SideFormat(bits, block, decode, plain, fit, side == "k" and scheme.k_rounding == "query")
 
 
 class RopeTable:
@@ -429,7 +438,8 @@ class NQKVLayer(CacheLayerMixin):
         kf, vf = self.k_fmt, self.v_fmt
         self._joint_format = (kf.quantized and vf.quantized and (kf.bits, kf.block) == (vf.bits, vf.block)
                               and torch.equal(kf.codebook, vf.codebook)
-                              and torch.equal(kf.encode_codebook, vf.encode_codebook))
+                              and torch.equal(kf.encode_codebook, vf.encode_codebook)
+                              and kf.fit_scale == vf.fit_scale and not kf.feedback)
         for fmt in (self.k_fmt, self.v_fmt):
             if fmt.quantized and (self.head_dim % fmt.block or self.head_dim * fmt.bits % 8):
                 raise ValueError(
@@ -672,6 +682,8 @@ class NQKVLayer(CacheLayerMixin):
                 (self.k_ring, self.v_ring), (*self.k_body, kf.codebook, kf.block), (*self.v_body, vf.codebook, vf.block),
                 (_midpoints(kf.encode_codebook), _midpoints(vf.encode_codebook)),
                 torch.finfo(self.scheme.scale_dtype).max, rope,
+                (_fit_ratios(self.device), int(kf.fit_scale) | 2 * int(vf.fit_scale)),
+                (kf.encode_codebook, t.k_feedback) if kf.feedback else None,
             )
             self._decode_step_key = key
         return self._decode_step
@@ -752,7 +764,9 @@ class NQKVLayer(CacheLayerMixin):
 
     def _encode(self, x: torch.Tensor, fmt: SideFormat) -> tuple[torch.Tensor, ...]:
         if fmt.quantized:
-            return quantize_blockwise(x, fmt.encode_codebook, fmt.block, axis=-1, scale_dtype=self.scheme.scale_dtype)
+            return quantize_blockwise(x, fmt.encode_codebook, fmt.block, axis=-1, scale_dtype=self.scheme.scale_dtype,
+                                      fit_scale=fmt.fit_scale,
+                                      feedback=self.transform.k_feedback if fmt.feedback else None)
         return (x.to(self.fp_dtype),)
 
     def _write_bodies(self, index: torch.Tensor | int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -888,7 +902,7 @@ class NQKVLayer(CacheLayerMixin):
         self.k_sink, self.v_sink = fn(self.k_sink), fn(self.v_sink)
         self.k_ring, self.v_ring = fn(self.k_ring), fn(self.v_ring)
         if self.transform is not None:
-            for f in ("mu_k", "a_k", "mu_v", "b_v"):
+            for f in ("mu_k", "a_k", "mu_v", "b_v", "k_feedback"):  # the per-batch-row fields
                 x = getattr(self.transform, f)
                 if x is not None:
                     setattr(self.transform, f, fn(x))
@@ -923,7 +937,7 @@ class NQKVLayer(CacheLayerMixin):
             out[f"{side}_sink"] = getattr(self, f"{side}_sink")[:, :, : self.n_sinks]
             out[f"{side}_ring"] = getattr(self, f"{side}_ring")[:, :, : self.n_ring]
         if self.transform is not None:
-            for f in ("mu_k", "a_k", "rot_k", "mu_v", "b_v", "rot_v", "inv_freq"):
+            for f in TRANSFORM_FIELDS:
                 x = getattr(self.transform, f)
                 if x is not None:
                     out[f"t_{f}"] = x
@@ -945,7 +959,7 @@ class NQKVLayer(CacheLayerMixin):
                 x[:, :, :n_body].copy_(state[f"{side}_body{i}"])
             getattr(self, f"{side}_sink")[:, :, : self.n_sinks].copy_(state[f"{side}_sink"])
             getattr(self, f"{side}_ring")[:, :, : self.n_ring].copy_(state[f"{side}_ring"])
-        fields = {f: state.get(f"t_{f}") for f in ("mu_k", "a_k", "rot_k", "mu_v", "b_v", "rot_v", "inv_freq")}
+        fields = {f: state.get(f"t_{f}") for f in TRANSFORM_FIELDS}
         self.transform = KVTransform(**fields)
         if self.transform.inv_freq is not None:
             if self.rope.inv_freq is None:

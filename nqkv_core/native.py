@@ -125,7 +125,9 @@ def _library() -> Optional[ctypes.CDLL]:
         warnings.warn(f"nqkv: native CPU kernels unavailable ({e}); falling back to plain torch", stacklevel=3)
         return None
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    lib.nqkv_quantize_rows.argtypes = [ptr, i32, i64, i64, i64, ptr, i32, i32, ctypes.c_float, ptr, ptr, i32]
+    lib.nqkv_quantize_rows.argtypes = [
+        ptr, i32, i64, i64, i64, ptr, i32, i32, ctypes.c_float, ptr, ptr, i32, ptr, ptr, i32, ptr, i64,
+    ]
     lib.nqkv_dequantize_rows.argtypes = [ptr, ptr, i32, ptr, i32, i64, i64, i64, ptr, i32, i32]
     lib.nqkv_attention_decode.argtypes = [
         ptr, _Packed, _Packed, i64, ptr, ptr, i64, ptr, i64, i64, i64, ptr, ptr, ptr, i64, i32, i64, i64, i64, i64,
@@ -134,7 +136,8 @@ def _library() -> Optional[ctypes.CDLL]:
     f32 = ctypes.c_float
     lib.nqkv_decode_step.argtypes = [
         ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, i64, i64, _Packed,
-        _Packed, i64, ptr, ptr, f32, i64, i64, i64, i64, ptr, ptr, i64, i64, f32, i64, i64, i64, i64, ptr, i32,
+        _Packed, i64, ptr, ptr, f32, i64, i64, i64, i64, ptr, ptr, i64, i64, f32, i64, i64, i64, i64, ptr, i32, ptr,
+        i32, i32, ptr, ptr,
     ]
     lib.nqkv_decode_step.restype = ctypes.c_int
     lib.nqkv_quantize_rows.restype = i64
@@ -175,21 +178,33 @@ def quantize_rows_supported(x: Tensor, bits: int, block: int) -> bool:
 
 
 def quantize_rows(x: Tensor, thresholds: Tensor, bits: int, block: int, round_half: bool,
-                  max_scale: float = float("inf")) -> tuple[Tensor, Tensor, int]:
-    """Codes (packed, ``x.shape`` with last axis ``* bits / 8``), fp32 absmax (last axis ``/ block``)
-    and the number of blocks whose absmax is NaN, Inf or above ``max_scale``.
+                  max_scale: float = float("inf"), fit: Optional[tuple[Tensor, Tensor]] = None,
+                  feedback: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor, int]:
+    """Codes (packed, ``x.shape`` with last axis ``* bits / 8``), fp32 scales (last axis ``/ block``)
+    and the number of blocks whose scale is NaN, Inf or above ``max_scale``.
 
     ``x`` contiguous fp32 or bf16 (see :func:`quantize_rows_supported`); ``thresholds`` the fp32
-    midpoints between levels. The absmax is rounded up to the fp16 grid when ``round_half``.
+    midpoints between levels. Without ``fit`` the scale is the absmax, rounded up to the fp16 grid
+    when ``round_half``; ``fit = (levels, ratios)`` (fp32) fits it as
+    :func:`nqkv_core.quantize.quantize_blockwise` does with ``fit_scale=True`` (rounded to nearest);
+    ``feedback = (levels, U)`` codes by error feedback, ``U`` ``x.shape[:-2] + (d, d)``, one matrix
+    per leading index (as ``quantize_blockwise(..., feedback=U)``).
     """
     row_len = x.shape[-1]
     rows = x.numel() // row_len
     th = thresholds.float().contiguous()
+    levels, ratios, fb = None, None, None
+    if fit is not None:
+        levels, ratios = fit[0].float().contiguous(), fit[1].float().contiguous()
+    if feedback is not None:
+        levels, fb = feedback[0].float().contiguous(), feedback[1].float().contiguous()
     codes = torch.empty(*x.shape[:-1], row_len * bits // 8, dtype=torch.uint8)
     absmax = torch.empty(*x.shape[:-1], row_len // block, dtype=torch.float32)
     bad = _library().nqkv_quantize_rows(
         x.data_ptr(), int(x.dtype == torch.bfloat16), rows, row_len, block, th.data_ptr(), bits,
         int(round_half), max_scale, codes.data_ptr(), absmax.data_ptr(), torch.get_num_threads(),
+        _ptr(levels), _ptr(ratios), 0 if ratios is None else ratios.numel(), _ptr(fb),
+        x.shape[-2] if fb is not None else 1,
     )
     return codes, absmax, bad
 
@@ -324,19 +339,26 @@ class DecodeStep:
     buffers (B, Hkv, slots, D), updated in place; ``k_body``/``v_body`` ``(codes, absmax, codebook,
     block)``; ``thresholds`` the K and V coding midpoints; ``rope = (table, tiles)``, the RoPE
     ``[cos | sin]`` table (P, D) and the same in tiles of sixteen positions (P / 16, D, 16), for a
-    RoPE-aware centre. ``supported`` is False when the native kernels cannot take these tensors.
+    RoPE-aware centre; ``fit = (ratios, sides)``: the clipping ratios of fitted scales and the sides
+    that fit them (bit 0 keys, bit 1 values; such a side's body codebook is also its coding one);
+    ``k_feedback = (levels, U)``: keys coded by error feedback against their plain ``levels``, ``U``
+    (B, Hkv, D, D). ``supported`` is False when the native kernels cannot take these tensors.
     """
 
     def __init__(
         self, q_map: Tensor, rot_k: Optional[Tensor], rot_v: Optional[Tensor], mu_k: Optional[Tensor],
         mu_k_half: Optional[Tensor], mu_v: Optional[Tensor], sinks: tuple[Tensor, Tensor], ring: tuple[Tensor, Tensor],
         k_body: tuple, v_body: tuple, thresholds: tuple[Tensor, Tensor], max_scale: float,
-        rope: Optional[tuple[Tensor, Tensor]],
+        rope: Optional[tuple[Tensor, Tensor]], fit: Optional[tuple[Tensor, int]] = None,
+        k_feedback: Optional[tuple[Tensor, Tensor]] = None,
     ):
         table, tiles = rope if rope is not None else (None, None)
+        fit_ratios, fit_sides = (None, 0) if fit is None else (fit[0].float().contiguous(), fit[1])
+        k_levels, k_fb = (None, None) if k_feedback is None else (k_feedback[0].float().contiguous(),
+                                                                   k_feedback[1].float().contiguous())
         # what the call reads, held so that the pointers below stay valid
         self._args = (q_map, rot_k, rot_v, mu_k, mu_k_half, mu_v, sinks, ring, k_body, v_body, thresholds, max_scale,
-                      rope)
+                      rope, fit_ratios, k_levels, k_fb)
         formats = ((k_body[2].numel().bit_length() - 1, k_body[3]), (v_body[2].numel().bit_length() - 1, v_body[3]))
         self.supported = decode_step_supported(
             q_map, rot_k, rot_v, mu_k, mu_k_half, mu_v, *sinks, *ring, *thresholds, table, tiles, formats=formats,
@@ -353,6 +375,8 @@ class DecodeStep:
         self._bodies = (_packed(*k_body, self._keep), _packed(*v_body, self._keep))
         self._tail = (thresholds[0].data_ptr(), thresholds[1].data_ptr(), max_scale)
         self._rope = (_ptr(table), _ptr(tiles), self.rope_rows)
+        self._fit = (_ptr(fit_ratios), 0 if fit_ratios is None else fit_ratios.numel(), fit_sides, _ptr(k_levels),
+                     _ptr(k_fb))
 
     def __reduce__(self):
         # Copies and pickles of a cache drop the prepared step (its pointers are into the original's
@@ -392,7 +416,7 @@ class DecodeStep:
             q.data_ptr(), k_new.data_ptr(), v_new.data_ptr(), *self._head, n_sinks, self._sink_slots,
             *self._ring, n_ring, self._ring_slots, *self._bodies, n_body, *self._tail,
             leave_slot, body_slot, sink_slot, ring_slot, *self._rope, n_tokens, scale, b, self.hkv,
-            self.hq // self.hkv, self.d, out.data_ptr(), torch.get_num_threads(),
+            self.hq // self.hkv, self.d, out.data_ptr(), torch.get_num_threads(), *self._fit,
         )
         if status == 1:
             raise ValueError(f"the RoPE table has {self.rope_rows} positions; the step is at position {n_tokens}")

@@ -102,6 +102,20 @@ def _check_scale_range(absmax: torch.Tensor, scale_dtype: torch.dtype) -> None:
         )
 
 
+def _check_feedback(x: torch.Tensor, axis: int, feedback: torch.Tensor, fit_scale: bool) -> None:
+    d = x.shape[-1]
+    if fit_scale:
+        raise ValueError("feedback rounding keeps absmax scales; it cannot be combined with fit_scale=True")
+    if axis != x.dim() - 1 or x.dim() < 2:
+        raise ValueError(f"feedback rounding needs blocks along the last axis of (..., n, d) rows, got axis {axis}")
+    if feedback.shape[-2:] != (d, d) or feedback.dim() > x.dim() or feedback.device != x.device:
+        raise ValueError(
+            f"feedback must be (..., {d}, {d}) matrices for rows of {d} on {x.device}, broadcastable to"
+            f" {tuple(x.shape[:-2])}, got {tuple(feedback.shape)} on {feedback.device}"
+        )
+    torch.broadcast_shapes(feedback.shape[:-2], x.shape[:-2])
+
+
 def _round_up(absmax: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
     """``absmax`` rounded up to ``scale_dtype`` (float32 in, float32 out, exactly representable)."""
     if scale_dtype == torch.float32:
@@ -116,6 +130,77 @@ def _round_up(absmax: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
     min_exponent = int(math.log2(finfo.tiny)) + 1  # subnormals share the smallest normal spacing
     spacing = torch.exp2((exponent.clamp(min=min_exponent) - 1 - mantissa_bits).float())
     return torch.ceil(absmax / spacing) * spacing
+
+
+def _round_nearest(t: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
+    """``t`` rounded to the nearest ``scale_dtype`` value, ties to even (float32 in and out, exact).
+
+    The same spacing arithmetic as :func:`_round_up` (a cast round trip could be fused away by
+    torch.compile); the range is the caller's to check.
+    """
+    if scale_dtype == torch.float32:
+        return t
+    finfo = torch.finfo(scale_dtype)
+    _, exponent = torch.frexp(t)
+    mantissa_bits = int(-math.log2(finfo.eps))
+    min_exponent = int(math.log2(finfo.tiny)) + 1
+    spacing = torch.exp2((exponent.clamp(min=min_exponent) - 1 - mantissa_bits).float())
+    return torch.round(t / spacing) * spacing
+
+
+# Clipping ratios that fitted scales try (``fit_scale=True``): codes against ``r * absmax``.
+FIT_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+
+
+def _fit_ratios(device: torch.device) -> torch.Tensor:
+    return torch.tensor(FIT_RATIOS, dtype=torch.float32, device=device)
+
+
+def _fitted_codes(xb: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor, thresholds: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and fp32 scales of blocks ``xb (..., block)`` with fitted scales (see quantize_blockwise)."""
+    ratios = _fit_ratios(xb.device)
+    s = absmax.unsqueeze(-1).unsqueeze(-1) * ratios[:, None]  # (..., R, 1): fp32, as the native kernel
+    y = xb.unsqueeze(-2) / torch.where(s > 0, s, 1.0)
+    codes = torch.bucketize(y, thresholds)  # (..., R, block)
+    x64, q64 = xb.double().unsqueeze(-2), codebook.double()[codes]
+    xx, xq, qq = (x64 * x64).sum(-1), (x64 * q64).sum(-1), (q64 * q64).sum(-1)
+    t = torch.where(xq > 0, xx / torch.where(xq > 0, xq, 1.0), 0.0)
+    err = xx - 2.0 * t * xq + t * t * qq
+    best = err.argmin(dim=-1, keepdim=True)  # the first of equal errors, as the native kernel
+    codes = codes.gather(-2, best.unsqueeze(-1).expand(*best.shape, xb.shape[-1])).squeeze(-2)
+    return codes, t.gather(-1, best).squeeze(-1).float()
+
+
+def feedback_matrix(metric: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """The error-feedback matrix of a row metric ``H`` ``(..., d, d)`` for ``quantize_blockwise``.
+
+    ``U``, upper triangular with ``U^T U = (H + damp * mean(diag H) * I)^-1``: coding a row element
+    by element and moving each rounding error onto the elements not yet coded along ``U`` minimises
+    ``e^T H e`` greedily (the GPTQ / OBQ update) instead of ``|e|^2``. The damping keeps ``H``
+    invertible when it was measured on few samples. float32.
+    """
+    h = metric.double()
+    d = h.shape[-1]
+    h = h + damp * h.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None] * torch.eye(d, dtype=h.dtype,
+                                                                                        device=h.device)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+
+
+def _feedback_codes(x: torch.Tensor, scale: torch.Tensor, codebook: torch.Tensor, thresholds: torch.Tensor,
+                    feedback: torch.Tensor) -> torch.Tensor:
+    """Codes of rows ``x (..., n, d)`` (fp32) with element scales ``scale`` (same shape), coded in
+    order along the row with each rounding error fed forward along ``feedback (..., d, d)``."""
+    w = x.clone()
+    u = feedback.unsqueeze(-3)  # (..., 1, d, d): one matrix for the n rows
+    safe = torch.where(scale > 0, scale, 1.0)
+    codes = torch.empty(x.shape, dtype=torch.long, device=x.device)
+    for i in range(x.shape[-1]):
+        c = torch.bucketize(w[..., i] / safe[..., i], thresholds)
+        codes[..., i] = c
+        err = (w[..., i] - codebook[c] * scale[..., i]) / u[..., i, i]
+        w[..., i + 1:] -= err.unsqueeze(-1) * u[..., i, i + 1:]
+    return codes
 
 
 def _midpoints(codebook: torch.Tensor) -> torch.Tensor:
@@ -139,6 +224,8 @@ def quantize_blockwise(
     block: int = 64,
     axis: int = -1,
     scale_dtype: torch.dtype = torch.float16,
+    fit_scale: bool = False,
+    feedback: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``x`` in blocks of ``block`` elements along ``axis``.
 
@@ -148,6 +235,21 @@ def quantize_blockwise(
         block: elements per block (>= 8, dividing ``x.shape[axis]``).
         axis: the blocked axis.
         scale_dtype: dtype of the stored per-block absmax, fp16 or fp32.
+        fit_scale: store a fitted scale instead of the absmax. For each clipping ratio ``r`` in
+            :data:`FIT_RATIOS` the block is coded against ``r * absmax`` (elements beyond it take
+            the outermost level), and the scale ``t = sum(x^2) / sum(x * level)`` makes the decoded
+            block unbiased (``sum(x * xhat) = sum(x^2)``); the ratio whose codes give the smallest
+            squared error with their ``t`` is kept, and ``t`` is rounded to the nearest
+            ``scale_dtype`` value. Decode with the plain levels (the scale carries the gain). The
+            error is then no longer bounded element by element, but a block's squared error is at
+            most that of its absmax codes with their fitted ``t``.
+        feedback: error-feedback rounding (blocks along the last axis, ``x`` of shape
+            ``(..., n, d)``): ``(..., d, d)`` upper-triangular matrices from :func:`feedback_matrix`,
+            one for the ``n`` rows of each leading index. Each row is coded element by element and
+            each rounding error is moved onto the elements not yet coded, so that the row's error
+            is small in the metric the matrix came from rather than element by element. Scales stay
+            the absmax of the input's blocks (elements pushed beyond take the outermost level).
+            Excludes ``fit_scale``.
 
     Returns:
         ``(codes, absmax)``: packed uint8 codes and per-block scales (shapes in the module docstring).
@@ -159,12 +261,17 @@ def quantize_blockwise(
     """
     bits = _check_input(x, codebook, block, axis, scale_dtype)
     axis = axis % x.dim()
+    if feedback is not None:
+        _check_feedback(x, axis, feedback, fit_scale)
     thresholds = _midpoints(codebook)
     if axis == x.dim() - 1 and x.device.type == "cpu":  # (no conversion copy for other devices)
         xc = (x if x.dtype in (torch.float32, torch.bfloat16) else x.float()).contiguous()
         if native.quantize_rows_supported(xc, bits, block):  # one fused pass, same codes as below
             half = scale_dtype == torch.float16
-            codes, absmax, bad = native.quantize_rows(xc, thresholds, bits, block, half, torch.finfo(scale_dtype).max)
+            fit = (codebook, _fit_ratios(x.device)) if fit_scale else None
+            fb = None if feedback is None else (codebook, feedback.float().expand(*x.shape[:-2], *feedback.shape[-2:]))
+            codes, absmax, bad = native.quantize_rows(xc, thresholds, bits, block, half, torch.finfo(scale_dtype).max,
+                                                      fit, fb)
             if bad:  # NaN/Inf or a scale beyond fp16: the checks below word the error
                 _check_finite(x, absmax)
                 _check_scale_range(absmax, scale_dtype)
@@ -173,11 +280,22 @@ def quantize_blockwise(
     xb = xb.reshape(*xb.shape[:-1], xb.shape[-1] // block, block)
     absmax = xb.abs().amax(dim=-1)
     _check_finite(x, absmax)
-    absmax = _round_up(absmax, scale_dtype)
-    s = absmax.unsqueeze(-1)
-    y = xb / torch.where(s > 0, s, 1.0)  # a zero block stays zero; its scale decodes it to zero
-    codes = torch.bucketize(y, thresholds).to(torch.uint8)
-    codes = codes.flatten(-2).movedim(-1, axis)
+    if fit_scale:
+        _check_scale_range(absmax, scale_dtype)
+        codes, absmax = _fitted_codes(xb, absmax, codebook, thresholds)
+        absmax = _round_nearest(absmax, scale_dtype)
+        _check_scale_range(absmax, scale_dtype)
+    elif feedback is not None:
+        absmax = _round_up(absmax, scale_dtype)
+        scale = absmax.unsqueeze(-1).expand(xb.shape).flatten(-2)
+        codes = _feedback_codes(xb.flatten(-2), scale, codebook.float(), thresholds, feedback.float())
+        codes = codes.reshape(xb.shape)
+    else:
+        absmax = _round_up(absmax, scale_dtype)
+        s = absmax.unsqueeze(-1)
+        y = xb / torch.where(s > 0, s, 1.0)  # a zero block stays zero; its scale decodes it to zero
+        codes = torch.bucketize(y, thresholds)
+    codes = codes.to(torch.uint8).flatten(-2).movedim(-1, axis)
     return pack(codes, bits), absmax.to(scale_dtype).movedim(-1, axis)
 
 

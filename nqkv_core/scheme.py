@@ -29,15 +29,18 @@ from typing import Literal
 import torch
 
 from nqkv_core.codebook import get_codebook, signed_codebook
-from nqkv_core.quantize import dequantize_blockwise, quantize_blockwise
+from nqkv_core.quantize import dequantize_blockwise, feedback_matrix, quantize_blockwise
 
 # "int": uniform asymmetric min-max (a scale and a zero per block); "signed": signed-scale levels
 # (nqkv_core.codebook.signed_codebook). Both are evaluation-only: NQKVCache stores "nf" / "lloyd".
 Quantizer = Literal["nf", "lloyd", "int", "signed"]
 Axis = Literal["token", "channel"]  # blocks along head_dim of one token / along tokens of one channel
 Equalize = Literal["none", "rms", "qk"]
+Rounding = Literal["nearest", "query"]
 FP_BITS = 16
 PRESET_BITS = (2, 3, 4, 8)
+# Queries after the sinks whose second moments make the key metric of k_rounding="query".
+QUERY_STATS_TOKENS = 128
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,17 @@ class KVScheme:
         unbiased: decode ``"nf"`` / ``"lloyd"`` codes with the unbiased codebook (levels times
             :func:`nqkv_core.codebook.unbiased_gain`, so that decoded keys and values are not shrunk
             on average); codes and scales are unchanged.
+        k_fit_scale, v_fit_scale: store that side's ``"nf"`` / ``"lloyd"`` blocks with fitted scales
+            instead of their absmax (:func:`nqkv_core.quantize.quantize_blockwise` with
+            ``fit_scale=True``: codes against the best of a few clipped scales, and a scale that
+            makes each block unbiased), decoded with the plain levels (``unbiased`` then applies to
+            the other side only: the fitted scale replaces its global gain).
+        k_rounding: ``"nearest"`` codes each key element on its own; ``"query"`` codes keys by error
+            feedback under the queries' second moments ``E[q q^T]`` (measured with the transform on
+            the queries of up to :data:`QUERY_STATS_TOKENS` tokens after the sinks), so that the
+            rounding error of a key falls where queries look least: score errors ``q . e`` shrink
+            for the same bits (:func:`nqkv_core.quantize.feedback_matrix`). Excludes
+            ``k_fit_scale``.
         layer_bits: optional code width of K and V for every layer (one entry per layer, from
             :func:`nqkv_core.evaluate.calibrate_layer_bits`); a layer at another width than
             ``k_bits`` follows :func:`nqkv_preset`'s rules for that width (codebook, value centring),
@@ -98,8 +112,18 @@ class KVScheme:
     scale_dtype: torch.dtype = torch.float16
     layer_bits: tuple[int, ...] = ()
     unbiased: bool = False
+    k_fit_scale: bool = False
+    v_fit_scale: bool = False
+    k_rounding: Rounding = "nearest"
 
     def __post_init__(self) -> None:
+        if self.k_rounding not in ("nearest", "query"):
+            raise ValueError(f"{self.name}: k_rounding must be 'nearest' or 'query', got {self.k_rounding!r}")
+        if self.k_rounding == "query" and (self.k_fit_scale or self.k_axis != "token" or self.k_quant not in ("nf", "lloyd")):
+            raise ValueError(
+                f"{self.name}: k_rounding='query' codes 'nf' / 'lloyd' keys in per-token blocks with absmax"
+                " scales (k_axis='token', no k_fit_scale)"
+            )
         if self.layer_bits:
             if self.k_bits != self.v_bits:
                 raise ValueError(f"{self.name}: per-layer widths need equal K and V widths, got K{self.k_bits}V{self.v_bits}")
@@ -204,6 +228,7 @@ class KVTransform:
     mu_v: torch.Tensor | None = None
     b_v: torch.Tensor | None = None
     rot_v: torch.Tensor | None = None
+    k_feedback: torch.Tensor | None = None  # (batch, kv_heads, d, d): keys' error-feedback matrix
     inv_freq: torch.Tensor | None = None  # set with a pre-RoPE mu_k: mu_k is then rotated per position
 
     def key_centre(self, n: int, start: int | torch.Tensor = 0) -> torch.Tensor | None:
@@ -329,7 +354,8 @@ def fit_transform(
         k, v: ``(batch, kv_heads, tokens, head_dim)`` post-RoPE keys and values of (at least) the
             prompt; only tokens ``[sinks, sinks + stats_tokens)`` are used.
         q: ``(batch, q_heads, tokens, head_dim)`` queries of the same tokens, needed for
-            ``k_equalize="qk"``.
+            ``k_equalize="qk"`` and ``k_rounding="query"`` (which reads tokens
+            ``[sinks, sinks + QUERY_STATS_TOKENS)``).
         inv_freq: the model's RoPE inverse frequencies ``(head_dim / 2,)``, for ``k_centre_rope``;
             ``k`` must then start at position 0.
     """
@@ -369,7 +395,23 @@ def fit_transform(
         t.rot_k = hadamard(d, seed=0, device=k.device)
     if scheme.v_rotate:
         t.rot_v = hadamard(d, seed=1, device=k.device)
+    if scheme.k_rounding == "query" and scheme.k_bits < FP_BITS:
+        if q is None:
+            raise ValueError("k_rounding='query' needs the queries of the prompt (pass q)")
+        t.k_feedback = feedback_matrix(query_metric(t, q, k.shape[1], scheme.sinks))
     return t
+
+
+def query_metric(t: KVTransform, q: torch.Tensor, kv_heads: int, sinks: int) -> torch.Tensor:
+    """``E[q' q'^T]`` ``(batch, kv_heads, d, d)`` of the stored-basis queries ``q' = t.queries(q)`` of
+    each kv head's query heads, over the tokens ``[sinks, sinks + QUERY_STATS_TOKENS)`` (fewer if the
+    prompt is shorter; all of them if it has no token after the sinks). A key error ``e`` changes a
+    score by ``q' . e``, whose mean square is ``e^T E[q' q'^T] e``."""
+    b, hq, n, d = q.shape
+    start = sinks if n > sinks else 0
+    qs = t.queries(q[:, :, start:start + QUERY_STATS_TOKENS], hq // kv_heads)
+    qs = qs.reshape(b, kv_heads, -1, d)  # a kv head's query heads are consecutive
+    return qs.transpose(-1, -2) @ qs / qs.shape[-2]
 
 
 # -- quantizers -------------------------------------------------------------------------------
@@ -404,11 +446,13 @@ def _signed_roundtrip(x: torch.Tensor, bits: int, block: int, axis: int, scale_d
 
 def quantize_roundtrip(
     x: torch.Tensor, bits: int, quant: Quantizer, block: int, axis: Axis, scale_dtype: torch.dtype = torch.float16,
-    unbiased: bool = False,
+    unbiased: bool = False, fit_scale: bool = False, feedback: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Quantize and dequantize ``x`` ``(..., tokens, head_dim)``; float32 result.
 
-    ``unbiased`` decodes codebook codes with the unbiased levels (ignored for ``"int"``). With
+    ``"nf"`` / ``"lloyd"`` codes: ``unbiased`` decodes with the unbiased levels (unless
+    ``fit_scale``, whose fitted scales are unbiased already); ``fit_scale`` and ``feedback`` as in
+    :func:`nqkv_core.quantize.quantize_blockwise`. With
     ``axis="channel"`` only whole groups of ``block`` tokens are quantized; a trailing partial group
     is returned unchanged (a streaming cache keeps it in full precision until it fills).
     """
@@ -429,8 +473,9 @@ def quantize_roundtrip(
         out = _signed_roundtrip(xq, bits, block, dim, scale_dtype, unbiased)
     else:
         cb = get_codebook(quant, bits, block, device=x.device)
-        codes, absmax = quantize_blockwise(xq.float(), cb, block=block, axis=dim, scale_dtype=scale_dtype)
-        if unbiased:
+        codes, absmax = quantize_blockwise(xq.float(), cb, block=block, axis=dim, scale_dtype=scale_dtype,
+                                           fit_scale=fit_scale, feedback=feedback)
+        if unbiased and not fit_scale:
             cb = get_codebook(quant, bits, block, device=x.device, unbiased=True)
         out = dequantize_blockwise(codes, absmax, cb, block=block, axis=dim)
     if n_full < n:
@@ -464,15 +509,18 @@ def roundtrip(
     t = transform if transform is not None else fit_transform(scheme, k, v, q)
     s = min(scheme.sinks, k.shape[-2])
 
-    def side(x, fwd, back, bits, quant, block, axis):
+    def side(x, fwd, back, bits, quant, block, axis, fit, feedback=None):
         if bits >= FP_BITS:
             return x.float()
         y = fwd(x)
-        body = quantize_roundtrip(y[..., s:, :], bits, quant, block, axis, scheme.scale_dtype, scheme.unbiased)
+        body = quantize_roundtrip(y[..., s:, :], bits, quant, block, axis, scheme.scale_dtype, scheme.unbiased,
+                                  fit, feedback)
         return back(torch.cat([y[..., :s, :], body], dim=-2))
 
-    k_hat = side(k, t.keys, t.keys_back, scheme.k_bits, scheme.k_quant, scheme.k_block, scheme.k_axis)
-    v_hat = side(v, t.values, t.values_back, scheme.v_bits, scheme.v_quant, scheme.v_block, scheme.v_axis)
+    k_hat = side(k, t.keys, t.keys_back, scheme.k_bits, scheme.k_quant, scheme.k_block, scheme.k_axis,
+                 scheme.k_fit_scale, t.k_feedback)
+    v_hat = side(v, t.values, t.values_back, scheme.v_bits, scheme.v_quant, scheme.v_block, scheme.v_axis,
+                 scheme.v_fit_scale)
     return k_hat, v_hat
 
 
@@ -510,7 +558,11 @@ def nqkv_preset(bits: int, sinks: int = 4, window: int = 32, rope_centre: bool =
     Values: minus a frozen per-channel mean (4 and 3 bits), then the Hadamard rotation. Codebook:
     NF at 4 and 3 bits, the block-aware Lloyd-Max levels at 2 bits (NF2 loses by far), decoded with
     the unbiased levels (``unbiased=True``: nearest-level rounding shrinks keys and values on
-    average, which flattens attention; most of all at 2 bits).
+    average, which flattens attention; most of all at 2 bits). Encoders: at 3 bits keys are coded
+    by error feedback under the prompt queries' metric (``k_rounding="query"``); at 2 bits keys,
+    and at 2 and 3 bits values, are stored with fitted scales (``k_fit_scale`` / ``v_fit_scale``,
+    each block's own unbiased scale replacing the codebook's gain). At 4 bits neither changes the
+    perplexity measurably, and both stay off.
 
     ``v_bits`` stores values at another width than keys (default: ``bits``), each side following
     the rules above for its own width. Keys carry most of the error, so one more bit for keys is
@@ -533,6 +585,9 @@ def nqkv_preset(bits: int, sinks: int = 4, window: int = 32, rope_centre: bool =
 
 def _width_fields(k_bits: int, v_bits: int) -> dict:
     """The width-dependent fields of the presets: NF codes at 3+ bits, Lloyd-Max at 2, value centring
-    except at 2 bits (16 = that side exact). The callers have checked the widths."""
+    except at 2 bits (16 = that side exact); keys query-rounded at 3 bits and fitted at 2, values
+    fitted at 2 and 3 (docs/quality.md). The callers have checked the widths."""
     return dict(k_bits=k_bits, v_bits=v_bits, k_quant="lloyd" if k_bits == 2 else "nf",
-                v_quant="lloyd" if v_bits == 2 else "nf", v_centre=v_bits not in (2, FP_BITS))
+                v_quant="lloyd" if v_bits == 2 else "nf", v_centre=v_bits not in (2, FP_BITS),
+                k_rounding="query" if k_bits == 3 else "nearest", k_fit_scale=k_bits == 2,
+                v_fit_scale=v_bits in (2, 3))

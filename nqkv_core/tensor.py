@@ -96,6 +96,7 @@ class NQTensor(torch.Tensor):
         codebook: CodebookKind | torch.Tensor = "nf",
         scale_dtype: torch.dtype = torch.float16,
         unbiased: bool = False,
+        fit_scale: bool = False,
     ) -> "NQTensor":
         """Quantize ``x`` in blocks of ``block`` elements along ``axis`` with ``bits``-bit codes.
 
@@ -111,11 +112,16 @@ class NQTensor(torch.Tensor):
             unbiased: with a codebook kind, decode with the unbiased levels (the kind's levels
                 times :func:`nqkv_core.codebook.unbiased_gain`, so that the decoded values are not
                 shrunk on average); the codes are chosen against the plain levels.
+            fit_scale: store fitted scales instead of absmax ones (best of a few clipped scales,
+                refitted so that each block decodes unbiased; see
+                :func:`nqkv_core.quantize.quantize_blockwise`). Excludes ``unbiased``.
 
         Raises:
             TypeError / ValueError: see :func:`nqkv_core.quantize.quantize_blockwise`.
         """
         decode = None
+        if fit_scale and unbiased:
+            raise ValueError("fit_scale=True already makes each block unbiased; pass unbiased=False with it")
         if isinstance(codebook, str):
             if unbiased:
                 decode = get_codebook(codebook, bits, block, device=x.device, unbiased=True)
@@ -124,7 +130,7 @@ class NQTensor(torch.Tensor):
             raise ValueError("unbiased=True needs a codebook kind ('nf' or 'lloyd'), not a codebook tensor")
         elif codebook_bits(codebook) != bits:
             raise ValueError(f"codebook has {codebook.numel()} levels but bits={bits}")
-        codes, absmax = quantize_blockwise(x, codebook, block, axis, scale_dtype)
+        codes, absmax = quantize_blockwise(x, codebook, block, axis, scale_dtype, fit_scale=fit_scale)
         return cls(codes, absmax, codebook if decode is None else decode, block, axis % x.dim(), x.shape, x.dtype)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -68,6 +68,15 @@ SCHEMES = {
     # keys one bit wider than values (nqkv_preset(4, v_bits=3) with this model's blocks)
     "k4v3-rope-centre": KVScheme("f", k_bits=4, v_bits=3, k_block=16, v_block=16, k_rotate=True, v_rotate=True,
                                  k_centre=True, k_centre_rope=True, v_centre=True, sinks=2, window=4),
+    # keys coded by error feedback under the prompt queries' metric (decoded unbiased), values with
+    # fitted scales (clipped codes, per-block unbiased scale; decoded with the plain levels)
+    "nf3-query-vfit": KVScheme("h", k_bits=3, v_bits=3, k_block=16, v_block=16, k_rotate=True, v_rotate=True,
+                               k_centre=True, k_centre_rope=True, v_centre=True, sinks=2, window=4,
+                               k_rounding="query", v_fit_scale=True, unbiased=True),
+    # fitted scales on both sides
+    "lloyd2-fit": KVScheme("i", k_bits=2, v_bits=2, k_quant="lloyd", v_quant="lloyd", k_block=16, v_block=16,
+                           k_rotate=True, v_rotate=True, k_centre=True, sinks=2, window=4, k_fit_scale=True,
+                           v_fit_scale=True),
     # per-layer widths (a calibrated scheme): layer 0 at 2 bits (Lloyd levels, no value centre), layer 1 at 4
     "layer-widths-2-4": KVScheme("g", k_bits=3, v_bits=3, k_block=16, v_block=16, k_rotate=True, v_rotate=True,
                                  k_centre=True, k_centre_rope=True, v_centre=True, sinks=2, window=4,
@@ -116,7 +125,8 @@ def test_fused_op_matches_fake_quantization(name):
 
 
 @pytest.mark.parametrize("use_native", [True, False])
-@pytest.mark.parametrize("name", ["nf4-rot-centre", "nf4-rope-centre", "layer-widths-2-4"])
+@pytest.mark.parametrize("name", ["nf4-rot-centre", "nf4-rope-centre", "layer-widths-2-4", "nf3-query-vfit",
+                                  "lloyd2-fit"])
 def test_folded_decode_steps_match_the_general_path(name, use_native, monkeypatch):
     # Eager one-token steps fold the transform into a few matmuls (cache._StepMaps), or into one
     # native call; the logits must agree with the general path to fp32 rounding (a code may flip at a
@@ -438,7 +448,7 @@ def test_save_load_round_trip_and_rejects_bad_files(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["nf4-rot-centre", "nf4-rope-centre"])
+@pytest.mark.parametrize("name", ["nf4-rot-centre", "nf4-rope-centre", "nf3-query-vfit"])
 def test_compiled_decode_step_has_no_graph_break(name):
     model, scheme = tiny_model(), SCHEMES[name]
     ids = torch.randint(1, 96, (2, 6), generator=torch.Generator().manual_seed(9))

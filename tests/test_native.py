@@ -12,7 +12,7 @@ import torch
 from nqkv_core import native
 from nqkv_core.codebook import get_codebook
 from nqkv_core.ops import cpu
-from nqkv_core.quantize import dequantize_blockwise, quantize_blockwise
+from nqkv_core.quantize import dequantize_blockwise, feedback_matrix, quantize_blockwise
 from test_ops_attention import reference  # the dequantize-then-SDPA reference of the op's tests
 
 pytestmark = pytest.mark.skipif(os.environ.get("NQKV_NATIVE") == "0", reason="native kernels disabled")
@@ -29,15 +29,16 @@ def test_builds_and_loads():
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("block,scale_dtype", [(64, torch.float16), (32, torch.float32), (16, torch.float16)])
-def test_quantize_dequantize_match_torch_bitwise(bits, dtype, block, scale_dtype):
+@pytest.mark.parametrize("fit_scale", [False, True])
+def test_quantize_dequantize_match_torch_bitwise(bits, dtype, block, scale_dtype, fit_scale):
     torch.manual_seed(bits * 7 + block)
     x = (torch.randn(5, 3, 128) * torch.rand(5, 3, 1) * 10).to(dtype)
     x[1, 2, :block] = 0  # an all-zero block
     x[2, 0, 5] = torch.finfo(dtype).max / 4 if scale_dtype == torch.float32 else 1000.0
     cb = get_codebook("nf", bits, block)
-    codes, absmax = quantize_blockwise(x, cb, block, scale_dtype=scale_dtype)
+    codes, absmax = quantize_blockwise(x, cb, block, scale_dtype=scale_dtype, fit_scale=fit_scale)
     with native.disabled():
-        ref_codes, ref_absmax = quantize_blockwise(x, cb, block, scale_dtype=scale_dtype)
+        ref_codes, ref_absmax = quantize_blockwise(x, cb, block, scale_dtype=scale_dtype, fit_scale=fit_scale)
     assert torch.equal(codes, ref_codes)
     assert torch.equal(absmax, ref_absmax)
     for out in (torch.float32, torch.bfloat16):
@@ -46,6 +47,25 @@ def test_quantize_dequantize_match_torch_bitwise(bits, dtype, block, scale_dtype
             ref = dequantize_blockwise(codes, absmax, cb, block, dtype=out)
         assert torch.equal(y, ref)
     assert (dequantize_blockwise(codes, absmax, cb, block)[1, 2, :block] == 0).all()
+
+
+@pytest.mark.parametrize("bits,block", [(3, 64), (4, 16), (2, 32)])
+def test_feedback_quantize_matches_torch(bits, block):
+    # Error-feedback rounding, one matrix per (batch, head) for its rows: the same fp32 operations
+    # in the same order, so the same codes and scales.
+    gen = torch.Generator().manual_seed(bits)
+    x = torch.randn(2, 3, 40, 64, generator=gen) * torch.rand(2, 3, 40, 1, generator=gen) * 5
+    x[0, 1, 3, :block] = 0
+    a = torch.randn(2, 3, 64, 64, generator=gen)
+    u = feedback_matrix(a @ a.transpose(-1, -2) / 64)
+    cb = get_codebook("nf", bits, block)
+    codes, absmax = quantize_blockwise(x, cb, block, feedback=u)
+    with native.disabled():
+        ref_codes, ref_absmax = quantize_blockwise(x, cb, block, feedback=u)
+    assert torch.equal(absmax, ref_absmax)
+    assert (codes != ref_codes).float().mean() < 1e-3  # (a rounding tie may fall either way, rarely)
+    plain, _ = quantize_blockwise(x, cb, block)
+    assert (codes != plain).any()
 
 
 def test_quantize_errors_survive_the_native_path():

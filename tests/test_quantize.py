@@ -56,6 +56,57 @@ def test_unbiased_error_bound(case):
 
 
 @settings(max_examples=40, deadline=None)
+@given(cases())
+def test_fitted_scales_are_unbiased_and_beat_absmax_codes(case):
+    # Fitted scales keep, per block, the clipped codes with the smallest squared error under the
+    # scale t = sum(x^2) / sum(x * level). Against a plain reference: each decoded block is unbiased
+    # (sum(x * xhat) = sum(x^2)) up to rounding t to fp16, and its error is at most that of the
+    # absmax codes (ratio 1, one of the candidates) with their own t; rounding t by a relative d
+    # changes an error e(t) = t^2 sum(level^2) - sum(x^2) by at most 2 d e(t) + d^2 t^2 sum(level^2).
+    x, cb, block, axis = case
+    codes, scale = quantize_blockwise(x, cb, block, axis, fit_scale=True)
+    y = dequantize_blockwise(codes, scale, cb, block, axis)
+    xb = x.double().movedim(axis, -1).reshape(*x.movedim(axis, -1).shape[:-1], -1, block)
+    yb = y.double().movedim(axis, -1).reshape(xb.shape)
+    xx, xy = (xb * xb).sum(-1), (xb * yb).sum(-1)
+    d = 2.0**-11  # fp16 rounding, relative
+    assert torch.all((xy - xx).abs() <= d * xx * 1.01 + 1e-30)
+    absmax = xb.abs().amax(-1, keepdim=True)
+    y0 = (xb / torch.where(absmax > 0, absmax, 1.0)).float().contiguous()
+    q = cb.double()[torch.bucketize(y0, (cb[1:] + cb[:-1]) / 2)]
+    xq, qq = (xb * q).sum(-1), (q * q).sum(-1)
+    t = torch.where(xq > 0, xx / xq, 0.0)
+    ref_err = xx - 2 * t * xq + t * t * qq
+    err = ((yb - xb) ** 2).sum(-1)
+    assert torch.all(err <= ref_err * (1 + 2.02 * d) + d * d * t * t * qq * 1.01 + 1e-12 * xx + 1e-30)
+
+
+def test_fitted_scales_lower_the_error_of_gaussian_blocks():
+    # against the other unbiased decoding: absmax codes decoded with the unbiased levels
+    x = torch.randn(4096, 64, generator=torch.Generator().manual_seed(0))
+    for kind, bits in (("nf", 4), ("nf", 3), ("lloyd", 2)):
+        cb = get_codebook(kind, bits, 64)
+        fit = dequantize_blockwise(*quantize_blockwise(x, cb, 64, fit_scale=True), cb, 64)
+        gain = dequantize_blockwise(*quantize_blockwise(x, cb, 64), get_codebook(kind, bits, 64, unbiased=True), 64)
+        assert ((fit - x) ** 2).mean() < 0.97 * ((gain - x) ** 2).mean()
+        assert (fit * x).sum() / (x * x).sum() == pytest.approx(1.0, abs=1e-3)  # not shrunk
+
+
+def test_fitted_scale_errors():
+    cb = get_codebook("nf", 4, 64)
+    x = torch.randn(2, 64)
+    x[1, 3] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        quantize_blockwise(x, cb, 64, fit_scale=True)
+    with pytest.raises(ValueError, match="float16 range"):
+        quantize_blockwise(torch.full((1, 64), 7e4), cb, 64, fit_scale=True)
+    zeros = torch.zeros(3, 64)
+    codes, scale = quantize_blockwise(zeros, cb, 64, fit_scale=True)
+    assert torch.equal(scale, torch.zeros_like(scale))
+    assert torch.equal(dequantize_blockwise(codes, scale, cb, 64), zeros)
+
+
+@settings(max_examples=40, deadline=None)
 @given(cases(kinds=("nf",)))
 def test_idempotent(case):
     # Codebooks with levels at ±1 reproduce each block's absmax, so requantizing is a fixed point.

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from nqkv_core.codebook import nf_codebook
+from nqkv_core.quantize import dequantize_blockwise, quantize_blockwise
 from nqkv_core.scheme import (
     FULL_PRECISION, KVScheme, apply_rope, fit_transform, hadamard, kivi, nqkv_preset, quantize_roundtrip,
     roundtrip, uniform,
@@ -155,6 +157,42 @@ def test_layer_bits_give_each_layer_its_width():
         base.replace(layer_bits=(3, 5))
     with pytest.raises(ValueError, match="equal K and V"):
         nqkv_preset(4, v_bits=3).replace(layer_bits=(4, 4))
+
+
+def test_fitted_scales_and_query_rounding_fields():
+    s = nqkv_preset(3).replace(v_fit_scale=True, k_rounding="query")
+    assert KVScheme.from_dict(s.to_dict()) == s
+    k = torch.randn(1, 2, 40, 64)
+    k_hat = quantize_roundtrip(k, 3, "nf", 64, "token", unbiased=True, fit_scale=True)  # fitted: plain levels
+    assert torch.equal(k_hat, dequantize_blockwise(*quantize_blockwise(k, nf_codebook(3), 64, fit_scale=True),
+                                                   nf_codebook(3), 64))
+    with pytest.raises(ValueError, match="k_rounding"):
+        s.replace(k_rounding="best")
+    with pytest.raises(ValueError, match="k_fit_scale"):
+        s.replace(k_fit_scale=True)
+    with pytest.raises(ValueError, match="needs the queries"):
+        fit_transform(s, k, k, inv_freq=torch.ones(32))
+
+
+def test_query_rounding_lowers_the_score_error():
+    # Keys coded by error feedback under E[q q^T] of the (stored-basis) queries: the mean square
+    # score error q . (k - k_hat) over fresh queries from the same distribution falls below nearest
+    # rounding's, though the plain squared error of the keys grows.
+    gen = torch.Generator().manual_seed(0)
+    d, n = 64, 512
+    basis = torch.linalg.qr(torch.randn(d, d, generator=gen))[0]
+    q = (torch.randn(1, 4, 2 * n, d, generator=gen) * torch.logspace(0, -2, d)) @ basis.T  # anisotropic
+    k = torch.randn(1, 2, n, d, generator=gen)
+    plain = KVScheme("p", k_bits=3, v_bits=16, sinks=0)
+    query = plain.replace(k_rounding="query")
+    t = fit_transform(query, k, k, q[:, :, :n])
+    assert t.k_feedback.shape == (1, 2, d, d)
+    k_near, _ = roundtrip(plain, k, k)
+    k_query, _ = roundtrip(query, k, k, transform=t)
+    fresh = q[:, :, n:].reshape(1, 2, -1, d)  # query heads 2h, 2h+1 belong to kv head h
+    score_err = [((fresh @ (k - kh).transpose(-1, -2)) ** 2).mean() for kh in (k_near, k_query)]
+    assert score_err[1] < 0.7 * score_err[0]
+    assert ((k - k_query) ** 2).mean() > ((k - k_near) ** 2).mean()
 
 
 def test_scheme_dict_round_trip():

@@ -50,6 +50,17 @@ def test_unbiased_codebook_keeps_the_codes():
         NQTensor.from_float(x, bits=3, codebook=plain.codebook, unbiased=True)
 
 
+def test_fitted_scales_decode_each_block_unbiased():
+    x = kv(torch.float32)
+    fit = NQTensor.from_float(x, bits=3, fit_scale=True)
+    assert torch.equal(fit.codebook, NQTensor.from_float(x, bits=3).codebook)  # plain levels
+    xb, yb = x.reshape(-1, 64).double(), fit.dequantize().reshape(-1, 64).double()
+    ratio = (xb * yb).sum(-1) / (xb * xb).sum(-1)
+    assert torch.all((ratio - 1).abs() < 2**-10)
+    with pytest.raises(ValueError, match="fit_scale"):
+        NQTensor.from_float(x, bits=3, fit_scale=True, unbiased=True)  # one tensor: one or the other
+
+
 def test_slice_select_cat_follow_dequantize():
     x = kv()
     for axis, step in ((-1, 1), (-2, 32)):

@@ -89,6 +89,16 @@ inline float round_up_half(float a) {
   return std::ceil(a / spacing) * spacing;
 }
 
+// fp32 value rounded to the nearest fp16 value (ties to even), in fp32, as
+// nqkv_core.quantize._round_nearest; the caller checks the range.
+inline float round_nearest_half(float a) {
+  int e;
+  std::frexp(a, &e);
+  if (e < -13) e = -13;
+  const float spacing = std::ldexp(1.0f, e - 11);
+  return std::nearbyint(a / spacing) * spacing;
+}
+
 // fp16 bits of a value that fp16 represents exactly (a scale rounded by round_up_half).
 inline uint16_t half_bits_exact(float a) {
   if (a == 0.f) return 0;
@@ -673,26 +683,73 @@ int attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, const f
 
 extern "C" {
 
+// Code `c` of element d into a zeroed packed row (the layout of nqkv_core.packing).
+inline void put_code(uint8_t* out, int bits, int64_t row_len, int64_t d, uint8_t c) {
+  switch (bits) {
+    case 4: out[d >> 1] |= c << ((d & 1) * 4); break;
+    case 2: out[d >> 2] |= c << ((d & 3) * 2); break;
+    case 8: out[d] = c; break;
+    default:
+      out[d >> 2] |= (c & 3) << ((d & 3) * 2);
+      out[row_len / 4 + (d >> 3)] |= (c >> 2) << (d & 7);
+  }
+}
+
 // Codes and fp32 absmax of `rows` rows of `row_len` elements, blocks of `block` along the row.
 // x: fp32 (x_bf16 = 0) or bf16 bits (x_bf16 = 1), contiguous. thresholds: the 2**bits - 1 midpoints
 // between ascending levels; a code is the number of midpoints strictly below x / s (what
 // torch.bucketize gives). absmax_out gets the scale used for coding (rounded up to the fp16 grid
 // when round_half). Returns the number of blocks whose absmax is not finite (NaN or Inf in the
 // input) or above max_scale; the caller then finds and words the error.
+//
+// Fitted scales (n_ratios > 0, as nqkv_core.quantize with fit_scale=True): for each clipping ratio r
+// the codes of x against the scale r * absmax, then the scale t = sum(x^2) / sum(x * level) that
+// makes the block's decoded values unbiased (sum(x * xhat) = sum(x^2)); the block keeps the ratio
+// whose codes give the smallest squared error with their t (sums in double; the first on ties), and
+// stores t rounded to the nearest fp16 value (round_half) or in fp32. levels: the 2**bits levels.
+//
+// Error feedback (feedback non-null, as nqkv_core.quantize with feedback=U): absmax scales; the
+// elements of row r are coded in order, each rounding error divided by U[i][i] and subtracted
+// from the later elements along U[i][j]; U = feedback + (r / feedback_rows) * row_len^2, row-major.
 int64_t nqkv_quantize_rows(const void* x, int x_bf16, int64_t rows, int64_t row_len, int64_t block,
                            const float* thresholds, int bits, int round_half, float max_scale, uint8_t* codes,
-                           float* absmax_out, int threads) {
+                           float* absmax_out, int threads, const float* levels, const float* ratios,
+                           int n_ratios, const float* feedback, int64_t feedback_rows) {
   const int n_thr = (1 << bits) - 1;
   const int64_t row_bytes = row_len * bits / 8, nb = row_len / block;
   int64_t bad = 0;
 #pragma omp parallel num_threads(threads) reduction(+ : bad)
   {
-    std::vector<float> y(block);
-    std::vector<uint8_t> c(block);
+    std::vector<float> y(block), xs(block), w(feedback ? row_len : 0);
+    std::vector<uint8_t> c(block), best(block);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       uint8_t* out = codes + r * row_bytes;
       std::memset(out, 0, row_bytes);
+      if (feedback) {
+        for (int64_t i = 0; i < row_len; ++i)
+          w[i] = x_bf16 ? bits_to_float((uint32_t)((const uint16_t*)x)[r * row_len + i] << 16)
+                        : ((const float*)x)[r * row_len + i];
+        float* sc = absmax_out + r * nb;
+        for (int64_t b = 0; b < nb; ++b) {
+          float a = 0.f;
+          for (int64_t i = b * block; i < (b + 1) * block; ++i) a = std::fmax(a, std::fabs(w[i]));
+          for (int64_t i = b * block; i < (b + 1) * block; ++i) a = std::isnan(w[i]) ? w[i] : a;
+          if (!(a <= max_scale)) ++bad;
+          if (round_half && std::isfinite(a)) a = round_up_half(a);
+          sc[b] = a;
+        }
+        const float* U = feedback + (r / feedback_rows) * row_len * row_len;
+        for (int64_t i = 0; i < row_len; ++i) {
+          const float s = sc[i / block], y_i = w[i] / (s > 0.f ? s : 1.f);
+          uint8_t code = 0;
+          for (int t = 0; t < n_thr; ++t) code += y_i > thresholds[t];
+          put_code(out, bits, row_len, i, code);
+          const float err = (w[i] - levels[code] * s) / U[i * row_len + i];
+          for (int64_t j = i + 1; j < row_len; ++j) w[j] -= err * U[i * row_len + j];
+        }
+        continue;
+      }
       for (int64_t b = 0; b < nb; ++b) {
         const int64_t base = r * row_len + b * block;
         if (x_bf16) {
@@ -705,27 +762,48 @@ int64_t nqkv_quantize_rows(const void* x, int x_bf16, int64_t rows, int64_t row_
         for (int64_t i = 0; i < block; ++i) a = std::fmax(a, std::fabs(y[i]));
         for (int64_t i = 0; i < block; ++i) a = std::isnan(y[i]) ? y[i] : a;  // NaN must reach the check
         if (!(a <= max_scale)) ++bad;  // NaN compares false
-        if (round_half && std::isfinite(a)) a = round_up_half(a);
-        absmax_out[r * nb + b] = a;
-        const float s = a > 0.f ? a : 1.f;
-        for (int64_t i = 0; i < block; ++i) y[i] = y[i] / s;
-        for (int64_t i = 0; i < block; ++i) c[i] = 0;
-        for (int t = 0; t < n_thr; ++t) {  // a vectorised count of midpoints below each element
-          const float th = thresholds[t];
-          for (int64_t i = 0; i < block; ++i) c[i] += y[i] > th;
-        }
-        const int64_t d0 = b * block;
-        for (int64_t i = 0; i < block; ++i) {
-          const int64_t d = d0 + i;
-          switch (bits) {
-            case 4: out[d >> 1] |= c[i] << ((d & 1) * 4); break;
-            case 2: out[d >> 2] |= c[i] << ((d & 3) * 2); break;
-            case 8: out[d] = c[i]; break;
-            default:
-              out[d >> 2] |= (c[i] & 3) << ((d & 3) * 2);
-              out[row_len / 4 + (d >> 3)] |= (c[i] >> 2) << (d & 7);
+        if (n_ratios > 0) {
+          std::memcpy(xs.data(), y.data(), block * sizeof(float));
+          double best_err = 0.0, best_t = 0.0;
+          for (int k = 0; k < n_ratios; ++k) {
+            const float sr = a * ratios[k];
+            const float s = sr > 0.f ? sr : 1.f;
+            for (int64_t i = 0; i < block; ++i) y[i] = xs[i] / s;
+            for (int64_t i = 0; i < block; ++i) c[i] = 0;
+            for (int t = 0; t < n_thr; ++t) {
+              const float th = thresholds[t];
+              for (int64_t i = 0; i < block; ++i) c[i] += y[i] > th;
+            }
+            double xx = 0.0, xq = 0.0, qq = 0.0;
+            for (int64_t i = 0; i < block; ++i) {
+              const double xi = xs[i], qi = levels[c[i]];
+              xx += xi * xi, xq += xi * qi, qq += qi * qi;
+            }
+            const double t = xq > 0.0 ? xx / xq : 0.0;
+            const double err = xx - 2.0 * t * xq + t * t * qq;
+            if (k == 0 || err < best_err) {
+              best_err = err, best_t = t;
+              std::memcpy(best.data(), c.data(), block);
+            }
+          }
+          float t = (float)best_t;
+          if (round_half && std::isfinite(t)) t = round_nearest_half(t);
+          if (!(t <= max_scale) && std::isfinite(a)) ++bad;  // (a non-finite block is counted above)
+          absmax_out[r * nb + b] = std::isfinite(a) ? t : a;  // a NaN / Inf block: for the caller's check
+          std::memcpy(c.data(), best.data(), block);
+        } else {
+          if (round_half && std::isfinite(a)) a = round_up_half(a);
+          absmax_out[r * nb + b] = a;
+          const float s = a > 0.f ? a : 1.f;
+          for (int64_t i = 0; i < block; ++i) y[i] = y[i] / s;
+          for (int64_t i = 0; i < block; ++i) c[i] = 0;
+          for (int t = 0; t < n_thr; ++t) {  // a vectorised count of midpoints below each element
+            const float th = thresholds[t];
+            for (int64_t i = 0; i < block; ++i) c[i] += y[i] > th;
           }
         }
+        const int64_t d0 = b * block;
+        for (int64_t i = 0; i < block; ++i) put_code(out, bits, row_len, d0 + i, c[i]);
       }
     }
   }
@@ -788,6 +866,10 @@ int nqkv_attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, co
 // (body slot j: sinks + j; sink i: i; ring slot r: the last position < n_tokens that is r modulo
 // n_ring; new: n_tokens), the packed body's from rope_tiles, the table in tiles of sixteen
 // positions ((rope_rows + 15) / 16, D, 16).
+// Coding as nqkv_quantize_rows: fitted scales with the `n_fit` ratios `fit_ratios` for the sides in
+// `fit_sides` (bit 0 keys, bit 1 values; their body codebook is the plain one), and
+// keys by error feedback when `k_feedback` ((B * Hkv, D, D) row-major) is set,
+// against their plain levels `k_levels`.
 // Returns 0, 1 for a position beyond the table, 2 for a non-finite or out-of-range block scale in
 // the token being quantized (nothing is written then).
 int nqkv_decode_step(const float* q, const float* k_new, const float* v_new, const float* q_map, int64_t q_map_cols,
@@ -798,7 +880,8 @@ int nqkv_decode_step(const float* q, const float* k_new, const float* v_new, con
                      const float* v_thresholds, float max_scale, int64_t leave_slot, int64_t body_slot,
                      int64_t sink_slot, int64_t ring_slot, const float* rope_table, const float* rope_tiles,
                      int64_t rope_rows, int64_t n_tokens, float scale, int64_t B, int64_t Hkv, int64_t G, int64_t D,
-                     float* out, int threads) {
+                     float* out, int threads, const float* fit_ratios, int n_fit, int fit_sides,
+                     const float* k_levels, const float* k_feedback) {
   const int64_t Hq = Hkv * G, BH = B * Hkv, T_tail = n_sinks + n_ring + 1;
   const bool bias = q_map_cols == 2 * D;
   // RoPE-aware centre: the [cos | sin] rows of the new token's position give apply_rope's full rows
@@ -880,8 +963,11 @@ int nqkv_decode_step(const float* q, const float* k_new, const float* v_new, con
         std::memcpy(rows.data() + bh * D, rings[side] + (bh * ring_slots + leave_slot) * D, D * sizeof(float));
       codes[side].resize(BH * row_bytes);
       scales[side].resize(BH * nb);
+      // keys with feedback rounding: one matrix per (b, h) row; they code against the plain levels
+      const bool fb = side == 0 && k_feedback, fit = (fit_sides >> side) & 1;
       if (nqkv_quantize_rows(rows.data(), 0, BH, D, p.block, thresholds[side], p.bits, p.absmax_half, max_scale,
-                             codes[side].data(), scales[side].data(), 1))
+                             codes[side].data(), scales[side].data(), 1, fb ? k_levels : p.codebook,
+                             fit ? fit_ratios : nullptr, fit ? n_fit : 0, fb ? k_feedback : nullptr, 1))
         return 2;
     }
     for (int side = 0; side < 2; ++side) {
