@@ -187,20 +187,34 @@ def feedback_matrix(metric: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
     return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
 
 
-def _feedback_codes(x: torch.Tensor, scale: torch.Tensor, codebook: torch.Tensor, thresholds: torch.Tensor,
-                    feedback: torch.Tensor) -> torch.Tensor:
-    """Codes of rows ``x (..., n, d)`` (fp32) with element scales ``scale`` (same shape), coded in
-    order along the row with each rounding error fed forward along ``feedback (..., d, d)``."""
+@torch.library.custom_op("nqkv::feedback_codes", mutates_args=())
+def feedback_codes(x: torch.Tensor, scale: torch.Tensor, feedback: torch.Tensor, thresholds: torch.Tensor,
+                   codebook: torch.Tensor) -> torch.Tensor:
+    """Unpacked uint8 codes of rows ``x (..., n, d)`` (fp32) with element scales ``scale`` (same
+    shape), coded in order along the row with each rounding error fed forward along ``feedback
+    (..., d, d)``, one matrix per leading index. A custom op: :func:`feedback_loop` serves every
+    device, and :mod:`nqkv_core.ops.triton_quantize` registers a one-program-per-row CUDA kernel."""
+    return feedback_loop(x, scale, feedback, thresholds, codebook)
+
+
+def feedback_loop(x: torch.Tensor, scale: torch.Tensor, feedback: torch.Tensor, thresholds: torch.Tensor,
+                  codebook: torch.Tensor) -> torch.Tensor:
+    """The torch body of :func:`feedback_codes` (and the reference of its kernels)."""
     w = x.clone()
     u = feedback.unsqueeze(-3)  # (..., 1, d, d): one matrix for the n rows
     safe = torch.where(scale > 0, scale, 1.0)
-    codes = torch.empty(x.shape, dtype=torch.long, device=x.device)
+    codes = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
     for i in range(x.shape[-1]):
         c = torch.bucketize(w[..., i] / safe[..., i], thresholds)
-        codes[..., i] = c
+        codes[..., i] = c.to(torch.uint8)
         err = (w[..., i] - codebook[c] * scale[..., i]) / u[..., i, i]
         w[..., i + 1:] -= err.unsqueeze(-1) * u[..., i, i + 1:]
     return codes
+
+
+@feedback_codes.register_fake
+def _(x, scale, feedback, thresholds, codebook):
+    return torch.empty(x.shape, dtype=torch.uint8, device=x.device)
 
 
 def _midpoints(codebook: torch.Tensor) -> torch.Tensor:
@@ -288,7 +302,7 @@ def quantize_blockwise(
     elif feedback is not None:
         absmax = _round_up(absmax, scale_dtype)
         scale = absmax.unsqueeze(-1).expand(xb.shape).flatten(-2)
-        codes = _feedback_codes(xb.flatten(-2), scale, codebook.float(), thresholds, feedback.float())
+        codes = feedback_codes(xb.flatten(-2), scale.contiguous(), feedback.float(), thresholds, codebook.float())
         codes = codes.reshape(xb.shape)
     else:
         absmax = _round_up(absmax, scale_dtype)

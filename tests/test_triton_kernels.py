@@ -20,7 +20,7 @@ NEED_CHILD = not CUDA and os.environ.get("TRITON_INTERPRET") != "1"
 DEVICE = "cuda" if CUDA else "cpu"
 
 if not NEED_CHILD:
-    from nqkv_core.ops import triton_decode, triton_prefill
+    from nqkv_core.ops import triton_decode, triton_prefill, triton_quantize
 from nqkv_core import NQTensor  # noqa: E402
 
 
@@ -128,3 +128,26 @@ def test_opcheck_kernels():
         tests += ("test_faketensor", "test_aot_dispatch_dynamic")
     torch.library.opcheck(torch.ops.nqkv.flash_decode.default, a, test_utils=tests)
     torch.library.opcheck(torch.ops.nqkv.flash_prefill.default, a, test_utils=tests)
+
+
+@_kernel_test
+@pytest.mark.parametrize("bits,block,d", [(3, 64, 64), (2, 16, 32)])
+def test_feedback_codes_kernel_matches_torch(bits, block, d):
+    from nqkv_core.codebook import get_codebook
+    from nqkv_core.quantize import _midpoints, feedback_loop, feedback_matrix
+
+    gen = torch.Generator().manual_seed(bits)
+    x = torch.randn(1, 2, 3, d, generator=gen) * 3  # (the interpreter runs each row's loop in Python)
+    x[0, 1, 2, :block] = 0
+    scale = x.reshape(1, 2, 3, d // block, block).abs().amax(-1).repeat_interleave(block, -1)
+    a = torch.randn(1, 2, d, d, generator=gen)
+    u = feedback_matrix(a @ a.transpose(-1, -2) / d)
+    cb = get_codebook("nf", bits, block)
+    args = [t.to(DEVICE) for t in (x, scale, u, _midpoints(cb), cb)]
+    codes = triton_quantize.launch(*args)
+    ref = feedback_loop(*args)
+    assert codes.dtype == torch.uint8 and codes.shape == x.shape
+    # the same fp32 operations; a GPU may fuse a multiply-add, which can move a tie (rarely)
+    assert (codes != ref).float().mean() < 2e-2
+    if CUDA:  # the op dispatches to the kernel
+        assert torch.equal(torch.ops.nqkv.feedback_codes(*args), codes)
