@@ -45,8 +45,8 @@ from nqkv_core.ops.attention import attention_eager, skips_dispatcher
 from nqkv_core.codebook import get_codebook
 from nqkv_core import native
 from nqkv_core.quantize import _fit_ratios, _midpoints, dequantize_blockwise, quantize_blockwise
-from nqkv_core.scheme import (FP_BITS, KVScheme, KVTransform, fit_transform, nqkv_preset, per_query_head,
-                              rope_inv_freq, rotate_half)
+from nqkv_core.scheme import (FP_BITS, KVScheme, KVTransform, fit_transform, key_feedback, nqkv_preset,
+                              per_query_head, rope_inv_freq, rotate_half)
 
 try:  # transformers is an optional dependency of the package; the cache needs it.
     import transformers
@@ -67,7 +67,8 @@ _ENABLE_HINT = (
 )
 
 
-TRANSFORM_FIELDS = tuple(f.name for f in dataclasses.fields(KVTransform))
+# The transform's saved fields (the feedback matrix is derived from the stored metric on load).
+TRANSFORM_FIELDS = tuple(f.name for f in dataclasses.fields(KVTransform) if f.name != "k_feedback")
 
 
 def _version() -> tuple[int, int]:
@@ -902,7 +903,7 @@ class NQKVLayer(CacheLayerMixin):
         self.k_sink, self.v_sink = fn(self.k_sink), fn(self.v_sink)
         self.k_ring, self.v_ring = fn(self.k_ring), fn(self.v_ring)
         if self.transform is not None:
-            for f in ("mu_k", "a_k", "mu_v", "b_v", "k_feedback"):  # the per-batch-row fields
+            for f in ("mu_k", "a_k", "mu_v", "b_v", "k_metric", "k_metric_iso", "k_feedback"):  # per batch row
                 x = getattr(self.transform, f)
                 if x is not None:
                     setattr(self.transform, f, fn(x))
@@ -961,6 +962,7 @@ class NQKVLayer(CacheLayerMixin):
             getattr(self, f"{side}_ring")[:, :, : self.n_ring].copy_(state[f"{side}_ring"])
         fields = {f: state.get(f"t_{f}") for f in TRANSFORM_FIELDS}
         self.transform = KVTransform(**fields)
+        self.transform.k_feedback = key_feedback(self.transform)
         if self.transform.inv_freq is not None:
             if self.rope.inv_freq is None:
                 self.rope.inv_freq = self.transform.inv_freq

@@ -39,8 +39,10 @@ Equalize = Literal["none", "rms", "qk"]
 Rounding = Literal["nearest", "query"]
 FP_BITS = 16
 PRESET_BITS = (2, 3, 4, 8)
-# Queries after the sinks whose second moments make the key metric of k_rounding="query".
+# Queries after the sinks whose second moments make the key metric of k_rounding="query", and the
+# rank of the metric that is kept (its top eigen-directions plus their mean isotropic rest).
 QUERY_STATS_TOKENS = 128
+QUERY_METRIC_RANK = 4
 
 
 @dataclass(frozen=True)
@@ -173,7 +175,7 @@ class KVScheme:
     def needs_stats(self) -> bool:
         return self.k_centre or self.v_centre or self.k_equalize != "none" or self.v_equalize
 
-    def _side_bits(self, bits: int, quant: Quantizer, block: int, n_vectors: int, context_len: int) -> float:
+    def _side_bits(self, bits: int, quant: Quantizer, block: int, n_vectors: float, context_len: int) -> float:
         if bits >= FP_BITS:
             return float(FP_BITS)
         n_fp = min(context_len, self.sinks + self.window)
@@ -186,9 +188,13 @@ class KVScheme:
         """Average storage bits per K/V element for a sequence of ``context_len`` tokens.
 
         Charges the codes, every per-block scale (and zero-point), the full-precision sink and window
-        tokens, and the per-channel centre/equalisation vectors. The rotation is a shared constant.
+        tokens, the per-channel centre/equalisation vectors and, for query-rounded keys, the
+        metric's ``QUERY_METRIC_RANK`` vectors (the isotropic rest counted as one more). The rotation
+        is a shared constant.
         """
         k_vec = int(self.k_centre) + int(self.k_equalize != "none")
+        if self.k_rounding == "query":
+            k_vec += QUERY_METRIC_RANK + 1
         v_vec = int(self.v_centre) + int(self.v_equalize)
         if self.layer_bits:
             return sum(self.for_layer(i).bits_per_element(context_len) for i in range(len(self.layer_bits))) / len(
@@ -228,7 +234,13 @@ class KVTransform:
     mu_v: torch.Tensor | None = None
     b_v: torch.Tensor | None = None
     rot_v: torch.Tensor | None = None
-    k_feedback: torch.Tensor | None = None  # (batch, kv_heads, d, d): keys' error-feedback matrix
+    # k_rounding="query": the queries' metric ~ k_metric^T k_metric + k_metric_iso * I, with
+    # k_metric (batch, kv_heads, QUERY_METRIC_RANK, d) and k_metric_iso (batch, kv_heads, 1, 1); the
+    # keys' error-feedback matrix k_feedback (batch, kv_heads, d, d) is derived from them
+    # (key_feedback), held for the coder, not saved.
+    k_metric: torch.Tensor | None = None
+    k_metric_iso: torch.Tensor | None = None
+    k_feedback: torch.Tensor | None = None
     inv_freq: torch.Tensor | None = None  # set with a pre-RoPE mu_k: mu_k is then rotated per position
 
     def key_centre(self, n: int, start: int | torch.Tensor = 0) -> torch.Tensor | None:
@@ -398,8 +410,29 @@ def fit_transform(
     if scheme.k_rounding == "query" and scheme.k_bits < FP_BITS:
         if q is None:
             raise ValueError("k_rounding='query' needs the queries of the prompt (pass q)")
-        t.k_feedback = feedback_matrix(query_metric(t, q, k.shape[1], scheme.sinks))
+        t.k_metric, t.k_metric_iso = low_rank_metric(query_metric(t, q, k.shape[1], scheme.sinks))
+        t.k_feedback = key_feedback(t)
     return t
+
+
+def low_rank_metric(m: torch.Tensor, rank: int = QUERY_METRIC_RANK) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(F, iso)`` with ``F^T F + iso * I`` the metric ``m (..., d, d)`` cut to its top ``rank``
+    eigen-directions (rows of ``F``: ``sqrt(eigenvalue) * eigenvector``) plus the mean of the other
+    eigenvalues on every direction: ``rank`` vectors to store instead of a ``d x d`` matrix."""
+    ev, vec = torch.linalg.eigh(m.double())  # ascending
+    rank = min(rank, m.shape[-1] - 1)
+    f = (vec[..., -rank:] * ev[..., None, -rank:].clamp_min(0).sqrt()).transpose(-1, -2)
+    iso = ev[..., :-rank].mean(-1).clamp_min(0)[..., None, None]
+    return f.float(), iso.float()
+
+
+def key_feedback(t: KVTransform) -> torch.Tensor | None:
+    """The keys' error-feedback matrix of ``t``'s stored metric (None without one)."""
+    if t.k_metric is None:
+        return None
+    d = t.k_metric.shape[-1]
+    eye = torch.eye(d, device=t.k_metric.device)
+    return feedback_matrix(t.k_metric.transpose(-1, -2) @ t.k_metric + t.k_metric_iso * eye)
 
 
 def query_metric(t: KVTransform, q: torch.Tensor, kv_heads: int, sinks: int) -> torch.Tensor:

@@ -296,6 +296,29 @@ def test_rope_centred_save_load_and_append(tmp_path, reference_attention):
         torch.testing.assert_close(a, whole.layers[0].state()[name], rtol=0, atol=1e-6, msg=name)
 
 
+def test_query_rounded_cache_saves_its_metric_and_continues_bitwise(tmp_path):
+    # The metric's low-rank factor is saved; the loaded cache derives the same feedback matrix and
+    # codes the next tokens (which leave the window, so they are feedback-coded) to the same bits.
+    model, scheme = tiny_model(), SCHEMES["nf3-query-vfit"]
+    ids = torch.randint(1, 96, (1, 24), generator=torch.Generator().manual_seed(12))
+    nq = enable(model, scheme=scheme)
+    cache = nq.new_cache()
+    model(ids[:, :12], past_key_values=cache, use_cache=True)
+    cache.save(tmp_path / "q.safetensors")
+    loaded = NQKVCache.load(tmp_path / "q.safetensors", scheme, config=model.config)
+    for a, b in zip(cache.layers, loaded.layers):
+        assert a.transform.k_metric.shape == (1, 2, 4, 16)
+        assert torch.equal(a.transform.k_feedback, b.transform.k_feedback)
+        assert "t_k_feedback" not in a.state()  # derived, not saved
+    for i in range(12, 24):
+        x = model(ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits
+        y = model(ids[:, i:i + 1], past_key_values=loaded, use_cache=True).logits
+        assert torch.equal(x, y)
+    for a, b in zip(cache.layers, loaded.layers):
+        for name, t in a.state().items():
+            assert torch.equal(t, b.state()[name]), name
+
+
 def test_static_cache_matches_dynamic_and_bytes_are_exact(reference_attention):
     model, scheme = tiny_model(), SCHEMES["nf4-rot-centre"]
     ids = torch.randint(1, 96, (2, 4), generator=torch.Generator().manual_seed(2))
