@@ -116,35 +116,33 @@ def _check_feedback(x: torch.Tensor, axis: int, feedback: torch.Tensor, fit_scal
     torch.broadcast_shapes(feedback.shape[:-2], x.shape[:-2])
 
 
+def _spacing(t: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
+    """The ``scale_dtype`` (fp16) spacing at each value's exponent, in fp32."""
+    finfo = torch.finfo(scale_dtype)
+    _, exponent = torch.frexp(t)
+    mantissa_bits = int(-math.log2(finfo.eps))  # 10 for fp16
+    min_exponent = int(math.log2(finfo.tiny)) + 1  # subnormals share the smallest normal spacing
+    return torch.exp2((exponent.clamp(min=min_exponent) - 1 - mantissa_bits).float())
+
+
 def _round_up(absmax: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
     """``absmax`` rounded up to ``scale_dtype`` (float32 in, float32 out, exactly representable)."""
     if scale_dtype == torch.float32:
         return absmax
-    finfo = torch.finfo(scale_dtype)
     _check_scale_range(absmax, scale_dtype)
     # Ceil to a multiple of the fp16 spacing at the value's exponent, all in exact fp32 arithmetic.
     # A cast would round to nearest (possibly down, so |x / s| > 1), and torch.compile may fuse a
     # cast round trip away; with this the fp32 scale used for coding equals the stored fp16 one.
-    _, exponent = torch.frexp(absmax)
-    mantissa_bits = int(-math.log2(finfo.eps))  # 10 for fp16
-    min_exponent = int(math.log2(finfo.tiny)) + 1  # subnormals share the smallest normal spacing
-    spacing = torch.exp2((exponent.clamp(min=min_exponent) - 1 - mantissa_bits).float())
+    spacing = _spacing(absmax, scale_dtype)
     return torch.ceil(absmax / spacing) * spacing
 
 
 def _round_nearest(t: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
-    """``t`` rounded to the nearest ``scale_dtype`` value, ties to even (float32 in and out, exact).
-
-    The same spacing arithmetic as :func:`_round_up` (a cast round trip could be fused away by
-    torch.compile); the range is the caller's to check.
-    """
+    """``t`` rounded to the nearest ``scale_dtype`` value, ties to even (float32 in and out, exact,
+    for the reason :func:`_round_up` gives); the range is the caller's to check."""
     if scale_dtype == torch.float32:
         return t
-    finfo = torch.finfo(scale_dtype)
-    _, exponent = torch.frexp(t)
-    mantissa_bits = int(-math.log2(finfo.eps))
-    min_exponent = int(math.log2(finfo.tiny)) + 1
-    spacing = torch.exp2((exponent.clamp(min=min_exponent) - 1 - mantissa_bits).float())
+    spacing = _spacing(t, scale_dtype)
     return torch.round(t / spacing) * spacing
 
 

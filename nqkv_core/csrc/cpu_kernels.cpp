@@ -683,6 +683,14 @@ int attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, const f
 
 extern "C" {
 
+// Largest |x| of n values; NaN if any is NaN (so that it reaches the caller's check).
+inline float block_absmax(const float* x, int64_t n) {
+  float a = 0.f;
+  for (int64_t i = 0; i < n; ++i) a = std::fmax(a, std::fabs(x[i]));
+  for (int64_t i = 0; i < n; ++i) a = std::isnan(x[i]) ? x[i] : a;
+  return a;
+}
+
 // Code `c` of element d into a zeroed packed row (the layout of nqkv_core.packing).
 inline void put_code(uint8_t* out, int bits, int64_t row_len, int64_t d, uint8_t c) {
   switch (bits) {
@@ -732,9 +740,7 @@ int64_t nqkv_quantize_rows(const void* x, int x_bf16, int64_t rows, int64_t row_
                         : ((const float*)x)[r * row_len + i];
         float* sc = absmax_out + r * nb;
         for (int64_t b = 0; b < nb; ++b) {
-          float a = 0.f;
-          for (int64_t i = b * block; i < (b + 1) * block; ++i) a = std::fmax(a, std::fabs(w[i]));
-          for (int64_t i = b * block; i < (b + 1) * block; ++i) a = std::isnan(w[i]) ? w[i] : a;
+          float a = block_absmax(w.data() + b * block, block);
           if (!(a <= max_scale)) ++bad;
           if (round_half && std::isfinite(a)) a = round_up_half(a);
           sc[b] = a;
@@ -758,9 +764,7 @@ int64_t nqkv_quantize_rows(const void* x, int x_bf16, int64_t rows, int64_t row_
         } else {
           std::memcpy(y.data(), (const float*)x + base, block * sizeof(float));
         }
-        float a = 0.f;
-        for (int64_t i = 0; i < block; ++i) a = std::fmax(a, std::fabs(y[i]));
-        for (int64_t i = 0; i < block; ++i) a = std::isnan(y[i]) ? y[i] : a;  // NaN must reach the check
+        float a = block_absmax(y.data(), block);
         if (!(a <= max_scale)) ++bad;  // NaN compares false
         if (n_ratios > 0) {
           std::memcpy(xs.data(), y.data(), block * sizeof(float));
