@@ -99,13 +99,17 @@ def blocks_set(window: int, bits_list: list[int]) -> list[KVScheme]:
         out.append(best.replace(name=f"{best.name} stats128", stats_tokens=128))
         out.append(best.replace(name=f"{best.name} stats32", stats_tokens=32))
         out.append(best.replace(name=f"{best.name} biased", unbiased=False))
-        # encoders (the preset's own combination is one of these rows too)
+        # encoders; the one equal to the preset is its "(preset)" row already
         plain = best.replace(k_rounding="nearest", k_fit_scale=False, v_fit_scale=False)
         out.append(plain.replace(name=f"{best.name} signed", k_quant="signed", v_quant="signed"))
-        out.append(plain.replace(name=f"{best.name} nearest, absmax"))
-        out.append(plain.replace(name=f"{best.name} fitted scales", k_fit_scale=True, v_fit_scale=True))
-        out.append(plain.replace(name=f"{best.name} K query-rounded", k_rounding="query"))
-        out.append(plain.replace(name=f"{best.name} K query-rounded, V fitted", k_rounding="query", v_fit_scale=True))
+        encoders = {
+            "nearest, absmax": {}, "fitted scales": dict(k_fit_scale=True, v_fit_scale=True),
+            "K query-rounded": dict(k_rounding="query"),
+            "K query-rounded, V fitted": dict(k_rounding="query", v_fit_scale=True),
+        }
+        for label, fields in encoders.items():
+            if plain.replace(**fields, name=best.name) != best:
+                out.append(plain.replace(**fields, name=f"{best.name} {label}"))
         if b < 4:
             out.append(best.replace(name=f"{best.name} K{b + 1}V{b}", k_bits=b + 1))
             out.append(best.replace(name=f"{best.name} K{b}V{b + 1}", v_bits=b + 1))
