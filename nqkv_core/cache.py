@@ -455,6 +455,11 @@ class NQKVLayer(CacheLayerMixin):
         self.k_sink, self.v_sink = torch.zeros(b, h, self.n_sinks + 1, d, **fp), torch.zeros(b, h, self.n_sinks + 1, d, **fp)
         self.k_ring, self.v_ring = torch.zeros(b, h, self.n_ring + 1, d, **fp), torch.zeros(b, h, self.n_ring + 1, d, **fp)
         self.length = self.length.to(self.device)
+        if self.max_cache_len is not None and not torch.compiler.is_compiling():
+            # Preallocated buffers never move: telling dynamo so lets a compiled step mutate them in
+            # place under CUDA graphs (mode="reduce-overhead"), which skip graphs that mutate other inputs.
+            for buf in (*self.k_body, *self.v_body, self.k_sink, self.v_sink, self.k_ring, self.v_ring, self.length):
+                torch._dynamo.mark_static_address(buf)
         self.is_initialized = True
 
     @property

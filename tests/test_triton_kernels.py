@@ -151,3 +151,25 @@ def test_feedback_codes_kernel_matches_torch(bits, block, d):
     assert (codes != ref).float().mean() < 2e-2
     if CUDA:  # the op dispatches to the kernel
         assert torch.equal(torch.ops.nqkv.feedback_codes(*args), codes)
+
+
+@_kernel_test
+def test_cache_generate_through_the_kernels(monkeypatch):
+    """The cache's GPU code path end to end: on CPU (interpreter) the native decode step and the CPU
+    op's key-bias shortcut are switched off, so every step takes the route it takes on CUDA (folded
+    torch transform, dense key bias, the Triton decode kernel)."""
+    from test_cuda import cache_matches_reference
+
+    from nqkv_core import native
+    from nqkv_core.ops import cpu as cpu_ops
+
+    if not CUDA:
+        monkeypatch.setattr(native, "available", lambda: False)
+        monkeypatch.setattr(cpu_ops, "decode_fits", lambda *a, **k: False)
+        calls = []
+        real = triton_decode.flash_decode
+        monkeypatch.setattr(triton_decode, "flash_decode", lambda *a: calls.append(1) or real(*a))
+    # RoPE-aware centre, query-aware key rounding, fitted value scales, unbiased levels
+    cache_matches_reference("nf3-query-vfit", DEVICE)
+    if not CUDA:
+        assert calls, "the decode steps did not reach the Triton kernel"
