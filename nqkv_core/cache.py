@@ -379,7 +379,7 @@ class NQKVLayer(CacheLayerMixin):
             raise ValueError(f"crop_margin must be >= 0, got {crop_margin}")
         side_format(scheme, "k"), side_format(scheme, "v")  # fail at construction, not mid-generate
         self.scheme = scheme
-        self.max_cache_len = max_cache_len
+        self._max_len = max_cache_len
         self.crop_margin = crop_margin
         self.n_sinks = scheme.sinks
         self.window = max(scheme.window, 1)  # the current token is always attended exactly
@@ -394,6 +394,12 @@ class NQKVLayer(CacheLayerMixin):
         self._decode_step_key: tuple = ()  # what _decode_step was built from (compared by identity)
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self.handle = _Handle(self)
+
+    @property
+    def max_cache_len(self) -> int | None:  # type: ignore[override]
+        """Preallocated length (None: grows). A property because some transformers versions
+        define a read-only one on the base class."""
+        return self._max_len
 
     @property
     def is_compileable(self) -> bool:  # type: ignore[override]
@@ -1053,7 +1059,7 @@ class NQKVCache(Cache):
                 f"scheme {scheme.name!r} has widths for {len(scheme.layer_bits)} layers; the model has {num_layers}"
             )
         self.scheme = scheme
-        self.max_cache_len = max_cache_len
+        self._max_len = max_cache_len
         self.crop_margin = crop_margin
         # One table of RoPE cos/sin per position for all layers (used by RoPE-centred schemes only).
         self.rope = RopeTable(inv_freq, max_cache_len)
@@ -1094,6 +1100,11 @@ class NQKVCache(Cache):
 
     def get_max_cache_shape(self, layer_idx: int = 0) -> int:  # transformers < 5.18
         return self.get_max_length()
+
+    @property
+    def max_cache_len(self) -> int | None:  # type: ignore[override]
+        """Preallocated length (None: grows); read-only, as transformers 5.17's base class has it."""
+        return self._max_len
 
     @property
     def is_compileable(self) -> bool:  # type: ignore[override]
