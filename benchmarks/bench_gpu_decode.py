@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import statistics
 import time
@@ -157,8 +158,15 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=0, help="fewer layers (a quick check); 0 = the model's")
     ap.add_argument("--gguf", action="store_true", help="load the real SmolLM2 weights (needs gguf)")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--decode-config", type=Path, default=None,
+                    help="JSON launch configuration of the Triton decode kernel (benchmarks/sweep_triton_decode.py)")
     ap.add_argument("--out", type=Path, default=None, help="folder for decode.csv and decode.md")
     args = ap.parse_args()
+    if args.decode_config is not None and args.decode_config.is_file():
+        from nqkv_core.ops import triton_decode
+
+        triton_decode.DECODE_CONFIG.update(json.loads(args.decode_config.read_text()))
+        print("Triton decode configuration", triton_decode.DECODE_CONFIG)
 
     model = build_model(args, max(args.contexts) + args.warmup + args.steps + 64)
     nq = enable(model, bits=args.bits)

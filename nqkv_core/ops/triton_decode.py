@@ -25,7 +25,13 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 MAX_ROWS = 64  # query rows per KV head (G * Tq) up to which the split-K decode kernel is used
-BLOCK_N = 64
+BLOCK_N = 64  # keys per tile in the interpreter and the prefill kernel
+
+# Launch configuration of the split kernel on a GPU: keys per tile, warps and pipeline stages per
+# program, the number of programs to aim for (each KV head's keys are split so that batch x heads x
+# splits reaches it) and the fewest keys per split. Measured on an H200 by the sweep in
+# benchmarks/gpu_check.sh (docs/benchmarks.md, "GPU").
+DECODE_CONFIG = dict(block_n=64, num_warps=4, num_stages=2, programs=528, min_split=256)
 
 
 # -- shared jit helpers ------------------------------------------------------------------------------
@@ -33,12 +39,33 @@ BLOCK_N = 64
 
 @triton.jit
 def _load_packed(codes_ptr, absmax_ptr, cb_ptr, offs_t, t_ok, offs_d, stride_ct, stride_at, stride_ad,
-                 BITS: tl.constexpr, AXIS: tl.constexpr, QBLOCK: tl.constexpr, DIM: tl.constexpr):
-    """fp32 tile (len(offs_t), DIM) of codebook[code] * absmax; pointers already at (batch, head)."""
+                 BITS: tl.constexpr, AXIS: tl.constexpr, QBLOCK: tl.constexpr, DIM: tl.constexpr,
+                 N: tl.constexpr):
+    """fp32 tile (N, DIM) of codebook[code] * absmax; pointers already at (batch, head)."""
     row = codes_ptr + offs_t[:, None] * stride_ct
     m = t_ok[:, None]
     # -- codes --
-    if BITS == 4:
+    if AXIS == 3:
+        # Each byte is loaded once (a row's bytes are contiguous: wide, coalesced loads) and split in
+        # registers. tl.join stacks on a new last axis, so the code of element e of a byte must end up
+        # at flat index e of the joined axes: the outermost join takes e's lowest bit.
+        if BITS == 4:
+            byte = tl.load(row + tl.arange(0, DIM // 2)[None, :], mask=m, other=0).to(tl.int32)
+            code = tl.reshape(tl.join(byte & 15, byte >> 4), (N, DIM))
+        elif BITS == 2:
+            byte = tl.load(row + tl.arange(0, DIM // 4)[None, :], mask=m, other=0).to(tl.int32)
+            code = tl.reshape(tl.join(tl.join(byte & 3, (byte >> 4) & 3), tl.join((byte >> 2) & 3, byte >> 6)),
+                              (N, DIM))
+        elif BITS == 3:  # two planes: 2-bit low parts (DIM / 4 bytes), then the high bits (DIM / 8 bytes)
+            lo = tl.load(row + tl.arange(0, DIM // 4)[None, :], mask=m, other=0).to(tl.int32)
+            hi = tl.load(row + (DIM // 4 + tl.arange(0, DIM // 8))[None, :], mask=m, other=0).to(tl.int32)
+            low2 = tl.reshape(tl.join(tl.join(lo & 3, (lo >> 4) & 3), tl.join((lo >> 2) & 3, lo >> 6)), (N, DIM))
+            even = tl.join(tl.join(hi & 1, (hi >> 4) & 1), tl.join((hi >> 2) & 1, (hi >> 6) & 1))
+            odd = tl.join(tl.join((hi >> 1) & 1, (hi >> 5) & 1), tl.join((hi >> 3) & 1, (hi >> 7) & 1))
+            code = low2 | (tl.reshape(tl.join(even, odd), (N, DIM)) << 2)
+        else:
+            code = tl.load(row + tl.arange(0, DIM)[None, :], mask=m, other=0).to(tl.int32)
+    elif BITS == 4:  # blocks along tokens (rarely used): a byte load per element
         byte = tl.load(row + (offs_d // 2)[None, :], mask=m, other=0).to(tl.int32)
         code = (byte >> ((offs_d % 2) * 4)[None, :]) & 15
     elif BITS == 2:
@@ -53,10 +80,15 @@ def _load_packed(codes_ptr, absmax_ptr, cb_ptr, offs_t, t_ok, offs_d, stride_ct,
     level = tl.load(cb_ptr + code)
     # -- scales --
     if AXIS == 3:
-        s_ptr = absmax_ptr + offs_t[:, None] * stride_at + (offs_d // QBLOCK)[None, :] * stride_ad
+        if QBLOCK == DIM:  # one scale per token
+            scale = tl.load(absmax_ptr + offs_t * stride_at, mask=t_ok, other=0).to(tl.float32)[:, None]
+        else:  # DIM // QBLOCK scales per token, each repeated over its block
+            s = tl.load(absmax_ptr + offs_t[:, None] * stride_at + tl.arange(0, DIM // QBLOCK)[None, :] * stride_ad,
+                        mask=m, other=0).to(tl.float32)
+            scale = tl.reshape(tl.broadcast_to(s[:, :, None], (N, DIM // QBLOCK, QBLOCK)), (N, DIM))
     else:
         s_ptr = absmax_ptr + (offs_t // QBLOCK)[:, None] * stride_at + offs_d[None, :] * stride_ad
-    scale = tl.load(s_ptr, mask=m, other=0.0).to(tl.float32)
+        scale = tl.load(s_ptr, mask=m, other=0.0).to(tl.float32)
     return level * scale
 
 
@@ -90,7 +122,7 @@ def _attend_range(
         hist = t_ok & (offs_t < T_HIST)
         # -- load K --
         k = _load_packed(kc_ptr, ka_ptr, kcb_ptr, offs_t, hist, offs_d, stride_kct, stride_kat, stride_kad,
-                         K_BITS, K_AXIS, K_QBLOCK, HEAD_DIM)
+                         K_BITS, K_AXIS, K_QBLOCK, HEAD_DIM, BLOCK_N)
         if HAS_TAIL:
             tail = t_ok & (offs_t >= T_HIST)
             kt = tl.load(kt_ptr + (offs_t - T_HIST)[:, None] * stride_ktt + offs_d[None, :] * stride_ktd,
@@ -121,7 +153,7 @@ def _attend_range(
         m_i = m_new
         # -- load V, accumulate --
         v = _load_packed(vc_ptr, va_ptr, vcb_ptr, offs_t, hist, offs_dv, stride_vct, stride_vat, stride_vad,
-                         V_BITS, V_AXIS, V_QBLOCK, HEAD_DIM_V)
+                         V_BITS, V_AXIS, V_QBLOCK, HEAD_DIM_V, BLOCK_N)
         if HAS_TAIL:
             vt = tl.load(vt_ptr + (offs_t - T_HIST)[:, None] * stride_vtt + offs_dv[None, :] * stride_vtd,
                          mask=tail[:, None], other=0.0)
@@ -145,13 +177,14 @@ def _decode_split_kernel(
     stride_vcb, stride_vch, stride_vct, stride_vab, stride_vah, stride_vat, stride_vad,
     stride_ktb, stride_kth, stride_ktt, stride_ktd, stride_vtb, stride_vth, stride_vtt, stride_vtd,
     stride_mb, stride_mh, stride_mq, stride_mk,
-    H_KV, T_Q, T_HIST, T_K, N_ROWS, SPLIT_LEN, scale,
+    H_KV, T_Q, T_HIST, T_K, N_ROWS, SPLIT_LEN, NUM_SPLITS, scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     K_BITS: tl.constexpr, K_AXIS: tl.constexpr, K_QBLOCK: tl.constexpr,
     V_BITS: tl.constexpr, V_AXIS: tl.constexpr, V_QBLOCK: tl.constexpr,
     HAS_TAIL: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # (NUM_SPLITS is a run-time argument: it changes with the cache length, a constexpr would recompile)
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_r = tl.program_id(2)
@@ -196,8 +229,8 @@ def _decode_split_kernel(
 def _decode_merge_kernel(
     po_ptr, plse_ptr, o_ptr,
     stride_ob, stride_oh, stride_ot, stride_od,
-    H_KV, T_Q, N_ROWS,
-    GROUP: tl.constexpr, HEAD_DIM_V: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
+    H_KV, T_Q, N_ROWS, NUM_SPLITS,
+    GROUP: tl.constexpr, HEAD_DIM_V: tl.constexpr, SPLITS_P2: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     row = tl.program_id(1)
@@ -289,20 +322,25 @@ def flash_decode(
     block_r = max(16, triton.next_power_of_2(n_rows))
     # -- splits: enough programs to fill the GPU, each at least a few tiles long --
     # (the interpreter uses short splits so that small test shapes exercise the merge)
-    target, min_len = (3, BLOCK_N) if _interpreting() else (max(1, 256 // (b * hkv)), BLOCK_N * 4)
-    split_len = max(min_len, triton.cdiv(triton.cdiv(max(tk, 1), target), BLOCK_N) * BLOCK_N)
+    cfg = DECODE_CONFIG
+    if _interpreting():
+        block_n, target, min_len, launch = BLOCK_N, 3, BLOCK_N, {}
+    else:
+        block_n, target, min_len = cfg["block_n"], max(1, cfg["programs"] // (b * hkv)), cfg["min_split"]
+        launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    split_len = max(min_len, triton.cdiv(triton.cdiv(max(tk, 1), target), block_n) * block_n)
     num_splits = max(1, triton.cdiv(tk, split_len))
     po = torch.empty((b * hkv, num_splits, n_rows, dv), device=q.device, dtype=torch.float32)
     plse = torch.empty((b * hkv, num_splits, n_rows), device=q.device, dtype=torch.float32)
     grid = (b * hkv, num_splits, triton.cdiv(n_rows, block_r))
     wrap_triton(_decode_split_kernel)[grid](
-        *tensors, po, plse, *strides, hkv, tq, th, tk, n_rows, split_len, scale,
-        **meta, IS_CAUSAL=is_causal, BLOCK_R=block_r, BLOCK_N=BLOCK_N, NUM_SPLITS=num_splits,
+        *tensors, po, plse, *strides, hkv, tq, th, tk, n_rows, split_len, num_splits, scale,
+        **meta, IS_CAUSAL=is_causal, BLOCK_R=block_r, BLOCK_N=block_n, **launch,
     )
     out = torch.empty((b, hq, tq, dv), device=q.device, dtype=tensors[0].dtype)
     wrap_triton(_decode_merge_kernel)[(b * hkv, n_rows)](
-        po, plse, out, *out.stride(), hkv, tq, n_rows,
-        GROUP=hq // hkv, HEAD_DIM_V=dv, NUM_SPLITS=num_splits, SPLITS_P2=triton.next_power_of_2(num_splits),
+        po, plse, out, *out.stride(), hkv, tq, n_rows, num_splits,
+        GROUP=hq // hkv, HEAD_DIM_V=dv, SPLITS_P2=triton.next_power_of_2(num_splits),
     )
     return out.to(q.dtype)
 
