@@ -31,7 +31,7 @@ BLOCK_N = 64  # keys per tile in the interpreter and the prefill kernel
 # program, the number of programs to aim for (each KV head's keys are split so that batch x heads x
 # splits reaches it) and the fewest keys per split. Measured on an H200 by the sweep in
 # benchmarks/gpu_check.sh (docs/benchmarks.md, "GPU").
-DECODE_CONFIG = dict(block_n=64, num_warps=4, num_stages=2, programs=528, min_split=256)
+DECODE_CONFIG = dict(block_n=64, num_warps=2, num_stages=2, programs=528, min_split=128)
 
 
 # -- shared jit helpers ------------------------------------------------------------------------------
@@ -197,7 +197,8 @@ def _decode_split_kernel(
     head = h * GROUP + offs_r // T_Q
     offs_d = tl.arange(0, HEAD_DIM)
     q_ptrs = q_ptr + b * stride_qb + head[:, None] * stride_qh + i_q[:, None] * stride_qt + offs_d[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=r_ok[:, None], other=0.0).to(tl.float32) * scale
+    # (cast after the product: traced by inductor, a Python float argument is fp64)
+    q = (tl.load(q_ptrs, mask=r_ok[:, None], other=0.0).to(tl.float32) * scale).to(tl.float32)
     last_key = T_K - T_Q + i_q
     # -- this split's keys --
     start = pid_s * SPLIT_LEN

@@ -49,7 +49,8 @@ def _prefill_kernel(
     head = h * GROUP + offs_r // T_Q
     offs_d = tl.arange(0, HEAD_DIM)
     q_ptrs = q_ptr + b * stride_qb + head[:, None] * stride_qh + i_q[:, None] * stride_qt + offs_d[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=r_ok[:, None], other=0.0).to(tl.float32) * scale
+    # (cast after the product: traced by inductor, a Python float argument is fp64)
+    q = (tl.load(q_ptrs, mask=r_ok[:, None], other=0.0).to(tl.float32) * scale).to(tl.float32)
     last_key = T_K - T_Q + i_q
     stop = T_K
     if IS_CAUSAL:
