@@ -31,7 +31,7 @@ BLOCK_N = 64  # keys per tile in the interpreter and the prefill kernel
 # program, the number of programs to aim for (each KV head's keys are split so that batch x heads x
 # splits reaches it) and the fewest keys per split. Measured on an H200 by the sweep in
 # benchmarks/gpu_check.sh (docs/benchmarks.md, "GPU").
-DECODE_CONFIG = dict(block_n=64, num_warps=2, num_stages=2, programs=528, min_split=128)
+DECODE_CONFIG = dict(block_n=64, num_warps=2, num_stages=2, programs=264, min_split=128)
 
 
 # -- shared jit helpers ------------------------------------------------------------------------------
