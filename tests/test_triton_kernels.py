@@ -85,6 +85,24 @@ def test_decode_kernel_causal_masks_gqa(dtype):
 
 
 @_kernel_test
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("lanes", [True, False])
+def test_decode_kernel_one_scale_per_token(d, dtype, lanes, monkeypatch):
+    """The presets' layout (4-bit, one block per head_dim row): the lane-order path and the general
+    one, with the fp tail, GQA, a causal multi-token query and each kind of mask."""
+    monkeypatch.setitem(triton_decode.DECODE_CONFIG, "nibble_lanes", lanes)
+    q, K, V, kt, vt = make(g=3, tq=2, t=150, d=d, block=d, tail=6, dtype=dtype)
+    meta = triton_decode.kernel_args(*args_of(q, K, V, kt, vt)[:13], None)[2]
+    assert triton_decode.nibble_lanes(meta, triton_decode.DECODE_CONFIG) == lanes
+    gen = torch.Generator().manual_seed(3)
+    bool_mask = (torch.rand(2, 156, generator=gen) > 0.2).to(DEVICE)
+    for mask in (None, bool_mask, torch.randn(1, 6, 2, 156, generator=gen).to(DEVICE, dtype)):
+        a = args_of(q, K, V, kt, vt, mask=mask, is_causal=True)
+        check(triton_decode.flash_decode(*a), triton_decode.reference(*a), dtype)
+
+
+@_kernel_test
 @pytest.mark.parametrize("k_axis,v_axis", [(3, 3), (3, 2)])
 def test_prefill_kernel(k_axis, v_axis):
     q, K, V, kt, vt = make(g=2, tq=37, t=32, bits=3, k_axis=k_axis, v_axis=v_axis, tail=5)

@@ -29,9 +29,11 @@ BLOCK_N = 64  # keys per tile in the interpreter and the prefill kernel
 
 # Launch configuration of the split kernel on a GPU: keys per tile, warps and pipeline stages per
 # program, the number of programs to aim for (each KV head's keys are split so that batch x heads x
-# splits reaches it) and the fewest keys per split. Measured on an H200 by the sweep in
-# benchmarks/gpu_check.sh (docs/benchmarks.md, "GPU").
-DECODE_CONFIG = dict(block_n=64, num_warps=2, num_stages=2, programs=264, min_split=128)
+# splits reaches it), the fewest keys per split, and whether 4-bit caches with one scale per token
+# take the lane-order path (nibble_lanes, :func:`_attend_range_nibbles`). The first five are the best
+# of the H200 sweep in benchmarks/gpu_check.sh (docs/benchmarks.md, "GPU"), measured before the
+# lane-order path existed; the sweep times both paths.
+DECODE_CONFIG = dict(block_n=64, num_warps=2, num_stages=2, programs=264, min_split=128, nibble_lanes=True)
 
 
 # -- shared jit helpers ------------------------------------------------------------------------------
@@ -93,6 +95,33 @@ def _load_packed(codes_ptr, absmax_ptr, cb_ptr, offs_t, t_ok, offs_d, stride_ct,
 
 
 @triton.jit
+def _masked(s, r_ok, t_ok, offs_t, last_key, head, i_q, mask_ptr, stride_mh, stride_mq, stride_mk,
+            MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """Scores ``s`` (rows, keys) with -inf where a row may not attend (padding, causal, the mask)."""
+    valid = r_ok[:, None] & t_ok[None, :]
+    if IS_CAUSAL:
+        valid = valid & (offs_t[None, :] <= last_key[:, None])
+    if MASK_KIND != 0:
+        m_ptrs = mask_ptr + head[:, None] * stride_mh + i_q[:, None] * stride_mq + offs_t[None, :] * stride_mk
+        mv = tl.load(m_ptrs, mask=valid, other=0)
+        if MASK_KIND == 1:
+            valid = valid & (mv != 0)
+        else:
+            s = s + mv.to(tl.float32)
+    return tl.where(valid, s, float("-inf"))
+
+
+@triton.jit
+def _softmax_step(s, m_i, l_i):
+    """Online softmax over one tile: ``(p, alpha, m, l)``, ``alpha`` rescaling what came before."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
 def _attend_range(
     q, r_ok, last_key, head, i_q,
     kc_ptr, ka_ptr, kcb_ptr, vc_ptr, va_ptr, vcb_ptr, kt_ptr, vt_ptr, mask_ptr,
@@ -133,24 +162,9 @@ def _attend_range(
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             s = tl.dot(q.to(kt_ptr.dtype.element_ty), tl.trans(k).to(kt_ptr.dtype.element_ty))
-        valid = r_ok[:, None] & t_ok[None, :]
-        if IS_CAUSAL:
-            valid = valid & (offs_t[None, :] <= last_key[:, None])
-        if MASK_KIND != 0:
-            m_ptrs = mask_ptr + head[:, None] * stride_mh + i_q[:, None] * stride_mq + offs_t[None, :] * stride_mk
-            mv = tl.load(m_ptrs, mask=valid, other=0)
-            if MASK_KIND == 1:
-                valid = valid & (mv != 0)
-            else:
-                s = s + mv.to(tl.float32)
-        s = tl.where(valid, s, float("-inf"))
-        # -- online softmax --
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
+        s = _masked(s, r_ok, t_ok, offs_t, last_key, head, i_q, mask_ptr, stride_mh, stride_mq, stride_mk,
+                    MASK_KIND, IS_CAUSAL)
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
         # -- load V, accumulate --
         v = _load_packed(vc_ptr, va_ptr, vcb_ptr, offs_t, hist, offs_dv, stride_vct, stride_vat, stride_vad,
                          V_BITS, V_AXIS, V_QBLOCK, HEAD_DIM_V, BLOCK_N)
@@ -164,6 +178,78 @@ def _attend_range(
             pv = tl.dot(p.to(vt_ptr.dtype.element_ty), v.to(vt_ptr.dtype.element_ty))
         acc = acc * alpha[:, None] + pv
     return acc, m_i, l_i
+
+
+@triton.jit
+def _nibble_levels(codes_ptr, absmax_ptr, cb_ptr, tail_ptr, offs_t, hist, tail, t_tail, offs_h, stride_ct,
+                   stride_at, stride_tt, stride_td, HAS_TAIL: tl.constexpr):
+    """4-bit codes with one scale per token, in lane order: the levels of the even and of the odd
+    elements of each row, (N, D/2) each, and the scales (N,). Tail tokens (``tail``, index ``t_tail``
+    in the fp tail) give their exact values with scale 1."""
+    byte = tl.load(codes_ptr + offs_t[:, None] * stride_ct + offs_h[None, :], mask=hist[:, None], other=0).to(tl.int32)
+    even = tl.load(cb_ptr + (byte & 15))
+    odd = tl.load(cb_ptr + (byte >> 4))
+    scale = tl.load(absmax_ptr + offs_t * stride_at, mask=hist, other=0).to(tl.float32)
+    if HAS_TAIL:
+        row = tail_ptr + t_tail[:, None] * stride_tt
+        te = tl.load(row + (2 * offs_h)[None, :] * stride_td, mask=tail[:, None], other=0.0).to(tl.float32)
+        to = tl.load(row + (2 * offs_h + 1)[None, :] * stride_td, mask=tail[:, None], other=0.0).to(tl.float32)
+        even = tl.where(hist[:, None], even, te)
+        odd = tl.where(hist[:, None], odd, to)
+        scale = tl.where(hist, scale, 1.0)
+    return even, odd, scale
+
+
+@triton.jit
+def _attend_range_nibbles(
+    q_even, q_odd, r_ok, last_key, head, i_q,
+    kc_ptr, ka_ptr, kcb_ptr, vc_ptr, va_ptr, vcb_ptr, kt_ptr, vt_ptr, mask_ptr,
+    stride_kct, stride_kat, stride_vct, stride_vat,
+    stride_ktt, stride_ktd, stride_vtt, stride_vtd,
+    stride_mh, stride_mq, stride_mk,
+    start, stop, T_HIST,
+    HEAD_DIM: tl.constexpr, HAS_TAIL: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    FP32_DOT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """:func:`_attend_range` for 4-bit K and V with one scale per token (blocks of head_dim), the
+    presets' layout, in lane order: a packed byte's two codes stay in two tiles, even and odd
+    elements (the query is split the same way, so q . k = q_even . k_even + q_odd . k_odd, and the
+    output comes out as its even and odd elements), and each token's scale multiplies its score
+    and its softmax weight instead of every decoded level. Returns ``(acc_even, acc_odd, m, l)``.
+    """
+    offs_h = tl.arange(0, HEAD_DIM // 2)
+    m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_R], tl.float32)
+    acc_e = tl.zeros([BLOCK_R, HEAD_DIM // 2], tl.float32)
+    acc_o = tl.zeros([BLOCK_R, HEAD_DIM // 2], tl.float32)
+    for start_n in range(start, stop, BLOCK_N):
+        offs_t = start_n + tl.arange(0, BLOCK_N)
+        t_ok = offs_t < stop
+        hist = t_ok & (offs_t < T_HIST)
+        tail = t_ok & (offs_t >= T_HIST)
+        k_e, k_o, k_s = _nibble_levels(kc_ptr, ka_ptr, kcb_ptr, kt_ptr, offs_t, hist, tail, offs_t - T_HIST, offs_h,
+                                       stride_kct, stride_kat, stride_ktt, stride_ktd, HAS_TAIL)
+        if FP32_DOT:
+            s = tl.dot(q_even, tl.trans(k_e), input_precision="ieee")
+            s += tl.dot(q_odd, tl.trans(k_o), input_precision="ieee")
+        else:
+            dt = kt_ptr.dtype.element_ty
+            s = tl.dot(q_even.to(dt), tl.trans(k_e).to(dt))
+            s += tl.dot(q_odd.to(dt), tl.trans(k_o).to(dt))
+        s = _masked(s * k_s[None, :], r_ok, t_ok, offs_t, last_key, head, i_q, mask_ptr, stride_mh, stride_mq,
+                    stride_mk, MASK_KIND, IS_CAUSAL)
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
+        v_e, v_o, v_s = _nibble_levels(vc_ptr, va_ptr, vcb_ptr, vt_ptr, offs_t, hist, tail, offs_t - T_HIST, offs_h,
+                                       stride_vct, stride_vat, stride_vtt, stride_vtd, HAS_TAIL)
+        pw = p * v_s[None, :]
+        if FP32_DOT:
+            acc_e = acc_e * alpha[:, None] + tl.dot(pw, v_e, input_precision="ieee")
+            acc_o = acc_o * alpha[:, None] + tl.dot(pw, v_o, input_precision="ieee")
+        else:
+            dt = vt_ptr.dtype.element_ty
+            acc_e = acc_e * alpha[:, None] + tl.dot(pw.to(dt), v_e.to(dt))
+            acc_o = acc_o * alpha[:, None] + tl.dot(pw.to(dt), v_o.to(dt))
+    return acc_e, acc_o, m_i, l_i
 
 
 # -- kernels -------------------------------------------------------------------------------------------
@@ -182,7 +268,7 @@ def _decode_split_kernel(
     K_BITS: tl.constexpr, K_AXIS: tl.constexpr, K_QBLOCK: tl.constexpr,
     V_BITS: tl.constexpr, V_AXIS: tl.constexpr, V_QBLOCK: tl.constexpr,
     HAS_TAIL: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, NIBBLES: tl.constexpr,
 ):
     # (NUM_SPLITS is a run-time argument: it changes with the cache length, a constexpr would recompile)
     pid_bh = tl.program_id(0)
@@ -195,34 +281,52 @@ def _decode_split_kernel(
     r_ok = offs_r < N_ROWS
     i_q = offs_r % T_Q
     head = h * GROUP + offs_r // T_Q
-    offs_d = tl.arange(0, HEAD_DIM)
-    q_ptrs = q_ptr + b * stride_qb + head[:, None] * stride_qh + i_q[:, None] * stride_qt + offs_d[None, :] * stride_qd
-    # (cast after the product: traced by inductor, a Python float argument is fp64)
-    q = (tl.load(q_ptrs, mask=r_ok[:, None], other=0.0).to(tl.float32) * scale).to(tl.float32)
+    q_row = q_ptr + b * stride_qb + head[:, None] * stride_qh + i_q[:, None] * stride_qt
     last_key = T_K - T_Q + i_q
     # -- this split's keys --
     start = pid_s * SPLIT_LEN
     stop = tl.minimum(T_K, start + SPLIT_LEN)
     if IS_CAUSAL:
         stop = tl.minimum(stop, T_K - T_Q + tl.max(tl.where(r_ok, i_q, 0), 0) + 1)
-    acc, m_i, l_i = _attend_range(
-        q, r_ok, last_key, head, i_q,
-        kc_ptr + b * stride_kcb + h * stride_kch, ka_ptr + b * stride_kab + h * stride_kah, kcb_ptr,
-        vc_ptr + b * stride_vcb + h * stride_vch, va_ptr + b * stride_vab + h * stride_vah, vcb_ptr,
-        kt_ptr + b * stride_ktb + h * stride_kth, vt_ptr + b * stride_vtb + h * stride_vth, mask_ptr + b * stride_mb,
-        stride_kct, stride_kat, stride_kad, stride_vct, stride_vat, stride_vad,
-        stride_ktt, stride_ktd, stride_vtt, stride_vtd, stride_mh, stride_mq, stride_mk,
-        start, stop, T_HIST,
-        HEAD_DIM, HEAD_DIM_V, K_BITS, K_AXIS, K_QBLOCK, V_BITS, V_AXIS, V_QBLOCK,
-        HAS_TAIL, MASK_KIND, IS_CAUSAL, FP32_DOT, BLOCK_R, BLOCK_N,
-    )
-    # -- partial output (normalised) and its log-sum-exp --
-    has = l_i > 0
-    out = acc / tl.where(has, l_i, 1.0)[:, None]
-    lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
-    offs_dv = tl.arange(0, HEAD_DIM_V)
+    kc, ka = kc_ptr + b * stride_kcb + h * stride_kch, ka_ptr + b * stride_kab + h * stride_kah
+    vc, va = vc_ptr + b * stride_vcb + h * stride_vch, va_ptr + b * stride_vab + h * stride_vah
+    kt, vt = kt_ptr + b * stride_ktb + h * stride_kth, vt_ptr + b * stride_vtb + h * stride_vth
     base = (pid_bh * NUM_SPLITS + pid_s) * N_ROWS
-    tl.store(po_ptr + (base + offs_r)[:, None] * HEAD_DIM_V + offs_dv[None, :], out, mask=r_ok[:, None])
+    # (the scaled query is cast after the product: traced by inductor, a Python float argument is fp64)
+    if NIBBLES:
+        offs_h = tl.arange(0, HEAD_DIM // 2)
+        q_even = (tl.load(q_row + (2 * offs_h)[None, :] * stride_qd, mask=r_ok[:, None], other=0.0).to(tl.float32)
+                  * scale).to(tl.float32)
+        q_odd = (tl.load(q_row + (2 * offs_h + 1)[None, :] * stride_qd, mask=r_ok[:, None], other=0.0).to(tl.float32)
+                 * scale).to(tl.float32)
+        acc_e, acc_o, m_i, l_i = _attend_range_nibbles(
+            q_even, q_odd, r_ok, last_key, head, i_q, kc, ka, kcb_ptr, vc, va, vcb_ptr, kt, vt, mask_ptr + b * stride_mb,
+            stride_kct, stride_kat, stride_vct, stride_vat, stride_ktt, stride_ktd, stride_vtt, stride_vtd,
+            stride_mh, stride_mq, stride_mk, start, stop, T_HIST,
+            HEAD_DIM, HAS_TAIL, MASK_KIND, IS_CAUSAL, FP32_DOT, BLOCK_R, BLOCK_N,
+        )
+        norm = tl.where(l_i > 0, l_i, 1.0)[:, None]
+        po_row = po_ptr + (base + offs_r)[:, None] * HEAD_DIM_V
+        tl.store(po_row + (2 * offs_h)[None, :], acc_e / norm, mask=r_ok[:, None])
+        tl.store(po_row + (2 * offs_h + 1)[None, :], acc_o / norm, mask=r_ok[:, None])
+    else:
+        offs_d = tl.arange(0, HEAD_DIM)
+        q = (tl.load(q_row + offs_d[None, :] * stride_qd, mask=r_ok[:, None], other=0.0).to(tl.float32)
+             * scale).to(tl.float32)
+        acc, m_i, l_i = _attend_range(
+            q, r_ok, last_key, head, i_q, kc, ka, kcb_ptr, vc, va, vcb_ptr, kt, vt, mask_ptr + b * stride_mb,
+            stride_kct, stride_kat, stride_kad, stride_vct, stride_vat, stride_vad,
+            stride_ktt, stride_ktd, stride_vtt, stride_vtd, stride_mh, stride_mq, stride_mk,
+            start, stop, T_HIST,
+            HEAD_DIM, HEAD_DIM_V, K_BITS, K_AXIS, K_QBLOCK, V_BITS, V_AXIS, V_QBLOCK,
+            HAS_TAIL, MASK_KIND, IS_CAUSAL, FP32_DOT, BLOCK_R, BLOCK_N,
+        )
+        offs_dv = tl.arange(0, HEAD_DIM_V)
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(po_ptr + (base + offs_r)[:, None] * HEAD_DIM_V + offs_dv[None, :], out, mask=r_ok[:, None])
+    # -- the partial output's log-sum-exp --
+    has = l_i > 0
+    lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
     tl.store(plse_ptr + base + offs_r, lse, mask=r_ok)
 
 
@@ -306,6 +410,16 @@ def kernel_args(q, k_codes, k_absmax, k_codebook, k_block, k_axis, v_codes, v_ab
     return tensors, strides, meta, (b, hq, tq, d, hkv, th, tt, dv)
 
 
+def nibble_lanes(meta: dict, cfg: dict) -> bool:
+    """Whether the split kernel takes the lane-order path (:func:`_attend_range_nibbles`): 4-bit K and
+    V with one scale per token (blocks of head_dim along head_dim), head_dim >= 32 (each half feeds
+    a dot); ``cfg["nibble_lanes"]`` switches it off, to compare the two."""
+    d = meta["HEAD_DIM"]
+    return (cfg.get("nibble_lanes", True) and meta["K_BITS"] == meta["V_BITS"] == 4
+            and meta["K_AXIS"] == meta["V_AXIS"] == 3 and meta["K_QBLOCK"] == meta["V_QBLOCK"] == d
+            and meta["HEAD_DIM_V"] == d and d >= 32)
+
+
 @triton_op("nqkv::flash_decode", mutates_args=())
 def flash_decode(
     q: Tensor,
@@ -336,7 +450,7 @@ def flash_decode(
     grid = (b * hkv, num_splits, triton.cdiv(n_rows, block_r))
     wrap_triton(_decode_split_kernel)[grid](
         *tensors, po, plse, *strides, hkv, tq, th, tk, n_rows, split_len, num_splits, scale,
-        **meta, IS_CAUSAL=is_causal, BLOCK_R=block_r, BLOCK_N=block_n, **launch,
+        **meta, IS_CAUSAL=is_causal, BLOCK_R=block_r, BLOCK_N=block_n, NIBBLES=nibble_lanes(meta, cfg), **launch,
     )
     out = torch.empty((b, hq, tq, dv), device=q.device, dtype=tensors[0].dtype)
     wrap_triton(_decode_merge_kernel)[(b * hkv, n_rows)](
