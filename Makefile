@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: venv test report bench clean
+.PHONY: venv test test-compat report bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,21 @@ venv: $(BIN)/python
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+# The cache, evaluation and report tests against the oldest and a middle supported transformers
+# (the venv holds the newest): each version goes into .compat/<version> beside the venv's packages,
+# with the hub / tokenizers / httpx versions it needs.
+COMPAT_4.57.1 := transformers==4.57.1 tokenizers==0.22.1 huggingface_hub==0.36.0
+COMPAT_5.17.0 := transformers==5.17.0 huggingface_hub==1.5.0
+COMPAT_TESTS := tests/test_cache.py tests/test_evaluate.py tests/test_report.py
+
+test-compat: venv
+	$(BIN)/pip install -q --no-deps --upgrade --target .compat/4.57.1 $(COMPAT_4.57.1)
+	$(BIN)/pip install -q --no-deps --upgrade --target .compat/5.17.0 $(COMPAT_5.17.0)
+	$(BIN)/pip install -q --upgrade --target .compat/5.17.0 httpx
+	for v in 4.57.1 5.17.0; do \
+	  echo "== transformers $$v"; PYTHONPATH=.compat/$$v $(BIN)/python -m pytest -q $(COMPAT_TESTS) -k "not smollm2" || exit 1; \
+	done
 
 report: venv
 	$(BIN)/nqkv report --quick

@@ -238,6 +238,14 @@ class _Handle:
             f" (something asked for .{name}); {_ENABLE_HINT}"
         )
 
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        # an attention function other than 'nqkv' handed the handle to a torch op as if it were K/V
+        raise TypeError(
+            f"an NQKVCache layer holds quantized K/V that only the 'nqkv' attention function can read"
+            f" ({getattr(func, '__name__', func)} got it as a tensor); {_ENABLE_HINT}"
+        )
+
     def __repr__(self) -> str:
         return f"<NQKV layer handle: {self.layer!r}>"
 
@@ -1021,7 +1029,8 @@ def check_supported(config: Any) -> None:
     name = type(config).__name__
     if getattr(config, "is_encoder_decoder", False):
         raise NotImplementedError(f"{name}: NQKVCache serves decoder-only models, not cross-attention")
-    if getattr(text, "is_decoder", True) is False or getattr(text, "is_causal", True) is False:
+    # (not ``is_decoder``: transformers 4.x leaves it False on decoder-only models such as Llama)
+    if getattr(text, "is_causal", True) is False:
         raise NotImplementedError(f"{name}: NQKVCache needs causal attention")
     layer_types = getattr(text, "layer_types", None) or []
     other = sorted({t for t in layer_types if t != "full_attention"})

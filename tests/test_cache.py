@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import inspect
 import pickle
 from copy import deepcopy
 
@@ -470,6 +471,16 @@ def test_save_load_round_trip_and_rejects_bad_files(tmp_path):
         NQKVCache.load(path, scheme, config=other.config)
 
 
+def positions(model, cache) -> dict:
+    """``cache_position`` of the next token, where the model still takes it (transformers < 5.x
+    computes it from the cache length otherwise, which a compiled step cannot turn into a shape;
+    ``generate`` always passes it)."""
+    if "cache_position" not in inspect.signature(model.forward).parameters:
+        return {}
+    n = cache.layers[0].length
+    return {"cache_position": n.reshape(1).clone()}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["nf4-rot-centre", "nf4-rope-centre", "nf3-query-vfit"])
 def test_compiled_decode_step_has_no_graph_break(name):
@@ -482,7 +493,7 @@ def test_compiled_decode_step_has_no_graph_break(name):
         model(ids, past_key_values=compiled_cache, use_cache=True)
 
         def step(tok, cache):
-            return model(tok, past_key_values=cache, use_cache=True).logits
+            return model(tok, past_key_values=cache, use_cache=True, **positions(model, cache)).logits
 
         compiled = torch.compile(step, fullgraph=True)
         torch._dynamo.reset()
