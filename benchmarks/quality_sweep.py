@@ -7,8 +7,8 @@ the reference of ΔPPL. Candidate sets (``--set``):
   rotation, codebook) with 4 sinks and the window of ``--window``.
 * ``ablation``: where the 3- and 2-bit error comes from (K vs V), statistics length, block size,
   RoPE-aware key centring.
-* ``blocks``: block size, statistics length, K/V bit split, unbiased decoding, signed-scale
-  levels, fitted scales and query-aware key rounding for the best transform.
+* ``blocks``: block size (also with 8-bit scales), statistics length, K/V bit split, unbiased
+  decoding, signed-scale levels, fitted scales and query-aware key rounding for the best transform.
 * ``final``: the recommended presets next to the KIVI-style and uniform baselines at 4/3/2 bits,
   windows 0 / 32 / 64 / 128, plus transformers' quanto ``QuantizedCache`` when ``--quanto``.
 * ``layers``: the presets of ``--bits`` and, for each count in ``--layer-widths``, the preset with
@@ -110,6 +110,10 @@ def blocks_set(window: int, bits_list: list[int]) -> list[KVScheme]:
         for label, fields in encoders.items():
             if plain.replace(**fields, name=best.name) != best:
                 out.append(plain.replace(**fields, name=f"{best.name} {label}"))
+        # smaller blocks at the same scale cost: 8-bit (e4m3) scales, evaluation-only so far
+        for blk in (32, 16):
+            out.append(best.replace(name=f"{best.name} block{blk} fp8 scales", k_block=blk, v_block=blk,
+                                    scale_dtype=torch.float8_e4m3fn))
         if b < 4:
             out.append(best.replace(name=f"{best.name} K{b + 1}V{b}", k_bits=b + 1))
             out.append(best.replace(name=f"{best.name} K{b}V{b + 1}", v_bits=b + 1))

@@ -44,7 +44,7 @@ from nqkv_core.ops import cpu as cpu_ops
 from nqkv_core.ops.attention import attention_eager, skips_dispatcher
 from nqkv_core.codebook import get_codebook
 from nqkv_core import native
-from nqkv_core.quantize import _fit_ratios, _midpoints, dequantize_blockwise, quantize_blockwise
+from nqkv_core.quantize import KERNEL_SCALE_DTYPES, _fit_ratios, _midpoints, dequantize_blockwise, quantize_blockwise
 from nqkv_core.scheme import (FP_BITS, KVScheme, KVTransform, fit_transform, key_feedback, nqkv_preset,
                               per_query_head, rope_inv_freq, rotate_half)
 
@@ -269,6 +269,10 @@ def side_format(scheme: KVScheme, side: str, device: torch.device | str = "cpu")
         raise NotImplementedError(
             f"NQKVCache stores blocks along head_dim ({side}_axis='token'); {side}_axis={axis!r} is"
             " evaluation-only"
+        )
+    if scheme.scale_dtype not in KERNEL_SCALE_DTYPES:
+        raise NotImplementedError(
+            f"NQKVCache stores float16 or float32 scales; scale_dtype={scheme.scale_dtype} is evaluation-only"
         )
     fit = getattr(scheme, f"{side}_fit_scale")
     plain = get_codebook(quant, bits, block, device=device)

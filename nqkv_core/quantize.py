@@ -31,7 +31,10 @@ from nqkv_core.codebook import SUPPORTED_BITS
 from nqkv_core.packing import codes_per_row_multiple, pack, unpack
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-SCALE_DTYPES = (torch.float16, torch.float32)
+SCALE_DTYPES = (torch.float16, torch.float32, torch.float8_e4m3fn)
+# Scales the attention kernels and the cache read; fp8 (e4m3) scales are for evaluating schemes
+# (fake quantization, NQTensor storage): half a bit per element less at blocks of 16, coarser steps.
+KERNEL_SCALE_DTYPES = (torch.float16, torch.float32)
 MIN_BLOCK = 8
 
 
@@ -278,7 +281,7 @@ def quantize_blockwise(
     thresholds = _midpoints(codebook)
     if axis == x.dim() - 1 and x.device.type == "cpu":  # (no conversion copy for other devices)
         xc = (x if x.dtype in (torch.float32, torch.bfloat16) else x.float()).contiguous()
-        if native.quantize_rows_supported(xc, bits, block):  # one fused pass, same codes as below
+        if scale_dtype in KERNEL_SCALE_DTYPES and native.quantize_rows_supported(xc, bits, block):  # one fused pass
             half = scale_dtype == torch.float16
             fit = (codebook, _fit_ratios(x.device)) if fit_scale else None
             fb = None if feedback is None else (codebook, feedback.float().expand(*x.shape[:-2], *feedback.shape[-2:]))

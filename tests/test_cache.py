@@ -435,6 +435,8 @@ def test_errors_are_clear(tmp_path):
         NQKVCache(scheme.replace(v_quant="signed"), num_layers=2)
     with pytest.raises(NotImplementedError, match="evaluation-only"):
         NQKVCache(scheme.replace(k_axis="channel"), num_layers=2)
+    with pytest.raises(NotImplementedError, match="evaluation-only"):
+        NQKVCache(scheme.replace(scale_dtype=torch.float8_e4m3fn), num_layers=2)
 
 
 def test_save_load_round_trip_and_rejects_bad_files(tmp_path):

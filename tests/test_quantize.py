@@ -42,6 +42,22 @@ def test_error_bound(case):
 
 @settings(max_examples=40, deadline=None)
 @given(cases())
+def test_fp8_scales_round_up_and_bound_the_error(case):
+    # e4m3 scales (3 mantissa bits): rounded up, so codes never clip and the error bound holds
+    # against the stored scale; in the normal range a scale is at most 1/8 above the block's absmax.
+    x, cb, block, axis = case
+    codes, absmax = quantize_blockwise(x, cb, block, axis, scale_dtype=torch.float8_e4m3fn)
+    assert absmax.dtype == torch.float8_e4m3fn
+    y = dequantize_blockwise(codes, absmax, cb, block, axis)
+    s = _block_absmax(absmax, block, axis, x.shape)
+    assert torch.all((y - x.float()).abs() <= max_rounding_error(cb) * s * (1 + 1e-5) + 1e-30)
+    exact = _block_absmax(quantize_blockwise(x, cb, block, axis, scale_dtype=torch.float32)[1], block, axis, x.shape)
+    normal = exact >= torch.finfo(torch.float8_e4m3fn).tiny
+    assert torch.all(s >= exact) and torch.all(s[normal] <= exact[normal] * 1.125)
+
+
+@settings(max_examples=40, deadline=None)
+@given(cases())
 def test_unbiased_error_bound(case):
     # Codes chosen against the plain levels, decoded with the levels times the gain: each element
     # moves by at most |gain - 1| * |level| * s <= |gain - 1| * s more than with the plain levels.
@@ -194,6 +210,7 @@ def test_fp16_scale_rounds_up():
         (torch.ones(2, 64), {"block": 4}, ValueError, ">= 8"),
         (torch.ones(2, 64), {"axis": 2}, ValueError, "out of range"),
         (torch.full((1, 64), 1e6), {}, ValueError, "scale_dtype=torch.float32"),
+        (torch.full((1, 64), 1e3), {"scale_dtype": torch.float8_e4m3fn}, ValueError, "float8_e4m3fn range"),
         (torch.ones(2, 64), {"scale_dtype": torch.bfloat16}, ValueError, "scale_dtype"),
         (torch.ones(64, 12), {"axis": 0, "bits": 3}, ValueError, "multiple of 8"),
     ],
