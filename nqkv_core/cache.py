@@ -185,12 +185,12 @@ def attend(
 def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **kwargs) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` with fewer key/value heads than query heads (GQA).
 
-    On CUDA the key/value heads are repeated rather than passing ``enable_gqa``: with it an fp32
-    prompt went to the math backend (torch 2.11, H200: 23 GB peak for one 16k-token sequence, the
-    whole score matrix), while the memory-efficient backend takes fp32 with repeated heads.
+    In fp32 on CUDA the key/value heads are repeated rather than passing ``enable_gqa``: with it an
+    fp32 prompt went to the math backend (torch 2.11, H200: 23 GB peak for one 16k-token sequence,
+    the whole score matrix), while the memory-efficient backend takes fp32 with repeated heads.
     """
     group = query.shape[1] // key.shape[1]
-    if query.is_cuda and group > 1:
+    if query.is_cuda and query.dtype == torch.float32 and group > 1:
         key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
         return F.scaled_dot_product_attention(query, key, value, **kwargs)
     return F.scaled_dot_product_attention(query, key, value, enable_gqa=True, **kwargs)
