@@ -29,6 +29,21 @@ from nqkv_core.cache import ATTN_NAME, enable
 from nqkv_core.models import load_model
 
 
+def make_cache(model, nq, name: str, total: int):
+    """The cache of a variant (``NQKV compiled`` / ``NQKV eager`` / ``StaticCache compiled`` /
+    ``DynamicCache eager``), with the model's attention set for it; ``total``: preallocated length."""
+    from transformers import DynamicCache, StaticCache
+
+    model.set_attn_implementation(ATTN_NAME if name.startswith("NQKV") else "sdpa")
+    if name == "NQKV compiled":
+        return nq.new_cache(max_cache_len=total)
+    if name == "NQKV eager":
+        return nq.new_cache()
+    if name == "StaticCache compiled":
+        return StaticCache(config=model.config, max_cache_len=total)
+    return DynamicCache(config=model.config)
+
+
 def step_times(fn, cache, tok: torch.Tensor, n: int) -> list[float]:
     times = []
     for _ in range(n):
@@ -41,8 +56,6 @@ def step_times(fn, cache, tok: torch.Tensor, n: int) -> list[float]:
 @torch.no_grad()
 def run(model, nq, context: int, steps: int, rounds: int) -> dict[str, tuple[float, float, float]]:
     """``{variant: (prefill s, first two calls s, median step s)}``; steps interleaved in rounds."""
-    from transformers import DynamicCache, StaticCache
-
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(100, 20000, (1, context), generator=g)
     tok = torch.full((1, 1), 42, dtype=torch.long)
@@ -54,15 +67,7 @@ def run(model, nq, context: int, steps: int, rounds: int) -> dict[str, tuple[flo
     variants = {}
     torch._dynamo.reset()
     for name in ("NQKV compiled", "NQKV eager", "StaticCache compiled", "DynamicCache eager"):
-        model.set_attn_implementation(ATTN_NAME if name.startswith("NQKV") else "sdpa")
-        if name == "NQKV compiled":
-            cache = nq.new_cache(max_cache_len=total)
-        elif name == "NQKV eager":
-            cache = nq.new_cache()
-        elif name == "StaticCache compiled":
-            cache = StaticCache(config=model.config, max_cache_len=total)
-        else:
-            cache = DynamicCache(config=model.config)
+        cache = make_cache(model, nq, name, total)
         t = time.perf_counter()
         model(prompt, past_key_values=cache, use_cache=True)  # prefill, eager
         prefill = time.perf_counter() - t

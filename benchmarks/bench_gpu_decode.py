@@ -36,7 +36,8 @@ from pathlib import Path
 
 import torch
 
-from nqkv_core.cache import ATTN_NAME, enable
+from bench_compiled_decode import make_cache  # (benchmarks/, beside this file)
+from nqkv_core.cache import enable
 
 # SmolLM2-135M-Instruct's architecture (the config transformers reads from the GGUF file).
 SMOLLM2_135M = dict(
@@ -78,20 +79,9 @@ def cache_bytes(cache) -> int:
 
 @torch.no_grad()
 def measure(model, nq, name: str, context: int, batch: int, args) -> dict:
-    from transformers import DynamicCache, StaticCache
-
     device = torch.device(args.device)
     compiled = name.endswith("compiled")
-    total = context + args.warmup + args.steps + 1
-    model.set_attn_implementation(ATTN_NAME if name.startswith("NQKV") else "sdpa")
-    if name == "NQKV compiled":
-        cache = nq.new_cache(max_cache_len=total)
-    elif name == "NQKV eager":
-        cache = nq.new_cache()
-    elif name == "StaticCache compiled":
-        cache = StaticCache(config=model.config, max_cache_len=total)
-    else:
-        cache = DynamicCache(config=model.config)
+    cache = make_cache(model, nq, name, total=context + args.warmup + args.steps + 1)
     g = torch.Generator(device=device).manual_seed(0)
     prompt = torch.randint(100, 20000, (batch, context), generator=g, device=device)
     tok = torch.full((batch, 1), 42, dtype=torch.long, device=device)

@@ -483,16 +483,24 @@ def positions(model, cache) -> dict:
     return {"cache_position": n.reshape(1).clone()}
 
 
+def prefilled_pair(name: str, device: str = "cpu", max_cache_len: int = 32):
+    """A tiny model with scheme ``name`` enabled, two preallocated caches that hold the same 6-token
+    prompt (batch 2), and the prompt's greedy next token."""
+    model, scheme = tiny_model().to(device), SCHEMES[name]
+    ids = torch.randint(1, 96, (2, 6), generator=torch.Generator().manual_seed(9)).to(device)
+    nq = enable(model, scheme=scheme, max_cache_len=max_cache_len)
+    first, second = nq.new_cache(), nq.new_cache()
+    with torch.no_grad():
+        nxt = model(ids, past_key_values=first, use_cache=True).logits[:, -1:].argmax(-1)
+        model(ids, past_key_values=second, use_cache=True)
+    return model, first, second, nxt
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["nf4-rot-centre", "nf4-rope-centre", "nf3-query-vfit"])
 def test_compiled_decode_step_has_no_graph_break(name):
-    model, scheme = tiny_model(), SCHEMES[name]
-    ids = torch.randint(1, 96, (2, 6), generator=torch.Generator().manual_seed(9))
-    nq = enable(model, scheme=scheme, max_cache_len=32)
-    eager, compiled_cache = nq.new_cache(), nq.new_cache()
+    model, eager, compiled_cache, nxt = prefilled_pair(name)
     with torch.no_grad():
-        nxt = model(ids, past_key_values=eager, use_cache=True).logits[:, -1:].argmax(-1)
-        model(ids, past_key_values=compiled_cache, use_cache=True)
 
         def step(tok, cache):
             return model(tok, past_key_values=cache, use_cache=True, **positions(model, cache)).logits

@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("triton")
 
-from test_cache import SCHEMES, assert_matches_reference, generate, tiny_model  # noqa: E402
+from test_cache import SCHEMES, assert_matches_reference, generate, positions, prefilled_pair, tiny_model  # noqa: E402
 
 from nqkv_core.cache import enable  # noqa: E402
 
@@ -45,16 +45,11 @@ def test_compiled_decode_runs_under_cuda_graphs(name):
     the CUDA graph although the step writes into them; same logits as the eager step."""
     from torch._dynamo.utils import counters
 
-    model, scheme = tiny_model().cuda(), SCHEMES[name]
-    ids = torch.randint(1, 96, (2, 6), generator=torch.Generator().manual_seed(9)).cuda()
-    nq = enable(model, scheme=scheme, max_cache_len=32)
-    eager, graphed = nq.new_cache(), nq.new_cache()
+    model, eager, graphed, nxt = prefilled_pair(name, "cuda")
     with torch.no_grad():
-        nxt = model(ids, past_key_values=eager, use_cache=True).logits[:, -1:].argmax(-1)
-        model(ids, past_key_values=graphed, use_cache=True)
 
         def step(tok, cache):
-            return model(tok, past_key_values=cache, use_cache=True).logits
+            return model(tok, past_key_values=cache, use_cache=True, **positions(model, cache)).logits
 
         compiled = torch.compile(step, fullgraph=True, mode="reduce-overhead")
         torch._dynamo.reset()
