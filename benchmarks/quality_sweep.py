@@ -96,6 +96,7 @@ def blocks_set(window: int, bits_list: list[int]) -> list[KVScheme]:
         out.append(best.replace(name=f"{best.name} (preset)"))
         for blk in (32, 128):
             out.append(best.replace(name=f"{best.name} block{blk}", k_block=blk, v_block=blk))
+        out.append(best.replace(name=f"{best.name} K block32", k_block=32))  # keys carry most of the error
         out.append(best.replace(name=f"{best.name} stats128", stats_tokens=128))
         out.append(best.replace(name=f"{best.name} stats32", stats_tokens=32))
         out.append(best.replace(name=f"{best.name} biased", unbiased=False))
@@ -112,7 +113,7 @@ def blocks_set(window: int, bits_list: list[int]) -> list[KVScheme]:
                 out.append(plain.replace(**fields, name=f"{best.name} {label}"))
         # smaller blocks at the same scale cost: 8-bit (e4m3) scales, evaluation-only so far
         for blk in (32, 16):
-            out.append(best.replace(name=f"{best.name} block{blk} fp8 scales", k_block=blk, v_block=blk,
+            out.append(best.replace(name=f"{best.name} fp8 scales, block{blk}", k_block=blk, v_block=blk,
                                     scale_dtype=torch.float8_e4m3fn))
         if b < 4:
             out.append(best.replace(name=f"{best.name} K{b + 1}V{b}", k_bits=b + 1))

@@ -151,14 +151,16 @@ def test_folded_decode_steps_match_the_general_path(name, use_native, monkeypatc
     torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-3)
 
 
-def test_native_step_at_head_dim_64_matches_the_torch_step(monkeypatch):
+@pytest.mark.parametrize("preset", [(4, 64), (3, 32)])
+def test_native_step_at_head_dim_64_matches_the_torch_step(preset, monkeypatch):
     # head_dim 64 with the preset's blocks of 64 takes the kernel's register paths (codes decoded in
     # lane order, one scale per token factored out of the sums, the RoPE-centred key bias from the
     # table's tiles of sixteen positions); a 150-token prompt gives a body of several tiles that
-    # starts inside the first one, and the key offset makes the bias large.
+    # starts inside the first one, and the key offset makes the bias large. The 3-bit preset with
+    # blocks of 32 has two scales per row, query-rounded keys and fitted values.
     if not native.available():
         pytest.skip("native CPU kernels not built")
-    model, scheme = tiny_model(head_dim=64, key_offset=3.0), nqkv_preset(4)
+    model, scheme = tiny_model(head_dim=64, key_offset=3.0), nqkv_preset(preset[0], block=preset[1])
     ids = torch.randint(1, 96, (2, 150), generator=torch.Generator().manual_seed(2))
     nq = enable(model, scheme=scheme)
     seq, logits = generate(model, ids, cache=nq.generate_kwargs())

@@ -119,6 +119,11 @@ def test_presets():
     assert nqkv_preset(4, v_bits=3).bits_per_element(1 << 20) == pytest.approx((4.25 + 3.25) / 2, abs=0.01)
     with pytest.raises(ValueError, match="got K4 V5"):
         nqkv_preset(4, v_bits=5)
+    # another block size: both sides, named, scales charged (3 + 16 / 32 bits per body element)
+    p = nqkv_preset(3, block=32)
+    assert (p.name, p.k_block, p.v_block) == ("NQKV-3 b32", 32, 32)
+    assert p.replace(name="NQKV-3", k_block=64, v_block=64) == nqkv_preset(3)
+    assert p.bits_per_element(1 << 20) == pytest.approx(3.5, abs=0.01)
 
 
 def test_per_query_head_is_repeat_interleave():
