@@ -188,6 +188,8 @@ def plot_curve(json_paths: list[str], png: str) -> None:
                 label = m.split()[0]
                 wide = [w for w in m.split() if "@" in w]  # per-layer widths: "L1,17@3b" -> "+2L"
                 label += f"+{len(wide[0].split('@')[0].split(','))}L" if wide else ""
+                blocks = [w for w in m.split() if w.startswith("block")]  # "block32" -> "NQKV-3 b32"
+                label += f" b{blocks[0][5:]}" if blocks else ""
                 families[key].append((r["bits"], r["dppl_pct"], label))
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for (name, pts), marker in zip(families.items(), "osv^"):
