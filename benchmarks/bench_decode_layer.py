@@ -4,7 +4,8 @@ Isolates what a model's decode step spends per layer (no linear layers around it
 ``NQKVLayer`` filled with ``--tokens`` random post-RoPE tokens, then ``--steps`` steps of
 ``update`` + ``attention`` with one new token each (the cache grows, as in ``generate``):
 
-* ``nqkv``: the default 4-bit scheme (RoPE-aware key centre: attention adds a score offset);
+* ``nqkv``: the ``--bits`` preset, 4 by default (RoPE-aware key centre: attention adds a score
+  offset); with ``--also-block N`` the same preset in blocks of N too (``nqkv bN``);
 * ``nqkv plain-centre``: the same with a post-RoPE key mean (no offset);
 * ``nqkv torch path``: ``nqkv`` without the native CPU kernels (``nqkv_core.native.disabled()``);
 * ``sdpa fp32 cat``: fp32 SDPA (``enable_gqa``) over a cache grown by ``torch.cat``, as
@@ -41,7 +42,8 @@ def rope_config(kv_heads: int, group: int, head_dim: int):
 def nqkv_steps(scheme, config, tokens: int, steps: int, kv_heads: int, group: int, d: int, use_native: bool = True) -> float:
     cache = NQKVCache(scheme, config=config)
     g = torch.Generator().manual_seed(0)
-    cache.append(torch.randn(1, kv_heads, tokens, d, generator=g), torch.randn(1, kv_heads, tokens, d, generator=g), 0)
+    k, v = torch.randn(1, kv_heads, tokens, d, generator=g), torch.randn(1, kv_heads, tokens, d, generator=g)
+    cache.append(k, v, 0, torch.randn(1, kv_heads * group, tokens, d, generator=g))  # (queries: the 3-bit key coder)
     layer = cache.layers[0]
     q = torch.randn(1, kv_heads * group, 1, d, generator=g)
     new = [(torch.randn(1, kv_heads, 1, d, generator=g), torch.randn(1, kv_heads, 1, d, generator=g)) for _ in range(steps)]
@@ -86,12 +88,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40, help="decode steps per measurement")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median reported)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--bits", type=int, default=4, help="NQKV preset width")
+    ap.add_argument("--also-block", type=int, default=None, help="also the preset in blocks of this size")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     h, grp, d = args.kv_heads, args.group, args.head_dim
     config = rope_config(h, grp, d)
-    rope = nqkv_preset(4)
-    plain = nqkv_preset(4, rope_centre=False)
+    rope = nqkv_preset(args.bits)
+    plain = nqkv_preset(args.bits, rope_centre=False)
     variants = {
         "nqkv": lambda t: nqkv_steps(rope, config, t, args.steps, h, grp, d),
         "nqkv plain-centre": lambda t: nqkv_steps(plain, config, t, args.steps, h, grp, d),
@@ -100,7 +104,10 @@ def main() -> None:
         "sdpa fp32 cat": lambda t: sdpa_steps(t, args.steps, h, grp, d, static=False),
         "sdpa fp32 static": lambda t: sdpa_steps(t, args.steps, h, grp, d, static=True),
     }
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); {h} KV heads x {grp} query heads,"
+    if args.also_block:
+        other = nqkv_preset(args.bits, block=args.also_block)
+        variants[f"nqkv b{args.also_block}"] = lambda t: nqkv_steps(other, config, t, args.steps, h, grp, d)
+    print(f"NQKV-{args.bits}; torch {torch.__version__}, {torch.get_num_threads()} thread(s); {h} KV heads x {grp} query heads,"
           f" head_dim {d}; {args.steps} steps x {args.rounds} rounds; ms per layer and step\n")
     print("| tokens | " + " | ".join(variants) + " | nqkv / sdpa cat | nqkv / plain-centre | torch path / nqkv |")
     print("|---:|" + "---:|" * (len(variants) + 3))

@@ -788,7 +788,8 @@ class NQKVLayer(CacheLayerMixin):
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor, query_states: torch.Tensor | None = None) -> None:
         """Store tokens without attending (e.g. a prefix computed elsewhere); K/V ``(b, h, T, d)``.
 
-        ``query_states`` are needed only for a scheme with ``k_equalize="qk"`` on an empty layer.
+        ``query_states`` are needed only on an empty layer of a scheme with ``k_equalize="qk"`` or
+        ``k_rounding="query"`` (the 3-bit presets): their transform is fitted on them.
         """
         self.update(key_states, value_states)
         self._pending = None

@@ -108,6 +108,8 @@ CASES = [
     (1, 2, 2, 1, 64, 0, 7, 4, 64),  # no history yet
     (1, 2, 4, 1, 64, 100, 3, 4, 32),  # four rows in registers, two scales per row (not factored out)
     (1, 3, 1, 1, 64, 70, 2, 3, 64),  # one row
+    (1, 3, 3, 1, 64, 150, 5, 3, 32),  # 3-bit, two scales per row: one per lane half in the registers
+    (1, 2, 2, 2, 128, 80, 3, 2, 16),  # 2-bit, four scales per group of 64
 ]
 
 

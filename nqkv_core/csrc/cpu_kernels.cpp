@@ -291,10 +291,11 @@ inline int lane_position(int bits, int d) {  // d in [0, 64)
 #ifdef __AVX512F__
 // -- decode attention in registers: 2/3/4-bit codes, head_dim = 16 * ND (64 or 128) ------------------
 
-// Whether a side can take the register path: a scale is constant over the codes a vector mixes
-// (32 for 4-bit, a whole group of 64 otherwise).
+// Whether a side can take the register path: a 4-bit vector mixes 32 consecutive codes, which must
+// share a scale; a 2/3-bit vector mixes a whole group of 64 (lane i: codes 4i..4i+3), which may
+// span blocks of 16 or more (one scale per lane then).
 inline bool fast_path(const Packed& p, int64_t dim) {
-  return (dim == 64 || dim == 128) && (p.bits == 4 ? p.block % 32 == 0 : (p.bits == 2 || p.bits == 3) && p.block % 64 == 0);
+  return (dim == 64 || dim == 128) && (p.bits == 4 ? p.block % 32 == 0 : (p.bits == 2 || p.bits == 3) && p.block % 16 == 0);
 }
 
 // Group g (codes [64g, 64g + 64)) of a row of D codes, times their scales (Scaled) or as bare
@@ -332,7 +333,18 @@ inline void decode_group(const Packed& p, const uint8_t* row, int64_t D, int g, 
     out[f] = _mm512_permutexvar_ps(c, levels);
   }
   if (Scaled) {
-    const __m512 s = _mm512_set1_ps(load_scale(p.absmax, si + d0 / p.block, p.absmax_half));
+    __m512 s;
+    if (p.block % 64 == 0) {
+      s = _mm512_set1_ps(load_scale(p.absmax, si + d0 / p.block, p.absmax_half));
+    } else if (p.block == 32) {  // lanes 0-7: the group's first block, lanes 8-15: its second
+      const int64_t i0 = si + d0 / 32;
+      s = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(load_scale(p.absmax, i0, p.absmax_half)),
+                               _mm512_set1_ps(load_scale(p.absmax, i0 + 1, p.absmax_half)));
+    } else {  // blocks of 16: lane i holds codes 4i..4i+3 of the group, all in block (d0 + 4i) / block
+      alignas(64) float lane[16];
+      for (int i = 0; i < 16; ++i) lane[i] = load_scale(p.absmax, si + (d0 + 4 * i) / p.block, p.absmax_half);
+      s = _mm512_load_ps(lane);
+    }
     for (int f = 0; f < 4; ++f) out[f] = _mm512_mul_ps(out[f], s);
   }
 }
