@@ -299,16 +299,21 @@ def test_rope_centred_save_load_and_append(tmp_path, reference_attention):
         torch.testing.assert_close(a, whole.layers[0].state()[name], rtol=0, atol=1e-6, msg=name)
 
 
+def saved_prefix(name: str, ids: torch.Tensor, path):
+    """A tiny model with scheme ``name``, a cache filled with the first 12 tokens of ``ids``, saved to
+    ``path``, and that cache loaded back: ``(model, scheme, cache, loaded)``."""
+    model, scheme = tiny_model(), SCHEMES[name]
+    cache = enable(model, scheme=scheme).new_cache()
+    model(ids[:, :12], past_key_values=cache, use_cache=True)
+    cache.save(path)
+    return model, scheme, cache, NQKVCache.load(path, scheme, config=model.config)
+
+
 def test_query_rounded_cache_saves_its_metric_and_continues_bitwise(tmp_path):
     # The metric's low-rank factor is saved; the loaded cache derives the same feedback matrix and
     # codes the next tokens (which leave the window, so they are feedback-coded) to the same bits.
-    model, scheme = tiny_model(), SCHEMES["nf3-query-vfit"]
     ids = torch.randint(1, 96, (1, 24), generator=torch.Generator().manual_seed(12))
-    nq = enable(model, scheme=scheme)
-    cache = nq.new_cache()
-    model(ids[:, :12], past_key_values=cache, use_cache=True)
-    cache.save(tmp_path / "q.safetensors")
-    loaded = NQKVCache.load(tmp_path / "q.safetensors", scheme, config=model.config)
+    model, scheme, cache, loaded = saved_prefix("nf3-query-vfit", ids, tmp_path / "q.safetensors")
     for a, b in zip(cache.layers, loaded.layers):
         assert a.transform.k_metric.shape == (1, 2, 4, 16)
         assert torch.equal(a.transform.k_feedback, b.transform.k_feedback)
@@ -442,14 +447,9 @@ def test_errors_are_clear(tmp_path):
 
 
 def test_save_load_round_trip_and_rejects_bad_files(tmp_path):
-    model, scheme = tiny_model(), SCHEMES["nf4-rot-centre"]
     ids = torch.randint(1, 96, (2, 16), generator=torch.Generator().manual_seed(8))
-    nq = enable(model, scheme=scheme)
-    cache = nq.new_cache()
-    model(ids[:, :12], past_key_values=cache, use_cache=True)
     path = tmp_path / "prefix.safetensors"
-    cache.save(path)
-    loaded = NQKVCache.load(path, scheme, config=model.config)
+    model, scheme, cache, loaded = saved_prefix("nf4-rot-centre", ids, path)
     for a, b in zip(cache.layers, loaded.layers):
         sa, sb = a.state(), b.state()
         assert sa.keys() == sb.keys()
