@@ -28,8 +28,10 @@ from nqkv_core.ops import triton_decode
 # (batch, kv heads, group, head_dim, tokens): SmolLM2-135M's attention at 16k / 32k, batch 1 and 8,
 # and a larger model's (8 KV heads of 128)
 SHAPES = [(1, 3, 3, 64, 16384), (1, 3, 3, 64, 32768), (8, 3, 3, 64, 16384), (1, 8, 4, 128, 65536)]
-GRID = dict(block_n=[64, 128], num_warps=[2, 4, 8], num_stages=[2], programs=[264, 528, 1056], min_split=[128],
-            nibble_lanes=[True, False])
+GRID = dict(block_n=[64, 128], num_warps=[2, 4, 8], num_stages=[2], programs=[264, 528], min_split=[128],
+            nibble_lanes=[True, False], register_lut=[False, True])
+PATHS = {"general": dict(nibble_lanes=False), "lanes": dict(nibble_lanes=True, register_lut=False),
+         "lanes+lut": dict(nibble_lanes=True, register_lut=True)}  # the kernel's decode paths
 
 
 def timed(fn, reps: int = 20, calls: int = 10) -> float:
@@ -67,6 +69,7 @@ def main() -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     configs = [dict(zip(GRID, values)) for values in itertools.product(*GRID.values())]
+    configs = [c for c in configs if c["nibble_lanes"] or not c["register_lut"]]  # (the lookup is a lane path's)
     default = dict(triton_decode.DECODE_CONFIG)
     times = {}  # (shape, config index) -> seconds
     sdpa, nbytes, errors = {}, {}, {}
@@ -115,6 +118,10 @@ def main() -> None:
         t_nq, (qb, fb) = times[s, ranked[0]], nbytes[s]
         lines.append(f"| {' | '.join(map(str, s))} | {t_nq * 1e6:.1f} | {qb / t_nq / 1e9:.0f} | {sdpa[s] * 1e6:.1f} |"
                      f" {fb / sdpa[s] / 1e9:.0f} | {sdpa[s] / t_nq:.2f}x | {errors[s]:.1e} |")
+    lines += ["", "Each decode path's best configuration, speed-up over SDPA fp16 per shape:"]
+    for name, fixed in PATHS.items():
+        i = min((j for j, c in enumerate(configs) if fixed.items() <= c.items()), key=score)
+        lines.append(f"  {name}: " + ", ".join(f"{sdpa[s] / times[s, i]:.2f}x" for s in SHAPES) + f"  {configs[i]}")
     lines += ["", "Top 8 configurations (geo-mean ratio to each shape's best):"]
     lines += [f"  {score(i):.3f}  {configs[i]}" for i in ranked[:8]]
     print("\n".join(lines))

@@ -20,7 +20,22 @@ NEED_CHILD = not CUDA and os.environ.get("TRITON_INTERPRET") != "1"
 DEVICE = "cuda" if CUDA else "cpu"
 
 if not NEED_CHILD:
+    import triton
+    import triton.language as tl
+
     from nqkv_core.ops import triton_decode, triton_prefill, triton_quantize
+
+    @triton.jit
+    def _tables_kernel(cb_ptr, out_ptr, DT: tl.constexpr):  # the eight words of _byte_tables
+        w0, w1, w2, w3, w4, w5, w6, w7 = triton_decode._byte_tables(cb_ptr, DT)
+        tl.store(out_ptr + 0, w0)
+        tl.store(out_ptr + 1, w1)
+        tl.store(out_ptr + 2, w2)
+        tl.store(out_ptr + 3, w3)
+        tl.store(out_ptr + 4, w4)
+        tl.store(out_ptr + 5, w5)
+        tl.store(out_ptr + 6, w6)
+        tl.store(out_ptr + 7, w7)
 from nqkv_core import NQTensor  # noqa: E402
 
 
@@ -100,6 +115,113 @@ def test_decode_kernel_one_scale_per_token(d, dtype, lanes, monkeypatch):
     for mask in (None, bool_mask, torch.randn(1, 6, 2, 156, generator=gen).to(DEVICE, dtype)):
         a = args_of(q, K, V, kt, vt, mask=mask, is_causal=True)
         check(triton_decode.flash_decode(*a), triton_decode.reference(*a), dtype)
+
+
+@pytest.mark.skipif(not CUDA, reason="the register lookup is PTX: compiled for a GPU only")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_kernel_register_lut(dtype, monkeypatch):
+    """The lane-order path with codes decoded by byte permutes (register_lut) against the reference."""
+    monkeypatch.setitem(triton_decode.DECODE_CONFIG, "register_lut", True)
+    q, K, V, kt, vt = make(g=3, tq=2, t=300, d=64, block=64, tail=6, dtype=dtype)
+    meta = triton_decode.kernel_args(*args_of(q, K, V, kt, vt)[:13], None)[2]
+    assert triton_decode.register_lut(meta, triton_decode.DECODE_CONFIG)
+    for mask in (None, (torch.rand(2, 306, generator=torch.Generator().manual_seed(4)) > 0.2).to(DEVICE)):
+        a = args_of(q, K, V, kt, vt, mask=mask, is_causal=True)
+        check(triton_decode.flash_decode(*a), triton_decode.reference(*a), dtype)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles the kernel: needs real jit functions")
+def test_register_lut_compiles_for_a_gpu():
+    """The register lookup is PTX that no CPU run executes: compile the split kernel for sm_90 here
+    (no GPU needed) and check that ptxas takes it and that the key loop decodes by byte permutes,
+    with no gather from the codebook in memory left in it (4-byte LDGSTS: the asynchronous copies
+    that Triton makes of those gathers; the codes themselves come in 8- or 16-byte ones)."""
+    import re
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import triton_sass
+
+    launch = triton_sass.capture_split_launch(1, 3, 3, 64, 4096, torch.float16, triton_sass.PATHS["lanes+lut"])
+    assert launch[2]["LUT"] and launch[2]["NIBBLES"]
+    try:
+        compiled = triton_sass.compile_for(*launch, arch=90)
+    except (ImportError, AttributeError) as e:  # Triton-internal API of another version
+        pytest.skip(f"this Triton's compiler API: {e}")
+    loop = triton_sass.key_loop(triton_sass.sass_of(compiled.asm["cubin"])[0])
+    ops = [triton_sass._opcode(line) for line in loop]
+    assert ops.count("HMMA") >= 4 and ops.count("PRMT") >= 64
+    gathers = [line for line in loop if "LDGSTS" in line and not re.search(r"LDGSTS[.A-Z]*\.(64|128) ", line)]
+    assert not gathers, gathers[:4]
+
+
+def _run_ptx(asm: str, operands: list) -> list:
+    """The few PTX instructions of ``_LUT16_ASM`` on Python ints (32-bit registers): ``$i`` reads and
+    writes ``operands[i]``. ``prmt.b32 d, a, b, c`` (default mode): result byte i is byte
+    ``c[4i:4i+3] & 7`` of the 8 bytes {b:a}, or that byte's sign replicated when bit 4i+3 is set."""
+    regs = {}
+
+    def get(tok):
+        if tok.startswith("$"):
+            return operands[int(tok[1:])]
+        return int(tok, 0) if tok[0].isdigit() else regs[tok]
+
+    for line in asm.strip().strip("{}").splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line.startswith(".reg"):
+            continue
+        op, args = line.split(None, 1)
+        dst, *src = [t.strip() for t in args.split(",")]
+        x = [get(t) for t in src]
+        if op == "and.b32":
+            val = x[0] & x[1]
+        elif op == "or.b32":
+            val = x[0] | x[1]
+        elif op == "shr.u32":
+            val = x[0] >> x[1]
+        elif op == "prmt.b32":
+            pool = (x[1] << 32 | x[0]).to_bytes(8, "little")
+            val = 0
+            for i in range(4):
+                sel = (x[2] >> 4 * i) & 15
+                byte = pool[sel & 7]
+                if sel & 8:
+                    byte = 0xFF if byte & 0x80 else 0
+                val |= byte << 8 * i
+        else:
+            raise AssertionError(f"unexpected instruction {op}")
+        val &= 0xFFFFFFFF
+        if dst.startswith("$"):
+            operands[int(dst[1:])] = val
+        else:
+            regs[dst] = val
+    return operands
+
+
+@_kernel_test
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_register_lut_decodes_like_a_gather(dtype):
+    """The register lookup, as the kernel runs it: ``_byte_tables`` (in the interpreter) turns a
+    codebook into the eight table words, and ``_LUT16_ASM`` (emulated instruction by instruction)
+    turns four packed bytes into the levels of their eight codes, which must be the codebook's
+    entries rounded to ``dtype``, even elements (low nibbles) and odd ones (high nibbles) apart."""
+    import triton.language as tl
+
+    from nqkv_core.codebook import get_codebook
+
+    gen = torch.Generator().manual_seed(5)
+    # levels exact in ``dtype``: rounding is not under test (the interpreter rounds to bf16 its own way)
+    for cb in (get_codebook("nf", 4, 64).to(dtype), (torch.randn(16, generator=gen) * 3).to(dtype)):
+        words = torch.zeros(8, dtype=torch.int32)
+        _tables_kernel[(1,)](cb.float().contiguous(), words, DT=tl.float16 if dtype == torch.float16 else tl.bfloat16)
+        bits = cb.view(torch.int16).int() & 0xFFFF
+        table = [int(w) & 0xFFFFFFFF for w in words]
+        for word in [0x76543210, 0xFEDCBA98, 0x0F1E2D3C] + torch.randint(0, 2**32, (200,), generator=gen).tolist():
+            ops = _run_ptx(triton_decode._LUT16_ASM.value, [0] * 4 + [word] + [w for w in table for _ in range(4)])
+            nibbles = [(word >> 4 * i) & 15 for i in range(8)]  # byte k holds codes 2k (low) and 2k+1
+            level = [int(bits[n]) for n in nibbles]
+            assert ops[0] == level[0] | level[2] << 16 and ops[1] == level[4] | level[6] << 16, hex(word)
+            assert ops[2] == level[1] | level[3] << 16 and ops[3] == level[5] | level[7] << 16, hex(word)
 
 
 @_kernel_test

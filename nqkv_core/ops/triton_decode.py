@@ -30,10 +30,14 @@ BLOCK_N = 64  # keys per tile in the interpreter and the prefill kernel
 # Launch configuration of the split kernel on a GPU: keys per tile, warps and pipeline stages per
 # program, the number of programs to aim for (each KV head's keys are split so that batch x heads x
 # splits reaches it), the fewest keys per split, and whether 4-bit caches with one scale per token
-# take the lane-order path (nibble_lanes, :func:`_attend_range_nibbles`). The first five are the best
-# of the H200 sweep in benchmarks/gpu_check.sh (docs/benchmarks.md, "GPU"), measured before the
-# lane-order path existed; the sweep times both paths.
-DECODE_CONFIG = dict(block_n=64, num_warps=2, num_stages=2, programs=264, min_split=128, nibble_lanes=True)
+# take the lane-order path (nibble_lanes, :func:`_attend_range_nibbles`), and whether that path decodes
+# codes by byte permutes against tables in registers (register_lut, :data:`_LUT16_ASM`) instead of
+# gathers from the codebook in memory. The first five are the best of the H200 sweep in
+# benchmarks/gpu_check.sh (docs/benchmarks.md, "GPU"), measured before the lane-order path existed;
+# the sweep times both paths. register_lut stays off until a GPU run has checked and timed it (the
+# sweep and the CUDA tests run it both ways).
+DECODE_CONFIG = dict(block_n=64, num_warps=2, num_stages=2, programs=264, min_split=128, nibble_lanes=True,
+                     register_lut=False)
 
 
 # -- shared jit helpers ------------------------------------------------------------------------------
@@ -180,20 +184,87 @@ def _attend_range(
     return acc, m_i, l_i
 
 
+# A 16-entry lookup in registers: per 32-bit word of packed bytes (8 codes), byte permutes (PTX
+# ``prmt``) pick each code's level from two tables of 16 bytes, the low and the high bytes of the
+# 16-bit levels, held as eight 32-bit words (lo0..lo3, hi0..hi3; entry j is byte j % 4 of word j // 4).
+# A prmt selects from 8 bytes by the low 3 bits of a 4-bit selector (bit 3 would replicate a sign),
+# so each table is read as its two halves and bit 3 of the code picks between them (a third prmt).
+# 22 instructions for 8 codes, against a gather from memory per code. Operands: $0-$1 the even
+# elements' levels (two 16-bit values per register), $2-$3 the odd ones', $4 four packed bytes, then
+# the eight table words, four registers each (pack=4 repeats a 32-bit operand per element):
+# $5, $9, ..., $33.
+_LUT16_ASM = tl.constexpr("""
+{
+.reg .b32 s, h, a, b, lo, hi;
+and.b32 s, $4, 0x77777777;
+and.b32 h, $4, 0x88888888;
+shr.u32 h, h, 1;
+or.b32 h, h, 0x32103210;
+prmt.b32 a, $5, $9, s;
+prmt.b32 b, $13, $17, s;
+prmt.b32 lo, a, b, h;
+prmt.b32 a, $21, $25, s;
+prmt.b32 b, $29, $33, s;
+prmt.b32 hi, a, b, h;
+prmt.b32 $0, lo, hi, 0x6240;
+prmt.b32 $2, lo, hi, 0x7351;
+shr.u32 s, s, 16;
+shr.u32 h, h, 16;
+prmt.b32 a, $5, $9, s;
+prmt.b32 b, $13, $17, s;
+prmt.b32 lo, a, b, h;
+prmt.b32 a, $21, $25, s;
+prmt.b32 b, $29, $33, s;
+prmt.b32 hi, a, b, h;
+prmt.b32 $1, lo, hi, 0x6240;
+prmt.b32 $3, lo, hi, 0x7351;
+}
+""")
+_LUT16_CONSTRAINTS = tl.constexpr("=r,=r,=r,=r,r" + ",r" * 32)
+
+
+@triton.jit
+def _byte_tables(cb_ptr, DT: tl.constexpr):
+    """The 16 levels of a 4-bit codebook rounded to ``DT`` (16-bit), as the eight words of
+    ``_LUT16_ASM``: lo0..lo3 (low bytes), hi0..hi3 (high bytes). Byte fields are disjoint, so the
+    sums are ORs."""
+    idx = tl.arange(0, 16)
+    bits = tl.load(cb_ptr + idx).to(DT).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    shift = (idx % 4) * 8
+    lo = (bits & 0xFF) << shift
+    hi = (bits >> 8) << shift
+    word = idx // 4
+    return (tl.sum(tl.where(word == 0, lo, 0), 0), tl.sum(tl.where(word == 1, lo, 0), 0),
+            tl.sum(tl.where(word == 2, lo, 0), 0), tl.sum(tl.where(word == 3, lo, 0), 0),
+            tl.sum(tl.where(word == 0, hi, 0), 0), tl.sum(tl.where(word == 1, hi, 0), 0),
+            tl.sum(tl.where(word == 2, hi, 0), 0), tl.sum(tl.where(word == 3, hi, 0), 0))
+
+
 @triton.jit
 def _nibble_levels(codes_ptr, absmax_ptr, cb_ptr, tail_ptr, offs_t, hist, tail, t_tail, offs_h, stride_ct,
-                   stride_at, stride_tt, stride_td, HAS_TAIL: tl.constexpr):
+                   stride_at, stride_tt, stride_td, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3,
+                   HAS_TAIL: tl.constexpr, LUT: tl.constexpr):
     """4-bit codes with one scale per token, in lane order: the levels of the even and of the odd
     elements of each row, (N, D/2) each, and the scales (N,). Tail tokens (``tail``, index ``t_tail``
-    in the fp tail) give their exact values with scale 1."""
-    byte = tl.load(codes_ptr + offs_t[:, None] * stride_ct + offs_h[None, :], mask=hist[:, None], other=0).to(tl.int32)
-    even = tl.load(cb_ptr + (byte & 15))
-    odd = tl.load(cb_ptr + (byte >> 4))
+    in the fp tail) give their exact values with scale 1. With ``LUT`` the levels come from the
+    byte tables ``lo*`` / ``hi*`` in registers (:func:`_byte_tables`; 16-bit levels, of the tail's
+    dtype), otherwise from fp32 codebook gathers."""
+    byte = tl.load(codes_ptr + offs_t[:, None] * stride_ct + offs_h[None, :], mask=hist[:, None], other=0)
+    if LUT:
+        even, odd = tl.inline_asm_elementwise(
+            _LUT16_ASM, _LUT16_CONSTRAINTS, [byte, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3],
+            dtype=(tail_ptr.dtype.element_ty, tail_ptr.dtype.element_ty), is_pure=True, pack=4)
+    else:
+        byte = byte.to(tl.int32)
+        even = tl.load(cb_ptr + (byte & 15))
+        odd = tl.load(cb_ptr + (byte >> 4))
     scale = tl.load(absmax_ptr + offs_t * stride_at, mask=hist, other=0).to(tl.float32)
     if HAS_TAIL:
         row = tail_ptr + t_tail[:, None] * stride_tt
-        te = tl.load(row + (2 * offs_h)[None, :] * stride_td, mask=tail[:, None], other=0.0).to(tl.float32)
-        to = tl.load(row + (2 * offs_h + 1)[None, :] * stride_td, mask=tail[:, None], other=0.0).to(tl.float32)
+        te = tl.load(row + (2 * offs_h)[None, :] * stride_td, mask=tail[:, None], other=0.0)
+        to = tl.load(row + (2 * offs_h + 1)[None, :] * stride_td, mask=tail[:, None], other=0.0)
+        if not LUT:
+            te, to = te.to(tl.float32), to.to(tl.float32)
         even = tl.where(hist[:, None], even, te)
         odd = tl.where(hist[:, None], odd, to)
         scale = tl.where(hist, scale, 1.0)
@@ -209,15 +280,23 @@ def _attend_range_nibbles(
     stride_mh, stride_mq, stride_mk,
     start, stop, T_HIST,
     HEAD_DIM: tl.constexpr, HAS_TAIL: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    FP32_DOT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    FP32_DOT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, LUT: tl.constexpr,
 ):
     """:func:`_attend_range` for 4-bit K and V with one scale per token (blocks of head_dim), the
     presets' layout, in lane order: a packed byte's two codes stay in two tiles, even and odd
     elements (the query is split the same way, so q . k = q_even . k_even + q_odd . k_odd, and the
     output comes out as its even and odd elements), and each token's scale multiplies its score
-    and its softmax weight instead of every decoded level. Returns ``(acc_even, acc_odd, m, l)``.
+    and its softmax weight instead of every decoded level. With ``LUT`` (16-bit dots on a GPU)
+    codes are decoded by byte permutes against tables in registers (:func:`_byte_tables`).
+    Returns ``(acc_even, acc_odd, m, l)``.
     """
     offs_h = tl.arange(0, HEAD_DIM // 2)
+    if LUT:  # once per program: the codebooks as byte tables of the dot dtype
+        k0, k1, k2, k3, k4, k5, k6, k7 = _byte_tables(kcb_ptr, kt_ptr.dtype.element_ty)
+        v0, v1, v2, v3, v4, v5, v6, v7 = _byte_tables(vcb_ptr, vt_ptr.dtype.element_ty)
+    else:
+        k0, k1, k2, k3, k4, k5, k6, k7 = 0, 0, 0, 0, 0, 0, 0, 0  # (unused)
+        v0, v1, v2, v3, v4, v5, v6, v7 = 0, 0, 0, 0, 0, 0, 0, 0
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
     acc_e = tl.zeros([BLOCK_R, HEAD_DIM // 2], tl.float32)
@@ -228,7 +307,8 @@ def _attend_range_nibbles(
         hist = t_ok & (offs_t < T_HIST)
         tail = t_ok & (offs_t >= T_HIST)
         k_e, k_o, k_s = _nibble_levels(kc_ptr, ka_ptr, kcb_ptr, kt_ptr, offs_t, hist, tail, offs_t - T_HIST, offs_h,
-                                       stride_kct, stride_kat, stride_ktt, stride_ktd, HAS_TAIL)
+                                       stride_kct, stride_kat, stride_ktt, stride_ktd,
+                                       k0, k1, k2, k3, k4, k5, k6, k7, HAS_TAIL, LUT)
         if FP32_DOT:
             s = tl.dot(q_even, tl.trans(k_e), input_precision="ieee")
             s += tl.dot(q_odd, tl.trans(k_o), input_precision="ieee")
@@ -240,7 +320,8 @@ def _attend_range_nibbles(
                     stride_mk, MASK_KIND, IS_CAUSAL)
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
         v_e, v_o, v_s = _nibble_levels(vc_ptr, va_ptr, vcb_ptr, vt_ptr, offs_t, hist, tail, offs_t - T_HIST, offs_h,
-                                       stride_vct, stride_vat, stride_vtt, stride_vtd, HAS_TAIL)
+                                       stride_vct, stride_vat, stride_vtt, stride_vtd,
+                                       v0, v1, v2, v3, v4, v5, v6, v7, HAS_TAIL, LUT)
         pw = p * v_s[None, :]
         if FP32_DOT:
             acc_e = acc_e * alpha[:, None] + tl.dot(pw, v_e, input_precision="ieee")
@@ -268,7 +349,7 @@ def _decode_split_kernel(
     K_BITS: tl.constexpr, K_AXIS: tl.constexpr, K_QBLOCK: tl.constexpr,
     V_BITS: tl.constexpr, V_AXIS: tl.constexpr, V_QBLOCK: tl.constexpr,
     HAS_TAIL: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, NIBBLES: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, NIBBLES: tl.constexpr, LUT: tl.constexpr,
 ):
     # (NUM_SPLITS is a run-time argument: it changes with the cache length, a constexpr would recompile)
     pid_bh = tl.program_id(0)
@@ -303,7 +384,7 @@ def _decode_split_kernel(
             q_even, q_odd, r_ok, last_key, head, i_q, kc, ka, kcb_ptr, vc, va, vcb_ptr, kt, vt, mask_ptr + b * stride_mb,
             stride_kct, stride_kat, stride_vct, stride_vat, stride_ktt, stride_ktd, stride_vtt, stride_vtd,
             stride_mh, stride_mq, stride_mk, start, stop, T_HIST,
-            HEAD_DIM, HAS_TAIL, MASK_KIND, IS_CAUSAL, FP32_DOT, BLOCK_R, BLOCK_N,
+            HEAD_DIM, HAS_TAIL, MASK_KIND, IS_CAUSAL, FP32_DOT, BLOCK_R, BLOCK_N, LUT,
         )
         norm = tl.where(l_i > 0, l_i, 1.0)[:, None]
         po_row = po_ptr + (base + offs_r)[:, None] * HEAD_DIM_V
@@ -420,6 +501,13 @@ def nibble_lanes(meta: dict, cfg: dict) -> bool:
             and meta["HEAD_DIM_V"] == d and d >= 32)
 
 
+def register_lut(meta: dict, cfg: dict) -> bool:
+    """Whether the lane-order path decodes codes with :data:`_LUT16_ASM` (``cfg["register_lut"]``):
+    PTX, so only compiled for a GPU, and only with 16-bit dots (the tables hold 16-bit levels)."""
+    return (cfg.get("register_lut", False) and nibble_lanes(meta, cfg) and not meta["FP32_DOT"]
+            and not _interpreting())
+
+
 @triton_op("nqkv::flash_decode", mutates_args=())
 def flash_decode(
     q: Tensor,
@@ -448,9 +536,11 @@ def flash_decode(
     po = torch.empty((b * hkv, num_splits, n_rows, dv), device=q.device, dtype=torch.float32)
     plse = torch.empty((b * hkv, num_splits, n_rows), device=q.device, dtype=torch.float32)
     grid = (b * hkv, num_splits, triton.cdiv(n_rows, block_r))
+    lanes = nibble_lanes(meta, cfg)
     wrap_triton(_decode_split_kernel)[grid](
         *tensors, po, plse, *strides, hkv, tq, th, tk, n_rows, split_len, num_splits, scale,
-        **meta, IS_CAUSAL=is_causal, BLOCK_R=block_r, BLOCK_N=block_n, NIBBLES=nibble_lanes(meta, cfg), **launch,
+        **meta, IS_CAUSAL=is_causal, BLOCK_R=block_r, BLOCK_N=block_n, NIBBLES=lanes, LUT=register_lut(meta, cfg),
+        **launch,
     )
     out = torch.empty((b, hq, tq, dv), device=q.device, dtype=tensors[0].dtype)
     wrap_triton(_decode_merge_kernel)[(b * hkv, n_rows)](
