@@ -2,9 +2,9 @@
 
 Runs ``triton_decode.flash_decode`` on CPU tensors with the launches intercepted, compiles the
 split kernel for a CUDA target (default sm_90, an H100/H200) with Triton's own compiler, and reads
-the cubin with ``cuobjdump`` (shipped with Triton's NVIDIA backend): registers, spills, shared
-memory, instruction counts of the whole kernel and of its key loop (the longest backward-branch
-body), by opcode. For each decode path of the 4-bit one-scale-per-token layout: the general one,
+the cubin with ``cuobjdump`` (shipped with Triton's NVIDIA backend): registers, spilled stack
+bytes, instruction counts of the whole kernel and of its key loop (the longest backward-branch
+body), the codebook gathers left in that loop, and its commonest opcodes. For each decode path of the 4-bit one-scale-per-token layout: the general one,
 the lane-order one (nibble_lanes), and the lane-order one with the register lookup (register_lut).
 
 These are static counts, a proxy for where time goes, not a timing: what a kernel costs is only
@@ -129,6 +129,12 @@ def key_loop(lines: list[str]) -> list[str]:
     return best
 
 
+def gathers(loop: list[str]) -> int:
+    """4-byte asynchronous copies to shared memory: what Triton makes of a codebook gather per code
+    (the codes themselves come in 8- or 16-byte copies)."""
+    return sum(1 for ln in loop if "LDGSTS" in ln and not re.search(r"LDGSTS[.A-Z]*\.(64|128) ", ln))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=1)
@@ -144,14 +150,14 @@ def main() -> None:
     shape = (args.batch, args.kv_heads, args.group, args.head_dim, args.tokens)
     print(f"split kernel, 4-bit K/V in blocks of head_dim, (batch, kv heads, group, head_dim, tokens) = {shape},"
           f" {args.dtype}, sm_{args.arch}; static counts, not timings")
-    print("| path | registers | stack (spill) bytes | SASS total | key loop | top loop opcodes |")
-    print("|---|---:|---:|---:|---:|---|")
+    print("| path | registers | stack (spill) bytes | SASS total | key loop | 4-byte gathers in the loop | top loop opcodes |")
+    print("|---|---:|---:|---:|---:|---:|---|")
     for name, cfg in PATHS.items():
         kernel, kargs, kkw = capture_split_launch(*shape, getattr(torch, args.dtype), cfg)
         lines, usage = sass_of(compile_for(kernel, kargs, kkw, args.arch).asm["cubin"])
         loop = key_loop(lines)
         top = collections.Counter(_opcode(ln) for ln in loop).most_common(args.top)
-        print(f"| {name} | {usage.get('REG', 0)} | {usage.get('STACK', 0)} | {len(lines)} | {len(loop)} |"
+        print(f"| {name} | {usage.get('REG', 0)} | {usage.get('STACK', 0)} | {len(lines)} | {len(loop)} | {gathers(loop)} |"
               f" {', '.join(f'{op} {n}' for op, n in top)} |")
         if args.sass:
             args.sass.mkdir(parents=True, exist_ok=True)
