@@ -1,0 +1,93 @@
+"""How much greedy agreement a K/V cache loses when it only rounds: the floor of the agreement measure.
+
+Greedy agreement (``nqkv_core.evaluate.agreement``: the fraction of the first 32 generated tokens
+equal, position by position, to the full-precision continuation) counts every token after the
+first changed one as lost. This measures it for caches that lose (almost) nothing: the fp32 model
+with its keys and values rounded to fp16 or bf16 (what an fp16/bf16 ``DynamicCache`` stores), next
+to NQKV at 4 and 8 bits, on the same prompts as ``quality_sweep.py --agree`` (taken after the
+evaluation windows). Per method: agreement, prompts whose 32 tokens all match, and the mean
+position of the first changed token.
+
+    python benchmarks/agreement_floor.py --windows 8 --out results/agreement_floor
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from transformers import AttentionInterface
+
+from nqkv_core.evaluate import ATTN_NAME, agreement, fakequant_attention, greedy_tokens, register_attention
+from nqkv_core.models import DEFAULT_MODEL, load_model, load_text, prompts_after
+from nqkv_core.scheme import nqkv_preset
+
+
+def rounded_attention(dtype: torch.dtype):
+    """Exact attention over keys and values rounded to ``dtype`` (a cache that stores them so)."""
+
+    def attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        return fakequant_attention(module, query, key.to(dtype).to(key.dtype), value.to(dtype).to(value.dtype),
+                                   attention_mask, scaling, dropout, **kwargs)
+
+    return attention
+
+
+def first_change(tokens: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Per prompt, the index of the first token that differs (the length when none does)."""
+    differs = tokens != reference
+    return torch.where(differs.any(1), differs.int().argmax(1), torch.full_like(differs[:, 0], tokens.shape[1],
+                                                                               dtype=torch.long))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="model id, local path or .gguf file")
+    ap.add_argument("--text-file", default=None, help="corpus (default: WikiText-2 raw test split)")
+    ap.add_argument("--windows", type=int, default=8, help="evaluation windows the prompts come after")
+    ap.add_argument("--window-len", type=int, default=1024)
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--out", type=Path, default=Path("results/agreement_floor"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    lm = load_model(args.model, attn_implementation=register_attention())
+    text = load_text(args.text_file)
+    prompts = prompts_after(lm.tokenizer, text, args.windows, args.window_len, args.prompt_len, args.prompts)
+    t0 = time.perf_counter()
+    reference = greedy_tokens(lm.model, prompts, None, args.new_tokens)
+    runs = {}
+    for name, dtype in (("K/V rounded to fp16", torch.float16), ("K/V rounded to bf16", torch.bfloat16)):
+        AttentionInterface.register(ATTN_NAME, rounded_attention(dtype))
+        try:
+            runs[name] = greedy_tokens(lm.model, prompts, None, args.new_tokens)
+        finally:
+            AttentionInterface.register(ATTN_NAME, fakequant_attention)
+    for bits in (8, 4):
+        runs[f"NQKV-{bits} S4 W32"] = greedy_tokens(lm.model, prompts, nqkv_preset(bits), args.new_tokens)
+    lines = [f"greedy agreement with the {next(lm.model.parameters()).dtype} model's continuation, "
+             f"{args.prompts} prompts x {args.new_tokens} tokens ({time.perf_counter() - t0:.0f} s)", "",
+             "| method | agreement | prompts all equal | mean first changed token |", "|---|---:|---:|---:|"]
+    rows = []
+    for name, tokens in runs.items():
+        first = first_change(tokens, reference)
+        row = dict(method=name, agree=agreement(tokens, reference),
+                   all_equal=int((first == args.new_tokens).sum()), mean_first_change=float(first.float().mean()))
+        rows.append(row)
+        lines.append(f"| {name} | {100 * row['agree']:.1f}% | {row['all_equal']} / {args.prompts} |"
+                     f" {row['mean_first_change']:.1f} |")
+    print("\n".join(lines))
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = dict(command="python benchmarks/agreement_floor.py " + " ".join(__import__("sys").argv[1:]),
+                model=args.model)
+    (args.out / "agreement_floor.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
+    (args.out / "agreement_floor.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
