@@ -4,14 +4,15 @@ Runs ``triton_decode.flash_decode`` on CPU tensors with the launches intercepted
 split kernel for a CUDA target (default sm_90, an H100/H200) with Triton's own compiler, and reads
 the cubin with ``cuobjdump`` (shipped with Triton's NVIDIA backend): registers, spilled stack
 bytes, instruction counts of the whole kernel and of its key loop (the longest backward-branch
-body), the codebook gathers left in that loop, and its commonest opcodes. For each decode path of the 4-bit one-scale-per-token layout: the general one,
-the lane-order one (nibble_lanes), and the lane-order one with the register lookup (register_lut).
+body), the codebook gathers left in that loop, and its commonest opcodes. For each decode path of
+the 4-bit layout in blocks along head_dim: the general one, the lane-order one (nibble_lanes),
+and the lane-order one with the register lookup (register_lut).
 
 These are static counts, a proxy for where time goes, not a timing: what a kernel costs is only
 known from ``benchmarks/sweep_triton_decode.py`` on a GPU.
 
     python benchmarks/triton_sass.py                      # SmolLM2's decode shape at 16k, fp16
-    python benchmarks/triton_sass.py --head-dim 128 --kv-heads 8 --group 4 --sass /tmp/sass
+    python benchmarks/triton_sass.py --head-dim 128 --block 64 --kv-heads 8 --group 4 --sass /tmp/sass
 """
 
 from __future__ import annotations
@@ -41,12 +42,15 @@ PATHS = {  # name -> DECODE_CONFIG overrides
 }
 
 
-def capture_split_launch(b: int, hkv: int, group: int, d: int, tokens: int, dtype: torch.dtype, cfg: dict):
-    """(kernel, args, kwargs) of the split kernel's launch for one decode call of this shape."""
+def capture_split_launch(b: int, hkv: int, group: int, d: int, tokens: int, dtype: torch.dtype, cfg: dict,
+                         block: int | None = None):
+    """(kernel, args, kwargs) of the split kernel's launch for one decode call of this shape, 4-bit
+    codes in blocks of ``block`` (default: head_dim) along head_dim."""
+    block = block or d
     gen = torch.Generator().manual_seed(0)
     k, v = (torch.randn(b, hkv, tokens, d, generator=gen) for _ in range(2))
     q = torch.randn(b, hkv * group, 1, d, generator=gen).to(dtype)
-    K, V = NQTensor.from_float(k, block=d, bits=4), NQTensor.from_float(v, block=d, bits=4)
+    K, V = NQTensor.from_float(k, block=block, bits=4), NQTensor.from_float(v, block=block, bits=4)
     launches = []
 
     class Recorder:
@@ -60,7 +64,7 @@ def capture_split_launch(b: int, hkv: int, group: int, d: int, tokens: int, dtyp
     triton_decode.wrap_triton = Recorder
     triton_decode.DECODE_CONFIG.update(cfg)
     try:
-        triton_decode.flash_decode(q, K.codes, K.absmax, K.codebook, d, 3, V.codes, V.absmax, V.codebook, d, 3,
+        triton_decode.flash_decode(q, K.codes, K.absmax, K.codebook, block, 3, V.codes, V.absmax, V.codebook, block, 3,
                                    None, None, None, d ** -0.5, False)
     finally:
         triton_decode.wrap_triton = saved_wrap
@@ -142,18 +146,20 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=3, help="query heads per KV head")
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--block", type=int, default=None, help="elements per scale along head_dim (default: head_dim)")
     ap.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16")
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10")
     ap.add_argument("--top", type=int, default=8, help="opcodes listed per loop")
     ap.add_argument("--sass", type=Path, help="also write each path's SASS here")
     args = ap.parse_args()
     shape = (args.batch, args.kv_heads, args.group, args.head_dim, args.tokens)
-    print(f"split kernel, 4-bit K/V in blocks of head_dim, (batch, kv heads, group, head_dim, tokens) = {shape},"
+    block = args.block or args.head_dim
+    print(f"split kernel, 4-bit K/V in blocks of {block}, (batch, kv heads, group, head_dim, tokens) = {shape},"
           f" {args.dtype}, sm_{args.arch}; static counts, not timings")
     print("| path | registers | stack (spill) bytes | SASS total | key loop | 4-byte gathers in the loop | top loop opcodes |")
     print("|---|---:|---:|---:|---:|---:|---|")
     for name, cfg in PATHS.items():
-        kernel, kargs, kkw = capture_split_launch(*shape, getattr(torch, args.dtype), cfg)
+        kernel, kargs, kkw = capture_split_launch(*shape, getattr(torch, args.dtype), cfg, block)
         lines, usage = sass_of(compile_for(kernel, kargs, kkw, args.arch).asm["cubin"])
         loop = key_loop(lines)
         top = collections.Counter(_opcode(ln) for ln in loop).most_common(args.top)

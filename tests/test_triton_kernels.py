@@ -100,14 +100,15 @@ def test_decode_kernel_causal_masks_gqa(dtype):
 
 
 @_kernel_test
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d,block", [(64, 64), (128, 128), (128, 64), (64, 16)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("lanes", [True, False])
-def test_decode_kernel_one_scale_per_token(d, dtype, lanes, monkeypatch):
-    """The presets' layout (4-bit, one block per head_dim row): the lane-order path and the general
-    one, with the fp tail, GQA, a causal multi-token query and each kind of mask."""
+def test_decode_kernel_lane_order(d, block, dtype, lanes, monkeypatch):
+    """The presets' layout (4-bit, blocks along head_dim: one per row, as at head_dim 64, or
+    several, as at 128): the lane-order path and the general one, with the fp tail, GQA, a causal
+    multi-token query and each kind of mask."""
     monkeypatch.setitem(triton_decode.DECODE_CONFIG, "nibble_lanes", lanes)
-    q, K, V, kt, vt = make(g=3, tq=2, t=150, d=d, block=d, tail=6, dtype=dtype)
+    q, K, V, kt, vt = make(g=3, tq=2, t=150, d=d, block=block, tail=6, dtype=dtype)
     meta = triton_decode.kernel_args(*args_of(q, K, V, kt, vt)[:13], None)[2]
     assert triton_decode.nibble_lanes(meta, triton_decode.DECODE_CONFIG) == lanes
     gen = torch.Generator().manual_seed(3)
@@ -119,10 +120,11 @@ def test_decode_kernel_one_scale_per_token(d, dtype, lanes, monkeypatch):
 
 @pytest.mark.skipif(not CUDA, reason="the register lookup is PTX: compiled for a GPU only")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_decode_kernel_register_lut(dtype, monkeypatch):
+@pytest.mark.parametrize("d,block", [(64, 64), (128, 64)])
+def test_decode_kernel_register_lut(dtype, d, block, monkeypatch):
     """The lane-order path with codes decoded by byte permutes (register_lut) against the reference."""
     monkeypatch.setitem(triton_decode.DECODE_CONFIG, "register_lut", True)
-    q, K, V, kt, vt = make(g=3, tq=2, t=300, d=64, block=64, tail=6, dtype=dtype)
+    q, K, V, kt, vt = make(g=3, tq=2, t=300, d=d, block=block, tail=6, dtype=dtype)
     meta = triton_decode.kernel_args(*args_of(q, K, V, kt, vt)[:13], None)[2]
     assert triton_decode.register_lut(meta, triton_decode.DECODE_CONFIG)
     for mask in (None, (torch.rand(2, 306, generator=torch.Generator().manual_seed(4)) > 0.2).to(DEVICE)):
@@ -132,7 +134,8 @@ def test_decode_kernel_register_lut(dtype, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles the kernel: needs real jit functions")
-def test_register_lut_compiles_for_a_gpu():
+@pytest.mark.parametrize("d,block", [(64, 64), (128, 64)])
+def test_register_lut_compiles_for_a_gpu(d, block):
     """The register lookup is PTX that no CPU run executes: compile the split kernel for sm_90 here
     (no GPU needed) and check that ptxas takes it and that the key loop decodes by byte permutes,
     with no gather from the codebook in memory left in it (4-byte LDGSTS: the asynchronous copies
@@ -140,7 +143,7 @@ def test_register_lut_compiles_for_a_gpu():
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
     import triton_sass
 
-    launch = triton_sass.capture_split_launch(1, 3, 3, 64, 4096, torch.float16, triton_sass.PATHS["lanes+lut"])
+    launch = triton_sass.capture_split_launch(1, 3, 3, d, 4096, torch.float16, triton_sass.PATHS["lanes+lut"], block)
     assert launch[2]["LUT"] and launch[2]["NIBBLES"]
     try:
         compiled = triton_sass.compile_for(*launch, arch=90)

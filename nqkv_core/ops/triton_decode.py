@@ -242,13 +242,18 @@ def _byte_tables(cb_ptr, DT: tl.constexpr):
 
 @triton.jit
 def _nibble_levels(codes_ptr, absmax_ptr, cb_ptr, tail_ptr, offs_t, hist, tail, t_tail, offs_h, stride_ct,
-                   stride_at, stride_tt, stride_td, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3,
-                   HAS_TAIL: tl.constexpr, LUT: tl.constexpr):
-    """4-bit codes with one scale per token, in lane order: the levels of the even and of the odd
-    elements of each row, (N, D/2) each, and the scales (N,). Tail tokens (``tail``, index ``t_tail``
-    in the fp tail) give their exact values with scale 1. With ``LUT`` the levels come from the
-    byte tables ``lo*`` / ``hi*`` in registers (:func:`_byte_tables`; 16-bit levels, of the tail's
-    dtype), otherwise from fp32 codebook gathers."""
+                   stride_at, stride_ad, stride_tt, stride_td, lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3,
+                   HAS_TAIL: tl.constexpr, LUT: tl.constexpr, QBLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   N: tl.constexpr):
+    """4-bit codes in blocks along head_dim, in lane order: the levels of the even and of the odd
+    elements of each row, (N, D/2) each, and a scale per token (N,). With one block per row
+    (``QBLOCK == HEAD_DIM``) the scale is the block's absmax, for the caller to apply to whole
+    rows; with several, the levels come out multiplied by their block's absmax (lane j of either
+    half is element 2j or 2j + 1, in block 2j // QBLOCK: runs of QBLOCK / 2 lanes share a scale)
+    and the scale is 1. Tail tokens (``tail``, index ``t_tail`` in the fp tail) give their exact
+    values with scale 1. With ``LUT`` the levels come from the byte tables ``lo*`` / ``hi*`` in
+    registers (:func:`_byte_tables`; 16-bit levels, of the tail's dtype), otherwise from fp32
+    codebook gathers."""
     byte = tl.load(codes_ptr + offs_t[:, None] * stride_ct + offs_h[None, :], mask=hist[:, None], other=0)
     if LUT:
         even, odd = tl.inline_asm_elementwise(
@@ -258,7 +263,16 @@ def _nibble_levels(codes_ptr, absmax_ptr, cb_ptr, tail_ptr, offs_t, hist, tail, 
         byte = byte.to(tl.int32)
         even = tl.load(cb_ptr + (byte & 15))
         odd = tl.load(cb_ptr + (byte >> 4))
-    scale = tl.load(absmax_ptr + offs_t * stride_at, mask=hist, other=0).to(tl.float32)
+    if QBLOCK == HEAD_DIM:
+        scale = tl.load(absmax_ptr + offs_t * stride_at, mask=hist, other=0).to(tl.float32)
+    else:
+        per_lane = tl.load(absmax_ptr + offs_t[:, None] * stride_at
+                           + tl.arange(0, HEAD_DIM // QBLOCK)[None, :] * stride_ad, mask=hist[:, None], other=0)
+        per_lane = tl.reshape(tl.broadcast_to(per_lane[:, :, None], (N, HEAD_DIM // QBLOCK, QBLOCK // 2)),
+                              (N, HEAD_DIM // 2))
+        even = even * per_lane.to(even.dtype)
+        odd = odd * per_lane.to(odd.dtype)
+        scale = tl.full((N,), 1.0, tl.float32)
     if HAS_TAIL:
         row = tail_ptr + t_tail[:, None] * stride_tt
         te = tl.load(row + (2 * offs_h)[None, :] * stride_td, mask=tail[:, None], other=0.0)
@@ -275,20 +289,21 @@ def _nibble_levels(codes_ptr, absmax_ptr, cb_ptr, tail_ptr, offs_t, hist, tail, 
 def _attend_range_nibbles(
     q_even, q_odd, r_ok, last_key, head, i_q,
     kc_ptr, ka_ptr, kcb_ptr, vc_ptr, va_ptr, vcb_ptr, kt_ptr, vt_ptr, mask_ptr,
-    stride_kct, stride_kat, stride_vct, stride_vat,
+    stride_kct, stride_kat, stride_kad, stride_vct, stride_vat, stride_vad,
     stride_ktt, stride_ktd, stride_vtt, stride_vtd,
     stride_mh, stride_mq, stride_mk,
     start, stop, T_HIST,
-    HEAD_DIM: tl.constexpr, HAS_TAIL: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    FP32_DOT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, LUT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, K_QBLOCK: tl.constexpr, V_QBLOCK: tl.constexpr, HAS_TAIL: tl.constexpr,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr, LUT: tl.constexpr,
 ):
-    """:func:`_attend_range` for 4-bit K and V with one scale per token (blocks of head_dim), the
-    presets' layout, in lane order: a packed byte's two codes stay in two tiles, even and odd
-    elements (the query is split the same way, so q . k = q_even . k_even + q_odd . k_odd, and the
-    output comes out as its even and odd elements), and each token's scale multiplies its score
-    and its softmax weight instead of every decoded level. With ``LUT`` (16-bit dots on a GPU)
-    codes are decoded by byte permutes against tables in registers (:func:`_byte_tables`).
-    Returns ``(acc_even, acc_odd, m, l)``.
+    """:func:`_attend_range` for 4-bit K and V in blocks along head_dim (the presets' layout), in
+    lane order: a packed byte's two codes stay in two tiles, even and odd elements (the query is
+    split the same way, so q . k = q_even . k_even + q_odd . k_odd, and the output comes out as its
+    even and odd elements). With one block per row each token's scale multiplies its score and its
+    softmax weight instead of every decoded level; with smaller blocks the levels are scaled
+    (:func:`_nibble_levels`). With ``LUT`` (16-bit dots on a GPU) codes are decoded by byte
+    permutes against tables in registers (:func:`_byte_tables`). Returns ``(acc_even, acc_odd, m, l)``.
     """
     offs_h = tl.arange(0, HEAD_DIM // 2)
     if LUT:  # once per program: the codebooks as byte tables of the dot dtype
@@ -307,8 +322,8 @@ def _attend_range_nibbles(
         hist = t_ok & (offs_t < T_HIST)
         tail = t_ok & (offs_t >= T_HIST)
         k_e, k_o, k_s = _nibble_levels(kc_ptr, ka_ptr, kcb_ptr, kt_ptr, offs_t, hist, tail, offs_t - T_HIST, offs_h,
-                                       stride_kct, stride_kat, stride_ktt, stride_ktd,
-                                       k0, k1, k2, k3, k4, k5, k6, k7, HAS_TAIL, LUT)
+                                       stride_kct, stride_kat, stride_kad, stride_ktt, stride_ktd,
+                                       k0, k1, k2, k3, k4, k5, k6, k7, HAS_TAIL, LUT, K_QBLOCK, HEAD_DIM, BLOCK_N)
         if FP32_DOT:
             s = tl.dot(q_even, tl.trans(k_e), input_precision="ieee")
             s += tl.dot(q_odd, tl.trans(k_o), input_precision="ieee")
@@ -320,8 +335,8 @@ def _attend_range_nibbles(
                     stride_mk, MASK_KIND, IS_CAUSAL)
         p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i)
         v_e, v_o, v_s = _nibble_levels(vc_ptr, va_ptr, vcb_ptr, vt_ptr, offs_t, hist, tail, offs_t - T_HIST, offs_h,
-                                       stride_vct, stride_vat, stride_vtt, stride_vtd,
-                                       v0, v1, v2, v3, v4, v5, v6, v7, HAS_TAIL, LUT)
+                                       stride_vct, stride_vat, stride_vad, stride_vtt, stride_vtd,
+                                       v0, v1, v2, v3, v4, v5, v6, v7, HAS_TAIL, LUT, V_QBLOCK, HEAD_DIM, BLOCK_N)
         pw = p * v_s[None, :]
         if FP32_DOT:
             acc_e = acc_e * alpha[:, None] + tl.dot(pw, v_e, input_precision="ieee")
@@ -382,9 +397,9 @@ def _decode_split_kernel(
                  * scale).to(tl.float32)
         acc_e, acc_o, m_i, l_i = _attend_range_nibbles(
             q_even, q_odd, r_ok, last_key, head, i_q, kc, ka, kcb_ptr, vc, va, vcb_ptr, kt, vt, mask_ptr + b * stride_mb,
-            stride_kct, stride_kat, stride_vct, stride_vat, stride_ktt, stride_ktd, stride_vtt, stride_vtd,
-            stride_mh, stride_mq, stride_mk, start, stop, T_HIST,
-            HEAD_DIM, HAS_TAIL, MASK_KIND, IS_CAUSAL, FP32_DOT, BLOCK_R, BLOCK_N, LUT,
+            stride_kct, stride_kat, stride_kad, stride_vct, stride_vat, stride_vad,
+            stride_ktt, stride_ktd, stride_vtt, stride_vtd, stride_mh, stride_mq, stride_mk, start, stop, T_HIST,
+            HEAD_DIM, K_QBLOCK, V_QBLOCK, HAS_TAIL, MASK_KIND, IS_CAUSAL, FP32_DOT, BLOCK_R, BLOCK_N, LUT,
         )
         norm = tl.where(l_i > 0, l_i, 1.0)[:, None]
         po_row = po_ptr + (base + offs_r)[:, None] * HEAD_DIM_V
@@ -493,11 +508,12 @@ def kernel_args(q, k_codes, k_absmax, k_codebook, k_block, k_axis, v_codes, v_ab
 
 def nibble_lanes(meta: dict, cfg: dict) -> bool:
     """Whether the split kernel takes the lane-order path (:func:`_attend_range_nibbles`): 4-bit K and
-    V with one scale per token (blocks of head_dim along head_dim), head_dim >= 32 (each half feeds
-    a dot); ``cfg["nibble_lanes"]`` switches it off, to compare the two."""
+    V in blocks along head_dim of at least 2 elements (a byte's two codes share a block),
+    head_dim >= 32 (each half feeds a dot); ``cfg["nibble_lanes"]`` switches it off, to compare
+    the two."""
     d = meta["HEAD_DIM"]
     return (cfg.get("nibble_lanes", True) and meta["K_BITS"] == meta["V_BITS"] == 4
-            and meta["K_AXIS"] == meta["V_AXIS"] == 3 and meta["K_QBLOCK"] == meta["V_QBLOCK"] == d
+            and meta["K_AXIS"] == meta["V_AXIS"] == 3 and meta["K_QBLOCK"] >= 2 and meta["V_QBLOCK"] >= 2
             and meta["HEAD_DIM_V"] == d and d >= 32)
 
 
