@@ -417,6 +417,10 @@ class NQKVLayer(CacheLayerMixin):
         self._decode_step: native.DecodeStep | None = None
         self._decode_step_key: tuple = ()  # what _decode_step was built from (compared by identity)
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        # ``length`` as a Python int, read once by an eager step's update and used by its attention
+        # and commit (on a GPU every read of the device tensor is a host-device sync); None outside
+        # such a step. Never carried across steps: a compiled step advances ``length`` unseen.
+        self._step_length: int | None = None
         self.handle = _Handle(self)
 
     @property
@@ -527,9 +531,10 @@ class NQKVLayer(CacheLayerMixin):
                 f" keys of shape {tuple(key_states.shape)}; call cache.reset() to start a new batch"
             )
         if not torch.compiler.is_compiling():
-            self._grow(int(self.length) + key_states.shape[2])
+            n = self._step_length = int(self.length)
+            self._grow(n + key_states.shape[2])
             if self.rope_centred and self.rope.inv_freq is not None:
-                self.rope.ensure(int(self.length) + key_states.shape[2], self.device)
+                self.rope.ensure(n + key_states.shape[2], self.device)
         self._pending = (key_states, value_states)
         return self.handle, self.handle
 
@@ -614,7 +619,7 @@ class NQKVLayer(CacheLayerMixin):
             self.transform = self._fit(k_new, v_new, query, config)
         t = self.transform
         p0 = self.length
-        n = None if torch.compiler.is_compiling() else int(p0)
+        n = None if torch.compiler.is_compiling() else self._eager_length()
         # An eager one-token step folds the transform into a few matmuls (_StepMaps); the reference
         # path (FUSED = False) keeps the exact arithmetic of the fake-quantized reference.
         fold = FUSED and FOLD_STEPS and n and T == 1 and self.fp_dtype == torch.float32 and t.a_k is None and t.b_v is None
@@ -701,7 +706,7 @@ class NQKVLayer(CacheLayerMixin):
             q, k, v, S, R, n_body, leaving % R if leaving >= S else -1, leaving - S, n if n < S else -1,
             n % R if n >= S else -1, n, scaling,
         )
-        self.length.add_(1)
+        self._advance(1)
         return out
 
     def _native_decode_step(self, maps: _StepMaps) -> native.DecodeStep:
@@ -796,7 +801,7 @@ class NQKVLayer(CacheLayerMixin):
         if self.transform is None:
             self.transform = self._fit(key_states, value_states, query_states)
         t = self.transform
-        start = self.length if torch.compiler.is_compiling() else int(self.length)
+        start = self.length if torch.compiler.is_compiling() else self._eager_length()
         self._commit(t.keys(key_states, start=start).to(self.fp_dtype), t.values(value_states).to(self.fp_dtype))
 
     def _encode(self, x: torch.Tensor, fmt: SideFormat) -> tuple[torch.Tensor, ...]:
@@ -828,7 +833,7 @@ class NQKVLayer(CacheLayerMixin):
     def _commit_one(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
         """:meth:`_commit` of one token outside tracing: plain slice copies at known positions."""
         S, R, W = self.n_sinks, self.n_ring, self.window
-        n = int(self.length)
+        n = self._eager_length()
         leaving = n - W + 1  # the token that leaves the window (the new one itself when W == 1)
         if leaving >= S:
             if W > 1:
@@ -842,7 +847,16 @@ class NQKVLayer(CacheLayerMixin):
         elif R:
             self.k_ring[:, :, n % R : n % R + 1].copy_(k_new)
             self.v_ring[:, :, n % R : n % R + 1].copy_(v_new)
-        self.length.add_(1)
+        self._advance(1)
+
+    def _eager_length(self) -> int:
+        """``length`` as an int in an eager step: the value its update read, else a fresh read."""
+        return self._step_length if self._step_length is not None else int(self.length)
+
+    def _advance(self, n: int) -> None:
+        """Count ``n`` committed tokens; ends the step (its host copy of ``length`` is stale now)."""
+        self.length.add_(n)
+        self._step_length = None
 
     def _commit(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
         """Store the ``T`` new tokens: sinks, ring, and quantize the ``T`` tokens that leave the window."""
@@ -876,7 +890,7 @@ class NQKVLayer(CacheLayerMixin):
             ring_index = torch.where(last >= S, torch.remainder(last, R), R)
             self.k_ring.index_copy_(2, ring_index, k_new[:, :, T - n :])
             self.v_ring.index_copy_(2, ring_index, v_new[:, :, T - n :])
-        self.length.add_(T)
+        self._advance(T)
 
     # -- transformers' layer interface -------------------------------------------------------------
 
@@ -900,6 +914,7 @@ class NQKVLayer(CacheLayerMixin):
     def reset(self) -> None:
         """Forget every token and the transform; buffers are kept (zeroed) for reuse."""
         self.length.zero_()
+        self._step_length = None
         self.transform = None
         self._pending = None
         if self.is_initialized:
@@ -930,6 +945,7 @@ class NQKVLayer(CacheLayerMixin):
                 f" exact). Create the cache with crop_margin>={n - keep} to allow it."
             )
         self.length.fill_(keep)
+        self._step_length = None
 
     def _batch_map(self, fn) -> None:
         if not self.is_initialized:
@@ -1004,6 +1020,7 @@ class NQKVLayer(CacheLayerMixin):
                 self.rope.inv_freq = self.transform.inv_freq
             self.rope.ensure(n, self.device)
         self.length.fill_(n)
+        self._step_length = None
 
     @property
     def nbytes(self) -> int:

@@ -236,6 +236,39 @@ def test_non_finite_token_leaving_the_window_is_a_clear_error(use_native, monkey
             step(torch.randn(1, 2, 1, 16, generator=g), torch.randn(1, 2, 1, 16, generator=g), q)
 
 
+@pytest.mark.parametrize("bits,reads", [(4, 2), (3, 4)])
+def test_eager_step_reads_the_device_at_most_a_few_times(bits, reads, monkeypatch):
+    """On a GPU every host read of a device value (``int(t)``, ``bool(t)``) is a sync that stalls the
+    launch queue. An eager decode step on the torch route (what CUDA runs) reads the length once
+    and checks each quantized token once (NaN/Inf and scale range together; a fitted scale once
+    more): counted here as ``aten._local_scalar_dense`` calls."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from nqkv_core.ops import cpu as cpu_ops
+
+    monkeypatch.setattr(native, "_ENABLED", [False])
+    monkeypatch.setattr(cpu_ops, "decode_fits", lambda *a, **k: False)  # (CUDA has no such shortcut)
+    config = LlamaConfig(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1,
+                         head_dim=64)
+    layer = NQKVCache(nqkv_preset(bits), config=config).layers[0]
+    g = torch.Generator().manual_seed(0)
+    layer.append(torch.randn(1, 2, 40, 64, generator=g), torch.randn(1, 2, 40, 64, generator=g),
+                 torch.randn(1, 4, 40, 64, generator=g))
+    counted = []
+
+    class CountReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            counted.append(func is torch.ops.aten._local_scalar_dense.default)
+            return func(*args, **(kwargs or {}))
+
+    for _ in range(3):
+        counted.clear()
+        with CountReads():
+            layer.update(torch.randn(1, 2, 1, 64, generator=g), torch.randn(1, 2, 1, 64, generator=g))
+            layer.attention(torch.randn(1, 4, 1, 64, generator=g), None, 0.125)
+        assert sum(counted) == reads and len(counted) > 50  # (the step did run through the mode)
+
+
 def assert_matches_reference(logits, ref_logits, fp_logits):
     """The cache's logits are far closer to the reference than the reference is to full precision."""
     quant_effect = (ref_logits - fp_logits).abs().max()
