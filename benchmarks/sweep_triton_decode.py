@@ -28,7 +28,7 @@ from nqkv_core.ops import triton_decode
 # (batch, kv heads, group, head_dim, tokens): SmolLM2-135M's attention at 16k / 32k, batch 1 and 8,
 # and a larger model's (8 KV heads of 128)
 SHAPES = [(1, 3, 3, 64, 16384), (1, 3, 3, 64, 32768), (8, 3, 3, 64, 16384), (1, 8, 4, 128, 65536)]
-GRID = dict(block_n=[64, 128], num_warps=[2, 4, 8], num_stages=[2], programs=[264, 528], min_split=[128],
+GRID = dict(block_n=[64, 128], num_warps=[2, 4], num_stages=[2], programs=[264, 528], min_split=[128],
             nibble_lanes=[True, False], register_lut=[False, True])
 PATHS = {"general": dict(nibble_lanes=False), "lanes": dict(nibble_lanes=True, register_lut=False),
          "lanes+lut": dict(nibble_lanes=True, register_lut=True)}  # the kernel's decode paths

@@ -134,6 +134,7 @@ def test_decode_kernel_register_lut(dtype, d, block, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles the kernel: needs real jit functions")
+@pytest.mark.skipif(CUDA, reason="with a GPU, test_decode_kernel_register_lut runs the lookup itself")
 @pytest.mark.parametrize("d,block", [(64, 64), (128, 64)])
 def test_register_lut_compiles_for_a_gpu(d, block):
     """The register lookup is PTX that no CPU run executes: compile the split kernel for sm_90 here
