@@ -333,7 +333,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """Llama (rotate-half) RoPE of ``x`` ``(..., T or 1, d)`` at positions ``pos`` ``(T,)``; ``inverse`` undoes it."""
     ang = pos.float()[:, None] * inv_freq.float()[None, :]
-    cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)
+    cos, sin = ang.cos(), ang.sin()
+    cos, sin = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
     return x * cos - rotate_half(x) * sin if inverse else x * cos + rotate_half(x) * sin
 
 
