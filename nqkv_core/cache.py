@@ -849,30 +849,6 @@ class NQKVLayer(CacheLayerMixin):
             self.v_ring[:, :, n % R : n % R + 1].copy_(v_new)
         self._advance(1)
 
-    def _commit_one_traced(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
-        """:meth:`_commit` of one token while tracing (a compiled decode step): the length is a 0-d
-        tensor, so every slot is an index tensor; slots a token does not go to are the trash slots
-        one past each buffer's end (the graph has no branches). Fewer ops than the ``T``-token path,
-        which keeps the compiled graph (and its compile time) smaller."""
-        S, R, W = self.n_sinks, self.n_ring, self.window
-        p0 = self.length
-        leaving = p0 - (W - 1)  # the token that leaves the window (the new one itself when W == 1)
-        if W > 1:
-            slot = torch.remainder(leaving, R).view(1)
-            k_out, v_out = self.k_ring.index_select(2, slot), self.v_ring.index_select(2, slot)
-        else:
-            k_out, v_out = k_new, v_new
-        self._write_bodies(torch.where(leaving >= S, leaving - S, self.capacity).view(1), k_out, v_out)
-        if S:
-            sink = torch.where(p0 < S, p0, S).view(1)
-            self.k_sink.index_copy_(2, sink, k_new)
-            self.v_sink.index_copy_(2, sink, v_new)
-        if R:
-            ring = torch.where(p0 >= S, torch.remainder(p0, R), R).view(1)
-            self.k_ring.index_copy_(2, ring, k_new)
-            self.v_ring.index_copy_(2, ring, v_new)
-        self._advance(1)
-
     def _eager_length(self) -> int:
         """``length`` as an int in an eager step: the value its update read, else a fresh read."""
         return self._step_length if self._step_length is not None else int(self.length)
@@ -885,9 +861,7 @@ class NQKVLayer(CacheLayerMixin):
     def _commit(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
         """Store the ``T`` new tokens: sinks, ring, and quantize the ``T`` tokens that leave the window."""
         T, dev = k_new.shape[2], self.device
-        if T == 1:
-            if torch.compiler.is_compiling():
-                return self._commit_one_traced(k_new, v_new)
+        if T == 1 and not torch.compiler.is_compiling():
             return self._commit_one(k_new, v_new)
         S, R, W = self.n_sinks, self.n_ring, self.window
         p0 = self.length
