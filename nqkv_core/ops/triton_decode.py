@@ -193,33 +193,28 @@ def _attend_range(
 # elements' levels (two 16-bit values per register), $2-$3 the odd ones', $4 four packed bytes, then
 # the eight table words, four registers each (pack=4 repeats a 32-bit operand per element):
 # $5, $9, ..., $33.
-_LUT16_ASM = tl.constexpr("""
-{
+def _lut16_word_half(even: str, odd: str) -> str:
+    """PTX for four codes (selectors ``s``, half-selects ``h``): their levels into ``even`` / ``odd``."""
+    return f"""prmt.b32 a, $5, $9, s;
+prmt.b32 b, $13, $17, s;
+prmt.b32 lo, a, b, h;
+prmt.b32 a, $21, $25, s;
+prmt.b32 b, $29, $33, s;
+prmt.b32 hi, a, b, h;
+prmt.b32 {even}, lo, hi, 0x6240;
+prmt.b32 {odd}, lo, hi, 0x7351;
+"""
+
+
+_LUT16_ASM = tl.constexpr("""{
 .reg .b32 s, h, a, b, lo, hi;
 and.b32 s, $4, 0x77777777;
 and.b32 h, $4, 0x88888888;
 shr.u32 h, h, 1;
 or.b32 h, h, 0x32103210;
-prmt.b32 a, $5, $9, s;
-prmt.b32 b, $13, $17, s;
-prmt.b32 lo, a, b, h;
-prmt.b32 a, $21, $25, s;
-prmt.b32 b, $29, $33, s;
-prmt.b32 hi, a, b, h;
-prmt.b32 $0, lo, hi, 0x6240;
-prmt.b32 $2, lo, hi, 0x7351;
-shr.u32 s, s, 16;
+""" + _lut16_word_half("$0", "$2") + """shr.u32 s, s, 16;
 shr.u32 h, h, 16;
-prmt.b32 a, $5, $9, s;
-prmt.b32 b, $13, $17, s;
-prmt.b32 lo, a, b, h;
-prmt.b32 a, $21, $25, s;
-prmt.b32 b, $29, $33, s;
-prmt.b32 hi, a, b, h;
-prmt.b32 $1, lo, hi, 0x6240;
-prmt.b32 $3, lo, hi, 0x7351;
-}
-""")
+""" + _lut16_word_half("$1", "$3") + "}")
 _LUT16_CONSTRAINTS = tl.constexpr("=r,=r,=r,=r,r" + ",r" * 32)
 
 
