@@ -21,7 +21,7 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX512F__) || defined(__F16C__)
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -151,6 +151,34 @@ void decode_row(const uint8_t* row, const float* scales, const float* cb, int bi
     }
     return;
   }
+#elif defined(__AVX2__)
+  if (bits == 4 && block % 16 == 0) {  // (CPUs without AVX-512: a 16-entry lookup is two 8-entry ones)
+    const __m256 levels_lo = _mm256_loadu_ps(cb), levels_hi = _mm256_loadu_ps(cb + 8);
+    const __m256i nibble = _mm256_set1_epi32(15);
+    auto lookup = [&](__m256i c) {  // bit 3 of the code (moved to the sign bit) picks the half
+      return _mm256_blendv_ps(_mm256_permutevar8x32_ps(levels_lo, c), _mm256_permutevar8x32_ps(levels_hi, c),
+                              _mm256_castsi256_ps(_mm256_slli_epi32(c, 28)));
+    };
+    for (int64_t d = 0; d < D; d += 16) {
+      const __m256 s = _mm256_set1_ps(scales[d / block]);
+      const __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(row + d / 2)));
+      const __m256 even = lookup(_mm256_and_si256(w, nibble)), odd = lookup(_mm256_srli_epi32(w, 4));
+      // back into row order: unpack interleaves within 128-bit halves, permute2f128 joins them
+      const __m256 x0 = _mm256_unpacklo_ps(even, odd), x1 = _mm256_unpackhi_ps(even, odd);
+      const __m256 a = _mm256_mul_ps(_mm256_permute2f128_ps(x0, x1, 0x20), s);
+      const __m256 b = _mm256_mul_ps(_mm256_permute2f128_ps(x0, x1, 0x31), s);
+      if (out_bf16) {
+        alignas(32) float tmp[16];
+        _mm256_store_ps(tmp, a);
+        _mm256_store_ps(tmp + 8, b);
+        for (int i = 0; i < 16; ++i) out_bf16[d + i] = float_to_bf16(tmp[i]);
+      } else {
+        _mm256_storeu_ps(out + d, a);
+        _mm256_storeu_ps(out + d + 8, b);
+      }
+    }
+    return;
+  }
 #endif
   for (int64_t d = 0; d < D; ++d) {
     const float x = cb[code_at(row, bits, D, d)] * scales[d / block];
@@ -165,6 +193,18 @@ inline float dot(const float* a, const float* b, int64_t n) {
     for (int64_t i = 0; i < n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
     return _mm512_reduce_add_ps(acc);
   }
+#elif defined(__AVX2__) && defined(__FMA__)
+  if (n % 16 == 0) {  // two chains of FMAs; one would wait on each FMA's latency
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+      acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+      acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+    }
+    const __m256 acc = _mm256_add_ps(acc0, acc1);
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+  }
 #endif
   float acc = 0.f;
   for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
@@ -177,6 +217,13 @@ inline void axpy(float w, const float* x, float* y, int64_t n) {  // y += w * x
     const __m512 wv = _mm512_set1_ps(w);
     for (int64_t i = 0; i < n; i += 16)
       _mm512_storeu_ps(y + i, _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+    return;
+  }
+#elif defined(__AVX2__) && defined(__FMA__)
+  if (n % 8 == 0) {
+    const __m256 wv = _mm256_set1_ps(w);
+    for (int64_t i = 0; i < n; i += 8)
+      _mm256_storeu_ps(y + i, _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
     return;
   }
 #endif
