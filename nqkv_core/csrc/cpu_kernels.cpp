@@ -151,8 +151,10 @@ void decode_row(const uint8_t* row, const float* scales, const float* cb, int bi
     }
     return;
   }
-#elif defined(__AVX2__)
-  if (bits == 4 && block % 16 == 0) {  // (CPUs without AVX-512: a 16-entry lookup is two 8-entry ones)
+#endif
+#ifdef __AVX2__
+  // Without AVX-512, or blocks of 16: a 16-entry lookup as two 8-entry ones.
+  if (bits == 4 && block % 16 == 0) {
     const __m256 levels_lo = _mm256_loadu_ps(cb), levels_hi = _mm256_loadu_ps(cb + 8);
     const __m256i nibble = _mm256_set1_epi32(15);
     auto lookup = [&](__m256i c) {  // bit 3 of the code (moved to the sign bit) picks the half

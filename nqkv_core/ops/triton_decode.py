@@ -29,7 +29,7 @@ BLOCK_N = 64  # keys per tile in the interpreter and the prefill kernel
 
 # Launch configuration of the split kernel on a GPU: keys per tile, warps and pipeline stages per
 # program, the number of programs to aim for (each KV head's keys are split so that batch x heads x
-# splits reaches it), the fewest keys per split, and whether 4-bit caches with one scale per token
+# splits reaches it), the fewest keys per split, and whether 4-bit caches in blocks along head_dim
 # take the lane-order path (nibble_lanes, :func:`_attend_range_nibbles`), and whether that path decodes
 # codes by byte permutes against tables in registers (register_lut, :data:`_LUT16_ASM`) instead of
 # gathers from the codebook in memory. The first five are the best of the H200 sweep in
