@@ -110,6 +110,8 @@ CASES = [
     (1, 3, 1, 1, 64, 70, 2, 3, 64),  # one row
     (1, 3, 3, 1, 64, 150, 5, 3, 32),  # 3-bit, two scales per row: one per lane half in the registers
     (1, 2, 2, 2, 128, 80, 3, 2, 16),  # 2-bit, four scales per group of 64
+    (1, 2, 5, 1, 128, 90, 3, 4, 16),  # 4-bit, a scale per sixteen codes; five rows (four, then one)
+    (1, 1, 2, 1, 128, 70, 2, 4, 128),  # one scale per row of 128
 ]
 
 
@@ -199,14 +201,29 @@ def test_attention_decode_key_bias_matches_dense_offset(d, g, tq):
         native.attention_decode(q, k, v, kt, vt, None, 0.1, False, key_bias=(w, table, pos + P))
 
 
-@pytest.mark.skipif(os.environ.get("NQKV_MARCH") is not None, reason="already the portable build")
-def test_portable_build_without_avx512(tmp_path):
-    # The scalar loops (what a CPU without AVX-512 runs) pass this file's tests too, and the cache's
-    # native decode step (tests/test_cache.py, "folded") against its torch ops.
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return set()
+
+
+@pytest.mark.skipif(os.environ.get("NQKV_MARCH") is not None, reason="already a non-native build")
+@pytest.mark.parametrize("march", ["x86-64", "haswell"])
+def test_builds_for_other_cpus(tmp_path, march):
+    # The scalar loops (x86-64: what a CPU without AVX2 runs) and the AVX2 paths (haswell: a CPU
+    # without AVX-512) pass this file's tests too, and the cache's native decode step
+    # (tests/test_cache.py, "folded") against its torch ops.
     import subprocess
     import sys
 
-    env = {**os.environ, "NQKV_MARCH": "x86-64", "NQKV_CACHE_DIR": str(tmp_path)}
+    flags = _cpu_flags()
+    if march == "haswell" and not {"avx2", "fma", "f16c"} <= flags:
+        pytest.skip("this CPU cannot run AVX2 code")
+    if march == "haswell" and "avx512f" not in flags:
+        pytest.skip("the native build is already the AVX2 one")
+    env = {**os.environ, "NQKV_MARCH": march, "NQKV_CACHE_DIR": str(tmp_path)}
     cache_tests = str(Path(__file__).with_name("test_cache.py")) + "::test_folded_decode_steps_match_the_general_path"
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
                            cache_tests], env=env, capture_output=True, text=True, timeout=600)

@@ -12,8 +12,9 @@
 // decodes to codebook[code] * absmax[its block].
 //
 // The hot loops have an AVX-512 version (a codebook of up to 16 levels fits one zmm register, so
-// `vpermps` decodes sixteen 2-, 3- or 4-bit codes in one instruction) and a portable scalar
-// version used when the compiler does not target AVX-512 (or for other head dims and blocks).
+// `vpermps` decodes sixteen 2-, 3- or 4-bit codes in one instruction), an AVX2 version for CPUs
+// without AVX-512 (eight lanes; a 16-level lookup is two permutes and a blend) and a portable
+// scalar version (other CPUs, head dims and blocks).
 
 #include <cmath>
 #include <cstdint>
@@ -254,6 +255,15 @@ float row_max(const float* x, int64_t n) {
     mv2 = _mm512_max_ps(mv2, _mm512_loadu_ps(x + i + 16));
   }
   m = _mm512_reduce_max_ps(_mm512_max_ps(mv, mv2));
+#elif defined(__AVX2__)
+  __m256 mv = _mm256_set1_ps(-INFINITY), mv2 = mv;
+  for (; i + 16 <= n; i += 16) {
+    mv = _mm256_max_ps(mv, _mm256_loadu_ps(x + i));
+    mv2 = _mm256_max_ps(mv2, _mm256_loadu_ps(x + i + 8));
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, _mm256_max_ps(mv, mv2));
+  for (float l : lanes) m = l > m ? l : m;
 #endif
   for (; i < n; ++i) m = x[i] > m ? x[i] : m;
   return m;
@@ -287,6 +297,33 @@ float exp_shift_sum(float* x, int64_t n, float m) {
     acc = _mm512_add_ps(acc, e);
   }
   sum = _mm512_reduce_add_ps(acc);
+#elif defined(__AVX2__) && defined(__FMA__)
+  // The same polynomial; 2^k from the exponent bits (tc >= -87 and t <= 0 keep k in [-126, 0]).
+  const __m256 mv = _mm256_set1_ps(m), log2e = _mm256_set1_ps(1.44269504f);
+  const __m256 ln2_hi = _mm256_set1_ps(0.693359375f), ln2_lo = _mm256_set1_ps(-2.12194440e-4f);
+  const __m256 lo_clamp = _mm256_set1_ps(-87.0f);
+  __m256 acc = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    const __m256 t = _mm256_sub_ps(_mm256_loadu_ps(x + i), mv);
+    const __m256 live = _mm256_cmp_ps(t, lo_clamp, _CMP_GE_OQ);
+    const __m256 tc = _mm256_max_ps(t, lo_clamp);
+    const __m256 k = _mm256_round_ps(_mm256_mul_ps(tc, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(k, ln2_hi, tc);
+    r = _mm256_fnmadd_ps(k, ln2_lo, r);
+    __m256 p = _mm256_set1_ps(1.3981999507e-3f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i biased = _mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127));
+    const __m256 e = _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(biased, 23))), live);
+    _mm256_storeu_ps(x + i, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  for (float l : lanes) sum += l;
 #endif
   for (; i < n; ++i) {
     x[i] = std::exp(x[i] - m);
@@ -328,17 +365,26 @@ inline const float* token_row(const Packed& p, const float* codebook, const floa
   return row;
 }
 
-// Lane order: how the decoder below emits a group of 64 codes, as four vectors of sixteen, without
-// interleaving them back. 4-bit: [even codes 0-30 | odd 1-31 | even 32-62 | odd 33-63] (low and high
-// nibbles of 32 bytes); 2- and 3-bit: [codes 4i | 4i+1 | 4i+2 | 4i+3], i < 16 (the 2-bit fields of 16
-// bytes). A dot product does not depend on the order, so queries are put in lane order once per
-// call and keys are never reordered; value outputs are summed in lane order and reordered once.
+// Lane order: how the register decoders below emit codes, L lanes per vector (16 with AVX-512, 8
+// with AVX2), without interleaving them back. 4-bit: the 2L codes of L bytes as [even | odd] (low
+// and high nibbles), so with L = 16 a group of 64 is [even 0-30 | odd 1-31 | even 32-62 | odd 33-63];
+// 2- and 3-bit: the 4L codes of L bytes as [codes 4i | 4i+1 | 4i+2 | 4i+3], i < L (the 2-bit
+// fields of each byte). A dot product does not depend on the order, so queries are put in lane
+// order once per call and keys are never reordered; value outputs are summed in lane order and
+// reordered once.
+#ifdef __AVX512F__
+constexpr int kLanes = 16;
+#else
+constexpr int kLanes = 8;
+#endif
 inline int lane_position(int bits, int d) {  // d in [0, 64)
-  return bits == 4 ? (d / 32) * 32 + (d & 1) * 16 + (d % 32) / 2 : (d & 3) * 16 + d / 4;
+  return bits == 4 ? (d / (2 * kLanes)) * 2 * kLanes + (d & 1) * kLanes + (d % (2 * kLanes)) / 2
+                   : (d / (4 * kLanes)) * 4 * kLanes + (d & 3) * kLanes + (d % (4 * kLanes)) / 4;
 }
 
 #ifdef __AVX512F__
 // -- decode attention in registers: 2/3/4-bit codes, head_dim = 16 * ND (64 or 128) ------------------
+#define NQKV_REGISTER_PATH 1
 
 // Whether a side can take the register path: a 4-bit vector mixes 32 consecutive codes, which must
 // share a scale; a 2/3-bit vector mixes a whole group of 64 (lane i: codes 4i..4i+3), which may
@@ -617,6 +663,242 @@ void add_tile_bias(const float* w, int64_t R, int64_t D, const float* tiles, int
 }
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+// -- decode attention in registers without AVX-512: 2/3/4-bit codes, head_dim 64, 128, 192 or 256 --
+//
+// As above with eight lanes, sixteen codes at a time (a "pass" c: lane-order positions
+// [16c, 16c + 16) of the row) as two vectors of bare levels: 4-bit, the codes of bytes
+// [8c, 8c + 8) as [even | odd], a 16-entry lookup being two 8-entry `vpermps` and a blend;
+// 2/3-bit, two of the four 2-bit fields of the eight bytes of codes [32(c/2), 32(c/2) + 32)
+// (lane l of field f: code 4l + f), one `vpermps` each. Sixteen ymm registers hold neither a
+// decoded row and four query rows nor four rows of full-width outputs, so queries are read from
+// memory (L1) by the FMAs and value outputs are built sixteen lanes at a time.
+#define NQKV_REGISTER_PATH 1
+
+// Blocks of 16 or more: the eight lanes of a 4-bit pass, and lanes 0-3 / 4-7 of a 2/3-bit one,
+// share a scale. head_dim <= 256: values_fast_avx2's lane buffer.
+inline bool fast_path(const Packed& p, int64_t dim) {
+  return dim % 64 == 0 && dim <= 256 && (p.bits == 4 || p.bits == 3 || p.bits == 2) && p.block % 16 == 0;
+}
+
+struct Levels16 {
+  __m256 lo, hi;  // codebook levels 0-7 and 8-15 (2/3-bit: lo only)
+};
+
+inline Levels16 load_levels(const float* levels16) { return {_mm256_loadu_ps(levels16), _mm256_loadu_ps(levels16 + 8)}; }
+
+// levels[c] for eight codes in [0, 16) (bits above 3 ignored): bit 3, moved to the sign bit, picks the half.
+inline __m256 lookup16(Levels16 t, __m256i c) {
+  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(t.lo, c), _mm256_permutevar8x32_ps(t.hi, c),
+                          _mm256_castsi256_ps(_mm256_slli_epi32(c, 28)));
+}
+
+// Pass c of a row of D codes as bare levels, lane-order positions 16c + [0, 8) in x0, + [8, 16) in x1.
+inline void decode_pass(int bits, const uint8_t* row, int64_t D, int64_t c, Levels16 t, __m256& x0, __m256& x1) {
+  if (bits == 4) {
+    const __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(row + 8 * c)));
+    x0 = lookup16(t, _mm256_and_si256(w, _mm256_set1_epi32(15)));
+    x1 = lookup16(t, _mm256_srli_epi32(w, 4));
+    return;
+  }
+  const int64_t run = c / 2;
+  const int f = 2 * (int)(c % 2);
+  const __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(row + 8 * run)));  // lane l: byte l
+  const __m256i three = _mm256_set1_epi32(3);
+  __m256i c0 = _mm256_and_si256(_mm256_srli_epi32(w, 2 * f), three);
+  __m256i c1 = _mm256_and_si256(_mm256_srli_epi32(w, 2 * f + 2), three);
+  if (bits == 3) {  // code 4l + f has its high bit in plane byte l/2 of the run, bit 4(l % 2) + f
+    uint32_t plane;
+    std::memcpy(&plane, row + D / 4 + 4 * run, 4);
+    const __m128i hb = _mm_cvtsi32_si128((int)plane);
+    const __m256i high = _mm256_cvtepu8_epi32(_mm_unpacklo_epi8(hb, hb));  // lane l: plane byte l/2
+    const __m256i shift = _mm256_add_epi32(_mm256_set_epi32(4, 0, 4, 0, 4, 0, 4, 0), _mm256_set1_epi32(f));
+    const __m256i one = _mm256_set1_epi32(1);
+    c0 = _mm256_or_si256(c0, _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(high, shift), one), 2));
+    c1 = _mm256_or_si256(
+        c1, _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(high, _mm256_add_epi32(shift, one)), one), 2));
+  }
+  x0 = _mm256_permutevar8x32_ps(t.lo, c0);
+  x1 = _mm256_permutevar8x32_ps(t.lo, c1);
+}
+
+// The scales of pass c's lanes (row's first scale at si): 4-bit, one block; 2/3-bit, lanes 0-3
+// hold codes [d0, d0 + 16) of the run, lanes 4-7 codes [d0 + 16, d0 + 32).
+inline __m256 pass_scale(const Packed& p, int64_t si, int64_t c) {
+  if (p.bits == 4) return _mm256_set1_ps(load_scale(p.absmax, si + 16 * c / p.block, p.absmax_half));
+  const int64_t d0 = 32 * (c / 2);
+  const __m256 a = _mm256_set1_ps(load_scale(p.absmax, si + d0 / p.block, p.absmax_half));
+  if (p.block % 32 == 0) return a;
+  return _mm256_blend_ps(a, _mm256_set1_ps(load_scale(p.absmax, si + (d0 + 16) / p.block, p.absmax_half)), 0xF0);
+}
+
+// The four horizontal sums of x0..x3, in one 128-bit vector.
+inline __m128 reduce4(__m256 x0, __m256 x1, __m256 x2, __m256 x3) {
+  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(x0, x1), _mm256_hadd_ps(x2, x3));
+  return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+
+// s[r * Tk + j] = q_r . k_j for R <= 4 query rows (lane order, D apart) and packed tokens j in
+// [j0, j1). Factored (one scale per token): the scale multiplies the R sums, not the D levels.
+// The two vectors of a pass feed separate accumulators, two FMA chains per row.
+template <int R, bool Factored>
+void scores_fast_avx2(const Packed& k, const float* levels16, int64_t b, int64_t h, const float* q, int64_t D,
+                      int64_t j0, int64_t j1, float* s, int64_t Tk) {
+  const Levels16 t = load_levels(levels16);
+  alignas(16) float sums[4];
+  for (int64_t j = j0; j < j1; ++j) {
+    const uint8_t* row = packed_row(k, b, h, j);
+    const int64_t si = scale_index(k, b, h, j);
+    __m256 acc0[4], acc1[4];
+    for (int r = 0; r < 4; ++r) acc0[r] = acc1[r] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < D / 16; ++c) {
+      __m256 x0, x1;
+      decode_pass(k.bits, row, D, c, t, x0, x1);
+      if (!Factored) {
+        const __m256 sc = pass_scale(k, si, c);
+        x0 = _mm256_mul_ps(x0, sc), x1 = _mm256_mul_ps(x1, sc);
+      }
+      for (int r = 0; r < R; ++r) {
+        acc0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * D + 16 * c), x0, acc0[r]);
+        acc1[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * D + 16 * c + 8), x1, acc1[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) acc0[r] = _mm256_add_ps(acc0[r], acc1[r]);
+    __m128 sum = reduce4(acc0[0], acc0[1], acc0[2], acc0[3]);
+    if (Factored) sum = _mm_mul_ps(sum, _mm_set1_ps(load_scale(k.absmax, si, k.absmax_half)));
+    _mm_store_ps(sums, sum);
+    for (int r = 0; r < R; ++r) s[r * Tk + j] = sums[r];
+  }
+}
+
+// Every query row (R of them, lane order), four at a time; the codes are decoded again for each
+// group of four.
+void scores_fast_avx2(const Packed& k, const float* levels16, int64_t b, int64_t h, const float* q, int64_t R,
+                      int64_t D, int64_t j0, int64_t j1, float* s, int64_t Tk) {
+  const bool f = k.block == D;
+  for (int64_t r0 = 0; r0 < R; r0 += 4) {
+    const float* qr = q + r0 * D;
+    float* sr = s + r0 * Tk;
+    switch (R - r0 < 4 ? R - r0 : 4) {
+      case 1: f ? scores_fast_avx2<1, true>(k, levels16, b, h, qr, D, j0, j1, sr, Tk)
+                : scores_fast_avx2<1, false>(k, levels16, b, h, qr, D, j0, j1, sr, Tk); break;
+      case 2: f ? scores_fast_avx2<2, true>(k, levels16, b, h, qr, D, j0, j1, sr, Tk)
+                : scores_fast_avx2<2, false>(k, levels16, b, h, qr, D, j0, j1, sr, Tk); break;
+      case 3: f ? scores_fast_avx2<3, true>(k, levels16, b, h, qr, D, j0, j1, sr, Tk)
+                : scores_fast_avx2<3, false>(k, levels16, b, h, qr, D, j0, j1, sr, Tk); break;
+      default: f ? scores_fast_avx2<4, true>(k, levels16, b, h, qr, D, j0, j1, sr, Tk)
+                 : scores_fast_avx2<4, false>(k, levels16, b, h, qr, D, j0, j1, sr, Tk);
+    }
+  }
+}
+
+// o[r] += sum_j p[r * Tk + j] v_j for RG rows from r0 and packed tokens j in [j0, j1), o in the
+// original order. One pass (sixteen lanes) at a time over the tokens, its RG x 2 accumulators in
+// registers; the scales go into the row weights instead of into the decoded levels. (All of a
+// row's lanes at once, or 32 of them with three rows, spill on sixteen registers.)
+template <int RG>
+void values_fast_avx2(const Packed& v, const float* levels16, int64_t b, int64_t h, const float* p, int64_t r0,
+                      int64_t j0, int64_t j1, int64_t Tk, int64_t Dv, float* o) {
+  const Levels16 t = load_levels(levels16);
+  alignas(32) float lanes[RG][256];
+  for (int64_t c = 0; c < Dv / 16; ++c) {
+    __m256 acc0[RG], acc1[RG];
+    for (int r = 0; r < RG; ++r) acc0[r] = acc1[r] = _mm256_setzero_ps();
+    for (int64_t j = j0; j < j1; ++j) {
+      const __m256 sc = pass_scale(v, scale_index(v, b, h, j), c);
+      __m256 x0, x1;
+      decode_pass(v.bits, packed_row(v, b, h, j), Dv, c, t, x0, x1);
+      for (int r = 0; r < RG; ++r) {
+        const __m256 w = _mm256_mul_ps(_mm256_set1_ps(p[(r0 + r) * Tk + j]), sc);
+        acc0[r] = _mm256_fmadd_ps(w, x0, acc0[r]);
+        acc1[r] = _mm256_fmadd_ps(w, x1, acc1[r]);
+      }
+    }
+    // (unrolled: a loop that indexes the accumulators at run time makes GCC keep them in memory,
+    // a store of each after every FMA of the loop above)
+#pragma GCC unroll 4
+    for (int r = 0; r < RG; ++r) {
+      _mm256_store_ps(lanes[r] + 16 * c, acc0[r]);
+      _mm256_store_ps(lanes[r] + 16 * c + 8, acc1[r]);
+    }
+  }
+  for (int r = 0; r < RG; ++r) {
+    float* dst = o + (r0 + r) * Dv;
+    for (int64_t d = 0; d < Dv; ++d) dst[d] += lanes[r][(d / 64) * 64 + lane_position(v.bits, d % 64)];
+  }
+}
+
+void values_fast_avx2(const Packed& v, const float* levels16, int64_t b, int64_t h, const float* p, int64_t R,
+                      int64_t j0, int64_t j1, int64_t Tk, int64_t Dv, float* o) {
+  for (int64_t r0 = 0; r0 < R; r0 += 4) {
+    switch (R - r0 < 4 ? R - r0 : 4) {
+      case 1: values_fast_avx2<1>(v, levels16, b, h, p, r0, j0, j1, Tk, Dv, o); break;
+      case 2: values_fast_avx2<2>(v, levels16, b, h, p, r0, j0, j1, Tk, Dv, o); break;
+      case 3: values_fast_avx2<3>(v, levels16, b, h, p, r0, j0, j1, Tk, Dv, o); break;
+      default: values_fast_avx2<4>(v, levels16, b, h, p, r0, j0, j1, Tk, Dv, o);
+    }
+  }
+}
+
+// add_tile_bias with eight lanes: the tile of sixteen positions is two vectors per element d;
+// NT tiles x 2 halves x ROWS accumulators, the weights broadcast once per d and the tile rows
+// read by the FMAs from memory.
+template <int ROWS, int NT>
+void add_tile_bias_rows(const float* wr, int64_t D, const float* tiles, int64_t tb, int64_t p, int64_t j0, int64_t n,
+                        float* s, int64_t Tk) {
+  __m256 acc[NT][2][ROWS];
+  for (int t = 0; t < NT; ++t)
+    for (int hf = 0; hf < 2; ++hf)
+      for (int r = 0; r < ROWS; ++r) acc[t][hf][r] = _mm256_setzero_ps();
+  const float* tile = tiles + (tb / 16) * D * 16;
+  for (int64_t d = 0; d < D; ++d) {
+    __m256 wv[ROWS];
+    for (int r = 0; r < ROWS; ++r) wv[r] = _mm256_broadcast_ss(wr + r * D + d);
+    for (int t = 0; t < NT; ++t)
+      for (int hf = 0; hf < 2; ++hf) {
+        const __m256 x = _mm256_loadu_ps(tile + t * D * 16 + d * 16 + 8 * hf);
+        for (int r = 0; r < ROWS; ++r) acc[t][hf][r] = _mm256_fmadd_ps(wv[r], x, acc[t][hf][r]);
+      }
+  }
+  alignas(32) float lanes[16];
+  // (unrolled: a loop that indexes the accumulators at run time makes GCC keep them in memory, a
+  // store of each after every FMA of the loop above)
+#pragma GCC unroll 4
+  for (int t = 0; t < NT; ++t) {
+    // lane l is position tb + 16t + l, key j0 + tb + 16t + l - p; only positions in [p, p + n) are written
+    const int64_t t0 = tb + 16 * t, lo = p - t0 > 0 ? p - t0 : 0, hi = p + n - t0 < 16 ? p + n - t0 : 16;
+#pragma GCC unroll 4
+    for (int r = 0; r < ROWS; ++r) {
+      _mm256_store_ps(lanes, acc[t][0][r]);
+      _mm256_store_ps(lanes + 8, acc[t][1][r]);
+      float* dst = s + r * Tk + j0 + (t0 - p);
+      for (int64_t l = lo; l < hi; ++l) dst[l] += lanes[l];
+    }
+  }
+}
+
+template <int ROWS>
+void add_tile_bias_rows(const float* wr, int64_t D, const float* tiles, int64_t p, int64_t j0, int64_t n, float* s,
+                        int64_t Tk) {
+  int64_t tb = p & ~int64_t(15);
+  for (; tb + 32 <= p + n; tb += 32) add_tile_bias_rows<ROWS, 2>(wr, D, tiles, tb, p, j0, n, s, Tk);
+  for (; tb < p + n; tb += 16) add_tile_bias_rows<ROWS, 1>(wr, D, tiles, tb, p, j0, n, s, Tk);
+}
+
+void add_tile_bias(const float* w, int64_t R, int64_t D, const float* tiles, int64_t p, int64_t j0, int64_t j1,
+                   float* s, int64_t Tk) {
+  for (int64_t r0 = 0; r0 < R; r0 += 3) {
+    const float* wr = w + r0 * D;
+    float* sr = s + r0 * Tk;
+    switch (R - r0 < 3 ? R - r0 : 3) {
+      case 1: add_tile_bias_rows<1>(wr, D, tiles, p, j0, j1 - j0, sr, Tk); break;
+      case 2: add_tile_bias_rows<2>(wr, D, tiles, p, j0, j1 - j0, sr, Tk); break;
+      default: add_tile_bias_rows<3>(wr, D, tiles, p, j0, j1 - j0, sr, Tk);
+    }
+  }
+}
+#endif
+
 // Decode attention (see nqkv_attention_decode below for the contract). bias_tiles: the bias table
 // in tiles of sixteen positions ((bias_rows + 15) / 16, D, 16), or null; with it, packed tokens at
 // consecutive positions take their bias from it (add_tile_bias).
@@ -654,17 +936,24 @@ int attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, const f
       const float* wr = bias_w ? bias_w + bh * R * D : nullptr;
       float* s = scores.data() + bh * R * Tk;
       int64_t j = j0;
-#ifdef __AVX512F__
+#ifdef NQKV_REGISTER_PATH
       if (j < jh && fast_path(k, D)) {
         for (int64_t r = 0; r < R; ++r)  // queries in lane order
           for (int64_t d = 0; d < D; ++d) qpad[r * D + (d / 64) * 64 + lane_position(k.bits, d % 64)] = qr[r * D + d];
-        if (wr) std::memcpy(wpad.data(), wr, R * D * sizeof(float));
         bool consecutive = wr && bias_tiles;
         for (int64_t jj = j + 1; consecutive && jj < jh; ++jj) consecutive = bias_pos[jj] == bias_pos[j] + (jj - j);
+#ifdef __AVX512F__
+        if (wr) std::memcpy(wpad.data(), wr, R * D * sizeof(float));
         const float* wp = wr && !consecutive ? wpad.data() : nullptr;
         if (D == 64 && R <= 4) scores_fast_64x4(k, kc, b, h, qpad.data(), wp, bias_table, bias_pos, R, j, jh, s, Tk);
         else if (D == 64) scores_fast<4>(k, kc, b, h, qpad.data(), wp, bias_table, bias_pos, R, j, jh, s, Tk);
         else scores_fast<8>(k, kc, b, h, qpad.data(), wp, bias_table, bias_pos, R, j, jh, s, Tk);
+#else
+        scores_fast_avx2(k, kc, b, h, qpad.data(), R, D, j, jh, s, Tk);
+        if (wr && !consecutive)
+          for (int64_t jj = j; jj < jh; ++jj)
+            for (int64_t r = 0; r < R; ++r) s[r * Tk + jj] += dot(wr + r * D, bias_table + bias_pos[jj] * D, D);
+#endif
         if (consecutive) add_tile_bias(wr, R, D, bias_tiles, bias_pos[j], j, jh, s, Tk);
         j = jh;
       }
@@ -710,11 +999,15 @@ int attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, const f
       float* o = partial.data() + it * R * Dv;
       std::memset(o, 0, R * Dv * sizeof(float));
       int64_t j = j0;
-#ifdef __AVX512F__
+#ifdef NQKV_REGISTER_PATH
       if (j < jh && fast_path(v, Dv)) {
+#ifdef __AVX512F__
         const bool f = scale_per_group(v);
         if (Dv == 64) f ? values_fast<4, true>(v, vc, b, h, p, R, j, jh, Tk, o) : values_fast<4, false>(v, vc, b, h, p, R, j, jh, Tk, o);
         else f ? values_fast<8, true>(v, vc, b, h, p, R, j, jh, Tk, o) : values_fast<8, false>(v, vc, b, h, p, R, j, jh, Tk, o);
+#else
+        values_fast_avx2(v, vc, b, h, p, R, j, jh, Tk, Dv, o);
+#endif
         j = jh;
       }
 #endif
