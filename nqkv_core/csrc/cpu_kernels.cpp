@@ -269,15 +269,19 @@ float row_max(const float* x, int64_t n) {
   return m;
 }
 
+// exp(t) = 2^k * p(r), t = k ln2 + r, |r| <= ln2 / 2, p(r) = 1 + r + r^2 (c0 + r (c1 + ...)), a
+// degree-6 polynomial (rel. error ~2e-7); t below kExpFloor underflows to 0.
+constexpr float kLog2e = 1.44269504f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f, kExpFloor = -87.0f;
+constexpr float kExpPoly[5] = {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f,
+                               5.0000001201e-1f};
+
 // In place: x[i] = exp(x[i] - m), returns the sum. exp(-inf) is exactly 0.
 float exp_shift_sum(float* x, int64_t n, float m) {
   int64_t i = 0;
   float sum = 0.f;
 #ifdef __AVX512F__
-  // exp(t) = 2^k * p(r), t = k ln2 + r, |r| <= ln2 / 2; degree-6 polynomial (rel. error ~2e-7).
-  const __m512 mv = _mm512_set1_ps(m), log2e = _mm512_set1_ps(1.44269504f);
-  const __m512 ln2_hi = _mm512_set1_ps(0.693359375f), ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
-  const __m512 lo_clamp = _mm512_set1_ps(-87.0f);
+  const __m512 mv = _mm512_set1_ps(m), log2e = _mm512_set1_ps(kLog2e);
+  const __m512 ln2_hi = _mm512_set1_ps(kLn2Hi), ln2_lo = _mm512_set1_ps(kLn2Lo), lo_clamp = _mm512_set1_ps(kExpFloor);
   __m512 acc = _mm512_setzero_ps();
   for (; i + 16 <= n; i += 16) {
     const __m512 t = _mm512_sub_ps(_mm512_loadu_ps(x + i), mv);
@@ -286,11 +290,8 @@ float exp_shift_sum(float* x, int64_t n, float m) {
     const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(tc, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fnmadd_ps(k, ln2_hi, tc);
     r = _mm512_fnmadd_ps(k, ln2_lo, r);
-    __m512 p = _mm512_set1_ps(1.3981999507e-3f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    __m512 p = _mm512_set1_ps(kExpPoly[0]);
+    for (int c = 1; c < 5; ++c) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpPoly[c]));
     p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
     const __m512 e = _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, k));
     _mm512_storeu_ps(x + i, e);
@@ -298,10 +299,9 @@ float exp_shift_sum(float* x, int64_t n, float m) {
   }
   sum = _mm512_reduce_add_ps(acc);
 #elif defined(__AVX2__) && defined(__FMA__)
-  // The same polynomial; 2^k from the exponent bits (tc >= -87 and t <= 0 keep k in [-126, 0]).
-  const __m256 mv = _mm256_set1_ps(m), log2e = _mm256_set1_ps(1.44269504f);
-  const __m256 ln2_hi = _mm256_set1_ps(0.693359375f), ln2_lo = _mm256_set1_ps(-2.12194440e-4f);
-  const __m256 lo_clamp = _mm256_set1_ps(-87.0f);
+  // 2^k from the exponent bits (tc >= kExpFloor and t <= 0 keep k in [-126, 0]).
+  const __m256 mv = _mm256_set1_ps(m), log2e = _mm256_set1_ps(kLog2e);
+  const __m256 ln2_hi = _mm256_set1_ps(kLn2Hi), ln2_lo = _mm256_set1_ps(kLn2Lo), lo_clamp = _mm256_set1_ps(kExpFloor);
   __m256 acc = _mm256_setzero_ps();
   for (; i + 8 <= n; i += 8) {
     const __m256 t = _mm256_sub_ps(_mm256_loadu_ps(x + i), mv);
@@ -310,11 +310,8 @@ float exp_shift_sum(float* x, int64_t n, float m) {
     const __m256 k = _mm256_round_ps(_mm256_mul_ps(tc, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 r = _mm256_fnmadd_ps(k, ln2_hi, tc);
     r = _mm256_fnmadd_ps(k, ln2_lo, r);
-    __m256 p = _mm256_set1_ps(1.3981999507e-3f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    __m256 p = _mm256_set1_ps(kExpPoly[0]);
+    for (int c = 1; c < 5; ++c) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpPoly[c]));
     p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
     const __m256i biased = _mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127));
     const __m256 e = _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(biased, 23))), live);
@@ -640,27 +637,8 @@ void add_tile_bias_rows(const float* wr, int64_t D, const float* tiles, int64_t 
   }
 }
 
-template <int ROWS>
-void add_tile_bias_rows(const float* wr, int64_t D, const float* tiles, int64_t p, int64_t j0, int64_t n, float* s,
-                        int64_t Tk) {
-  int64_t tb = p & ~int64_t(15);
-  for (; tb + 64 <= p + n; tb += 64) add_tile_bias_rows<ROWS, 4>(wr, D, tiles, tb, p, j0, n, s, Tk);
-  for (; tb < p + n; tb += 16) add_tile_bias_rows<ROWS, 1>(wr, D, tiles, tb, p, j0, n, s, Tk);
-}
-
-void add_tile_bias(const float* w, int64_t R, int64_t D, const float* tiles, int64_t p, int64_t j0, int64_t j1,
-                   float* s, int64_t Tk) {
-  for (int64_t r0 = 0; r0 < R; r0 += 4) {
-    const float* wr = w + r0 * D;
-    float* sr = s + r0 * Tk;
-    switch (R - r0 < 4 ? R - r0 : 4) {
-      case 1: add_tile_bias_rows<1>(wr, D, tiles, p, j0, j1 - j0, sr, Tk); break;
-      case 2: add_tile_bias_rows<2>(wr, D, tiles, p, j0, j1 - j0, sr, Tk); break;
-      case 3: add_tile_bias_rows<3>(wr, D, tiles, p, j0, j1 - j0, sr, Tk); break;
-      default: add_tile_bias_rows<4>(wr, D, tiles, p, j0, j1 - j0, sr, Tk);
-    }
-  }
-}
+// (add_tile_bias_rows<ROWS> and add_tile_bias: after the AVX2 section)
+constexpr int kBiasTiles = 4, kBiasRows = 4;
 #endif
 
 #if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
@@ -877,24 +855,31 @@ void add_tile_bias_rows(const float* wr, int64_t D, const float* tiles, int64_t 
   }
 }
 
+constexpr int kBiasTiles = 2, kBiasRows = 3;  // 2 x 2 x 3 accumulators of sixteen registers
+#endif
+
+#ifdef NQKV_REGISTER_PATH
+// The key bias of packed tokens j in [j0, j1) at consecutive positions from p, rows in groups of
+// kBiasRows, kBiasTiles tiles of sixteen positions at a time (add_tile_bias_rows<ROWS, NT> above).
 template <int ROWS>
 void add_tile_bias_rows(const float* wr, int64_t D, const float* tiles, int64_t p, int64_t j0, int64_t n, float* s,
                         int64_t Tk) {
   int64_t tb = p & ~int64_t(15);
-  for (; tb + 32 <= p + n; tb += 32) add_tile_bias_rows<ROWS, 2>(wr, D, tiles, tb, p, j0, n, s, Tk);
+  for (; tb + 16 * kBiasTiles <= p + n; tb += 16 * kBiasTiles)
+    add_tile_bias_rows<ROWS, kBiasTiles>(wr, D, tiles, tb, p, j0, n, s, Tk);
   for (; tb < p + n; tb += 16) add_tile_bias_rows<ROWS, 1>(wr, D, tiles, tb, p, j0, n, s, Tk);
 }
 
 void add_tile_bias(const float* w, int64_t R, int64_t D, const float* tiles, int64_t p, int64_t j0, int64_t j1,
                    float* s, int64_t Tk) {
-  for (int64_t r0 = 0; r0 < R; r0 += 3) {
+  for (int64_t r0 = 0; r0 < R; r0 += kBiasRows) {
     const float* wr = w + r0 * D;
     float* sr = s + r0 * Tk;
-    switch (R - r0 < 3 ? R - r0 : 3) {
-      case 1: add_tile_bias_rows<1>(wr, D, tiles, p, j0, j1 - j0, sr, Tk); break;
-      case 2: add_tile_bias_rows<2>(wr, D, tiles, p, j0, j1 - j0, sr, Tk); break;
-      default: add_tile_bias_rows<3>(wr, D, tiles, p, j0, j1 - j0, sr, Tk);
-    }
+    const int64_t rows = R - r0 < kBiasRows ? R - r0 : kBiasRows;
+    if (rows == 1) add_tile_bias_rows<1>(wr, D, tiles, p, j0, j1 - j0, sr, Tk);
+    else if (rows == 2) add_tile_bias_rows<2>(wr, D, tiles, p, j0, j1 - j0, sr, Tk);
+    else if (rows == 3) add_tile_bias_rows<3>(wr, D, tiles, p, j0, j1 - j0, sr, Tk);
+    else add_tile_bias_rows<kBiasRows>(wr, D, tiles, p, j0, j1 - j0, sr, Tk);
   }
 }
 #endif
