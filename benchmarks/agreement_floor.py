@@ -5,8 +5,11 @@ equal, position by position, to the full-precision continuation) counts every to
 first changed one as lost. This measures it for caches that lose (almost) nothing: the fp32 model
 with its keys and values rounded to fp16 or bf16 (what an fp16/bf16 ``DynamicCache`` stores), next
 to NQKV at 4 and 8 bits, on the same prompts as ``quality_sweep.py --agree`` (taken after the
-evaluation windows). Per method: agreement, prompts whose 32 tokens all match, and the mean
-position of the first changed token.
+evaluation windows). Per method: agreement, prompts whose 32 tokens all match, the mean
+position of the first changed token, and the teacher-forced next-token agreement
+(``nqkv_core.evaluate.next_token_agreement``: each of the 32 positions given the full-precision
+prefix, so a changed token costs only itself; the full-precision row checks that a single forward
+pass reproduces the incremental greedy run).
 
     python benchmarks/agreement_floor.py --windows 8 --out results/agreement_floor
 """
@@ -21,9 +24,10 @@ from pathlib import Path
 import torch
 from transformers import AttentionInterface
 
-from nqkv_core.evaluate import ATTN_NAME, agreement, fakequant_attention, greedy_tokens, register_attention
+from nqkv_core.evaluate import (ATTN_NAME, agreement, fakequant_attention, greedy_tokens, next_token_agreement,
+                                register_attention)
 from nqkv_core.models import DEFAULT_MODEL, load_model, load_text, prompts_after
-from nqkv_core.scheme import nqkv_preset
+from nqkv_core.scheme import kivi, nqkv_preset
 
 
 def rounded_attention(dtype: torch.dtype):
@@ -61,26 +65,38 @@ def main() -> None:
     prompts = prompts_after(lm.tokenizer, text, args.windows, args.window_len, args.prompt_len, args.prompts)
     t0 = time.perf_counter()
     reference = greedy_tokens(lm.model, prompts, None, args.new_tokens)
-    runs = {}
-    for name, dtype in (("K/V rounded to fp16", torch.float16), ("K/V rounded to bf16", torch.bfloat16)):
-        AttentionInterface.register(ATTN_NAME, rounded_attention(dtype))
+    # method -> (scheme, attention function or None for the registered fake quantization)
+    methods = {"full precision (teacher-forcing control)": (None, None),
+               "K/V rounded to fp16": (None, rounded_attention(torch.float16)),
+               "K/V rounded to bf16": (None, rounded_attention(torch.bfloat16)),
+               "NQKV-8 S4 W32": (nqkv_preset(8), None), "NQKV-4 S4 W32": (nqkv_preset(4), None),
+               "kivi-int4 g32 S4 W32": (kivi(4), None), "NQKV-3 S4 W32": (nqkv_preset(3), None)}
+    runs, forced = {}, {}
+    for name, (scheme, attention) in methods.items():
+        if attention is not None:
+            AttentionInterface.register(ATTN_NAME, attention)
         try:
-            runs[name] = greedy_tokens(lm.model, prompts, None, args.new_tokens)
+            if scheme is not None or attention is not None:
+                runs[name] = greedy_tokens(lm.model, prompts, scheme, args.new_tokens)
+            forced[name] = next_token_agreement(lm.model, prompts, reference, scheme)
         finally:
             AttentionInterface.register(ATTN_NAME, fakequant_attention)
-    for bits in (8, 4):
-        runs[f"NQKV-{bits} S4 W32"] = greedy_tokens(lm.model, prompts, nqkv_preset(bits), args.new_tokens)
     lines = [f"greedy agreement with the {next(lm.model.parameters()).dtype} model's continuation, "
              f"{args.prompts} prompts x {args.new_tokens} tokens ({time.perf_counter() - t0:.0f} s)", "",
-             "| method | agreement | prompts all equal | mean first changed token |", "|---|---:|---:|---:|"]
+             "| method | agreement | prompts all equal | mean first changed token | next-token agreement |",
+             "|---|---:|---:|---:|---:|"]
     rows = []
-    for name, tokens in runs.items():
-        first = first_change(tokens, reference)
-        row = dict(method=name, agree=agreement(tokens, reference),
-                   all_equal=int((first == args.new_tokens).sum()), mean_first_change=float(first.float().mean()))
+    for name in methods:
+        row = dict(method=name, next_token_agree=forced[name])
+        if name in runs:
+            first = first_change(runs[name], reference)
+            row.update(agree=agreement(runs[name], reference), all_equal=int((first == args.new_tokens).sum()),
+                       mean_first_change=float(first.float().mean()))
+            lines.append(f"| {name} | {100 * row['agree']:.1f}% | {row['all_equal']} / {args.prompts} |"
+                         f" {row['mean_first_change']:.1f} | {100 * row['next_token_agree']:.1f}% |")
+        else:
+            lines.append(f"| {name} | | | | {100 * row['next_token_agree']:.1f}% |")
         rows.append(row)
-        lines.append(f"| {name} | {100 * row['agree']:.1f}% | {row['all_equal']} / {args.prompts} |"
-                     f" {row['mean_first_change']:.1f} |")
     print("\n".join(lines))
     args.out.mkdir(parents=True, exist_ok=True)
     meta = dict(command="python benchmarks/agreement_floor.py " + " ".join(__import__("sys").argv[1:]),

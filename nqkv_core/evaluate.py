@@ -280,6 +280,25 @@ def agreement(tokens: torch.Tensor, reference: torch.Tensor) -> float:
     return float((tokens == reference).float().mean())
 
 
+@torch.no_grad()
+def next_token_agreement(model: torch.nn.Module, prompts: torch.Tensor | list[torch.Tensor],
+                         reference: torch.Tensor, scheme: KVScheme | None) -> float:
+    """Teacher-forced agreement: the fraction of positions of ``reference`` (``(n_prompts, n_new)``,
+    e.g. the full-precision greedy continuations) whose token is the greedy choice of the model
+    under ``scheme`` when it is given the prompt and the reference tokens before that position.
+
+    Unlike :func:`agreement` of free-running continuations, one changed token does not change the
+    prefix of every later one, so this counts each step's choice once."""
+    hits = []
+    with active_scheme(scheme):
+        for p, ref in zip(prompts, reference):
+            new_sequence()
+            ids = torch.cat([p, ref[:-1]])[None]
+            logits = model(ids, use_cache=False).logits[0, len(p) - 1:]
+            hits.append(logits.argmax(-1) == ref)
+    return float(torch.stack(hits).float().mean())
+
+
 # -- tables -------------------------------------------------------------------------------------
 
 

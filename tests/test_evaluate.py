@@ -8,6 +8,7 @@ import torch
 
 from nqkv_core.evaluate import (
     ATTN_NAME, agreement, calibrate_layer_bits, evaluate, greedy_tokens, layer_sensitivity, markdown_table,
+    next_token_agreement,
     perplexity, register_attention, save_rows,
 )
 from nqkv_core.models import calibration_windows, chat_prompts_after, load_text, token_windows
@@ -157,3 +158,18 @@ def test_chat_prompts_wrap_held_out_passages_in_the_template():
     Tok.chat_template = None
     with pytest.raises(ValueError, match="chat template"):
         chat_prompts_after(Tok(), text, 2, 32, 16, 3)
+
+
+def test_next_token_agreement_is_teacher_forced_greedy(tiny):
+    # Under full precision, teacher forcing on the greedy continuation reproduces it; under a coarse
+    # scheme each position counts the greedy choice after the reference prefix (checked here one
+    # prefix at a time), so a changed token does not cost the positions after it.
+    model, ids = tiny
+    prompts = ids[:, :24]
+    ref = greedy_tokens(model, prompts, None, n_new=6)
+    assert next_token_agreement(model, prompts, ref, None) == 1.0
+    nf2 = KVScheme("nf2", k_bits=2, v_bits=2, k_block=16, v_block=16)
+    expected = torch.stack([greedy_tokens(model, [torch.cat([p, r[:i]])], nf2, n_new=1)[0, 0] == r[i]
+                            for p, r in zip(prompts, ref) for i in range(ref.shape[1])]).float().mean()
+    assert 0.0 < float(expected) < 1.0  # the scheme changes some choices, not all
+    assert next_token_agreement(model, prompts, ref, nf2) == pytest.approx(float(expected))
