@@ -74,7 +74,8 @@ def add_eval(sub) -> None:
                    choices=["nqkv", "kivi", "uniform"], help="scheme families")
     p.add_argument("--sinks", type=int, default=4, help="full-precision attention-sink tokens")
     p.add_argument("--fp-window", type=int, nargs="+", default=[32], help="full-precision recent window(s)")
-    p.add_argument("--agree", action="store_true", help="measure greedy agreement with full precision")
+    p.add_argument("--agree", action="store_true",
+                   help="measure greedy agreement with full precision (free-running and teacher-forced)")
     p.add_argument("--prompts", type=int, default=4, help="prompts for greedy agreement")
     p.add_argument("--prompt-len", type=int, default=256, help="tokens per agreement prompt")
     p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated per prompt")

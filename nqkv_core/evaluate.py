@@ -311,21 +311,23 @@ class Row:
     ppl: float
     dppl_pct: float
     agree: float | None = None
+    next_agree: float | None = None  # teacher-forced (next_token_agreement)
     seconds: float = 0.0
     note: str = ""
     scheme: dict = field(default_factory=dict)
 
 
 def markdown_table(rows: list[Row], with_agree: bool = True) -> str:
-    head = "| method | bits/elem | PPL | ΔPPL % |" + (" greedy agree |" if with_agree else "")
-    sep = "|---|---:|---:|---:|" + ("---:|" if with_agree else "")
+    head = "| method | bits/elem | PPL | ΔPPL % |" + (" greedy agree | next-token agree |" if with_agree else "")
+    sep = "|---|---:|---:|---:|" + ("---:|---:|" if with_agree else "")
     lines = [head, sep]
     for r in rows:
         ppl = f"{r.ppl:.3f}" if math.isfinite(r.ppl) else "n/a"
         d = f"{r.dppl_pct:+.2f}" if math.isfinite(r.dppl_pct) else "n/a"
         line = f"| {r.method}{' (' + r.note + ')' if r.note else ''} | {r.bits:.3f} | {ppl} | {d} |"
         if with_agree:
-            line += f" {r.agree * 100:.1f}% |" if r.agree is not None else " |"
+            for a in (r.agree, r.next_agree):
+                line += f" {a * 100:.1f}% |" if a is not None else " |"
         lines.append(line)
     return "\n".join(lines)
 
@@ -342,7 +344,8 @@ def evaluate(
     """Run full precision and every scheme on the same windows; one :class:`Row` each.
 
     ``model`` must use :data:`ATTN_NAME` attention. ``prompts`` (``(n, len)``, or a list of 1-D
-    token tensors) enables greedy agreement against the full-precision continuation.
+    token tensors) enables greedy agreement against the full-precision continuation, free-running
+    (:func:`agreement`) and teacher-forced (:func:`next_token_agreement`).
     ``quanto_bits`` adds transformers' ``QuantizedCache`` rows (a failure becomes a row with PPL n/a
     and the reason in ``note``).
     """
@@ -357,6 +360,7 @@ def evaluate(
         if prompts is not None:
             ref_tokens = greedy_tokens(model, prompts, None, n_new)
             row.agree = 1.0
+            row.next_agree = next_token_agreement(model, prompts, ref_tokens, None)
         rows.append(row)
         for s in schemes:
             bar.set_postfix_str(s.name)
@@ -365,10 +369,12 @@ def evaluate(
             row = Row(s.name, s.bits_per_element(ctx), ppl, 100 * (ppl / fp - 1), scheme=s.to_dict())
             if ref_tokens is not None:
                 row.agree = agreement(greedy_tokens(model, prompts, s, n_new), ref_tokens)
+                row.next_agree = next_token_agreement(model, prompts, ref_tokens, s)
             row.seconds = time.perf_counter() - t0
             rows.append(row)
             bar.write(f"{row.method}: {row.bits:.3f} bits/elem, PPL {row.ppl:.3f} ({row.dppl_pct:+.2f}%)"
-                      + (f", agree {100 * row.agree:.1f}%" if row.agree is not None else ""))
+                      + (f", agree {100 * row.agree:.1f}% (next token {100 * row.next_agree:.1f}%)"
+                         if row.agree is not None else ""))
         for bits in quanto_bits:
             name = f"HF QuantizedCache quanto int{bits} (g64, residual 128, chunks of 128)"
             t0 = time.perf_counter()

@@ -55,8 +55,8 @@ def test_evaluate_rows_and_agreement(tiny, tmp_path):
     schemes = [nqkv_preset(4, window=8).replace(k_block=16, v_block=16), kivi(4, group=16, window=16)]
     rows = evaluate(model, ids, schemes, prompts=ids[:, :24], n_new=4)
     assert [r.method for r in rows][0] == "full precision" and len(rows) == 3
-    assert all(math.isfinite(r.ppl) and 0 <= r.agree <= 1 for r in rows)
-    assert rows[0].dppl_pct == 0 and rows[0].agree == 1.0
+    assert all(math.isfinite(r.ppl) and 0 <= r.agree <= 1 and 0 <= r.next_agree <= 1 for r in rows)
+    assert rows[0].dppl_pct == 0 and rows[0].agree == 1.0 and rows[0].next_agree == 1.0
     js, md = save_rows(rows, tmp_path, "t", {"x": 1})
     assert js.exists() and "ΔPPL" in md.read_text()
     assert "bits/elem" in markdown_table(rows)
