@@ -36,7 +36,7 @@ from torch import Tensor
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
 # NQKV_MARCH picks the target CPU (default: this one); e.g. NQKV_MARCH=x86-64 builds the portable
-# version without AVX-512, as the tests do to check it.
+# scalar version and NQKV_MARCH=haswell the AVX2 one, as the tests do to check them.
 FLAGS = ["-O3", f"-march={os.environ.get('NQKV_MARCH', 'native')}", "-fopenmp", "-shared", "-fPIC", "-std=c++17",
          "-fno-math-errno"]
 
