@@ -165,7 +165,7 @@ def main() -> None:
         args.batch, args.kv_heads, args.head_dim, args.tokens, args.repeats = [1], [8], [128], [1024, 8192], 5
     bw = read_bandwidth()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.bits}-bit codes, read bandwidth {bw / 1e9:.1f} GB/s,"
-          f" native kernels: {'yes' if native.available() else 'no (torch path)'}")
+          f" native kernels: {native.vector_isa() if native.available() else 'no (torch path)'}")
     names = ["nqkv fp32", "nqkv bf16", "nqkv torch", "fp32 gqa", "fp32 fold", "bf16 fold", "deq+sdpa"]
     print("| config | " + " | ".join(f"{n} ms" for n in names)
           + " | nqkv/fastest fp (fp32 q, bf16 q) | deq+sdpa/nqkv | peak MiB (nqkv vs deq copy) | floor ms (op/floor) |")

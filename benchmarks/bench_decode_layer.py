@@ -108,7 +108,8 @@ def main() -> None:
         other = nqkv_preset(args.bits, block=args.also_block)
         variants[f"nqkv b{args.also_block}"] = lambda t: nqkv_steps(other, config, t, args.steps, h, grp, d)
     print(f"NQKV-{args.bits}; torch {torch.__version__}, {torch.get_num_threads()} thread(s); {h} KV heads x {grp} query heads,"
-          f" head_dim {d}; {args.steps} steps x {args.rounds} rounds; ms per layer and step\n")
+          f" head_dim {d}; {args.steps} steps x {args.rounds} rounds; CPU kernels: {native.vector_isa()};"
+          " ms per layer and step\n")
     print("| tokens | " + " | ".join(variants) + " | nqkv / sdpa cat | nqkv / plain-centre | torch path / nqkv |")
     print("|---:|" + "---:|" * (len(variants) + 3))
     for t in args.tokens:

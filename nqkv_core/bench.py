@@ -27,6 +27,7 @@ import statistics
 
 import torch
 
+from nqkv_core import native
 from nqkv_core.cache import NQKVCache, enable
 from nqkv_core.models import load_model, load_text, token_windows
 from nqkv_core.report import decode_tokens_per_s, filled_cache, parse_bytes, quanto_cache
@@ -164,7 +165,8 @@ def run(args: argparse.Namespace) -> None:
     model = lm.model
     nq = enable(model, bits=4)
     scheme = nq.scheme
-    lines = [f"Model {lm.name}, fp32 activations, {torch.get_num_threads()} threads; scheme `{scheme.name}`.", ""]
+    lines = [f"Model {lm.name}, fp32 activations, {torch.get_num_threads()} threads, CPU kernels"
+             f" {native.vector_isa()}; scheme `{scheme.name}`.", ""]
 
     bpt = bytes_per_token(model, scheme)
     lines += ["| cache | bytes/token | vs fp16 |", "|---|---:|---:|"]

@@ -143,12 +143,22 @@ def _library() -> Optional[ctypes.CDLL]:
     lib.nqkv_quantize_rows.restype = i64
     lib.nqkv_dequantize_rows.restype = None
     lib.nqkv_attention_decode.restype = ctypes.c_int
+    lib.nqkv_vector_bits.argtypes = []
+    lib.nqkv_vector_bits.restype = i32
     return lib
 
 
 def available() -> bool:
     """Whether the native CPU kernels are built and loaded (builds them on the first call)."""
     return _ENABLED[0] and _library() is not None
+
+
+def vector_isa() -> str:
+    """Which code the CPU kernels run: ``"AVX-512"``, ``"AVX2"``, ``"scalar"`` (built for a CPU
+    with neither, or ``NQKV_MARCH=x86-64``) or ``"none"`` (not built or disabled: plain torch)."""
+    if not available():
+        return "none"
+    return {512: "AVX-512", 256: "AVX2"}.get(_library().nqkv_vector_bits(), "scalar")
 
 
 def _ptr(t: Optional[Tensor]) -> Optional[int]:

@@ -209,6 +209,20 @@ def _cpu_flags() -> set:
         return set()
 
 
+def test_vector_isa_is_the_one_built_for():
+    # The kernels report the vector code they were compiled with: what this CPU has (native build)
+    # or what NQKV_MARCH asked for (the builds of the next test).
+    flags, march = _cpu_flags(), os.environ.get("NQKV_MARCH", "native")
+    expected = {"x86-64": "scalar", "haswell": "AVX2"}.get(march)
+    if expected is None:
+        if not flags:
+            pytest.skip("no /proc/cpuinfo to compare with")
+        expected = "AVX-512" if "avx512f" in flags else "AVX2" if {"avx2", "fma"} <= flags else "scalar"
+    assert native.vector_isa() == expected
+    with native.disabled():
+        assert native.vector_isa() == "none"
+
+
 @pytest.mark.skipif(os.environ.get("NQKV_MARCH") is not None, reason="already a non-native build")
 @pytest.mark.parametrize("march", ["x86-64", "haswell"])
 def test_builds_for_other_cpus(tmp_path, march):

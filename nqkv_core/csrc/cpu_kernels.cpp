@@ -1022,6 +1022,17 @@ int attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, const f
 
 extern "C" {
 
+// The vector code this library was built with: 512 (AVX-512), 256 (AVX2 with FMA) or 0 (scalar).
+int nqkv_vector_bits() {
+#if defined(__AVX512F__)
+  return 512;
+#elif defined(__AVX2__) && defined(__FMA__)
+  return 256;
+#else
+  return 0;
+#endif
+}
+
 // Largest |x| of n values; NaN if any is NaN (so that it reaches the caller's check).
 inline float block_absmax(const float* x, int64_t n) {
   float a = 0.f;
