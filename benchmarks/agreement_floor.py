@@ -4,7 +4,7 @@ Greedy agreement (``nqkv_core.evaluate.agreement``: the fraction of the first 32
 equal, position by position, to the full-precision continuation) counts every token after the
 first changed one as lost. This measures it for caches that lose (almost) nothing: the fp32 model
 with its keys and values rounded to fp16 or bf16 (what an fp16/bf16 ``DynamicCache`` stores), next
-to NQKV at 4 and 8 bits, on the same prompts as ``quality_sweep.py --agree`` (taken after the
+to NQKV at 8, 4 and 3 bits and KIVI-style int4, on the same prompts as ``quality_sweep.py --agree`` (taken after the
 evaluation windows). Per method: agreement, prompts whose 32 tokens all match, the mean
 position of the first changed token, and the teacher-forced next-token agreement
 (``nqkv_core.evaluate.next_token_agreement``: each of the 32 positions given the full-precision

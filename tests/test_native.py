@@ -227,8 +227,8 @@ def test_vector_isa_is_the_one_built_for():
 @pytest.mark.parametrize("march", ["x86-64", "haswell"])
 def test_builds_for_other_cpus(tmp_path, march):
     # The scalar loops (x86-64: what a CPU without AVX2 runs) and the AVX2 paths (haswell: a CPU
-    # without AVX-512) pass this file's tests too, and the cache's native decode step
-    # (tests/test_cache.py, "folded") against its torch ops.
+    # without AVX-512) pass this file's tests too, and the cache's native decode step against its
+    # torch ops (tests/test_cache.py: "folded", and head_dim 64, which takes the register paths).
     import subprocess
     import sys
 
@@ -238,8 +238,10 @@ def test_builds_for_other_cpus(tmp_path, march):
     if march == "haswell" and "avx512f" not in flags:
         pytest.skip("the native build is already the AVX2 one")
     env = {**os.environ, "NQKV_MARCH": march, "NQKV_CACHE_DIR": str(tmp_path)}
-    cache_tests = str(Path(__file__).with_name("test_cache.py")) + "::test_folded_decode_steps_match_the_general_path"
+    cache = str(Path(__file__).with_name("test_cache.py"))
+    cache_tests = [cache + "::test_folded_decode_steps_match_the_general_path",
+                   cache + "::test_native_step_at_head_dim_64_matches_the_torch_step"]
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
-                           cache_tests], env=env, capture_output=True, text=True, timeout=600)
+                           *cache_tests], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert any(tmp_path.iterdir())  # it built its own library
