@@ -227,6 +227,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=2, help="number of evaluation windows")
     ap.add_argument("--window-len", type=int, default=1024, help="tokens per evaluation window")
     ap.add_argument("--agree", action="store_true", help="also measure greedy agreement (32 new tokens per prompt)")
+    ap.add_argument("--kl", action="store_true",
+                    help="also measure top-1 agreement and KL divergence from full precision at every window position")
     ap.add_argument("--prompts", type=int, default=16, help="prompts for greedy agreement")
     ap.add_argument("--prompt-len", type=int, default=256, help="prompt tokens for greedy agreement")
     ap.add_argument("--chat", action="store_true",
@@ -278,7 +280,7 @@ def main() -> None:
     schemes = [s for s in schemes if _fits_head_dim(s, head_dim)]
     t0 = time.perf_counter()
     rows = evaluate(lm.model, windows, schemes, prompts=prompts, quanto_bits=(4, 2) if args.quanto else (),
-                    desc=args.set)
+                    desc=args.set, fidelity=args.kl)
     meta = {
         "command": "python benchmarks/quality_sweep.py " + " ".join(__import__("sys").argv[1:]),
         "model": args.model, "windows": args.windows, "window_len": args.window_len,

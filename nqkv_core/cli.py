@@ -57,7 +57,7 @@ def cmd_eval(args) -> None:
     if args.agree:
         prompts = prompts_after(lm.tokenizer, text, args.windows, args.window_len, args.prompt_len, args.prompts)
     rows = evaluate(lm.model, windows, _schemes(args), prompts=prompts, n_new=args.new_tokens,
-                    quanto_bits=tuple(b for b in args.bits if b in (2, 4)) if args.quanto else ())
+                    quanto_bits=tuple(b for b in args.bits if b in (2, 4)) if args.quanto else (), fidelity=args.kl)
     print(markdown_table(rows, with_agree=args.agree))
     if args.out:
         meta = {"command": "python -m nqkv_core.cli " + " ".join(sys.argv[1:]), "model": args.model,
@@ -80,6 +80,8 @@ def add_eval(sub) -> None:
     p.add_argument("--prompt-len", type=int, default=256, help="tokens per agreement prompt")
     p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated per prompt")
     p.add_argument("--quanto", action="store_true", help="add transformers QuantizedCache(quanto) rows (2/4 bits)")
+    p.add_argument("--kl", action="store_true",
+                   help="add top-1 agreement and KL divergence from full precision at every window position")
     p.set_defaults(func=cmd_eval)
 
 

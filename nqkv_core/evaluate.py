@@ -299,6 +299,81 @@ def next_token_agreement(model: torch.nn.Module, prompts: torch.Tensor | list[to
     return float(torch.stack(hits).float().mean())
 
 
+@dataclass
+class Fidelity:
+    """How close a scheme's next-token distributions stay to full precision over every position of
+    some windows (:func:`logit_fidelity`): ``agree`` is the fraction of positions whose top-1 token
+    is full precision's, ``flips`` their complement as a count out of ``positions``, ``kl`` the mean
+    ``KL(p_fp || p_scheme)`` in nats."""
+
+    agree: float
+    flips: int
+    positions: int
+    kl: float
+
+
+@torch.no_grad()
+def logit_fidelity(model: torch.nn.Module, windows: torch.Tensor, schemes: list[KVScheme | None],
+                   attentions: list | None = None, progress=None) -> list[Fidelity]:
+    """Top-1 agreement and KL divergence from full precision of each scheme, at every position of
+    ``windows`` ``(n, len)`` (teacher-forced by the text itself: no position depends on another's
+    choice, so each changed choice is counted once).
+
+    ``attentions``: optionally, per scheme, an attention function to register under
+    :data:`ATTN_NAME` while that scheme runs (e.g. one that rounds K/V to bf16), ``None`` for the
+    fake quantization. Windows are the outer loop, so the full-precision logits of one window are
+    all that is held (a window of SmolLM2's 49k-token vocabulary is 200 MB in fp32). ``progress``
+    (e.g. a ``tqdm`` bar) is advanced once per forward pass: ``len(windows) * (len(schemes) + 1)``.
+    """
+    from transformers import AttentionInterface
+
+    attentions = attentions or [None] * len(schemes)
+    if len(attentions) != len(schemes):
+        raise ValueError(f"{len(attentions)} attention functions for {len(schemes)} schemes")
+    agree, kl = [0] * len(schemes), [0.0] * len(schemes)
+    positions = 0
+    for w in windows:
+        with active_scheme(None):
+            new_sequence()
+            ref = model(w[None]).logits[0].float().log_softmax(-1)
+        if progress is not None:
+            progress.update(1)
+        top = ref.argmax(-1)
+        positions += len(top)
+        for i, (scheme, attention) in enumerate(zip(schemes, attentions)):
+            if attention is not None:
+                AttentionInterface.register(ATTN_NAME, attention)
+            try:
+                with active_scheme(scheme):
+                    new_sequence()
+                    out = model(w[None]).logits[0].float().log_softmax(-1)
+            finally:
+                AttentionInterface.register(ATTN_NAME, fakequant_attention)
+            agree[i] += int((out.argmax(-1) == top).sum())
+            kl[i] += float((ref.exp() * (ref - out)).sum(-1).sum())
+            if progress is not None:
+                progress.update(1)
+    return [Fidelity(a / positions, positions - a, positions, k / positions) for a, k in zip(agree, kl)]
+
+
+def free_running_agreement(step_agree: float, n_new: int = 32) -> float:
+    """The greedy agreement over ``n_new`` free-running tokens that a per-step agreement gives if
+    changes were independent and every token after the first change were lost:
+    ``(1 / n) sum_{i=1..n} p^i``. (:func:`agreement` scores continuations this way.)"""
+    p = step_agree
+    return sum(p**i for i in range(1, n_new + 1)) / n_new
+
+
+def step_agreement_needed(free_running: float, n_new: int = 32) -> float:
+    """The per-step agreement at which :func:`free_running_agreement` reaches ``free_running``
+    (bisection; it increases with the per-step agreement)."""
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if free_running_agreement(mid, n_new) < free_running else (lo, mid)
+    return hi
+
+
 # -- tables -------------------------------------------------------------------------------------
 
 
@@ -312,14 +387,21 @@ class Row:
     dppl_pct: float
     agree: float | None = None
     next_agree: float | None = None  # teacher-forced (next_token_agreement)
+    step_agree: float | None = None  # top-1 agreement at every window position (logit_fidelity)
+    kl: float | None = None  # mean KL(full precision || scheme) per window position, nats
     seconds: float = 0.0
     note: str = ""
     scheme: dict = field(default_factory=dict)
 
 
-def markdown_table(rows: list[Row], with_agree: bool = True) -> str:
+def markdown_table(rows: list[Row], with_agree: bool = True, with_fidelity: bool | None = None) -> str:
+    """The rows as a Markdown table; ``with_fidelity=None`` adds the :func:`logit_fidelity` columns
+    when some row has them."""
+    if with_fidelity is None:
+        with_fidelity = any(r.kl is not None for r in rows)
     head = "| method | bits/elem | PPL | ΔPPL % |" + (" greedy agree | next-token agree |" if with_agree else "")
-    sep = "|---|---:|---:|---:|" + ("---:|---:|" if with_agree else "")
+    head += " top-1 agree per position | KL (nats) |" if with_fidelity else ""
+    sep = "|---|---:|---:|---:|" + ("---:|---:|" if with_agree else "") + ("---:|---:|" if with_fidelity else "")
     lines = [head, sep]
     for r in rows:
         ppl = f"{r.ppl:.3f}" if math.isfinite(r.ppl) else "n/a"
@@ -328,6 +410,9 @@ def markdown_table(rows: list[Row], with_agree: bool = True) -> str:
         if with_agree:
             for a in (r.agree, r.next_agree):
                 line += f" {a * 100:.1f}% |" if a is not None else " |"
+        if with_fidelity:
+            line += f" {r.step_agree * 100:.2f}% |" if r.step_agree is not None else " |"
+            line += f" {r.kl:.2e} |" if r.kl is not None else " |"
         lines.append(line)
     return "\n".join(lines)
 
@@ -340,6 +425,7 @@ def evaluate(
     n_new: int = 32,
     quanto_bits: tuple[int, ...] = (),
     desc: str = "eval",
+    fidelity: bool = False,
 ) -> list[Row]:
     """Run full precision and every scheme on the same windows; one :class:`Row` each.
 
@@ -347,10 +433,12 @@ def evaluate(
     token tensors) enables greedy agreement against the full-precision continuation, free-running
     (:func:`agreement`) and teacher-forced (:func:`next_token_agreement`).
     ``quanto_bits`` adds transformers' ``QuantizedCache`` rows (a failure becomes a row with PPL n/a
-    and the reason in ``note``).
+    and the reason in ``note``). ``fidelity`` adds, for full precision and every scheme, the top-1
+    agreement and KL divergence from full precision at every position of the windows
+    (:func:`logit_fidelity`; one more pass per window and scheme).
     """
     ctx = windows.shape[1]
-    total = len(windows) * (1 + len(schemes) + len(quanto_bits))
+    total = len(windows) * (1 + len(schemes) + len(quanto_bits) + ((len(schemes) + 2) if fidelity else 0))
     rows: list[Row] = []
     ref_tokens = None
     with tqdm(total=total, desc=desc, unit="win") as bar:
@@ -388,6 +476,10 @@ def evaluate(
             except Exception as e:  # noqa: BLE001 - the reason goes into the table
                 rows.append(Row(name, float("nan"), float("nan"), float("nan"), note=f"did not run: {type(e).__name__}: {e}"[:200]))
             bar.update(len(windows))
+        if fidelity:
+            bar.set_postfix_str("top-1 agreement and KL")
+            for row, f in zip(rows, logit_fidelity(model, windows, [None, *schemes], progress=bar)):
+                row.step_agree, row.kl = f.agree, f.kl
     return rows
 
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from nqkv_core.evaluate import (
-    ATTN_NAME, agreement, calibrate_layer_bits, evaluate, greedy_tokens, layer_sensitivity, markdown_table,
-    next_token_agreement,
-    perplexity, register_attention, save_rows,
+    ATTN_NAME, active_scheme, agreement, calibrate_layer_bits, evaluate, fakequant_attention, free_running_agreement,
+    greedy_tokens, layer_sensitivity, logit_fidelity, markdown_table, new_sequence, next_token_agreement,
+    perplexity, register_attention, save_rows, step_agreement_needed,
 )
 from nqkv_core.models import calibration_windows, chat_prompts_after, load_text, token_windows
 from nqkv_core.scheme import FULL_PRECISION, KVScheme, kivi, nqkv_preset
@@ -60,6 +60,18 @@ def test_evaluate_rows_and_agreement(tiny, tmp_path):
     js, md = save_rows(rows, tmp_path, "t", {"x": 1})
     assert js.exists() and "ΔPPL" in md.read_text()
     assert "bits/elem" in markdown_table(rows)
+
+
+def test_evaluate_fidelity_columns(tiny, tmp_path):
+    model, ids = tiny
+    schemes = [KVScheme("nf2", k_bits=2, v_bits=2, k_block=16, v_block=16)]
+    rows = evaluate(model, ids, schemes, fidelity=True)
+    direct = logit_fidelity(model, ids, schemes)[0]
+    assert rows[0].step_agree == 1.0 and abs(rows[0].kl) < 1e-6
+    assert (rows[1].step_agree, rows[1].kl) == pytest.approx((direct.agree, direct.kl))
+    table = markdown_table(rows, with_agree=False)
+    assert "KL (nats)" in table and f"{rows[1].kl:.2e}" in table
+    assert "KL" not in markdown_table(evaluate(model, ids[:1], schemes), with_agree=False)
 
 
 def test_greedy_agreement_self(tiny):
@@ -173,3 +185,53 @@ def test_next_token_agreement_is_teacher_forced_greedy(tiny):
                             for p, r in zip(prompts, ref) for i in range(ref.shape[1])]).float().mean()
     assert 0.0 < float(expected) < 1.0  # the scheme changes some choices, not all
     assert next_token_agreement(model, prompts, ref, nf2) == pytest.approx(float(expected))
+
+
+def test_logit_fidelity_against_a_direct_computation(tiny):
+    model, ids = tiny
+    nf2 = KVScheme("nf2", k_bits=2, v_bits=2, k_block=16, v_block=16)
+    nf8 = KVScheme("nf8", k_bits=8, v_bits=8, k_block=16, v_block=16)
+
+    def halved(module, query, key, value, *args, **kwargs):  # a visibly wrong attention
+        return fakequant_attention(module, query, key, value * 0.5, *args, **kwargs)
+
+    class Count:
+        n = 0
+
+        def update(self, k):
+            self.n += k
+
+    passes = Count()
+    fp, f8, f2, f_half = logit_fidelity(model, ids, [None, nf8, nf2, None], [None, None, None, halved], passes)
+    assert passes.n == len(ids) * 5  # the reference and four schemes per window
+    assert (fp.agree, fp.flips, fp.positions) == (1.0, 0, ids.numel()) and abs(fp.kl) < 1e-6
+    assert 0 < f8.kl < f2.kl and f_half.kl > 0
+    with torch.no_grad():
+        ref = model(ids).logits.log_softmax(-1)
+        outs = []
+        with active_scheme(nf2):
+            for w in ids:
+                new_sequence()
+                outs.append(model(w[None]).logits[0].log_softmax(-1))
+        out = torch.stack(outs)
+    assert f2.agree == pytest.approx(float((out.argmax(-1) == ref.argmax(-1)).float().mean()))
+    assert f2.flips == int((out.argmax(-1) != ref.argmax(-1)).sum()) and 0 < f2.flips
+    assert f2.kl == pytest.approx(float((ref.exp() * (ref - out)).sum(-1).mean()), rel=1e-4)
+    # the registered attention is the fake quantization again afterwards
+    assert perplexity(model, ids, None) == pytest.approx(perplexity(model, ids, FULL_PRECISION), rel=1e-6)
+    with pytest.raises(ValueError, match="attention functions"):
+        logit_fidelity(model, ids, [None], [None, None])
+
+
+def test_free_running_agreement_model():
+    assert free_running_agreement(1.0) == 1.0 and free_running_agreement(0.9, n_new=1) == pytest.approx(0.9)
+    # two tokens: the first matches with p, the second with p^2
+    assert free_running_agreement(0.5, n_new=2) == pytest.approx((0.5 + 0.25) / 2)
+    for p in (0.9, 0.97, 0.995):
+        assert step_agreement_needed(free_running_agreement(p)) == pytest.approx(p, abs=1e-9)
+
+
+def test_eval_command_takes_kl():
+    from nqkv_core.cli import build_parser
+
+    assert build_parser().parse_args(["eval", "--kl"]).kl and not build_parser().parse_args(["eval"]).kl
