@@ -3,8 +3,10 @@
 ``nqkv report`` (``make report``) evaluates, on one model and corpus (SmolLM2-135M-Instruct and
 WikiText-2 by default):
 
-* perplexity and greedy agreement of full precision, NQKV at 4/3/2 bits, the KIVI-style and
-  uniform int baselines and transformers' ``QuantizedCache`` (quanto) -- :mod:`nqkv_core.evaluate`;
+* perplexity, the mean KL divergence of next-token distributions from full precision at every
+  window position, and greedy agreement of full precision, NQKV at 4/3/2 bits, the KIVI-style and
+  uniform int baselines and transformers' ``QuantizedCache`` (quanto, perplexity only) --
+  :mod:`nqkv_core.evaluate`;
 * bits per element (codes, scales and full-precision tokens), cache bytes at a context and the
   largest context that fits a memory budget;
 * decode tokens/s of ``NQKVCache`` vs ``DynamicCache`` vs ``QuantizedCache`` at several contexts,
@@ -137,6 +139,7 @@ class ReportRow:
     ppl: float
     dppl_pct: float
     agree: float | None
+    kl: float | None  # mean KL(full precision || method) per window position (logit_fidelity)
     context_at_budget: int | None
     context_x_fp16: float | None
 
@@ -221,7 +224,7 @@ def run_report(
     prompts = prompts_after(lm.tokenizer, text, n_windows, window_len, prompt_len, 2 if quick else 16)
 
     schemes = report_schemes(bits, sinks, window)
-    quality = evaluate(model, windows, schemes, prompts=prompts, quanto_bits=(4,), desc="perplexity")
+    quality = evaluate(model, windows, schemes, prompts=prompts, quanto_bits=(4,), desc="perplexity", fidelity=True)
 
     fp16_ctx = max_context(None, budget, dims)
     by_name = {s.name: s for s in schemes}
@@ -230,7 +233,7 @@ def run_report(
         s = by_name.get(r.method)
         ctx = fp16_ctx if r.method == "full precision" else (max_context(s, budget, dims) if s else None)
         rows.append(ReportRow(r.method + (f" ({r.note})" if r.note else ""), r.bits, r.ppl, r.dppl_pct,
-                              r.agree, ctx, ctx / fp16_ctx if ctx else None))
+                              r.agree, r.kl, ctx, ctx / fp16_ctx if ctx else None))
 
     speed_scheme = nqkv_preset(speed_bits, sinks=sinks, window=window)
     enable(model, scheme=speed_scheme)
@@ -253,14 +256,15 @@ def run_report(
         f" tokens; {sinks} sink tokens and a {window}-token recent window in full precision for every"
         f" quantized scheme; budget {budget / GIB:g} GiB; command `nqkv {' '.join(sys.argv[1:])}`.",
         "",
-        "| method | bits/elem | PPL | ΔPPL % | greedy agree | max context at budget | x fp16 |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| method | bits/elem | PPL | ΔPPL % | KL vs full precision | greedy agree | max context at budget | x fp16 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         agree = f"{100 * r.agree:.1f}%" if r.agree is not None else "-"
         ctx = f"{r.context_at_budget:,}" if r.context_at_budget else "-"
         x = f"{r.context_x_fp16:.2f}x" if r.context_x_fp16 else "-"
-        lines.append(f"| {r.method} | {r.bits:.3f} | {r.ppl:.3f} | {r.dppl_pct:+.2f} | {agree} | {ctx} | {x} |")
+        kl = f"{r.kl:.2e}" if r.kl is not None else "-"
+        lines.append(f"| {r.method} | {r.bits:.3f} | {r.ppl:.3f} | {r.dppl_pct:+.2f} | {kl} | {agree} | {ctx} | {x} |")
     lines += ["", f"Decode tokens/s, batch 1, eager, median of {rounds} interleaved rounds of {steps} steps"
               " (ratio to DynamicCache in brackets):", "",
               "| context | " + " | ".join(kinds) + " |", "|---:|" + "---:|" * len(kinds)]
