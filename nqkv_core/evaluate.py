@@ -433,12 +433,12 @@ def evaluate(
     token tensors) enables greedy agreement against the full-precision continuation, free-running
     (:func:`agreement`) and teacher-forced (:func:`next_token_agreement`).
     ``quanto_bits`` adds transformers' ``QuantizedCache`` rows (a failure becomes a row with PPL n/a
-    and the reason in ``note``). ``fidelity`` adds, for full precision and every scheme, the top-1
-    agreement and KL divergence from full precision at every position of the windows
-    (:func:`logit_fidelity`; one more pass per window and scheme).
+    and the reason in ``note``). ``fidelity`` adds, for every scheme, the top-1 agreement and KL
+    divergence from full precision at every position of the windows (:func:`logit_fidelity`; one
+    more pass per window and scheme, plus the reference); the full-precision row gets 1 and 0.
     """
     ctx = windows.shape[1]
-    total = len(windows) * (1 + len(schemes) + len(quanto_bits) + ((len(schemes) + 2) if fidelity else 0))
+    total = len(windows) * (1 + len(schemes) + len(quanto_bits) + ((len(schemes) + 1) if fidelity else 0))
     rows: list[Row] = []
     ref_tokens = None
     with tqdm(total=total, desc=desc, unit="win") as bar:
@@ -478,7 +478,8 @@ def evaluate(
             bar.update(len(windows))
         if fidelity:
             bar.set_postfix_str("top-1 agreement and KL")
-            for row, f in zip(rows, logit_fidelity(model, windows, [None, *schemes], progress=bar)):
+            rows[0].step_agree, rows[0].kl = 1.0, 0.0  # full precision against itself
+            for row, f in zip(rows[1:], logit_fidelity(model, windows, schemes, progress=bar)):
                 row.step_agree, row.kl = f.agree, f.kl
     return rows
 
