@@ -5,7 +5,11 @@ Caches and step functions, all with the same model in one process:
 
 * ``NQKV compiled``: ``NQKVCache`` preallocated for ``context + steps`` tokens (``max_cache_len``),
   the step ``model(tok, past_key_values=cache)`` compiled with ``fullgraph=True`` (a graph break
-  is an error); the compiled step reads the whole preallocated body, masked;
+  is an error); each layer's cache step is one opaque op, ``nqkv::cache_step``, that runs the
+  eager step (the cache's ``compiled_step="op"``, its default on CPU);
+* ``NQKV compiled traced`` (with ``--variants``): the same with ``compiled_step="traced"``, the
+  step's torch ops in the graph (what a GPU's CUDA graphs capture), reading the whole
+  preallocated body, masked;
 * ``NQKV eager``: the same cache, growing, eager;
 * ``StaticCache compiled``: transformers' fp32 ``StaticCache`` with SDPA, compiled the same way;
 * ``DynamicCache eager``: transformers' default.
@@ -36,7 +40,9 @@ def make_cache(model, nq, name: str, total: int):
 
     model.set_attn_implementation(ATTN_NAME if name.startswith("NQKV") else "sdpa")
     if name == "NQKV compiled":
-        return nq.new_cache(max_cache_len=total)
+        return nq.new_cache(max_cache_len=total, compiled_step="op")
+    if name == "NQKV compiled traced":
+        return nq.new_cache(max_cache_len=total, compiled_step="traced")
     if name == "NQKV eager":
         return nq.new_cache()
     if name == "StaticCache compiled":
@@ -53,8 +59,12 @@ def step_times(fn, cache, tok: torch.Tensor, n: int) -> list[float]:
     return times
 
 
+VARIANTS = ("NQKV compiled", "NQKV eager", "StaticCache compiled", "DynamicCache eager")
+
+
 @torch.no_grad()
-def run(model, nq, context: int, steps: int, rounds: int) -> dict[str, tuple[float, float, float]]:
+def run(model, nq, context: int, steps: int, rounds: int,
+        names: tuple[str, ...] = VARIANTS) -> dict[str, tuple[float, float, float]]:
     """``{variant: (prefill s, first two calls s, median step s)}``; steps interleaved in rounds."""
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(100, 20000, (1, context), generator=g)
@@ -66,7 +76,7 @@ def run(model, nq, context: int, steps: int, rounds: int) -> dict[str, tuple[flo
 
     variants = {}
     torch._dynamo.reset()
-    for name in ("NQKV compiled", "NQKV eager", "StaticCache compiled", "DynamicCache eager"):
+    for name in names:
         cache = make_cache(model, nq, name, total)
         t = time.perf_counter()
         model(prompt, past_key_values=cache, use_cache=True)  # prefill, eager
@@ -89,7 +99,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="decode steps per variant and round")
     ap.add_argument("--rounds", type=int, default=4, help="interleaved rounds (median of round medians)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS),
+                    help="caches / steps to run (DynamicCache eager is always run); also: 'NQKV compiled traced'")
     args = ap.parse_args()
+    names = tuple(dict.fromkeys([*args.variants, "DynamicCache eager"]))
     torch.set_num_threads(args.threads)
     lm = load_model()
     nq = enable(lm.model, bits=4)
@@ -97,7 +110,7 @@ def main() -> None:
           f" scheme `{nq.scheme.name}`")
     rows = []
     for ctx in args.contexts:
-        res = run(lm.model, nq, ctx, args.steps, args.rounds)
+        res = run(lm.model, nq, ctx, args.steps, args.rounds, names)
         base = res["DynamicCache eager"][2]
         for name, (prefill, first, step) in res.items():
             rows.append(f"| {ctx} | {name} | {prefill:.1f} | {first:.1f} | {1e3 * step:.1f} | {base / step:.2f}x |")

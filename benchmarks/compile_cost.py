@@ -1,7 +1,8 @@
 """What compiling a decode step costs: graph size and cold compile time, NQKV vs StaticCache.
 
-For each cache (``NQKV compiled``, ``StaticCache compiled``; see ``bench_compiled_decode.py``) a
-prompt fills it eagerly, then ``torch.compile(step, fullgraph=True)`` of the one-token step:
+For each cache (``NQKV compiled``, ``NQKV compiled traced``, ``StaticCache compiled``; see
+``bench_compiled_decode.py``) a prompt fills it eagerly, then ``torch.compile(step, fullgraph=True)``
+of the one-token step:
 
 * graph nodes: the FX graph dynamo captures (a counting backend, no inductor), split by where
   each node comes from (``nqkv_core`` code vs the model's own);
@@ -9,7 +10,8 @@ prompt fills it eagerly, then ``torch.compile(step, fullgraph=True)`` of the one
   ``TORCHINDUCTOR_CACHE_DIR``).
 
 A compiled step of a 30-layer model is one graph: its size, not the kernels, is what inductor
-spends minutes on.
+spends minutes on. With the cache step as one op per layer (``NQKV compiled``) the graph is the
+model's own plus a node per layer; traced, it carries the step's torch ops.
 
     python benchmarks/compile_cost.py --context 256
 """
@@ -56,7 +58,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_MODEL, help="model id, local path or .gguf file")
     ap.add_argument("--context", type=int, default=256, help="prompt tokens before the compiled step")
-    ap.add_argument("--variants", nargs="+", default=["NQKV compiled", "StaticCache compiled"])
+    ap.add_argument("--variants", nargs="+", default=["NQKV compiled", "NQKV compiled traced", "StaticCache compiled"])
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

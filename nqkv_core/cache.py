@@ -28,13 +28,15 @@ All attention goes through :func:`attend`; it is the one place that reads the qu
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import itertools
 import json
 import math
-import dataclasses
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +64,8 @@ FUSED = True
 # general path of any step (the tests compare the two).
 FOLD_STEPS = True
 FORMAT_VERSION = "1"
+# How a compiled step runs a layer (``NQKVCache(compiled_step=...)``).
+CompiledStep = Literal["auto", "op", "traced"]
 _ENABLE_HINT = (
     "pass attn_implementation='nqkv' when loading the model, or call nqkv_core.enable(model)"
 )
@@ -395,10 +399,14 @@ class NQKVLayer(CacheLayerMixin):
     supports_early_init = True
 
     def __init__(self, scheme: KVScheme, max_cache_len: int | None = None, crop_margin: int = 0,
-                 rope: RopeTable | None = None, step_memo: StepMemo | None = None):
+                 rope: RopeTable | None = None, step_memo: StepMemo | None = None,
+                 compiled_step: CompiledStep = "auto"):
         super().__init__()
         if max_cache_len is not None and max_cache_len < 1:
             raise ValueError(f"max_cache_len must be positive or None, got {max_cache_len}")
+        if compiled_step not in ("auto", "op", "traced"):
+            raise ValueError(f"compiled_step must be 'auto', 'op' or 'traced', got {compiled_step!r}")
+        self.compiled_step = compiled_step
         if crop_margin < 0:
             raise ValueError(f"crop_margin must be >= 0, got {crop_margin}")
         side_format(scheme, "k"), side_format(scheme, "v")  # fail at construction, not mid-generate
@@ -422,6 +430,17 @@ class NQKVLayer(CacheLayerMixin):
         # such a step. Never carried across steps: a compiled step advances ``length`` unseen.
         self._step_length: int | None = None
         self.handle = _Handle(self)
+        self._register_step()
+
+    def _register_step(self) -> None:
+        """Give the layer the name by which ``nqkv::cache_step`` finds it (:func:`cache_step`)."""
+        self.step_name = f"layer{next(_STEP_NAMES)}"
+        _STEP_LAYERS[self.step_name] = self
+
+    def __setstate__(self, state: dict) -> None:
+        # A copy (deepcopy, pickle) is a layer of its own: its compiled steps must reach its buffers.
+        self.__dict__.update(state)
+        self._register_step()
 
     @property
     def max_cache_len(self) -> int | None:  # type: ignore[override]
@@ -459,6 +478,11 @@ class NQKVLayer(CacheLayerMixin):
             raise NotImplementedError(
                 f"NQKVCache needs keys and values of one shape, got {tuple(key_states.shape)} and"
                 f" {tuple(value_states.shape)}"
+            )
+        if self.compiled_step == "op" and key_states.device.type != "cpu":
+            raise ValueError(
+                f"compiled_step='op' runs the eager CPU step inside compiled graphs; on {key_states.device.type}"
+                " use 'traced' (or 'auto'), whose graphs CUDA graphs can capture"
             )
         self.device = key_states.device
         self.dtype = key_states.dtype
@@ -613,6 +637,12 @@ class NQKVLayer(CacheLayerMixin):
             raise RuntimeError("NQKVLayer.attention called without a preceding cache.update")
         k_new, v_new = self._pending
         self._pending = None
+        if torch.compiler.is_compiling() and self._opaque_step():
+            # One node per layer in the graph: the eager step (one native call), not its ~180 torch ops.
+            out = torch.ops.nqkv.cache_step(query, k_new, v_new, attention_mask, self.length, self.k_sink,
+                                            scaling, self.step_name)
+            self._advance(k_new.shape[2])  # in the graph, as the traced step counts, not inside the op
+            return out
         b, hq, T, d = query.shape
         group = hq // self.num_heads
         if self.transform is None:
@@ -681,6 +711,12 @@ class NQKVLayer(CacheLayerMixin):
             out = t.output(out.float(), group)
         self._commit(k_new, v_new)
         return out.to(query.dtype).transpose(1, 2).contiguous()
+
+    def _opaque_step(self) -> bool:
+        """Whether a compiled step runs this layer as ``nqkv::cache_step`` (see :class:`NQKVCache`)."""
+        if self.transform is None:  # the first step fits the transform: traced
+            return False
+        return self.compiled_step == "op" or (self.compiled_step == "auto" and self.device.type == "cpu")
 
     def _native_step(self, query: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, maps: _StepMaps, n: int,
                      scaling: float) -> torch.Tensor | None:
@@ -1037,6 +1073,63 @@ class NQKVLayer(CacheLayerMixin):
         return sum(x[:, :, :1].nbytes for x in (*self.k_body, *self.v_body)) / self.batch_size
 
 
+# -- a compiled step's layer as one op --------------------------------------------------------------
+
+# The layers ``nqkv::cache_step`` runs, by ``NQKVLayer.step_name`` (an op's arguments are tensors and
+# plain values; the layer's transform, buffers and prepared native step stay out of the graph).
+_STEP_LAYERS: "weakref.WeakValueDictionary[str, NQKVLayer]" = weakref.WeakValueDictionary()
+_STEP_NAMES = itertools.count()
+
+
+def _allows_whole_cache(mask: torch.Tensor | None, n: int) -> bool:
+    """Whether a one-token step's ``mask`` lets its query see every position ``0..n`` (its own is ``n``):
+    then it masks nothing the cache holds, and the step may run as if it had no mask."""
+    if mask is None:
+        return True
+    if mask.shape[-2] != 1 or mask.shape[-1] <= n:
+        return False
+    row = mask[..., -1, : n + 1]
+    return bool(row.all() if row.dtype == torch.bool else (row > torch.finfo(row.dtype).min / 2).all())
+
+
+@torch.library.custom_op("nqkv::cache_step", mutates_args=())
+def cache_step(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Optional[torch.Tensor],
+               length: torch.Tensor, k_sink: torch.Tensor, scaling: float, layer: str) -> torch.Tensor:
+    """One layer's step of a compiled graph on CPU, run as the eager step: store the new ``key`` /
+    ``value`` ``(b, hkv, T, d)`` and attend ``query`` ``(b, hq, T, d)`` to the cache; ``(b, T, hq, d)``.
+
+    ``layer`` names the :class:`NQKVLayer` (``step_name``); ``length`` is its token count before the
+    step, ``k_sink``, one of its buffers, proves that the graph was traced for this layer. The op
+    writes the layer's sink, ring and body buffers, which nothing else in a graph reads (so it
+    declares no mutation), but not ``length``: the graph advances that itself, after the op, as a
+    traced step does (an op that mutated ``length`` let inductor recompute the model's positions
+    from the advanced count). A one-token step whose mask hides nothing (no padding) runs the
+    native step, as eager decoding does.
+    """
+    target = _STEP_LAYERS.get(layer)
+    if target is None or not target.is_initialized or target.k_sink.data_ptr() != k_sink.data_ptr():
+        raise RuntimeError(
+            f"nqkv::cache_step: {layer!r} is not the NQKV cache layer this graph was compiled for (a cache"
+            " replaced without recompiling?); call torch._dynamo.reset() or compile the step again"
+        )
+    own = target.length
+    target.length = length.clone()  # the eager step counts on its own copy
+    try:
+        target.update(key, value)
+        if query.shape[2] == 1 and _allows_whole_cache(attention_mask, target._eager_length()):
+            attention_mask = None
+        return target.attention(query, attention_mask, scaling).contiguous()
+    finally:
+        target.length = own
+        target._pending = target._step_length = None
+
+
+@cache_step.register_fake
+def _(query, key, value, attention_mask, length, k_sink, scaling, layer):
+    b, hq, T, d = query.shape
+    return query.new_empty(b, T, hq, d)
+
+
 # -- the cache --------------------------------------------------------------------------------------
 
 
@@ -1077,6 +1170,11 @@ class NQKVCache(Cache):
         max_cache_len: preallocate for this many tokens (prompt plus new tokens): a decode step then
             allocates nothing and can be compiled; exceeding it raises ``ValueError``. None: grow.
         crop_margin: extra full-precision tokens kept so that :meth:`crop` can go back that far.
+        compiled_step: how a ``torch.compile``'d step runs each layer. ``"op"``: as one opaque op,
+            ``torch.ops.nqkv.cache_step``, that runs the eager step (on CPU one native call per layer):
+            a small graph that compiles quickly and steps as fast as eager decoding (CPU only).
+            ``"traced"``: the step's torch ops traced into the graph, which CUDA graphs can capture.
+            ``"auto"``: ``"op"`` on CPU, ``"traced"`` elsewhere. Eager steps are the same either way.
 
     Use with a model whose attention is ``"nqkv"`` (see :func:`enable`).
     """
@@ -1088,6 +1186,7 @@ class NQKVCache(Cache):
         num_layers: int | None = None,
         max_cache_len: int | None = None,
         crop_margin: int = 0,
+        compiled_step: CompiledStep = "auto",
     ):
         inv_freq = None
         if config is not None:
@@ -1104,6 +1203,7 @@ class NQKVCache(Cache):
         self.scheme = scheme
         self._max_len = max_cache_len
         self.crop_margin = crop_margin
+        self.compiled_step = compiled_step
         # One table of RoPE cos/sin per position for all layers (used by RoPE-centred schemes only).
         self.rope = RopeTable(inv_freq, max_cache_len)
         self.step_memo = StepMemo()
@@ -1112,7 +1212,7 @@ class NQKVCache(Cache):
 
     def _new_layer(self, layer_idx: int) -> NQKVLayer:
         return NQKVLayer(self.scheme.for_layer(layer_idx), self.max_cache_len, self.crop_margin, self.rope,
-                         self.step_memo)
+                         self.step_memo, self.compiled_step)
 
     def _layer(self, layer_idx: int) -> NQKVLayer:
         while len(self.layers) <= layer_idx:
@@ -1335,11 +1435,12 @@ class NQKVModel:
     max_cache_len: int | None = None
     crop_margin: int = 0
 
-    def new_cache(self, max_cache_len: int | None = None) -> NQKVCache:
-        """A fresh cache for one ``generate`` call (``max_cache_len`` overrides the default)."""
+    def new_cache(self, max_cache_len: int | None = None, compiled_step: CompiledStep = "auto") -> NQKVCache:
+        """A fresh cache for one ``generate`` call (``max_cache_len`` overrides the default;
+        ``compiled_step``: see :class:`NQKVCache`)."""
         return NQKVCache(self.scheme, config=self.model.config,
                          max_cache_len=max_cache_len if max_cache_len is not None else self.max_cache_len,
-                         crop_margin=self.crop_margin)
+                         crop_margin=self.crop_margin, compiled_step=compiled_step)
 
     def generate_kwargs(self, max_cache_len: int | None = None) -> dict[str, Any]:
         """``{"cache": ...}`` (transformers >= 5.24) or ``{"past_key_values": ...}`` with a fresh cache."""

@@ -23,7 +23,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from nqkv_core import cache as nqkv_cache  # noqa: E402
 from nqkv_core import evaluate, native  # noqa: E402
-from nqkv_core.cache import NQKVCache, _version, enable  # noqa: E402
+from nqkv_core.cache import _STEP_LAYERS, NQKVCache, _allows_whole_cache, _version, enable  # noqa: E402
 from nqkv_core.scheme import KVScheme, nqkv_preset  # noqa: E402
 
 NEW = 20
@@ -518,13 +518,13 @@ def positions(model, cache) -> dict:
     return {"cache_position": n.reshape(1).clone()}
 
 
-def prefilled_pair(name: str, device: str = "cpu", max_cache_len: int = 32):
+def prefilled_pair(name: str, device: str = "cpu", max_cache_len: int = 32, compiled_step: str = "auto"):
     """A tiny model with scheme ``name`` enabled, two preallocated caches that hold the same 6-token
-    prompt (batch 2), and the prompt's greedy next token."""
+    prompt (batch 2), the second with ``compiled_step``, and the prompt's greedy next token."""
     model, scheme = tiny_model().to(device), SCHEMES[name]
     ids = torch.randint(1, 96, (2, 6), generator=torch.Generator().manual_seed(9)).to(device)
     nq = enable(model, scheme=scheme, max_cache_len=max_cache_len)
-    first, second = nq.new_cache(), nq.new_cache()
+    first, second = nq.new_cache(), nq.new_cache(compiled_step=compiled_step)
     with torch.no_grad():
         nxt = model(ids, past_key_values=first, use_cache=True).logits[:, -1:].argmax(-1)
         model(ids, past_key_values=second, use_cache=True)
@@ -532,15 +532,24 @@ def prefilled_pair(name: str, device: str = "cpu", max_cache_len: int = 32):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("compiled_step", ["op", "traced"])
 @pytest.mark.parametrize("name", ["nf4-rot-centre", "nf4-rope-centre", "nf3-query-vfit"])
-def test_compiled_decode_step_has_no_graph_break(name):
-    model, eager, compiled_cache, nxt = prefilled_pair(name)
+def test_compiled_decode_step_has_no_graph_break(name, compiled_step):
+    model, eager, compiled_cache, nxt = prefilled_pair(name, compiled_step=compiled_step)
+    graphs = []
+
+    def inductor(gm, example_inputs):  # inductor, keeping dynamo's graph to look at
+        from torch._inductor.compile_fx import compile_fx
+
+        graphs.append(gm)
+        return compile_fx(gm, example_inputs)
+
     with torch.no_grad():
 
         def step(tok, cache):
             return model(tok, past_key_values=cache, use_cache=True, **positions(model, cache)).logits
 
-        compiled = torch.compile(step, fullgraph=True)
+        compiled = torch.compile(step, fullgraph=True, backend=inductor)
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()  # count this test's graphs only
         with torch._dynamo.config.patch(error_on_recompile=False):
@@ -552,6 +561,47 @@ def test_compiled_decode_step_has_no_graph_break(name):
                 nxt = a[:, -1:].argmax(-1)
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert frames <= 2, f"{frames} graphs compiled; decode steps should reuse one"
+    # "op": each layer is one nqkv::cache_step node; "traced": the step's own ops, no cache_step
+    targets = [str(n.target) for n in graphs[-1].graph.nodes if n.op == "call_function"]
+    layers = model.config.num_hidden_layers
+    assert sum("cache_step" in t for t in targets) == (layers if compiled_step == "op" else 0)
+    assert compiled_step == "op" or len(targets) > 50 * layers
+
+
+def test_cache_step_op_checks_its_layer_and_copies_get_their_own():
+    model, cache, _, nxt = prefilled_pair("nf4-rot-centre")
+    layer = cache.layers[0]
+    copy = deepcopy(cache).layers[0]
+    assert copy.step_name != layer.step_name
+    assert _STEP_LAYERS[copy.step_name] is copy and _STEP_LAYERS[layer.step_name] is layer
+    q = torch.randn(2, 4, 1, 16)
+    kv = torch.randn(2, 2, 1, 16)
+    with pytest.raises(RuntimeError, match="not the NQKV cache layer"):  # the copy's buffers, the layer's name
+        torch.ops.nqkv.cache_step(q, kv, kv, None, layer.length, copy.k_sink, 0.25, layer.step_name)
+    with pytest.raises(RuntimeError, match="not the NQKV cache layer"):
+        torch.ops.nqkv.cache_step(q, kv, kv, None, layer.length, layer.k_sink, 0.25, "no-such-layer")
+    n = int(layer.length)
+    out = torch.ops.nqkv.cache_step(q, kv, kv, None, layer.length, layer.k_sink, 0.25, layer.step_name)
+    assert out.shape == (2, 1, 4, 16) and torch.isfinite(out).all()
+    assert int(layer.length) == n  # the graph advances the count, not the op
+    with pytest.raises(ValueError, match="compiled_step"):
+        NQKVCache(SCHEMES["nf4-rot-centre"], num_layers=1, compiled_step="fast")
+    meta = NQKVCache(SCHEMES["nf4-rot-centre"], num_layers=1, compiled_step="op")
+    with pytest.raises(ValueError, match="compiled_step='op'"):
+        meta.update(torch.empty(1, 2, 1, 16, device="meta"), torch.empty(1, 2, 1, 16, device="meta"), 0)
+
+
+def test_allows_whole_cache():
+    causal = torch.ones(2, 1, 1, 10, dtype=torch.bool)
+    causal[..., 7:] = False  # preallocated columns beyond the query's position 6
+    assert _allows_whole_cache(None, 6) and _allows_whole_cache(causal, 6)
+    assert not _allows_whole_cache(causal, 7)  # position 7 is hidden
+    padded = causal.clone()
+    padded[1, ..., :2] = False  # left padding of sequence 1
+    assert not _allows_whole_cache(padded, 6)
+    additive = torch.zeros(2, 1, 1, 10).masked_fill(~causal, torch.finfo(torch.float32).min)
+    assert _allows_whole_cache(additive, 6) and not _allows_whole_cache(additive, 7)
+    assert not _allows_whole_cache(torch.ones(2, 1, 3, 10, dtype=torch.bool), 6)  # several queries
 
 
 def _smollm2_dir():
