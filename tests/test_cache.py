@@ -568,6 +568,32 @@ def test_compiled_decode_step_has_no_graph_break(name, compiled_step):
     assert compiled_step == "op" or len(targets) > 50 * layers
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("compiled_step", ["op", "traced"])
+def test_generate_compiles_the_step_and_matches_eager(compiled_step):
+    """transformers' generate compiling the forward itself (it does on GPUs with a preallocated cache;
+    on CPU when asked): a left-padded batch crossing the window gives the eager tokens."""
+    from transformers import CompileConfig
+
+    config = CompileConfig(fullgraph=True)
+    if not hasattr(config, "_compile_all_devices"):
+        pytest.skip("this transformers cannot be asked to compile generate on CPU")
+    config._compile_all_devices = True
+    model, scheme = tiny_model(), SCHEMES["nf4-rope-centre"]
+    nq = enable(model, scheme=scheme, max_cache_len=64)
+    ids = torch.randint(1, 96, (2, 8), generator=torch.Generator().manual_seed(9))
+    mask = torch.ones_like(ids)
+    mask[1, :3], ids[1, :3] = 0, 0
+    key = "cache" if _version() >= (5, 24) else "past_key_values"
+    kw = dict(max_new_tokens=2 * scheme.window, do_sample=False, attention_mask=mask, pad_token_id=0)
+    eager = model.generate(ids, **{key: nq.new_cache()}, **kw)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = model.generate(ids, compile_config=config, **{key: nq.new_cache(compiled_step=compiled_step)}, **kw)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it did compile
+    assert torch.equal(compiled, eager)
+
+
 def test_cache_step_op_checks_its_layer_and_copies_get_their_own():
     model, cache, _, nxt = prefilled_pair("nf4-rot-centre")
     layer = cache.layers[0]
