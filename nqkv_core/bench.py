@@ -56,6 +56,43 @@ def tensor_bytes(obj) -> int:
     return 0
 
 
+def held_bytes(obj, seen: set | None = None) -> int:
+    """Bytes of the tensor storages reachable from ``obj`` through containers, dataclasses and
+    ``nqkv_core`` objects, each storage counted once."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        storage = obj.untyped_storage()
+        if storage.data_ptr() in seen:
+            return 0
+        seen.add(storage.data_ptr())
+        return storage.nbytes()
+    if isinstance(obj, (tuple, list)):
+        return sum(held_bytes(x, seen) for x in obj)
+    if isinstance(obj, dict):
+        return sum(held_bytes(x, seen) for x in obj.values())
+    if type(obj).__module__.startswith("nqkv_core") and hasattr(obj, "__dict__"):
+        return sum(held_bytes(v, seen) for k, v in vars(obj).items() if k != "handle")
+    return 0
+
+
+@torch.no_grad()
+def decode_state_bytes(model, scheme, batch: int, ctx: int, steps: int = 2) -> tuple[int, int]:
+    """``(storage bytes, bytes the decode steps added)`` of a preallocated NQKV cache holding ``ctx``
+    random tokens, after ``steps`` real model decode steps: what decoding holds beyond the storage
+    (the prepared per-layer step state) for ``batch`` sequences."""
+    n_layers, h, d = dims(model)
+    cache = NQKVCache(scheme, config=model.config, max_cache_len=ctx + steps)
+    g = torch.Generator().manual_seed(0)
+    for i in range(n_layers):
+        cache.append(torch.randn(batch, h, ctx, d, generator=g), torch.randn(batch, h, ctx, d, generator=g), i)
+    before = held_bytes(cache.layers)
+    attend_kind(model, "nqkv")
+    tok = torch.full((batch, 1), 42, dtype=torch.long)
+    for _ in range(steps):
+        model(tok, past_key_values=cache, use_cache=True)
+    return cache.nbytes, held_bytes(cache.layers) - before
+
+
 def fill(kind: str, model, scheme, batch: int, ctx: int):
     return filled_cache(kind, model, batch, ctx, scheme)
 
@@ -183,6 +220,10 @@ def run(args: argparse.Namespace) -> None:
     lines.append(f"\nContext ratio NQKV / fp16: {rows[1]['max_context'] / rows[0]['max_context']:.2f}x;"
                  f" peak RSS of the process {peak_rss() / GIB:.2f} GiB.")
     print("\n".join(lines[-8:]))
+    stored, added = decode_state_bytes(model, scheme, 8, 1024)
+    lines.append(f"Decode state: after two decode steps at batch 8 over 1024 tokens the cache holds {added / 2**10:,.1f} KiB"
+                 f" beyond its {stored / 2**20:,.1f} MiB of storage ({added / 8 / 2**10:,.1f} KiB per sequence).")
+    print(lines[-1])
 
     # the same preset with a plain post-RoPE key mean: no per-position score offset to compute
     plain = nqkv_preset(4, rope_centre=False).replace(

@@ -319,22 +319,29 @@ class RopeTable:
 
 @dataclass
 class _StepMaps:
-    """A layer's frozen transform folded for eager one-token decode steps.
+    """A layer's frozen transform prepared for eager one-token decode steps.
 
-    ``q_map`` turns a query row into ``[q' | w]`` with one matmul: the rotated query and, for a
-    RoPE-aware key centre, the bias weights of :func:`rope_bias_weights` (which are linear in ``q``);
-    ``mu_k`` / ``mu_k_half`` give the key centre at position ``p`` as ``mu_k * cos[p] + mu_k_half *
-    sin[p]``, the same arithmetic as :func:`~nqkv_core.scheme.apply_rope`; ``mu_v`` and
-    ``out_shift`` (``mu_v`` per query head) shift values and outputs. All contiguous fp32 (what
-    the native step reads); ``refs`` are what they were built from (compared by identity).
+    The query is rotated by the transform's ``rot_k`` (one ``(d, d)`` matrix for all heads) and,
+    for a RoPE-aware key centre, its bias weights are :func:`rope_bias_weights` of the raw query
+    and ``mu_q`` (``mu_k`` per query head), elementwise: no matrix per query head and sequence to
+    hold and read every step. ``mu_k`` / ``mu_k_half`` give the key centre at position ``p`` as
+    ``mu_k * cos[p] + mu_k_half * sin[p]``, the same arithmetic as
+    :func:`~nqkv_core.scheme.apply_rope`; ``mu_v`` and ``out_shift`` (``mu_v`` per query head)
+    shift values and outputs. All contiguous fp32 (what the native step reads); ``refs`` are what
+    they were built from (compared by identity).
     """
 
     refs: tuple
-    q_map: torch.Tensor
     mu_k: torch.Tensor | None
     mu_k_half: torch.Tensor | None
+    mu_q: torch.Tensor | None
     mu_v: torch.Tensor | None
     out_shift: torch.Tensor | None
+
+    @property
+    def group(self) -> int:
+        """Query heads per KV head."""
+        return self.refs[4]
 
 
 class StepMemo:
@@ -660,8 +667,8 @@ class NQKVLayer(CacheLayerMixin):
                 return out.to(query.dtype).transpose(1, 2)
         w = None
         if maps is not None:
-            qw = query.float() @ maps.q_map
-            q, w = qw[..., :d], (qw[..., d:] if maps.mu_k_half is not None else None)
+            q = query.float() @ t.rot_k if t.rot_k is not None else query.float()
+            w = rope_bias_weights(query, maps.mu_q, scaling) if maps.mu_k_half is not None else None
             k_new = k_new.float()
             if maps.mu_k_half is not None:  # minus the RoPE'd centre at position n (apply_rope's arithmetic)
                 row = self.rope.table[n]
@@ -755,7 +762,7 @@ class NQKVLayer(CacheLayerMixin):
         if self._decode_step is None or any(a is not b for a, b in zip(key, self._decode_step_key)):
             rope = (self.rope.table, self.rope.tiles) if maps.mu_k_half is not None else None
             self._decode_step = native.DecodeStep(
-                maps.q_map, t.rot_k, t.rot_v, maps.mu_k, maps.mu_k_half, maps.mu_v, (self.k_sink, self.v_sink),
+                self.num_heads * maps.group, t.rot_k, t.rot_v, maps.mu_k, maps.mu_k_half, maps.mu_v, (self.k_sink, self.v_sink),
                 (self.k_ring, self.v_ring), (*self.k_body, kf.codebook, kf.block), (*self.v_body, vf.codebook, vf.block),
                 (_midpoints(kf.encode_codebook), _midpoints(vf.encode_codebook)),
                 torch.finfo(self.scheme.scale_dtype).max, rope,
@@ -772,26 +779,15 @@ class NQKVLayer(CacheLayerMixin):
         m = self._step_maps
         if m is not None and all(a is b for a, b in zip(m.refs[:4], refs[:4])) and m.refs[4:] == refs[4:]:
             return m
-        b, h, d = self.batch_size, self.num_heads, self.head_dim
-        rot = t.rot_k if t.rot_k is not None else torch.eye(d, device=self.device)
-        q_map = rot.expand(b, h * group, d, d)
-        mu_k_half = None
-        if t.inv_freq is not None:
-            # w = scaling * [q_lo mu_lo + q_hi mu_hi | q_hi mu_lo - q_lo mu_hi] = q @ B (rope_bias_weights)
-            mu = per_query_head(t.mu_k, group)[:, :, 0].float()
-            half, i = d // 2, torch.arange(d // 2, device=self.device)
-            lo, hi = mu[..., :half], mu[..., half:]
-            B = torch.zeros(b, h * group, d, d, device=self.device)
-            B[:, :, i, i], B[:, :, i + half, i] = lo, hi
-            B[:, :, i + half, i + half], B[:, :, i, i + half] = lo, -hi
-            q_map = torch.cat([q_map, B * scaling], dim=-1)
-            mu_k_half = rotate_half(t.mu_k)
+        rope = t.inv_freq is not None
+        mu_k_half = rotate_half(t.mu_k) if rope else None
+        mu_q = per_query_head(t.mu_k, group).float().contiguous() if rope else None
         out_shift = per_query_head(t.mu_v, group).float().contiguous() if t.mu_v is not None else None
 
         def flat(x: torch.Tensor | None) -> torch.Tensor | None:
             return None if x is None else x.float().contiguous()
 
-        self._step_maps = _StepMaps(refs, q_map.contiguous(), flat(t.mu_k), flat(mu_k_half), flat(t.mu_v), out_shift)
+        self._step_maps = _StepMaps(refs, flat(t.mu_k), flat(mu_k_half), mu_q, flat(t.mu_v), out_shift)
         return self._step_maps
 
     def _all_slots_valid(self, n: int) -> bool:

@@ -135,7 +135,7 @@ def _library() -> Optional[ctypes.CDLL]:
     ]
     f32 = ctypes.c_float
     lib.nqkv_decode_step.argtypes = [
-        ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, i64, i64, _Packed,
+        ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, i64, i64, _Packed,
         _Packed, i64, ptr, ptr, f32, i64, i64, i64, i64, ptr, ptr, i64, i64, f32, i64, i64, i64, i64, ptr, i32, ptr,
         i32, i32, ptr, ptr,
     ]
@@ -345,7 +345,9 @@ class DecodeStep:
     costs the call and the checks of its three new tensors instead of some forty Python-level checks
     and conversions (docs/benchmarks.md: about 0.01 ms less per layer and step).
 
-    ``q_map`` (B, Hq, D, D or 2D); the transform vectors (B, Hkv, 1, D) or None; sink and ring
+    ``query_heads`` Hq; ``rot_k`` (D, D) rotates keys and queries, ``rot_v`` values (None: no
+    rotation); the transform vectors (B, Hkv, 1, D) or None (with ``mu_k_half`` set, a RoPE-aware
+    centre: the kernel derives each query's bias weights from it and ``mu_k``); sink and ring
     buffers (B, Hkv, slots, D), updated in place; ``k_body``/``v_body`` ``(codes, absmax, codebook,
     block)``; ``thresholds`` the K and V coding midpoints; ``rope = (table, tiles)``, the RoPE
     ``[cos | sin]`` table (P, D) and the same in tiles of sixteen positions (P / 16, D, 16), for a
@@ -356,7 +358,7 @@ class DecodeStep:
     """
 
     def __init__(
-        self, q_map: Tensor, rot_k: Optional[Tensor], rot_v: Optional[Tensor], mu_k: Optional[Tensor],
+        self, query_heads: int, rot_k: Optional[Tensor], rot_v: Optional[Tensor], mu_k: Optional[Tensor],
         mu_k_half: Optional[Tensor], mu_v: Optional[Tensor], sinks: tuple[Tensor, Tensor], ring: tuple[Tensor, Tensor],
         k_body: tuple, v_body: tuple, thresholds: tuple[Tensor, Tensor], max_scale: float,
         rope: Optional[tuple[Tensor, Tensor]], fit: Optional[tuple[Tensor, int]] = None,
@@ -367,19 +369,20 @@ class DecodeStep:
         k_levels, k_fb = (None, None) if k_feedback is None else (k_feedback[0].float().contiguous(),
                                                                    k_feedback[1].float().contiguous())
         # what the call reads, held so that the pointers below stay valid
-        self._args = (q_map, rot_k, rot_v, mu_k, mu_k_half, mu_v, sinks, ring, k_body, v_body, thresholds, max_scale,
+        self._args = (rot_k, rot_v, mu_k, mu_k_half, mu_v, sinks, ring, k_body, v_body, thresholds, max_scale,
                       rope, fit_ratios, k_levels, k_fb)
         formats = ((k_body[2].numel().bit_length() - 1, k_body[3]), (v_body[2].numel().bit_length() - 1, v_body[3]))
+        d = sinks[0].shape[-1]
         self.supported = decode_step_supported(
-            q_map, rot_k, rot_v, mu_k, mu_k_half, mu_v, *sinks, *ring, *thresholds, table, tiles, formats=formats,
-        )
+            rot_k, rot_v, mu_k, mu_k_half, mu_v, *sinks, *ring, *thresholds, table, tiles, formats=formats,
+        ) and all(r is None or r.numel() == d * d for r in (rot_k, rot_v))  # one (D, D) matrix each
         if not self.supported:
             return
         self._keep: list = []
         self.rope_rows = 0 if table is None else table.shape[0]
-        self.batch, self.hkv, self.hq, self.d = sinks[0].shape[0], sinks[0].shape[1], q_map.shape[1], q_map.shape[2]
-        self._head = (q_map.data_ptr(), q_map.shape[-1], _ptr(rot_k), _ptr(rot_v), _ptr(mu_k), _ptr(mu_k_half),
-                      _ptr(mu_v), sinks[0].data_ptr(), sinks[1].data_ptr())
+        self.batch, self.hkv, self.hq, self.d = sinks[0].shape[0], sinks[0].shape[1], query_heads, sinks[0].shape[3]
+        self._head = (_ptr(rot_k), _ptr(rot_v), _ptr(mu_k), _ptr(mu_k_half), _ptr(mu_v), sinks[0].data_ptr(),
+                      sinks[1].data_ptr())
         self._sink_slots, self._ring_slots = sinks[0].shape[2], ring[0].shape[2]
         self._ring = (ring[0].data_ptr(), ring[1].data_ptr())
         self._bodies = (_packed(*k_body, self._keep), _packed(*v_body, self._keep))

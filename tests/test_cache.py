@@ -617,6 +617,23 @@ def test_cache_step_op_checks_its_layer_and_copies_get_their_own():
         meta.update(torch.empty(1, 2, 1, 16, device="meta"), torch.empty(1, 2, 1, 16, device="meta"), 0)
 
 
+def test_decode_steps_hold_vectors_not_per_head_matrices():
+    """What eager decode steps prepare per layer (the folded transform) is a few vectors per head:
+    not a (d, 2d) query map per query head and sequence, which would outweigh short caches."""
+    from nqkv_core.bench import held_bytes
+
+    model, cache, _, nxt = prefilled_pair("nf4-rope-centre")
+    before = held_bytes(cache.layers)
+    with torch.no_grad():
+        for _ in range(12):  # past the sinks and window: native steps where built
+            nxt = model(nxt, past_key_values=cache, use_cache=True, **positions(model, cache)).logits.argmax(-1)
+    added = held_bytes(cache.layers) - before
+    layer = cache.layers[0]
+    b, hq, d = layer.batch_size, model.config.num_attention_heads, layer.head_dim
+    per_head_maps = len(cache.layers) * b * hq * d * 2 * d * 4
+    assert 0 < added <= per_head_maps / 4, (added, per_head_maps)
+
+
 def test_allows_whole_cache():
     causal = torch.ones(2, 1, 1, 10, dtype=torch.bool)
     causal[..., 7:] = False  # preallocated columns beyond the query's position 6

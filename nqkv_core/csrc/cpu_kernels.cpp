@@ -1208,7 +1208,9 @@ int nqkv_attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, co
 // One eager decode step of one cache layer for a single new token at position n_tokens
 // (NQKVLayer's folded step, whose torch ops are the reference: nqkv_core/cache.py). Per (batch, KV
 // head):
-//   q' = q @ q_map[:, :D] * scale, w = q @ q_map[:, D:] (bias weights, when q_map_cols == 2D);
+//   q' = q @ rot_k * scale; with a RoPE-aware centre (mu_k_half set) the bias weights of the
+//   query's KV head, w = scale * [q_lo mu_lo + q_hi mu_hi | q_hi mu_lo - q_lo mu_hi] (halves of
+//   q and mu_k; rope_bias_weights in nqkv_core/cache.py), elementwise: no per-head matrix to read;
 //   k' = (k - centre) @ rot_k, centre = mu_k * cos + mu_k_half * sin (RoPE-aware: cos / sin are the
 //   halves of row n_tokens of rope_table (rope_rows, D), each repeated twice, as apply_rope builds
 //   them), mu_k (plain) or none; v' = (v - mu_v) @ rot_v (null rot = identity, null mu = none);
@@ -1226,8 +1228,7 @@ int nqkv_attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, co
 // against their plain levels `k_levels`.
 // Returns 0, 1 for a position beyond the table, 2 for a non-finite or out-of-range block scale in
 // the token being quantized (nothing is written then).
-int nqkv_decode_step(const float* q, const float* k_new, const float* v_new, const float* q_map, int64_t q_map_cols,
-                     const float* rot_k, const float* rot_v, const float* mu_k, const float* mu_k_half,
+int nqkv_decode_step(const float* q, const float* k_new, const float* v_new, const float* rot_k, const float* rot_v, const float* mu_k, const float* mu_k_half,
                      const float* mu_v, float* k_sink, float* v_sink,
                      int64_t n_sinks, int64_t sink_slots, float* k_ring, float* v_ring, int64_t n_ring,
                      int64_t ring_slots, Packed k_body, Packed v_body, int64_t n_body, const float* k_thresholds,
@@ -1236,8 +1237,8 @@ int nqkv_decode_step(const float* q, const float* k_new, const float* v_new, con
                      int64_t rope_rows, int64_t n_tokens, float scale, int64_t B, int64_t Hkv, int64_t G, int64_t D,
                      float* out, int threads, const float* fit_ratios, int n_fit, int fit_sides,
                      const float* k_levels, const float* k_feedback) {
-  const int64_t Hq = Hkv * G, BH = B * Hkv, T_tail = n_sinks + n_ring + 1;
-  const bool bias = q_map_cols == 2 * D;
+  const int64_t Hq = Hkv * G, BH = B * Hkv, T_tail = n_sinks + n_ring + 1, half = D / 2;
+  const bool bias = mu_k && mu_k_half;
   // RoPE-aware centre: the [cos | sin] rows of the new token's position give apply_rope's full rows
   std::vector<float> cos_full(D), sin_full(D);
   const float* cos_row = nullptr;
@@ -1257,7 +1258,7 @@ int nqkv_decode_step(const float* q, const float* k_new, const float* v_new, con
       pos[n_body + n_sinks + r] = n_tokens - 1 - (((n_tokens - 1 - r) % n_ring) + n_ring) % n_ring;
     pos[n_body + T_tail - 1] = n_tokens;
   }
-  std::vector<float> qs(Hq * B * D), ws(bias ? Hq * B * D : 0), kn(BH * D), vn(BH * D), tmp(D), qw(q_map_cols);
+  std::vector<float> qs(Hq * B * D), ws(bias ? Hq * B * D : 0), kn(BH * D), vn(BH * D), tmp(D);
   std::vector<float> k_tail(BH * T_tail * D), v_tail(BH * T_tail * D), o(B * Hq * D);
   for (int64_t bh = 0; bh < BH; ++bh) {
     const float* k = k_new + bh * D;
@@ -1282,12 +1283,20 @@ int nqkv_decode_step(const float* q, const float* k_new, const float* v_new, con
     std::memcpy(vt + n_sinks * D, v_ring + bh * ring_slots * D, n_ring * D * sizeof(float));
     std::memcpy(kt + (T_tail - 1) * D, kd, D * sizeof(float));
     std::memcpy(vt + (T_tail - 1) * D, vd, D * sizeof(float));
-    // the query rows of this KV head (q_map is (B, Hq, D, cols), rows in (b, h * G + g) order)
+    // the query rows of this KV head (rows in (b, h * G + g) order)
+    const float* mu = bias ? mu_k + bh * D : nullptr;
     for (int64_t g = 0; g < G; ++g) {
       const int64_t r = bh * G + g;
-      row_times(q + r * D, q_map + r * D * q_map_cols, D, q_map_cols, qw.data());
-      for (int64_t e = 0; e < D; ++e) qs[r * D + e] = qw[e] * scale;
-      if (bias) std::memcpy(ws.data() + r * D, qw.data() + D, D * sizeof(float));
+      const float* qr = q + r * D;
+      float* qd = qs.data() + r * D;
+      row_times(qr, rot_k, D, D, qd);
+      for (int64_t e = 0; e < D; ++e) qd[e] *= scale;
+      if (!bias) continue;
+      float* w = ws.data() + r * D;
+      for (int64_t i = 0; i < half; ++i) {
+        w[i] = scale * (qr[i] * mu[i] + qr[half + i] * mu[half + i]);
+        w[half + i] = scale * (qr[half + i] * mu[i] - qr[i] * mu[half + i]);
+      }
     }
   }
   const int status = attention_decode(qs.data(), k_body, v_body, n_body, k_tail.data(), v_tail.data(), T_tail,
