@@ -221,8 +221,9 @@ def run(args: argparse.Namespace) -> None:
                  f" peak RSS of the process {peak_rss() / GIB:.2f} GiB.")
     print("\n".join(lines[-8:]))
     stored, added = decode_state_bytes(model, scheme, 8, 1024)
-    lines.append(f"Decode state: after two decode steps at batch 8 over 1024 tokens the cache holds {added / 2**10:,.1f} KiB"
-                 f" beyond its {stored / 2**20:,.1f} MiB of storage ({added / 8 / 2**10:,.1f} KiB per sequence).")
+    lines.append(f"Decode state: after two decode steps at batch 8 over 1024 tokens the cache holds"
+                 f" {added / 2**10:,.1f} KiB beyond its {stored / 2**20:,.1f} MiB of storage"
+                 f" ({added / 8 / 2**10:,.1f} KiB per sequence).")
     print(lines[-1])
 
     # the same preset with a plain post-RoPE key mean: no per-position score offset to compute

@@ -762,7 +762,8 @@ class NQKVLayer(CacheLayerMixin):
         if self._decode_step is None or any(a is not b for a, b in zip(key, self._decode_step_key)):
             rope = (self.rope.table, self.rope.tiles) if maps.mu_k_half is not None else None
             self._decode_step = native.DecodeStep(
-                self.num_heads * maps.group, t.rot_k, t.rot_v, maps.mu_k, maps.mu_k_half, maps.mu_v, (self.k_sink, self.v_sink),
+                self.num_heads * maps.group, t.rot_k, t.rot_v, maps.mu_k, maps.mu_k_half, maps.mu_v,
+                (self.k_sink, self.v_sink),
                 (self.k_ring, self.v_ring), (*self.k_body, kf.codebook, kf.block), (*self.v_body, vf.codebook, vf.block),
                 (_midpoints(kf.encode_codebook), _midpoints(vf.encode_codebook)),
                 torch.finfo(self.scheme.scale_dtype).max, rope,

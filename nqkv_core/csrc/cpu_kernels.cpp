@@ -1228,8 +1228,9 @@ int nqkv_attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, co
 // against their plain levels `k_levels`.
 // Returns 0, 1 for a position beyond the table, 2 for a non-finite or out-of-range block scale in
 // the token being quantized (nothing is written then).
-int nqkv_decode_step(const float* q, const float* k_new, const float* v_new, const float* rot_k, const float* rot_v, const float* mu_k, const float* mu_k_half,
-                     const float* mu_v, float* k_sink, float* v_sink,
+int nqkv_decode_step(const float* q, const float* k_new, const float* v_new, const float* rot_k,
+                     const float* rot_v, const float* mu_k, const float* mu_k_half, const float* mu_v,
+                     float* k_sink, float* v_sink,
                      int64_t n_sinks, int64_t sink_slots, float* k_ring, float* v_ring, int64_t n_ring,
                      int64_t ring_slots, Packed k_body, Packed v_body, int64_t n_body, const float* k_thresholds,
                      const float* v_thresholds, float max_scale, int64_t leave_slot, int64_t body_slot,
