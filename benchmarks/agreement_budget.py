@@ -1,12 +1,12 @@
 """What greedy agreement costs in fidelity: per-position top-1 agreement and KL divergence from full
 precision, across widths, and what 90% free-running agreement would take.
 
-Greedy agreement over 32 free-running tokens (``nqkv_core.evaluate.agreement``) loses every token
+Greedy agreement over 32 free-running tokens (``nqkv_core.lab.evaluate.agreement``) loses every token
 after the first changed one, so it is set by how often a single step changes its choice. This
 measures that rate where it can be counted precisely: at every position of the evaluation windows
 (teacher-forced by the text itself, 8 x 1024 = 8,192 positions on the default run, against 512 for
 the greedy prompts), for caches from bf16 rounding down to 3-bit codes, with the mean KL divergence
-of each next-token distribution from full precision (``nqkv_core.evaluate.logit_fidelity``). It
+of each next-token distribution from full precision (``nqkv_core.lab.evaluate.logit_fidelity``). It
 then fits how the number of changed positions grows with the KL, and converts the per-step
 agreement that 90% over 32 free-running tokens needs (``step_agreement_needed``: changes
 independent, everything after the first lost) into the KL, and so the error, a cache may have.
@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from nqkv_core.evaluate import logit_fidelity, num_layers, register_attention, step_agreement_needed
-from nqkv_core.models import DEFAULT_MODEL, calibration_windows, load_model, load_text, token_windows
+from nqkv_core.lab.evaluate import logit_fidelity, num_layers, register_attention, step_agreement_needed
+from nqkv_core.lab.models import DEFAULT_MODEL, calibration_windows, load_model, load_text, token_windows
 from nqkv_core.scheme import FP_BITS, kivi, nqkv_preset
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -1,13 +1,13 @@
 """How much greedy agreement a K/V cache loses when it only rounds: the floor of the agreement measure.
 
-Greedy agreement (``nqkv_core.evaluate.agreement``: the fraction of the first 32 generated tokens
+Greedy agreement (``nqkv_core.lab.evaluate.agreement``: the fraction of the first 32 generated tokens
 equal, position by position, to the full-precision continuation) counts every token after the
 first changed one as lost. This measures it for caches that lose (almost) nothing: the fp32 model
 with its keys and values rounded to fp16 or bf16 (what an fp16/bf16 ``DynamicCache`` stores), next
 to NQKV at 8, 4 and 3 bits and KIVI-style int4, on the same prompts as ``quality_sweep.py --agree`` (taken after the
 evaluation windows). Per method: agreement, prompts whose 32 tokens all match, the mean
 position of the first changed token, and the teacher-forced next-token agreement
-(``nqkv_core.evaluate.next_token_agreement``: each of the 32 positions given the full-precision
+(``nqkv_core.lab.evaluate.next_token_agreement``: each of the 32 positions given the full-precision
 prefix, so a changed token costs only itself; the full-precision row checks that a single forward
 pass reproduces the incremental greedy run).
 
@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from transformers import AttentionInterface
 
-from nqkv_core.evaluate import (ATTN_NAME, agreement, fakequant_attention, greedy_tokens, next_token_agreement,
+from nqkv_core.lab.evaluate import (ATTN_NAME, agreement, fakequant_attention, greedy_tokens, next_token_agreement,
                                 register_attention)
-from nqkv_core.models import DEFAULT_MODEL, load_model, load_text, prompts_after
+from nqkv_core.lab.models import DEFAULT_MODEL, load_model, load_text, prompts_after
 from nqkv_core.scheme import kivi, nqkv_preset
 
 

@@ -30,7 +30,7 @@ import time
 import torch
 
 from nqkv_core.cache import ATTN_NAME, enable
-from nqkv_core.models import load_model
+from nqkv_core.lab.models import load_model
 
 
 def make_cache(model, nq, name: str, total: int):

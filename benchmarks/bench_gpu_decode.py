@@ -51,7 +51,7 @@ VARIANTS = ("DynamicCache eager", "NQKV eager", "StaticCache compiled", "NQKV co
 def build_model(args: argparse.Namespace, max_positions: int) -> torch.nn.Module:
     dtype = getattr(torch, args.dtype)
     if args.gguf:
-        from nqkv_core.models import load_model
+        from nqkv_core.lab.models import load_model
 
         return load_model(dtype=dtype, device=args.device).model
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from bench_compiled_decode import make_cache  # noqa: E402
 from nqkv_core.cache import enable  # noqa: E402
-from nqkv_core.models import DEFAULT_MODEL, load_model  # noqa: E402
+from nqkv_core.lab.models import DEFAULT_MODEL, load_model  # noqa: E402
 
 
 def node_origins(gm: torch.fx.GraphModule) -> collections.Counter:

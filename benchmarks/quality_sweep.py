@@ -30,11 +30,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from nqkv_core.evaluate import (
+from nqkv_core.lab.evaluate import (
     evaluate, layer_sensitivity, markdown_table, num_layers, plot_layer_sensitivity, register_attention, save_rows,
     widen_layers,
 )
-from nqkv_core.models import (
+from nqkv_core.lab.models import (
     DEFAULT_MODEL, calibration_windows, chat_prompts_after, load_model, load_text, prompts_after, token_windows,
 )
 from nqkv_core.scheme import KVScheme, kivi, nqkv_preset, uniform

@@ -47,7 +47,7 @@ from nqkv_core.ops.attention import attention_eager, skips_dispatcher
 from nqkv_core.codebook import get_codebook
 from nqkv_core import native
 from nqkv_core.quantize import KERNEL_SCALE_DTYPES, _fit_ratios, _midpoints, dequantize_blockwise, quantize_blockwise
-from nqkv_core.scheme import (FP_BITS, KVScheme, KVTransform, fit_transform, key_feedback, nqkv_preset,
+from nqkv_core.scheme import (FP_BITS, KVScheme, KVTransform, default_scheme, fit_transform, key_feedback,
                               per_query_head, rope_inv_freq, rotate_half)
 
 try:  # transformers is an optional dependency of the package; the cache needs it.
@@ -260,7 +260,7 @@ def side_format(scheme: KVScheme, side: str, device: torch.device | str = "cpu")
     Raises:
         NotImplementedError: for schemes the cache cannot store (uniform ``"int"`` quantizer, blocks
             of tokens per channel); they remain available as fake quantization in
-            :mod:`nqkv_core.evaluate`.
+            :mod:`nqkv_core.lab.evaluate`.
     """
     bits, quant, block, axis = (getattr(scheme, f"{side}_{f}") for f in ("bits", "quant", "block", "axis"))
     if bits >= FP_BITS:
@@ -1408,19 +1408,6 @@ def register() -> str:
     except ImportError:  # pragma: no cover - older layouts build the mask from the attention name
         pass
     return ATTN_NAME
-
-
-def default_scheme(bits: int = 4, head_dim: int = 64, sinks: int = 4, window: int | None = None) -> KVScheme:
-    """The measured NQKV preset (:func:`~nqkv_core.scheme.nqkv_preset`, RoPE-aware key centre) fitted
-    to ``head_dim``: blocks of ``gcd(head_dim, 64)``, the Hadamard rotation for a power-of-two
-    head_dim only, ``sinks`` full-precision sink tokens and a window of 32 tokens (64 at 2 bits)."""
-    if window is None:
-        window = 32 if bits > 2 else 64
-    block = math.gcd(head_dim, 64)
-    rotate = head_dim & (head_dim - 1) == 0
-    preset = nqkv_preset(bits, sinks=sinks, window=window)
-    name = f"{preset.name} b{block}{'' if rotate else ' no-rot'} S{sinks} W{window}"
-    return preset.replace(name=name, k_block=block, v_block=block, k_rotate=rotate, v_rotate=rotate)
 
 
 @dataclass

@@ -87,7 +87,7 @@ class KVScheme:
             for the same bits (:func:`nqkv_core.quantize.feedback_matrix`). Excludes
             ``k_fit_scale``.
         layer_bits: optional code width of K and V for every layer (one entry per layer, from
-            :func:`nqkv_core.evaluate.calibrate_layer_bits`); a layer at another width than
+            :func:`nqkv_core.lab.evaluate.calibrate_layer_bits`); a layer at another width than
             ``k_bits`` follows :func:`nqkv_preset`'s rules for that width (codebook, value centring),
             16 keeps it exact. Empty: every layer is stored as the fields above say.
     """
@@ -527,7 +527,7 @@ def roundtrip(
     """What the cache gives back for every token, as if all were quantized, in the original basis.
 
     Sinks and the recent window are *not* applied here (they depend on the query position; see
-    :func:`nqkv_core.evaluate.fakequant_attention`). With ``axis="channel"`` blocks start after the
+    :func:`nqkv_core.lab.evaluate.fakequant_attention`). With ``axis="channel"`` blocks start after the
     sinks, so the sink tokens never widen a group's range.
 
     Args:
@@ -620,6 +620,19 @@ def nqkv_preset(bits: int, sinks: int = 4, window: int = 32, rope_centre: bool =
         k_rotate=True, v_rotate=True, sinks=sinks, window=window, unbiased=True, k_block=block, v_block=block,
         **_width_fields(bits, v_bits),
     )
+
+
+def default_scheme(bits: int = 4, head_dim: int = 64, sinks: int = 4, window: int | None = None) -> KVScheme:
+    """The measured NQKV preset (:func:`~nqkv_core.scheme.nqkv_preset`, RoPE-aware key centre) fitted
+    to ``head_dim``: blocks of ``gcd(head_dim, 64)``, the Hadamard rotation for a power-of-two
+    head_dim only, ``sinks`` full-precision sink tokens and a window of 32 tokens (64 at 2 bits)."""
+    if window is None:
+        window = 32 if bits > 2 else 64
+    block = math.gcd(head_dim, 64)
+    rotate = head_dim & (head_dim - 1) == 0
+    preset = nqkv_preset(bits, sinks=sinks, window=window)
+    name = f"{preset.name} b{block}{'' if rotate else ' no-rot'} S{sinks} W{window}"
+    return preset.replace(name=name, k_block=block, v_block=block, k_rotate=rotate, v_rotate=rotate)
 
 
 def _width_fields(k_bits: int, v_bits: int) -> dict:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from nqkv_core.analysis import (
+from nqkv_core.lab.analysis import (
     BLOCKINGS, block_stats, blocks_of, capture_kv, layer_pass_fractions, markdown, normality_table, plot_qq_hist,
 )
 

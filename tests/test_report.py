@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nqkv_core.report import cache_bytes, decode_tokens_per_s, max_context, report_schemes
+from nqkv_core.lab.report import cache_bytes, decode_tokens_per_s, max_context, report_schemes
 from nqkv_core.scheme import nqkv_preset
 
 DIMS = (30, 3, 64)  # SmolLM2-135M: layers, kv heads, head_dim
@@ -52,7 +52,7 @@ def test_decode_speed_runs_on_a_tiny_model():
 
 
 def test_parse_bytes():
-    from nqkv_core.report import parse_bytes
+    from nqkv_core.lab.report import parse_bytes
 
     assert parse_bytes("1GiB") == 1 << 30 and parse_bytes("512MiB") == 512 << 20
     assert parse_bytes("2GB") == 2 * 10**9 and parse_bytes("4096") == 4096
@@ -62,7 +62,7 @@ def test_parse_bytes():
 
 def test_nqkv_bench_command_reaches_the_benchmark(monkeypatch):
     pytest.importorskip("transformers")
-    from nqkv_core import bench, cli
+    from nqkv_core.lab import bench, cli
 
     seen = {}
     monkeypatch.setattr(bench, "run", lambda args: seen.update(vars(args)))

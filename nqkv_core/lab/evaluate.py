@@ -177,7 +177,7 @@ def calibrate_layer_bits(
     SmolLM2, 16 windows: four widened layers take NQKV-2 from +5.99% to +3.80%, while at 3 bits the
     loss is spread out and two layers gain 0.13 point: docs/quality.md). Sensitivity is each layer's ΔPPL when it alone
     is quantized (:func:`layer_sensitivity`); measure it on text held out from any evaluation
-    (:func:`nqkv_core.models.calibration_windows`).
+    (:func:`nqkv_core.lab.models.calibration_windows`).
 
     Args:
         scheme: the base scheme (equal K and V widths); ``wide_bits`` defaults to one bit wider (8

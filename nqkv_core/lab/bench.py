@@ -29,10 +29,10 @@ import torch
 
 from nqkv_core import native
 from nqkv_core.cache import NQKVCache, enable
-from nqkv_core.models import load_model, load_text, token_windows
-from nqkv_core.report import decode_tokens_per_s, filled_cache, parse_bytes, quanto_cache
+from nqkv_core.lab.models import load_model, load_text, token_windows
+from nqkv_core.lab.report import decode_tokens_per_s, filled_cache, parse_bytes, quanto_cache
 from nqkv_core.scheme import nqkv_preset
-from nqkv_core.report import model_dims as dims
+from nqkv_core.lab.report import model_dims as dims
 
 GIB = 1 << 30
 
