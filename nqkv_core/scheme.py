@@ -14,9 +14,10 @@ The transforms are chosen so that attention is unchanged *exactly* if nothing is
 
 ``mu``, ``a`` and ``b`` are per (batch, kv head) channel vectors measured once on the first
 ``stats_tokens`` tokens after the sinks (the prompt, in a streaming cache) and then frozen; ``H`` is
-a fixed random-sign Hadamard matrix. :func:`fit_transform` measures them, :meth:`KVTransform.keys`,
-:meth:`~KVTransform.queries`, :meth:`~KVTransform.values` and :meth:`~KVTransform.output` apply
-them, and :func:`roundtrip` returns what a cache would give back (in the original basis).
+a fixed random-sign (block) Hadamard matrix (:func:`rotation`). :func:`fit_transform` measures
+them, :meth:`KVTransform.keys`, :meth:`~KVTransform.queries`, :meth:`~KVTransform.values` and
+:meth:`~KVTransform.output` apply them, and :func:`roundtrip` returns what a cache would give back
+(in the original basis).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ class KVScheme:
             centred channel unit-RMS, ``"qk"`` uses ``a = (E q^2 / E k^2) ** (1/4)`` which minimises
             the expected score error for a rotated uniform quantizer.
         v_equalize: ``True`` divides centred values by their per-channel RMS before the rotation.
-        k_rotate, v_rotate: apply a fixed random-sign Hadamard rotation of head_dim.
+        k_rotate, v_rotate: apply the fixed rotation of head_dim (:func:`rotation`).
         k_centre_rope: with ``k_centre``, measure the key mean *before* RoPE and subtract it rotated
             to each key's position, ``R(p) mu_pre`` (RoPE turns a constant pre-RoPE offset into a
             position-dependent one). Not shift-invariant: attention adds ``q . R(p) mu_pre`` to the
@@ -171,6 +172,40 @@ class KVScheme:
         fields = {} if bits == self.k_bits else _width_fields(bits, bits)
         return self.replace(layer_bits=(), **fields)
 
+    def fit_head_dim(self, head_dim: int) -> "KVScheme":
+        """This scheme adapted to keys and values of ``head_dim`` channels.
+
+        A per-token block (``axis="token"``) that does not divide ``head_dim`` becomes
+        ``gcd(block, head_dim)``, and the name says so (e.g. ``"NQKV-4 [head_dim 96: blocks 64->32]"``);
+        a scheme that fits is returned unchanged. The rotation needs no change
+        (:func:`rotation` exists for every ``head_dim``).
+
+        Raises:
+            ValueError: ``head_dim < 1``, or a quantized width whose codes cannot fill whole bytes of
+                a head_dim row (3-bit codes need ``head_dim % 8 == 0``, 2-bit ``% 4``, 4-bit
+                ``% 2``): store that side (or those layers) at another width.
+        """
+        if head_dim < 1:
+            raise ValueError(f"head_dim must be >= 1, got {head_dim}")
+        widths = {self.k_bits, self.v_bits, *self.layer_bits} - {FP_BITS}
+        bad = sorted(b for b in widths if head_dim * b % 8 or (b == 3 and head_dim % 8))
+        if bad:
+            raise ValueError(
+                f"{self.name}: {bad}-bit codes do not fill whole bytes of a head_dim {head_dim} row"
+                " (3-bit codes need head_dim % 8 == 0, 2-bit % 4, 4-bit % 2); use 8 bits or another width"
+            )
+        changes, notes = {}, []
+        for side in ("k", "v"):
+            block, axis = getattr(self, f"{side}_block"), getattr(self, f"{side}_axis")
+            if axis == "token" and head_dim % block:
+                changes[f"{side}_block"] = math.gcd(block, head_dim)
+                notes.append(f"{side.upper()} blocks {block}->{changes[f'{side}_block']}")
+        if not changes:
+            return self
+        if len(notes) == 2 and changes["k_block"] == changes["v_block"] and self.k_block == self.v_block:
+            notes = [f"blocks {self.k_block}->{changes['k_block']}"]
+        return self.replace(name=f"{self.name} [head_dim {head_dim}: {', '.join(notes)}]", **changes)
+
     @property
     def needs_stats(self) -> bool:
         return self.k_centre or self.v_centre or self.k_equalize != "none" or self.v_equalize
@@ -208,20 +243,53 @@ class KVScheme:
 # -- transform --------------------------------------------------------------------------------
 
 
+def _sylvester(n: int) -> torch.Tensor:
+    """The ``n x n`` (+-1) Sylvester Hadamard matrix (``n`` a power of two), float64."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
 def hadamard(n: int, seed: int = 0, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """An ``n x n`` orthogonal random-sign Hadamard matrix ``diag(signs) @ H_n / sqrt(n)``.
 
     ``n`` must be a power of two (Sylvester construction); the signs come from a fixed seed so that
-    every layer and every run uses the same matrix.
+    every layer and every run uses the same matrix. :func:`rotation` covers every ``n``.
+
+    Raises:
+        ValueError: ``n`` is not a power of two.
     """
     if n < 1 or n & (n - 1):
-        raise ValueError(f"Hadamard rotation needs a power-of-two head_dim, got {n}")
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        raise ValueError(f"hadamard(n) needs a power of two, got {n}; rotation(n) covers every n")
+    return rotation(n, seed, device, dtype)
+
+
+def rotation(n: int, seed: int = 0, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The fixed ``n x n`` orthogonal rotation of head_dim ``n``: ``diag(signs) @ H``.
+
+    ``H`` is block-diagonal: normalised Sylvester Hadamard blocks of the largest powers of two that
+    sum to ``n`` (e.g. 96 = 64 + 32, 80 = 64 + 16), a single block (the plain random-sign
+    Hadamard) when ``n`` is a power of two. Every block is a multiple of the presets' blocks of
+    ``gcd(n, 64)`` channels and starts at one of their boundaries. A dense Hadamard of order 96 or
+    80 (Paley) or a random orthogonal matrix do no better on blockwise NF codes
+    (benchmarks/rotation_any_head_dim.py). The signs come from ``seed`` (a CPU generator), so every
+    layer and every run gets the same matrix; it is built in float64 and orthogonal to ``dtype``
+    rounding.
+
+    Raises:
+        ValueError: ``n < 1``.
+    """
+    if n < 1:
+        raise ValueError(f"a rotation needs n >= 1, got {n}")
+    blocks, rest = [], n
+    while rest:
+        size = 1 << (rest.bit_length() - 1)
+        blocks.append(_sylvester(size) / math.sqrt(size))
+        rest -= size
     g = torch.Generator().manual_seed(seed)
     signs = torch.randint(0, 2, (n,), generator=g, dtype=torch.float64) * 2 - 1
-    return (signs[:, None] * h / math.sqrt(n)).to(device=device, dtype=dtype)
+    return (signs[:, None] * torch.block_diag(*blocks)).to(device=device, dtype=dtype)
 
 
 @dataclass
@@ -405,9 +473,9 @@ def fit_transform(
         vc = vs - t.mu_v if t.mu_v is not None else vs
         t.b_v = vc.pow(2).mean(dim=-2, keepdim=True).clamp_min(1e-12).sqrt()
     if scheme.k_rotate:
-        t.rot_k = hadamard(d, seed=0, device=k.device)
+        t.rot_k = rotation(d, seed=0, device=k.device)
     if scheme.v_rotate:
-        t.rot_v = hadamard(d, seed=1, device=k.device)
+        t.rot_v = rotation(d, seed=1, device=k.device)
     if scheme.k_rounding == "query" and scheme.k_bits < FP_BITS:
         if q is None:
             raise ValueError("k_rounding='query' needs the queries of the prompt (pass q)")
@@ -585,10 +653,11 @@ def nqkv_preset(bits: int, sinks: int = 4, window: int = 32, rope_centre: bool =
                 v_bits: int | None = None, block: int = 64) -> KVScheme:
     """The recommended NQKV scheme at ``bits`` bits (measurements in docs/quality.md).
 
-    Per-token blocks of 64 along head_dim with an fp16 absmax each. Keys: minus a frozen pre-RoPE
-    per-channel mean rotated to each key's position, ``R(p) mu`` (RoPE turns a constant offset into a
-    position-dependent one), then the random-sign Hadamard rotation; attention adds the score
-    offset ``q . R(p) mu`` back (``NQKVCache`` does, from cos/sin tables shared by all layers).
+    Per-token blocks of 64 along head_dim with an fp16 absmax each (:meth:`KVScheme.fit_head_dim`
+    adapts them to a head_dim they do not divide). Keys: minus a frozen pre-RoPE per-channel mean
+    rotated to each key's position, ``R(p) mu`` (RoPE turns a constant offset into a
+    position-dependent one), then the fixed random-sign Hadamard rotation (:func:`rotation`);
+    attention adds the score offset ``q . R(p) mu`` back (``NQKVCache`` does, from cos/sin tables shared by all layers).
     Values: minus a frozen per-channel mean (4 and 3 bits), then the Hadamard rotation. Codebook:
     NF at 4 and 3 bits, the block-aware Lloyd-Max levels at 2 bits (NF2 loses by far), decoded with
     the unbiased levels (``unbiased=True``: nearest-level rounding shrinks keys and values on
@@ -623,16 +692,20 @@ def nqkv_preset(bits: int, sinks: int = 4, window: int = 32, rope_centre: bool =
 
 
 def default_scheme(bits: int = 4, head_dim: int = 64, sinks: int = 4, window: int | None = None) -> KVScheme:
-    """The measured NQKV preset (:func:`~nqkv_core.scheme.nqkv_preset`, RoPE-aware key centre) fitted
-    to ``head_dim``: blocks of ``gcd(head_dim, 64)``, the Hadamard rotation for a power-of-two
-    head_dim only, ``sinks`` full-precision sink tokens and a window of 32 tokens (64 at 2 bits)."""
+    """The measured NQKV preset (:func:`~nqkv_core.scheme.nqkv_preset`, RoPE-aware key centre and the
+    rotation of :func:`rotation`) fitted to ``head_dim`` (:meth:`KVScheme.fit_head_dim`: blocks of
+    ``gcd(head_dim, 64)``), with ``sinks`` full-precision sink tokens and a window of 32 tokens
+    (64 at 2 bits). Named e.g. ``"NQKV-4 b32 S4 W32"``.
+
+    Raises:
+        ValueError: as :meth:`KVScheme.fit_head_dim` (e.g. 3 bits with ``head_dim % 8 != 0``) or
+            :func:`nqkv_preset` (``bits`` without a preset).
+    """
     if window is None:
         window = 32 if bits > 2 else 64
-    block = math.gcd(head_dim, 64)
-    rotate = head_dim & (head_dim - 1) == 0
     preset = nqkv_preset(bits, sinks=sinks, window=window)
-    name = f"{preset.name} b{block}{'' if rotate else ' no-rot'} S{sinks} W{window}"
-    return preset.replace(name=name, k_block=block, v_block=block, k_rotate=rotate, v_rotate=rotate)
+    fitted = preset.fit_head_dim(head_dim)
+    return fitted.replace(name=f"{preset.name} b{fitted.k_block} S{sinks} W{window}")
 
 
 def _width_fields(k_bits: int, v_bits: int) -> dict:

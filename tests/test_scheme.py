@@ -1,13 +1,15 @@
 """KVScheme: storage accounting, exactness of the transforms, round-trip error."""
 
+import math
+
 import pytest
 import torch
 
 from nqkv_core.codebook import nf_codebook
 from nqkv_core.quantize import dequantize_blockwise, quantize_blockwise
 from nqkv_core.scheme import (
-    FULL_PRECISION, KVScheme, apply_rope, fit_transform, hadamard, kivi, nqkv_preset, quantize_roundtrip,
-    roundtrip, uniform,
+    FULL_PRECISION, KVScheme, apply_rope, default_scheme, fit_transform, hadamard, kivi, nqkv_preset,
+    quantize_roundtrip, rotation, roundtrip, uniform,
 )
 
 INV_FREQ = 1.0 / 10000 ** (torch.arange(0, 16, 2).float() / 16)
@@ -24,8 +26,85 @@ def _kvq(b=1, hkv=2, g=2, t=96, d=16, seed=0):
 def test_hadamard_orthogonal():
     h = hadamard(64)
     torch.testing.assert_close(h @ h.T, torch.eye(64), atol=1e-5, rtol=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="rotation"):
         hadamard(48)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 48, 64, 80, 96, 100, 112, 128, 160, 257])
+def test_rotation_is_orthogonal_and_fixed_for_every_head_dim(n):
+    r = rotation(n)
+    assert r.dtype == torch.float32 and r.shape == (n, n)
+    eye = torch.eye(n)
+    torch.testing.assert_close(r @ r.T, eye, atol=2e-6, rtol=0)  # fp32 rounding of the entries only
+    torch.testing.assert_close(r.T @ r, eye, atol=2e-6, rtol=0)
+    assert torch.equal(r, rotation(n))  # the same for every layer and every call
+    assert torch.equal(rotation(n, seed=1), rotation(n, seed=1))
+    assert n == 1 or not torch.equal(r, rotation(n, seed=1))
+    if n & (n - 1) == 0:
+        assert torch.equal(r, hadamard(n))
+    # a channel is spread evenly over a power-of-two block: entries are 0 or +-1/sqrt(block size)
+    block = r[r != 0].double().pow(-2)
+    torch.testing.assert_close(block, 2 ** block.log2().round(), rtol=1e-5, atol=0)
+    assert int((r != 0).sum()) == sum(4 ** i for i in range(12) if n >> i & 1)
+
+
+def test_rotation_is_the_same_across_processes():
+    import subprocess
+    import sys
+
+    code = "from nqkv_core.scheme import rotation; print(float((rotation(96) * torch.arange(96.)).sum()))"
+    out = subprocess.run([sys.executable, "-c", "import torch;" + code], capture_output=True, text=True, check=True)
+    assert float(out.stdout) == pytest.approx(float((rotation(96) * torch.arange(96.0)).sum()), abs=0, rel=0)
+
+
+def test_rotation_blocks_are_powers_of_two_on_block_boundaries():
+    r = rotation(96)
+    assert r[:64, 64:].abs().max() == 0 and r[64:, :64].abs().max() == 0
+    torch.testing.assert_close(r[:64, :64].abs(), torch.full((64, 64), 1 / 8))
+    torch.testing.assert_close(r[64:, 64:].abs(), torch.full((32, 32), 32 ** -0.5))
+    with pytest.raises(ValueError):
+        rotation(0)
+
+
+@pytest.mark.parametrize("head_dim", [32, 80, 96, 64, 128])
+@pytest.mark.parametrize("bits,v_bits", [(4, 4), (4, 3), (3, 2), (2, 2)])
+def test_fit_head_dim_adapts_blocks_and_keeps_everything_else(head_dim, bits, v_bits):
+    preset = nqkv_preset(bits, v_bits=v_bits)
+    fitted = preset.fit_head_dim(head_dim)
+    block = math.gcd(64, head_dim)
+    assert (fitted.k_block, fitted.v_block) == (block, block)
+    assert fitted.replace(name=preset.name, k_block=64, v_block=64) == preset  # nothing else changes
+    if block == 64:
+        assert fitted is preset
+    else:
+        assert fitted.name == f"{preset.name} [head_dim {head_dim}: blocks 64->{block}]"
+    # the fitted scheme round-trips keys and values of that head_dim (rotation included)
+    k, v, q = _kvq(d=head_dim, t=40)
+    t = fit_transform(fitted, k, v, q, 1.0 / 10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    assert t.rot_k is not None and t.rot_k.shape == (head_dim, head_dim)
+    k_hat, v_hat = roundtrip(fitted, k, v, q, t)
+    assert (k_hat - k).pow(2).mean() < 0.5 * k.var() and (v_hat - v).pow(2).mean() < 0.5 * v.var()
+
+
+def test_fit_head_dim_names_each_side_and_refuses_partial_bytes():
+    s = KVScheme("x", k_block=64, v_block=16, v_axis="token")
+    assert s.fit_head_dim(96).name == "x [head_dim 96: K blocks 64->32]" and s.fit_head_dim(96).v_block == 16
+    chan = KVScheme("c", k_axis="channel", k_block=32, v_block=64)  # token groups do not depend on head_dim
+    assert chan.fit_head_dim(80).k_block == 32 and chan.fit_head_dim(80).v_block == 16
+    with pytest.raises(ValueError, match="head_dim % 8"):
+        nqkv_preset(3).fit_head_dim(36)
+    with pytest.raises(ValueError, match="3-bit"):
+        nqkv_preset(4).replace(layer_bits=(4, 3)).fit_head_dim(20)
+    assert nqkv_preset(8).fit_head_dim(36).k_block == 4
+    with pytest.raises(ValueError, match="head_dim"):
+        nqkv_preset(4).fit_head_dim(0)
+
+
+@pytest.mark.parametrize("head_dim", [64, 80, 96, 128])
+def test_default_scheme_rotates_for_every_head_dim(head_dim):
+    s = default_scheme(4, head_dim)
+    assert s.k_rotate and s.v_rotate and s.k_block == math.gcd(head_dim, 64)
+    assert s.name == f"NQKV-4 b{s.k_block} S4 W32"
 
 
 def test_bits_per_element_charges_scales_and_fp_tokens():
