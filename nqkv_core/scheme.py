@@ -29,8 +29,10 @@ from typing import Literal
 
 import torch
 
+from nqkv_core import rope
 from nqkv_core.codebook import get_codebook, signed_codebook
 from nqkv_core.quantize import dequantize_blockwise, feedback_matrix, quantize_blockwise
+from nqkv_core.rope import rotate_half  # noqa: F401  (re-exported: the cache imports it from here)
 
 # "int": uniform asymmetric min-max (a scale and a zero per block); "signed": signed-scale levels
 # (nqkv_core.codebook.signed_codebook). Both are evaluation-only: NQKVCache stores "nf" / "lloyd".
@@ -393,26 +395,28 @@ def per_query_head(x: torch.Tensor, group: int) -> torch.Tensor:
     return x.unsqueeze(2).expand(b, h, group, *x.shape[2:]).reshape(b, h * group, *x.shape[2:])
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-
-
 def apply_rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """Llama (rotate-half) RoPE of ``x`` ``(..., T or 1, d)`` at positions ``pos`` ``(T,)``; ``inverse`` undoes it."""
-    ang = pos.float()[:, None] * inv_freq.float()[None, :]
-    cos, sin = ang.cos(), ang.sin()
-    cos, sin = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
-    return x * cos - rotate_half(x) * sin if inverse else x * cos + rotate_half(x) * sin
+    """Rotate-half RoPE of ``x`` ``(..., T or 1, d)`` at positions ``pos`` ``(T,)`` with frequencies
+    ``inv_freq`` (the first ``2 * len(inv_freq)`` channels; the rest pass through); ``inverse``
+    undoes it. :func:`nqkv_core.rope.apply_rope` with ``RopeSpec(inv_freq)``."""
+    return rope.apply_rope(x, pos, rope.RopeSpec(inv_freq), inverse)
 
 
 def rope_inv_freq(config, head_dim: int, device=None) -> torch.Tensor:
-    """Default-type RoPE inverse frequencies ``(head_dim / 2,)`` of a model config (for RoPE-aware key centring)."""
-    params = getattr(config, "rope_parameters", None) or {}
-    if params.get("rope_type", "default") != "default":
-        raise ValueError(f"RoPE-aware centring supports default RoPE only, got {params.get('rope_type')!r}")
-    theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-    return 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    """The model's RoPE inverse frequencies ``(rotary_dim / 2,)`` for the RoPE-aware key centre:
+    ``nqkv_core.rope.check_rope(config).inv_freq`` (any ``rope_type`` transformers computes; a
+    partial rotary embedding gives fewer than ``head_dim / 2``).
+
+    Raises:
+        ValueError: the model has no RoPE, or rotates more than ``head_dim`` channels.
+        NotImplementedError: as :func:`nqkv_core.rope.check_rope` (e.g. interleaved RoPE).
+    """
+    spec = rope.check_rope(config, device)
+    if spec is None:
+        raise ValueError("the model has no RoPE: use a scheme with k_centre_rope=False (a plain key centre)")
+    if spec.rotary_dim > head_dim:
+        raise ValueError(f"the model's RoPE rotates {spec.rotary_dim} channels, more than head_dim {head_dim}")
+    return spec.inv_freq
 
 
 def _stats_slice(x: torch.Tensor, scheme: KVScheme) -> torch.Tensor:

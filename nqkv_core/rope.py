@@ -1,0 +1,243 @@
+"""A model's rotary position embedding (RoPE), read from transformers rather than re-implemented.
+
+The RoPE-aware key centre (:class:`nqkv_core.scheme.KVScheme` ``k_centre_rope``) needs the rotation
+the model applies to its keys. :func:`rope_spec` obtains it from the model config through
+transformers' own code: the inverse frequencies and attention scaling from
+``transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS`` (every scaled ``rope_type``: linear,
+dynamic, yarn, longrope, llama3, ...) or the model's ``compute_default_rope_parameters`` for plain
+RoPE, the rotary dimension from the length of those frequencies (``partial_rotary_factor``), and the
+layout (rotate-half or interleaved pairs) from the model's own ``rotate_half``. :func:`apply_rope`
+then rotates exactly as the model's ``apply_rotary_pos_emb`` does, and :func:`check_rope` says
+whether :class:`~nqkv_core.cache.NQKVCache` can serve a model's RoPE.
+
+Field names follow both transformers 5 (``config.rope_parameters``) and 4.x (``config.rope_theta`` /
+``config.rope_scaling``, where ``ROPE_INIT_FUNCTIONS`` still holds ``"default"``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["RopeSpec", "apply_rope", "check_rope", "rope_spec", "rotate_half"]
+
+# Config attributes that describe a rotary embedding outside the rope parameters (GPT-J, CodeGen).
+_OTHER_ROTARY_FIELDS = ("rotary_dim", "rotary_pct", "rotary_emb_base")
+
+
+@dataclass(frozen=True, eq=False)
+class RopeSpec:
+    """The rotary embedding a model applies to its queries and keys.
+
+    Attributes:
+        inv_freq: ``(rotary_dim // 2,)`` float32 inverse frequencies; position ``p`` turns pair ``i``
+            by the angle ``p * inv_freq[i]``.
+        attention_scaling: factor on cos and sin (YaRN's and LongRoPE's attention factor; 1 for
+            the others), so that the embedding scales a vector by it.
+        interleaved: pairs are channels ``(2i, 2i + 1)`` (Cohere, GLM) instead of
+            ``(i, i + rotary_dim / 2)`` (rotate-half: Llama, Qwen, Phi, GPT-NeoX, ...).
+        rope_type: the config's ``rope_type`` (``"default"``, ``"llama3"``, ``"yarn"``, ...).
+        max_len: ``inv_freq`` is what the model applies to a sequence of at most ``max_len``
+            tokens; beyond it the model recomputes its frequencies from the sequence length
+            (``"dynamic"``, and ``"longrope"``'s long factors). None: the same for every length.
+    """
+
+    inv_freq: torch.Tensor
+    attention_scaling: float = 1.0
+    interleaved: bool = False
+    rope_type: str = "default"
+    max_len: int | None = None
+
+    @property
+    def rotary_dim(self) -> int:
+        """Channels the embedding rotates: the first ``rotary_dim`` of each head, the rest pass through."""
+        return 2 * self.inv_freq.shape[-1]
+
+
+def rotate_half(x: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """The pair partner of every channel with the sign of a quarter turn: ``(-x2, x1)`` per pair."""
+    if interleaved:
+        return torch.stack([-x[..., 1::2], x[..., 0::2]], dim=-1).flatten(-2)
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, pos: torch.Tensor, spec: RopeSpec, inverse: bool = False) -> torch.Tensor:
+    """RoPE of ``x`` ``(..., T, head_dim)`` at positions ``pos`` ``(T,)``, as the model applies it.
+
+    The arithmetic is transformers': angles ``pos.float() * inv_freq``, cos and sin times
+    ``attention_scaling`` in float32 then cast to ``x.dtype``, ``x * cos + rotate_half(x) * sin``
+    on the first ``rotary_dim`` channels; the other channels are returned unchanged.
+    ``inverse=True`` undoes it: the transposed rotation divided by ``attention_scaling``.
+
+    Raises:
+        ValueError: ``rotary_dim`` exceeds ``x``'s last dimension.
+    """
+    rd = spec.rotary_dim
+    if rd > x.shape[-1]:
+        raise ValueError(f"RoPE rotates {rd} channels but x has head_dim {x.shape[-1]}")
+    ang = pos.float()[:, None] * spec.inv_freq.float().to(x.device)[None, :]
+    ang = ang.repeat_interleave(2, dim=-1) if spec.interleaved else torch.cat([ang, ang], dim=-1)
+    s = spec.attention_scaling
+    xr, rest = x[..., :rd], x[..., rd:]
+    if inverse:
+        cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+        out = xr * cos - rotate_half(xr, spec.interleaved) * sin
+        out = out / s if s != 1.0 else out
+    else:
+        cos, sin = (ang.cos() * s).to(x.dtype), (ang.sin() * s).to(x.dtype)
+        out = xr * cos + rotate_half(xr, spec.interleaved) * sin
+    return torch.cat([out, rest], dim=-1) if rest.shape[-1] else out
+
+
+def _text_config(config):
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
+def _rope_parameters(config) -> dict | None:
+    """The config's RoPE parameters as one dict (transformers 5 ``rope_parameters``, or 4.x's
+    ``rope_theta`` with ``rope_scaling``); None if the config has no RoPE."""
+    params = getattr(config, "rope_parameters", None)
+    if params is not None:
+        return dict(params)
+    theta = getattr(config, "rope_theta", None)
+    if theta is None:
+        return None
+    scaling = dict(getattr(config, "rope_scaling", None) or {})
+    scaling.setdefault("rope_type", scaling.get("type", "default"))
+    return {"rope_theta": theta, **scaling}
+
+
+def _modeling_module(config):
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+
+    name = model_type_to_module_name(config.model_type)
+    try:
+        return importlib.import_module(f"transformers.models.{name}.modeling_{name}")
+    except ImportError:
+        return None
+
+
+def _init_function(config, rope_type: str):
+    """transformers' function computing ``(inv_freq, attention_scaling)`` for ``rope_type``."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    fn = ROPE_INIT_FUNCTIONS.get(rope_type)
+    if fn is None and rope_type == "default":  # transformers 5: each model's rotary class holds it
+        module = _modeling_module(config)
+        for obj in vars(module).values() if module is not None else ():
+            if (isinstance(obj, type) and obj.__name__.endswith("RotaryEmbedding")
+                    and hasattr(obj, "compute_default_rope_parameters")):
+                return obj.compute_default_rope_parameters
+    if fn is None:
+        raise NotImplementedError(
+            f"{config.model_type}: RoPE type {rope_type!r} has no inverse-frequency function in this"
+            " transformers version; use a scheme with k_centre_rope=False (a plain key centre)"
+        )
+    return fn
+
+
+def _interleaved(config) -> bool:
+    """Whether the model's own ``rotate_half`` pairs neighbouring channels (probed on 0..3)."""
+    module = _modeling_module(config)
+    rot = getattr(module, "rotate_half", None)
+    if rot is None:
+        return False
+    out = rot(torch.arange(4.0)).tolist()
+    if out == [-1.0, 0.0, -3.0, 2.0]:
+        return True
+    if out != [-2.0, -3.0, 0.0, 1.0]:
+        raise NotImplementedError(f"{config.model_type}: its rotate_half is neither rotate-half nor interleaved")
+    return False
+
+
+def _max_len(config, params: dict) -> int | None:
+    rope_type = params["rope_type"]
+    if "dynamic" in rope_type:
+        return config.max_position_embeddings
+    if rope_type == "longrope":
+        return params.get("original_max_position_embeddings",
+                          getattr(config, "original_max_position_embeddings", config.max_position_embeddings))
+    return None
+
+
+def _refuse_unusual(config, params: dict) -> None:
+    """RoPE variants one (inv_freq, layout) pair cannot describe."""
+    kind = config.model_type
+    if any(isinstance(v, dict) for v in params.values()):
+        raise NotImplementedError(f"{kind}: RoPE parameters differ per layer type ({sorted(params)})")
+    if "mrope_section" in params:
+        raise NotImplementedError(f"{kind}: multimodal RoPE (mrope_section) turns by 3-D positions")
+    if getattr(config, "no_rope_layers", None) or getattr(config, "qk_rope_head_dim", None):
+        raise NotImplementedError(f"{kind}: some layers or channels have no RoPE (no_rope_layers / qk_rope_head_dim)")
+    if getattr(config, "rope_interleave", False):
+        raise NotImplementedError(f"{kind}: rope_interleave re-orders channels before RoPE")
+
+
+def rope_spec(config, device=None) -> RopeSpec | None:
+    """The RoPE a model applies, read from its config by transformers' own functions.
+
+    Args:
+        config: a transformers model config (a multimodal one's text config is used).
+        device: device of ``inv_freq``.
+
+    Returns:
+        The :class:`RopeSpec`, or None for a model without RoPE (learned or sinusoidal absolute
+        positions, ALiBi: OPT, GPT-2, Bloom, Falcon with ``alibi``).
+
+    Raises:
+        NotImplementedError: a rotary embedding one :class:`RopeSpec` cannot describe (per-layer
+            RoPE parameters, multimodal RoPE, layers or channels without RoPE, GPT-J / CodeGen's
+            ``rotary_dim`` outside the rope parameters, a ``rope_type`` transformers has no
+            function for), naming the feature.
+    """
+    config = _text_config(config)
+    params = _rope_parameters(config)
+    if params is None or getattr(config, "alibi", False):
+        if params is None and any(getattr(config, f, None) is not None for f in _OTHER_ROTARY_FIELDS):
+            raise NotImplementedError(
+                f"{config.model_type}: its rotary embedding is not described by rope parameters"
+                " (rotary_dim / rotary_pct without rope_theta)"
+            )
+        return None
+    params.setdefault("rope_type", params.get("type", "default"))
+    _refuse_unusual(config, params)
+    inv_freq, scaling = _init_function(config, params["rope_type"])(config, device=device)
+    return RopeSpec(inv_freq.float().to(device), float(scaling), _interleaved(config), params["rope_type"],
+                    _max_len(config, params))
+
+
+def check_rope(config, device=None) -> RopeSpec | None:
+    """:func:`rope_spec` if :class:`~nqkv_core.cache.NQKVCache`'s RoPE-aware key centre can serve it.
+
+    The cache subtracts ``R(p) mu`` from the key at position ``p`` and adds the score offset
+    ``q . R(p) mu`` back, both from one table of rotate-half cos/sin rows shared by all layers, so
+    attention is exact for any frequencies; the centre only fits the keys well where they are the
+    model's. For ``dynamic`` and ``longrope`` (``spec.max_len`` set) the table holds the frequencies
+    of sequences up to ``max_len`` tokens: attention stays exact beyond, the centre fits less well.
+
+    Returns:
+        The :class:`RopeSpec`, or None for a model without RoPE (use a plain centre,
+        ``k_centre_rope=False``).
+
+    Raises:
+        NotImplementedError: interleaved RoPE (the cache's tables and kernels pair channels
+            rotate-half), or anything :func:`rope_spec` refuses; the message names the feature and
+            the workaround: a scheme with ``k_centre_rope=False`` (a plain key centre, which needs
+            no RoPE), e.g. ``nqkv_preset(4, rope_centre=False)``.
+    """
+    try:
+        spec = rope_spec(config, device)
+    except NotImplementedError as e:
+        raise NotImplementedError(f"{e}; NQKVCache's RoPE-aware key centre cannot serve it: use a scheme with"
+                                  " k_centre_rope=False, e.g. nqkv_preset(4, rope_centre=False)") from None
+    if spec is not None and spec.interleaved:
+        raise NotImplementedError(
+            f"{_text_config(config).model_type}: interleaved RoPE (pairs of neighbouring channels); NQKVCache's"
+            " RoPE-aware key centre pairs channels rotate-half: use a scheme with k_centre_rope=False, e.g."
+            " nqkv_preset(4, rope_centre=False)"
+        )
+    return spec
