@@ -171,6 +171,8 @@ def _refuse_unusual(config, params: dict) -> None:
         raise NotImplementedError(f"{kind}: RoPE parameters differ per layer type ({sorted(params)})")
     if "mrope_section" in params:
         raise NotImplementedError(f"{kind}: multimodal RoPE (mrope_section) turns by 3-D positions")
+    if getattr(config, "rope_local_base_freq", None) is not None:  # transformers 4.x Gemma 3
+        raise NotImplementedError(f"{kind}: RoPE parameters differ per layer type (rope_local_base_freq)")
     if getattr(config, "no_rope_layers", None) or getattr(config, "qk_rope_head_dim", None):
         raise NotImplementedError(f"{kind}: some layers or channels have no RoPE (no_rope_layers / qk_rope_head_dim)")
     if getattr(config, "rope_interleave", False):

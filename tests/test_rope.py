@@ -37,7 +37,8 @@ CONFIGS = {
                                                               "factor": 2.0}),
     "qwen2-yarn": lambda: transformers.Qwen2Config(
         **GQA, max_position_embeddings=256,
-        rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 64}),
+        rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0,
+                         "original_max_position_embeddings": 64}),
     "phi3-longrope": _longrope_phi3,
     "gpt_neox": lambda: transformers.GPTNeoXConfig(**SMALL),  # partial_rotary_factor 0.25
     "stablelm": lambda: transformers.StableLmConfig(**GQA),  # partial 0.25, split by the attention
