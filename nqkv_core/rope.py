@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["RopeSpec", "apply_rope", "check_rope", "rope_spec", "rotate_half"]
+__all__ = ["RopeSpec", "apply_rope", "check_rope", "head_dim_of", "rope_spec", "rotate_half"]
 
 # Config attributes that describe a rotary embedding outside the rope parameters (GPT-J, CodeGen).
 _OTHER_ROTARY_FIELDS = ("rotary_dim", "rotary_pct", "rotary_emb_base")
@@ -89,7 +89,10 @@ def apply_rope(x: torch.Tensor, pos: torch.Tensor, spec: RopeSpec, inverse: bool
     else:
         cos, sin = (ang.cos() * s).to(x.dtype), (ang.sin() * s).to(x.dtype)
         out = xr * cos + rotate_half(xr, spec.interleaved) * sin
-    return torch.cat([out, rest], dim=-1) if rest.shape[-1] else out
+    if not rest.shape[-1]:
+        return out
+    # x may be one vector (..., 1, d) rotated to T positions: its pass-through part broadcasts too
+    return torch.cat([out, rest.expand(*out.shape[:-1], rest.shape[-1])], dim=-1)
 
 
 def _text_config(config):
@@ -212,34 +215,46 @@ def rope_spec(config, device=None) -> RopeSpec | None:
                     _max_len(config, params))
 
 
+def head_dim_of(config) -> int:
+    """The attention head size of a model config (``head_dim``, else ``hidden_size / num_attention_heads``)."""
+    config = _text_config(config)
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def check_rope(config, device=None) -> RopeSpec | None:
     """:func:`rope_spec` if :class:`~nqkv_core.cache.NQKVCache`'s RoPE-aware key centre can serve it.
 
     The cache subtracts ``R(p) mu`` from the key at position ``p`` and adds the score offset
-    ``q . R(p) mu`` back, both from one table of rotate-half cos/sin rows shared by all layers, so
-    attention is exact for any frequencies; the centre only fits the keys well where they are the
-    model's. For ``dynamic`` and ``longrope`` (``spec.max_len`` set) the table holds the frequencies
-    of sequences up to ``max_len`` tokens: attention stays exact beyond, the centre fits less well.
+    ``q . R(p) mu`` back, both from one table of cos/sin rows of ``inv_freq`` shared by all layers
+    (pairing channel ``i`` with ``i + head_dim / 2``), so attention is exact for any frequencies;
+    the centre only fits the keys well where they are the model's. ``attention_scaling`` needs no
+    place in the table: the centre is measured through the unscaled rotation, which folds the scale
+    into ``mu``. For ``dynamic`` and ``longrope`` (``spec.max_len`` set) the table holds the
+    frequencies of sequences of up to ``max_len`` tokens: attention stays exact beyond, the centre
+    fits less well.
 
     Returns:
         The :class:`RopeSpec`, or None for a model without RoPE (use a plain centre,
         ``k_centre_rope=False``).
 
     Raises:
-        NotImplementedError: interleaved RoPE (the cache's tables and kernels pair channels
-            rotate-half), or anything :func:`rope_spec` refuses; the message names the feature and
-            the workaround: a scheme with ``k_centre_rope=False`` (a plain key centre, which needs
-            no RoPE), e.g. ``nqkv_preset(4, rope_centre=False)``.
+        NotImplementedError: interleaved RoPE or a partial rotary embedding (``rotary_dim <
+            head_dim``: the cache's tables and kernels pair channel ``i`` with ``i + head_dim / 2``
+            over the whole head), or anything :func:`rope_spec` refuses; the message names the
+            feature and the workaround: a scheme with ``k_centre_rope=False`` (a plain key centre,
+            which needs no RoPE), e.g. ``nqkv_preset(4, rope_centre=False)``.
     """
+    workaround = ("NQKVCache's RoPE-aware key centre cannot serve it: use a scheme with k_centre_rope=False,"
+                  " e.g. nqkv_preset(4, rope_centre=False)")
     try:
         spec = rope_spec(config, device)
     except NotImplementedError as e:
-        raise NotImplementedError(f"{e}; NQKVCache's RoPE-aware key centre cannot serve it: use a scheme with"
-                                  " k_centre_rope=False, e.g. nqkv_preset(4, rope_centre=False)") from None
+        raise NotImplementedError(f"{e}; {workaround}") from None
+    kind = _text_config(config).model_type
     if spec is not None and spec.interleaved:
+        raise NotImplementedError(f"{kind}: interleaved RoPE (pairs of neighbouring channels); {workaround}")
+    if spec is not None and spec.rotary_dim != head_dim_of(config):
         raise NotImplementedError(
-            f"{_text_config(config).model_type}: interleaved RoPE (pairs of neighbouring channels); NQKVCache's"
-            " RoPE-aware key centre pairs channels rotate-half: use a scheme with k_centre_rope=False, e.g."
-            " nqkv_preset(4, rope_centre=False)"
+            f"{kind}: partial rotary embedding ({spec.rotary_dim} of {head_dim_of(config)} channels); {workaround}"
         )
     return spec

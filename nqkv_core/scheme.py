@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -695,11 +696,17 @@ def nqkv_preset(bits: int, sinks: int = 4, window: int = 32, rope_centre: bool =
     )
 
 
-def default_scheme(bits: int = 4, head_dim: int = 64, sinks: int = 4, window: int | None = None) -> KVScheme:
+def default_scheme(bits: int = 4, head_dim: int = 64, sinks: int = 4, window: int | None = None,
+                   config=None) -> KVScheme:
     """The measured NQKV preset (:func:`~nqkv_core.scheme.nqkv_preset`, RoPE-aware key centre and the
     rotation of :func:`rotation`) fitted to ``head_dim`` (:meth:`KVScheme.fit_head_dim`: blocks of
     ``gcd(head_dim, 64)``), with ``sinks`` full-precision sink tokens and a window of 32 tokens
     (64 at 2 bits). Named e.g. ``"NQKV-4 b32 S4 W32"``.
+
+    ``config`` (the model's): for a model without RoPE (:func:`nqkv_core.rope.check_rope` gives
+    None) the key centre is a plain mean (``k_centre_rope=False``, named ``"plain-centre"``); for a
+    RoPE that the cache's RoPE-aware centre cannot serve (``check_rope`` raises, e.g. interleaved
+    or partial rotary) too, with a warning that names the feature.
 
     Raises:
         ValueError: as :meth:`KVScheme.fit_head_dim` (e.g. 3 bits with ``head_dim % 8 != 0``) or
@@ -707,7 +714,14 @@ def default_scheme(bits: int = 4, head_dim: int = 64, sinks: int = 4, window: in
     """
     if window is None:
         window = 32 if bits > 2 else 64
-    preset = nqkv_preset(bits, sinks=sinks, window=window)
+    rope_centre = True
+    if config is not None:
+        try:
+            rope_centre = rope.check_rope(config) is not None
+        except NotImplementedError as e:
+            warnings.warn(f"the default NQKV scheme centres keys with a plain mean for this model: {e}", stacklevel=2)
+            rope_centre = False
+    preset = nqkv_preset(bits, sinks=sinks, window=window, rope_centre=rope_centre)
     fitted = preset.fit_head_dim(head_dim)
     return fitted.replace(name=f"{preset.name} b{fitted.k_block} S{sinks} W{window}")
 

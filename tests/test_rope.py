@@ -112,7 +112,9 @@ def test_models_without_rope_give_none():
     (lambda: transformers.CohereConfig(**GQA), "interleaved"),
     (lambda: transformers.GPTJConfig(n_embd=64, n_head=2, n_layer=1, rotary_dim=16), "rotary_dim"),
     (lambda: transformers.Gemma3TextConfig(**GQA), "per layer"),
-], ids=["cohere", "gptj", "gemma3"])
+    (lambda: transformers.GPTNeoXConfig(**SMALL), "partial rotary embedding \\(8 of 32"),
+    (lambda: transformers.GlmConfig(**GQA), "interleaved"),
+], ids=["cohere", "gptj", "gemma3", "gpt_neox", "glm"])
 def test_check_rope_refuses_what_the_cache_cannot_serve(config, feature):
     with pytest.raises(NotImplementedError, match=feature) as e:
         check_rope(config())
@@ -120,7 +122,7 @@ def test_check_rope_refuses_what_the_cache_cannot_serve(config, feature):
 
 
 def test_check_rope_accepts_rotate_half_models():
-    for name in ("llama", "llama-llama3", "qwen2-yarn", "phi3-longrope", "gpt_neox", "llama-dynamic"):
+    for name in ("llama", "llama-llama3", "llama-linear", "qwen2-yarn", "phi3-longrope", "llama-dynamic"):
         assert isinstance(check_rope(CONFIGS[name]()), RopeSpec)
 
 

@@ -152,6 +152,52 @@ def test_rope_inverse():
     torch.testing.assert_close(apply_rope(apply_rope(x, pos, INV_FREQ), pos, INV_FREQ, inverse=True), x)
 
 
+def test_scheme_rope_is_rotate_half_and_partial_with_fewer_frequencies():
+    from nqkv_core.rope import rotate_half
+
+    x = torch.randn(1, 2, 10, 16)
+    pos = torch.arange(10) + 3
+    ang = pos.float()[:, None] * INV_FREQ[None, :]
+    cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)
+    torch.testing.assert_close(apply_rope(x, pos, INV_FREQ), x * cos + rotate_half(x) * sin, atol=0, rtol=0)
+    # 4 frequencies rotate the first 8 channels (rotate-half among them); the other 8 pass through
+    part = apply_rope(x, pos, INV_FREQ[:4])
+    assert torch.equal(part[..., 8:], x[..., 8:])
+    torch.testing.assert_close(part[..., :8], apply_rope(x[..., :8], pos, INV_FREQ[:4]))
+
+
+def test_rope_inv_freq_reads_transformers_and_refuses_what_the_cache_cannot_serve():
+    transformers = pytest.importorskip("transformers")
+    from nqkv_core.rope import rope_spec
+    from nqkv_core.scheme import rope_inv_freq
+
+    small = dict(hidden_size=64, num_attention_heads=2, num_hidden_layers=1, intermediate_size=64, vocab_size=32)
+    llama3 = transformers.LlamaConfig(**small, max_position_embeddings=256, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
+    assert torch.equal(rope_inv_freq(llama3, 32), rope_spec(llama3).inv_freq)
+    with pytest.raises(ValueError, match="k_centre_rope=False"):
+        rope_inv_freq(transformers.OPTConfig(**small), 32)
+    with pytest.raises(NotImplementedError, match="interleaved"):
+        rope_inv_freq(transformers.CohereConfig(**small), 32)
+
+
+def test_partial_rope_centre_preserves_attention():
+    # a RoPE'd centre over the first 8 of 16 channels (GPT-NeoX-like); the rest are centred plainly
+    scheme = KVScheme("r", k_centre=True, k_centre_rope=True, k_rotate=True, v_centre=True, v_rotate=True)
+    k, v, q = _kvq()
+    t = fit_transform(scheme, k, v, q, INV_FREQ[:4])
+    g = q.shape[1] // k.shape[1]
+    ref = torch.softmax(q @ k.repeat_interleave(g, 1).transpose(-1, -2), -1) @ v.repeat_interleave(g, 1)
+    kk = t.keys(k) + t.key_offset(k.shape[-2])
+    scores = t.queries(q, g) @ kk.repeat_interleave(g, 1).transpose(-1, -2)
+    out = t.output(torch.softmax(scores, -1) @ t.values(v).repeat_interleave(g, 1), g)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    # the pass-through channels' centre is their plain mean, at every position
+    centre = t.key_centre(k.shape[-2])
+    torch.testing.assert_close(centre[..., 8:], k[..., :64, 8:].mean(-2, keepdim=True).expand_as(centre[..., 8:]))
+
+
 def test_roundtrip_error_shrinks_with_bits_and_centring_helps():
     k, v, q = _kvq(t=128, d=64)
     errs = {}
@@ -289,3 +335,15 @@ def test_scheme_dict_round_trip():
         KVScheme.from_dict({**s.to_dict(), "colour": 1})
     with pytest.raises(ValueError, match="scale_dtype"):
         KVScheme.from_dict({**s.to_dict(), "scale_dtype": "float99"})
+
+
+def test_default_scheme_follows_the_models_rope():
+    transformers = pytest.importorskip("transformers")
+    small = dict(hidden_size=64, num_attention_heads=2, num_hidden_layers=1, intermediate_size=64, vocab_size=32)
+    llama = default_scheme(4, 32, config=transformers.LlamaConfig(**small))
+    assert llama.k_centre and llama.k_centre_rope and llama.name == "NQKV-4 b32 S4 W32"
+    opt = default_scheme(4, 32, config=transformers.OPTConfig(**small))  # no RoPE: a plain centre, named
+    assert opt.k_centre and not opt.k_centre_rope and opt.name == "NQKV-4 plain-centre b32 S4 W32"
+    with pytest.warns(UserWarning, match="partial rotary"):
+        neox = default_scheme(4, 32, config=transformers.GPTNeoXConfig(**small))
+    assert not neox.k_centre_rope and "plain-centre" in neox.name
