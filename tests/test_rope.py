@@ -145,3 +145,28 @@ def test_apply_rope_rejects_too_few_channels():
     spec = RopeSpec(torch.ones(8))
     with pytest.raises(ValueError, match="16 channels"):
         apply_rope(torch.zeros(3, 8), torch.arange(3), spec)
+
+
+@pytest.mark.parametrize("name", ["llama-llama3", "qwen2-yarn", "phi3-longrope", "gpt_neox", "llama-linear"])
+def test_the_centre_through_the_spec_removes_a_pre_rope_offset(name):
+    # Keys = the model's RoPE of (offset + noise): a RoPE-aware centre measured with the spec's
+    # frequencies (unscaled: YaRN's / LongRoPE's attention factor folds into mu) removes the offset at
+    # every position; plain RoPE over the whole head (what scheme.rope_inv_freq assumed before) does not.
+    from nqkv_core.scheme import KVScheme, fit_transform
+
+    config = CONFIGS[name]()
+    spec = rope_spec(config)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    g = torch.Generator().manual_seed(3)
+    pre = 5 * torch.randn(1, 2, 1, head_dim, generator=g) + 0.1 * torch.randn(1, 2, 60, head_dim, generator=g)
+    pos = torch.arange(60)
+    k = _model_rope(config, pre, pos)
+    scheme = KVScheme("c", k_centre=True, k_centre_rope=True, sinks=0, stats_tokens=60)
+
+    def residual(inv_freq):
+        t = fit_transform(scheme, k, k, None, inv_freq)
+        return float((k - t.key_centre(60)).pow(2).mean() / k.pow(2).mean())
+
+    assert residual(spec.inv_freq) < 1e-3
+    plain = 1.0 / 10000 ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    assert residual(plain) > 10 * residual(spec.inv_freq)
