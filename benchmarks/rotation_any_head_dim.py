@@ -13,7 +13,11 @@ Hadamards of the largest powers of two, 96 = 64 + 32); a dense random-sign Hadam
 ``head_dim = (q + 1) 2^k`` for a prime ``q = 3 (mod 4)`` (Paley's first construction times
 Sylvester's; "-" where there is none); a seeded random orthogonal matrix (QR of a Gaussian).
 
-Usage: python benchmarks/rotation_any_head_dim.py [--dims 64 80 96 112 160] [--tokens 1024]
+``--phi3``: instead, logit fidelity (top-1 agreement and KL from full precision, fake-quantized
+attention) of the 4- and 3-bit default schemes at head_dim 96 with each rotation, on a tiny random
+Phi-3 (head_dim 96) whose key projections have a few outlier channels, over random tokens.
+
+Usage: python benchmarks/rotation_any_head_dim.py [--dims 64 80 96 112 160] [--tokens 1024] [--phi3]
 """
 
 from __future__ import annotations
@@ -86,6 +90,52 @@ def errors(x: torch.Tensor, rot: torch.Tensor | None, bits: int) -> tuple[float,
     return float(err.pow(2).sum() / xc.pow(2).sum()), float(per_channel.mean())
 
 
+def tiny_phi3(outliers: int, gain: float, seed: int = 0):
+    """A random 4-layer Phi-3 with head_dim 96; queries and keys 4x the init, ``outliers`` key
+    channels per kv head ``gain`` x wider (rows of the fused qkv projection)."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    cfg = Phi3Config(vocab_size=512, hidden_size=384, intermediate_size=512, num_hidden_layers=4,
+                     num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024, pad_token_id=0)
+    torch.manual_seed(seed)
+    model = Phi3ForCausalLM(cfg).eval()
+    d, h = 96, cfg.num_key_value_heads
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            w = layer.self_attn.qkv_proj.weight
+            w[: 2 * h * d].mul_(4)
+            for head in range(h):
+                w[h * d + head * d + torch.randperm(d, generator=g)[:outliers]] *= gain
+    return model
+
+
+def phi3_fidelity(windows: int, length: int, outliers: int, gain: float) -> None:
+    import nqkv_core.scheme as scheme_module
+    from nqkv_core.lab import evaluate
+    from nqkv_core.scheme import default_scheme
+
+    model = tiny_phi3(outliers, gain)
+    model.set_attn_implementation(evaluate.register_attention())
+    ids = torch.randint(1, 512, (windows, length), generator=torch.Generator().manual_seed(1))
+    builders = {"none": None, "rotation() (pow2 blocks)": rotation, "dense Hadamard": dense_hadamard,
+                "random orthogonal": random_orthogonal}
+    print("| rotation | bits | top-1 agreement | KL (nats) |")
+    print("|---|---|---|---|")
+    for label, build in builders.items():
+        for bits in (4, 3):
+            s = default_scheme(bits, 96)
+            if build is None:
+                s = s.replace(k_rotate=False, v_rotate=False)
+            else:  # fit_transform takes its matrices from scheme.rotation(d, seed, device)
+                scheme_module.rotation = lambda n, seed=0, device=None, b=build: b(n, seed=seed).to(device)
+            try:
+                (fid,) = evaluate.logit_fidelity(model, ids, [s])
+            finally:
+                scheme_module.rotation = rotation
+            print(f"| {label} | {bits} | {fid.agree:.4f} | {fid.kl:.5f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dims", type=int, nargs="+", default=[64, 80, 96, 112, 160])
@@ -93,7 +143,11 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--outliers", type=int, default=4)
     p.add_argument("--outlier-gain", type=float, default=10.0)
+    p.add_argument("--phi3", action="store_true", help="logit fidelity on a tiny random Phi-3 instead")
     args = p.parse_args()
+    if args.phi3:
+        phi3_fidelity(windows=4, length=256, outliers=args.outliers, gain=args.outlier_gain)
+        return
     print("| head_dim | block | outliers | bits | none | rotation() (pow2 blocks) | dense Hadamard"
           " | random orthogonal |")
     print("|---|---|---|---|---|---|---|---|")
