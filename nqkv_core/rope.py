@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["RopeSpec", "apply_rope", "check_rope", "head_dim_of", "rope_spec", "rotate_half"]
+__all__ = ["RopeSpec", "apply_rope", "check_rope", "head_dim_of", "rope_spec", "rotate_half", "rotate_half_order"]
 
 # Config attributes that describe a rotary embedding outside the rope parameters (GPT-J, CodeGen).
 _OTHER_ROTARY_FIELDS = ("rotary_dim", "rotary_pct", "rotary_emb_base")
@@ -93,6 +93,32 @@ def apply_rope(x: torch.Tensor, pos: torch.Tensor, spec: RopeSpec, inverse: bool
         return out
     # x may be one vector (..., 1, d) rotated to T positions: its pass-through part broadcasts too
     return torch.cat([out, rest.expand(*out.shape[:-1], rest.shape[-1])], dim=-1)
+
+
+def rotate_half_order(spec: RopeSpec, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A channel order in which ``spec``'s rotation is plain rotate-half RoPE over the whole head.
+
+    Returns ``(perm, inv_freq)``: ``perm`` ``(head_dim,)`` puts each rotated pair at channels
+    ``(i, i + head_dim / 2)`` (interleaved or partial pairs included) and pairs the pass-through
+    channels likewise; ``inv_freq`` ``(head_dim / 2,)`` is ``spec.inv_freq`` followed by zeros (a zero
+    angle leaves a pass-through pair unchanged). Then, without attention scaling,
+    ``apply_rope(x, pos, spec)[..., perm] == apply_rope(x[..., perm], pos, RopeSpec(inv_freq))``:
+    a cache whose tables pair ``i`` with ``i + head_dim / 2`` serves ``spec`` on channels in
+    ``perm`` order.
+
+    Raises:
+        ValueError: ``head_dim`` is odd or smaller than ``spec.rotary_dim``.
+    """
+    rd = spec.rotary_dim
+    if head_dim % 2 or head_dim < rd:
+        raise ValueError(f"head_dim {head_dim} must be even and at least the rotary dim {rd}")
+    idx = torch.arange(rd)
+    lo, hi = (idx[0::2], idx[1::2]) if spec.interleaved else (idx[: rd // 2], idx[rd // 2:])
+    rest = torch.arange(rd, head_dim)
+    half = rest.shape[0] // 2
+    perm = torch.cat([lo, rest[:half], hi, rest[half:]])
+    inv_freq = torch.cat([spec.inv_freq.float().cpu(), torch.zeros(half)])
+    return perm, inv_freq
 
 
 def _text_config(config):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from nqkv_core.rope import RopeSpec, apply_rope, check_rope, rope_spec
+from nqkv_core.rope import RopeSpec, apply_rope, check_rope, rope_spec, rotate_half_order
 
 SMALL = dict(hidden_size=64, num_attention_heads=2, num_hidden_layers=1, intermediate_size=64, vocab_size=32)
 GQA = dict(SMALL, num_key_value_heads=1)
@@ -170,3 +170,20 @@ def test_the_centre_through_the_spec_removes_a_pre_rope_offset(name):
     assert residual(spec.inv_freq) < 1e-3
     plain = 1.0 / 10000 ** (torch.arange(0, head_dim, 2).float() / head_dim)
     assert residual(plain) > 10 * residual(spec.inv_freq)
+
+
+@pytest.mark.parametrize("name", ["gpt_neox", "glm", "cohere", "phi", "llama"])
+def test_rotate_half_order_turns_any_layout_into_plain_rotate_half(name):
+    import dataclasses
+
+    config = CONFIGS[name]()
+    spec = dataclasses.replace(rope_spec(config), attention_scaling=1.0)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    perm, inv_freq = rotate_half_order(spec, head_dim)
+    assert sorted(perm.tolist()) == list(range(head_dim)) and inv_freq.shape == (head_dim // 2,)
+    x = torch.randn(2, 3, 20, head_dim, generator=torch.Generator().manual_seed(4))
+    pos = torch.arange(20) + 5
+    plain = RopeSpec(inv_freq)
+    torch.testing.assert_close(apply_rope(x, pos, spec)[..., perm], apply_rope(x[..., perm], pos, plain))
+    with pytest.raises(ValueError):
+        rotate_half_order(spec, spec.rotary_dim - 2)
