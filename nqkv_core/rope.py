@@ -164,7 +164,7 @@ def _init_function(config, rope_type: str):
     if fn is None:
         raise NotImplementedError(
             f"{config.model_type}: RoPE type {rope_type!r} has no inverse-frequency function in this"
-            " transformers version; use a scheme with k_centre_rope=False (a plain key centre)"
+            " transformers version"
         )
     return fn
 
@@ -214,6 +214,9 @@ def rope_spec(config, device=None) -> RopeSpec | None:
     Args:
         config: a transformers model config (a multimodal one's text config is used).
         device: device of ``inv_freq``.
+
+    The layout is probed on the model's own ``rotate_half``; a model whose modeling module has
+    none (e.g. one not in transformers) is taken as rotate-half.
 
     Returns:
         The :class:`RopeSpec`, or None for a model without RoPE (learned or sinusoidal absolute
