@@ -662,7 +662,8 @@ def nqkv_preset(bits: int, sinks: int = 4, window: int = 32, rope_centre: bool =
     adapts them to a head_dim they do not divide). Keys: minus a frozen pre-RoPE per-channel mean
     rotated to each key's position, ``R(p) mu`` (RoPE turns a constant offset into a
     position-dependent one), then the fixed random-sign Hadamard rotation (:func:`rotation`);
-    attention adds the score offset ``q . R(p) mu`` back (``NQKVCache`` does, from cos/sin tables shared by all layers).
+    attention adds the score offset ``q . R(p) mu`` back (``NQKVCache`` does, from cos/sin tables
+    shared by all layers).
     Values: minus a frozen per-channel mean (4 and 3 bits), then the Hadamard rotation. Codebook:
     NF at 4 and 3 bits, the block-aware Lloyd-Max levels at 2 bits (NF2 loses by far), decoded with
     the unbiased levels (``unbiased=True``: nearest-level rounding shrinks keys and values on
