@@ -10,35 +10,39 @@ from nqkv_core.rope import RopeSpec, apply_rope, check_rope, rope_spec, rotate_h
 
 SMALL = dict(hidden_size=64, num_attention_heads=2, num_hidden_layers=1, intermediate_size=64, vocab_size=32)
 GQA = dict(SMALL, num_key_value_heads=1)
+V5 = int(transformers.__version__.split(".")[0]) >= 5
+
+
+def rope(rope_type: str = "default", theta: float = 10000.0, **params) -> dict:
+    """Config keywords for a RoPE: ``rope_parameters`` (transformers 5) or ``rope_theta`` and
+    ``rope_scaling`` (4.x)."""
+    if V5:
+        return {"rope_parameters": {"rope_type": rope_type, "rope_theta": theta, **params}}
+    return {"rope_theta": theta, "rope_scaling": None if rope_type == "default" else {"rope_type": rope_type, **params}}
 
 
 def _longrope_phi3():
     # head_dim 96 (Phi-3's), 48 frequency pairs, short and long factors of their own
     half = 48
+    factors = dict(short_factor=[1.0 + i / half for i in range(half)],
+                   long_factor=[2.0 + 3 * i / half for i in range(half)])
     return transformers.Phi3Config(
         hidden_size=192, num_attention_heads=2, num_key_value_heads=2, num_hidden_layers=1, intermediate_size=64,
         vocab_size=32, max_position_embeddings=256, original_max_position_embeddings=64,
-        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 64,
-                         "short_factor": [1.0 + i / half for i in range(half)],
-                         "long_factor": [2.0 + 3 * i / half for i in range(half)]},
+        **(rope("longrope", original_max_position_embeddings=64, **factors) if V5
+           else {"rope_scaling": {"type": "longrope", **factors}}),  # 4.x Phi-3 takes exactly these fields
     )
 
 
 CONFIGS = {
     "llama": lambda: transformers.LlamaConfig(**GQA),
     "llama-llama3": lambda: transformers.LlamaConfig(
-        **GQA, max_position_embeddings=256,
-        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
-    "llama-linear": lambda: transformers.LlamaConfig(
-        **GQA, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}),
-    "llama-dynamic": lambda: transformers.LlamaConfig(
-        **GQA, max_position_embeddings=64, rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0,
-                                                              "factor": 2.0}),
+        **GQA, max_position_embeddings=256, **rope("llama3", 500000.0, factor=8.0, low_freq_factor=1.0,
+                                                   high_freq_factor=4.0, original_max_position_embeddings=32)),
+    "llama-linear": lambda: transformers.LlamaConfig(**GQA, **rope("linear", factor=4.0)),
+    "llama-dynamic": lambda: transformers.LlamaConfig(**GQA, max_position_embeddings=64, **rope("dynamic", factor=2.0)),
     "qwen2-yarn": lambda: transformers.Qwen2Config(
-        **GQA, max_position_embeddings=256,
-        rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0,
-                         "original_max_position_embeddings": 64}),
+        **GQA, max_position_embeddings=256, **rope("yarn", 1e6, factor=4.0, original_max_position_embeddings=64)),
     "phi3-longrope": _longrope_phi3,
     "gpt_neox": lambda: transformers.GPTNeoXConfig(**SMALL),  # partial_rotary_factor 0.25
     "stablelm": lambda: transformers.StableLmConfig(**GQA),  # partial 0.25, split by the attention
@@ -81,7 +85,7 @@ def test_attention_scaling_and_rope_types_come_from_transformers():
     assert yarn.rope_type == "yarn" and yarn.attention_scaling > 1.0 and yarn.max_len is None
     assert longrope.rope_type == "longrope" and longrope.attention_scaling > 1.0 and longrope.max_len == 64
     assert llama3.attention_scaling == 1.0 and llama3.max_len is None
-    plain = rope_spec(transformers.LlamaConfig(**GQA, rope_parameters={"rope_type": "default", "rope_theta": 500000.0}))
+    plain = rope_spec(transformers.LlamaConfig(**GQA, **rope("default", 500000.0)))
     assert not torch.equal(llama3.inv_freq, plain.inv_freq)  # the llama3 scaling really is applied
 
 

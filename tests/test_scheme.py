@@ -172,9 +172,11 @@ def test_rope_inv_freq_reads_transformers_and_refuses_what_the_cache_cannot_serv
     from nqkv_core.scheme import rope_inv_freq
 
     small = dict(hidden_size=64, num_attention_heads=2, num_hidden_layers=1, intermediate_size=64, vocab_size=32)
-    llama3 = transformers.LlamaConfig(**small, max_position_embeddings=256, rope_parameters={
-        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
+    params = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 32}
+    rope = ({"rope_parameters": {**params, "rope_theta": 500000.0}} if int(transformers.__version__.split(".")[0]) >= 5
+            else {"rope_scaling": params, "rope_theta": 500000.0})  # transformers 4.x field names
+    llama3 = transformers.LlamaConfig(**small, max_position_embeddings=256, **rope)
     assert torch.equal(rope_inv_freq(llama3, 32), rope_spec(llama3).inv_freq)
     with pytest.raises(ValueError, match="k_centre_rope=False"):
         rope_inv_freq(transformers.OPTConfig(**small), 32)
