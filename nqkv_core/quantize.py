@@ -368,3 +368,14 @@ def dequantize_blockwise(
     blocked = shape[:axis] + [shape[axis] // block, block] + shape[axis + 1 :]
     out = values.view(blocked) * absmax.float().unsqueeze(axis + 1)
     return out.view(shape).to(dtype)
+
+
+def decision_thresholds(codebook: torch.Tensor) -> torch.Tensor:
+    """The fp32 thresholds between consecutive levels of a sorted ``codebook`` (``2**bits - 1``): a
+    value's code is the number of thresholds below ``x / scale`` (what every encoder compares with)."""
+    return _midpoints(codebook)
+
+
+def fit_ratios(device: torch.device | str = "cpu") -> torch.Tensor:
+    """The clipping ratios ``r`` that fitted scales (``fit_scale=True``) try, codes against ``r * absmax``."""
+    return _fit_ratios(device)
