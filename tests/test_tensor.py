@@ -140,3 +140,95 @@ def test_compile_fullgraph_quantize_dequantize():
 
     compiled = torch.compile(roundtrip, fullgraph=True)  # fullgraph: any graph break raises
     torch.testing.assert_close(compiled(x), roundtrip(x), rtol=0, atol=0)
+
+
+def _pieces(q):
+    return [getattr(q, n) for n in NQTensor.tensor_data_names]
+
+
+class _Pickled:
+    """Pickles as NQTensor does, with pieces of our choosing (a file claiming what its data is not)."""
+
+    def __init__(self, *args):
+        self.args = args
+
+    def __reduce_ex__(self, protocol):
+        from nqkv_core.tensor import _nqtensor_from_pieces
+
+        return _nqtensor_from_pieces, self.args
+
+
+def _forged(q):
+    codes, absmax, codebook = _pieces(q)
+    shape = tuple(q.shape)
+    long = (*shape[:2], 2 * shape[2], shape[3])  # 80 tokens claimed over 40 tokens of data
+    return [
+        ((codes, absmax, codebook, q.block, q.axis, long, q.dtype), ValueError, "does not fit"),
+        ((codes, absmax, codebook, q.block, q.axis, shape, torch.int32), ValueError, "dtype"),
+        ((codes.view(torch.int8), absmax, codebook, q.block, q.axis, shape, q.dtype), ValueError, "uint8"),
+        ((codes, absmax.to(torch.bfloat16), codebook, q.block, q.axis, shape, q.dtype), ValueError, "absmax"),
+        ((codes, absmax, codebook[:8], q.block, q.axis, shape, q.dtype), ValueError, "does not fit"),
+        ((codes, absmax, codebook[:15], q.block, q.axis, shape, q.dtype), ValueError, "levels"),
+        ((codes, absmax, codebook, 16, q.axis, shape, q.dtype), ValueError, "does not fit"),
+        ((codes, absmax, codebook, q.block, 1, shape, q.dtype), ValueError, "does not fit"),
+        ((codes, absmax, codebook, q.block, 7, shape, q.dtype), ValueError, "out of range"),
+        ((codes, absmax, codebook, 8.0, q.axis, shape, q.dtype), TypeError, "block must be an int"),
+    ]
+
+
+def test_rebuild_paths_check_the_pieces():
+    q = NQTensor.from_float(kv(torch.float32, shape=(1, 2, 40, 64)), block=8, axis=-2)
+    for args, error, match in _forged(q):
+        codes, absmax, codebook, block, axis, shape, dtype = args
+        buf = io.BytesIO()
+        torch.save({"k": _Pickled(*args)}, buf)
+        buf.seek(0)
+        with pytest.raises(error, match=match):
+            torch.load(buf, weights_only=True)
+        with pytest.raises(error, match=match):
+            NQTensor.__tensor_unflatten__(dict(zip(NQTensor.tensor_data_names, (codes, absmax, codebook))),
+                                          (block, axis, dtype), torch.Size(shape), None)
+        tensors, metadata = q.state_dict()
+        metadata = {**metadata, "block": str(block), "axis": str(axis), "shape": ",".join(map(str, shape))}
+        if match not in ("dtype", "block must be an int"):  # (metadata strings hold only ints and dtype names)
+            with pytest.raises(error, match=match):
+                NQTensor.from_state_dict(dict(zip(NQTensor.tensor_data_names, (codes, absmax, codebook))), metadata)
+    # the honest pieces go through every path
+    names, context = q.__tensor_flatten__()
+    r = NQTensor.__tensor_unflatten__({n: getattr(q, n) for n in names}, context, q.shape, None)
+    assert torch.equal(r.dequantize(), q.dequantize())
+
+
+def test_dequantize_needs_a_floating_dtype():
+    q = NQTensor.from_float(kv())
+    for dtype in (torch.int32, torch.int8, torch.bool):
+        with pytest.raises(TypeError, match="floating dtype"):
+            q.dequantize(dtype)
+    with pytest.raises(TypeError, match="floating point"):
+        q.to(torch.float8_e4m3fn)
+
+
+@pytest.mark.parametrize(
+    "x, kwargs, error, match",
+    [
+        (kv(torch.float32), {"block": 64.0}, TypeError, "block must be an int"),
+        (kv(torch.float32), {"bits": 4.0}, TypeError, "bits must be an int"),
+        (kv(torch.float32), {"bits": 5}, ValueError, "bits must be one of"),
+        (kv(torch.float32), {"axis": 3.0}, TypeError, "axis must be an int"),
+        (kv(torch.float32), {"block": 64, "codebook": "lloyd", "bits": True}, TypeError, "bits must be an int"),
+        (kv(torch.float32), {"block": 0}, ValueError, "block"),
+        (kv(torch.float32).numpy(), {}, TypeError, "expected a tensor"),
+        (torch.full((1, 64), 1e300, dtype=torch.float64), {"scale_dtype": torch.float32}, ValueError, "float32 range"),
+    ],
+)
+def test_from_float_bad_arguments(x, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        NQTensor.from_float(x, **kwargs)
+
+
+def test_meta_tensors_quantize_to_shapes():
+    x = torch.empty(2, 3, 128, 64, device="meta", dtype=torch.bfloat16)
+    q = NQTensor.from_float(x, block=32, bits=3, axis=-2, unbiased=True)
+    assert q.codes.is_meta and q.codes.shape == (2, 3, 128, 24) and q.absmax.shape == (2, 3, 4, 64)
+    y = q[:, :, 32:].dequantize()
+    assert y.is_meta and y.shape == (2, 3, 96, 64) and y.dtype == torch.bfloat16
