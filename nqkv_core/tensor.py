@@ -393,6 +393,21 @@ def _select(func, args, kwargs):
     return out
 
 
+_CAT_MISMATCH = "torch.cat needs NQTensors with the same codebook, block, axis, dtype and scale dtype"
+
+
+def _same_levels(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two codebooks of one shape hold the same levels. While tracing the answer is not
+    known, so the graph gets a runtime assertion instead of a data-dependent branch: a compiled
+    graph given different codebooks raises RuntimeError with the same message when it runs."""
+    if a is b:
+        return True
+    if torch._subclasses.fake_tensor.is_fake(a) or torch.compiler.is_compiling():
+        torch._assert_async(torch.eq(a, b).all(), _CAT_MISMATCH)
+        return True
+    return torch.equal(a, b)
+
+
 @implements([aten.cat.default])
 def _cat(func, args, kwargs):
     tensors = list(args[0])
@@ -400,11 +415,12 @@ def _cat(func, args, kwargs):
     first = tensors[0]
     if not all(isinstance(t, NQTensor) for t in tensors):
         raise NotImplementedError("torch.cat of NQTensors with plain tensors: quantize them first")
+    layout = (first.block, first.axis, first.dtype, first.absmax.dtype, first.codebook.shape, first.codebook.dtype)
     for t in tensors[1:]:
-        if (t.block, t.axis, t.dtype, t.absmax.dtype) != (first.block, first.axis, first.dtype, first.absmax.dtype) or not torch.equal(t.codebook, first.codebook):
-            raise ValueError(
-                "torch.cat needs NQTensors with the same codebook, block, axis, dtype and scale dtype"
-            )
+        if (t.block, t.axis, t.dtype, t.absmax.dtype, t.codebook.shape, t.codebook.dtype) != layout or not _same_levels(
+            t.codebook, first.codebook
+        ):
+            raise ValueError(_CAT_MISMATCH)
     dim = _check_token_axis(first, dim, "be concatenated")
     codes = func([t.codes for t in tensors], dim)
     absmax = func([t.absmax for t in tensors], dim)

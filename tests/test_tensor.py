@@ -232,3 +232,69 @@ def test_meta_tensors_quantize_to_shapes():
     assert q.codes.is_meta and q.codes.shape == (2, 3, 128, 24) and q.absmax.shape == (2, 3, 4, 64)
     y = q[:, :, 32:].dequantize()
     assert y.is_meta and y.shape == (2, 3, 96, 64) and y.dtype == torch.bfloat16
+
+
+_COMPILE_SCRIPT = r"""
+import torch
+from nqkv_core import NQTensor
+
+x = torch.randn(1, 2, 64, 64, generator=torch.Generator().manual_seed(0))
+
+def quantize(t):
+    return NQTensor.from_float(t, block=32, bits=3, axis=-2, unbiased=True)
+
+def pieces(q):
+    return [q.codes, q.absmax, q.codebook, q.dequantize()]
+
+def sliced(q):
+    return q[:, :, 32:].dequantize()
+
+def joined(a, b):
+    return torch.cat([a, b], dim=2).dequantize()
+
+# compiled first, in a process that has built no codebook: nothing cached hides a traced construction
+eager_backend = [torch.compile(f, fullgraph=True, backend="eager") for f in (quantize, sliced, joined)]
+q = eager_backend[0](x)
+outs = [pieces(q), eager_backend[1](q), eager_backend[2](q, q[:, :, :32])]
+other = NQTensor.from_float(x, block=32, bits=3, axis=-2)  # the plain levels: cat must refuse
+try:
+    eager_backend[2](q, other)
+    raise SystemExit("compiled cat accepted a different codebook")
+except ValueError as e:
+    assert "same codebook" in str(e), e
+
+def everything(t):
+    q = NQTensor.from_float(t, block=32, bits=3, axis=-2, unbiased=True)
+    return torch.cat([q[:, :, 32:], q[:, :, :32]], dim=2).dequantize()
+
+torch._dynamo.reset()
+inductor = torch.compile(everything, fullgraph=True)(x)
+
+ref = quantize(x)
+for got, want in zip(outs[0], pieces(ref)):
+    assert torch.equal(got, want)
+assert torch.equal(outs[1], sliced(ref)) and torch.equal(outs[2], joined(ref, ref[:, :, :32]))
+assert torch.equal(inductor, everything(x))
+print("hash", ref._stable_hash_for_caching())
+"""
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_fresh_process():
+    # from_float, slicing and cat inside fullgraph=True graphs (eager backend, then Inductor once)
+    # give the eager results; a fresh process, so the codebook builder is met while tracing
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # the AOT cache key of an NQTensor is stable across processes and depends on layout, not values
+    q = NQTensor.from_float(kv(torch.float32, shape=(1, 2, 64, 64)), block=32, bits=3, axis=-2, unbiased=True)
+    assert proc.stdout.split("hash ")[1].strip() == q._stable_hash_for_caching()
+    assert q._stable_hash_for_caching() == NQTensor.from_float(-q.dequantize(), block=32, bits=3, axis=-2,
+                                                               unbiased=True)._stable_hash_for_caching()
+    assert q._stable_hash_for_caching() != q[:, :, 32:]._stable_hash_for_caching()
