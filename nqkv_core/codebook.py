@@ -23,8 +23,10 @@ codebook decodes with the levels divided by that slope (:func:`unbiased_gain`); 
 chosen against the plain levels, so the codes and scales are the same and only the decoded values
 change.
 
-Codebooks are built once per ``(kind, bits, block)`` in float64 outside any traced graph and then
-cached per device and dtype, so quantizing never rebuilds them.
+Codebooks are built once per ``(kind, bits, block)`` in float64 and then cached per device and dtype,
+so quantizing never rebuilds them. ``torch.compile`` does not trace the construction: the levels are
+an ``assume_constant_result`` function, called eagerly while tracing, and the graph holds them as a
+constant. User codebooks are checked where they enter (:func:`check_codebook`).
 """
 
 from __future__ import annotations
@@ -46,7 +48,11 @@ CODEBOOK_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _is_int(v: object) -> bool:
-    return isinstance(v, (int, np.integer, torch.SymInt)) and not isinstance(v, bool)
+    return type(v) is int or (isinstance(v, (int, np.integer, torch.SymInt)) and not isinstance(v, bool))
+
+
+def _not_int(name: str, v: object) -> TypeError:
+    return TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
 
 
 def check_args(*, bits: object = None, block: object = None, axis: object = None, ndim: int | None = None,
@@ -62,15 +68,21 @@ def check_args(*, bits: object = None, block: object = None, axis: object = None
         TypeError: an argument that is not an int (floats and bools included).
         ValueError: an int out of its range.
     """
-    for name, v in (("bits", bits), ("block", block), ("axis", axis)):
-        if v is not None and not _is_int(v):
-            raise TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
-    if bits is not None and bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
-    if block is not None and block < min_block:
-        raise ValueError(f"block must be at least {min_block}, got {block}")
-    if axis is not None and ndim is not None and not -ndim <= axis < ndim:
-        raise ValueError(f"axis {axis} is out of range for a {ndim}-d tensor")
+    if bits is not None:
+        if not _is_int(bits):
+            raise _not_int("bits", bits)
+        if bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+    if block is not None:
+        if not _is_int(block):
+            raise _not_int("block", block)
+        if block < min_block:
+            raise ValueError(f"block must be at least {min_block}, got {block}")
+    if axis is not None:
+        if not _is_int(axis):
+            raise _not_int("axis", axis)
+        if ndim is not None and not -ndim <= axis < ndim:
+            raise ValueError(f"axis {axis} is out of range for a {ndim}-d tensor")
 
 
 def _levels_known(codebook: torch.Tensor) -> bool:
@@ -78,13 +90,25 @@ def _levels_known(codebook: torch.Tensor) -> bool:
     return not (torch.compiler.is_compiling() or type(codebook) is not torch.Tensor or codebook.is_meta)
 
 
+# Remembered on a codebook tensor whose levels were checked: (version, bits, largest |level|).
+_CHECKED = "_nqkv_codebook_checked"
+
+
+def _checked(codebook: object) -> tuple | None:
+    """What :func:`check_codebook` remembered of this unchanged tensor, if anything (eager only)."""
+    if torch.compiler.is_compiling() or type(codebook) is not torch.Tensor or codebook.is_inference():
+        return None
+    cached = codebook.__dict__.get(_CHECKED)
+    return cached if cached is not None and cached[0] == codebook._version else None
+
+
 def check_codebook(codebook: object, bits: int | None = None, levels: bool = True) -> int:
     """Check a codebook tensor and return its bits per code.
 
     A codebook is a 1-D floating tensor (fp32 preferred) of ``2**bits`` finite, ascending levels for
-    ``bits`` in :data:`SUPPORTED_BITS`. Shape and dtype are checked on every call; the levels are
-    read once per tensor (remembered by its version counter, so an in-place change is checked
-    again), and not at all while tracing (``torch.compile``, fake tensors) or on the meta device,
+    ``bits`` in :data:`SUPPORTED_BITS`. The levels are read once per tensor (remembered with its
+    version counter, so an in-place change is checked again; a tensor checked before costs a
+    lookup), and not at all while tracing (``torch.compile``, fake tensors) or on the meta device,
     where they are not known.
 
     Args:
@@ -97,6 +121,9 @@ def check_codebook(codebook: object, bits: int | None = None, levels: bool = Tru
         ValueError: a wrong dtype, shape or size (or one that disagrees with ``bits``), a NaN or
             infinite level, or levels not in ascending order.
     """
+    cached = _checked(codebook)
+    if cached is not None and (bits is None or bits == cached[1]):
+        return cached[1]
     if not isinstance(codebook, torch.Tensor):
         raise TypeError(f"codebook must be a tensor or a codebook kind, got {type(codebook).__name__}")
     if codebook.dtype not in CODEBOOK_DTYPES:
@@ -109,31 +136,31 @@ def check_codebook(codebook: object, bits: int | None = None, levels: bool = Tru
     if bits is not None and found != bits:
         raise ValueError(f"codebook has {n} levels but bits={bits}")
     if levels and _levels_known(codebook):
-        _level_stats(codebook)
+        _check_levels(codebook, found)
     return found
 
 
-def _level_stats(codebook: torch.Tensor) -> float:
-    """The largest ``|level|`` of a checked codebook (values checked here, once per version)."""
-    version = None if codebook.is_inference() else codebook._version
-    cached = codebook.__dict__.get("_nqkv_levels_checked")
-    if cached is not None and version is not None and cached[0] == version:
-        return cached[1]
+def _check_levels(codebook: torch.Tensor, bits: int) -> None:
     levels = codebook.detach().double().cpu()
     if not bool(torch.isfinite(levels).all()):
         raise ValueError(f"codebook has non-finite levels (NaN or Inf): {levels.tolist()}")
     if bool((levels[1:] < levels[:-1]).any()):
         raise ValueError("codebook levels must be in ascending order; pass torch.sort(codebook).values")
-    top = float(levels.abs().max())
-    if version is not None:
-        codebook.__dict__["_nqkv_levels_checked"] = (version, top)
-    return top
+    if not codebook.is_inference():
+        codebook.__dict__[_CHECKED] = (codebook._version, bits, float(levels.abs().max()))
 
 
 def max_abs_level(codebook: torch.Tensor) -> float | None:
     """The largest ``|level|`` of ``codebook`` (checked as :func:`check_codebook` does), or ``None``
     where the levels are not known (tracing, meta device)."""
-    return _level_stats(codebook) if _levels_known(codebook) else None
+    cached = _checked(codebook)
+    if cached is not None:
+        return cached[2]
+    if not _levels_known(codebook):
+        return None
+    check_codebook(codebook)
+    cached = _checked(codebook)
+    return float(codebook.detach().abs().max()) if cached is None else cached[2]  # (inference tensors)
 
 
 @functools.lru_cache(maxsize=None)

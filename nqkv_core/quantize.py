@@ -385,14 +385,16 @@ def dequantize_blockwise(
     return out.view(shape).to(dtype)
 
 
+_FINITE_MAX = {t: torch.finfo(t).max for t in (*FLOAT_DTYPES, *SCALE_DTYPES)}
+
+
 def _finite_range(dtype: torch.dtype) -> tuple[float, float]:
-    top = torch.finfo(dtype).max
-    return -top, top
+    return -_FINITE_MAX[dtype], _FINITE_MAX[dtype]
 
 
 def _may_overflow(codebook: torch.Tensor, scale_dtype: torch.dtype, dtype: torch.dtype) -> bool:
     """Whether a level times a ``scale_dtype`` scale can pass the finite range of ``dtype`` (or of
     float32, where the products are computed); assumed where the levels are not known (tracing)."""
     top = max_abs_level(codebook)
-    limit = torch.finfo(dtype).max if dtype != torch.float64 else math.inf
-    return top is None or top * torch.finfo(scale_dtype).max > limit
+    limit = _FINITE_MAX[dtype] if dtype != torch.float64 else math.inf
+    return top is None or top * _FINITE_MAX.get(scale_dtype, math.inf) > limit
