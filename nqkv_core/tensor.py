@@ -191,7 +191,7 @@ class NQTensor(torch.Tensor):
         parts: list = [tuple(self.shape), str(self.dtype), self.block, self.axis, self.requires_grad]
         for n in self.tensor_data_names:
             t = getattr(self, n)
-            parts.append((n, tuple(t.shape), tuple(t.stride()), str(t.dtype), t.device.type))
+            parts.append((n, tuple(t.shape), tuple(t.stride()), str(t.dtype), str(t.device)))
         return hashlib.blake2b(repr(parts).encode(), digest_size=16).hexdigest()
 
     def _rebuild(self, codes=None, absmax=None, codebook=None, shape=None, dtype=None) -> "NQTensor":
