@@ -232,6 +232,7 @@ def nf_codebook(bits: int) -> torch.Tensor:
     Zero is exact and ``-1`` and ``1`` are levels. For ``bits=4`` this is bitsandbytes' NF4 table.
 
     Raises:
+        TypeError: ``bits`` is not an int.
         ValueError: if ``bits`` is not one of 2, 3, 4 or 8.
     """
     check_args(bits=bits)
@@ -245,6 +246,7 @@ def lloyd_max_codebook(bits: int, block: int) -> torch.Tensor:
     to zeros because their scale is zero). Computed once per ``(bits, block)`` with a fixed seed.
 
     Raises:
+        TypeError: ``bits`` or ``block`` is not an int.
         ValueError: if ``bits`` is not one of 2, 3, 4 or 8, or ``block`` is below 2.
     """
     check_args(bits=bits, block=block, min_block=2)
