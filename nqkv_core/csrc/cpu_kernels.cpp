@@ -1022,6 +1022,13 @@ int attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, const f
 
 extern "C" {
 
+// The key native.py built this library with (a hash of this source, the compiler, the flags and the
+// CPU): a library that returns another one, or lacks this function, is not loaded.
+#ifndef NQKV_BUILD_KEY
+#define NQKV_BUILD_KEY ""
+#endif
+const char* nqkv_build_key() { return NQKV_BUILD_KEY; }
+
 // The vector code this library was built with: 512 (AVX-512), 256 (AVX2 with FMA) or 0 (scalar).
 int nqkv_vector_bits() {
 #if defined(__AVX512F__)
