@@ -174,8 +174,8 @@ def _bind(lib: ctypes.CDLL, key: str) -> ctypes.CDLL:
     ]
     lib.nqkv_dequantize_rows.argtypes = [ptr, ptr, i32, ptr, i32, i64, i64, i64, ptr, i32, i32]
     lib.nqkv_attention_decode.argtypes = [
-        ptr, _Packed, _Packed, i64, ptr, ptr, i64, ptr, i64, i64, i64, ptr, ptr, ptr, i64, i32, i64, i64, i64, i64,
-        i64, i64, ptr, i32,
+        ptr, _Packed, _Packed, i64, ptr, ptr, i64, ptr, i64, i64, i64, i32, ptr, ptr, ptr, i64, i32, i64, i64, i64,
+        i64, i64, i64, ptr, i32,
     ]
     lib.nqkv_decode_step.argtypes = [
         ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, i64, i64, _Packed,
@@ -365,6 +365,16 @@ def attention_decode(q: Tensor, k: tuple, v: tuple, k_tail: Optional[Tensor], v_
     query ``i`` and key ``j`` (``w`` (B, Hq, Tq, D), ``table`` (P, D), ``positions`` (Tk,) in
     ``[0, P)``): the RoPE-centred cache's score offset (docs/design.md), computed inside the
     kernel instead of as a (B, Hq, Tq, Tk) mask.
+
+    Non-finite inputs give what torch's softmax and product give (docs/design.md, "Non-finite
+    numbers in attention"): a query row whose scores include a NaN among the keys it sees -- a key
+    hidden by causality or by ``False`` in a boolean mask is not seen, whatever it holds; an additive
+    mask is added, so NaN + (-inf) is NaN -- has a NaN output row, as does a row with a +inf score;
+    a row that sees no key has zeros. An infinite value element makes its output column inf or NaN
+    in every row (its weight times inf; 0 * inf is NaN).
+
+    Raises:
+        ValueError: ``key_bias`` shapes that do not match, or a position outside ``[0, P)``.
     """
     b, hq, tq, d = q.shape
     hkv, th = k[0].shape[1], k[0].shape[2]
@@ -376,7 +386,7 @@ def attention_decode(q: Tensor, k: tuple, v: tuple, k_tail: Optional[Tensor], v_
     qf = (q.float() * scale).contiguous()
     kt = None if not tt else k_tail.float().contiguous()
     vt = None if not tt else v_tail.float().contiguous()
-    mask, ms = None, (0, 0, 0)
+    mask, ms, hides = None, (0, 0, 0), attn_mask is not None and attn_mask.dtype == torch.bool
     if attn_mask is not None:
         m = attn_mask
         if m.dtype == torch.bool:
@@ -398,7 +408,7 @@ def attention_decode(q: Tensor, k: tuple, v: tuple, k_tail: Optional[Tensor], v_
     out = torch.empty(b, hkv, g * tq, dv, dtype=torch.float32)
     status = _library().nqkv_attention_decode(
         qf.data_ptr(), _packed(*k[:4], keep), _packed(*v[:4], keep), th, _ptr(kt), _ptr(vt), tt,
-        _ptr(mask), ms[0], ms[1], ms[2], _ptr(w), _ptr(table), _ptr(pos), 0 if table is None else table.shape[0],
+        _ptr(mask), ms[0], ms[1], ms[2], int(hides), _ptr(w), _ptr(table), _ptr(pos), 0 if table is None else table.shape[0],
         int(is_causal and tq > 1), b, hkv, g, tq, d, dv, out.data_ptr(), torch.get_num_threads(),
     )
     if status:
