@@ -48,10 +48,13 @@ print(json.dumps({"same": same, "available": available, "isa": isa,
 """
 
 
-def _probe(cache: Path, cxx: str | None = None, wait: bool = True):
+def _probe(cache: Path, cxx: str | None = None, wait: bool = True, **env_changes: str | None):
     env = {**os.environ, "NQKV_CACHE_DIR": str(cache), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     if cxx is not None:
         env["CXX"] = cxx
+    env.update({name: value for name, value in env_changes.items() if value is not None})
+    for name in [name for name, value in env_changes.items() if value is None]:
+        env.pop(name, None)
     proc = subprocess.Popen([sys.executable, "-c", PROBE], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     return _result(proc) if wait else proc
@@ -141,6 +144,19 @@ def test_unbuildable_library_falls_back_to_torch_with_one_warning(built, tmp_pat
     # the warning quotes the compiler and says how to fix it
     for part in ("failing-cxx: error: cannot compile here", "build.log", "g++", "NQKV_NATIVE=0"):
         assert part in r["warnings"][0], r
+
+
+@pytest.mark.parametrize("case", ["no-compiler", "disabled"])
+def test_no_compiler_warns_once_and_disabled_not_at_all(tmp_path, case):
+    env = {"CXX": None, "PATH": str(tmp_path)} if case == "no-compiler" else {"NQKV_NATIVE": "0"}
+    r = _probe(tmp_path / "cache", **env)
+    assert not r["available"] and r["same"] and r["isa"] == "none", r
+    if case == "disabled":
+        assert r["warnings"] == [], r
+    else:
+        assert len(r["warnings"]) == 1 and "no C++ compiler" in r["warnings"][0], r
+        assert "NQKV_NATIVE=0" in r["warnings"][0], r
+    assert not (tmp_path / "cache").exists()  # nothing built, nothing written
 
 
 def test_concurrent_first_builds(tmp_path):
