@@ -408,7 +408,8 @@ def attention_decode(q: Tensor, k: tuple, v: tuple, k_tail: Optional[Tensor], v_
     out = torch.empty(b, hkv, g * tq, dv, dtype=torch.float32)
     status = _library().nqkv_attention_decode(
         qf.data_ptr(), _packed(*k[:4], keep), _packed(*v[:4], keep), th, _ptr(kt), _ptr(vt), tt,
-        _ptr(mask), ms[0], ms[1], ms[2], int(hides), _ptr(w), _ptr(table), _ptr(pos), 0 if table is None else table.shape[0],
+        _ptr(mask), ms[0], ms[1], ms[2], int(hides), _ptr(w), _ptr(table), _ptr(pos),
+        0 if table is None else table.shape[0],
         int(is_causal and tq > 1), b, hkv, g, tq, d, dv, out.data_ptr(), torch.get_num_threads(),
     )
     if status:

@@ -1217,9 +1217,9 @@ void nqkv_dequantize_rows(const uint8_t* codes, const void* absmax, int absmax_h
 // position is outside [0, P).
 int nqkv_attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, const float* k_tail,
                           const float* v_tail, int64_t t_tail, const float* mask, int64_t ms_b, int64_t ms_h,
-                          int64_t ms_q, int mask_hides, const float* bias_w, const float* bias_table, const int64_t* bias_pos,
-                          int64_t bias_rows, int causal, int64_t B, int64_t Hkv, int64_t G, int64_t Tq, int64_t D,
-                          int64_t Dv, float* out, int threads) {
+                          int64_t ms_q, int mask_hides, const float* bias_w, const float* bias_table,
+                          const int64_t* bias_pos, int64_t bias_rows, int causal, int64_t B, int64_t Hkv, int64_t G,
+                          int64_t Tq, int64_t D, int64_t Dv, float* out, int threads) {
   return attention_decode(q, k, v, t_hist, k_tail, v_tail, t_tail, mask, ms_b, ms_h, ms_q, mask_hides, bias_w,
                           bias_table, bias_pos, bias_rows, causal, B, Hkv, G, Tq, D, Dv, out, threads);
 }
@@ -1320,8 +1320,8 @@ int nqkv_decode_step(const float* q, const float* k_new, const float* v_new, con
     }
   }
   const int status = attention_decode(qs.data(), k_body, v_body, n_body, k_tail.data(), v_tail.data(), T_tail,
-                                      nullptr, 0, 0, 0, 0, bias ? ws.data() : nullptr, rope_table, pos.data(), rope_rows,
-                                      0, B, Hkv, G, 1, D, D, o.data(), threads, rope_tiles);
+                                      nullptr, 0, 0, 0, 0, bias ? ws.data() : nullptr, rope_table, pos.data(),
+                                      rope_rows, 0, B, Hkv, G, 1, D, D, o.data(), threads, rope_tiles);
   if (status) return status;
   for (int64_t r = 0; r < B * Hq; ++r) {  // out = o @ rot_v^T + mu_v (rows in (b, h * G + g) order)
     const float* orow = o.data() + r * D;
