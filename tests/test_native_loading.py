@@ -114,15 +114,17 @@ def _damage(lib: Path, how: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="ELF shared objects")
-@pytest.mark.parametrize("how", ["truncated", "other-library-and-checksum"])
-def test_damaged_library_is_rebuilt(built, tmp_path, how):
-    cxx = native._compiler()
-    lib = _cached_copy(built, tmp_path / "cache", cxx)
-    _damage(lib, how, tmp_path)
+def test_foreign_library_is_rebuilt(built, tmp_path):
+    # Another shared object in the library's place, with a checksum file that matches it: it loads,
+    # lacks the kernels' functions, and a new library is built under a new name (a damaged one is
+    # rebuilt too: test_concurrent_builds)
+    lib = _cached_copy(built, tmp_path / "cache", native._compiler())
+    _damage(lib, "other-library-and-checksum", tmp_path)
     r = _probe(tmp_path / "cache")
     assert r["available"] and r["same"] and r["isa"] != "none", r
     assert r["warnings"] == [], r  # a cache repaired silently
-    assert native._verified(lib.parent) is not None
+    rebuilt = native._verified(lib.parent)
+    assert rebuilt is not None and rebuilt != lib
 
 
 @pytest.fixture
@@ -159,10 +161,12 @@ def test_no_compiler_warns_once_and_disabled_not_at_all(tmp_path, case):
     assert not (tmp_path / "cache").exists()  # nothing built, nothing written
 
 
-def test_concurrent_first_builds(tmp_path):
-    # Two processes building into one empty cache at once both load a whole library, and the cache
-    # ends with one checksum file that matches the library it names and no temporary files.
+def test_concurrent_builds(built, tmp_path):
+    # Two processes finding a truncated library (no valid build: as for a first build) rebuild it at
+    # once; both load a whole library, and the cache ends with one checksum file that matches the
+    # library it names and no temporary files.
     cache = tmp_path / "cache"
+    _damage(_cached_copy(built, cache, native._compiler()), "truncated", tmp_path)
     results = [_result(p) for p in [_probe(cache, wait=False) for _ in range(2)]]
     for r in results:
         assert r["available"] and r["same"] and r["warnings"] == [], r
