@@ -367,7 +367,7 @@ def attention_decode(
         masked = True
     p = torch.softmax(s, dim=-1)
     if masked:  # rows that can attend to nothing are NaN after the softmax; SDPA gives zeros
-        p = p.nan_to_num_(0.0)
+        p = p.masked_fill_((s == -math.inf).all(-1, keepdim=True), 0.0)
 
     o = None
     if th:
