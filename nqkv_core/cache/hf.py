@@ -22,7 +22,7 @@ from nqkv_core import _hf
 from nqkv_core.cache import io
 from nqkv_core.cache.attend import sdpa
 from nqkv_core.cache.format import RopeTable, side_format
-from nqkv_core.cache.layer import CompiledStep, NQKVLayer, _Handle
+from nqkv_core.cache.layer import CompiledStep, NQKVLayer, _Handle, storage_bytes
 from nqkv_core.cache.step import Decode, StepMemo, check_decode
 from nqkv_core.scheme import KVScheme, default_scheme, rope_inv_freq
 
@@ -159,8 +159,9 @@ class NQKVCache(Cache):
 
     @property
     def nbytes(self) -> int:
-        """Bytes of all allocated cache storage."""
-        return sum(layer.nbytes for layer in self.layers)
+        """Bytes of every tensor the cache holds (buffers at their allocated capacity, transforms,
+        prepared decode state, the shared RoPE table), each storage counted once."""
+        return storage_bytes(x for layer in self.layers for x in layer.held_tensors())
 
     def bytes_per_token(self) -> float:
         """Storage bytes per quantized token over all layers (K and V, all kv heads, one sequence)."""

@@ -62,6 +62,15 @@ class _Handle:
 
 
 
+def storage_bytes(tensors) -> int:
+    """Bytes of the storages behind ``tensors``, each storage counted once (views share one)."""
+    seen: dict[int, int] = {}
+    for x in tensors:
+        st = x.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values())
+
+
 class NQKVLayer(CacheLayerMixin):
     """The quantized K/V cache of one attention layer (layout in the module docstring).
 
@@ -394,13 +403,21 @@ class NQKVLayer(CacheLayerMixin):
         """Inverse of :meth:`state` on a fresh layer of the same scheme; ``dtype``: the model's."""
         io.load_layer_state(self, state, dtype)
 
+    def held_tensors(self) -> list[torch.Tensor]:
+        """Every tensor the layer holds: buffers, the frozen transform, the prepared step state and
+        the RoPE table it shares with the other layers of its cache."""
+        out = [self.length]
+        if self.is_initialized:
+            out += [*self.k_body, *self.v_body, self.k_sink, self.v_sink, self.k_ring, self.v_ring]
+        for obj in (self.transform, self._step_maps):
+            out += [x for x in vars(obj).values() if isinstance(x, torch.Tensor)] if obj is not None else []
+        return out + [x for x in (self.rope.inv_freq, self.rope.table, self.rope.tiles) if x is not None]
+
     @property
     def nbytes(self) -> int:
-        """Bytes of all storage this layer holds (allocated capacity, not only the used part)."""
-        if not self.is_initialized:
-            return 0
-        bufs = (*self.k_body, *self.v_body, self.k_sink, self.v_sink, self.k_ring, self.v_ring)
-        return sum(x.nbytes for x in bufs)
+        """Bytes of every tensor the layer holds (:meth:`held_tensors`; allocated capacity, not only
+        the used part), each storage counted once."""
+        return storage_bytes(self.held_tensors())
 
     def bytes_per_token(self) -> float:
         """Storage bytes of one quantized (body) token: codes and scales of K and V, all heads."""
