@@ -190,3 +190,33 @@ def test_cache_without_config_on_a_sliding_model_says_what_to_change():
     enable(model, scheme=FULL_PRECISION)
     with pytest.raises(ValueError, match="config=model.config"):
         decode_logits(model, ids_for(), NQKVCache(FULL_PRECISION, num_layers=2))
+
+
+@pytest.mark.parametrize("name", ["mistral", "gemma2", "gpt_oss"])
+def test_padded_batch_generates_as_dynamic_cache(name):
+    # Left padding: the padding mask and the sliding window together, at 16 bits, through generate.
+    model = tiny(name)
+    ids = torch.randint(1, 96, (2, PROMPT), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, PROMPT, dtype=torch.long)
+    mask[1, :5] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=STEPS, do_sample=False, pad_token_id=0, output_logits=True,
+              return_dict_in_generate=True)
+    model.set_attn_implementation("eager")
+    expected = model.generate(ids, past_key_values=DynamicCache(config=model.config), **kw)
+    got = model.generate(ids, **enable(model, scheme=FULL_PRECISION).generate_kwargs(), **kw)
+    assert torch.equal(got.sequences, expected.sequences)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(expected.logits), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mistral", "gemma2"])
+def test_assisted_decoding_equals_greedy_on_sliding_layers(name):
+    # Prompt lookup verifies candidates in multi-token forwards and crops the rejected ones: the
+    # sliding layers' ring of codes must still hold the window's quantized tokens after cropping.
+    model = tiny(name)
+    half = ids_for(15, seed=4)
+    prompt = torch.cat([half, half], dim=1)
+    nq = enable(model, scheme=scheme4(model, 4), crop_margin=10)
+    kw = dict(max_new_tokens=20, do_sample=False, pad_token_id=0)
+    plain = model.generate(prompt, **nq.generate_kwargs(), **kw)
+    lookup = model.generate(prompt, **nq.generate_kwargs(), prompt_lookup_num_tokens=6, **kw)
+    assert torch.equal(lookup, plain)

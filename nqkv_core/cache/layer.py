@@ -509,6 +509,8 @@ class NQKVSlidingLayer(NQKVLayer):
             for o, t in zip(bufs, new):
                 if held:
                     t.index_copy_(2, torch.remainder(pos - S, capacity), o.index_select(2, torch.remainder(pos - S, old)))
+                if self.max_cache_len is not None:  # as lazy_initialization marks the buffers it allocates
+                    torch._dynamo.mark_static_address(t)
             setattr(self, name, new)
 
     def crop(self, tokens_to_remove: int) -> None:
