@@ -220,3 +220,15 @@ def test_assisted_decoding_equals_greedy_on_sliding_layers(name):
     plain = model.generate(prompt, **nq.generate_kwargs(), **kw)
     lookup = model.generate(prompt, **nq.generate_kwargs(), prompt_lookup_num_tokens=6, **kw)
     assert torch.equal(lookup, plain)
+
+
+@pytest.mark.parametrize("name", ["mistral", "gemma2", "gpt_oss"])
+def test_nqkv_attention_without_a_cache_is_exact(name):
+    # No NQKV cache (use_cache=False): the attention function is exact attention with the model's
+    # window, soft-capping and sinks.
+    model, ids = tiny(name), ids_for()
+    expected = eager_logits(model, ids)
+    enable(model, scheme=FULL_PRECISION)
+    with torch.no_grad():
+        got = model(ids, use_cache=False).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)

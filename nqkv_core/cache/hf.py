@@ -76,9 +76,13 @@ def check_supported(config: Any) -> None:
         raise NotImplementedError(f"{name}: NQKVCache serves decoder-only models, not cross-attention; {_WORKAROUND}")
     # (not ``is_decoder``: transformers 4.x leaves it False on decoder-only models such as Llama)
     if getattr(text, "is_causal", True) is False or getattr(text, "use_bidirectional_attention", False):
-        raise NotImplementedError(f"{name}: NQKVCache needs causal attention (this model attends bidirectionally); {_WORKAROUND}")
+        raise NotImplementedError(
+            f"{name}: NQKVCache needs causal attention (this model attends bidirectionally); {_WORKAROUND}"
+        )
     if getattr(text, "attention_chunk_size", None) is not None:
-        raise NotImplementedError(f"{name}: NQKVCache does not serve chunked attention (attention_chunk_size); {_WORKAROUND}")
+        raise NotImplementedError(
+            f"{name}: NQKVCache does not serve chunked attention (attention_chunk_size); {_WORKAROUND}"
+        )
     types = layer_types(config)
     other = sorted(set(types) - set(LAYER_TYPES))
     if other:

@@ -503,12 +503,13 @@ class NQKVSlidingLayer(NQKVLayer):
         old, S = self.capacity, self.n_sinks
         last = n - self.window
         held = min(max(last - S + 1, 0), old)
-        pos = torch.arange(last - held + 1, last + 1, device=self.device)
+        pos = torch.arange(last - held + 1, last + 1, device=self.device) - S
+        to, frm = torch.remainder(pos, capacity), torch.remainder(pos, max(old, 1))
         for name, fmt in (("k_body", self.k_fmt), ("v_body", self.v_fmt)):
             bufs, new = getattr(self, name), self._new_body(fmt, capacity)
             for o, t in zip(bufs, new):
                 if held:
-                    t.index_copy_(2, torch.remainder(pos - S, capacity), o.index_select(2, torch.remainder(pos - S, old)))
+                    t.index_copy_(2, to, o.index_select(2, frm))
                 if self.max_cache_len is not None:  # as lazy_initialization marks the buffers it allocates
                     torch._dynamo.mark_static_address(t)
             setattr(self, name, new)
@@ -521,8 +522,9 @@ class NQKVSlidingLayer(NQKVLayer):
             return
         keep = tokens_to_remove if tokens_to_remove >= 0 else n + tokens_to_remove
         keep = max(min(keep, n), 0)
-        oldest_needed = max(self.n_sinks, keep - self.sliding_window + 1)
-        if self.stores_body and keep < n and oldest_needed <= keep - self.window and oldest_needed <= n - self.window - self.capacity:
+        oldest_needed = max(self.n_sinks, keep - self.sliding_window + 1)  # of the body tokens read after it
+        reads_body = self.stores_body and keep < n and oldest_needed <= keep - self.window
+        if reads_body and oldest_needed < n - self.window - self.capacity + 1:  # the oldest token held
             raise ValueError(
                 f"cannot crop the NQKV sliding layer from {n} to {keep} tokens: quantized tokens of the window"
                 f" after cropping were overwritten in its ring of codes. Create the cache with"

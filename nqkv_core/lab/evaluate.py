@@ -95,7 +95,9 @@ def fakequant_attention(
     else:
         t = _ACTIVE.transforms.get(layer)
         if t is None:
-            inv_freq = _layer_inv_freq(module.config, layer, key.shape[-1]).to(key.device) if scheme.k_centre_rope else None
+            inv_freq = None
+            if scheme.k_centre_rope:
+                inv_freq = _layer_inv_freq(module.config, layer, key.shape[-1]).to(key.device)
             t = _ACTIVE.transforms[layer] = fit_transform(scheme, key, value, query, inv_freq)
         k_hat, v_hat = roundtrip(scheme, key, value, transform=t)
         # Each key appears twice, quantized and exact; the mask lets every (query, key) pair see
