@@ -8,6 +8,10 @@ A step is split between the two hooks transformers gives a cache:
 * the registered attention function (``attn_implementation="nqkv"``) fits the scheme's transform
   on the first call (it needs the queries), attends to ``[body | sinks | window | new]`` with the new
   tokens exact, and then commits the new tokens (quantizing those that leave the window).
+
+Each decoder layer gets the cache layer of its type in the config (:func:`layer_types`): full
+attention or a sliding window; the model's query scale, soft-capping and learned sinks come with
+each attention call.
 """
 
 from __future__ import annotations
