@@ -1,7 +1,9 @@
 """Attention of new queries over a layer's stored tokens: ``[quantized body | full-precision tokens]``.
 
 :func:`attend` is the one place that reads the quantized body; the fast paths go through the
-``torch.ops.nqkv`` attention ops, the reference path through SDPA over the dequantized body.
+``torch.ops.nqkv`` attention ops, the reference path through SDPA over the dequantized body, and
+attention with soft-capped logits or learned sinks (which neither implements) through
+:func:`softmax_attention` over the dequantized body.
 """
 
 from __future__ import annotations

@@ -485,6 +485,27 @@ class NQKVSlidingLayer(NQKVLayer):
         slots = torch.arange(n_body, device=self.device)
         return last - torch.remainder(last - self.n_sinks - slots, max(self.capacity, 1))
 
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """As :meth:`NQKVLayer.update`.
+
+        Raises:
+            ValueError: for a compiled forward of more tokens than the ring of codes was grown for
+                (a compiled step cannot grow it).
+        """
+        out = super().update(key_states, value_states, *args, **kwargs)
+        T = key_states.shape[2]
+        if torch.compiler.is_compiling() and self.stores_body and T > 1:
+            needed = self._ring_slots(T)
+            if self.max_cache_len is not None:
+                needed = min(needed, self._body_capacity(self.max_cache_len))
+            if self.capacity < needed:
+                raise ValueError(
+                    f"a compiled forward of {T} tokens needs {needed} slots in the sliding layer's ring of codes,"
+                    f" which holds {self.capacity}: run a first forward of at least {T} tokens eagerly"
+                    " (it grows the ring), or compile one-token steps only"
+                )
+        return out
+
     def _grow(self, n_tokens: int) -> None:
         """Make the ring of codes large enough for a forward up to ``n_tokens`` tokens (eager steps)."""
         if self.max_cache_len is not None and n_tokens > self.max_cache_len:
