@@ -232,3 +232,19 @@ def test_nqkv_attention_without_a_cache_is_exact(name):
     with torch.no_grad():
         got = model(ids, use_cache=False).logits
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_compiled_decode_steps_on_sliding_and_soft_capped_layers():
+    # Gemma 2 (a sliding layer with a ring of codes, a full layer, soft-capping): one-token steps
+    # compiled with fullgraph=True, the full layer as the opaque op and the sliding one traced, give
+    # the eager steps' logits.
+    model, ids = tiny("gemma2"), ids_for(PROMPT + 6)
+    nq = enable(model, scheme=scheme4(model, 4), max_cache_len=64)
+    expected = decode_logits(model, ids, nq.new_cache())
+    cache = nq.new_cache()
+    step = torch.compile(lambda x, pos: model(x, past_key_values=cache, use_cache=True, cache_position=pos).logits,
+                         fullgraph=True)
+    with torch.no_grad():
+        out = [model(ids[:, :PROMPT], past_key_values=cache, use_cache=True).logits]
+        out += [step(ids[:, i : i + 1], torch.tensor([i])) for i in range(PROMPT, ids.shape[1])]
+    torch.testing.assert_close(torch.cat(out, dim=1), expected, rtol=0, atol=1e-4)
