@@ -248,3 +248,26 @@ def test_compiled_decode_steps_on_sliding_and_soft_capped_layers():
         out = [model(ids[:, :PROMPT], past_key_values=cache, use_cache=True).logits]
         out += [step(ids[:, i : i + 1], torch.tensor([i])) for i in range(PROMPT, ids.shape[1])]
     torch.testing.assert_close(torch.cat(out, dim=1), expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("window", [3, 8, 12])  # a ring of (16-bit) codes; an exact window as long; longer
+@pytest.mark.parametrize("decode", ["reference", "auto"])
+def test_sliding_layer_alone_is_exact_sliding_attention(window, decode):
+    # A sliding layer driven without any mask, in forwards of several sizes: with 16-bit storage its
+    # output is exact attention over the last 8 positions (sinks that left the window are not read).
+    torch.manual_seed(0)
+    sw, n = 8, 48
+    layer = NQKVSlidingLayer(FULL_PRECISION.replace(sinks=2, window=window), sw, decode=decode)
+    k, v, q = torch.randn(1, 2, n, 16), torch.randn(1, 2, n, 16), torch.randn(1, 4, n, 16)
+    outs, start = [], 0
+    for size in (5, 1, 1, 7, 1, 12, 1, 1, 3, 16):
+        end = start + size
+        layer.update(k[:, :, start:end], v[:, :, start:end])
+        outs.append(layer.attention(q[:, :, start:end], None, 0.3))
+        start = end
+    pos = torch.arange(n)
+    mask = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - sw)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=mask, scale=0.3)
+    torch.testing.assert_close(torch.cat(outs, dim=1), expected.transpose(1, 2), rtol=0, atol=1e-5)
+    assert layer.capacity <= sw - min(window, sw) + 16  # one-token steps' ring plus the largest forward

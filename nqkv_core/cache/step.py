@@ -240,7 +240,7 @@ def _output(layer, out: torch.Tensor, maps: StepMaps | None, group: int) -> torc
 
 def opaque_step(layer) -> bool:
     """Whether a compiled step runs ``layer`` as ``nqkv::cache_step`` (see :class:`NQKVCache`)."""
-    if layer.transform is None or layer.is_sliding:  # the first step fits the transform: traced
+    if layer.transform is None or layer.is_sliding:  # the first step fits the transform; sliding layers: traced
         return False
     return layer.compiled_step == "op" or (layer.compiled_step == "auto" and layer.device.type == "cpu")
 
@@ -250,9 +250,9 @@ def opaque_step(layer) -> bool:
 
 def all_slots_valid(layer, n: int) -> bool:
     """Whether every slot ``[body | sinks | ring]`` read at ``n`` tokens holds a token to attend to:
-    true once sinks and ring are full, unless the ring keeps a crop margin (older, masked tokens), or
-    the layer is sliding with a body (whose ring of codes holds tokens that left the window)."""
-    if layer.is_sliding and layer.stores_body:
+    true once sinks and ring are full, unless the ring keeps a crop margin (older, masked tokens);
+    never in a sliding layer (its sinks and its ring of codes hold tokens that left the window)."""
+    if layer.is_sliding:
         return False
     return layer.n_ring == layer.window - 1 and n >= layer.n_sinks + layer.n_ring
 
