@@ -181,8 +181,11 @@ def test_unsupported_models_are_refused_naming_the_feature():
         NQKVCache(scheme, config=LlamaConfig(**DIMS, attention_chunk_size=8))
     with pytest.raises(NotImplementedError, match="bidirectional"):
         NQKVCache(scheme, config=Gemma3TextConfig(**DIMS, use_bidirectional_attention=True))
-    with pytest.raises(NotImplementedError, match="yarn.*k_centre_rope"):  # RoPE centring needs default RoPE
-        enable(tiny("gpt_oss"), scheme=default_scheme(4, 16))
+    oss = tiny("gpt_oss")
+    for make in (lambda: enable(oss, scheme=default_scheme(4, 16)),
+                 lambda: NQKVCache(default_scheme(4, 16), config=oss.config)):
+        with pytest.raises(NotImplementedError, match="yarn.*k_centre_rope"):  # RoPE centring needs default RoPE
+            make()
 
 
 def test_cache_without_config_on_a_sliding_model_says_what_to_change():

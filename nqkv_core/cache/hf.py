@@ -72,7 +72,8 @@ def check_supported(config: Any) -> None:
     (``layer_types``), with soft-capped logits, a custom query scale or learned attention sinks
     (Llama, Mistral, Qwen2/3, Gemma 2/3, GPT-OSS, Phi-3, ...). Rejected, each with the feature named:
     encoder-decoder models (cross-attention), non-causal or bidirectional attention, chunked,
-    linear and other attention layer types.
+    linear and other attention layer types. (K and V of different head dims are refused at the
+    first step.)
     """
     text = _hf.text_config(config)
     name = type(config).__name__
@@ -113,6 +114,23 @@ def rope_inv_freqs(config: Any, head_dim: int) -> dict[str, torch.Tensor]:
         return {t: rope_inv_freq(SimpleNamespace(rope_parameters=params[t]), head_dim) for t in types}
     inv_freq = rope_inv_freq(text, head_dim)
     return {t: inv_freq for t in types}
+
+
+def scheme_inv_freqs(scheme: KVScheme, config: Any) -> dict[str, torch.Tensor]:
+    """:func:`rope_inv_freqs` if ``scheme`` centres keys with RoPE, else ``{}``.
+
+    Raises:
+        NotImplementedError: for a RoPE-centred scheme on a model whose RoPE is not the default one.
+    """
+    if not (scheme.k_centre and scheme.k_centre_rope):
+        return {}
+    try:
+        return rope_inv_freqs(config, _hf.head_dim(config))
+    except ValueError as e:
+        raise NotImplementedError(
+            f"{type(config).__name__}: scheme {scheme.name!r} centres keys with the model's RoPE, and {e};"
+            " use a scheme without k_centre_rope (scheme.replace(k_centre_rope=False))"
+        ) from e
 
 
 class NQKVCache(Cache):
@@ -157,8 +175,7 @@ class NQKVCache(Cache):
             num_layers = _hf.num_layers(config)
             self.layer_types = layer_types(config)
             self.sliding_window = getattr(_hf.text_config(config), "sliding_window", None)
-            if scheme.k_centre and scheme.k_centre_rope:
-                inv_freqs = rope_inv_freqs(config, _hf.head_dim(config))
+            inv_freqs = scheme_inv_freqs(scheme, config)
         if scheme.layer_bits and num_layers is not None and num_layers != len(scheme.layer_bits):
             raise ValueError(
                 f"scheme {scheme.name!r} has widths for {len(scheme.layer_bits)} layers; the model has {num_layers}"
@@ -402,14 +419,7 @@ def enable(
     check_decode(decode)
     scheme = scheme or default_scheme(bits, _hf.head_dim(config))
     side_format(scheme, "k"), side_format(scheme, "v")
-    if scheme.k_centre and scheme.k_centre_rope:
-        try:
-            rope_inv_freqs(config, _hf.head_dim(config))
-        except ValueError as e:
-            raise NotImplementedError(
-                f"{type(config).__name__}: scheme {scheme.name!r} centres keys with the model's RoPE, and {e};"
-                " use a scheme without k_centre_rope (dataclasses.replace(scheme, k_centre_rope=False))"
-            ) from e
+    scheme_inv_freqs(scheme, config)
     register()
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(ATTN_NAME)
