@@ -102,12 +102,14 @@ def scheme4(model, window: int):
     return s.replace(k_centre_rope=False) if isinstance(model, GptOssForCausalLM) else s  # (GPT-OSS: YaRN)
 
 
+# every token stored as 16-bit "codes" (window 1), or 2 sinks and 4 exact tokens before them
+@pytest.mark.parametrize("scheme", [FULL_PRECISION, FULL_PRECISION.replace(sinks=2, window=4)], ids=["W1", "S2W4"])
 @pytest.mark.parametrize("name", MODELS)
-def test_sixteen_bit_storage_reproduces_dynamic_cache(name):
+def test_sixteen_bit_storage_reproduces_dynamic_cache(name, scheme):
     model, ids = tiny(name), ids_for()
     expected = eager_logits(model, ids, DynamicCache(config=model.config))
     for decode in ("reference", "auto"):
-        nq = enable(model, scheme=FULL_PRECISION, decode=decode)
+        nq = enable(model, scheme=scheme, decode=decode)
         cache = nq.new_cache()
         got = decode_logits(model, ids, cache)
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
