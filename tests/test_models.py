@@ -190,6 +190,16 @@ def test_unsupported_models_are_refused_naming_the_feature():
             make()
 
 
+def test_saving_sliding_layers_is_refused(tmp_path):
+    model = tiny("gemma2")
+    cache = enable(model, scheme=FULL_PRECISION).new_cache()
+    decode_logits(model, ids_for(), cache)
+    with pytest.raises(NotImplementedError, match="sliding"):
+        cache.save(tmp_path / "c.safetensors")
+    with pytest.raises(NotImplementedError, match="sliding"):
+        NQKVCache.load(tmp_path / "c.safetensors", FULL_PRECISION, config=model.config)
+
+
 def test_cache_without_config_on_a_sliding_model_says_what_to_change():
     model = tiny("mistral")
     enable(model, scheme=FULL_PRECISION)
