@@ -471,9 +471,9 @@ def test_errors_are_clear(tmp_path):
     model.set_attn_implementation("sdpa")
     with pytest.raises(TypeError, match="nqkv"):
         model(ids, past_key_values=nq.new_cache(), use_cache=True)
-    with pytest.raises(NotImplementedError, match="sliding"):
-        enable(LlamaForCausalLM(LlamaConfig(**{**model.config.to_dict(), "layer_types": ["sliding_attention"] * 2,
-                                               "sliding_window": 8})), scheme=scheme)
+    with pytest.raises(NotImplementedError, match="linear_attention"):  # (sliding layers: tests/test_models.py)
+        enable(LlamaForCausalLM(LlamaConfig(**{**model.config.to_dict(), "layer_types": ["linear_attention"] * 2})),
+               scheme=scheme)
     with pytest.raises(NotImplementedError, match="evaluation-only"):
         NQKVCache(scheme.replace(k_quant="int"), num_layers=2)
     with pytest.raises(NotImplementedError, match="evaluation-only"):

@@ -8,7 +8,8 @@ Modules, in the order data flows through them:
 ``commit``     storing new tokens: sinks, the full-precision ring, the quantized body
 ``compiled``   a compiled step's layer as one opaque op (``torch.ops.nqkv.cache_step``)
 ``step``       one attention step of a layer, with its decode strategies
-``layer``      :class:`NQKVLayer`: one layer's buffers and transformers' layer interface
+``layer``      :class:`NQKVLayer` (full attention) and :class:`NQKVSlidingLayer` (sliding window):
+               one layer's buffers and transformers' layer interface
 ``io``         save / load (safetensors with a checksum)
 ``hf``         :class:`NQKVCache`, the ``"nqkv"`` attention function, :func:`enable`
 =============  ===================================================================================
@@ -16,14 +17,19 @@ Modules, in the order data flows through them:
 
 from nqkv_core.cache.attend import attend, prompt_attention, sdpa
 from nqkv_core.cache.format import KeyBias, RopeTable, SideFormat, rope_bias_weights, side_format
-from nqkv_core.cache.hf import ATTN_NAME, NQKVCache, NQKVModel, check_supported, enable, nqkv_attention, register
+from nqkv_core.cache.attend import Logits, softmax_attention
+from nqkv_core.cache.hf import (
+    ATTN_NAME, LAYER_TYPES, NQKVCache, NQKVModel, check_supported, enable, layer_types, nqkv_attention, register,
+    rope_inv_freqs,
+)
 from nqkv_core.cache.io import FORMAT_VERSION
-from nqkv_core.cache.layer import CompiledStep, NQKVLayer
+from nqkv_core.cache.layer import CompiledStep, NQKVLayer, NQKVSlidingLayer
 from nqkv_core.cache.step import DECODE_STRATEGIES, Decode
 from nqkv_core.scheme import default_scheme  # deprecated here: import it from nqkv_core.scheme
 
 __all__ = [
-    "ATTN_NAME", "DECODE_STRATEGIES", "FORMAT_VERSION", "CompiledStep", "Decode", "KeyBias", "NQKVCache",
-    "NQKVLayer", "NQKVModel", "RopeTable", "SideFormat", "attend", "check_supported", "default_scheme", "enable",
-    "nqkv_attention", "prompt_attention", "register", "rope_bias_weights", "sdpa", "side_format",
+    "ATTN_NAME", "DECODE_STRATEGIES", "FORMAT_VERSION", "LAYER_TYPES", "CompiledStep", "Decode", "KeyBias", "Logits",
+    "NQKVCache", "NQKVLayer", "NQKVModel", "NQKVSlidingLayer", "RopeTable", "SideFormat", "attend", "check_supported",
+    "default_scheme", "enable", "layer_types", "nqkv_attention", "prompt_attention", "register", "rope_bias_weights",
+    "rope_inv_freqs", "sdpa", "side_format", "softmax_attention",
 ]

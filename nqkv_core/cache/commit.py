@@ -47,12 +47,13 @@ def _commit_one(layer, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
     S, R, W = layer.n_sinks, layer.n_ring, layer.window
     n = layer._eager_length()
     leaving = n - W + 1  # the token that leaves the window (the new one itself when W == 1)
-    if leaving >= S:
+    if leaving >= S and layer.stores_body:
         if W > 1:
             slot = leaving % R
-            write_bodies(layer, leaving - S, layer.k_ring[:, :, slot : slot + 1], layer.v_ring[:, :, slot : slot + 1])
+            write_bodies(layer, layer.body_slot(leaving), layer.k_ring[:, :, slot : slot + 1],
+                         layer.v_ring[:, :, slot : slot + 1])
         else:
-            write_bodies(layer, leaving - S, k_new, v_new)
+            write_bodies(layer, layer.body_slot(leaving), k_new, v_new)
     if n < S:
         layer.k_sink[:, :, n : n + 1].copy_(k_new)
         layer.v_sink[:, :, n : n + 1].copy_(v_new)
@@ -74,7 +75,10 @@ def commit(layer, k_new: torch.Tensor, v_new: torch.Tensor, leaving_written: boo
 
 def write_leaving(layer, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
     """Quantize into the body the ``T`` tokens that leave the window as the ``T`` new ones arrive
-    (positions ``p0 - W + 1 + j``): the first ``min(T, W - 1)`` from the ring, the rest from the new ones."""
+    (positions ``p0 - W + 1 + j``): the first ``min(T, W - 1)`` from the ring, the rest from the new ones.
+    Nothing, in a layer without a body (a sliding layer whose window is all exact)."""
+    if not layer.stores_body:
+        return
     T, dev = k_new.shape[2], layer.device
     S, R, W = layer.n_sinks, layer.n_ring, layer.window
     leaving = layer.length - W + 1 + torch.arange(T, device=dev)
@@ -85,7 +89,7 @@ def write_leaving(layer, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
         v_out = torch.cat([layer.v_ring.index_select(2, slots), v_new[:, :, : T - from_ring]], dim=2)
     else:
         k_out, v_out = k_new, v_new
-    index = torch.where(leaving >= S, leaving - S, layer.capacity)  # not yet in the body: trash slot
+    index = torch.where(leaving >= S, layer.body_slot(leaving), layer.capacity)  # not yet in the body: trash slot
     write_bodies(layer, index, k_out, v_out)
 
 

@@ -8,21 +8,26 @@ A step is split between the two hooks transformers gives a cache:
 * the registered attention function (``attn_implementation="nqkv"``) fits the scheme's transform
   on the first call (it needs the queries), attends to ``[body | sinks | window | new]`` with the new
   tokens exact, and then commits the new tokens (quantizing those that leave the window).
+
+Each decoder layer gets the cache layer of its type in the config (:func:`layer_types`): full
+attention or a sliding window; the model's query scale, soft-capping and learned sinks come with
+each attention call.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
 from nqkv_core import _hf
 from nqkv_core.cache import io
-from nqkv_core.cache.attend import sdpa
+from nqkv_core.cache.attend import Logits, sdpa, softmax_attention
 from nqkv_core.cache.format import RopeTable, side_format
-from nqkv_core.cache.layer import CompiledStep, NQKVLayer, _Handle, storage_bytes
+from nqkv_core.cache.layer import CompiledStep, NQKVLayer, NQKVSlidingLayer, _Handle, storage_bytes
 from nqkv_core.cache.step import Decode, StepMemo, check_decode
 from nqkv_core.scheme import KVScheme, default_scheme, rope_inv_freq
 
@@ -34,39 +39,108 @@ except ImportError as e:  # pragma: no cover - exercised only without transforme
 ATTN_NAME = "nqkv"
 
 
+# The attention layer types (transformers' ``config.layer_types``) an NQKV cache serves.
+LAYER_TYPES = ("full_attention", "sliding_attention")
+_WORKAROUND = "run this model with transformers' own cache (DynamicCache) instead"
+
+
+def layer_types(config: Any) -> list[str]:
+    """The attention type of each decoder layer: transformers' ``layer_types`` if the config has them,
+    else what older configs say: ``sliding_window`` with ``use_sliding_window`` (from layer
+    ``max_window_layers`` on, Qwen2) or ``sliding_window_pattern`` (every n-th layer full, Gemma 3),
+    a ``sliding_window`` alone (every layer, Mistral), ``attention_chunk_size`` (chunked)."""
+    text = _hf.text_config(config)
+    n = text.num_hidden_layers
+    types = getattr(text, "layer_types", None)
+    if types:
+        return list(types)
+    if getattr(text, "attention_chunk_size", None) is not None:
+        return ["chunked_attention"] * n
+    if getattr(text, "sliding_window", None) is None or getattr(text, "use_sliding_window", True) is False:
+        return ["full_attention"] * n
+    pattern = getattr(text, "sliding_window_pattern", None)
+    if pattern:
+        return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
+    first = getattr(text, "max_window_layers", 0) if hasattr(text, "use_sliding_window") else 0
+    return ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+
+
 def check_supported(config: Any) -> None:
     """Raise ``NotImplementedError`` for models whose attention the cache cannot serve.
 
-    Supported: decoder-only causal self-attention over every position (Llama, Mistral without a
-    sliding window, Qwen2/3, Phi-3, ...). Rejected: sliding-window or chunked layers, encoder-decoder
-    models (cross-attention), non-causal models, and K/V of different head dims.
+    Supported: decoder-only causal self-attention whose layers are full or sliding-window
+    (``layer_types``), with soft-capped logits, a custom query scale or learned attention sinks
+    (Llama, Mistral, Qwen2/3, Gemma 2/3, GPT-OSS, Phi-3, ...). Rejected, each with the feature named:
+    encoder-decoder models (cross-attention), non-causal or bidirectional attention, chunked,
+    linear and other attention layer types. (K and V of different head dims are refused at the
+    first step.)
     """
     text = _hf.text_config(config)
     name = type(config).__name__
     if getattr(config, "is_encoder_decoder", False):
-        raise NotImplementedError(f"{name}: NQKVCache serves decoder-only models, not cross-attention")
+        raise NotImplementedError(f"{name}: NQKVCache serves decoder-only models, not cross-attention; {_WORKAROUND}")
     # (not ``is_decoder``: transformers 4.x leaves it False on decoder-only models such as Llama)
-    if getattr(text, "is_causal", True) is False:
-        raise NotImplementedError(f"{name}: NQKVCache needs causal attention")
-    layer_types = getattr(text, "layer_types", None) or []
-    other = sorted({t for t in layer_types if t != "full_attention"})
-    sliding = getattr(text, "sliding_window", None)
-    if sliding is not None and getattr(text, "use_sliding_window", True):
-        other.append(f"sliding_window={sliding}")
+    if getattr(text, "is_causal", True) is False or getattr(text, "use_bidirectional_attention", False):
+        raise NotImplementedError(
+            f"{name}: NQKVCache needs causal attention (this model attends bidirectionally); {_WORKAROUND}"
+        )
     if getattr(text, "attention_chunk_size", None) is not None:
-        other.append("chunked attention")
+        raise NotImplementedError(
+            f"{name}: NQKVCache does not serve chunked attention (attention_chunk_size); {_WORKAROUND}"
+        )
+    types = layer_types(config)
+    other = sorted(set(types) - set(LAYER_TYPES))
     if other:
         raise NotImplementedError(
-            f"{name}: NQKVCache supports full causal attention only; this model has {', '.join(map(str, other))}"
+            f"{name}: NQKVCache serves {' and '.join(LAYER_TYPES)} layers; this model has {', '.join(other)}"
+            f" layers (config.layer_types); {_WORKAROUND}"
         )
+    window = getattr(text, "sliding_window", None)
+    if "sliding_attention" in types and not (isinstance(window, int) and window > 0):
+        raise NotImplementedError(f"{name}: sliding_attention layers without a positive sliding_window ({window!r})")
+
+
+def rope_inv_freqs(config: Any, head_dim: int) -> dict[str, torch.Tensor]:
+    """The RoPE inverse frequencies of each layer type of ``config`` (a RoPE-centred scheme's), for
+    models whose ``rope_parameters`` are given per layer type (Gemma 3) or once for all.
+
+    Raises:
+        ValueError: for a RoPE type other than the default one (:func:`~nqkv_core.scheme.rope_inv_freq`).
+    """
+    text = _hf.text_config(config)
+    params = getattr(text, "rope_parameters", None) or {}
+    types = set(layer_types(config))
+    if types and all(isinstance(params.get(t), dict) for t in types):
+        return {t: rope_inv_freq(SimpleNamespace(rope_parameters=params[t]), head_dim) for t in types}
+    inv_freq = rope_inv_freq(text, head_dim)
+    return {t: inv_freq for t in types}
+
+
+def scheme_inv_freqs(scheme: KVScheme, config: Any) -> dict[str, torch.Tensor]:
+    """:func:`rope_inv_freqs` if ``scheme`` centres keys with RoPE, else ``{}``.
+
+    Raises:
+        NotImplementedError: for a RoPE-centred scheme on a model whose RoPE is not the default one.
+    """
+    if not (scheme.k_centre and scheme.k_centre_rope):
+        return {}
+    try:
+        return rope_inv_freqs(config, _hf.head_dim(config))
+    except ValueError as e:
+        raise NotImplementedError(
+            f"{type(config).__name__}: scheme {scheme.name!r} centres keys with the model's RoPE, and {e};"
+            " use a scheme without k_centre_rope (scheme.replace(k_centre_rope=False))"
+        ) from e
 
 
 class NQKVCache(Cache):
-    """A quantized, append-only KV cache for transformers models (one :class:`NQKVLayer` per layer).
+    """A quantized KV cache for transformers models: one :class:`NQKVLayer` per full-attention layer,
+    one :class:`NQKVSlidingLayer` per sliding-window layer (types from the config, :func:`layer_types`).
 
     Args:
         scheme: how K/V are stored (codebook schemes with blocks along head_dim).
-        config: the model config; gives the number of layers and is checked for support.
+        config: the model config; gives the number of layers and their types, and is checked for
+            support. Needed for models with sliding-window layers (without it every layer is full).
         num_layers: the number of layers, if no ``config`` (otherwise layers are added as needed).
         max_cache_len: preallocate for this many tokens (prompt plus new tokens): a decode step then
             allocates nothing and can be compiled; exceeding it raises ``ValueError``. None: grow.
@@ -93,12 +167,15 @@ class NQKVCache(Cache):
         compiled_step: CompiledStep = "auto",
         decode: Decode = "auto",
     ):
-        inv_freq = None
+        inv_freqs: dict[str, torch.Tensor] = {}
+        self.layer_types: list[str] = []
+        self.sliding_window: int | None = None
         if config is not None:
             check_supported(config)
             num_layers = _hf.num_layers(config)
-            if scheme.k_centre and scheme.k_centre_rope:
-                inv_freq = rope_inv_freq(_hf.text_config(config), _hf.head_dim(config))
+            self.layer_types = layer_types(config)
+            self.sliding_window = getattr(_hf.text_config(config), "sliding_window", None)
+            inv_freqs = scheme_inv_freqs(scheme, config)
         if scheme.layer_bits and num_layers is not None and num_layers != len(scheme.layer_bits):
             raise ValueError(
                 f"scheme {scheme.name!r} has widths for {len(scheme.layer_bits)} layers; the model has {num_layers}"
@@ -108,15 +185,25 @@ class NQKVCache(Cache):
         self.crop_margin = crop_margin
         self.compiled_step = compiled_step
         self.decode = check_decode(decode)
-        # One table of RoPE cos/sin per position for all layers (used by RoPE-centred schemes only).
-        self.rope = RopeTable(inv_freq, max_cache_len)
+        # One table of RoPE cos/sin per position for all layers of a type (RoPE-centred schemes only);
+        # the types share one table unless their frequencies differ.
+        self.rope = RopeTable(inv_freqs.get("full_attention"), max_cache_len)
+        self.ropes = {"full_attention": self.rope}
+        for t, inv_freq in inv_freqs.items():
+            if t not in self.ropes:
+                same = inv_freq is inv_freqs.get("full_attention")
+                self.ropes[t] = self.rope if same else RopeTable(inv_freq, max_cache_len)
         self.step_memo = StepMemo()
         layers = [self._new_layer(i) for i in range(num_layers or 0)]
         super().__init__(layers=layers)
 
     def _new_layer(self, layer_idx: int) -> NQKVLayer:
-        return NQKVLayer(self.scheme.for_layer(layer_idx), self.max_cache_len, self.crop_margin, self.rope,
-                         self.step_memo, self.compiled_step, self.decode)
+        kind = self.layer_types[layer_idx] if layer_idx < len(self.layer_types) else "full_attention"
+        rope = self.ropes.get(kind, self.rope)
+        args = (self.max_cache_len, self.crop_margin, rope, self.step_memo, self.compiled_step, self.decode)
+        if kind == "sliding_attention":
+            return NQKVSlidingLayer(self.scheme.for_layer(layer_idx), self.sliding_window, *args)
+        return NQKVLayer(self.scheme.for_layer(layer_idx), *args)
 
     def _layer(self, layer_idx: int) -> NQKVLayer:
         while len(self.layers) <= layer_idx:
@@ -171,7 +258,13 @@ class NQKVCache(Cache):
     # -- save / load (prefix reuse) ------------------------------------------------------------------
 
     def save(self, path: str | Path) -> None:
-        """Write the cache contents to a safetensors file (used parts only, with a checksum)."""
+        """Write the cache contents to a safetensors file (used parts only, with a checksum).
+
+        Raises:
+            NotImplementedError: for a cache with sliding-window layers.
+        """
+        if any(layer.is_sliding for layer in self.layers):
+            raise NotImplementedError("saving an NQKV cache with sliding-window layers is not supported")
         io.save(self, path)
 
     @classmethod
@@ -190,7 +283,10 @@ class NQKVCache(Cache):
         Raises:
             ValueError: unreadable or corrupted file (checksum), another scheme, another number of
                 layers, or a shape that does not fit ``config``.
+            NotImplementedError: for a model with sliding-window layers.
         """
+        if config is not None and "sliding_attention" in layer_types(config):
+            raise NotImplementedError("loading an NQKV cache for a model with sliding-window layers is not supported")
         return io.load(cls, path, scheme, config, max_cache_len, crop_margin, device, decode)
 
 
@@ -210,22 +306,42 @@ def nqkv_attention(
     """transformers attention function for ``attn_implementation="nqkv"``.
 
     With an :class:`NQKVCache`, ``key``/``value`` are layer handles and attention reads the quantized
-    cache. Without one (no cache, or another cache type) it is exact SDPA over the given tensors.
+    cache. Without one (no cache, or another cache type) it is exact attention over the given tensors.
+    The model's ``scaling``, ``sliding_window`` (a query at ``p`` sees ``(p - sliding_window, p]``),
+    ``softcap`` (Gemma 2) and ``s_aux`` (learned sink logits per query head, GPT-OSS) are honoured.
+
+    Raises:
+        ValueError: if the cache layer's sliding window is not the model's (a cache made without
+            ``config``).
     """
     if not getattr(module, "is_causal", True):
         raise NotImplementedError(f"{type(module).__name__}: NQKV attention is causal only")
-    if kwargs.get("sliding_window") is not None:
-        raise NotImplementedError(f"{type(module).__name__}: NQKV attention does not support sliding windows")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    window = kwargs.get("sliding_window")
+    logits = Logits(kwargs.get("softcap"), kwargs.get("s_aux"))
     if isinstance(key, _Handle):
-        return key.layer.attention(query, attention_mask, scale, getattr(module, "config", None)), None
+        layer = key.layer
+        if layer.sliding_window != window:
+            raise ValueError(
+                f"{type(module).__name__} attends with sliding_window={window}, but its NQKV cache layer was made"
+                f" for sliding_window={layer.sliding_window}: create the cache with config=model.config (or with"
+                " enable(model).new_cache()), whose layer_types and sliding_window must be what the model attends with"
+            )
+        config = getattr(module, "config", None)
+        return layer.attention(query, attention_mask, scale, config, logits if logits.active else None), None
     T, tk = query.shape[2], key.shape[2]
-    if attention_mask is None:
-        mask = torch.ones(T, tk, dtype=torch.bool, device=query.device).tril(tk - T)
-    else:
-        mask = _hf.bool_mask(attention_mask[:, :, -T:, -tk:])
+    pos_q = torch.arange(tk - T, tk, device=query.device)[:, None]
+    pos_k = torch.arange(tk, device=query.device)
+    mask = pos_k <= pos_q
+    if window is not None:
+        mask = mask & (pos_k > pos_q - window)
+    if attention_mask is not None:
+        mask = _hf.bool_mask(attention_mask[:, :, -T:, -tk:]) & mask
         mask = mask | ~mask.any(dim=-1, keepdim=True)
-    out = sdpa(query, key, value, attn_mask=mask, scale=scale)
+    if logits.active:
+        out = softmax_attention(query, key, value, mask, scale, logits)
+    else:
+        out = sdpa(query, key, value, attn_mask=mask, scale=scale)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -282,7 +398,7 @@ def enable(
     """Make ``model`` attend through NQKV caches; returns the cache factory and generate kwargs.
 
     Args:
-        model: a transformers decoder-only causal LM with full attention.
+        model: a transformers decoder-only causal LM with full and/or sliding-window attention layers.
         bits: code bits for K and V of the default scheme (:func:`default_scheme`); ignored if
             ``scheme`` is given.
         scheme: the storage scheme.
@@ -291,7 +407,8 @@ def enable(
         decode: the decode strategy of its caches (see :class:`NQKVCache`).
 
     Raises:
-        NotImplementedError: for an unsupported model or scheme.
+        NotImplementedError: for an unsupported model (:func:`check_supported`) or scheme (e.g. a
+            RoPE-centred scheme on a model without default RoPE).
 
     Example::
 
@@ -303,6 +420,7 @@ def enable(
     check_decode(decode)
     scheme = scheme or default_scheme(bits, _hf.head_dim(config))
     side_format(scheme, "k"), side_format(scheme, "v")
+    scheme_inv_freqs(scheme, config)
     register()
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(ATTN_NAME)

@@ -24,7 +24,7 @@ import torch
 from nqkv_core import native
 from nqkv_core._hf import bool_mask
 from nqkv_core.cache import commit, compiled  # noqa: F401  (compiled: registers torch.ops.nqkv.cache_step)
-from nqkv_core.cache.attend import attend, prompt_attention
+from nqkv_core.cache.attend import Logits, attend, prompt_attention
 from nqkv_core.cache.format import KeyBias, rope_bias_weights
 from nqkv_core.quantize import decision_thresholds, fit_ratios
 from nqkv_core.scheme import per_query_head, rotate_half
@@ -91,17 +91,21 @@ class StepMemo:
 
 
 def attention(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float,
-              config: Any = None) -> torch.Tensor:
+              config: Any = None, logits: Logits | None = None) -> torch.Tensor:
     """Attend ``query`` ``(b, hq, T, d)`` to ``layer``'s cache plus its parked tokens, then commit them.
 
     ``config``: the model config (RoPE frequencies of a RoPE-centred scheme, if the cache has none).
+    ``logits``: soft-capping and learned sinks, if the model has them; such steps attend through
+    :func:`~nqkv_core.cache.attend.softmax_attention` over the dequantized body whatever the strategy.
     Returns ``(b, T, hq, d)`` in the query dtype.
     """
     if layer._pending is None:
         raise RuntimeError("NQKVLayer.attention called without a preceding cache.update")
     k_new, v_new = layer._pending
     layer._pending = None
-    if torch.compiler.is_compiling() and opaque_step(layer):
+    if logits is not None and not logits.active:
+        logits = None
+    if torch.compiler.is_compiling() and logits is None and opaque_step(layer):
         # One node per layer in the graph: the eager step (one native call), not its ~180 torch ops.
         out = torch.ops.nqkv.cache_step(query, k_new, v_new, attention_mask, layer.length, layer.k_sink,
                                         scaling, layer.step_name)
@@ -112,7 +116,10 @@ def attention(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, s
         layer.transform = layer._fit(k_new, v_new, query, config)
     n = None if torch.compiler.is_compiling() else layer._eager_length()
     maps = _maps(layer, group, scaling) if _folds(layer, n, query.shape[2]) else None
-    if maps is not None and layer.decode in ("auto", "native") and attention_mask is None and all_slots_valid(layer, n):
+    if logits is not None:
+        logits = _storage_logits(layer, logits, query, group, scaling)
+    if (maps is not None and logits is None and layer.decode in ("auto", "native") and attention_mask is None
+            and all_slots_valid(layer, n)):
         out = _native_step(layer, query, k_new, v_new, maps, n, scaling)
         if out is not None:
             return out.to(query.dtype).transpose(1, 2)
@@ -126,13 +133,26 @@ def attention(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, s
     # step at its position would (quantized once older than the window): results do not depend on
     # how a sequence is split into forward passes.
     T = query.shape[2]
-    chunk = T > 1 and (n is None or layer._body_capacity(n + T - 1) > 0)
+    chunk = T > 1 and layer.stores_body and (n is None or layer._body_capacity(n + T - 1) > 0)
     if chunk:
         commit.write_leaving(layer, k_new, v_new)
-    out = _attend_cache(layer, query, q, w, k_new, k_attend, v_new, attention_mask, scaling, n)
+    out = _attend_cache(layer, query, q, w, k_new, k_attend, v_new, attention_mask, scaling, n, logits)
     out = _output(layer, out, maps, group)
     layer._commit(k_new, v_new, leaving_written=chunk)
     return out.to(query.dtype).transpose(1, 2).contiguous()
+
+
+def _storage_logits(layer, logits: Logits, query: torch.Tensor, group: int, scaling: float) -> Logits:
+    """``logits`` for scores and values in the storage basis: the sinks' zero value transformed, and
+    the row shift a plain key centre takes from the scores (a RoPE-aware one is the key bias)."""
+    t = layer.transform
+    sink_value = shift = None
+    if logits.sinks is not None and t.mu_v is not None:
+        # a sink takes probability without a value: zero in the original basis, centred in storage
+        sink_value = t.values(query.new_zeros(query.shape[0], layer.num_heads, 1, query.shape[-1]))
+    if t.mu_k is not None and t.inv_freq is None:
+        shift = scaling * (query.float() * per_query_head(t.mu_k, group).float()).sum(-1, keepdim=True)
+    return Logits(logits.softcap, logits.sinks, sink_value, shift)
 
 
 def _folds(layer, n: int | None, T: int) -> bool:
@@ -171,14 +191,17 @@ def _general_inputs(layer, query, k_new, group: int, n: int | None):
     return q, None, k_new, k_attend
 
 
-def _attend_cache(layer, query, q, w, k_new, k_attend, v_new, attention_mask, scaling: float, n: int | None):
+def _attend_cache(layer, query, q, w, k_new, k_attend, v_new, attention_mask, scaling: float, n: int | None,
+                  logits: Logits | None = None):
     """Attention of the storage-basis queries ``q`` over the layer's slots and the new tokens."""
     T = q.shape[2]
-    if n == 0 and layer._body_capacity(T - 1) == 0 and (attention_mask is None or attention_mask.shape[-1] >= T):
+    if (n == 0 and (layer._body_capacity(T - 1) == 0 or not layer.stores_body)
+            and (attention_mask is None or attention_mask.shape[-1] >= T)):
         # A prompt on an empty cache that no query reads quantized (it fits sinks and window): it
         # attends to its own exact tokens only (a plain centre is a constant per query row, which
         # the softmax ignores).
-        return prompt_attention(q, k_new if k_attend is None else k_attend, v_new, attention_mask, scaling)
+        return prompt_attention(q, k_new if k_attend is None else k_attend, v_new, attention_mask, scaling,
+                                layer.sliding_window, logits)
     p0 = layer.length
     # Compiled steps read the whole preallocated body (masked) so that shapes never change; a chunk
     # reads the tokens it quantized before attending too.
@@ -186,9 +209,10 @@ def _attend_cache(layer, query, q, w, k_new, k_attend, v_new, attention_mask, sc
     if n is None:
         positions, valid = slot_positions(layer, p0, n_body, T)
     else:  # the same for every layer of the step
-        key = (n, n_body, T, layer.n_sinks, layer.n_ring, layer.window, layer.device)
+        key = (n, n_body, T, layer.n_sinks, layer.n_ring, layer.window, layer.sliding_window, layer.capacity,
+               layer.device)
         positions, valid = layer.step_memo.get("positions", key, lambda: slot_positions(layer, p0, n_body, T))
-    if n is not None and T == 1 and attention_mask is None and all_slots_valid(layer, n):
+    if n is not None and T == 1 and attention_mask is None and all_slots_valid(layer, n) and logits is None:
         allowed = None  # one query that sees every stored slot: nothing to mask
     else:
         allowed = allowed_slots(layer, p0, positions, valid, T, attention_mask)
@@ -199,6 +223,7 @@ def _attend_cache(layer, query, q, w, k_new, k_attend, v_new, attention_mask, sc
     return attend(
         q, tuple(x[:, :, :n_body] for x in layer.k_body), tuple(x[:, :, :n_body] for x in layer.v_body),
         layer.k_fmt, layer.v_fmt, k_fp, v_fp, allowed, scaling, key_bias, fused=layer.decode != "reference",
+        logits=logits,
     )
 
 
@@ -215,7 +240,7 @@ def _output(layer, out: torch.Tensor, maps: StepMaps | None, group: int) -> torc
 
 def opaque_step(layer) -> bool:
     """Whether a compiled step runs ``layer`` as ``nqkv::cache_step`` (see :class:`NQKVCache`)."""
-    if layer.transform is None:  # the first step fits the transform: traced
+    if layer.transform is None or layer.is_sliding:  # the first step fits the transform; sliding layers: traced
         return False
     return layer.compiled_step == "op" or (layer.compiled_step == "auto" and layer.device.type == "cpu")
 
@@ -225,7 +250,10 @@ def opaque_step(layer) -> bool:
 
 def all_slots_valid(layer, n: int) -> bool:
     """Whether every slot ``[body | sinks | ring]`` read at ``n`` tokens holds a token to attend to:
-    true once sinks and ring are full, unless the ring keeps a crop margin (older, masked tokens)."""
+    true once sinks and ring are full, unless the ring keeps a crop margin (older, masked tokens);
+    never in a sliding layer (its sinks and its ring of codes hold tokens that left the window)."""
+    if layer.is_sliding:
+        return False
     return layer.n_ring == layer.window - 1 and n >= layer.n_sinks + layer.n_ring
 
 
@@ -233,7 +261,7 @@ def slot_positions(layer, p0: torch.Tensor, n_body: int, T: int) -> tuple[torch.
     """Positions and validity of the stored slots ``[body n_body | sinks S | ring R]`` before this
     step, followed by the ``T`` new tokens."""
     dev, S, R, W = layer.device, layer.n_sinks, layer.n_ring, layer.window
-    body = torch.arange(n_body, device=dev) + S
+    body = layer.body_positions(p0, n_body, T)
     sinks = torch.arange(S, device=dev)
     slots = torch.arange(R, device=dev)
     ring = p0 - 1 - torch.remainder(p0 - 1 - slots, max(R, 1))
@@ -254,7 +282,8 @@ def allowed_slots(layer, p0: torch.Tensor, positions: torch.Tensor, valid: torch
 
     Each query at position ``p`` reads a key quantized if it is at least ``W`` positions older and
     not a sink, exactly otherwise (what the fake-quantized reference computes): a body slot at
-    ``r`` counts for it when ``r <= p - W``, an exact slot when ``r < S`` or ``r > p - W``.
+    ``r`` counts for it when ``r <= p - W``, an exact slot when ``r < S`` or ``r > p - W``. A
+    sliding layer's query also reads only ``r > p - sliding_window``.
     """
     S, W = layer.n_sinks, layer.window
     q_pos = (p0 + torch.arange(T, device=layer.device))[:, None]
@@ -262,6 +291,8 @@ def allowed_slots(layer, p0: torch.Tensor, positions: torch.Tensor, valid: torch
     is_body = torch.arange(positions.shape[0], device=layer.device) < n_body
     exact = (positions < S) | (positions > q_pos - W)
     allowed = torch.where(is_body, positions <= q_pos - W, exact & valid)
+    if layer.sliding_window is not None:
+        allowed = allowed & (positions > q_pos - layer.sliding_window)
     if attention_mask is None:
         allowed = (allowed & (positions <= q_pos))[None, None]
     else:
@@ -291,6 +322,8 @@ def _key_bias(layer, query: torch.Tensor, positions: torch.Tensor, n: int | None
 
     def dense() -> torch.Tensor:
         bias = w @ table.T
+        if layer.is_sliding:  # a ring of codes: body positions are not one run
+            return bias.index_select(-1, clamped)
         tail = clamped[n_body + S :]  # ring and new tokens
         return torch.cat([bias[..., S : S + n_body], bias[..., :S], bias.index_select(-1, tail)], dim=-1)
 
@@ -305,7 +338,8 @@ def _bias_table(layer, positions: torch.Tensor, n: int | None, n_body: int, T: i
         return layer.rope.table, positions.clamp(0, P - 1)  # unused ring slots (masked) hold positions < 0
     P = max(layer.n_sinks + n_body, n + T)
     layer.rope.ensure(P, layer.device)
-    key = (n, n_body, T, P, layer.n_sinks, layer.n_ring, layer.window, layer.device)  # what positions depend on
+    key = (n, n_body, T, P, layer.n_sinks, layer.n_ring, layer.window, layer.sliding_window, layer.capacity,
+           layer.device)  # what positions depend on
     return layer.rope.table[:P], layer.step_memo.get("clamped positions", key, lambda: positions.clamp(0, P - 1))
 
 
@@ -340,7 +374,7 @@ def _native_step(layer, query: torch.Tensor, k_new: torch.Tensor, v_new: torch.T
     boundary, rarely); ``tests/test_cache.py`` compares the two.
     """
     S, R, W = layer.n_sinks, layer.n_ring, layer.window
-    if R == 0 or not (layer.k_fmt.quantized and layer.v_fmt.quantized):
+    if R == 0 or layer.is_sliding or not (layer.k_fmt.quantized and layer.v_fmt.quantized):
         return None
     step = _native_decode_step(layer, maps)
     if not step.supported:

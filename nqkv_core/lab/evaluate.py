@@ -71,13 +71,18 @@ def fakequant_attention(
 
     Shapes: ``query (b, hq, T, d)``, ``key``/``value`` ``(b, hkv, Tk, d)`` with the ``T`` queries at
     the last ``T`` positions; ``attention_mask`` is None or a boolean ``(b, 1, T, Tk)`` (True =
-    attend). Returns ``(b, T, hq, d)`` in the query dtype.
+    attend). The model's ``sliding_window`` (a query at ``p`` sees keys in ``(p - sliding_window, p]``),
+    ``softcap`` (scores ``softcap * tanh(s / softcap)``) and ``s_aux`` (learned sink logits per query
+    head) keyword arguments are honoured. Returns ``(b, T, hq, d)`` in the query dtype.
     """
     scheme = _ACTIVE.scheme
     T, tk = query.shape[2], key.shape[2]
     qpos = torch.arange(tk - T, tk, device=query.device)
     kpos = torch.arange(tk, device=query.device)
     allowed = kpos[None, :] <= qpos[:, None]
+    if kwargs.get("sliding_window") is not None:
+        allowed = allowed & (kpos[None, :] > qpos[:, None] - kwargs["sliding_window"])
+    softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")
     if attention_mask is not None:
         m = attention_mask[:, :, -T:, :]
         allowed = allowed & (m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2)
@@ -86,23 +91,45 @@ def fakequant_attention(
     if scheme is not None:
         scheme = scheme.for_layer(layer)
     if _is_fp(scheme):
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling, enable_gqa=True)
+        out = _explicit_attention(q, k, v, allowed, scaling, softcap, sinks)
     else:
         t = _ACTIVE.transforms.get(layer)
         if t is None:
-            inv_freq = rope_inv_freq(module.config, key.shape[-1], key.device) if scheme.k_centre_rope else None
+            inv_freq = None
+            if scheme.k_centre_rope:
+                inv_freq = _layer_inv_freq(module.config, layer, key.shape[-1]).to(key.device)
             t = _ACTIVE.transforms[layer] = fit_transform(scheme, key, value, query, inv_freq)
         k_hat, v_hat = roundtrip(scheme, key, value, transform=t)
         # Each key appears twice, quantized and exact; the mask lets every (query, key) pair see
         # exactly one of the two, so one softmax over both is the streaming cache's attention.
         exact = (kpos[None, :] < scheme.sinks) | (qpos[:, None] - kpos[None, :] < scheme.window)
         mask = torch.cat([allowed & ~exact, allowed & exact], dim=-1)
-        out = F.scaled_dot_product_attention(
-            q, torch.cat([k_hat, k], dim=-2), torch.cat([v_hat, v], dim=-2),
-            attn_mask=mask, scale=scaling, enable_gqa=True,
-        )
+        out = _explicit_attention(q, torch.cat([k_hat, k], dim=-2), torch.cat([v_hat, v], dim=-2), mask, scaling,
+                                  softcap, sinks)
     out = out.transpose(1, 2).contiguous()
     return out.to(query.dtype), None
+
+
+def _explicit_attention(q, k, v, mask, scale: float, softcap: float | None, sinks: torch.Tensor | None):
+    """SDPA, or with soft-capping / learned sink logits the explicit softmax of transformers' eager
+    attention (a sink column takes probability and contributes no value)."""
+    if softcap is None and sinks is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    group = q.shape[1] // k.shape[1]
+    s = q @ k.repeat_interleave(group, 1).transpose(-1, -2) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~mask, -math.inf)
+    if sinks is not None:
+        s = torch.cat([s, sinks.float().reshape(1, -1, 1, 1).expand(*s.shape[:3], 1)], dim=-1)
+    return s.softmax(dim=-1)[..., : k.shape[2]] @ v.repeat_interleave(group, 1)
+
+
+def _layer_inv_freq(config, layer: int, head_dim: int) -> torch.Tensor:
+    """The RoPE frequencies of layer ``layer`` (per layer type where the model has them per type)."""
+    from nqkv_core.cache.hf import layer_types, rope_inv_freqs
+
+    return rope_inv_freqs(config, head_dim)[layer_types(config)[layer]]
 
 
 def register_attention() -> str:
