@@ -25,7 +25,7 @@ from transformers.cache_utils import CacheLayerMixin
 from nqkv_core import _hf, native
 from nqkv_core.cache import commit, io, step
 from nqkv_core.cache.compiled import STEP_LAYERS, STEP_NAMES
-from nqkv_core.cache.format import RopeTable, SideFormat, side_format
+from nqkv_core.cache.format import RopeTable, SideFormat, fp_dtype, side_format
 from nqkv_core.scheme import KVScheme, KVTransform, fit_transform, rope_inv_freq
 
 # How a compiled step runs a layer (``NQKVCache(compiled_step=...)``).
@@ -174,10 +174,7 @@ class NQKVLayer(CacheLayerMixin):
         self.dtype = key_states.dtype
         self.batch_size, self.num_heads, _, self.head_dim = key_states.shape
         s = self.scheme
-        needs_basis = s.needs_stats or s.k_rotate or s.v_rotate
-        # The storage basis comes out of the transform in fp32; keeping the exact tokens in fp32 there
-        # means a token is quantized from the same numbers a fake-quantized reference uses.
-        self.fp_dtype = torch.float32 if needs_basis else self.dtype
+        self.fp_dtype = fp_dtype(s, self.dtype)
         self.k_fmt = side_format(s, "k", self.device)
         self.v_fmt = side_format(s, "v", self.device)
         kf, vf = self.k_fmt, self.v_fmt
