@@ -40,9 +40,10 @@ MAX_LAYERS = 10_000
 MAX_HEAD_DIM = 1024
 MAX_TOKEN_ELEMENTS = 2**24  # batch * kv heads * head_dim of one token of one side
 MODEL_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# safetensors' header dtype names of the dtypes a cache file holds
-_FILE_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "U8": torch.uint8,
-                "I64": torch.int64}
+# safetensors' header dtype names (others are reported as the header spells them)
+_FILE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                "BOOL": torch.bool}
 _DIGESTS = ("sha256", "hmac_sha256")
 _KEY = re.compile(r"layer(0|[1-9][0-9]{0,4})\.([a-z0-9_]+)")
 # (dtype, shape) of a saved tensor
@@ -237,7 +238,8 @@ def load_layer_state(layer, state: dict[str, torch.Tensor], dtype: torch.dtype, 
 
 def _length(where: str, x: torch.Tensor | None) -> int:
     if x is None or x.dtype != torch.int64 or x.shape != ():
-        raise ValueError(f"{where}: length must be an int64 scalar, got {None if x is None else _fmt((x.dtype, tuple(x.shape)))}")
+        got = None if x is None else _fmt((x.dtype, tuple(x.shape)))
+        raise ValueError(f"{where}: length must be an int64 scalar, got {got}")
     n = int(x)
     if n < 0:
         raise ValueError(f"{where}: length must be >= 0, got {n}")

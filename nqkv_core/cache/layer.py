@@ -160,6 +160,10 @@ class NQKVLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Allocate every buffer from the first K/V's batch, heads, head_dim, dtype and device."""
+        if key_states.dim() != 4:
+            raise ValueError(
+                f"NQKVCache takes K/V of shape (batch, kv heads, tokens, head_dim), got {tuple(key_states.shape)}"
+            )
         if key_states.shape != value_states.shape:
             raise NotImplementedError(
                 f"NQKVCache needs keys and values of one shape, got {tuple(key_states.shape)} and"
@@ -229,14 +233,16 @@ class NQKVLayer(CacheLayerMixin):
     # -- the step ---------------------------------------------------------------------------------
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Park the new K/V for the attention call that follows; returns ``(handle, handle)``."""
+        """Park the new K/V ``(b, h, T, d)`` for the attention call that follows; returns ``(handle, handle)``.
+
+        Raises:
+            ValueError: K/V of another batch, kv head count, head_dim, dtype or device than the
+                layer's buffers (allocated by the first step), or not of one ``(b, h, T, d)`` shape.
+        """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        elif key_states.shape[0] != self.batch_size or key_states.shape[1] != self.num_heads:
-            raise ValueError(
-                f"NQKVCache was filled with batch {self.batch_size} and {self.num_heads} kv heads, got"
-                f" keys of shape {tuple(key_states.shape)}; call cache.reset() to start a new batch"
-            )
+        else:
+            self._check_like_buffers(key_states, value_states)
         if not torch.compiler.is_compiling():
             n = self._step_length = int(self.length)
             self._grow(n + key_states.shape[2])
@@ -245,6 +251,31 @@ class NQKVLayer(CacheLayerMixin):
         self._pending = (key_states, value_states)
         return self.handle, self.handle
 
+
+    def _check_like_buffers(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        # The decode kernels index the new tokens with the buffers' sizes and dtype: a mismatch
+        # must stop here, not read past the tensors.
+        want = (self.batch_size, self.num_heads, self.head_dim, self.dtype, self.device)
+        for name, x in (("keys", key_states), ("values", value_states)):
+            if x.dim() != 4 or (x.shape[0], x.shape[1], x.shape[3], x.dtype, x.device) != want or (
+                    x.shape != key_states.shape):
+                raise ValueError(
+                    f"NQKVCache was filled with batch {self.batch_size}, {self.num_heads} kv heads of dim"
+                    f" {self.head_dim}, {self.dtype} on {self.device}; got {name} of shape {tuple(x.shape)},"
+                    f" {x.dtype} on {x.device}. Use one cache per model; call cache.reset() to start a new batch"
+                )
+
+    def _check_query(self, query: torch.Tensor) -> None:
+        k = self._pending[0] if self._pending is not None else None
+        if k is None:
+            return
+        if query.dim() != 4 or query.shape[0] != self.batch_size or query.shape[3] != self.head_dim or (
+                query.shape[1] % self.num_heads or query.shape[2] != k.shape[2] or query.device != self.device):
+            raise ValueError(
+                f"NQKVCache attention needs queries (batch {self.batch_size}, a multiple of {self.num_heads}"
+                f" heads, {k.shape[2]} tokens, dim {self.head_dim}) on {self.device}, like the cached keys;"
+                f" got shape {tuple(query.shape)} on {query.device}"
+            )
 
     def _fit(self, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None, config: Any = None) -> KVTransform:
         """Fit the frozen transform on the first tokens (with the RoPE frequencies for ``k_centre_rope``)."""
@@ -265,7 +296,13 @@ class NQKVLayer(CacheLayerMixin):
         self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float, config: Any = None
     ) -> torch.Tensor:
         """Attend ``query`` ``(b, hq, T, d)`` to the cache plus the parked tokens, then commit them
-        (:func:`nqkv_core.cache.step.attention`); returns ``(b, T, hq, d)`` in the query dtype."""
+        (:func:`nqkv_core.cache.step.attention`); returns ``(b, T, hq, d)`` in the query dtype.
+
+        Raises:
+            ValueError: ``query`` of another batch, head_dim, token count or device than the parked
+                keys, or with a head count that is not a multiple of the kv heads.
+        """
+        self._check_query(query)
         return step.attention(self, query, attention_mask, scaling, config)
 
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor, query_states: torch.Tensor | None = None) -> None:
