@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -246,13 +247,16 @@ def test_step_inputs_must_match_the_buffers():
             layer.attention(bad, None, 0.25)
 
 
-# -- crashes of the native decode step, in a subprocess -------------------------------------------
+# -- in one subprocess: the cases that crashed or misread in the native decode step, then fuzzing ----
+# (flipped and truncated bytes, edited headers, forged tensors). A case that kills the process
+# fails its test and every test after it, instead of the whole run.
 
-CRASH_CASES = r"""
-import traceback
+SUBPROCESS = r"""
+import json, struct, traceback
 from pathlib import Path
+from hypothesis import HealthCheck, given, settings, strategies as st
 from nqkv_core.cache import NQKVCache
-tmp = Path(sys.argv[1])
+tmp = Path(TMP)
 
 def case(name, fn):
     print("CASE", name, flush=True)
@@ -261,7 +265,8 @@ def case(name, fn):
         print("RESULT", name, "no error", flush=True)
     except ValueError as e:
         print("RESULT", name, "ValueError:", str(e).replace("\n", " "), flush=True)
-    except Exception as e:
+    except BaseException as e:
+        traceback.print_exc()
         print("RESULT", name, type(e).__name__, str(e).replace("\n", " ")[:300], flush=True)
 
 def inv_freq_cut():
@@ -277,70 +282,18 @@ def inv_freq_cut():
     t.enable(model, scheme=t.ROPE)
     t.decode_step(model, NQKVCache.load(bad, t.ROPE))
 
-def other_head_dim():
-    # a model of head_dim 32 (same kv heads) feeding a cache that a head_dim-16 model filled
-    cache = t.saved_cache(t.tiny_model(), t.ROPE, tmp / "a.safetensors")
-    other = t.tiny_model(head_dim=32)
-    t.enable(other, scheme=t.ROPE)
-    t.decode_step(other, cache)
-
-def other_dtype():
-    cache = t.saved_cache(t.tiny_model(), t.ROPE, tmp / "b.safetensors")
-    model = t.tiny_model(dtype=torch.bfloat16)
-    t.enable(model, scheme=t.ROPE)
-    t.decode_step(model, cache)
-
-def other_batch():
-    cache = t.saved_cache(t.tiny_model(), t.ROPE, tmp / "c.safetensors", batch=2)
-    model = t.tiny_model()
+def fed_by(model, batch=1):
+    # a cache filled by a head_dim-16 float32 model of batch ``batch``, then a step of ``model``
+    cache = t.saved_cache(t.tiny_model(), t.ROPE, tmp / "fed.safetensors", batch=batch)
     t.enable(model, scheme=t.ROPE)
     with torch.no_grad():
         model(torch.tensor([[5]]), past_key_values=cache, use_cache=True)
 
-for name, fn in [("inv_freq_cut", inv_freq_cut), ("other_head_dim", other_head_dim),
-                 ("other_dtype", other_dtype), ("other_batch", other_batch)]:
-    case(name, fn)
-print("DONE", flush=True)
-"""
+case("inv_freq_cut", inv_freq_cut)
+case("other_head_dim", lambda: fed_by(t.tiny_model(head_dim=32)))
+case("other_dtype", lambda: fed_by(t.tiny_model(dtype=torch.bfloat16)))
+case("other_batch", lambda: fed_by(t.tiny_model(), batch=2))
 
-
-@pytest.fixture(scope="module")
-def crash_results(tmp_path_factory) -> dict[str, str]:
-    """Each crash case's outcome, from one subprocess; a case that killed it reads 'crashed ...'."""
-    proc = run_python(CRASH_CASES.replace("sys.argv[1]", repr(str(tmp_path_factory.mktemp("crash")))))
-    out, results = proc.stdout.splitlines(), {}
-    for line in out:
-        if line.startswith("CASE "):
-            results[line.split()[1]] = f"crashed (exit code {proc.returncode}): {proc.stderr[-2000:]}"
-        elif line.startswith("RESULT "):
-            _, name, outcome = line.split(" ", 2)
-            results[name] = outcome
-    assert "DONE" in out or proc.returncode != 0, proc.stderr[-2000:]
-    return results
-
-
-@pytest.mark.parametrize("case, match", [
-    ("inv_freq_cut", r"ValueError: \S+cut.safetensors: layer 0: t_inv_freq is float32 \(1,\), expected float32 \(8,\)"),
-    ("other_head_dim", r"ValueError: NQKVCache was filled with batch 1, 2 kv heads of dim 16, .* got keys of shape"
-                       r" \(1, 2, 1, 32\)"),
-    ("other_dtype", r"ValueError: NQKVCache was filled with .* torch.float32 .* torch.bfloat16"),
-    ("other_batch", r"ValueError: NQKVCache was filled with batch 2, .* got keys of shape \(1, 2, 1, 16\)"),
-])
-def test_crash_case_is_a_value_error(crash_results, case, match):
-    import re
-
-    assert case in crash_results, f"the subprocess never reached {case}: {crash_results}"
-    assert re.search(match, crash_results[case]), crash_results[case]
-
-
-# -- fuzzing: flipped and truncated bytes, edited headers, forged tensors -------------------------
-
-FUZZ = r"""
-import json, struct
-from pathlib import Path
-from hypothesis import HealthCheck, given, settings, strategies as st
-from nqkv_core.cache import NQKVCache
-tmp = Path(sys.argv[1])
 models = {"rope": t.tiny_model(), "full": t.tiny_model()}
 schemes = {"rope": t.ROPE, "full": t.FULL}
 for name, model in models.items():
@@ -356,19 +309,19 @@ def header_edit(raw, data):
         field = data.draw(st.sampled_from(sorted(head[key])))
         head[key][field] = data.draw(st.sampled_from(["1000000000", "-1", "", "0", "1", "3", "float64", "x" * 100]))
     else:
-        entry = head[key]
         part = data.draw(st.sampled_from(["shape", "dtype", "data_offsets"]))
         if part == "dtype":
-            entry[part] = data.draw(st.sampled_from(["F32", "F16", "BF16", "U8", "I64", "F64", "I8", "BOOL"]))
+            head[key][part] = data.draw(st.sampled_from(["F32", "F16", "BF16", "U8", "I64", "F64", "I8", "BOOL"]))
         else:
-            entry[part] = data.draw(st.lists(st.integers(0, 2**40), min_size=0, max_size=5))
+            head[key][part] = data.draw(st.lists(st.integers(0, 2**40), max_size=5))
     new = json.dumps(head).encode()
     return struct.pack("<Q", len(new)) + new + raw[8 + n:]
 
-def tensor_edit(path, dst, data):
-    meta, tensors = t.read(path)
+def tensor_edit(src, dst, data):
+    meta, tensors = t.read(src)
     name = data.draw(st.sampled_from(sorted(tensors)))
-    x, op = tensors[name], data.draw(st.sampled_from(["slice", "reshape", "dtype", "value", "drop", "length", "meta"]))
+    x = tensors[name]
+    op = data.draw(st.sampled_from(["slice", "reshape", "dtype", "value", "drop", "length", "meta"]))
     if op == "slice" and x.dim():
         dim = data.draw(st.integers(0, x.dim() - 1))
         tensors[name] = x.narrow(dim, 0, data.draw(st.integers(0, x.shape[dim])))
@@ -386,20 +339,23 @@ def tensor_edit(path, dst, data):
     elif op == "length":
         tensors[name.split(".")[0] + ".length"] = torch.tensor(data.draw(st.integers(-5, 10**6)))
     elif op == "meta":
-        meta[data.draw(st.sampled_from(["num_layers", "dtype"]))] = data.draw(st.sampled_from(["0", "1", "3", "float16", "bfloat16"]))
+        field = data.draw(st.sampled_from(["num_layers", "dtype"]))
+        meta[field] = data.draw(st.sampled_from(["0", "1", "3", "float16", "bfloat16"]))
     t.forge(dst, meta, tensors)
 
-@settings(max_examples=int(sys.argv[2]), deadline=None, database=None, derandomize=True,
+@settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
           suppress_health_check=list(HealthCheck))
 @given(st.data())
 def fuzz(data):
     name = data.draw(st.sampled_from(sorted(models)))
     src, dst = tmp / f"{name}.safetensors", tmp / "fuzzed.safetensors"
-    kind = data.draw(st.sampled_from(["flip", "truncate", "header", "tensor"]))
+    # mostly forged tensors: the checks a file must pass after its digest
+    kind = data.draw(st.sampled_from(["tensor", "tensor", "tensor", "flip", "truncate", "header"]))
     raw = src.read_bytes()
-    if kind == "flip":
-        b = bytearray(raw)
-        for i in data.draw(st.lists(st.integers(0, len(b) - 1), min_size=1, max_size=4)):
+    if kind == "flip":  # half of the flips in the header: a flip in the data fails the checksum
+        b, header_end = bytearray(raw), 8 + struct.unpack("<Q", raw[:8])[0]
+        spots = st.integers(0, header_end - 1) | st.integers(0, len(b) - 1)
+        for i in data.draw(st.lists(spots, min_size=1, max_size=4)):
             b[i] ^= data.draw(st.integers(1, 255))
         dst.write_bytes(bytes(b))
     elif kind == "truncate":
@@ -421,13 +377,43 @@ def fuzz(data):
         return
     outcomes["decoded"] += 1
 
-fuzz()
+case("fuzz", fuzz)
 print("FUZZ", json.dumps(outcomes), flush=True)
 """
 
 
-def test_fuzzed_files_are_rejected_or_decode(tmp_path):
-    proc = run_python(FUZZ.replace("sys.argv[1]", repr(str(tmp_path))).replace("sys.argv[2]", "40"))
-    assert proc.returncode == 0, f"exit code {proc.returncode}: {proc.stdout[-2000:]} {proc.stderr[-4000:]}"
-    outcomes = json.loads(proc.stdout.split("FUZZ ", 1)[1])
+@pytest.fixture(scope="module")
+def subprocess_results(tmp_path_factory) -> dict[str, str]:
+    """Each case's outcome, from one subprocess; a case that killed it reads 'crashed ...'."""
+    code = SUBPROCESS.replace("TMP", repr(str(tmp_path_factory.mktemp("sub")))).replace("EXAMPLES", "100")
+    proc = run_python(code)
+    results = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("CASE "):
+            results[line.split()[1]] = f"crashed (exit code {proc.returncode})"
+        elif line.startswith(("RESULT ", "FUZZ ")):
+            _, name, outcome = line.split(" ", 2) if line.startswith("RESULT") else ("", "outcomes", line[5:])
+            results[name] = outcome
+    results["stderr"] = proc.stderr[-3000:]
+    return results
+
+
+@pytest.mark.parametrize("case, match", [
+    ("inv_freq_cut", r"ValueError: \S+cut.safetensors: layer 0: t_inv_freq is float32 \(1,\), expected float32 \(8,\)"),
+    ("other_head_dim", r"ValueError: NQKVCache was filled with batch 1, 2 kv heads of dim 16, .* got keys of shape"
+                       r" \(1, 2, 1, 32\)"),
+    ("other_dtype", r"ValueError: NQKVCache was filled with .* torch.float32 .* torch.bfloat16"),
+    ("other_batch", r"ValueError: NQKVCache was filled with batch 2, .* got keys of shape \(1, 2, 1, 16\)"),
+])
+def test_crash_case_is_a_value_error(subprocess_results, case, match):
+    r = subprocess_results
+    assert case in r, f"the subprocess never reached {case}: {r}"
+    assert re.search(match, r[case]), f"{r[case]}\n{r['stderr']}"
+
+
+def test_fuzzed_files_are_rejected_or_decode(subprocess_results):
+    # every fuzzed file is rejected with a ValueError, or loads and decodes a step (the process lives)
+    r = subprocess_results
+    assert r.get("fuzz") == "no error", f"{r.get('fuzz', 'never reached')}\n{r['stderr']}"
+    outcomes = json.loads(r["outcomes"])
     assert outcomes["rejected"] > 0 and outcomes["decoded"] > 0, outcomes
