@@ -134,7 +134,10 @@ def test_reset_layer_loads_without_a_transform(tmp_path):
     cache.layers[1].reset()
     cache.save(tmp_path / "b.safetensors")
     loaded = NQKVCache.load(tmp_path / "b.safetensors", ROPE, config=model.config)
-    assert loaded.layers[1].transform is None and loaded.layers[0].transform is not None
+    assert loaded.layers[1].transform is None and not loaded.layers[1].is_initialized
+    assert loaded.layers[0].transform is not None
+    x, y = decode_step(model, cache), decode_step(model, loaded)
+    assert torch.equal(x, y)
 
 
 # -- the metadata ----------------------------------------------------------------------------------
@@ -225,6 +228,18 @@ def test_layers_must_agree_and_fit_the_model(full, tmp_path):
         t[f"layer1.{k}"] = torch.zeros(10**6, 10**6, 0, 16)
     with pytest.raises(ValueError, match="batch 1000000, 1000000 kv heads"):
         NQKVCache.load(forge(tmp_path / "h.safetensors", m, t), FULL)
+    # within the bounds, layers of no tokens and no data are left fresh: nothing is allocated for them
+    t = {"layer0.length": torch.tensor(0), "layer1.length": torch.tensor(0)}
+    for i in range(2):
+        for k in ("k_sink", "v_sink", "k_ring", "v_ring"):
+            t[f"layer{i}.{k}"] = torch.zeros(4096, 64, 0, 16)
+        t |= {f"layer{i}.k_body0": torch.zeros(4096, 64, 0, 6, dtype=torch.uint8),
+              f"layer{i}.v_body0": torch.zeros(4096, 64, 0, 8, dtype=torch.uint8),
+              f"layer{i}.k_body1": torch.zeros(4096, 64, 0, 1, dtype=torch.float16),
+              f"layer{i}.v_body1": torch.zeros(4096, 64, 0, 1, dtype=torch.float16)}
+    m["scheme"] = io.scheme_json(FULL.replace(sinks=0, window=1))
+    loaded = NQKVCache.load(forge(tmp_path / "e.safetensors", m, t), FULL.replace(sinks=0, window=1))
+    assert not any(layer.is_initialized for layer in loaded.layers)
 
 
 def test_step_inputs_must_match_the_buffers():

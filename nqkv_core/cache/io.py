@@ -210,7 +210,11 @@ def load_layer_state(layer, state: dict[str, torch.Tensor], dtype: torch.dtype, 
     """
     n = _length(where, state.get("length"))
     found = {k: (v.dtype, tuple(v.shape)) for k, v in state.items()}
-    if check_layer_spec(where, layer.scheme, found, n, dtype, layer.n_ring) is None:
+    empty = check_layer_spec(where, layer.scheme, found, n, dtype, layer.n_ring) is None
+    if empty or (n == 0 and not any(k.startswith("t_") and x.dim() == 4 for k, x in state.items())):
+        # No token, and no measured transform (a reset layer, or one holding only the fixed
+        # rotation): nothing the next step would not build again, so the layer stays fresh. This
+        # also allocates nothing for the dims a file may claim for tensors of no elements.
         layer.reset()
         return
     check_layer_values(where, state, layer.rope.inv_freq)
