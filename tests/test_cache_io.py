@@ -184,6 +184,7 @@ def _not_orthogonal(r):
     ("t_k_metric", lambda x: x[:, :, :2], "t_k_metric is float32"),
     ("t_k_metric_iso", lambda x: -x - 1, "t_k_metric_iso must be >= 0"),
     ("t_k_metric_iso", None, r"missing \['t_k_metric_iso'\]"),
+    ("t_k_metric", lambda x: x * 1e30, "do not make a"),
     ("t_k_feedback", torch.eye(16)[None, None], r"unexpected \['t_k_feedback'\]"),
     ("k_sink", lambda x: x.fill_(float("nan")), "k_sink holds non-finite"),
     ("v_ring", lambda x: x.half(), "v_ring is float16"),
@@ -200,6 +201,14 @@ def test_tensor_that_does_not_fit_the_scheme_is_rejected(full, tmp_path, name, e
     model, path = full
     bad = edited(path, tmp_path / "bad.safetensors", **{f"layer1__{name}": edit})
     with pytest.raises(ValueError, match=f"bad.safetensors: layer 1: .*{match}"):
+        NQKVCache.load(bad, FULL, config=model.config)
+
+
+def test_singular_query_metric_is_rejected(full, tmp_path):
+    model, path = full
+    bad = edited(path, tmp_path / "bad.safetensors", layer0__t_k_metric=lambda x: x * 0,
+                 layer0__t_k_metric_iso=lambda x: x * 0)
+    with pytest.raises(ValueError, match="layer 0: t_k_metric and t_k_metric_iso do not make a positive definite"):
         NQKVCache.load(bad, FULL, config=model.config)
 
 

@@ -194,7 +194,7 @@ def check_layer_values(where: str, state: dict[str, torch.Tensor], inv_freq: tor
     for name in ("t_rot_k", "t_rot_v"):
         if name in state:
             r = state[name].double()
-            err = (r @ r.T - torch.eye(r.shape[0], dtype=torch.float64)).abs().max()
+            err = (r @ r.T - torch.eye(r.shape[0], dtype=torch.float64, device=r.device)).abs().max()
             if not err <= 1e-4:
                 raise ValueError(f"{where}: {name} is not orthogonal (|R R^T - I| = {float(err):.3g})")
     if inv_freq is not None and "t_inv_freq" in state:
@@ -231,13 +231,24 @@ def load_layer_state(layer, state: dict[str, torch.Tensor], dtype: torch.dtype, 
         getattr(layer, f"{side}_ring")[:, :, : layer.n_ring].copy_(state[f"{side}_ring"])
     if any(f"t_{f}" in state for f in TRANSFORM_FIELDS) or n > 0:
         layer.transform = KVTransform(**{f: state.get(f"t_{f}") for f in TRANSFORM_FIELDS})
-        layer.transform.k_feedback = key_feedback(layer.transform)
+        layer.transform.k_feedback = _feedback(where, layer.transform)
     if layer.transform is not None and layer.transform.inv_freq is not None:
         if layer.rope.inv_freq is None:
             layer.rope.inv_freq = layer.transform.inv_freq
         layer.rope.ensure(n, layer.device)
     layer.length.fill_(n)
     layer._step_length = None
+
+
+def _feedback(where: str, t: KVTransform) -> torch.Tensor | None:
+    """The keys' feedback matrix of a loaded metric, which must be positive definite and finite."""
+    try:
+        f = key_feedback(t)
+    except RuntimeError as e:  # torch.linalg.LinAlgError: the Cholesky factorisation failed
+        raise ValueError(f"{where}: t_k_metric and t_k_metric_iso do not make a positive definite metric") from e
+    if f is not None and not bool(torch.isfinite(f).all()):
+        raise ValueError(f"{where}: t_k_metric and t_k_metric_iso do not make a finite feedback matrix")
+    return f
 
 
 def _length(where: str, x: torch.Tensor | None) -> int:
