@@ -345,7 +345,7 @@ def tensor_edit(src, dst, data):
     meta, tensors = t.read(src)
     name = data.draw(st.sampled_from(sorted(tensors)))
     x = tensors[name]
-    op = data.draw(st.sampled_from(["slice", "reshape", "dtype", "value", "drop", "length", "meta"]))
+    op = data.draw(st.sampled_from(["slice", "reshape", "dtype", "value", "scale", "drop", "length", "meta"]))
     if op == "slice" and x.dim():
         dim = data.draw(st.integers(0, x.dim() - 1))
         tensors[name] = x.narrow(dim, 0, data.draw(st.integers(0, x.shape[dim])))
@@ -358,6 +358,8 @@ def tensor_edit(src, dst, data):
         i = data.draw(st.integers(0, flat.numel() - 1))
         flat[i] = data.draw(st.sampled_from(SPECIAL)) if x.is_floating_point() else data.draw(st.integers(0, 255))
         tensors[name] = flat.reshape(x.shape)
+    elif op == "scale" and x.is_floating_point():
+        tensors[name] = x * data.draw(st.sampled_from([0.0, -1.0, 1e-30, 1e30, 2.0]))
     elif op == "drop":
         tensors.pop(name)
     elif op == "length":
