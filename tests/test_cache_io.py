@@ -60,8 +60,9 @@ def read(path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
 
 
 def forge(path, meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> Path:
-    """Write ``tensors`` with ``meta`` and a SHA-256 recomputed over them, as anyone can."""
-    body = {k: v for k, v in meta.items() if k not in ("sha256", "hmac_sha256")}
+    """Write ``tensors`` with ``meta`` and a SHA-256 recomputed over them, as anyone can (an HMAC
+    in ``meta`` is kept as it was: it cannot be recomputed without the key)."""
+    body = {k: v for k, v in meta.items() if k != "sha256"}
     save_file({k: v.clone().contiguous() for k, v in tensors.items()}, str(path),
               metadata={**body, "sha256": io._digest(tensors, body)})
     return Path(path)

@@ -9,7 +9,7 @@ Modules, in the order data flows through them:
 ``compiled``   a compiled step's layer as one opaque op (``torch.ops.nqkv.cache_step``)
 ``step``       one attention step of a layer, with its decode strategies
 ``layer``      :class:`NQKVLayer`: one layer's buffers and transformers' layer interface
-``io``         save / load (safetensors with a checksum)
+``io``         save / load (safetensors with a checksum, optional HMAC; every tensor checked on load)
 ``hf``         :class:`NQKVCache`, the ``"nqkv"`` attention function, :func:`enable`
 =============  ===================================================================================
 """

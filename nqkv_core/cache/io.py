@@ -301,10 +301,10 @@ def save(cache, path: str | Path, key: bytes | None = None) -> None:
             # clone: layers share the RoPE frequencies, and safetensors refuses shared storage
             tensors[f"layer{i}.{name}"] = x.clone() if name == "t_inv_freq" else x.contiguous()
     meta = cache_meta(cache)
-    digests = {"sha256": _digest(tensors, meta)}
     if key is not None:
-        digests["hmac_sha256"] = _digest(tensors, meta, key)
-    save_file(tensors, str(path), metadata={**meta, **digests})
+        meta["hmac_sha256"] = _digest(tensors, meta, key)
+    meta["sha256"] = _digest(tensors, meta)  # over everything else, the HMAC included
+    save_file(tensors, str(path), metadata=meta)
 
 
 def load(
@@ -401,11 +401,11 @@ def _check_meta(path, meta: dict[str, str], scheme: KVScheme, config: Any) -> in
 
 
 def _check_digest(path, tensors: dict[str, torch.Tensor], meta: dict[str, str], key: bytes | None) -> None:
-    body = {k: v for k, v in meta.items() if k not in _DIGESTS}
     if key is not None:
+        body = {k: v for k, v in meta.items() if k not in _DIGESTS}
         if not hmac.compare_digest(meta.get("hmac_sha256", "").encode(), _digest(tensors, body, key).encode()):
             raise ValueError(f"{path}: HMAC mismatch: the file was not saved with this key, or was modified")
-    elif meta.get("sha256") != _digest(tensors, body):
+    elif meta.get("sha256") != _digest(tensors, {k: v for k, v in meta.items() if k != "sha256"}):
         raise ValueError(f"{path}: checksum mismatch; the file is corrupted or was modified")
 
 
