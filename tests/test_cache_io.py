@@ -266,7 +266,8 @@ def test_step_inputs_must_match_the_buffers():
     with pytest.raises(ValueError, match="got values of shape"):
         cache.update(torch.randn(1, 2, 1, 16), torch.randn(1, 2, 2, 16), 0)
     layer = cache.layers[0]
-    for bad in (torch.randn(1, 3, 1, 16), torch.randn(1, 4, 1, 8), torch.randn(1, 4, 2, 16)):
+    for bad in (torch.randn(1, 3, 1, 16), torch.randn(1, 0, 1, 16), torch.randn(1, 4, 1, 8), torch.randn(1, 4, 2, 16),
+                torch.randn(2, 4, 1, 16), torch.randn(4, 1, 16)):
         layer.update(torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16))
         with pytest.raises(ValueError, match="a multiple of 2 heads"):
             layer.attention(bad, None, 0.25)

@@ -61,6 +61,7 @@ class KeyBias:
     parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     dense: Callable[[], torch.Tensor]
 
+
 def fp_dtype(scheme: KVScheme, dtype: torch.dtype) -> torch.dtype:
     """The dtype of a layer's full-precision tokens (sinks, ring, a 16-bit body) for a model of ``dtype``.
 

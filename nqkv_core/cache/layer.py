@@ -266,11 +266,12 @@ class NQKVLayer(CacheLayerMixin):
                 )
 
     def _check_query(self, query: torch.Tensor) -> None:
-        k = self._pending[0] if self._pending is not None else None
-        if k is None:
-            return
-        if query.dim() != 4 or query.shape[0] != self.batch_size or query.shape[3] != self.head_dim or (
-                query.shape[1] % self.num_heads or query.shape[2] != k.shape[2] or query.device != self.device):
+        if self._pending is None:
+            return  # the step raises its own error
+        k = self._pending[0]
+        b, hq, t, d = query.shape if query.dim() == 4 else (None, 0, None, None)
+        if (b, t, d, query.device) != (self.batch_size, k.shape[2], self.head_dim, self.device) or (
+                not hq or hq % self.num_heads):
             raise ValueError(
                 f"NQKVCache attention needs queries (batch {self.batch_size}, a multiple of {self.num_heads}"
                 f" heads, {k.shape[2]} tokens, dim {self.head_dim}) on {self.device}, like the cached keys;"
