@@ -384,9 +384,10 @@ def _read_checked(path, f, scheme: KVScheme, config: Any, max_cache_len: int | N
 def _check_meta(path, meta: dict[str, str], scheme: KVScheme, config: Any) -> int:
     """Check a file's metadata; returns its number of layers."""
     if meta.get("format") != "nqkv-cache" or meta.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: not an NQKV cache file of format version {FORMAT_VERSION} (metadata {meta})")
+        got = {k: str(meta.get(k))[:40] for k in ("format", "version")}  # a header may hold anything: cut it
+        raise ValueError(f"{path}: not an NQKV cache file of format version {FORMAT_VERSION} ({got})")
     if meta.get("scheme") != scheme_json(scheme):
-        raise ValueError(f"{path}: saved with scheme {meta.get('scheme')}, not {scheme_json(scheme)}")
+        raise ValueError(f"{path}: saved with scheme {str(meta.get('scheme'))[:2000]}, not {scheme_json(scheme)}")
     raw = meta.get("num_layers", "")
     if not re.fullmatch(r"0|[1-9][0-9]{0,4}", raw) or int(raw) > MAX_LAYERS:
         raise ValueError(f"{path}: num_layers must be an integer in [0, {MAX_LAYERS}], got {raw[:40]!r}")
