@@ -24,7 +24,7 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from nqkv_core.cache import NQKVCache, enable, io  # noqa: E402
+from nqkv_core.cache import NQKVCache, NQKVLayer, enable, io  # noqa: E402
 from nqkv_core.scheme import KVScheme  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
@@ -154,9 +154,14 @@ def test_reset_layer_loads_without_a_transform(tmp_path):
     ({"dtype": "Tensor"}, "dtype"),
     ({"version": "0"}, "format version"),
 ])
-def test_bad_metadata_fails_before_anything_is_built(full, tmp_path, meta, match):
+def test_bad_metadata_fails_before_anything_is_built(full, tmp_path, monkeypatch, meta, match):
     model, path = full
     bad = edited(path, tmp_path / "bad.safetensors", meta)
+
+    def no_layer(*args, **kwargs):
+        raise AssertionError("a layer was built before the metadata was checked")
+
+    monkeypatch.setattr(NQKVLayer, "__init__", no_layer)
     start = time.perf_counter()
     with pytest.raises(ValueError, match=match):
         NQKVCache.load(bad, FULL, config=model.config if meta.get("num_layers") == "3" else None)
