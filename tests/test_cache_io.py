@@ -2,8 +2,8 @@
 carry is a ``ValueError`` naming it, never a crash or silent garbage.
 
 A crafted file carries a digest recomputed over its edited contents (:func:`forge`): the plain
-SHA-256 is no obstacle to anyone. Cases that crashed the native decode step run in a subprocess
-(one for all of them, one for the fuzzing), so that a segfault fails a test instead of the run.
+SHA-256 is no obstacle to anyone. Cases that crashed or misread in the native decode step, and the
+fuzzing, run in one subprocess, so that a segfault fails tests instead of the run.
 """
 
 from __future__ import annotations
@@ -115,6 +115,7 @@ def test_round_trip_and_hmac_key(tmp_path):
     for a, b in zip(cache.layers, loaded.layers):
         sa, sb = a.state(), b.state()
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert torch.equal(decode_step(model, cache), decode_step(model, loaded))
     NQKVCache.load(tmp_path / "keyed.safetensors", ROPE)  # the plain checksum is there too
     with pytest.raises(ValueError, match="HMAC"):
         NQKVCache.load(tmp_path / "keyed.safetensors", ROPE, key=b"other")
