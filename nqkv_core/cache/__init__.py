@@ -10,7 +10,7 @@ Modules, in the order data flows through them:
 ``step``       one attention step of a layer, with its decode strategies
 ``layer``      :class:`NQKVLayer` (full attention) and :class:`NQKVSlidingLayer` (sliding window):
                one layer's buffers and transformers' layer interface
-``io``         save / load (safetensors with a checksum)
+``io``         save / load (safetensors with a checksum, optional HMAC; every tensor checked on load)
 ``hf``         :class:`NQKVCache`, the ``"nqkv"`` attention function, :func:`enable`
 =============  ===================================================================================
 """

@@ -257,15 +257,18 @@ class NQKVCache(Cache):
 
     # -- save / load (prefix reuse) ------------------------------------------------------------------
 
-    def save(self, path: str | Path) -> None:
-        """Write the cache contents to a safetensors file (used parts only, with a checksum).
+    def save(self, path: str | Path, key: bytes | None = None) -> None:
+        """Write the cache contents to a safetensors file (used parts only, with a SHA-256 checksum).
+
+        ``key``: a secret; adds an HMAC-SHA256 that :meth:`load` with the same key requires. The plain
+        checksum detects corruption, not tampering (anyone can recompute it).
 
         Raises:
             NotImplementedError: for a cache with sliding-window layers.
         """
         if any(layer.is_sliding for layer in self.layers):
             raise NotImplementedError("saving an NQKV cache with sliding-window layers is not supported")
-        io.save(self, path)
+        io.save(self, path, key)
 
     @classmethod
     def load(
@@ -277,17 +280,24 @@ class NQKVCache(Cache):
         crop_margin: int = 0,
         device: torch.device | str | None = None,
         decode: Decode = "auto",
+        key: bytes | None = None,
     ) -> "NQKVCache":
-        """Read a cache written by :meth:`save` and check it against ``scheme`` and ``config``.
+        """Read a cache written by :meth:`save`, checking every tensor before use (:mod:`nqkv_core.cache.io`).
+
+        A file is untrusted input: its metadata, every tensor's dtype and shape, and the values of
+        the transforms and full-precision tokens are checked against ``scheme`` (and ``config``)
+        before anything is built from them. ``key``: the secret the file was saved with (its
+        HMAC-SHA256 must match); without it only the plain checksum is checked.
 
         Raises:
-            ValueError: unreadable or corrupted file (checksum), another scheme, another number of
-                layers, or a shape that does not fit ``config``.
+            ValueError: unreadable, corrupted or inconsistent file (naming the layer and tensor),
+                another scheme, another number of layers, kv heads or head_dim than ``config``, or a
+                wrong ``key``.
             NotImplementedError: for a model with sliding-window layers.
         """
         if config is not None and "sliding_attention" in layer_types(config):
             raise NotImplementedError("loading an NQKV cache for a model with sliding-window layers is not supported")
-        return io.load(cls, path, scheme, config, max_cache_len, crop_margin, device, decode)
+        return io.load(cls, path, scheme, config, max_cache_len, crop_margin, device, decode, key)
 
 
 # -- the attention function and the one-call setup ---------------------------------------------------

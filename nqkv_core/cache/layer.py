@@ -26,7 +26,7 @@ from nqkv_core import _hf, native
 from nqkv_core.cache import commit, io, step
 from nqkv_core.cache.attend import Logits
 from nqkv_core.cache.compiled import STEP_LAYERS, STEP_NAMES
-from nqkv_core.cache.format import RopeTable, SideFormat, side_format
+from nqkv_core.cache.format import RopeTable, SideFormat, fp_dtype, side_format
 from nqkv_core.scheme import KVScheme, KVTransform, fit_transform, rope_inv_freq
 
 # How a compiled step runs a layer (``NQKVCache(compiled_step=...)``).
@@ -184,6 +184,10 @@ class NQKVLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Allocate every buffer from the first K/V's batch, heads, head_dim, dtype and device."""
+        if key_states.dim() != 4:
+            raise ValueError(
+                f"NQKVCache takes K/V of shape (batch, kv heads, tokens, head_dim), got {tuple(key_states.shape)}"
+            )
         if key_states.shape != value_states.shape:
             raise NotImplementedError(
                 f"NQKVCache needs keys and values of one shape, got {tuple(key_states.shape)} and"
@@ -198,10 +202,7 @@ class NQKVLayer(CacheLayerMixin):
         self.dtype = key_states.dtype
         self.batch_size, self.num_heads, _, self.head_dim = key_states.shape
         s = self.scheme
-        needs_basis = s.needs_stats or s.k_rotate or s.v_rotate
-        # The storage basis comes out of the transform in fp32; keeping the exact tokens in fp32 there
-        # means a token is quantized from the same numbers a fake-quantized reference uses.
-        self.fp_dtype = torch.float32 if needs_basis else self.dtype
+        self.fp_dtype = fp_dtype(s, self.dtype)
         self.k_fmt = side_format(s, "k", self.device)
         self.v_fmt = side_format(s, "v", self.device)
         kf, vf = self.k_fmt, self.v_fmt
@@ -256,14 +257,16 @@ class NQKVLayer(CacheLayerMixin):
     # -- the step ---------------------------------------------------------------------------------
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Park the new K/V for the attention call that follows; returns ``(handle, handle)``."""
+        """Park the new K/V ``(b, h, T, d)`` for the attention call that follows; returns ``(handle, handle)``.
+
+        Raises:
+            ValueError: K/V of another batch, kv head count, head_dim, dtype or device than the
+                layer's buffers (allocated by the first step), or not of one ``(b, h, T, d)`` shape.
+        """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        elif key_states.shape[0] != self.batch_size or key_states.shape[1] != self.num_heads:
-            raise ValueError(
-                f"NQKVCache was filled with batch {self.batch_size} and {self.num_heads} kv heads, got"
-                f" keys of shape {tuple(key_states.shape)}; call cache.reset() to start a new batch"
-            )
+        else:
+            self._check_like_buffers(key_states, value_states)
         if not torch.compiler.is_compiling():
             n = self._step_length = int(self.length)
             self._grow(n + key_states.shape[2])
@@ -272,6 +275,32 @@ class NQKVLayer(CacheLayerMixin):
         self._pending = (key_states, value_states)
         return self.handle, self.handle
 
+
+    def _check_like_buffers(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        # The decode kernels index the new tokens with the buffers' sizes and dtype: a mismatch
+        # must stop here, not read past the tensors.
+        want = (self.batch_size, self.num_heads, self.head_dim, self.dtype, self.device)
+        for name, x in (("keys", key_states), ("values", value_states)):
+            if x.dim() != 4 or (x.shape[0], x.shape[1], x.shape[3], x.dtype, x.device) != want or (
+                    x.shape != key_states.shape):
+                raise ValueError(
+                    f"NQKVCache was filled with batch {self.batch_size}, {self.num_heads} kv heads of dim"
+                    f" {self.head_dim}, {self.dtype} on {self.device}; got {name} of shape {tuple(x.shape)},"
+                    f" {x.dtype} on {x.device}. Use one cache per model; call cache.reset() to start a new batch"
+                )
+
+    def _check_query(self, query: torch.Tensor) -> None:
+        if self._pending is None:
+            return  # the step raises its own error
+        k = self._pending[0]
+        b, hq, t, d = query.shape if query.dim() == 4 else (None, 0, None, None)
+        if (b, t, d, query.device) != (self.batch_size, k.shape[2], self.head_dim, self.device) or (
+                not hq or hq % self.num_heads):
+            raise ValueError(
+                f"NQKVCache attention needs queries (batch {self.batch_size}, a multiple of {self.num_heads}"
+                f" heads, {k.shape[2]} tokens, dim {self.head_dim}) on {self.device}, like the cached keys;"
+                f" got shape {tuple(query.shape)} on {query.device}"
+            )
 
     def _fit(self, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None, config: Any = None) -> KVTransform:
         """Fit the frozen transform on the first tokens (with the RoPE frequencies for ``k_centre_rope``)."""
@@ -294,7 +323,13 @@ class NQKVLayer(CacheLayerMixin):
     ) -> torch.Tensor:
         """Attend ``query`` ``(b, hq, T, d)`` to the cache plus the parked tokens, then commit them
         (:func:`nqkv_core.cache.step.attention`; ``logits``: soft-capping and learned sinks);
-        returns ``(b, T, hq, d)`` in the query dtype."""
+        returns ``(b, T, hq, d)`` in the query dtype.
+
+        Raises:
+            ValueError: ``query`` of another batch, head_dim, token count or device than the parked
+                keys, or with a head count that is not a multiple of the kv heads.
+        """
+        self._check_query(query)
         return step.attention(self, query, attention_mask, scaling, config, logits)
 
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor, query_states: torch.Tensor | None = None) -> None:
