@@ -8,8 +8,8 @@ Modules, in the order data flows through them:
 ``commit``     storing new tokens: sinks, the full-precision ring, the quantized body
 ``compiled``   a compiled step's layer as one opaque op (``torch.ops.nqkv.cache_step``)
 ``step``       one attention step of a layer, with its decode strategies
-``layer``      :class:`NQKVLayer` (full attention) and :class:`NQKVSlidingLayer` (sliding window):
-               one layer's buffers and transformers' layer interface
+``layer``      :class:`NQKVLayer`: one full-attention layer's buffers and transformers' layer interface
+``sliding``    :class:`NQKVSlidingLayer`: a sliding-window layer (its quantized tokens in a ring)
 ``io``         save / load (safetensors with a checksum, optional HMAC; every tensor checked on load)
 ``hf``         :class:`NQKVCache`, the ``"nqkv"`` attention function, :func:`enable`
 =============  ===================================================================================
@@ -23,7 +23,8 @@ from nqkv_core.cache.hf import (
     rope_inv_freqs,
 )
 from nqkv_core.cache.io import FORMAT_VERSION
-from nqkv_core.cache.layer import CompiledStep, NQKVLayer, NQKVSlidingLayer
+from nqkv_core.cache.layer import CompiledStep, NQKVLayer
+from nqkv_core.cache.sliding import NQKVSlidingLayer
 from nqkv_core.cache.step import DECODE_STRATEGIES, Decode
 from nqkv_core.scheme import default_scheme  # deprecated here: import it from nqkv_core.scheme
 

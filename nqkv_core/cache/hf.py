@@ -27,7 +27,8 @@ from nqkv_core import _hf
 from nqkv_core.cache import io
 from nqkv_core.cache.attend import Logits, sdpa, softmax_attention
 from nqkv_core.cache.format import RopeTable, side_format
-from nqkv_core.cache.layer import CompiledStep, NQKVLayer, NQKVSlidingLayer, _Handle, storage_bytes
+from nqkv_core.cache.layer import CompiledStep, NQKVLayer, _Handle, storage_bytes
+from nqkv_core.cache.sliding import NQKVSlidingLayer
 from nqkv_core.cache.step import Decode, StepMemo, check_decode
 from nqkv_core.scheme import KVScheme, default_scheme, rope_inv_freq
 
