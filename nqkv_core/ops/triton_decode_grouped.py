@@ -50,23 +50,50 @@ GROUPED_CONFIG = dict(block_n=64, block_t=16, num_warps=4, num_stages=2, program
 
 @triton.jit
 def _levels(row_ptr, offs_t, t_ok, byte0, stride_t, cb_ptr, w0, w1, w2, w3, w4, w5, w6, w7,
-            HALF: tl.constexpr, MASKED: tl.constexpr, LUT: tl.constexpr, DT: tl.constexpr):
+            HALF: tl.constexpr, MASKED: tl.constexpr, LUT: tl.constexpr, DT: tl.constexpr,
+            TRANS: tl.constexpr = False):
     """Levels of the codes in bytes ``[byte0, byte0 + HALF)`` of tokens ``offs_t``: the even and the
-    odd elements, (N, HALF) each, in ``DT``. ``LUT``: byte permutes against the tables ``w*``."""
-    ptrs = row_ptr + offs_t[:, None] * stride_t + (byte0 + tl.arange(0, HALF))[None, :]
+    odd elements, (N, HALF) each (``TRANS``: (HALF, N), loaded that way), in ``DT``. ``LUT``: byte
+    permutes against the tables ``w*``."""
+    if TRANS:
+        ptrs = row_ptr + offs_t[None, :] * stride_t + (byte0 + tl.arange(0, HALF))[:, None]
+        ok = t_ok[None, :]
+    else:
+        ptrs = row_ptr + offs_t[:, None] * stride_t + (byte0 + tl.arange(0, HALF))[None, :]
+        ok = t_ok[:, None]
     if MASKED:
-        byte = tl.load(ptrs, mask=t_ok[:, None], other=0)
+        byte = tl.load(ptrs, mask=ok, other=0)
     else:
         byte = tl.load(ptrs)
     if LUT:
         even, odd = tl.inline_asm_elementwise(
             _LUT16_ASM, _LUT16_CONSTRAINTS, [byte, w0, w1, w2, w3, w4, w5, w6, w7],
-            dtype=(DT, DT), is_pure=True, pack=4)
+            dtype=(DT.value, DT.value), is_pure=True, pack=4)
     else:  # the interpreter (no PTX): a gather from the codebook
         code = byte.to(tl.int32)
         even = tl.load(cb_ptr + (code & 15)).to(DT)
         odd = tl.load(cb_ptr + (code >> 4)).to(DT)
     return even, odd
+
+
+# ``$0 = $1 | (lanemask_eq & lanemask_lt)``: the value of ``$1`` (a lane's own bit is not below
+# itself), which the assembler cannot prove uniform across a warp. The byte tables go through it so that they live in ordinary
+# registers: as uniform values they would sit in uniform registers, and every byte permute that takes
+# one as its first operand would copy it out first (an extra instruction per permute).
+_OPAQUE_LANE = tl.constexpr("{ .reg .u32 e, l; mov.u32 e, %lanemask_eq; mov.u32 l, %lanemask_lt; and.b32 e, e, l; or.b32 $0, $1, e; }")
+
+
+@triton.jit
+def _lane_tables(cb_ptr, DT: tl.constexpr):
+    """:func:`triton_decode._byte_tables` held per thread (see :data:`_OPAQUE_LANE`)."""
+    w0, w1, w2, w3, w4, w5, w6, w7 = _byte_tables(cb_ptr, DT)
+    return (_opaque(w0), _opaque(w1), _opaque(w2), _opaque(w3), _opaque(w4), _opaque(w5), _opaque(w6),
+            _opaque(w7))
+
+
+@triton.jit
+def _opaque(w):
+    return tl.inline_asm_elementwise(_OPAQUE_LANE, "=r,r", [w], dtype=tl.int32, is_pure=True, pack=1)
 
 
 @triton.jit
@@ -127,13 +154,14 @@ def _hist_tile(acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, qe0, qo0, qe1, qo1, sta
     offs_t = start + tl.arange(0, BLOCK_N)
     t_ok = offs_t < stop
     # -- scores: each block's partial product times its scale --
-    ke, ko = _levels(kc, offs_t, t_ok, 0, stride_kct, kcb_ptr, k0, k1, k2, k3, k4, k5, k6, k7, HALF, MASKED, LUT, DT)
-    s = _dot(qe0, tl.trans(ke), DT) + _dot(qo0, tl.trans(ko), DT)
+    ke, ko = _levels(kc, offs_t, t_ok, 0, stride_kct, kcb_ptr, k0, k1, k2, k3, k4, k5, k6, k7, HALF, MASKED, LUT, DT,
+                     True)
+    s = _dot(qe0, ke, DT) + _dot(qo0, ko, DT)
     s = s * _scale(ka, offs_t * stride_kat, t_ok, MASKED)[None, :]
     if NB == 2:
         ke, ko = _levels(kc, offs_t, t_ok, HALF, stride_kct, kcb_ptr, k0, k1, k2, k3, k4, k5, k6, k7, HALF, MASKED,
-                         LUT, DT)
-        s1 = _dot(qe1, tl.trans(ke), DT) + _dot(qo1, tl.trans(ko), DT)
+                         LUT, DT, True)
+        s1 = _dot(qe1, ke, DT) + _dot(qo1, ko, DT)
         s += s1 * _scale(ka, offs_t * stride_kat + stride_kad, t_ok, MASKED)[None, :]
     s = _mask_scores(s, t_ok, offs_t, last_key, row_mask_ptr, stride_mk, MASKED, MASK_KIND, IS_CAUSAL)
     p, alpha, m_i, l_i = _softmax(s, m_i, l_i, MASKED or MASK_KIND != 0 or IS_CAUSAL)
@@ -248,9 +276,9 @@ def _grouped_split_kernel(
         qe1, qo1 = _query_halves(q_row, r_ok, stride_qd, 2 * HALF, qs, HALF, DT)
     else:
         qe1, qo1 = qe0, qo0  # (unused)
-    if LUT:  # once per program: the codebooks as byte tables of the dot dtype
-        k0, k1, k2, k3, k4, k5, k6, k7 = _byte_tables(kcb_ptr, DT)
-        v0, v1, v2, v3, v4, v5, v6, v7 = _byte_tables(vcb_ptr, DT)
+    if LUT:  # once per program: the codebooks as byte tables of the dot dtype, in per-thread registers
+        k0, k1, k2, k3, k4, k5, k6, k7 = _lane_tables(kcb_ptr, DT)
+        v0, v1, v2, v3, v4, v5, v6, v7 = _lane_tables(vcb_ptr, DT)
     else:
         k0, k1, k2, k3, k4, k5, k6, k7 = 0, 0, 0, 0, 0, 0, 0, 0  # (unused)
         v0, v1, v2, v3, v4, v5, v6, v7 = 0, 0, 0, 0, 0, 0, 0, 0
