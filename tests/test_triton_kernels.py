@@ -23,7 +23,7 @@ if not NEED_CHILD:
     import triton
     import triton.language as tl
 
-    from nqkv_core.ops import triton_decode, triton_prefill, triton_quantize
+    from nqkv_core.ops import triton_decode, triton_decode_grouped, triton_prefill, triton_quantize
 
     @triton.jit
     def _tables_kernel(cb_ptr, out_ptr, DT: tl.constexpr):  # the eight words of _byte_tables
@@ -116,6 +116,85 @@ def test_decode_kernel_lane_order(d, block, dtype, lanes, monkeypatch):
     for mask in (None, bool_mask, torch.randn(1, 6, 2, 156, generator=gen).to(DEVICE, dtype)):
         a = args_of(q, K, V, kt, vt, mask=mask, is_causal=True)
         check(triton_decode.flash_decode(*a), triton_decode.reference(*a), dtype)
+
+
+GROUPED_CASES = [  # (head_dim, block, group, tail, tokens, dtype): each head_dim, group, tail length and dtype
+    (64, 64, 3, 0, 1000, torch.float32), (64, 64, 4, 1, 1, torch.float16), (64, 64, 3, 37, 1000, torch.bfloat16),
+    (128, 64, 4, 0, 1, torch.bfloat16), (128, 64, 3, 1, 1000, torch.float32), (128, 64, 4, 37, 1000, torch.float16),
+    (128, 128, 3, 37, 130, torch.float16), (64, 32, 4, 1, 200, torch.float32),
+]
+
+
+@_kernel_test
+@pytest.mark.parametrize("d,block,g,tail,t,dtype", GROUPED_CASES)
+def test_grouped_decode_kernel(d, block, g, tail, t, dtype):
+    """The grouped split kernel against the reference: one or two scale blocks per row, GQA groups
+    of 3 and 4 (rows padded to 16), fp tails of 0 / 1 / 37 tokens, 1 token (most splits empty) and
+    1000 (several splits, a partial tile)."""
+    q, K, V, kt, vt = make(b=2, g=g, t=t, d=d, block=block, tail=tail, dtype=dtype)
+    a = args_of(q, K, V, kt, vt)
+    assert triton_decode_grouped.supports(q, a[1:6], a[6:11])
+    check(triton_decode_grouped.grouped_decode(*a), triton_decode.reference(*a), dtype)
+
+
+@_kernel_test
+def test_grouped_decode_33k_tokens(monkeypatch):
+    """A long cache (33k tokens, 37 tail tokens) over a few splits; large tiles keep the
+    interpreter quick."""
+    monkeypatch.setitem(triton_decode_grouped.GROUPED_CONFIG, "block_n", 2048)
+    q, K, V, kt, vt = make(hkv=1, g=3, t=33_000, d=64, block=64, tail=37, dtype=torch.float16)
+    a = args_of(q, K, V, kt, vt)
+    check(triton_decode_grouped.launch(*a[:5], *a[6:9], *a[11:16], num_splits=3),
+          triton_decode.reference(*a), torch.float16)
+
+
+@_kernel_test
+@pytest.mark.parametrize("d,block", [(64, 64), (128, 64)])
+def test_grouped_decode_masks_causal(d, block):
+    """Bool and additive masks over history and tail, a causal two-token query, and a row whose
+    mask leaves nothing (zeros)."""
+    q, K, V, kt, vt = make(g=3, tq=2, t=150, d=d, block=block, tail=6)
+    gen = torch.Generator().manual_seed(3)
+    bool_mask = (torch.rand(2, 156, generator=gen) > 0.2).to(DEVICE)
+    bool_mask[1] = False
+    for mask in (None, bool_mask, torch.randn(1, 6, 2, 156, generator=gen).to(DEVICE)):
+        a = args_of(q, K, V, kt, vt, mask=mask, is_causal=True)
+        check(triton_decode_grouped.grouped_decode(*a), triton_decode.reference(*a), torch.float32)
+
+
+@_kernel_test
+def test_grouped_decode_device_lengths_and_buffers():
+    """Lengths from a device tensor (a different history and tail length per sequence, below the
+    tensors' capacity) give attention over just those tokens; preallocated output and workspace
+    are written in place."""
+    q, K, V, kt, vt = make(b=2, g=3, t=300, d=64, block=64, tail=20)
+    lengths = torch.tensor([[300, 20], [129, 3]], dtype=torch.int32, device=DEVICE)
+    splits = 5
+    out = torch.full_like(q, float("nan"))
+    work = (torch.empty(2 * 2 * splits * 3 * 64, device=DEVICE), torch.empty(2 * 2 * splits * 3, device=DEVICE))
+    res = triton_decode_grouped.launch(q, K.codes, K.absmax, K.codebook, 64, V.codes, V.absmax, V.codebook, kt, vt,
+                                       None, 0.125, False, lengths=lengths, num_splits=splits, out=out,
+                                       workspace=work)
+    assert res is out
+    for i, (th, tt) in enumerate(lengths.tolist()):
+        one = lambda x, n: x[i:i + 1, :, :n]  # noqa: E731
+        a = (q[i:i + 1], one(K.codes, th), one(K.absmax, th), K.codebook, 64, 3, one(V.codes, th),
+             one(V.absmax, th), V.codebook, 64, 3, one(kt, tt), one(vt, tt), None, 0.125, False)
+        check(out[i:i + 1], triton_decode.reference(*a), torch.float32)
+
+
+@_kernel_test
+def test_grouped_decode_supports():
+    """Layouts the grouped kernel leaves to the split-K kernel."""
+    q, K, V, _, _ = make(d=64, block=16)
+    a = args_of(q, K, V)
+    assert not triton_decode_grouped.supports(q, a[1:6], a[6:11])  # 16-element blocks
+    q, K, V, _, _ = make(d=64, block=64, bits=3)
+    a = args_of(q, K, V)
+    assert not triton_decode_grouped.supports(q, a[1:6], a[6:11])  # 3-bit
+    q, K, V, _, _ = make(d=64, block=50, k_axis=2, v_axis=2)
+    a = args_of(q, K, V)
+    assert not triton_decode_grouped.supports(q, a[1:6], a[6:11])  # token blocks
 
 
 @pytest.mark.skipif(not CUDA, reason="the register lookup is PTX: compiled for a GPU only")

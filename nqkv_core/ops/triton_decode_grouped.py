@@ -50,19 +50,12 @@ GROUPED_CONFIG = dict(block_n=64, block_t=16, num_warps=4, num_stages=2, program
 
 @triton.jit
 def _levels(row_ptr, offs_t, t_ok, byte0, stride_t, cb_ptr, w0, w1, w2, w3, w4, w5, w6, w7,
-            HALF: tl.constexpr, MASKED: tl.constexpr, LUT: tl.constexpr, DT: tl.constexpr,
-            TRANS: tl.constexpr = False):
+            HALF: tl.constexpr, MASKED: tl.constexpr, LUT: tl.constexpr, DT: tl.constexpr):
     """Levels of the codes in bytes ``[byte0, byte0 + HALF)`` of tokens ``offs_t``: the even and the
-    odd elements, (N, HALF) each (``TRANS``: (HALF, N), loaded that way), in ``DT``. ``LUT``: byte
-    permutes against the tables ``w*``."""
-    if TRANS:
-        ptrs = row_ptr + offs_t[None, :] * stride_t + (byte0 + tl.arange(0, HALF))[:, None]
-        ok = t_ok[None, :]
-    else:
-        ptrs = row_ptr + offs_t[:, None] * stride_t + (byte0 + tl.arange(0, HALF))[None, :]
-        ok = t_ok[:, None]
+    odd elements, (N, HALF) each, in ``DT``. ``LUT``: byte permutes against the tables ``w*``."""
+    ptrs = row_ptr + offs_t[:, None] * stride_t + (byte0 + tl.arange(0, HALF))[None, :]
     if MASKED:
-        byte = tl.load(ptrs, mask=ok, other=0)
+        byte = tl.load(ptrs, mask=t_ok[:, None], other=0)
     else:
         byte = tl.load(ptrs)
     if LUT:
@@ -111,7 +104,7 @@ def _scale(ptr, offs_t, t_ok, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _mask_scores(s, t_ok, key_pos, last_key, row_mask_ptr, stride_mk,
+def _mask_scores(s, r_ok, t_ok, key_pos, last_key, row_mask_ptr, stride_mk,
                  MASKED: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr):
     """``s`` (rows, keys, base 2) with -inf where a key is past the range, after the row's causal
     limit, or masked out; an additive mask is added (times log2(e))."""
@@ -120,7 +113,7 @@ def _mask_scores(s, t_ok, key_pos, last_key, row_mask_ptr, stride_mk,
     if IS_CAUSAL:
         s = tl.where(key_pos[None, :] <= last_key[:, None], s, float("-inf"))
     if MASK_KIND != 0:
-        mv = tl.load(row_mask_ptr + key_pos[None, :] * stride_mk, mask=t_ok[None, :], other=0)
+        mv = tl.load(row_mask_ptr + key_pos[None, :] * stride_mk, mask=r_ok[:, None] & t_ok[None, :], other=0)
         if MASK_KIND == 1:
             s = tl.where(mv != 0, s, float("-inf"))
         else:
@@ -141,7 +134,7 @@ def _softmax(s, m_i, l_i, GUARD: tl.constexpr):
 
 
 @triton.jit
-def _hist_tile(acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, qe0, qo0, qe1, qo1, start, stop, last_key,
+def _hist_tile(acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, qe0, qo0, qe1, qo1, start, stop, r_ok, last_key,
                kc, ka, kcb_ptr, vc, va, vcb_ptr, row_mask_ptr, stride_kct, stride_kat, stride_kad,
                stride_vct, stride_vat, stride_vad, stride_mk,
                k0, k1, k2, k3, k4, k5, k6, k7, v0, v1, v2, v3, v4, v5, v6, v7,
@@ -154,16 +147,15 @@ def _hist_tile(acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, qe0, qo0, qe1, qo1, sta
     offs_t = start + tl.arange(0, BLOCK_N)
     t_ok = offs_t < stop
     # -- scores: each block's partial product times its scale --
-    ke, ko = _levels(kc, offs_t, t_ok, 0, stride_kct, kcb_ptr, k0, k1, k2, k3, k4, k5, k6, k7, HALF, MASKED, LUT, DT,
-                     True)
-    s = _dot(qe0, ke, DT) + _dot(qo0, ko, DT)
+    ke, ko = _levels(kc, offs_t, t_ok, 0, stride_kct, kcb_ptr, k0, k1, k2, k3, k4, k5, k6, k7, HALF, MASKED, LUT, DT)
+    s = _dot(qe0, tl.trans(ke), DT) + _dot(qo0, tl.trans(ko), DT)
     s = s * _scale(ka, offs_t * stride_kat, t_ok, MASKED)[None, :]
     if NB == 2:
         ke, ko = _levels(kc, offs_t, t_ok, HALF, stride_kct, kcb_ptr, k0, k1, k2, k3, k4, k5, k6, k7, HALF, MASKED,
-                         LUT, DT, True)
-        s1 = _dot(qe1, ke, DT) + _dot(qo1, ko, DT)
+                         LUT, DT)
+        s1 = _dot(qe1, tl.trans(ke), DT) + _dot(qo1, tl.trans(ko), DT)
         s += s1 * _scale(ka, offs_t * stride_kat + stride_kad, t_ok, MASKED)[None, :]
-    s = _mask_scores(s, t_ok, offs_t, last_key, row_mask_ptr, stride_mk, MASKED, MASK_KIND, IS_CAUSAL)
+    s = _mask_scores(s, r_ok, t_ok, offs_t, last_key, row_mask_ptr, stride_mk, MASKED, MASK_KIND, IS_CAUSAL)
     p, alpha, m_i, l_i = _softmax(s, m_i, l_i, MASKED or MASK_KIND != 0 or IS_CAUSAL)
     # -- values: each block's products take the probabilities times its scale --
     ve, vo = _levels(vc, offs_t, t_ok, 0, stride_vct, vcb_ptr, v0, v1, v2, v3, v4, v5, v6, v7, HALF, MASKED, LUT, DT)
@@ -188,7 +180,7 @@ def _dense_halves(ptr, offs_t, t_ok, stride_t, stride_d, first, HALF: tl.constex
 
 
 @triton.jit
-def _tail_tile(acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, qe0, qo0, qe1, qo1, start, stop, t_hist, last_key,
+def _tail_tile(acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, qe0, qo0, qe1, qo1, start, stop, t_hist, r_ok, last_key,
                kt, vt, row_mask_ptr, stride_ktt, stride_ktd, stride_vtt, stride_vtd, stride_mk,
                NB: tl.constexpr, HALF: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
                DT: tl.constexpr, BLOCK_T: tl.constexpr):
@@ -201,7 +193,7 @@ def _tail_tile(acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, qe0, qo0, qe1, qo1, sta
     if NB == 2:
         ke, ko = _dense_halves(kt, offs_t, t_ok, stride_ktt, stride_ktd, 2 * HALF, HALF)
         s += _dot(qe1, tl.trans(ke), DT) + _dot(qo1, tl.trans(ko), DT)
-    s = _mask_scores(s, t_ok, t_hist + offs_t, last_key, row_mask_ptr, stride_mk, True, MASK_KIND, IS_CAUSAL)
+    s = _mask_scores(s, r_ok, t_ok, t_hist + offs_t, last_key, row_mask_ptr, stride_mk, True, MASK_KIND, IS_CAUSAL)
     p, alpha, m_i, l_i = _softmax(s, m_i, l_i, True)
     pw = p.to(DT)
     ve, vo = _dense_halves(vt, offs_t, t_ok, stride_vtt, stride_vtd, 0, HALF)
@@ -295,14 +287,14 @@ def _grouped_split_kernel(
     full = lo + tl.maximum(h_hi - lo, 0) // BLOCK_N * BLOCK_N
     for start in range(lo, full, BLOCK_N):
         acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i = _hist_tile(
-            acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, qe0, qo0, qe1, qo1, start, h_hi, last_key,
+            acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, qe0, qo0, qe1, qo1, start, h_hi, r_ok, last_key,
             kc, ka, kcb_ptr, vc, va, vcb_ptr, row_mask_ptr, stride_kct, stride_kat, stride_kad,
             stride_vct, stride_vat, stride_vad, stride_mk,
             k0, k1, k2, k3, k4, k5, k6, k7, v0, v1, v2, v3, v4, v5, v6, v7,
             NB, HALF, False, MASK_KIND, IS_CAUSAL, LUT, DT, BLOCK_N)
     if full < h_hi:
         acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i = _hist_tile(
-            acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, qe0, qo0, qe1, qo1, full, h_hi, last_key,
+            acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, qe0, qo0, qe1, qo1, full, h_hi, r_ok, last_key,
             kc, ka, kcb_ptr, vc, va, vcb_ptr, row_mask_ptr, stride_kct, stride_kat, stride_kad,
             stride_vct, stride_vat, stride_vad, stride_mk,
             k0, k1, k2, k3, k4, k5, k6, k7, v0, v1, v2, v3, v4, v5, v6, v7,
@@ -312,7 +304,7 @@ def _grouped_split_kernel(
         kt, vt = kt_ptr + b * stride_ktb + h * stride_kth, vt_ptr + b * stride_vtb + h * stride_vth
         for start in range(tl.maximum(lo, t_hist) - t_hist, hi - t_hist, BLOCK_T):
             acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i = _tail_tile(
-                acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, qe0, qo0, qe1, qo1, start, hi - t_hist, t_hist, last_key,
+                acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, qe0, qo0, qe1, qo1, start, hi - t_hist, t_hist, r_ok, last_key,
                 kt, vt, row_mask_ptr, stride_ktt, stride_ktd, stride_vtt, stride_vtd, stride_mk,
                 NB, HALF, MASK_KIND, IS_CAUSAL, DT, BLOCK_T)
     # -- partial output (natural element order) and its base-2 log-sum-exp --
