@@ -339,6 +339,20 @@ def test_attention_op_dispatches_to_triton():
 
 
 @_kernel_test
+@pytest.mark.parametrize("bits,grouped", [(4, True), (3, False)])
+def test_attention_op_decode_dispatch(bits, grouped, monkeypatch):
+    """Decode-sized calls of the op take the grouped kernel for the presets' 4-bit layout and the
+    split-K kernel otherwise, with the reference's result either way."""
+    q, K, V, kt, vt = make(g=3, tq=1, t=100, d=64, block=64, bits=bits, tail=4)
+    a = args_of(q, K, V, kt, vt)
+    calls = []
+    real = triton_decode_grouped.launch
+    monkeypatch.setattr(triton_decode_grouped, "launch", lambda *x, **y: calls.append(1) or real(*x, **y))
+    check(torch.ops.nqkv.attention(*a), triton_decode.reference(*a), q.dtype)
+    assert bool(calls) == grouped
+
+
+@_kernel_test
 def test_opcheck_kernels():
     q, K, V, kt, vt = make(tq=2, t=64, tail=3)
     a = args_of(q, K, V, kt, vt, is_causal=True)
@@ -348,6 +362,8 @@ def test_opcheck_kernels():
         tests += ("test_faketensor", "test_aot_dispatch_dynamic")
     torch.library.opcheck(torch.ops.nqkv.flash_decode.default, a, test_utils=tests)
     torch.library.opcheck(torch.ops.nqkv.flash_prefill.default, a, test_utils=tests)
+    q, K, V, kt, vt = make(g=3, t=100, d=64, block=64, tail=3, dtype=torch.float16 if CUDA else torch.float32)
+    torch.library.opcheck(torch.ops.nqkv.grouped_decode.default, args_of(q, K, V, kt, vt), test_utils=tests)
 
 
 @_kernel_test

@@ -70,10 +70,12 @@ def _levels(row_ptr, offs_t, t_ok, byte0, stride_t, cb_ptr, w0, w1, w2, w3, w4, 
 
 
 # ``$0 = $1 | (lanemask_eq & lanemask_lt)``: the value of ``$1`` (a lane's own bit is not below
-# itself), which the assembler cannot prove uniform across a warp. The byte tables go through it so that they live in ordinary
-# registers: as uniform values they would sit in uniform registers, and every byte permute that takes
-# one as its first operand would copy it out first (an extra instruction per permute).
-_OPAQUE_LANE = tl.constexpr("{ .reg .u32 e, l; mov.u32 e, %lanemask_eq; mov.u32 l, %lanemask_lt; and.b32 e, e, l; or.b32 $0, $1, e; }")
+# itself), which the assembler cannot prove uniform across a warp. The byte tables go through it so
+# that they live in ordinary registers: as uniform values (a reduction's result) they sit in uniform
+# registers, and every byte permute that takes one as its first operand copies it out first (an
+# extra instruction per permute).
+_OPAQUE_LANE = tl.constexpr("{ .reg .u32 e, l; mov.u32 e, %lanemask_eq; mov.u32 l, %lanemask_lt;"
+                            " and.b32 e, e, l; or.b32 $0, $1, e; }")
 
 
 @triton.jit
@@ -304,8 +306,8 @@ def _grouped_split_kernel(
         kt, vt = kt_ptr + b * stride_ktb + h * stride_kth, vt_ptr + b * stride_vtb + h * stride_vth
         for start in range(tl.maximum(lo, t_hist) - t_hist, hi - t_hist, BLOCK_T):
             acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i = _tail_tile(
-                acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, qe0, qo0, qe1, qo1, start, hi - t_hist, t_hist, r_ok, last_key,
-                kt, vt, row_mask_ptr, stride_ktt, stride_ktd, stride_vtt, stride_vtd, stride_mk,
+                acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, qe0, qo0, qe1, qo1, start, hi - t_hist, t_hist, r_ok,
+                last_key, kt, vt, row_mask_ptr, stride_ktt, stride_ktd, stride_vtt, stride_vtd, stride_mk,
                 NB, HALF, MASK_KIND, IS_CAUSAL, DT, BLOCK_T)
     # -- partial output (natural element order) and its base-2 log-sum-exp --
     base = (pid_bh * NUM_SPLITS + pid_s) * N_ROWS
