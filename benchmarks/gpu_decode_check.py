@@ -9,7 +9,8 @@ Writes ``gpu_decode_check.json`` and ``gpu_decode_check.md`` to ``--out``:
    with and without device-side lengths;
 3. per shape (batch, KV heads, group, head_dim, tokens; 4-bit K/V in blocks of 64 along head_dim,
    one query token), GPU time per call from CUDA graphs of ten calls (median of 20 replays) of:
-   the grouped kernel (preallocated output and workspace, lengths from a device tensor), the
+   the grouped kernel (preallocated output and workspace, lengths from a device tensor; its
+   default launch configuration and, while time allows, a few others: :data:`CONFIGS`), the
    split-K kernel it replaces (``triton_decode.flash_decode``), ``F.scaled_dot_product_attention``
    in fp16 (flash backend) over the unquantized K/V, and a streaming kernel that reads exactly the
    grouped kernel's bytes (codes and scales of K and V) and does nothing else: the bandwidth a
@@ -55,6 +56,11 @@ CASES = [(2, 2, 3, 64, 1000, 0, "float16", False), (2, 2, 4, 64, 1, 1, "bfloat16
          (1, 1, 3, 64, 33000, 37, "float16", False), (1, 2, 4, 128, 33000, 37, "bfloat16", True)]
 DRY_CASES = [(1, 2, 3, 64, 100, 5, "float16", True), (1, 1, 4, 128, 70, 0, "bfloat16", False)]
 TOLERANCE = 2e-2  # max abs error against the fp32 reference: 16-bit operands and output
+# launch configurations of the grouped kernel timed per shape (the first is GROUPED_CONFIG's), while
+# the run is within CONFIG_BUDGET_S seconds
+CONFIGS = [dict(num_warps=4, block_n=64), dict(num_warps=2, block_n=32), dict(num_warps=4, block_n=32),
+           dict(num_warps=2, block_n=64), dict(num_warps=4, block_n=64, programs_per_sm=8)]
+CONFIG_BUDGET_S = 150
 
 
 # -- a read-only kernel over the same bytes ----------------------------------------------------------------
@@ -164,29 +170,57 @@ def correctness(cases, device: torch.device) -> list[dict]:
     return rows
 
 
-def time_shape(shape, device: torch.device) -> dict:
-    """Times and bandwidths of the grouped kernel, the split-K kernel, SDPA fp16 and the stream."""
+def time_configs(shape, grouped_call, device: torch.device, deadline: float) -> dict:
+    """Seconds per call of the grouped kernel under each of :data:`CONFIGS` (one output checked
+    against the default's), as long as the clock is before ``deadline``."""
+    saved = dict(triton_decode_grouped.GROUPED_CONFIG)
+    times, first = {}, None
+    try:
+        for cfg in CONFIGS:
+            if times and time.monotonic() > deadline:
+                break
+            triton_decode_grouped.GROUPED_CONFIG.update(saved, **cfg)
+            out = grouped_call().float().clone()
+            if first is None:
+                first = out
+            elif not torch.allclose(out, first, atol=2e-3, rtol=0):
+                raise AssertionError(f"configuration {cfg} computes something else at {shape}")
+            times[json.dumps(cfg)] = timed(grouped_call, device)
+    finally:
+        triton_decode_grouped.GROUPED_CONFIG.clear()
+        triton_decode_grouped.GROUPED_CONFIG.update(saved)
+    return times
+
+
+def time_shape(shape, device: torch.device, deadline: float) -> dict:
+    """Times and bandwidths of the grouped kernel (its best configuration), the split-K kernel,
+    SDPA fp16 and the stream."""
     b, hkv, group, d, tokens = shape
     dtype = torch.float16
     q, k, v, K, V, _, _ = packed(b, hkv, group, d, tokens, 0, dtype, device)
     scale = d ** -0.5
-    splits = triton_decode_grouped.default_splits(b, hkv, device)
-    n_rows = group
     out = torch.empty_like(q)
-    work = (torch.empty(b * hkv * splits * n_rows * d, device=device),
-            torch.empty(b * hkv * splits * n_rows, device=device))
     lengths = torch.tensor([[tokens, 0]] * b, dtype=torch.int32, device=device)
+    max_splits = max(4, triton_decode_grouped.GROUPED_CONFIG["max_splits"])  # (any configuration's splits)
+    work = (torch.empty(b * hkv * max_splits * group * d, device=device),
+            torch.empty(b * hkv * max_splits * group, device=device))
 
     def grouped():
-        triton_decode_grouped.launch(q, K.codes, K.absmax, K.codebook, 64, V.codes, V.absmax, V.codebook, None, None,
-                                     None, scale, False, lengths=lengths, num_splits=splits, out=out, workspace=work)
+        splits = triton_decode_grouped.default_splits(b, hkv, device)  # (the configuration's)
+        return triton_decode_grouped.launch(q, K.codes, K.absmax, K.codebook, 64, V.codes, V.absmax, V.codebook,
+                                            None, None, None, scale, False, lengths=lengths, num_splits=splits,
+                                            out=out, workspace=work)
 
     call = (q, K.codes, K.absmax, K.codebook, 64, 3, V.codes, V.absmax, V.codebook, 64, 3, None, None, None, scale,
             False)
     qf = q.view(b, hkv, group, d)  # a KV head's query rows as its query tokens: plain SDPA over the cache
-    row = dict(batch=b, kv_heads=hkv, group=group, head_dim=d, tokens=tokens, splits=splits)
+    row = dict(batch=b, kv_heads=hkv, group=group, head_dim=d, tokens=tokens,
+               splits=triton_decode_grouped.default_splits(b, hkv, device))
     packed_bytes = sum(t.nbytes for t in (K.codes, K.absmax, V.codes, V.absmax))
-    row["grouped_us"] = timed(grouped, device) * 1e6
+    configs = time_configs(shape, grouped, device, deadline)
+    best = min(configs, key=configs.get)
+    row["grouped_us"], row["grouped_default_us"] = configs[best] * 1e6, next(iter(configs.values())) * 1e6
+    row["grouped_best_config"], row["grouped_configs_us"] = best, {c: t * 1e6 for c, t in configs.items()}
     row["split_k_us"] = timed(lambda: triton_decode.flash_decode(*call), device) * 1e6
     if device.type == "cuda":
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -200,6 +234,7 @@ def time_shape(shape, device: torch.device) -> dict:
                         ("sdpa_fp16", k.nbytes + v.nbytes)):
         row[f"{key}_gbs"] = nbytes / (row[f"{key}_us"] * 1e-6) / 1e9
     row["grouped_vs_sdpa"] = row["sdpa_fp16_us"] / row["grouped_us"]
+    row["grouped_default_vs_sdpa"] = row["sdpa_fp16_us"] / row["grouped_default_us"]
     row["grouped_vs_split_k"] = row["split_k_us"] / row["grouped_us"]
     print(f"timing {row}", flush=True)
     return row
@@ -217,14 +252,17 @@ def markdown(report: dict) -> str:
         lines.append(f"| {r['batch']} | {r['kv_heads']} | {r['group']} | {r['head_dim']} | {r['tokens']} |"
                      f" {r['tail']} | {r['dtype']} | {r['device_lengths']} | {r['max_abs_err']:.1e} | {r['ok']} |")
     lines += ["", "## Time per call (CUDA graphs of 10 calls, median of 20 replays; GB/s = bytes read / time)", "",
-              "| batch | kv heads | group | head_dim | tokens | grouped us | GB/s | split-K us | SDPA fp16 us | GB/s |"
-              " stream us | stream GB/s | grouped vs SDPA | grouped vs split-K |",
-              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| batch | kv heads | group | head_dim | tokens | grouped us (default config) | grouped us (best) |"
+              " GB/s | split-K us | SDPA fp16 us | GB/s | stream us | stream GB/s | grouped vs SDPA (default, best) |"
+              " grouped vs split-K | best config |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in report["timing"]:
         lines.append(f"| {r['batch']} | {r['kv_heads']} | {r['group']} | {r['head_dim']} | {r['tokens']} |"
-                     f" {r['grouped_us']:.1f} | {r['grouped_gbs']:.0f} | {r['split_k_us']:.1f} |"
-                     f" {r['sdpa_fp16_us']:.1f} | {r['sdpa_fp16_gbs']:.0f} | {r['stream_us']:.1f} |"
-                     f" {r['stream_gbs']:.0f} | {r['grouped_vs_sdpa']:.2f}x | {r['grouped_vs_split_k']:.2f}x |")
+                     f" {r['grouped_default_us']:.1f} | {r['grouped_us']:.1f} | {r['grouped_gbs']:.0f} |"
+                     f" {r['split_k_us']:.1f} | {r['sdpa_fp16_us']:.1f} | {r['sdpa_fp16_gbs']:.0f} |"
+                     f" {r['stream_us']:.1f} | {r['stream_gbs']:.0f} |"
+                     f" {r['grouped_default_vs_sdpa']:.2f}x, {r['grouped_vs_sdpa']:.2f}x |"
+                     f" {r['grouped_vs_split_k']:.2f}x | {r['grouped_best_config']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -247,8 +285,9 @@ def main() -> None:
     report["correctness"] = correctness(DRY_CASES if args.dry_run else CASES, device)
     save()
     if not args.skip_timing:
+        deadline = time.monotonic() + CONFIG_BUDGET_S
         for shape in DRY_SHAPES if args.dry_run else SHAPES:
-            report["timing"].append(time_shape(shape, device))
+            report["timing"].append(time_shape(shape, device, deadline))
             save()  # (what was measured survives a timeout)
     print(markdown(report))
     if not all(r["ok"] for r in report["correctness"]):

@@ -49,6 +49,24 @@ def test_kernels_in_interpreter_process():
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not NEED_CHILD, reason="runs the script in a child process of the parent run")
+def test_gpu_decode_check_dry_run(tmp_path):
+    """benchmarks/gpu_decode_check.py (the kernel stage of gpu_check.sh) on CPU: its correctness
+    table comes out, as JSON and Markdown, and agrees with the reference."""
+    import json
+
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    run = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "gpu_decode_check.py"), "--dry-run",
+                          "--skip-timing", "--out", str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu_decode_check.json").read_text())
+    assert report["correctness"] and all(r["ok"] for r in report["correctness"])
+    assert "| max abs err |" in (tmp_path / "gpu_decode_check.md").read_text()
+
+
 def _kernel_test(fn):
     return pytest.mark.skipif(NEED_CHILD, reason="run in the interpreter child process")(fn)
 

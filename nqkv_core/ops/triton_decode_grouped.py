@@ -38,11 +38,12 @@ from torch.library import triton_op, wrap_triton
 from nqkv_core.ops.triton_decode import _LUT16_ASM, _LUT16_CONSTRAINTS, _byte_tables, _interpreting
 
 MAX_ROWS = 64  # query rows per KV head (GROUP * Tq) the kernel takes in one program
-LOG2E = 1.4426950408889634
-
 # Launch configuration on a GPU: keys per history tile, keys per tail tile, warps, pipeline stages,
-# and programs to aim for per SM (splits = that many programs over batch x KV heads).
-GROUPED_CONFIG = dict(block_n=64, block_t=16, num_warps=4, num_stages=2, programs_per_sm=2, max_splits=64)
+# programs to aim for per SM (splits = that many programs over batch x KV heads) and the most splits.
+# Untimed: chosen from the compiled code (benchmarks/triton_sass.py: no spills, 128 registers at
+# head_dim 64) and a cp.async double buffer of 64-key tiles; benchmarks/gpu_decode_check.py times it
+# against a few others.
+GROUPED_CONFIG = dict(block_n=64, block_t=16, num_warps=4, num_stages=2, programs_per_sm=4, max_splits=128)
 
 
 # -- jit helpers ------------------------------------------------------------------------------------------
