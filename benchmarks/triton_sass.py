@@ -74,6 +74,18 @@ class _Recorder:
         return Launcher()
 
 
+def capture_launches(module, call) -> list:
+    """``(kernel, args, kwargs)`` of every launch ``call()`` makes through ``module.wrap_triton``."""
+    launches = []
+    saved = module.wrap_triton
+    module.wrap_triton = _Recorder(launches)
+    try:
+        call()
+    finally:
+        module.wrap_triton = saved
+    return launches
+
+
 def capture_split_launch(b: int, hkv: int, group: int, d: int, tokens: int, dtype: torch.dtype, cfg: dict | None,
                          block: int | None = None):
     """(kernel, args, kwargs) of the split kernel's launch for one decode call of this shape, 4-bit
@@ -81,20 +93,18 @@ def capture_split_launch(b: int, hkv: int, group: int, d: int, tokens: int, dtyp
     ``DECODE_CONFIG`` overrides ``cfg``, or the grouped kernel for ``cfg=None``."""
     block = block or d
     q, K, V = _packed(b, hkv, group, d, tokens, dtype, block)
-    launches = []
-    module = triton_decode if cfg is not None else triton_decode_grouped
-    saved_wrap, saved_cfg = module.wrap_triton, dict(triton_decode.DECODE_CONFIG)
-    module.wrap_triton = _Recorder(launches)
+    saved_cfg = dict(triton_decode.DECODE_CONFIG)
     triton_decode.DECODE_CONFIG.update(cfg or {})
     try:
         if cfg is None:
-            triton_decode_grouped.launch(q, K.codes, K.absmax, K.codebook, block, V.codes, V.absmax, V.codebook,
-                                         None, None, None, d ** -0.5, False)
+            launches = capture_launches(triton_decode_grouped, lambda: triton_decode_grouped.launch(
+                q, K.codes, K.absmax, K.codebook, block, V.codes, V.absmax, V.codebook, None, None, None, d ** -0.5,
+                False))
         else:
-            triton_decode.flash_decode(q, K.codes, K.absmax, K.codebook, block, 3, V.codes, V.absmax, V.codebook,
-                                       block, 3, None, None, None, d ** -0.5, False)
+            launches = capture_launches(triton_decode, lambda: triton_decode.flash_decode(
+                q, K.codes, K.absmax, K.codebook, block, 3, V.codes, V.absmax, V.codebook, block, 3, None, None,
+                None, d ** -0.5, False))
     finally:
-        module.wrap_triton = saved_wrap
         triton_decode.DECODE_CONFIG.clear()
         triton_decode.DECODE_CONFIG.update(saved_cfg)
     split = (triton_decode._decode_split_kernel, triton_decode_grouped._grouped_split_kernel)
