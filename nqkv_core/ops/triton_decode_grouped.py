@@ -238,9 +238,11 @@ def _grouped_split_kernel(
     H_KV, T_Q, T_HIST, T_TAIL, scale,
     GROUP: tl.constexpr, N_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, NB: tl.constexpr,
     NUM_SPLITS: tl.constexpr, HAS_LENS: tl.constexpr, HAS_TAIL: tl.constexpr, MASK_KIND: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, LUT: tl.constexpr, DT: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, LUT: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
+    # the dots' operand dtype is the query's (16-bit on a GPU, fp32 in the interpreter)
+    DT: tl.constexpr = q_ptr.dtype.element_ty
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     b = pid_bh // H_KV
@@ -382,12 +384,6 @@ def default_splits(batch: int, kv_heads: int, device: torch.device) -> int:
     return max(1, min(cfg["max_splits"], triton.cdiv(cfg["programs_per_sm"] * _SM_COUNT[index], batch * kv_heads)))
 
 
-def _dot_dtype(q: Tensor):
-    if _interpreting() or q.dtype == torch.float32:
-        return torch.float32, tl.float32
-    return q.dtype, (tl.float16 if q.dtype == torch.float16 else tl.bfloat16)
-
-
 def launch(q, k_codes, k_absmax, k_codebook, k_block, v_codes, v_absmax, v_codebook, k_tail, v_tail, attn_mask,
            scale: float, is_causal: bool, lengths: Optional[Tensor] = None, num_splits: Optional[int] = None,
            out: Optional[Tensor] = None, workspace: Optional[tuple] = None) -> Tensor:
@@ -412,8 +408,9 @@ def launch(q, k_codes, k_absmax, k_codebook, k_block, v_codes, v_absmax, v_codeb
     tt = 0 if k_tail is None else k_tail.shape[2]
     n_rows = (hq // hkv) * tq
     splits = num_splits or default_splits(b, hkv, q.device)
-    work, dt = _dot_dtype(q)
-    qw = q.to(work) if _interpreting() and q.dtype == torch.bfloat16 else q
+    # the kernel's dot dtype is the query's: 16-bit on a GPU; fp32 in the interpreter (it has no bf16)
+    qw = q.float() if _interpreting() else q
+    work = qw.dtype
     k_codes = k_codes if k_codes.stride(-1) == 1 else k_codes.contiguous()
     v_codes = v_codes if v_codes.stride(-1) == 1 else v_codes.contiguous()
     kt, vt = (qw, qw) if k_tail is None else (k_tail.to(work), v_tail.to(work))  # (q: never read)
@@ -429,7 +426,7 @@ def launch(q, k_codes, k_absmax, k_codebook, k_block, v_codes, v_absmax, v_codeb
         plse = torch.empty((b * hkv * splits * n_rows,), device=q.device, dtype=torch.float32)
     else:
         po, plse = workspace
-    res = out if out is not None and not (_interpreting() and q.dtype == torch.bfloat16) else None
+    res = out if out is not None and out.dtype == qw.dtype else None
     res = torch.empty((b, hq, tq, d), device=q.device, dtype=qw.dtype) if res is None else res
     launch_cfg = {} if _interpreting() else dict(num_warps=GROUPED_CONFIG["num_warps"],
                                                  num_stages=GROUPED_CONFIG["num_stages"])
@@ -441,7 +438,7 @@ def launch(q, k_codes, k_absmax, k_codebook, k_block, v_codes, v_absmax, v_codeb
         hkv, tq, th, tt, scale,
         GROUP=hq // hkv, N_ROWS=n_rows, HEAD_DIM=d, NB=d // k_block, NUM_SPLITS=splits,
         HAS_LENS=lengths is not None, HAS_TAIL=tt > 0, MASK_KIND=mask_kind, IS_CAUSAL=is_causal and tq > 1,
-        LUT=not _interpreting() and dt != tl.float32, DT=dt,
+        LUT=not _interpreting() and work != torch.float32,
         BLOCK_R=max(16, triton.next_power_of_2(n_rows)), BLOCK_N=GROUPED_CONFIG["block_n"],
         BLOCK_T=GROUPED_CONFIG["block_t"], **launch_cfg,
     )
@@ -449,7 +446,7 @@ def launch(q, k_codes, k_absmax, k_codebook, k_block, v_codes, v_absmax, v_codeb
         po, plse, res, *res.stride(), hkv, tq,
         GROUP=hq // hkv, N_ROWS=n_rows, HEAD_DIM=d, NUM_SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits),
     )
-    if res.dtype != q.dtype:  # (the interpreter's fp32 stand-in for bf16)
+    if res.dtype != q.dtype:  # (the interpreter's fp32 stand-in)
         res = res.to(q.dtype) if out is None else out.copy_(res)
     return res
 
