@@ -245,7 +245,7 @@ def _grouped_split_kernel(
     DT: tl.constexpr = q_ptr.dtype.element_ty
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
-    b = pid_bh // H_KV
+    b = (pid_bh // H_KV).to(tl.int64)  # (a whole cache's offsets can pass 2**31)
     h = pid_bh % H_KV
     # -- lengths and this split's keys (positions [lo, hi) of history + tail) --
     if HAS_LENS:
