@@ -80,11 +80,14 @@ _OPAQUE_LANE = tl.constexpr("{ .reg .u32 e, l; mov.u32 e, %lanemask_eq; mov.u32 
 
 
 @triton.jit
-def _lane_tables(cb_ptr, DT: tl.constexpr):
-    """:func:`triton_decode._byte_tables` held per thread (see :data:`_OPAQUE_LANE`)."""
-    w0, w1, w2, w3, w4, w5, w6, w7 = _byte_tables(cb_ptr, DT)
-    return (_opaque(w0), _opaque(w1), _opaque(w2), _opaque(w3), _opaque(w4), _opaque(w5), _opaque(w6),
-            _opaque(w7))
+def _lane_tables(cb_ptr, DT: tl.constexpr, LUT: tl.constexpr):
+    """:func:`triton_decode._byte_tables` held per thread (see :data:`_OPAQUE_LANE`); zeros (unused)
+    without ``LUT``."""
+    if LUT:
+        w0, w1, w2, w3, w4, w5, w6, w7 = _byte_tables(cb_ptr, DT)
+        return (_opaque(w0), _opaque(w1), _opaque(w2), _opaque(w3), _opaque(w4), _opaque(w5), _opaque(w6),
+                _opaque(w7))
+    return 0, 0, 0, 0, 0, 0, 0, 0
 
 
 @triton.jit
@@ -224,6 +227,20 @@ def _store_halves(po_row, r_ok, first, acc_e, acc_o, norm, HALF: tl.constexpr):
     tl.store(po_row + (offs + 1)[None, :], acc_o / norm, mask=r_ok[:, None])
 
 
+@triton.jit
+def _store_partial(po_ptr, plse_ptr, base, offs_r, r_ok, acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i,
+                   NB: tl.constexpr, HALF: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """A split's normalised output rows (natural element order) and their base-2 log-sum-exp
+    (-inf for a row that saw no key)."""
+    has = l_i > 0
+    l_safe = tl.where(has, l_i, 1.0)
+    po_row = po_ptr + (base + offs_r)[:, None] * HEAD_DIM
+    _store_halves(po_row, r_ok, 0, acc_e0, acc_o0, l_safe[:, None], HALF)
+    if NB == 2:
+        _store_halves(po_row, r_ok, 2 * HALF, acc_e1, acc_o1, l_safe[:, None], HALF)
+    tl.store(plse_ptr + base + offs_r, tl.where(has, m_i + tl.log2(l_safe), float("-inf")), mask=r_ok)
+
+
 # -- kernels -------------------------------------------------------------------------------------------
 
 
@@ -273,12 +290,8 @@ def _grouped_split_kernel(
         qe1, qo1 = _query_halves(q_row, r_ok, stride_qd, 2 * HALF, qs, HALF, DT)
     else:
         qe1, qo1 = qe0, qo0  # (unused)
-    if LUT:  # once per program: the codebooks as byte tables of the dot dtype, in per-thread registers
-        k0, k1, k2, k3, k4, k5, k6, k7 = _lane_tables(kcb_ptr, DT)
-        v0, v1, v2, v3, v4, v5, v6, v7 = _lane_tables(vcb_ptr, DT)
-    else:
-        k0, k1, k2, k3, k4, k5, k6, k7 = 0, 0, 0, 0, 0, 0, 0, 0  # (unused)
-        v0, v1, v2, v3, v4, v5, v6, v7 = 0, 0, 0, 0, 0, 0, 0, 0
+    k0, k1, k2, k3, k4, k5, k6, k7 = _lane_tables(kcb_ptr, DT, LUT)  # once per program
+    v0, v1, v2, v3, v4, v5, v6, v7 = _lane_tables(vcb_ptr, DT, LUT)
     kc, ka = kc_ptr + b * stride_kcb + h * stride_kch, ka_ptr + b * stride_kab + h * stride_kah
     vc, va = vc_ptr + b * stride_vcb + h * stride_vch, va_ptr + b * stride_vab + h * stride_vah
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
@@ -312,17 +325,9 @@ def _grouped_split_kernel(
                 acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, qe0, qo0, qe1, qo1, start, hi - t_hist, t_hist, r_ok,
                 last_key, kt, vt, row_mask_ptr, stride_ktt, stride_ktd, stride_vtt, stride_vtd, stride_mk,
                 NB, HALF, MASK_KIND, IS_CAUSAL, DT, BLOCK_T)
-    # -- partial output (natural element order) and its base-2 log-sum-exp --
     base = (pid_bh * NUM_SPLITS + pid_s) * N_ROWS
-    has = l_i > 0
-    l_safe = tl.where(has, l_i, 1.0)
-    norm = l_safe[:, None]
-    po_row = po_ptr + (base + offs_r)[:, None] * HEAD_DIM
-    _store_halves(po_row, r_ok, 0, acc_e0, acc_o0, norm, HALF)
-    if NB == 2:
-        _store_halves(po_row, r_ok, 2 * HALF, acc_e1, acc_o1, norm, HALF)
-    lse = tl.where(has, m_i + tl.log2(l_safe), float("-inf"))
-    tl.store(plse_ptr + base + offs_r, lse, mask=r_ok)
+    _store_partial(po_ptr, plse_ptr, base, offs_r, r_ok, acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, NB, HALF,
+                   HEAD_DIM)
 
 
 @triton.jit(do_not_specialize=["T_Q"])
