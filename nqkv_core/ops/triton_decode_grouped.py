@@ -26,7 +26,6 @@ its ``torch.library.triton_op`` ``nqkv::grouped_decode``.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
