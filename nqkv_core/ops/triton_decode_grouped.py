@@ -20,8 +20,9 @@ product (with two blocks per row, as at head_dim 128 in blocks of 64, each block
 products). Scores are kept in base 2 (``log2(e)`` folded into the query scale).
 
 Layout of this file: jit helpers (decode a tile; one history tile; one tail tile) -> split kernel
--> merge kernel -> :func:`supports`, :func:`default_splits`, :func:`grouped_decode` (launcher) and
-its ``torch.library.triton_op`` ``nqkv::grouped_decode``.
+-> merge kernel -> :func:`supports`, :func:`default_splits`, :func:`launch` (the two launches, with
+optional device lengths, output and workspace for CUDA graphs) and the ``torch.library.triton_op``
+:func:`grouped_decode` (``nqkv::grouped_decode``, what ``nqkv::attention`` calls).
 """
 
 from __future__ import annotations
