@@ -61,7 +61,7 @@ TOLERANCE = 2e-2  # max abs error against the fp32 reference: 16-bit operands an
 CONFIGS = [dict(num_warps=4, block_n=64), dict(num_warps=2, block_n=32), dict(num_warps=4, block_n=64, num_stages=1),
            dict(num_warps=1, block_n=32, programs_per_sm=8), dict(num_warps=4, block_n=64, programs_per_sm=8),
            dict(num_warps=4, block_n=32)]
-CONFIG_BUDGET_S = 150
+CONFIG_BUDGET_S = 110
 
 
 # -- a read-only kernel over the same bytes ----------------------------------------------------------------
