@@ -143,12 +143,18 @@ def _use_triton(q: Tensor) -> bool:
 
 
 def _triton_kernels():
-    """The kernel modules, imported on first use (after any TRITON_INTERPRET setting); None without triton."""
+    """The kernel modules, imported on first use (after any TRITON_INTERPRET setting): the split-K
+    decode, the prefill and the grouped decode kernel (None where this Triton lacks what it uses;
+    the split-K kernel then decodes everything); None without triton."""
     try:
         from nqkv_core.ops import triton_decode, triton_prefill
     except ImportError:
         return None
-    return triton_decode, triton_prefill
+    try:
+        from nqkv_core.ops import triton_decode_grouped
+    except (ImportError, AttributeError):
+        triton_decode_grouped = None
+    return triton_decode, triton_prefill, triton_decode_grouped
 
 
 # -- the op ---------------------------------------------------------------------------------------------
@@ -205,8 +211,10 @@ def attention_eager(
     v = (v_codes, v_absmax, v_codebook, v_block, v_axis)
     kernels = _triton_kernels() if _use_triton(q) else None
     if kernels is not None:
-        triton_decode, triton_prefill = kernels
+        triton_decode, triton_prefill, grouped = kernels
         if triton_decode.supports(q, k, v):
+            if grouped is not None and grouped.supports(q, k, v):  # the presets' 4-bit layout
+                return grouped.grouped_decode(q, *k, *v, k_tail, v_tail, attn_mask, scale, is_causal)
             if q.shape[2] * (q.shape[1] // k_codes.shape[1]) <= triton_decode.MAX_ROWS:
                 return triton_decode.flash_decode(
                     q, *k, *v, k_tail, v_tail, attn_mask, scale, is_causal
