@@ -52,6 +52,11 @@ UNSUPPORTED = {
     "deepseek-v3-mla": ("DeepseekV3Config", dict(kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
                                                  qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=4,
                                                  num_experts_per_tok=2, moe_intermediate_size=32)),
+    "mamba": ("MambaConfig", dict(state_size=4, num_hidden_layers=2)),
+    "qwen3-next-hybrid": ("Qwen3NextConfig", dict(head_dim=16, linear_num_value_heads=2, linear_num_key_heads=2,
+                                                  linear_key_head_dim=16, linear_value_head_dim=16, num_experts=4,
+                                                  num_experts_per_tok=2, moe_intermediate_size=32,
+                                                  layer_types=["linear_attention", "full_attention"])),
 }
 
 
@@ -83,7 +88,7 @@ def cache_key() -> str:
 def dynamic_logits(model, ids, prefill):
     from transformers import DynamicCache
 
-    model.set_attn_implementation("sdpa")
+    model.set_attn_implementation("eager")
     return step_logits(model, ids, {cache_key(): DynamicCache(config=model.config)}, prefill)
 
 
@@ -134,7 +139,7 @@ def test_fidelity_at_least_quanto_int4(name):
     fp = dynamic_logits(model, ids, 64)
     nq = enable(model, bits=4)
     ours = cosine_floor(step_logits(model, ids, {cache_key(): nq.new_cache()}, 64), fp)
-    model.set_attn_implementation("sdpa")
+    model.set_attn_implementation("eager")
     quanto = QuantizedCache(backend="quanto", config=model.config, nbits=4, axis_key=0, axis_value=0,
                             q_group_size=_hf.head_dim(model.config), residual_length=32)
     theirs = cosine_floor(step_logits(model, ids, {cache_key(): quanto}, 64), fp)

@@ -89,6 +89,13 @@ def check_supported(config: Any) -> None:
         raise NotImplementedError(
             f"{name}: NQKVCache does not serve chunked attention (attention_chunk_size); {_WORKAROUND}"
         )
+    if getattr(text, "kv_lora_rank", None):  # DeepSeek-V2/V3, Kimi: latent K/V, no per-head K/V to store
+        raise NotImplementedError(
+            f"{name}: NQKVCache stores per-head keys and values; this model's multi-head latent attention"
+            f" (kv_lora_rank={text.kv_lora_rank}) caches a compressed latent instead; {_WORKAROUND}"
+        )
+    if not getattr(text, "num_attention_heads", None):
+        raise NotImplementedError(f"{name}: NQKVCache needs attention layers; this model has none; {_WORKAROUND}")
     types = layer_types(config)
     other = sorted(set(types) - set(LAYER_TYPES))
     if other:
