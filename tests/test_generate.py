@@ -120,3 +120,24 @@ def test_assisted_decoding_without_margin_says_what_to_change():
 def test_cache_without_config_counts_as_empty_before_the_first_forward():
     cache = NQKVCache(SCHEME, num_layers=1)
     assert cache.get_seq_length() == 0
+
+
+def test_enable_is_reversible():
+    import nqkv_core
+
+    model = tiny()
+    model.set_attn_implementation("eager")
+    ids = torch.randint(1, 96, (1, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        before = model(ids).logits
+        with nqkv_core.enable(model, scheme=SCHEME) as nq:
+            assert model.config._attn_implementation == "nqkv"
+            model(ids, **nq.generate_kwargs())
+        assert model.config._attn_implementation == "eager"
+        torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)
+        nqkv_core.enable(model, bits=4)
+        nqkv_core.enable(model, bits=4)  # enabling twice still restores the original
+        nqkv_core.disable(model)
+        assert model.config._attn_implementation == "eager"
+        nqkv_core.disable(model)  # not enabled: nothing to undo
+        assert model.config._attn_implementation == "eager"

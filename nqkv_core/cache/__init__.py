@@ -19,7 +19,7 @@ from nqkv_core.cache.attend import attend, prompt_attention, sdpa
 from nqkv_core.cache.format import KeyBias, RopeTable, SideFormat, rope_bias_weights, side_format
 from nqkv_core.cache.attend import Logits, softmax_attention
 from nqkv_core.cache.hf import (
-    ATTN_NAME, LAYER_TYPES, NQKVCache, NQKVModel, check_supported, enable, layer_types, nqkv_attention, register,
+    ATTN_NAME, LAYER_TYPES, NQKVCache, NQKVModel, check_supported, disable, enable, layer_types, nqkv_attention, register,
     rope_inv_freqs,
 )
 from nqkv_core.cache.io import FORMAT_VERSION
@@ -31,6 +31,6 @@ from nqkv_core.scheme import default_scheme  # deprecated here: import it from n
 __all__ = [
     "ATTN_NAME", "DECODE_STRATEGIES", "FORMAT_VERSION", "LAYER_TYPES", "CompiledStep", "Decode", "KeyBias", "Logits",
     "NQKVCache", "NQKVLayer", "NQKVModel", "NQKVSlidingLayer", "RopeTable", "SideFormat", "attend", "check_supported",
-    "default_scheme", "enable", "layer_types", "nqkv_attention", "prompt_attention", "register", "rope_bias_weights",
+    "default_scheme", "disable", "enable", "layer_types", "nqkv_attention", "prompt_attention", "register", "rope_bias_weights",
     "rope_inv_freqs", "sdpa", "side_format", "softmax_attention",
 ]

@@ -404,6 +404,12 @@ class NQKVModel:
         """``model.generate`` with a fresh NQKV cache."""
         return self.model.generate(*args, **self.generate_kwargs(), **kwargs)
 
+    def __enter__(self) -> "NQKVModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        disable(self.model)
+
 
 def enable(
     model: torch.nn.Module,
@@ -440,9 +446,30 @@ def enable(
     side_format(scheme, "k"), side_format(scheme, "v")
     scheme_inv_freqs(scheme, config)
     register()
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(ATTN_NAME)
-    else:  # pragma: no cover - older transformers
-        config._attn_implementation = ATTN_NAME
+    previous = _attn_implementation(model)
+    _set_attn_implementation(model, ATTN_NAME)
+    if previous != ATTN_NAME:
+        model._nqkv_previous_attn = previous
     return NQKVModel(model, scheme, max_cache_len, crop_margin, decode)
+
+
+def disable(model: torch.nn.Module) -> None:
+    """Undo :func:`enable`: the model attends with the implementation it had before (a no-op if
+    NQKV is not enabled). ``with nqkv_core.enable(model) as nq: ...`` calls it on leaving the block."""
+    previous = getattr(model, "_nqkv_previous_attn", None)
+    if previous is None:
+        return
+    _set_attn_implementation(model, previous)
+    del model._nqkv_previous_attn
+
+
+def _attn_implementation(model: torch.nn.Module) -> str | None:
+    return getattr(model.config, "_attn_implementation", None)
+
+
+def _set_attn_implementation(model: torch.nn.Module, name: str) -> None:
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(name)
+    else:  # pragma: no cover - older transformers
+        model.config._attn_implementation = name
 
