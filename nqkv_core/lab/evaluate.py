@@ -127,7 +127,7 @@ def _explicit_attention(q, k, v, mask, scale: float, softcap: float | None, sink
 
 def _layer_inv_freq(config, layer: int, head_dim: int) -> torch.Tensor:
     """The RoPE frequencies of layer ``layer`` (per layer type where the model has them per type)."""
-    from nqkv_core.cache.hf import layer_types, rope_inv_freqs
+    from nqkv_core.cache.support import layer_types, rope_inv_freqs
 
     return rope_inv_freqs(config, head_dim)[layer_types(config)[layer]]
 
