@@ -34,7 +34,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-from scipy.stats import norm
 
 CodebookKind = Literal["nf", "lloyd"]
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -52,6 +51,8 @@ def _nf_levels(bits: int) -> tuple[float, ...]:
     # QLoRA eq. 4 as bitsandbytes' create_normal_map builds it: 2**(bits-1) positive quantiles and
     # 2**(bits-1) - 1 negative ones, each half from its own linspace so that zero is exact.
     # The offset halves the gap between the two halves' outermost quantiles (0.9677083 for 4 bits).
+    from scipy.stats import norm  # here, not at module level: scipy.stats takes ~0.5 s to import
+
     n_pos = 2 ** (bits - 1)
     n_neg = n_pos - 1
     offset = 1.0 - 0.5 * (1.0 / (2 * 2**bits) + 1.0 / (2 * (2**bits - 1)))
