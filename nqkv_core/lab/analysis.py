@@ -28,41 +28,47 @@ from nqkv_core.scheme import hadamard
 
 CAPTURE_ATTN = "nqkv_capture"
 BLOCKINGS = ("token", "channel", "token-centred", "token-rot", "token-centred-rot")
-_CAPTURED: list[tuple[torch.Tensor, torch.Tensor]] = []
 
 
-def _capture_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    # Record post-RoPE K/V (per layer, in call order) and attend exactly.
-    _CAPTURED.append((key.detach().float().cpu(), value.detach().float().cpu()))
-    T = query.shape[2]
-    out = F.scaled_dot_product_attention(
-        query, key, value, is_causal=T > 1 and key.shape[2] == T, scale=scaling, enable_gqa=True
-    )
-    return out.transpose(1, 2).contiguous(), None
+def _capturing_attention(captured: list, queries: bool):
+    """An attention function that appends each call's post-RoPE ``(k, v)`` (and ``q`` if ``queries``)
+    to ``captured``, in call order (one call per layer), and attends exactly."""
+
+    def attend(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        kv = (key.detach().float().cpu(), value.detach().float().cpu())
+        captured.append(kv + (query.detach().float().cpu(),) if queries else kv)
+        T = query.shape[2]
+        out = F.scaled_dot_product_attention(
+            query, key, value, is_causal=T > 1 and key.shape[2] == T, scale=scaling, enable_gqa=True
+        )
+        return out.transpose(1, 2).contiguous(), None
+
+    return attend
 
 
-def register_capture() -> str:
-    """Register the capturing attention function under :data:`CAPTURE_ATTN`."""
+def register_capture(captured: list | None = None, queries: bool = False) -> str:
+    """Register under :data:`CAPTURE_ATTN` an attention function that appends each layer's
+    post-RoPE ``(k, v)`` (``(k, v, q)`` with ``queries``) to ``captured`` and attends exactly."""
     from transformers import AttentionInterface
 
-    AttentionInterface.register(CAPTURE_ATTN, _capture_attention)
+    AttentionInterface.register(CAPTURE_ATTN, _capturing_attention([] if captured is None else captured, queries))
     return CAPTURE_ATTN
 
 
 @torch.no_grad()
-def capture_kv(model: torch.nn.Module, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Post-RoPE ``(k, v)`` of every layer for one ``(1, n)`` sequence, each ``(1, kv_heads, n, head_dim)``.
+def capture_kv(model: torch.nn.Module, ids: torch.Tensor, queries: bool = False) -> list[tuple[torch.Tensor, ...]]:
+    """Post-RoPE ``(k, v)`` of every layer for one ``(1, n)`` sequence, each ``(1, kv_heads, n, head_dim)``;
+    with ``queries``, ``(k, v, q)`` with ``q`` ``(1, q_heads, n, head_dim)``.
 
     Switches the model to the capturing attention for the call and restores its previous one.
     """
     prev = model.config._attn_implementation
-    model.set_attn_implementation(register_capture())
-    _CAPTURED.clear()
+    captured: list = []
+    model.set_attn_implementation(register_capture(captured, queries))
     try:
         model(ids)
-        return list(_CAPTURED)
+        return captured
     finally:
-        _CAPTURED.clear()
         model.set_attn_implementation(prev)
 
 
@@ -73,6 +79,8 @@ def blocks_of(x: torch.Tensor, blocking: str, block: int = 64, skip: int = 4) ->
     """
     if blocking not in BLOCKINGS:
         raise ValueError(f"blocking must be one of {BLOCKINGS}, got {blocking!r}")
+    if x.shape[-1] % block and blocking != "channel":
+        raise ValueError(f"blocks of {block} do not divide head_dim {x.shape[-1]}; pass a --block that does")
     x = x[..., skip:, :].float()
     if "centred" in blocking:
         x = x - x.mean(dim=-2, keepdim=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -426,6 +427,7 @@ def evaluate(
     quanto_bits: tuple[int, ...] = (),
     desc: str = "eval",
     fidelity: bool = False,
+    on_row: Callable[[list[Row]], object] | None = None,
 ) -> list[Row]:
     """Run full precision and every scheme on the same windows; one :class:`Row` each.
 
@@ -436,7 +438,10 @@ def evaluate(
     and the reason in ``note``). ``fidelity`` adds, for every scheme, the top-1 agreement and KL
     divergence from full precision at every position of the windows (:func:`logit_fidelity`; one
     more pass per window and scheme, plus the reference); the full-precision row gets 1 and 0.
+    ``on_row`` is called with the rows so far whenever one is added or completed (e.g. to save
+    them, so that an interrupted run keeps what it measured).
     """
+    on_row = on_row or (lambda rows: None)
     ctx = windows.shape[1]
     total = len(windows) * (1 + len(schemes) + len(quanto_bits) + ((len(schemes) + 1) if fidelity else 0))
     rows: list[Row] = []
@@ -450,6 +455,7 @@ def evaluate(
             row.agree = 1.0
             row.next_agree = next_token_agreement(model, prompts, ref_tokens, None)
         rows.append(row)
+        on_row(rows)
         for s in schemes:
             bar.set_postfix_str(s.name)
             t0 = time.perf_counter()
@@ -460,6 +466,7 @@ def evaluate(
                 row.next_agree = next_token_agreement(model, prompts, ref_tokens, s)
             row.seconds = time.perf_counter() - t0
             rows.append(row)
+            on_row(rows)
             bar.write(f"{row.method}: {row.bits:.3f} bits/elem, PPL {row.ppl:.3f} ({row.dppl_pct:+.2f}%)"
                       + (f", agree {100 * row.agree:.1f}% (next token {100 * row.next_agree:.1f}%)"
                          if row.agree is not None else ""))
@@ -476,11 +483,13 @@ def evaluate(
             except Exception as e:  # noqa: BLE001 - the reason goes into the table
                 rows.append(Row(name, float("nan"), float("nan"), float("nan"), note=f"did not run: {type(e).__name__}: {e}"[:200]))
             bar.update(len(windows))
+            on_row(rows)
         if fidelity:
             bar.set_postfix_str("top-1 agreement and KL")
             rows[0].step_agree, rows[0].kl = 1.0, 0.0  # full precision against itself
             for row, f in zip(rows[1:], logit_fidelity(model, windows, schemes, progress=bar)):
                 row.step_agree, row.kl = f.agree, f.kl
+            on_row(rows)
     return rows
 
 

@@ -35,12 +35,24 @@ GIB = 1 << 30
 
 
 def parse_bytes(text: str) -> int:
-    """``"1GiB"``, ``"512MiB"``, ``"2GB"`` or a plain number of bytes."""
-    units = {"gib": 1 << 30, "mib": 1 << 20, "kib": 1 << 10, "gb": 10**9, "mb": 10**6, "b": 1}
-    for unit, factor in units.items():
-        if text.lower().endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(text)
+    """``"1GiB"``, ``"512MiB"``, ``"2GB"`` or a plain number of bytes.
+
+    Raises:
+        ValueError: if ``text`` is not such a size, or not positive.
+    """
+    units = {"gib": 1 << 30, "mib": 1 << 20, "kib": 1 << 10, "gb": 10**9, "mb": 10**6, "kb": 10**3, "b": 1}
+    number, factor = text.strip(), 1
+    for unit, f in units.items():
+        if number.lower().endswith(unit):
+            number, factor = number[: -len(unit)], f
+            break
+    try:
+        size = int(float(number) * factor)
+    except ValueError:
+        size = 0
+    if size <= 0:
+        raise ValueError(f"budget {text!r} is not a positive size: use e.g. 1GiB, 512MiB, 2GB or a number of bytes")
+    return size
 
 
 def model_dims(model) -> tuple[int, int, int]:
