@@ -174,3 +174,29 @@ def test_eval_writes_rows_as_it_goes(tiny_model_dir, corpus, tmp_path, monkeypat
     data = json.loads((tmp_path / "eval.json").read_text())
     assert len(data["rows"]) == 3
     assert data["meta"]["command"].startswith("nqkv eval --model ") and "--bits 4" in data["meta"]["command"]
+
+
+def test_bench_writes_its_tables_as_it_goes(tiny_model_dir, corpus, tmp_path, monkeypatch):
+    import transformers
+
+    from nqkv_core.lab import bench, report
+
+    # a DynamicCache stands in for quanto's (whose first use compiles an extension for minutes)
+    stand_in = lambda model, bits=4: transformers.DynamicCache(config=model.config)  # noqa: E731
+    monkeypatch.setattr(report, "quanto_cache", stand_in)
+    monkeypatch.setattr(bench, "quanto_cache", stand_in)
+
+    md = tmp_path / "bench.md"
+    seen = []
+    real = bench._Lines.add
+
+    def add(self, *lines):
+        real(self, *lines)
+        seen.append(md.read_text().count("\n"))  # the file holds every line added so far
+
+    monkeypatch.setattr(bench._Lines, "add", add)
+    cli.main(["bench", "--model", tiny_model_dir, "--text-file", corpus, "--quick", "--contexts", "64",
+              "--batches", "1", "--rounds", "1", "--steps", "1", "--budget", "16MiB", "--markdown", str(md)])
+    text = md.read_text()
+    assert len(seen) >= 6 and seen == sorted(seen)
+    assert "command `nqkv bench --model" in text and "| 64 | 1 |" in text and "Greedy agreement" in text

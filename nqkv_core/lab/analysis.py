@@ -163,13 +163,11 @@ def plot_qq_hist(kv, path: str | Path, layers: list[int] | None = None, block: i
     Each block is standardised (zero mean, unit variance) and the values of the chosen ``layers`` are
     pooled; one column per blocking, rows: K Q-Q, K histogram, V Q-Q, V histogram.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # drawn by its own Agg canvas: pyplot's backend is left alone
 
     layers = layers if layers is not None else sorted({0, len(kv) // 2, len(kv) - 1})
-    fig, axes = plt.subplots(4, len(BLOCKINGS), figsize=(3.2 * len(BLOCKINGS), 11))
+    fig = Figure(figsize=(3.2 * len(BLOCKINGS), 11))
+    axes = fig.subplots(4, len(BLOCKINGS))
     grid = np.linspace(-5, 5, 200)
     probs = (np.arange(1, 2001) - 0.5) / 2000
     for c, blocking in enumerate(BLOCKINGS):
@@ -195,7 +193,6 @@ def plot_qq_hist(kv, path: str | Path, layers: list[int] | None = None, block: i
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return path
 
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from nqkv_core.lab.models import cache_arg, returned_cache
 from nqkv_core.scheme import FP_BITS, KVScheme, KVTransform, fit_transform, rope_inv_freq, roundtrip
 
 ATTN_NAME = "nqkv_fakequant"
@@ -205,12 +206,10 @@ def widen_layers(scheme: KVScheme, sensitivity: list[float], wide_layers: int, w
 
 def plot_layer_sensitivity(sensitivity: dict[str, list[float]], png: str | Path) -> Path:
     """Bars of each layer's ΔPPL when it alone is quantized (:func:`layer_sensitivity`), a panel per scheme."""
-    import matplotlib
+    from matplotlib.figure import Figure  # drawn by its own Agg canvas: pyplot's backend is left alone
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(sensitivity), 1, figsize=(7, 2.2 * len(sensitivity)), squeeze=False)
+    fig = Figure(figsize=(7, 2.2 * len(sensitivity)))
+    axes = fig.subplots(len(sensitivity), 1, squeeze=False)
     for ax, (name, sens) in zip(axes[:, 0], sensitivity.items()):
         ax.bar(range(len(sens)), sens, color="tab:blue")
         ax.set_title(f"{name}: ΔPPL when only this layer is quantized", fontsize=9)
@@ -219,7 +218,6 @@ def plot_layer_sensitivity(sensitivity: dict[str, list[float]], png: str | Path)
     axes[-1, 0].set_xlabel("layer")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
-    plt.close(fig)
     return Path(png)
 
 
@@ -242,8 +240,8 @@ def quanto_perplexity(
                                    q_group_size=group, residual_length=residual)
             logits = []
             for start in range(0, w.numel(), chunk):
-                out = model(w[None, start : start + chunk], past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
+                out = model(w[None, start : start + chunk], **cache_arg(cache), use_cache=True)
+                cache = returned_cache(out)
                 logits.append(out.logits[0].float())
             logits = torch.cat(logits)
             nll += float(F.cross_entropy(logits[:-1], w[1:], reduction="sum"))
@@ -267,8 +265,8 @@ def greedy_tokens(model: torch.nn.Module, prompts: torch.Tensor | list[torch.Ten
             cache = None
             gen = []
             for _ in range(n_new):
-                out = model(ids, past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
+                out = model(ids, **cache_arg(cache), use_cache=True)
+                cache = returned_cache(out)
                 nxt = out.logits[0, -1].argmax()
                 gen.append(nxt)
                 ids = nxt.view(1, 1)

@@ -9,8 +9,10 @@ corpus raises an error that says how to get it.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -224,3 +226,27 @@ def calibration_windows(tokenizer, text: str, window_len: int, n: int, held_out:
             f" windows after the {held_out} evaluation tokens; pass a longer --text-file or fewer windows"
         )
     return windows[-n:]
+
+
+@functools.lru_cache(maxsize=None)
+def _transformers_version() -> tuple[int, int]:
+    import transformers
+
+    return tuple(int(re.match(r"\d+", part).group()) for part in transformers.__version__.split(".")[:2])
+
+
+def cache_keyword() -> str:
+    """The name of the argument that hands a cache to a transformers model's ``forward`` or
+    ``generate``: ``"cache"`` from transformers 5.24 on (``past_key_values`` is deprecated there),
+    ``"past_key_values"`` before."""
+    return "cache" if _transformers_version() >= (5, 24) else "past_key_values"
+
+
+def cache_arg(cache) -> dict:
+    """``{cache_keyword(): cache}``, to pass as ``model(ids, **cache_arg(cache))``."""
+    return {cache_keyword(): cache}
+
+
+def returned_cache(out):
+    """The cache a forward call returned: ``out.cache`` from transformers 5.24 on, ``out.past_key_values`` before."""
+    return out["cache"] if "cache" in out else out["past_key_values"]

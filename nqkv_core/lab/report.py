@@ -123,6 +123,7 @@ def decode_tokens_per_s(model, kind: str, batch: int, context: int, steps: int,
     ``kind="none"`` is decoding without a cache: the whole sequence is recomputed for each token.
     """
     from nqkv_core.cache import ATTN_NAME
+    from nqkv_core.lab.models import cache_arg
 
     model.set_attn_implementation(ATTN_NAME if kind == "nqkv" else "sdpa")
     tok = torch.full((batch, 1), 42, dtype=torch.long)
@@ -131,7 +132,7 @@ def decode_tokens_per_s(model, kind: str, batch: int, context: int, steps: int,
         step = lambda: model(ids, use_cache=False, logits_to_keep=1)  # noqa: E731
     else:
         cache = filled_cache(kind, model, batch, context, scheme)
-        step = lambda: model(tok, past_key_values=cache, use_cache=True)  # noqa: E731
+        step = lambda: model(tok, **cache_arg(cache), use_cache=True)  # noqa: E731
     times = []
     for _ in range(steps + 1):  # the first step warms up
         t = time.perf_counter()
