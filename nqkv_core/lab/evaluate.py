@@ -1,14 +1,23 @@
 """Quality of KV-cache schemes: perplexity and greedy agreement with K/V fake-quantized post-RoPE.
 
-The model runs with a registered attention function (:data:`ATTN_NAME`). Before every attention
-call it passes the layer's keys and values through the active :class:`~nqkv_core.scheme.KVScheme`
-and then attends the way a streaming cache would: for each query position, keys/values of the first
+The model attends through a :class:`FakeQuant`, a transformers attention function registered under
+a name (:data:`ATTN_NAME` by default) that holds the scheme it applies. Before every attention call
+it passes the layer's keys and values through that :class:`~nqkv_core.scheme.KVScheme` and then
+attends the way a streaming cache would: for each query position, keys/values of the first
 ``sinks`` tokens and of the last ``window`` positions (``q_pos - k_pos < window``) are exact and all
 others are the quantized ones. Scores are computed against both exact and quantized keys and chosen
 per (query, key) pair; the output sums the split probability matrix times exact and quantized values.
 
 The per-channel statistics of a scheme (centre, equalisation) are measured on the first call of each
-sequence (the prompt) and frozen for that sequence's later calls, as a cache would.
+sequence (the prompt) and frozen, per layer, in the :class:`FakeQuant` for that sequence's later
+calls, as a cache would.
+
+Usage::
+
+    with fake_quantized(model, scheme) as fq:  # the model attends through fq inside the block
+        for ids in sequences:
+            fq.new_sequence()
+            logits = model(ids).logits
 """
 
 from __future__ import annotations
@@ -16,7 +25,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,90 +41,172 @@ from nqkv_core.scheme import FP_BITS, KVScheme, KVTransform, fit_transform, rope
 ATTN_NAME = "nqkv_fakequant"
 
 
-class _Active:
-    scheme: KVScheme | None = None
-    transforms: dict[int, KVTransform] = {}
-
-
-_ACTIVE = _Active()
-
-
-@contextmanager
-def active_scheme(scheme: KVScheme | None):
-    """Run the model's attention with ``scheme`` (``None`` = exact attention) inside the block."""
-    prev = _ACTIVE.scheme
-    _ACTIVE.scheme, _ACTIVE.transforms = scheme, {}
-    try:
-        yield
-    finally:
-        _ACTIVE.scheme, _ACTIVE.transforms = prev, {}
-
-
-def new_sequence() -> None:
-    """Forget the frozen per-layer statistics: the next attention call starts a new sequence."""
-    _ACTIVE.transforms = {}
-
-
 def _is_fp(scheme: KVScheme | None) -> bool:
     return scheme is None or (scheme.k_bits >= FP_BITS and scheme.v_bits >= FP_BITS)
 
 
-def fakequant_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    dropout: float = 0.0,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """Attention over fake-quantized K/V with exact sinks and recent window, in fp32.
+class FakeQuant:
+    """A transformers attention function over fake-quantized K/V, and its state: the scheme it
+    applies (``None`` = exact attention) and the transforms it froze per layer for the current
+    sequence.
 
-    Shapes: ``query (b, hq, T, d)``, ``key``/``value`` ``(b, hkv, Tk, d)`` with the ``T`` queries at
-    the last ``T`` positions; ``attention_mask`` is None or a boolean ``(b, 1, T, Tk)`` (True =
-    attend). Returns ``(b, T, hq, d)`` in the query dtype.
+    Register it with :meth:`register` (or use :func:`fake_quantized`), switch schemes with
+    :meth:`applying` and call :meth:`new_sequence` before each independent sequence.
     """
-    scheme = _ACTIVE.scheme
-    T, tk = query.shape[2], key.shape[2]
-    qpos = torch.arange(tk - T, tk, device=query.device)
-    kpos = torch.arange(tk, device=query.device)
-    allowed = kpos[None, :] <= qpos[:, None]
-    if attention_mask is not None:
-        m = attention_mask[:, :, -T:, :]
-        allowed = allowed & (m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2)
-    q, k, v = query.float(), key.float(), value.float()
-    layer = getattr(module, "layer_idx", 0)
-    if scheme is not None:
-        scheme = scheme.for_layer(layer)
-    if _is_fp(scheme):
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling, enable_gqa=True)
-    else:
-        t = _ACTIVE.transforms.get(layer)
-        if t is None:
-            inv_freq = rope_inv_freq(module.config, key.shape[-1], key.device) if scheme.k_centre_rope else None
-            t = _ACTIVE.transforms[layer] = fit_transform(scheme, key, value, query, inv_freq)
-        k_hat, v_hat = roundtrip(scheme, key, value, transform=t)
-        # Each key appears twice, quantized and exact; the mask lets every (query, key) pair see
-        # exactly one of the two, so one softmax over both is the streaming cache's attention.
-        exact = (kpos[None, :] < scheme.sinks) | (qpos[:, None] - kpos[None, :] < scheme.window)
-        mask = torch.cat([allowed & ~exact, allowed & exact], dim=-1)
-        out = F.scaled_dot_product_attention(
-            q, torch.cat([k_hat, k], dim=-2), torch.cat([v_hat, v], dim=-2),
-            attn_mask=mask, scale=scaling, enable_gqa=True,
-        )
-    out = out.transpose(1, 2).contiguous()
-    return out.to(query.dtype), None
+
+    def __init__(self, scheme: KVScheme | None = None):
+        self.scheme = scheme
+        self.attention: Callable | None = None
+        self.transforms: dict[int, KVTransform] = {}
+
+    def register(self, name: str = ATTN_NAME) -> str:
+        """Register this object (and an SDPA-style boolean mask) as attention ``name``; returns ``name``."""
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+        AttentionInterface.register(name, self)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
+        return name
+
+    def new_sequence(self) -> None:
+        """Forget the frozen per-layer statistics: the next attention call starts a new sequence."""
+        self.transforms = {}
+
+    @contextmanager
+    def applying(self, scheme: KVScheme | None, attention: Callable | None = None) -> Iterator[FakeQuant]:
+        """Apply ``scheme`` inside the block (a new sequence at entry); ``attention``, if given, is
+        called instead of :meth:`attend` (with the same arguments; it may call :func:`fakequant_attention`)."""
+        prev = self.scheme, self.attention
+        self.scheme, self.attention, self.transforms = scheme, attention, {}
+        try:
+            yield self
+        finally:
+            (self.scheme, self.attention), self.transforms = prev, {}
+
+    def __call__(self, module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        return (self.attention or self.attend)(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+
+    def attend(
+        self,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float,
+        dropout: float = 0.0,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        """Attention over K/V fake-quantized by :attr:`scheme`, with exact sinks and recent window, in fp32.
+
+        Shapes: ``query (b, hq, T, d)``, ``key``/``value`` ``(b, hkv, Tk, d)`` with the ``T`` queries at
+        the last ``T`` positions; ``attention_mask`` is None or a boolean ``(b, 1, T, Tk)`` (True =
+        attend). Returns ``(b, T, hq, d)`` in the query dtype.
+        """
+        T, tk = query.shape[2], key.shape[2]
+        qpos = torch.arange(tk - T, tk, device=query.device)
+        kpos = torch.arange(tk, device=query.device)
+        allowed = kpos[None, :] <= qpos[:, None]
+        if attention_mask is not None:
+            m = attention_mask[:, :, -T:, :]
+            allowed = allowed & (m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2)
+        q, k, v = query.float(), key.float(), value.float()
+        layer = getattr(module, "layer_idx", 0)
+        scheme = self.scheme.for_layer(layer) if self.scheme is not None else None
+        if _is_fp(scheme):
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling, enable_gqa=True)
+        else:
+            t = self.transforms.get(layer)
+            if t is None:
+                inv_freq = rope_inv_freq(module.config, key.shape[-1], key.device) if scheme.k_centre_rope else None
+                t = self.transforms[layer] = fit_transform(scheme, key, value, query, inv_freq)
+            k_hat, v_hat = roundtrip(scheme, key, value, transform=t)
+            # Each key appears twice, quantized and exact; the mask lets every (query, key) pair see
+            # exactly one of the two, so one softmax over both is the streaming cache's attention.
+            exact = (kpos[None, :] < scheme.sinks) | (qpos[:, None] - kpos[None, :] < scheme.window)
+            mask = torch.cat([allowed & ~exact, allowed & exact], dim=-1)
+            out = F.scaled_dot_product_attention(
+                q, torch.cat([k_hat, k], dim=-2), torch.cat([v_hat, v], dim=-2),
+                attn_mask=mask, scale=scaling, enable_gqa=True,
+            )
+        out = out.transpose(1, 2).contiguous()
+        return out.to(query.dtype), None
 
 
-def register_attention() -> str:
-    """Register :func:`fakequant_attention` (and an SDPA-style boolean mask) under :data:`ATTN_NAME`."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+def _registered(name: str | None) -> FakeQuant | None:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    AttentionInterface.register(ATTN_NAME, fakequant_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, sdpa_mask)
-    return ATTN_NAME
+    fn = ALL_ATTENTION_FUNCTIONS.get(name) if isinstance(name, str) else None
+    return fn if isinstance(fn, FakeQuant) else None
+
+
+def attending_fake_quant(model: torch.nn.Module) -> FakeQuant | None:
+    """The :class:`FakeQuant` that ``model`` (or a module holding its config) attends through, or None."""
+    return _registered(getattr(model.config, "_attn_implementation", None))
+
+
+def register_attention(name: str = ATTN_NAME) -> str:
+    """Register a :class:`FakeQuant` (exact until a scheme is applied) as attention ``name``, unless
+    one is registered there already; returns ``name``, for ``model.set_attn_implementation(name)``
+    or ``from_pretrained(..., attn_implementation=name)``."""
+    if _registered(name) is None:
+        FakeQuant().register(name)
+    return name
+
+
+@contextmanager
+def fake_quantized(model: torch.nn.Module, scheme: KVScheme | None,
+                   attention: Callable | None = None) -> Iterator[FakeQuant]:
+    """Run ``model`` with K/V fake-quantized by ``scheme`` (``None`` = exact) inside the block; yields
+    the :class:`FakeQuant` it attends through.
+
+    A model that attends through a :class:`FakeQuant` keeps it, with ``scheme`` (and ``attention``:
+    :meth:`FakeQuant.applying`) applied for the block. Any other model attends through the one
+    :func:`register_attention` provides for the block, and gets its own attention back afterwards.
+    """
+    fq = attending_fake_quant(model)
+    prev = None
+    if fq is None:
+        prev = model.config._attn_implementation
+        model.set_attn_implementation(register_attention())
+        fq = attending_fake_quant(model)
+    try:
+        with fq.applying(scheme, attention):
+            yield fq
+    finally:
+        if prev is not None:
+            model.set_attn_implementation(prev)
+
+
+def fakequant_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """The fake-quantized attention (:meth:`FakeQuant.attend`) of the :class:`FakeQuant` that
+    ``module``'s model attends through (else the one registered as :data:`ATTN_NAME`); for attention
+    functions that wrap it, e.g. :func:`logit_fidelity`'s ``attentions``.
+
+    Raises:
+        ValueError: if there is no such :class:`FakeQuant`.
+    """
+    fq = attending_fake_quant(module) or _registered(ATTN_NAME)
+    if fq is None:
+        raise ValueError("no fake-quantized attention registered: model.set_attn_implementation(register_attention())")
+    return fq.attend(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+
+
+@contextmanager
+def active_scheme(scheme: KVScheme | None):
+    """Deprecated: use :func:`fake_quantized` (``with fake_quantized(model, scheme):``). Applies
+    ``scheme`` to the :class:`FakeQuant` registered as :data:`ATTN_NAME` inside the block."""
+    warnings.warn("active_scheme(scheme) is deprecated; use fake_quantized(model, scheme)", DeprecationWarning,
+                  stacklevel=3)
+    with _registered(register_attention()).applying(scheme):
+        yield
+
+
+def new_sequence() -> None:
+    """Deprecated: use :meth:`FakeQuant.new_sequence`. Starts a new sequence for the
+    :class:`FakeQuant` registered as :data:`ATTN_NAME`."""
+    warnings.warn("new_sequence() is deprecated; use FakeQuant.new_sequence()", DeprecationWarning, stacklevel=2)
+    _registered(register_attention()).new_sequence()
 
 
 # -- perplexity ---------------------------------------------------------------------------------
@@ -122,8 +214,11 @@ def register_attention() -> str:
 
 @torch.no_grad()
 def window_nll(model: torch.nn.Module, ids: torch.Tensor) -> tuple[float, int]:
-    """Summed next-token NLL (nats) and token count of one ``(1, n)`` window under the active scheme."""
-    new_sequence()
+    """Summed next-token NLL (nats) and token count of one ``(1, n)`` window, a new sequence for the
+    :class:`FakeQuant` the model attends through (if any)."""
+    fq = attending_fake_quant(model)
+    if fq is not None:
+        fq.new_sequence()
     logits = model(ids).logits.float()
     nll = F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")
     return float(nll), ids.shape[1] - 1
@@ -133,7 +228,7 @@ def window_nll(model: torch.nn.Module, ids: torch.Tensor) -> tuple[float, int]:
 def perplexity(model: torch.nn.Module, windows: torch.Tensor, scheme: KVScheme | None, progress=None) -> float:
     """Perplexity over ``windows`` ``(n, len)`` token ids, each window an independent sequence."""
     nll, count = 0.0, 0
-    with active_scheme(scheme):
+    with fake_quantized(model, scheme):
         for w in windows:
             s, c = window_nll(model, w[None])
             nll, count = nll + s, count + c
@@ -234,7 +329,7 @@ def quanto_perplexity(
     from transformers import QuantizedCache
 
     nll, count = 0.0, 0
-    with active_scheme(None):
+    with fake_quantized(model, None):
         for w in windows:
             cache = QuantizedCache(backend="quanto", config=model.config, nbits=bits, axis_key=0, axis_value=0,
                                    q_group_size=group, residual_length=residual)
@@ -254,13 +349,13 @@ def quanto_perplexity(
 
 @torch.no_grad()
 def greedy_tokens(model: torch.nn.Module, prompts: torch.Tensor | list[torch.Tensor], scheme: KVScheme | None,
-                  n_new: int = 32) -> torch.Tensor:
+                  n_new: int = 32, attention: Callable | None = None) -> torch.Tensor:
     """Greedy continuations ``(n_prompts, n_new)`` of each prompt (a row of ``prompts``, or 1-D
-    tensors of any lengths) under ``scheme``."""
+    tensors of any lengths) under ``scheme`` (and ``attention``, as in :func:`fake_quantized`)."""
     outs = []
-    with active_scheme(scheme):
+    with fake_quantized(model, scheme, attention) as fq:
         for p in prompts:
-            new_sequence()
+            fq.new_sequence()
             ids = p[None]
             cache = None
             gen = []
@@ -281,17 +376,18 @@ def agreement(tokens: torch.Tensor, reference: torch.Tensor) -> float:
 
 @torch.no_grad()
 def next_token_agreement(model: torch.nn.Module, prompts: torch.Tensor | list[torch.Tensor],
-                         reference: torch.Tensor, scheme: KVScheme | None) -> float:
+                         reference: torch.Tensor, scheme: KVScheme | None, attention: Callable | None = None) -> float:
     """Teacher-forced agreement: the fraction of positions of ``reference`` (``(n_prompts, n_new)``,
     e.g. the full-precision greedy continuations) whose token is the greedy choice of the model
     under ``scheme`` when it is given the prompt and the reference tokens before that position.
 
     Unlike :func:`agreement` of free-running continuations, one changed token does not change the
-    prefix of every later one, so this counts each step's choice once."""
+    prefix of every later one, so this counts each step's choice once. ``attention``: as in
+    :func:`fake_quantized`."""
     hits = []
-    with active_scheme(scheme):
+    with fake_quantized(model, scheme, attention) as fq:
         for p, ref in zip(prompts, reference):
-            new_sequence()
+            fq.new_sequence()
             ids = torch.cat([p, ref[:-1]])[None]
             logits = model(ids, use_cache=False).logits[0, len(p) - 1:]
             hits.append(logits.argmax(-1) == ref)
@@ -318,36 +414,33 @@ def logit_fidelity(model: torch.nn.Module, windows: torch.Tensor, schemes: list[
     ``windows`` ``(n, len)`` (teacher-forced by the text itself: no position depends on another's
     choice, so each changed choice is counted once).
 
-    ``attentions``: optionally, per scheme, an attention function to register under
-    :data:`ATTN_NAME` while that scheme runs (e.g. one that rounds K/V to bf16), ``None`` for the
-    fake quantization. Windows are the outer loop, so the full-precision logits of one window are
-    all that is held (a window of SmolLM2's 49k-token vocabulary is 200 MB in fp32). ``progress``
-    (e.g. a ``tqdm`` bar) is advanced once per forward pass: ``len(windows) * (len(schemes) + 1)``.
-    """
-    from transformers import AttentionInterface
+    ``attentions``: optionally, per scheme, an attention function the model attends through while
+    that scheme runs (e.g. one that rounds K/V to bf16 and calls :func:`fakequant_attention`;
+    :meth:`FakeQuant.applying`), ``None`` for the fake quantization. Windows are the outer loop, so
+    the full-precision logits of one window are all that is held (a window of SmolLM2's 49k-token
+    vocabulary is 200 MB in fp32). ``progress`` (e.g. a ``tqdm`` bar) is advanced once per forward
+    pass: ``len(windows) * (len(schemes) + 1)``.
 
+    Raises:
+        ValueError: if ``attentions`` and ``schemes`` differ in length.
+    """
     attentions = attentions or [None] * len(schemes)
     if len(attentions) != len(schemes):
         raise ValueError(f"{len(attentions)} attention functions for {len(schemes)} schemes")
     agree, kl = [0] * len(schemes), [0.0] * len(schemes)
     positions = 0
     for w in windows:
-        with active_scheme(None):
-            new_sequence()
+        with fake_quantized(model, None) as fq:
+            fq.new_sequence()
             ref = model(w[None]).logits[0].float().log_softmax(-1)
         if progress is not None:
             progress.update(1)
         top = ref.argmax(-1)
         positions += len(top)
         for i, (scheme, attention) in enumerate(zip(schemes, attentions)):
-            if attention is not None:
-                AttentionInterface.register(ATTN_NAME, attention)
-            try:
-                with active_scheme(scheme):
-                    new_sequence()
-                    out = model(w[None]).logits[0].float().log_softmax(-1)
-            finally:
-                AttentionInterface.register(ATTN_NAME, fakequant_attention)
+            with fake_quantized(model, scheme, attention) as fq:
+                fq.new_sequence()
+                out = model(w[None]).logits[0].float().log_softmax(-1)
             agree[i] += int((out.argmax(-1) == top).sum())
             kl[i] += float((ref.exp() * (ref - out)).sum(-1).sum())
             if progress is not None:
@@ -429,7 +522,7 @@ def evaluate(
 ) -> list[Row]:
     """Run full precision and every scheme on the same windows; one :class:`Row` each.
 
-    ``model`` must use :data:`ATTN_NAME` attention. ``prompts`` (``(n, len)``, or a list of 1-D
+    The model attends through a :class:`FakeQuant` (:func:`fake_quantized`). ``prompts`` (``(n, len)``, or a list of 1-D
     token tensors) enables greedy agreement against the full-precision continuation, free-running
     (:func:`agreement`) and teacher-forced (:func:`next_token_agreement`).
     ``quanto_bits`` adds transformers' ``QuantizedCache`` rows (a failure becomes a row with PPL n/a
