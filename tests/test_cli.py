@@ -200,3 +200,19 @@ def test_bench_writes_its_tables_as_it_goes(tiny_model_dir, corpus, tmp_path, mo
     text = md.read_text()
     assert len(seen) >= 6 and seen == sorted(seen)
     assert "command `nqkv bench --model" in text and "| 64 | 1 |" in text and "Greedy agreement" in text
+
+
+def test_analyze_runs_and_records_the_command(tiny_model_dir, corpus, tmp_path, capsys):
+    cli.main(["analyze", "--model", tiny_model_dir, "--text-file", corpus, "--windows", "1", "--window-len", "256",
+              "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "normality.json").read_text())
+    assert data["meta"]["command"] == cli.shlex.join(["nqkv", "analyze", "--model", tiny_model_dir, "--text-file", corpus,
+                                                       "--windows", "1", "--window-len", "256", "--out", str(tmp_path)])
+    assert len(data["rows"]) == 10 and (tmp_path / "normality_qq.png").stat().st_size > 1000
+    assert "capture K/V" in capsys.readouterr().err  # the progress bar
+
+
+def test_analyze_block_that_does_not_divide_head_dim(tiny_model_dir, corpus, capsys):
+    line = _error_line(capsys, ["analyze", "--model", tiny_model_dir, "--text-file", corpus, "--windows", "1",
+                                "--window-len", "128", "--block", "48"])
+    assert "blocks of 48 do not divide head_dim 64" in line and "--block" in line

@@ -201,7 +201,9 @@ def analyze(model: torch.nn.Module, windows: torch.Tensor, block: int = 64, alph
 
     Centring and blocks stay within one window; the first ``skip`` tokens of each window are left out.
     """
-    per_window = [capture_kv(model, w[None]) for w in windows]
+    from tqdm.auto import tqdm
+
+    per_window = [capture_kv(model, w[None]) for w in tqdm(windows, desc="capture K/V", unit="win")]
     kv = [
         (torch.cat([pw[li][0] for pw in per_window]), torch.cat([pw[li][1] for pw in per_window]))
         for li in range(len(per_window[0]))
