@@ -216,3 +216,25 @@ def test_analyze_block_that_does_not_divide_head_dim(tiny_model_dir, corpus, cap
     line = _error_line(capsys, ["analyze", "--model", tiny_model_dir, "--text-file", corpus, "--windows", "1",
                                 "--window-len", "128", "--block", "48"])
     assert "blocks of 48 do not divide head_dim 64" in line and "--block" in line
+
+
+def test_calibrate_saves_each_layer_as_measured(tiny_model_dir, corpus, tmp_path, monkeypatch):
+    from nqkv_core.lab import evaluate
+    from nqkv_core.scheme import KVScheme
+
+    partial = []
+    real = evaluate.perplexity
+
+    def perplexity(model, windows, scheme, progress=None):
+        path = tmp_path / "nqkv_scheme.json"
+        if path.exists():
+            partial.append(len(json.loads(path.read_text())["layer_sensitivity_pct"]))
+        return real(model, windows, scheme, progress)
+
+    monkeypatch.setattr(evaluate, "perplexity", perplexity)
+    cli.main(["calibrate", "--model", tiny_model_dir, "--text-file", corpus, "--windows", "1", "--window-len", "128",
+              "--wide-layers", "1", "--out", str(tmp_path)])
+    assert partial == [1]  # before the second layer's pass, the first layer's value was on disk
+    data = json.loads((tmp_path / "nqkv_scheme.json").read_text())
+    assert data["complete"] and len(data["layer_sensitivity_pct"]) == 2
+    assert sorted(KVScheme.from_dict(data["scheme"]).layer_bits) == [2, 3]

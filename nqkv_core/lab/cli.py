@@ -28,8 +28,8 @@ from nqkv_core.scheme import PRESET_BITS
 # What the library and the lab raise for input a user can fix; anything else is a bug and keeps
 # its traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, NotImplementedError)
-CORPUS_HELP = "plain-text UTF-8 corpus (default: $NQKV_TEXT_FILE, else shared/data/wikitext-2-raw/wiki.test.raw" \
-              " in the working directory or a parent)"
+CORPUS_HELP = ("plain-text UTF-8 corpus; None: $NQKV_TEXT_FILE, else shared/data/wikitext-2-raw/wiki.test.raw in the"
+               " working directory or a parent")
 
 
 def positive_int(text: str) -> int:
@@ -267,18 +267,22 @@ def cmd_calibrate(args) -> None:
     config = lm.model.config.get_text_config() if hasattr(lm.model.config, "get_text_config") else lm.model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     base = default_scheme(args.bits, head_dim, window=args.fp_window)  # what enable(model, bits=...) uses
+    out = Path(args.out or ".")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "nqkv_scheme.json"
+
+    def save(sens: list[float], scheme=None) -> None:  # after every layer: an interrupted run keeps them
+        path.write_text(json.dumps({"scheme": (scheme or base).to_dict(), "complete": scheme is not None,
+                                    "layer_sensitivity_pct": sens, "command": args.command_line}, indent=1))
+
     with tqdm(total=(num_layers(lm.model) + 1) * len(windows), desc="layer sensitivity", unit="win") as bar:
-        scheme, sens = calibrate_layer_bits(lm.model, windows, base, args.wide_layers, args.wide_bits, bar)
+        scheme, sens = calibrate_layer_bits(lm.model, windows, base, args.wide_layers, args.wide_bits, bar, save)
+    save(sens, scheme)
     print("| layer | ΔPPL % alone | width |\n|---:|---:|---:|")
     for i, v in enumerate(sens):
         print(f"| {i} | {v:+.3f} | {scheme.layer_bits[i]} |")
     print(f"{scheme.name}: {scheme.bits_per_element(args.window_len):.3f} bits/element at {args.window_len} tokens"
           f" ({base.bits_per_element(args.window_len):.3f} for {base.name})")
-    out = Path(args.out or ".")
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "nqkv_scheme.json"
-    path.write_text(json.dumps({"scheme": scheme.to_dict(), "layer_sensitivity_pct": sens,
-                                "command": args.command_line}, indent=1))
     png = plot_layer_sensitivity({base.name: sens}, out / "layer_sensitivity.png")
     print(f"wrote {path} and {png}; use it with"
           f" nqkv_core.enable(model, scheme=KVScheme.from_dict(json.load(open({str(path)!r}))['scheme']))")

@@ -244,11 +244,13 @@ def num_layers(model: torch.nn.Module) -> int:
 
 
 def layer_sensitivity(
-    model: torch.nn.Module, windows: torch.Tensor, scheme: KVScheme, progress=None
+    model: torch.nn.Module, windows: torch.Tensor, scheme: KVScheme, progress=None,
+    on_layer: Callable[[list[float]], object] | None = None,
 ) -> list[float]:
     """ΔPPL (%) of storing one layer with ``scheme`` and every other layer exactly, for each layer.
 
     ``scheme`` needs equal K and V widths. Costs ``num_layers + 1`` passes over ``windows``.
+    ``on_layer`` is called with the values so far after each layer (e.g. to save them).
     """
     n = num_layers(model)
     fp = perplexity(model, windows, None, progress)
@@ -256,6 +258,8 @@ def layer_sensitivity(
     for i in range(n):
         alone = scheme.replace(layer_bits=tuple(scheme.k_bits if j == i else FP_BITS for j in range(n)))
         out.append(100 * (perplexity(model, windows, alone, progress) / fp - 1))
+        if on_layer is not None:
+            on_layer(out)
     return out
 
 
@@ -266,6 +270,7 @@ def calibrate_layer_bits(
     wide_layers: int = 2,
     wide_bits: int | None = None,
     progress=None,
+    on_layer: Callable[[list[float]], object] | None = None,
 ) -> tuple[KVScheme, list[float]]:
     """``scheme`` with its ``wide_layers`` most sensitive layers stored ``wide_bits`` wide.
 
@@ -280,11 +285,12 @@ def calibrate_layer_bits(
         scheme: the base scheme (equal K and V widths); ``wide_bits`` defaults to one bit wider (8
             for a 4-bit scheme).
         wide_layers: how many layers to widen.
+        progress, on_layer: as in :func:`layer_sensitivity`.
 
     Returns:
         ``(scheme with layer_bits, per-layer sensitivity in %)``.
     """
-    sens = layer_sensitivity(model, windows, scheme, progress)
+    sens = layer_sensitivity(model, windows, scheme, progress, on_layer)
     return widen_layers(scheme, sens, wide_layers, wide_bits), sens
 
 
