@@ -69,6 +69,9 @@ def test_evaluate_fidelity_columns(tiny, tmp_path):
     schemes = [KVScheme("nf2", k_bits=2, v_bits=2, k_block=16, v_block=16)]
     rows = evaluate(model, ids, schemes, fidelity=True)
     direct = logit_fidelity(model, ids, schemes)[0]
+    # the fidelity passes give the perplexities too
+    assert rows[0].ppl == pytest.approx(perplexity(model, ids, None), rel=1e-5)
+    assert rows[1].ppl == pytest.approx(perplexity(model, ids, schemes[0]), rel=1e-5) == direct.ppl
     assert rows[0].step_agree == 1.0 and abs(rows[0].kl) < 1e-6
     assert (rows[1].step_agree, rows[1].kl) == pytest.approx((direct.agree, direct.kl))
     table = markdown_table(rows, with_agree=False)

@@ -216,7 +216,8 @@ def add_report(sub) -> None:
     p = sub.add_parser("report", help="the paper's table: quality, memory and decode speed of NQKV vs peers")
     _model_arg(p)
     p.add_argument("--text-file", default=None, help=CORPUS_HELP)
-    p.add_argument("--quick", action="store_true", help="2 windows of 512 tokens, contexts 512/2048: a few minutes")
+    p.add_argument("--quick", action="store_true",
+                   help="2 windows of 512 tokens, no greedy agreement, contexts 512/2048: a few minutes")
     _bits_arg(p, "NQKV / KIVI bit widths")
     p.add_argument("--sinks", type=nonneg_int, default=4, help="full-precision attention-sink tokens")
     p.add_argument("--fp-window", type=nonneg_int, default=32, help="full-precision recent window")

@@ -405,12 +405,18 @@ class Fidelity:
     """How close a scheme's next-token distributions stay to full precision over every position of
     some windows (:func:`logit_fidelity`): ``agree`` is the fraction of positions whose top-1 token
     is full precision's, ``flips`` their complement as a count out of ``positions``, ``kl`` the mean
-    ``KL(p_fp || p_scheme)`` in nats."""
+    ``KL(p_fp || p_scheme)`` in nats; ``nll`` the scheme's mean next-token NLL over the windows
+    (nats; :attr:`ppl` is its perplexity, what :func:`perplexity` measures)."""
 
     agree: float
     flips: int
     positions: int
     kl: float
+    nll: float = float("nan")
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll)
 
 
 @torch.no_grad()
@@ -433,8 +439,8 @@ def logit_fidelity(model: torch.nn.Module, windows: torch.Tensor, schemes: list[
     attentions = attentions or [None] * len(schemes)
     if len(attentions) != len(schemes):
         raise ValueError(f"{len(attentions)} attention functions for {len(schemes)} schemes")
-    agree, kl = [0] * len(schemes), [0.0] * len(schemes)
-    positions = 0
+    agree, kl, nll = [0] * len(schemes), [0.0] * len(schemes), [0.0] * len(schemes)
+    positions = predicted = 0
     for w in windows:
         with fake_quantized(model, None) as fq:
             fq.new_sequence()
@@ -442,16 +448,21 @@ def logit_fidelity(model: torch.nn.Module, windows: torch.Tensor, schemes: list[
         if progress is not None:
             progress.update(1)
         top = ref.argmax(-1)
-        positions += len(top)
+        positions, predicted = positions + len(top), predicted + len(top) - 1
         for i, (scheme, attention) in enumerate(zip(schemes, attentions)):
-            with fake_quantized(model, scheme, attention) as fq:
-                fq.new_sequence()
-                out = model(w[None]).logits[0].float().log_softmax(-1)
+            if _is_fp(scheme) and attention is None:
+                out = ref  # the reference pass, again
+            else:
+                with fake_quantized(model, scheme, attention) as fq:
+                    fq.new_sequence()
+                    out = model(w[None]).logits[0].float().log_softmax(-1)
             agree[i] += int((out.argmax(-1) == top).sum())
             kl[i] += float((ref.exp() * (ref - out)).sum(-1).sum())
+            nll[i] -= float(out[:-1].gather(-1, w[1:, None]).sum())
             if progress is not None:
                 progress.update(1)
-    return [Fidelity(a / positions, positions - a, positions, k / positions) for a, k in zip(agree, kl)]
+    return [Fidelity(a / positions, positions - a, positions, k / positions, n / predicted)
+            for a, k, n in zip(agree, kl, nll)]
 
 
 def free_running_agreement(step_agree: float, n_new: int = 32) -> float:
@@ -528,38 +539,40 @@ def evaluate(
 ) -> list[Row]:
     """Run full precision and every scheme on the same windows; one :class:`Row` each.
 
-    The model attends through a :class:`FakeQuant` (:func:`fake_quantized`). ``prompts`` (``(n, len)``, or a list of 1-D
-    token tensors) enables greedy agreement against the full-precision continuation, free-running
-    (:func:`agreement`) and teacher-forced (:func:`next_token_agreement`).
+    The model attends through a :class:`FakeQuant` (:func:`fake_quantized`). ``prompts`` (``(n, len)``,
+    or a list of 1-D token tensors) enables greedy agreement against the full-precision continuation,
+    free-running (:func:`agreement`) and teacher-forced (:func:`next_token_agreement`).
     ``quanto_bits`` adds transformers' ``QuantizedCache`` rows (a failure becomes a row with PPL n/a
     and the reason in ``note``). ``fidelity`` adds, for every scheme, the top-1 agreement and KL
-    divergence from full precision at every position of the windows (:func:`logit_fidelity`; one
-    more pass per window and scheme, plus the reference); the full-precision row gets 1 and 0.
-    ``on_row`` is called with the rows so far whenever one is added or completed (e.g. to save
-    them, so that an interrupted run keeps what it measured).
+    divergence from full precision at every position of the windows (:func:`logit_fidelity`, whose
+    passes also give the perplexities: no pass more than without it); the full-precision row gets 1
+    and 0. ``on_row`` is called with the rows so far whenever one is added (e.g. to save them, so
+    that an interrupted run keeps what it measured).
     """
     on_row = on_row or (lambda rows: None)
     ctx = windows.shape[1]
-    total = len(windows) * (1 + len(schemes) + len(quanto_bits) + ((len(schemes) + 1) if fidelity else 0))
+    total = len(windows) * (1 + len(schemes) + len(quanto_bits) + int(fidelity))  # fidelity: + the reference
     rows: list[Row] = []
     ref_tokens = None
     with tqdm(total=total, desc=desc, unit="win") as bar:
-        t0 = time.perf_counter()
-        fp = perplexity(model, windows, None, bar)
-        row = Row("full precision", float(FP_BITS), fp, 0.0, seconds=time.perf_counter() - t0)
-        if prompts is not None:
-            ref_tokens = greedy_tokens(model, prompts, None, n_new)
-            row.agree = 1.0
-            row.next_agree = next_token_agreement(model, prompts, ref_tokens, None)
-        rows.append(row)
-        on_row(rows)
-        for s in schemes:
-            bar.set_postfix_str(s.name)
+        fids = None
+        if fidelity:  # every window's passes, full precision and each scheme, first
+            bar.set_postfix_str("perplexity, top-1 agreement and KL")
+            fids = logit_fidelity(model, windows, [None, *schemes], progress=bar)
+        fp = None
+        for i, s in enumerate([None, *schemes]):
             t0 = time.perf_counter()
-            ppl = perplexity(model, windows, s, bar)
-            row = Row(s.name, s.bits_per_element(ctx), ppl, 100 * (ppl / fp - 1), scheme=s.to_dict())
-            if ref_tokens is not None:
-                row.agree = agreement(greedy_tokens(model, prompts, s, n_new), ref_tokens)
+            bar.set_postfix_str("full precision" if s is None else s.name)
+            ppl = fids[i].ppl if fids else perplexity(model, windows, s, bar)
+            fp = fp or ppl
+            row = Row("full precision", float(FP_BITS), ppl, 0.0) if s is None else \
+                Row(s.name, s.bits_per_element(ctx), ppl, 100 * (ppl / fp - 1), scheme=s.to_dict())
+            if fids:
+                row.step_agree, row.kl = fids[i].agree, fids[i].kl
+            if prompts is not None:
+                tokens = greedy_tokens(model, prompts, s, n_new)
+                ref_tokens = tokens if s is None else ref_tokens
+                row.agree = agreement(tokens, ref_tokens)
                 row.next_agree = next_token_agreement(model, prompts, ref_tokens, s)
             row.seconds = time.perf_counter() - t0
             rows.append(row)
@@ -568,26 +581,24 @@ def evaluate(
                       + (f", agree {100 * row.agree:.1f}% (next token {100 * row.next_agree:.1f}%)"
                          if row.agree is not None else ""))
         for bits in quanto_bits:
-            name = f"HF QuantizedCache quanto int{bits} (g64, residual 128, chunks of 128)"
-            t0 = time.perf_counter()
-            try:
-                ppl = quanto_perplexity(model, windows, bits)
-                # int scale + zero-point per group of 64 in fp16 (quanto keeps them in the model dtype),
-                # residual of up to 128 tokens in full precision (charged at its mean, 64).
-                q_bits = bits + 32 / 64
-                eff = ((ctx - 64) * q_bits + 64 * FP_BITS) / ctx
-                rows.append(Row(name, eff, ppl, 100 * (ppl / fp - 1), seconds=time.perf_counter() - t0))
-            except Exception as e:  # noqa: BLE001 - the reason goes into the table
-                rows.append(Row(name, float("nan"), float("nan"), float("nan"), note=f"did not run: {type(e).__name__}: {e}"[:200]))
+            rows.append(_quanto_row(model, windows, bits, fp))
             bar.update(len(windows))
             on_row(rows)
-        if fidelity:
-            bar.set_postfix_str("top-1 agreement and KL")
-            rows[0].step_agree, rows[0].kl = 1.0, 0.0  # full precision against itself
-            for row, f in zip(rows[1:], logit_fidelity(model, windows, schemes, progress=bar)):
-                row.step_agree, row.kl = f.agree, f.kl
-            on_row(rows)
     return rows
+
+
+def _quanto_row(model, windows: torch.Tensor, bits: int, fp: float) -> Row:
+    name = f"HF QuantizedCache quanto int{bits} (g64, residual 128, chunks of 128)"
+    t0 = time.perf_counter()
+    try:
+        ppl = quanto_perplexity(model, windows, bits)
+    except Exception as e:  # noqa: BLE001 - the reason goes into the table
+        return Row(name, float("nan"), float("nan"), float("nan"), note=f"did not run: {type(e).__name__}: {e}"[:200])
+    # int scale + zero-point per group of 64 in fp16 (quanto keeps them in the model dtype),
+    # residual of up to 128 tokens in full precision (charged at its mean, 64).
+    ctx = windows.shape[1]
+    eff = ((ctx - 64) * (bits + 32 / 64) + 64 * FP_BITS) / ctx
+    return Row(name, eff, ppl, 100 * (ppl / fp - 1), seconds=time.perf_counter() - t0)
 
 
 def save_rows(rows: list[Row], out_dir: str | Path, stem: str, meta: dict | None = None) -> tuple[Path, Path]:
