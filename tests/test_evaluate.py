@@ -286,3 +286,22 @@ def test_deprecated_global_names_still_work(tiny):
         fq.new_sequence()
         torch.testing.assert_close(model(ids[:1]).logits, old)
     assert register_attention() == ATTN_NAME and attending_fake_quant(model) is not None
+
+
+def test_quanto_rows(tiny, monkeypatch):
+    from nqkv_core.lab import evaluate as ev
+
+    model, ids = tiny
+    monkeypatch.setattr(ev, "quanto_perplexity", lambda model, windows, bits: 2.2)
+    rows = evaluate(model, ids.repeat(1, 2), [], quanto_bits=(4,))
+    fp = rows[0].ppl
+    # 4-bit codes + an fp16 scale and zero-point per 64, and 64 of the 128 tokens in full precision
+    assert rows[1].bits == pytest.approx((64 * 4.5 + 64 * 16) / 128)
+    assert rows[1].dppl_pct == pytest.approx(100 * (2.2 / fp - 1))
+
+    def fails(model, windows, bits):
+        raise ImportError("no quanto")
+
+    monkeypatch.setattr(ev, "quanto_perplexity", fails)
+    row = evaluate(model, ids, [], quanto_bits=(2,))[1]
+    assert math.isnan(row.ppl) and row.note == "did not run: ImportError: no quanto"

@@ -242,8 +242,8 @@ def _memory_tables(model, scheme, args, budget: int, out: _Lines) -> dict[str, f
     rows = fits_budget(model, scheme, budget, args.batch_context)
     out.add("", f"Budget {args.budget}: largest context (batch 1) and batch (at {args.batch_context} tokens)", "",
             "| cache | max context | allocated | RSS growth | max batch |", "|---|---:|---:|---:|---:|",
-            *(f"| {r['cache']} | {r['max_context']:,} | {r['allocated'] / GIB:.3f} GiB | {r['rss_delta'] / GIB:.3f} GiB |"
-              f" {r['max_batch_at']} |" for r in rows),
+            *(f"| {r['cache']} | {r['max_context']:,} | {r['allocated'] / GIB:.3f} GiB |"
+              f" {r['rss_delta'] / GIB:.3f} GiB | {r['max_batch_at']} |" for r in rows),
             f"\nContext ratio NQKV / fp16: {rows[1]['max_context'] / rows[0]['max_context']:.2f}x;"
             f" peak RSS of the process {peak_rss() / GIB:.2f} GiB.")
     stored, added = decode_state_bytes(model, scheme, 8, 1024)

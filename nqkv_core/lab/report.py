@@ -372,7 +372,8 @@ def run_report(
 
     header = (f"Model `{lm.name}`; corpus {text_file or 'WikiText-2 raw test'}; {n_windows} windows of {window_len}"
               f" tokens; {sinks} sink tokens and a {window}-token recent window in full precision for every"
-              f" quantized scheme; budget {budget / GIB:g} GiB" + ("; no greedy agreement with --quick" if quick else "")
+              f" quantized scheme; budget {budget / GIB:g} GiB"
+              + ("; no greedy agreement with --quick" if quick else "")
               + (f"; command `{command}`." if command else "."))
     meta = {"command": command, "quick": quick, "model": lm.name, "budget_bytes": budget}
     base = "DynamicCache (fp32)"
