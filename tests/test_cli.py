@@ -238,3 +238,12 @@ def test_calibrate_saves_each_layer_as_measured(tiny_model_dir, corpus, tmp_path
     data = json.loads((tmp_path / "nqkv_scheme.json").read_text())
     assert data["complete"] and len(data["layer_sensitivity_pct"]) == 2
     assert sorted(KVScheme.from_dict(data["scheme"]).layer_bits) == [2, 3]
+
+
+def test_command_line_is_recorded_as_typed(monkeypatch):
+    seen = []
+    monkeypatch.setattr(cli, "cmd_eval", lambda args: seen.append(args.command_line))
+    cli.main(["eval", "--text-file", "my corpus.txt"])
+    monkeypatch.setattr(sys, "argv", [cli.__file__, "eval", "--windows", "2"])
+    cli.main()
+    assert seen == ["nqkv eval --text-file 'my corpus.txt'", "python -m nqkv_core.lab.cli eval --windows 2"]

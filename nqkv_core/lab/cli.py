@@ -331,9 +331,13 @@ def main(argv: list[str] | None = None) -> None:
     Raises:
         SystemExit: 2 for bad arguments or input (one line on stderr), 130 when interrupted.
     """
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
-    args.command_line = shlex.join(["nqkv", *argv])
+    prog = "nqkv"
+    if argv is None:
+        argv = sys.argv[1:]
+        if Path(sys.argv[0]).name == "cli.py":
+            prog = "python -m nqkv_core.lab.cli"
+    args = build_parser().parse_args(list(argv))
+    args.command_line = " ".join([prog, shlex.join(argv)])
     torch.set_num_threads(args.threads)
     try:
         args.func(args)
