@@ -17,7 +17,7 @@ def test_import_loads_no_heavy_module():
     assert _loaded_after("import nqkv_core") == []
 
 
-def test_public_names_resolve_without_heavy_modules():
+def test_quantizing_a_tensor_loads_none_of_them():
     # quantizing a tensor needs none of them either (the NF codebook's quantiles are built once)
     loaded = _loaded_after(
         "import torch, nqkv_core; x = nqkv_core.NQTensor.from_float(torch.randn(2, 64), block=64, bits=4)")
