@@ -36,7 +36,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-from scipy.stats import norm
 
 CodebookKind = Literal["nf", "lloyd"]
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -168,6 +167,8 @@ def _nf_levels(bits: int) -> tuple[float, ...]:
     # QLoRA eq. 4 as bitsandbytes' create_normal_map builds it: 2**(bits-1) positive quantiles and
     # 2**(bits-1) - 1 negative ones, each half from its own linspace so that zero is exact.
     # The offset halves the gap between the two halves' outermost quantiles (0.9677083 for 4 bits).
+    from scipy.stats import norm  # here, not at module level: scipy.stats takes ~0.5 s to import
+
     n_pos = 2 ** (bits - 1)
     n_neg = n_pos - 1
     offset = 1.0 - 0.5 * (1.0 / (2 * 2**bits) + 1.0 / (2 * (2**bits - 1)))
@@ -302,7 +303,15 @@ def unbiased_gain(codebook: torch.Tensor, block: int) -> float:
     return _gain(tuple(float(v) for v in codebook.double().cpu()), block)
 
 
-@torch._dynamo.assume_constant_result
+def _constant_result(fn):
+    """``torch._dynamo.assume_constant_result`` without importing the compiler stack on import: that
+    decorator only sets this flag, which makes dynamo call ``fn`` eagerly and keep its result as a
+    constant (``tests/test_tensor.py`` compiles through it, ``tests/test_imports.py`` checks imports)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_result
 def _codebook_levels(kind: str, bits: int, block: int, unbiased: bool) -> tuple[float, ...]:
     """The float32 levels of a codebook kind as Python floats. A constant to ``torch.compile``:
     it calls this eagerly (numpy, scipy, lru caches) instead of tracing it."""

@@ -93,9 +93,7 @@ def generate(model, ids, scheme=None, cache=None, mask=None, **kw):
     if mask is not None:
         kw["attention_mask"] = mask
     if cache is None:
-        evaluate.register_attention()
-        model.set_attn_implementation(evaluate.ATTN_NAME)
-        with evaluate.active_scheme(scheme):
+        with evaluate.fake_quantized(model, scheme):
             out = model.generate(ids, **kw)
     else:
         out = model.generate(ids, **cache, **kw)

@@ -61,9 +61,7 @@ def test_chunking_does_not_change_logits(decode):
         steps = [model(ids[:, :20], past_key_values=cache, use_cache=True).logits]
         steps += [model(ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits for i in range(20, 40)]
         steps = torch.cat(steps, dim=1)
-        evaluate.register_attention()
-        model.set_attn_implementation(evaluate.ATTN_NAME)
-        with evaluate.active_scheme(SCHEME):
+        with evaluate.fake_quantized(model, SCHEME):
             ref = model(ids).logits
     model.set_attn_implementation("sdpa")
     with torch.no_grad():

@@ -96,9 +96,7 @@ def eager_logits(model, ids, cache=None):
 
 @torch.no_grad()
 def fakequant_logits(model, ids, scheme):
-    evaluate.register_attention()
-    model.set_attn_implementation(evaluate.ATTN_NAME)
-    with evaluate.active_scheme(scheme):
+    with evaluate.fake_quantized(model, scheme):
         return model(ids).logits
 
 

@@ -116,9 +116,7 @@ def test_4_bit_cache_reproduces_fake_quantization(name):
     scheme = small_scheme(model)
     nq = enable(model, scheme=scheme, decode="reference")
     got = step_logits(model, ids, {cache_key(): nq.new_cache()}, 30)
-    evaluate.register_attention()
-    model.set_attn_implementation(evaluate.ATTN_NAME)
-    with evaluate.active_scheme(scheme):
+    with evaluate.fake_quantized(model, scheme):
         ref = torch.stack([model(ids[:, : i + 1]).logits[:, -1] for i in range(29, 40)], 1).float()
     fp = dynamic_logits(model, ids, 30)
     assert (ref - fp).abs().max() > 1e-3  # the quantized body is really read

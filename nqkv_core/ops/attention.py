@@ -25,6 +25,7 @@ path with Inductor).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Optional
@@ -228,9 +229,27 @@ def attention_eager(
     return cpu.attention_chunked(q, k, v, k_tail, v_tail, attn_mask, scale, is_causal, plain=plain)
 
 
+@contextlib.contextmanager
+def _no_kernel_scan():
+    import torch._library.triton as lib
+
+    scan = getattr(lib, "get_inner_triton_kernels", None)
+    if scan is not None:
+        lib.get_inner_triton_kernels = lambda fn: []
+    try:
+        yield
+    finally:
+        if scan is not None:
+            lib.get_inner_triton_kernels = scan
+
+
 # The op, registered from the same function. Eager callers may call ``attention_eager`` directly
 # where :func:`skips_dispatcher` allows: same result, without the dispatcher's ~0.1 ms per call.
-attention = torch.library.triton_op("nqkv::attention", mutates_args=())(attention_eager)
+# triton_op scans the body's source for Triton kernels as it registers, which imports triton and
+# torch._inductor (about a second); this body launches none itself (its kernels are the nested
+# nqkv::flash_decode / flash_prefill ops), so the scan, where torch has one, finds none and is skipped.
+with _no_kernel_scan():
+    attention = torch.library.triton_op("nqkv::attention", mutates_args=())(attention_eager)
 
 
 @torch.library.custom_op("nqkv::attention_cpu_decode", mutates_args=())
