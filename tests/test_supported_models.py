@@ -15,12 +15,12 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from nqkv_core import _hf  # noqa: E402
-from nqkv_core.cache import enable  # noqa: E402
+from nqkv_core.cache import enable, layer_types  # noqa: E402
 from nqkv_core.lab import evaluate  # noqa: E402
 from nqkv_core.scheme import KVScheme, default_scheme  # noqa: E402
 
-BASE = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2)
+BASE = dict(vocab_size=96, hidden_size=256, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.1)
 
 
 def _rope(rope_type: str, theta: float = 10000.0, **kw) -> dict:
@@ -36,14 +36,14 @@ MODELS = {
     "mistral-sliding": ("MistralConfig", dict(sliding_window=16)),
     "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
     "qwen2": ("Qwen2Config", {}),
-    "qwen3": ("Qwen3Config", dict(head_dim=16)),
-    "gemma2": ("Gemma2Config", dict(head_dim=16, sliding_window=16, query_pre_attn_scalar=16,
+    "qwen3": ("Qwen3Config", dict(head_dim=64)),
+    "gemma2": ("Gemma2Config", dict(head_dim=64, sliding_window=16, query_pre_attn_scalar=64,
                                     attn_logit_softcapping=50.0, final_logit_softcapping=30.0)),
-    "gemma3": ("Gemma3TextConfig", dict(head_dim=16, sliding_window=16, query_pre_attn_scalar=16)),
+    "gemma3": ("Gemma3TextConfig", dict(head_dim=64, sliding_window=16, query_pre_attn_scalar=64)),
     "phi3-head-dim-96": ("Phi3Config", dict(hidden_size=192, num_attention_heads=2, num_key_value_heads=2,
                                            pad_token_id=0)),
-    "opt": ("OPTConfig", dict(ffn_dim=96, word_embed_proj_dim=64, init_std=0.2)),
-    "gpt2": ("GPT2Config", dict(n_embd=64, n_head=4, n_layer=2, n_positions=256)),
+    "opt": ("OPTConfig", dict(ffn_dim=96, word_embed_proj_dim=256, init_std=0.1)),
+    "gpt2": ("GPT2Config", dict(n_embd=256, n_head=4, n_layer=2, n_positions=256)),
     "gpt-neox": ("GPTNeoXConfig", dict(rotary_pct=0.25)),
     "stablelm": ("StableLmConfig", dict(partial_rotary_factor=0.25)),
     "cohere": ("CohereConfig", {}),
@@ -123,8 +123,9 @@ def test_4_bit_cache_reproduces_fake_quantization(name):
     torch.testing.assert_close(got, ref, rtol=0, atol=5e-4)
 
 
-def cosine_floor(a: torch.Tensor, b: torch.Tensor) -> float:
-    return torch.nn.functional.cosine_similarity(a, b, dim=-1).min().item()
+def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Logit fidelity: the cosine similarity of two runs' logits, averaged over the decode steps."""
+    return torch.nn.functional.cosine_similarity(a, b, dim=-1).mean().item()
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -133,14 +134,17 @@ def test_fidelity_at_least_quanto_int4(name):
     from transformers import QuantizedCache
 
     model = build(name)
+    if set(layer_types(model.config)) != {"full_attention"}:
+        pytest.skip("transformers' QuantizedCache serves models with only full-attention layers")
     ids = prompt(model, 96)
     fp = dynamic_logits(model, ids, 64)
     nq = enable(model, bits=4)
-    ours = cosine_floor(step_logits(model, ids, {cache_key(): nq.new_cache()}, 64), fp)
+    ours = mean_cosine(step_logits(model, ids, {cache_key(): nq.new_cache()}, 64), fp)
     model.set_attn_implementation("eager")
+    # (groups of head_dim, as the NQKV blocks; 32 recent tokens exact, as the NQKV window)
     quanto = QuantizedCache(backend="quanto", config=model.config, nbits=4, axis_key=0, axis_value=0,
                             q_group_size=_hf.head_dim(model.config), residual_length=32)
-    theirs = cosine_floor(step_logits(model, ids, {cache_key(): quanto}, 64), fp)
+    theirs = mean_cosine(step_logits(model, ids, {cache_key(): quanto}, 64), fp)
     assert ours >= theirs - 1e-4, (ours, theirs)
 
 
