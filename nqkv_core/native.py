@@ -67,7 +67,7 @@ def _compiler() -> Optional[str]:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
 
 
-class _Packed(ctypes.Structure):
+class _PackedArg(ctypes.Structure):  # one packed K or V as the C kernels take it
     _fields_ = [
         ("codes", ctypes.c_void_p),
         ("cs_b", ctypes.c_int64), ("cs_h", ctypes.c_int64), ("cs_t", ctypes.c_int64),
@@ -174,12 +174,12 @@ def _bind(lib: ctypes.CDLL, key: str) -> ctypes.CDLL:
     ]
     lib.nqkv_dequantize_rows.argtypes = [ptr, ptr, i32, ptr, i32, i64, i64, i64, ptr, i32, i32]
     lib.nqkv_attention_decode.argtypes = [
-        ptr, _Packed, _Packed, i64, ptr, ptr, i64, ptr, i64, i64, i64, i32, ptr, ptr, ptr, i64, i32, i64, i64, i64,
+        ptr, _PackedArg, _PackedArg, i64, ptr, ptr, i64, ptr, i64, i64, i64, i32, ptr, ptr, ptr, i64, i32, i64, i64, i64,
         i64, i64, i64, ptr, i32,
     ]
     lib.nqkv_decode_step.argtypes = [
-        ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, i64, i64, _Packed,
-        _Packed, i64, ptr, ptr, f32, i64, i64, i64, i64, ptr, ptr, i64, i64, f32, i64, i64, i64, i64, ptr, i32, ptr,
+        ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, i64, i64, _PackedArg,
+        _PackedArg, i64, ptr, ptr, f32, i64, i64, i64, i64, ptr, ptr, i64, i64, f32, i64, i64, i64, i64, ptr, i32, ptr,
         i32, i32, ptr, ptr,
     ]
     lib.nqkv_decode_step.restype = ctypes.c_int
@@ -338,7 +338,7 @@ def attention_decode_supported(q: Tensor, k: tuple, v: tuple, k_tail: Optional[T
     return _usable(q, k[0], k[1], k[2], v[0], v[1], v[2], k_tail, v_tail, attn_mask) and available()
 
 
-def _packed(codes: Tensor, absmax: Tensor, codebook: Tensor, block: int, keep: list) -> _Packed:
+def _packed(codes: Tensor, absmax: Tensor, codebook: Tensor, block: int, keep: list) -> _PackedArg:
     if codes.stride(-1) != 1:
         codes = codes.contiguous()
     if absmax.stride(-1) != 1:
@@ -346,7 +346,7 @@ def _packed(codes: Tensor, absmax: Tensor, codebook: Tensor, block: int, keep: l
     cb = codebook.float().contiguous()
     keep += [codes, absmax, cb]  # alive until the call returns
     cs, as_ = codes.stride(), absmax.stride()
-    return _Packed(
+    return _PackedArg(
         codes.data_ptr(), cs[0], cs[1], cs[2], absmax.data_ptr(), as_[0], as_[1], as_[2],
         int(absmax.dtype == torch.float16), cb.data_ptr(), codebook.numel().bit_length() - 1, block,
     )
