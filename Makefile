@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: venv test test-compat report bench clean
+.PHONY: venv test test-compat install-check report bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,23 @@ test-compat: venv
 	  echo "== transformers $$v"; PYTHONPATH=.compat/$$v $(BIN)/python -m pytest -q $(COMPAT_TESTS) -k "not smollm2" || exit 1; \
 	done
 
+# A newcomer's install: the wheel (not an editable checkout) in a fresh virtual environment without
+# the system's packages, then the README's first steps from an empty directory, the CPU kernels
+# compiled from the installed source into a fresh cache directory.
+CHECK := build/install-check
+
+install-check: $(BIN)/python
+	rm -rf $(CHECK) dist/nqkv-*.whl
+	mkdir -p $(CHECK)/run
+	$(BIN)/pip wheel -q --no-deps -w dist .
+	$(PYTHON) -m venv $(CHECK)/venv
+	$(if $(TORCH),$(CHECK)/venv/bin/pip install -q "$(TORCH)")
+	$(CHECK)/venv/bin/pip install -q "$$(ls dist/nqkv-*.whl)[eval]"
+	cp .ci/quickstart.py $(CHECK)/run/
+	cd $(CHECK)/run && NQKV_CACHE_DIR=$$PWD/kernels ../venv/bin/python quickstart.py
+	cd $(CHECK)/run && ../venv/bin/nqkv --version && ! ../venv/bin/nqkv eval --text-file missing.txt 2> err.txt \
+	  && grep -q "^nqkv eval: error: .*--text-file" err.txt && test "$$(wc -l < err.txt)" -eq 1
+
 report: venv
 	$(BIN)/nqkv report --quick
 
@@ -41,4 +58,4 @@ bench: venv
 	$(BIN)/python benchmarks/bench_quantize.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis

@@ -22,10 +22,8 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AttentionInterface
-
-from nqkv_core.lab.evaluate import (ATTN_NAME, agreement, fakequant_attention, greedy_tokens, next_token_agreement,
-                                register_attention)
+from nqkv_core.lab.evaluate import (agreement, fakequant_attention, greedy_tokens, next_token_agreement,
+                                    register_attention)
 from nqkv_core.lab.models import DEFAULT_MODEL, load_model, load_text, prompts_after
 from nqkv_core.scheme import kivi, nqkv_preset
 
@@ -73,14 +71,9 @@ def main() -> None:
                "kivi-int4 g32 S4 W32": (kivi(4), None), "NQKV-3 S4 W32": (nqkv_preset(3), None)}
     runs, forced = {}, {}
     for name, (scheme, attention) in methods.items():
-        if attention is not None:
-            AttentionInterface.register(ATTN_NAME, attention)
-        try:
-            if scheme is not None or attention is not None:
-                runs[name] = greedy_tokens(lm.model, prompts, scheme, args.new_tokens)
-            forced[name] = next_token_agreement(lm.model, prompts, reference, scheme)
-        finally:
-            AttentionInterface.register(ATTN_NAME, fakequant_attention)
+        if scheme is not None or attention is not None:
+            runs[name] = greedy_tokens(lm.model, prompts, scheme, args.new_tokens, attention)
+        forced[name] = next_token_agreement(lm.model, prompts, reference, scheme, attention)
     lines = [f"greedy agreement with the {next(lm.model.parameters()).dtype} model's continuation, "
              f"{args.prompts} prompts x {args.new_tokens} tokens ({time.perf_counter() - t0:.0f} s)", "",
              "| method | agreement | prompts all equal | mean first changed token | next-token agreement |",

@@ -30,7 +30,9 @@ import time
 import torch
 
 from nqkv_core.cache import ATTN_NAME, enable
-from nqkv_core.lab.models import load_model
+from nqkv_core.lab.models import cache_keyword, load_model
+
+CACHE = cache_keyword()  # cache= from transformers 5.24 on, past_key_values= before
 
 
 def make_cache(model, nq, name: str, total: int):
@@ -72,14 +74,14 @@ def run(model, nq, context: int, steps: int, rounds: int,
     total = context + 2 + rounds * steps
 
     def step(t, cache):
-        return model(t, past_key_values=cache, use_cache=True).logits
+        return model(t, use_cache=True, **{CACHE: cache}).logits
 
     variants = {}
     torch._dynamo.reset()
     for name in names:
         cache = make_cache(model, nq, name, total)
         t = time.perf_counter()
-        model(prompt, past_key_values=cache, use_cache=True)  # prefill, eager
+        model(prompt, use_cache=True, **{CACHE: cache})  # prefill, eager
         prefill = time.perf_counter() - t
         fn = torch.compile(step, fullgraph=True) if "compiled" in name else step
         first = sum(step_times(fn, cache, tok, 2))  # compiled: trace, lower, then the first re-use

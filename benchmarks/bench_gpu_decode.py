@@ -38,6 +38,9 @@ import torch
 
 from bench_compiled_decode import make_cache  # (benchmarks/, beside this file)
 from nqkv_core.cache import enable
+from nqkv_core.lab.models import cache_keyword
+
+CACHE = cache_keyword()  # cache= from transformers 5.24 on, past_key_values= before
 
 # SmolLM2-135M-Instruct's architecture (the config transformers reads from the GGUF file).
 SMOLLM2_135M = dict(
@@ -90,12 +93,12 @@ def measure(model, nq, name: str, context: int, batch: int, args) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     sync(device)
     t0 = time.perf_counter()
-    model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    model(prompt, use_cache=True, **{CACHE: cache}, logits_to_keep=1)
     sync(device)
     prefill = time.perf_counter() - t0
 
     def step(t, c):
-        return model(t, past_key_values=c, use_cache=True).logits
+        return model(t, use_cache=True, **{CACHE: c}).logits
 
     if compiled:
         from torch._dynamo.utils import counters

@@ -32,7 +32,9 @@ import torch  # noqa: E402
 
 from bench_compiled_decode import make_cache  # noqa: E402
 from nqkv_core.cache import enable  # noqa: E402
-from nqkv_core.lab.models import DEFAULT_MODEL, load_model  # noqa: E402
+from nqkv_core.lab.models import DEFAULT_MODEL, cache_keyword, load_model  # noqa: E402
+
+CACHE = cache_keyword()  # cache= from transformers 5.24 on, past_key_values= before
 
 
 def node_origins(gm: torch.fx.GraphModule) -> collections.Counter:
@@ -49,7 +51,7 @@ def node_origins(gm: torch.fx.GraphModule) -> collections.Counter:
 def prefilled(model, nq, name: str, context: int):
     cache = make_cache(model, nq, name, context + 8)
     prompt = torch.randint(100, 20000, (1, context), generator=torch.Generator().manual_seed(0))
-    model(prompt, past_key_values=cache, use_cache=True)
+    model(prompt, use_cache=True, **{CACHE: cache})
     return cache
 
 
@@ -67,7 +69,7 @@ def main() -> None:
     tok = torch.randint(100, 20000, (1, 1), generator=torch.Generator().manual_seed(1))
 
     def step(t, c):
-        return model(t, past_key_values=c, use_cache=True).logits
+        return model(t, use_cache=True, **{CACHE: c}).logits
 
     rows = []
     for name in args.variants:

@@ -12,6 +12,7 @@ __all__ = [
     "KVScheme",
     "NQKVCache",
     "NQTensor",
+    "disable",
     "enable",
     "nqkv_preset",
     "bits_per_element",
@@ -28,7 +29,7 @@ __version__ = "0.1.0"
 
 from nqkv_core.scheme import KVScheme, nqkv_preset  # noqa: E402
 
-_NEEDS_TRANSFORMERS = {"NQKVCache", "enable"}
+_NEEDS_TRANSFORMERS = {"NQKVCache", "enable", "disable"}
 
 
 def __getattr__(name: str):

@@ -23,8 +23,10 @@ codebook decodes with the levels divided by that slope (:func:`unbiased_gain`); 
 chosen against the plain levels, so the codes and scales are the same and only the decoded values
 change.
 
-Codebooks are built once per ``(kind, bits, block)`` in float64 outside any traced graph and then
-cached per device and dtype, so quantizing never rebuilds them.
+Codebooks are built once per ``(kind, bits, block)`` in float64 and then cached per device and dtype,
+so quantizing never rebuilds them. ``torch.compile`` does not trace the construction: the levels are
+an ``assume_constant_result`` function, called eagerly while tracing, and the graph holds them as a
+constant. User codebooks are checked where they enter (:func:`check_codebook`).
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-from scipy.stats import norm
 
 CodebookKind = Literal["nf", "lloyd"]
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -42,9 +43,123 @@ _LLOYD_SAMPLES = 1 << 21  # Gaussian samples behind a Lloyd-Max codebook (fixed 
 _LLOYD_ITERS = 200
 
 
-def _check_bits(bits: int) -> None:
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+CODEBOOK_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _is_int(v: object) -> bool:
+    return type(v) is int or (isinstance(v, (int, np.integer, torch.SymInt)) and not isinstance(v, bool))
+
+
+def _not_int(name: str, v: object) -> TypeError:
+    return TypeError(f"{name} must be an int, got {type(v).__name__} {v!r}")
+
+
+def check_args(*, bits: object = None, block: object = None, axis: object = None, ndim: int | None = None,
+               min_block: int = 1) -> None:
+    """Check the integer layout arguments of a public entry point; ``None`` skips one.
+
+    Args:
+        bits: must be one of :data:`SUPPORTED_BITS`.
+        block: must be an int of at least ``min_block``.
+        axis: must be an int in ``[-ndim, ndim)`` (the range is checked when ``ndim`` is given).
+
+    Raises:
+        TypeError: an argument that is not an int (floats and bools included).
+        ValueError: an int out of its range.
+    """
+    if bits is not None:
+        if not _is_int(bits):
+            raise _not_int("bits", bits)
+        if bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+    if block is not None:
+        if not _is_int(block):
+            raise _not_int("block", block)
+        if block < min_block:
+            raise ValueError(f"block must be at least {min_block}, got {block}")
+    if axis is not None:
+        if not _is_int(axis):
+            raise _not_int("axis", axis)
+        if ndim is not None and not -ndim <= axis < ndim:
+            raise ValueError(f"axis {axis} is out of range for a {ndim}-d tensor")
+
+
+def _levels_known(codebook: torch.Tensor) -> bool:
+    """Whether the levels can be read: not while tracing (fake or compiled) nor on the meta device."""
+    return not (torch.compiler.is_compiling() or type(codebook) is not torch.Tensor or codebook.is_meta)
+
+
+# Remembered on a codebook tensor whose levels were checked: (version, bits, largest |level|).
+_CHECKED = "_nqkv_codebook_checked"
+
+
+def _checked(codebook: object) -> tuple | None:
+    """What :func:`check_codebook` remembered of this unchanged tensor, if anything (eager only)."""
+    if torch.compiler.is_compiling() or type(codebook) is not torch.Tensor or codebook.is_inference():
+        return None
+    cached = codebook.__dict__.get(_CHECKED)
+    return cached if cached is not None and cached[0] == codebook._version else None
+
+
+def check_codebook(codebook: object, bits: int | None = None, levels: bool = True) -> int:
+    """Check a codebook tensor and return its bits per code.
+
+    A codebook is a 1-D floating tensor (fp32 preferred) of ``2**bits`` finite, ascending levels for
+    ``bits`` in :data:`SUPPORTED_BITS`. The levels are read once per tensor (remembered with its
+    version counter, so an in-place change is checked again; a tensor checked before costs a
+    lookup), and not at all while tracing (``torch.compile``, fake tensors) or on the meta device,
+    where they are not known.
+
+    Args:
+        codebook: the levels.
+        bits: if given, the bits the caller expects.
+        levels: whether to check the levels too (``False``: shape and dtype only).
+
+    Raises:
+        TypeError: ``codebook`` is not a tensor.
+        ValueError: a wrong dtype, shape or size (or one that disagrees with ``bits``), a NaN or
+            infinite level, or levels not in ascending order.
+    """
+    cached = _checked(codebook)
+    if cached is not None and (bits is None or bits == cached[1]):
+        return cached[1]
+    if not isinstance(codebook, torch.Tensor):
+        raise TypeError(f"codebook must be a tensor or a codebook kind, got {type(codebook).__name__}")
+    if codebook.dtype not in CODEBOOK_DTYPES:
+        raise ValueError(f"codebook must be a floating tensor {CODEBOOK_DTYPES}, got {codebook.dtype}")
+    n = codebook.numel()
+    found = n.bit_length() - 1
+    if codebook.dim() != 1 or n != 2**found or found not in SUPPORTED_BITS:
+        allowed = [2**b for b in SUPPORTED_BITS]
+        raise ValueError(f"codebook must be 1-D with {allowed} levels, got shape {tuple(codebook.shape)}")
+    if bits is not None and found != bits:
+        raise ValueError(f"codebook has {n} levels but bits={bits}")
+    if levels and _levels_known(codebook):
+        _check_levels(codebook, found)
+    return found
+
+
+def _check_levels(codebook: torch.Tensor, bits: int) -> None:
+    levels = codebook.detach().double().cpu()
+    if not bool(torch.isfinite(levels).all()):
+        raise ValueError(f"codebook has non-finite levels (NaN or Inf): {levels.tolist()}")
+    if bool((levels[1:] < levels[:-1]).any()):
+        raise ValueError("codebook levels must be in ascending order; pass torch.sort(codebook).values")
+    if not codebook.is_inference():
+        codebook.__dict__[_CHECKED] = (codebook._version, bits, float(levels.abs().max()))
+
+
+def max_abs_level(codebook: torch.Tensor) -> float | None:
+    """The largest ``|level|`` of ``codebook`` (checked as :func:`check_codebook` does), or ``None``
+    where the levels are not known (tracing, meta device)."""
+    cached = _checked(codebook)
+    if cached is not None:
+        return cached[2]
+    if not _levels_known(codebook):
+        return None
+    check_codebook(codebook)
+    cached = _checked(codebook)
+    return float(codebook.detach().abs().max()) if cached is None else cached[2]  # (inference tensors)
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,6 +167,8 @@ def _nf_levels(bits: int) -> tuple[float, ...]:
     # QLoRA eq. 4 as bitsandbytes' create_normal_map builds it: 2**(bits-1) positive quantiles and
     # 2**(bits-1) - 1 negative ones, each half from its own linspace so that zero is exact.
     # The offset halves the gap between the two halves' outermost quantiles (0.9677083 for 4 bits).
+    from scipy.stats import norm  # here, not at module level: scipy.stats takes ~0.5 s to import
+
     n_pos = 2 ** (bits - 1)
     n_neg = n_pos - 1
     offset = 1.0 - 0.5 * (1.0 / (2 * 2**bits) + 1.0 / (2 * (2**bits - 1)))
@@ -116,9 +233,10 @@ def nf_codebook(bits: int) -> torch.Tensor:
     Zero is exact and ``-1`` and ``1`` are levels. For ``bits=4`` this is bitsandbytes' NF4 table.
 
     Raises:
+        TypeError: ``bits`` is not an int.
         ValueError: if ``bits`` is not one of 2, 3, 4 or 8.
     """
-    _check_bits(bits)
+    check_args(bits=bits)
     return torch.tensor(_nf_levels(bits), dtype=torch.float32)
 
 
@@ -129,11 +247,10 @@ def lloyd_max_codebook(bits: int, block: int) -> torch.Tensor:
     to zeros because their scale is zero). Computed once per ``(bits, block)`` with a fixed seed.
 
     Raises:
+        TypeError: ``bits`` or ``block`` is not an int.
         ValueError: if ``bits`` is not one of 2, 3, 4 or 8, or ``block`` is below 2.
     """
-    _check_bits(bits)
-    if block < 2:
-        raise ValueError(f"block must be at least 2, got {block}")
+    check_args(bits=bits, block=block, min_block=2)
     return torch.tensor(_lloyd_levels(bits, block), dtype=torch.float32)
 
 
@@ -157,9 +274,7 @@ def signed_codebook(bits: int, block: int, unbiased: bool = False) -> torch.Tens
     do not produce; :func:`nqkv_core.scheme.quantize_roundtrip` evaluates it (``quant="signed"``).
     ``unbiased`` multiplies the levels by their gain on such blocks (:func:`unbiased_gain`).
     """
-    _check_bits(bits)
-    if block < 2:
-        raise ValueError(f"block must be at least 2, got {block}")
+    check_args(bits=bits, block=block, min_block=2)
     levels = torch.tensor(_signed_levels(bits, block), dtype=torch.float64)
     if unbiased:
         levels = levels * _gain(tuple(levels.tolist()), block, signed=True)
@@ -183,13 +298,34 @@ def unbiased_gain(codebook: torch.Tensor, block: int) -> float:
     2-bit Lloyd-Max in blocks of 64); NF2, whose outer levels overshoot, gets 0.998 in blocks of 8.
     Estimated once per ``(levels, block)`` on 2**21 samples with a fixed seed.
     """
-    if block < 2:
-        raise ValueError(f"block must be at least 2, got {block}")
+    check_codebook(codebook)
+    check_args(block=block, min_block=2)
     return _gain(tuple(float(v) for v in codebook.double().cpu()), block)
 
 
-# A plain dict rather than lru_cache: torch.compile looks through lru_cache wrappers and would trace
-# the scipy construction; a dict lookup of an already-built codebook traces to a constant.
+def _constant_result(fn):
+    """``torch._dynamo.assume_constant_result`` without importing the compiler stack on import: that
+    decorator only sets this flag, which makes dynamo call ``fn`` eagerly and keep its result as a
+    constant (``tests/test_tensor.py`` compiles through it, ``tests/test_imports.py`` checks imports)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_result
+def _codebook_levels(kind: str, bits: int, block: int, unbiased: bool) -> tuple[float, ...]:
+    """The float32 levels of a codebook kind as Python floats. A constant to ``torch.compile``:
+    it calls this eagerly (numpy, scipy, lru caches) instead of tracing it."""
+    if kind == "nf":
+        levels = nf_codebook(bits)
+    else:
+        levels = lloyd_max_codebook(bits, block)
+    if unbiased:
+        levels = (levels.double() * unbiased_gain(levels, block)).float()
+    return tuple(levels.tolist())
+
+
+# Built codebooks by (kind, bits, block, device, dtype, unbiased); a dict lookup of an already-built
+# codebook traces to a constant.
 _CODEBOOK_CACHE: dict[tuple, torch.Tensor] = {}
 
 
@@ -207,21 +343,24 @@ def get_codebook(
     decoding levels of the unbiased codebook (the plain levels times :func:`unbiased_gain`; the top
     level is then a little above 1): quantize with the plain codebook (``unbiased=False``) and
     decode with this one. Do not modify the returned tensor in place: it is shared by every
-    caller. Build codebooks eagerly before compiling code that asks for them.
+    caller. Inside ``torch.compile`` the levels are a constant of the graph (computed eagerly
+    while tracing) and the tensor is built by the graph, not cached.
+
+    Raises:
+        TypeError: ``bits`` or ``block`` is not an int.
+        ValueError: an unknown ``kind``, ``bits`` not supported, ``block`` below 2.
     """
+    check_args(bits=bits, block=block, min_block=2)
+    if kind not in ("nf", "lloyd"):
+        raise ValueError(f"codebook kind must be 'nf' or 'lloyd', got {kind!r}")
     device = torch.device("cpu") if device is None else torch.device(device)
     key = (kind, bits, block if kind == "lloyd" or unbiased else 0, device, dtype, unbiased)
     codebook = _CODEBOOK_CACHE.get(key)
     if codebook is None:
-        if kind == "nf":
-            levels = nf_codebook(bits)
-        elif kind == "lloyd":
-            levels = lloyd_max_codebook(bits, block)
-        else:
-            raise ValueError(f"codebook kind must be 'nf' or 'lloyd', got {kind!r}")
-        if unbiased:
-            levels = (levels.double() * unbiased_gain(levels, block)).float()
-        codebook = _CODEBOOK_CACHE[key] = levels.to(device=device, dtype=dtype)
+        levels = torch.tensor(_codebook_levels(kind, bits, key[2], unbiased), dtype=torch.float32)
+        codebook = levels.to(device=device, dtype=dtype)
+        if not torch.compiler.is_compiling():
+            _CODEBOOK_CACHE[key] = codebook
     return codebook
 
 

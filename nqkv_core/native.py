@@ -5,9 +5,14 @@ system C++ compiler (``-O3 -march=native -fopenmp``, a few seconds; no torch hea
 directory keyed by the source, the compiler, the flags and this CPU, and loaded with :mod:`ctypes`,
 the way Inductor loads the C++ it generates. Every argument is checked here before a pointer is passed.
 
+A cached library is loaded only if its bytes match the SHA-256 recorded next to it when it was built,
+every function resolves and it reports the build key it was compiled for; otherwise it is rebuilt
+(a damaged shared object would kill the process when mapped or called, beyond any exception handler).
+
 When no compiler is found, the build fails, or ``NQKV_NATIVE=0`` is set, :func:`available` is False
 and callers take their plain-torch paths, which compute the same results (the tests compare them).
-The build log of a failure is kept in the cache directory and named in a one-time warning.
+A failure is reported once, in a warning that quotes the compiler's last lines and names the log
+kept in the cache directory.
 
 Threads: each call uses ``torch.get_num_threads()`` OpenMP threads. The library links the same
 ``libgomp`` torch's CPU build has loaded, so both share one thread pool.
@@ -62,30 +67,7 @@ def _compiler() -> Optional[str]:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
 
 
-def _build(cxx: str) -> Path:
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + cxx.encode() + " ".join(FLAGS).encode() + _cpu_signature().encode()).hexdigest()
-    out_dir = _cache_dir() / key[:16]
-    lib = out_dir / "libnqkv_cpu.so"
-    if lib.exists():
-        return lib
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # Build under a temporary name and rename: concurrent processes (test workers) never load a
-    # half-written library.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
-    os.close(fd)
-    cmd = [cxx, *FLAGS, str(SOURCE), "-o", tmp]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        log = out_dir / "build.log"
-        log.write_text(" ".join(cmd) + "\n" + proc.stdout + proc.stderr)
-        os.unlink(tmp)
-        raise RuntimeError(f"compiling {SOURCE.name} failed; the log is in {log}")
-    os.replace(tmp, lib)
-    return lib
-
-
-class _Packed(ctypes.Structure):
+class _PackedArg(ctypes.Structure):  # one packed K or V as the C kernels take it
     _fields_ = [
         ("codes", ctypes.c_void_p),
         ("cs_b", ctypes.c_int64), ("cs_h", ctypes.c_int64), ("cs_t", ctypes.c_int64),
@@ -98,7 +80,129 @@ class _Packed(ctypes.Structure):
     ]
 
 
+LIB_NAME = "libnqkv_cpu"
+# every function native.py calls; a library lacking one is not this one (or not this version)
+SYMBOLS = ("nqkv_build_key", "nqkv_vector_bits", "nqkv_quantize_rows", "nqkv_dequantize_rows",
+           "nqkv_attention_decode", "nqkv_decode_step")
+
+
+def _build_dir(cxx: str) -> tuple[Path, str]:
+    """The cache directory of the build with ``cxx`` and the build's key (a hash of the source, the
+    compiler, the flags and this CPU), which the library returns from ``nqkv_build_key``."""
+    key = hashlib.sha256(
+        SOURCE.read_bytes() + cxx.encode() + " ".join(FLAGS).encode() + _cpu_signature().encode()
+    ).hexdigest()
+    return _cache_dir() / key[:16], key
+
+
+def _verified(out_dir: Path) -> Optional[Path]:
+    # The checksum file names the library and its SHA-256 (sha256sum's format). A library whose bytes
+    # do not match -- truncated, overwritten, replaced -- is never loaded: mapping a damaged shared
+    # object can kill the process (SIGBUS, SIGTRAP), which no exception handler catches.
+    try:
+        digest, name = (out_dir / f"{LIB_NAME}.sha256").read_text().split()
+        lib = out_dir / name
+        if lib.parent == out_dir and hashlib.sha256(lib.read_bytes()).hexdigest() == digest:
+            return lib
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _build(cxx: str, rebuild: bool = False) -> Path:
+    """The path of a library whose bytes match its checksum file: the cached one, or (none cached,
+    or ``rebuild``) a new build.
+
+    A build is written under a temporary name and renamed to a name holding its checksum, then the
+    checksum file is replaced the same way: concurrent processes (test workers) never see a
+    half-written library and no library file is rewritten in place. A ``rebuild`` (after a library
+    that matched its checksum failed to load) gets a name of its own: ``dlopen`` hands back the
+    library it already loaded from a name, whatever the file there is now.
+
+    Raises:
+        RuntimeError: the compiler failed (the message holds the end of its output).
+        OSError: the cache directory cannot be written or the compiler cannot be run.
+    """
+    out_dir, key = _build_dir(cxx)
+    lib = None if rebuild else _verified(out_dir)
+    if lib is not None:
+        return lib
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", prefix=".build-", dir=out_dir)
+    os.close(fd)
+    cmd = [cxx, *FLAGS, f'-DNQKV_BUILD_KEY="{key}"', str(SOURCE), "-o", tmp]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            log = out_dir / "build.log"
+            log.write_text(" ".join(cmd) + "\n" + proc.stdout + proc.stderr)
+            last = " | ".join((proc.stdout + proc.stderr).strip().splitlines()[-3:])
+            raise RuntimeError(f"compiling {SOURCE.name} with {cxx} failed: {last} (the full log is in {log})")
+        digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
+        unique = "-" + Path(tmp).stem.removeprefix(".build-") if rebuild else ""
+        lib = out_dir / f"{LIB_NAME}-{digest[:16]}{unique}.so"
+        os.replace(tmp, lib)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    fd, tmp = tempfile.mkstemp(prefix=".sha256-", dir=out_dir)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{digest}  {lib.name}\n")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, out_dir / f"{LIB_NAME}.sha256")
+    return lib
+
+
+class _NotThisLibrary(Exception):
+    pass
+
+
+def _bind(lib: ctypes.CDLL, key: str) -> ctypes.CDLL:
+    """Resolves every function and sets its signature; raises _NotThisLibrary when one is missing
+    or the library was built from another source or with other flags."""
+    try:
+        fns = {name: getattr(lib, name) for name in SYMBOLS}
+    except AttributeError as e:
+        raise _NotThisLibrary(str(e)) from None
+    fns["nqkv_build_key"].restype = ctypes.c_char_p
+    fns["nqkv_build_key"].argtypes = []
+    if fns["nqkv_build_key"]() != key.encode():
+        raise _NotThisLibrary("the library's build key does not match this source, compiler and flags")
+    i64, ptr, i32, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    lib.nqkv_quantize_rows.argtypes = [
+        ptr, i32, i64, i64, i64, ptr, i32, i32, f32, ptr, ptr, i32, ptr, ptr, i32, ptr, i64,
+    ]
+    lib.nqkv_dequantize_rows.argtypes = [ptr, ptr, i32, ptr, i32, i64, i64, i64, ptr, i32, i32]
+    lib.nqkv_attention_decode.argtypes = [
+        ptr, _PackedArg, _PackedArg, i64, ptr, ptr, i64, ptr, i64, i64, i64, i32, ptr, ptr, ptr, i64, i32, i64, i64, i64,
+        i64, i64, i64, ptr, i32,
+    ]
+    lib.nqkv_decode_step.argtypes = [
+        ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, i64, i64, _PackedArg,
+        _PackedArg, i64, ptr, ptr, f32, i64, i64, i64, i64, ptr, ptr, i64, i64, f32, i64, i64, i64, i64, ptr, i32, ptr,
+        i32, i32, ptr, ptr,
+    ]
+    lib.nqkv_decode_step.restype = ctypes.c_int
+    lib.nqkv_quantize_rows.restype = i64
+    lib.nqkv_dequantize_rows.restype = None
+    lib.nqkv_attention_decode.restype = ctypes.c_int
+    lib.nqkv_vector_bits.argtypes = []
+    lib.nqkv_vector_bits.restype = i32
+    return lib
+
+
+def _load(cxx: str) -> ctypes.CDLL:
+    key, path = _build_dir(cxx)[1], _build(cxx)
+    try:
+        return _bind(ctypes.CDLL(str(path)), key)
+    except (OSError, _NotThisLibrary):
+        pass  # bytes that match their checksum file yet are not this library (both files replaced)
+    return _bind(ctypes.CDLL(str(_build(cxx, rebuild=True))), key)
+
+
 _ENABLED = [True]
+_FIX = ("CPU kernels fall back to plain torch. Install g++ (or set CXX to a C++ compiler) to build them,"
+        " or set NQKV_NATIVE=0 to use plain torch without this warning")
 
 
 @contextlib.contextmanager
@@ -117,35 +221,13 @@ def _library() -> Optional[ctypes.CDLL]:
         return None
     cxx = _compiler()
     if cxx is None:
-        warnings.warn("nqkv: no C++ compiler found (set CXX); CPU kernels fall back to plain torch", stacklevel=3)
+        warnings.warn(f"nqkv: no C++ compiler found; {_FIX}", stacklevel=3)
         return None
     try:
-        lib = ctypes.CDLL(str(_build(cxx)))
-    except (OSError, RuntimeError) as e:
-        warnings.warn(f"nqkv: native CPU kernels unavailable ({e}); falling back to plain torch", stacklevel=3)
+        return _load(cxx)
+    except (OSError, RuntimeError, _NotThisLibrary) as e:
+        warnings.warn(f"nqkv: native CPU kernels unavailable ({e}); {_FIX}", stacklevel=3)
         return None
-    i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    lib.nqkv_quantize_rows.argtypes = [
-        ptr, i32, i64, i64, i64, ptr, i32, i32, ctypes.c_float, ptr, ptr, i32, ptr, ptr, i32, ptr, i64,
-    ]
-    lib.nqkv_dequantize_rows.argtypes = [ptr, ptr, i32, ptr, i32, i64, i64, i64, ptr, i32, i32]
-    lib.nqkv_attention_decode.argtypes = [
-        ptr, _Packed, _Packed, i64, ptr, ptr, i64, ptr, i64, i64, i64, ptr, ptr, ptr, i64, i32, i64, i64, i64, i64,
-        i64, i64, ptr, i32,
-    ]
-    f32 = ctypes.c_float
-    lib.nqkv_decode_step.argtypes = [
-        ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, i64, i64, _Packed,
-        _Packed, i64, ptr, ptr, f32, i64, i64, i64, i64, ptr, ptr, i64, i64, f32, i64, i64, i64, i64, ptr, i32, ptr,
-        i32, i32, ptr, ptr,
-    ]
-    lib.nqkv_decode_step.restype = ctypes.c_int
-    lib.nqkv_quantize_rows.restype = i64
-    lib.nqkv_dequantize_rows.restype = None
-    lib.nqkv_attention_decode.restype = ctypes.c_int
-    lib.nqkv_vector_bits.argtypes = []
-    lib.nqkv_vector_bits.restype = i32
-    return lib
 
 
 def available() -> bool:
@@ -256,7 +338,7 @@ def attention_decode_supported(q: Tensor, k: tuple, v: tuple, k_tail: Optional[T
     return _usable(q, k[0], k[1], k[2], v[0], v[1], v[2], k_tail, v_tail, attn_mask) and available()
 
 
-def _packed(codes: Tensor, absmax: Tensor, codebook: Tensor, block: int, keep: list) -> _Packed:
+def _packed(codes: Tensor, absmax: Tensor, codebook: Tensor, block: int, keep: list) -> _PackedArg:
     if codes.stride(-1) != 1:
         codes = codes.contiguous()
     if absmax.stride(-1) != 1:
@@ -264,7 +346,7 @@ def _packed(codes: Tensor, absmax: Tensor, codebook: Tensor, block: int, keep: l
     cb = codebook.float().contiguous()
     keep += [codes, absmax, cb]  # alive until the call returns
     cs, as_ = codes.stride(), absmax.stride()
-    return _Packed(
+    return _PackedArg(
         codes.data_ptr(), cs[0], cs[1], cs[2], absmax.data_ptr(), as_[0], as_[1], as_[2],
         int(absmax.dtype == torch.float16), cb.data_ptr(), codebook.numel().bit_length() - 1, block,
     )
@@ -283,6 +365,16 @@ def attention_decode(q: Tensor, k: tuple, v: tuple, k_tail: Optional[Tensor], v_
     query ``i`` and key ``j`` (``w`` (B, Hq, Tq, D), ``table`` (P, D), ``positions`` (Tk,) in
     ``[0, P)``): the RoPE-centred cache's score offset (docs/design.md), computed inside the
     kernel instead of as a (B, Hq, Tq, Tk) mask.
+
+    Non-finite inputs give what torch's softmax and product give (docs/design.md, "Non-finite
+    numbers in attention"): a query row whose scores include a NaN among the keys it sees -- a key
+    hidden by causality or by ``False`` in a boolean mask is not seen, whatever it holds; an additive
+    mask is added, so NaN + (-inf) is NaN -- has a NaN output row, as does a row with a +inf score;
+    a row that sees no key has zeros. An infinite value element makes its output column inf or NaN
+    in every row (its weight times inf; 0 * inf is NaN).
+
+    Raises:
+        ValueError: ``key_bias`` shapes that do not match, or a position outside ``[0, P)``.
     """
     b, hq, tq, d = q.shape
     hkv, th = k[0].shape[1], k[0].shape[2]
@@ -294,7 +386,7 @@ def attention_decode(q: Tensor, k: tuple, v: tuple, k_tail: Optional[Tensor], v_
     qf = (q.float() * scale).contiguous()
     kt = None if not tt else k_tail.float().contiguous()
     vt = None if not tt else v_tail.float().contiguous()
-    mask, ms = None, (0, 0, 0)
+    mask, ms, hides = None, (0, 0, 0), attn_mask is not None and attn_mask.dtype == torch.bool
     if attn_mask is not None:
         m = attn_mask
         if m.dtype == torch.bool:
@@ -316,7 +408,8 @@ def attention_decode(q: Tensor, k: tuple, v: tuple, k_tail: Optional[Tensor], v_
     out = torch.empty(b, hkv, g * tq, dv, dtype=torch.float32)
     status = _library().nqkv_attention_decode(
         qf.data_ptr(), _packed(*k[:4], keep), _packed(*v[:4], keep), th, _ptr(kt), _ptr(vt), tt,
-        _ptr(mask), ms[0], ms[1], ms[2], _ptr(w), _ptr(table), _ptr(pos), 0 if table is None else table.shape[0],
+        _ptr(mask), ms[0], ms[1], ms[2], int(hides), _ptr(w), _ptr(table), _ptr(pos),
+        0 if table is None else table.shape[0],
         int(is_causal and tq > 1), b, hkv, g, tq, d, dv, out.data_ptr(), torch.get_num_threads(),
     )
     if status:
@@ -338,12 +431,12 @@ def decode_step_supported(*tensors: Optional[Tensor], formats: tuple = ()) -> bo
 class DecodeStep:
     """One cache layer's one-token decode step, in one native call, prepared once.
 
-    The contract is ``NQKVLayer``'s folded step (nqkv_core/cache.py). What stays put from step to
+    The contract is the cache's folded step (nqkv_core/cache/step.py). What stays put from step to
     step -- the folded transform, the sink and ring buffers, the packed bodies, the coding
     thresholds, the RoPE table -- is checked and turned into call arguments here, once (a layer
     builds a new ``DecodeStep`` when one of them is replaced, e.g. a body that grew); a step then
     costs the call and the checks of its three new tensors instead of some forty Python-level checks
-    and conversions (docs/benchmarks.md: about 0.01 ms less per layer and step).
+    and conversions on every step.
 
     ``query_heads`` Hq; ``rot_k`` (D, D) rotates keys and queries, ``rot_v`` values (None: no
     rotation); the transform vectors (B, Hkv, 1, D) or None (with ``mu_k_half`` set, a RoPE-aware

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from nqkv_core.codebook import SUPPORTED_BITS
+from nqkv_core.codebook import check_args
 
 
 def codes_per_row_multiple(bits: int) -> int:
@@ -32,8 +32,7 @@ def packed_row_bytes(row: int, bits: int) -> int:
 
 
 def _check(last: int, bits: int) -> None:
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+    check_args(bits=bits)
     m = codes_per_row_multiple(bits)
     if last % m:
         raise ValueError(
@@ -61,7 +60,12 @@ def _unpack_lanes(packed: torch.Tensor, lane_bits: int) -> torch.Tensor:
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack ``uint8`` codes (values ``< 2**bits``) along the last axis into ``uint8`` bytes."""
+    """Pack ``uint8`` codes (values ``< 2**bits``) along the last axis into ``uint8`` bytes.
+
+    Raises:
+        TypeError: ``bits`` is not an int.
+        ValueError: ``bits`` not 2, 3, 4 or 8, or a last axis that does not fill whole bytes.
+    """
     _check(codes.shape[-1], bits)
     codes = codes.to(torch.uint8)
     if bits == 8:
@@ -72,11 +76,15 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of :func:`pack`: ``uint8`` codes, last axis ``packed.shape[-1] * 8 // bits``."""
+    """Inverse of :func:`pack`: ``uint8`` codes, last axis ``packed.shape[-1] * 8 // bits``.
+
+    Raises:
+        TypeError: ``packed`` not uint8 or ``bits`` not an int.
+        ValueError: ``bits`` not 2, 3, 4 or 8, or 3-bit rows that are not whole 3-byte groups.
+    """
     if packed.dtype != torch.uint8:
         raise TypeError(f"packed codes must be uint8, got {packed.dtype}")
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+    check_args(bits=bits)
     if bits == 8:
         return packed
     if bits == 3:

@@ -27,7 +27,7 @@ import math
 import torch
 
 from nqkv_core import native
-from nqkv_core.codebook import SUPPORTED_BITS
+from nqkv_core.codebook import check_args, check_codebook, max_abs_level
 from nqkv_core.packing import codes_per_row_multiple, pack, unpack
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -39,13 +39,8 @@ MIN_BLOCK = 8
 
 
 def codebook_bits(codebook: torch.Tensor) -> int:
-    """Bits per code of a codebook (its length must be ``2**bits`` for a supported ``bits``)."""
-    n = codebook.numel()
-    bits = n.bit_length() - 1
-    if codebook.dim() != 1 or n != 2**bits or bits not in SUPPORTED_BITS:
-        allowed = [2**b for b in SUPPORTED_BITS]
-        raise ValueError(f"codebook must be 1-D with {allowed} levels, got shape {tuple(codebook.shape)}")
-    return bits
+    """Bits per code of a codebook, checked (:func:`nqkv_core.codebook.check_codebook`)."""
+    return check_codebook(codebook)
 
 
 def bits_per_element(bits: int, block: int, scale_dtype: torch.dtype = torch.float16) -> float:
@@ -62,9 +57,8 @@ def _check_input(x: torch.Tensor, codebook: torch.Tensor, block: int, axis: int,
         raise ValueError(f"scale_dtype must be one of {SCALE_DTYPES}, got {scale_dtype}")
     if x.dim() == 0:
         raise ValueError("cannot quantize a 0-d tensor; it has no axis to block")
-    if not -x.dim() <= axis < x.dim():
-        raise ValueError(f"axis {axis} is out of range for a {x.dim()}-d tensor")
-    bits = codebook_bits(codebook)
+    check_args(block=block, axis=axis, ndim=x.dim(), min_block=0)
+    bits = check_codebook(codebook)
     n = x.shape[axis]
     if block < MIN_BLOCK or n % block:
         raise ValueError(
@@ -89,6 +83,11 @@ def _check_finite(x: torch.Tensor, absmax: torch.Tensor) -> None:
     if torch.compiler.is_compiling() or bool(torch.isfinite(absmax).all()):
         return
     bad = ~torch.isfinite(x)
+    if not bool(bad.any()):  # finite float64 input beyond the float32 range the blocks are coded in
+        raise ValueError(
+            f"input has values beyond the float32 range (largest magnitude {float(x.abs().max()):.4g});"
+            " blocks are coded in float32, so scale the input down first"
+        )
     first = tuple(int(i) for i in bad.nonzero()[0])
     raise ValueError(
         f"input has {int(bad.sum())} non-finite value(s) (NaN or Inf); the first at index {first}."
@@ -100,7 +99,7 @@ def _check_blocks(x: torch.Tensor, absmax: torch.Tensor, scale_dtype: torch.dtyp
     """:func:`_check_finite` and :func:`_check_scale_range` with one host read when all is well (on
     a GPU each read is a host-device sync; the cache quantizes a token per layer and step): NaN
     fails ``absmax <= max`` as an absmax beyond the range does, and Inf is beyond it."""
-    if torch.compiler.is_compiling() or not absmax.numel():
+    if torch.compiler.is_compiling() or not absmax.numel() or absmax.is_meta:
         return
     if bool((absmax <= torch.finfo(scale_dtype).max).all()):
         return
@@ -110,7 +109,7 @@ def _check_blocks(x: torch.Tensor, absmax: torch.Tensor, scale_dtype: torch.dtyp
 
 def _check_scale_range(absmax: torch.Tensor, scale_dtype: torch.dtype) -> None:
     finfo = torch.finfo(scale_dtype)
-    if not torch.compiler.is_compiling() and absmax.numel() and bool(absmax.max() > finfo.max):
+    if not torch.compiler.is_compiling() and absmax.numel() and not absmax.is_meta and bool(absmax.max() > finfo.max):
         raise ValueError(
             f"a block's absmax {float(absmax.max()):.4g} exceeds the {scale_dtype} range;"
             " pass scale_dtype=torch.float32"
@@ -341,14 +340,26 @@ def dequantize_blockwise(
 ) -> torch.Tensor:
     """Inverse of :func:`quantize_blockwise`: ``codebook[code] * absmax`` in ``dtype``.
 
+    Products beyond the finite range of ``dtype`` saturate to ``±torch.finfo(dtype).max``: an
+    unbiased codebook's levels reach a little past ±1, so a block whose scale is near the top of the
+    range (or a float32 scale decoded to float16) can decode beyond it. Finite codes and scales never
+    give ``inf``. The products are computed in float32 (float64 for ``dtype=torch.float64``).
+
     Raises:
-        ValueError: if ``codes`` and ``absmax`` shapes do not match ``block`` and ``axis``.
+        TypeError: ``codes`` not uint8, ``dtype`` not floating, or a non-int ``block`` / ``axis``.
+        ValueError: a bad codebook, ``block`` below 1, or ``codes`` and ``absmax`` shapes that do
+            not match ``block`` and ``axis``.
     """
-    bits = codebook_bits(codebook)
+    bits = check_codebook(codebook)
     if codes.dtype != torch.uint8:
         raise TypeError(f"codes must be uint8, got {codes.dtype}")
-    if codes.dim() == 0 or not -codes.dim() <= axis < codes.dim():
-        raise ValueError(f"axis {axis} is out of range for codes of shape {tuple(codes.shape)}")
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be a floating dtype {FLOAT_DTYPES} to decode into, got {dtype}")
+    if not absmax.dtype.is_floating_point:
+        raise TypeError(f"absmax must be floating point, got {absmax.dtype}")
+    if codes.dim() == 0:
+        raise ValueError("codes must have at least one axis, got a 0-d tensor")
+    check_args(block=block, axis=axis, ndim=codes.dim())
     axis = axis % codes.dim()
     shape = list(codes.shape)
     shape[-1] = shape[-1] * 8 // bits
@@ -360,11 +371,41 @@ def dequantize_blockwise(
             f" {bits}-bit codes, block {block} along axis {axis} (expected {tuple(expected)})"
         )
     if axis == codes.dim() - 1 and native.dequantize_rows_supported(codes, absmax, codebook, bits, block, dtype):
-        return native.dequantize_rows(codes, absmax, codebook, bits, block, dtype)
+        out = native.dequantize_rows(codes, absmax, codebook, bits, block, dtype)
+        return out.clamp_(*_finite_range(dtype)) if _may_overflow(codebook, absmax.dtype, dtype) else out
+    cdt = torch.float64 if dtype == torch.float64 else torch.float32
     if bits == 3:
-        values = codebook.float()[unpack(codes, bits).long()]
+        values = codebook.to(cdt)[unpack(codes, bits).long()]
     else:
-        values = _byte_table(codebook, bits)[codes.long()].flatten(-2)
+        values = _byte_table(codebook, bits).to(cdt)[codes.long()].flatten(-2)
     blocked = shape[:axis] + [shape[axis] // block, block] + shape[axis + 1 :]
-    out = values.view(blocked) * absmax.float().unsqueeze(axis + 1)
+    out = values.view(blocked) * absmax.to(cdt).unsqueeze(axis + 1)
+    if _may_overflow(codebook, absmax.dtype, dtype):
+        out = out.clamp_(*_finite_range(dtype))
     return out.view(shape).to(dtype)
+
+
+_FINITE_MAX = {t: torch.finfo(t).max for t in (*FLOAT_DTYPES, *SCALE_DTYPES)}
+
+
+def _finite_range(dtype: torch.dtype) -> tuple[float, float]:
+    return -_FINITE_MAX[dtype], _FINITE_MAX[dtype]
+
+
+def _may_overflow(codebook: torch.Tensor, scale_dtype: torch.dtype, dtype: torch.dtype) -> bool:
+    """Whether a level times a ``scale_dtype`` scale can pass the finite range of ``dtype`` (or of
+    float32, where the products are computed); assumed where the levels are not known (tracing)."""
+    top = max_abs_level(codebook)
+    limit = _FINITE_MAX[dtype] if dtype != torch.float64 else math.inf
+    return top is None or top * _FINITE_MAX.get(scale_dtype, math.inf) > limit
+
+
+def decision_thresholds(codebook: torch.Tensor) -> torch.Tensor:
+    """The fp32 thresholds between consecutive levels of a sorted ``codebook`` (``2**bits - 1``): a
+    value's code is the number of thresholds below ``x / scale`` (what every encoder compares with)."""
+    return _midpoints(codebook)
+
+
+def fit_ratios(device: torch.device | str = "cpu") -> torch.Tensor:
+    """The clipping ratios ``r`` that fitted scales (``fit_scale=True``) try, codes against ``r * absmax``."""
+    return _fit_ratios(device)

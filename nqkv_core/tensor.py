@@ -10,13 +10,15 @@ other op raises ``NotImplementedError``: nothing is ever dequantized behind the 
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Callable
 
 import torch
 from torch.utils._python_dispatch import return_and_correct_aliasing
 
-from nqkv_core.codebook import CodebookKind, get_codebook
-from nqkv_core.quantize import codebook_bits, dequantize_blockwise, quantize_blockwise
+from nqkv_core.codebook import CodebookKind, check_args, check_codebook, get_codebook
+from nqkv_core.packing import codes_per_row_multiple
+from nqkv_core.quantize import FLOAT_DTYPES, SCALE_DTYPES, codebook_bits, dequantize_blockwise, quantize_blockwise
 
 aten = torch.ops.aten
 _ATEN_OPS: dict[Any, Callable] = {}
@@ -117,8 +119,13 @@ class NQTensor(torch.Tensor):
                 :func:`nqkv_core.quantize.quantize_blockwise`). Excludes ``unbiased``.
 
         Raises:
-            TypeError / ValueError: see :func:`nqkv_core.quantize.quantize_blockwise`.
+            TypeError: ``x`` not a floating tensor, ``bits`` / ``block`` / ``axis`` not ints.
+            ValueError: a bad codebook (:func:`nqkv_core.codebook.check_codebook`), and see
+                :func:`nqkv_core.quantize.quantize_blockwise`.
         """
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected a tensor, got {type(x).__name__}")
+        check_args(bits=bits, block=block, axis=axis)
         decode = None
         if fit_scale and unbiased:
             raise ValueError("fit_scale=True already makes each block unbiased; pass unbiased=False with it")
@@ -128,13 +135,20 @@ class NQTensor(torch.Tensor):
             codebook = get_codebook(codebook, bits, block, device=x.device)
         elif unbiased:
             raise ValueError("unbiased=True needs a codebook kind ('nf' or 'lloyd'), not a codebook tensor")
-        elif codebook_bits(codebook) != bits:
-            raise ValueError(f"codebook has {codebook.numel()} levels but bits={bits}")
+        else:
+            check_codebook(codebook, bits)
         codes, absmax = quantize_blockwise(x, codebook, block, axis, scale_dtype, fit_scale=fit_scale)
         return cls(codes, absmax, codebook if decode is None else decode, block, axis % x.dim(), x.shape, x.dtype)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The full-precision tensor these codes stand for, in ``dtype`` (default: ``self.dtype``)."""
+        """The full-precision tensor these codes stand for, in ``dtype`` (default: ``self.dtype``).
+
+        Values beyond the finite range of ``dtype`` saturate to its largest finite magnitude
+        (:func:`nqkv_core.quantize.dequantize_blockwise`).
+
+        Raises:
+            TypeError: ``dtype`` is not float16, bfloat16, float32 or float64.
+        """
         return dequantize_blockwise(
             self.codes, self.absmax, self.codebook, self.block, self.axis, dtype or self.dtype
         )
@@ -161,8 +175,24 @@ class NQTensor(torch.Tensor):
 
     @classmethod
     def __tensor_unflatten__(cls, inner_tensors, context, outer_size, outer_stride):
+        """Rebuild from :meth:`__tensor_flatten__`'s pieces. Real (not traced) pieces are checked to
+        fit the shape (:func:`check_pieces`; shapes and dtypes only), so the rebuild path of a
+        compiled graph's outputs costs no host read."""
         *attributes, dtype = context
-        return cls(*(inner_tensors[n] for n in cls.tensor_data_names), *attributes, outer_size, dtype)
+        pieces = [inner_tensors[n] for n in cls.tensor_data_names]
+        if all(type(t) is torch.Tensor for t in pieces) and not torch.compiler.is_compiling():
+            check_pieces(*pieces, *attributes, outer_size, dtype, levels=False)
+        return cls(*pieces, *attributes, outer_size, dtype)
+
+    def _stable_hash_for_caching(self) -> str:
+        """A deterministic key for torch.compile's AOT autograd cache: the logical shape and dtype,
+        ``block``, ``axis`` and each inner tensor's shape, stride, dtype and device (not values:
+        the inner tensors are graph inputs)."""
+        parts: list = [tuple(self.shape), str(self.dtype), self.block, self.axis, self.requires_grad]
+        for n in self.tensor_data_names:
+            t = getattr(self, n)
+            parts.append((n, tuple(t.shape), tuple(t.stride()), str(t.dtype), str(t.device)))
+        return hashlib.blake2b(repr(parts).encode(), digest_size=16).hexdigest()
 
     def _rebuild(self, codes=None, absmax=None, codebook=None, shape=None, dtype=None) -> "NQTensor":
         """A new NQTensor sharing everything not given."""
@@ -201,14 +231,7 @@ class NQTensor(torch.Tensor):
             raise ValueError(f"unknown dtype {metadata['dtype']!r} in NQTensor state")
         block, axis = int(metadata["block"]), int(metadata["axis"])
         codes, absmax, codebook = (tensors[n] for n in cls.tensor_data_names)
-        bits = codebook_bits(codebook)
-        expected_codes = (*shape[:-1], shape[-1] * bits // 8) if shape else None
-        expected_absmax = tuple(s // block if i == axis else s for i, s in enumerate(shape))
-        if tuple(codes.shape) != expected_codes or tuple(absmax.shape) != expected_absmax:
-            raise ValueError(
-                f"NQTensor state does not fit together: codes {tuple(codes.shape)} (expected"
-                f" {expected_codes}), absmax {tuple(absmax.shape)} (expected {expected_absmax})"
-            )
+        check_pieces(codes, absmax, codebook, block, axis, shape, dtype)
         return cls(codes, absmax, codebook, block, axis, shape, dtype)
 
     def __reduce_ex__(self, protocol):
@@ -246,7 +269,50 @@ class NQTensor(torch.Tensor):
 
 
 def _nqtensor_from_pieces(codes, absmax, codebook, block, axis, shape, dtype) -> NQTensor:
+    """The unpickling constructor (``torch.load``, ``weights_only`` included): checks the pieces."""
+    check_pieces(codes, absmax, codebook, block, axis, shape, dtype)
     return NQTensor(codes, absmax, codebook, block, axis, torch.Size(shape), dtype)
+
+
+def check_pieces(codes, absmax, codebook, block, axis, shape, dtype, levels: bool = True) -> None:
+    """Check that an NQTensor's inner tensors fit its claimed layout.
+
+    Args:
+        codes, absmax, codebook, block, axis, shape, dtype: as the :class:`NQTensor` fields
+            (``axis`` non-negative).
+        levels: also read the codebook's levels (:func:`nqkv_core.codebook.check_codebook`);
+            otherwise only shapes and dtypes are looked at.
+
+    Raises:
+        TypeError: a piece of the wrong type.
+        ValueError: pieces that do not fit together (shapes, dtypes, devices, block, axis).
+    """
+    for name, t in (("codes", codes), ("absmax", absmax), ("codebook", codebook)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"NQTensor {name} must be a tensor, got {type(t).__name__}")
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"NQTensor dtype must be one of {FLOAT_DTYPES}, got {dtype!r}")
+    if codes.dtype != torch.uint8 or absmax.dtype not in SCALE_DTYPES:
+        raise ValueError(f"NQTensor codes must be uint8 and absmax one of {SCALE_DTYPES}, got {codes.dtype}"
+                         f" and {absmax.dtype}")
+    if not codes.device == absmax.device == codebook.device:
+        raise ValueError(f"NQTensor pieces are on different devices: {codes.device}, {absmax.device},"
+                         f" {codebook.device}")
+    bits = check_codebook(codebook, levels=levels)
+    shape = tuple(shape)
+    check_args(block=block, axis=axis, ndim=len(shape))
+    if not shape or axis < 0 or shape[axis] % block or shape[-1] % codes_per_row_multiple(bits):
+        raise ValueError(
+            f"NQTensor layout does not fit shape {shape}: {bits}-bit codes in blocks of {block} along axis"
+            f" {axis} need a non-negative axis, a block dividing its size and a last axis of whole bytes"
+        )
+    expected_codes = (*shape[:-1], shape[-1] * bits // 8)
+    expected_absmax = tuple(s // block if i == axis else s for i, s in enumerate(shape))
+    if tuple(codes.shape) != expected_codes or tuple(absmax.shape) != expected_absmax:
+        raise ValueError(
+            f"NQTensor data does not fit its shape: codes {tuple(codes.shape)} (expected"
+            f" {expected_codes}), absmax {tuple(absmax.shape)} (expected {expected_absmax}) for shape {shape}"
+        )
 
 
 # -- op table ---------------------------------------------------------------------------------------
@@ -273,8 +339,8 @@ def _to_copy(func, args, kwargs):
     device = kwargs.get("device")
     moved = _map_inner(t, lambda x: x.to(device=device) if device is not None else x.clone())
     dtype = kwargs.get("dtype")
-    if dtype is not None and not dtype.is_floating_point:
-        raise TypeError(f"an NQTensor's logical dtype must be floating point, got {dtype}")
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise TypeError(f"an NQTensor's logical dtype must be floating point {FLOAT_DTYPES}, got {dtype}")
     return moved._rebuild(dtype=dtype or t.dtype)
 
 
@@ -327,6 +393,21 @@ def _select(func, args, kwargs):
     return out
 
 
+_CAT_MISMATCH = "torch.cat needs NQTensors with the same codebook, block, axis, dtype and scale dtype"
+
+
+def _same_levels(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two codebooks of one shape hold the same levels. While tracing the answer is not
+    known, so the graph gets a runtime assertion instead of a data-dependent branch: a compiled
+    graph given different codebooks raises RuntimeError with the same message when it runs."""
+    if a is b:
+        return True
+    if torch._subclasses.fake_tensor.is_fake(a) or torch.compiler.is_compiling():
+        torch._assert_async(torch.eq(a, b).all(), _CAT_MISMATCH)
+        return True
+    return torch.equal(a, b)
+
+
 @implements([aten.cat.default])
 def _cat(func, args, kwargs):
     tensors = list(args[0])
@@ -334,11 +415,12 @@ def _cat(func, args, kwargs):
     first = tensors[0]
     if not all(isinstance(t, NQTensor) for t in tensors):
         raise NotImplementedError("torch.cat of NQTensors with plain tensors: quantize them first")
+    layout = (first.block, first.axis, first.dtype, first.absmax.dtype, first.codebook.shape, first.codebook.dtype)
     for t in tensors[1:]:
-        if (t.block, t.axis, t.dtype, t.absmax.dtype) != (first.block, first.axis, first.dtype, first.absmax.dtype) or not torch.equal(t.codebook, first.codebook):
-            raise ValueError(
-                "torch.cat needs NQTensors with the same codebook, block, axis, dtype and scale dtype"
-            )
+        if (t.block, t.axis, t.dtype, t.absmax.dtype, t.codebook.shape, t.codebook.dtype) != layout or not _same_levels(
+            t.codebook, first.codebook
+        ):
+            raise ValueError(_CAT_MISMATCH)
     dim = _check_token_axis(first, dim, "be concatenated")
     codes = func([t.codes for t in tensors], dim)
     absmax = func([t.absmax for t in tensors], dim)

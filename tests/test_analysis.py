@@ -51,3 +51,28 @@ def test_capture_and_plot(tmp_path):
     assert layer_pass_fractions(kv, "token", block=16).shape == (2, 2)
     png = plot_qq_hist(kv, tmp_path / "qq.png", block=16)
     assert png.stat().st_size > 1000
+
+
+def test_plots_leave_the_process_backend_alone(tmp_path):
+    # a program that chose its own matplotlib backend keeps it after the lab draws its PNGs
+    import subprocess
+    import sys
+
+    code = f"""
+import matplotlib, torch
+matplotlib.use("svg")
+from pathlib import Path
+from nqkv_core.lab.analysis import plot_qq_hist
+from nqkv_core.lab.evaluate import plot_layer_sensitivity
+from nqkv_core.lab.report import _plot
+from nqkv_core.scheme import nqkv_preset
+out = Path({str(tmp_path)!r})
+kv = [(torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)) for _ in range(2)]
+pngs = [plot_qq_hist(kv, out / "qq.png", block=16), plot_layer_sensitivity({{"a": [0.1, 0.3]}}, out / "s.png"),
+        *_plot(out, (2, 2, 16), [nqkv_preset(4)], {{"x": {{512: 1.0, 1024: 2.0}}}}, 1 << 20)]
+import sys
+print(matplotlib.get_backend(), "matplotlib.pyplot" in sys.modules, all(p.stat().st_size > 1000 for p in pngs))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["svg", "False", "True"]

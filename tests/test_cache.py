@@ -1,7 +1,7 @@
 """NQKVCache against the fake-quantized reference of the same scheme, on tiny random Llama models.
 
 The cache logic (what is stored, quantized once, masked) is checked bit-comparably with the cache's
-fp32 reference attention (``cache.FUSED = False``): logits to 2e-4 and identical tokens. The fused op
+reference decode strategy (``decode="reference"``, fp32): logits to 2e-4 and identical tokens. The fused op
 (CPU path: bfloat16 products, fp32 accumulation) is checked against the size of the quantization
 effect itself (reference vs full precision).
 """
@@ -21,18 +21,18 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from nqkv_core import cache as nqkv_cache  # noqa: E402
 from nqkv_core import native  # noqa: E402
 from nqkv_core.lab import evaluate  # noqa: E402
-from nqkv_core.cache import _STEP_LAYERS, NQKVCache, _allows_whole_cache, _version, enable  # noqa: E402
-from nqkv_core.scheme import KVScheme, nqkv_preset  # noqa: E402
+from nqkv_core._hf import transformers_version as _version  # noqa: E402
+from nqkv_core.cache import NQKVCache, enable  # noqa: E402
+from nqkv_core.cache.compiled import STEP_LAYERS as _STEP_LAYERS, allows_whole_cache as _allows_whole_cache  # noqa: E402
+from nqkv_core.scheme import KVScheme, default_scheme, nqkv_preset  # noqa: E402
 
 NEW = 20
 
 
-@pytest.fixture
-def reference_attention(monkeypatch):
-    monkeypatch.setattr(nqkv_cache, "FUSED", False)
+# The reference decode strategy: plain torch, the arithmetic of fake quantization.
+REF = dict(decode="reference")
 
 
 def tiny_model(head_dim: int = 16, layers: int = 2, seed: int = 0, key_offset: float = 0.0) -> LlamaForCausalLM:
@@ -93,9 +93,7 @@ def generate(model, ids, scheme=None, cache=None, mask=None, **kw):
     if mask is not None:
         kw["attention_mask"] = mask
     if cache is None:
-        evaluate.register_attention()
-        model.set_attn_implementation(evaluate.ATTN_NAME)
-        with evaluate.active_scheme(scheme):
+        with evaluate.fake_quantized(model, scheme):
             out = model.generate(ids, **kw)
     else:
         out = model.generate(ids, **cache, **kw)
@@ -103,10 +101,10 @@ def generate(model, ids, scheme=None, cache=None, mask=None, **kw):
 
 
 @pytest.mark.parametrize("name", list(SCHEMES))
-def test_generate_matches_fake_quantization(name, reference_attention):
+def test_generate_matches_fake_quantization(name):
     model, scheme = tiny_model(), SCHEMES[name]
     ids = torch.randint(1, 96, (1, scheme.window), generator=torch.Generator().manual_seed(1))
-    nq = enable(model, scheme=scheme)
+    nq = enable(model, scheme=scheme, **REF)
     seq, logits = generate(model, ids, cache=nq.generate_kwargs())
     ref_seq, ref_logits = generate(model, ids, scheme)
     fp_seq, fp_logits = generate(model, ids, None)
@@ -126,34 +124,43 @@ def test_fused_op_matches_fake_quantization(name):
     assert_matches_reference(logits, ref_logits, fp_logits)
 
 
-@pytest.mark.parametrize("use_native", [True, False])
+@pytest.mark.parametrize("decode", ["native", "folded", "ops"])
 @pytest.mark.parametrize("name", ["nf4-rot-centre", "nf4-rope-centre", "layer-widths-2-4", "nf3-query-vfit",
                                   "lloyd2-fit"])
-def test_folded_decode_steps_match_the_general_path(name, use_native, monkeypatch):
-    # Eager one-token steps fold the transform into a few matmuls (cache._StepMaps), or into one
-    # native call; the logits must agree with the general path to fp32 rounding (a code may flip at a
-    # level boundary, rarely).
-    if not use_native:
-        monkeypatch.setattr(native, "_ENABLED", [False])
+def test_decode_strategies_match_the_reference(name, decode, monkeypatch):
+    # Every strategy on the same inputs: far closer to the reference (plain torch, the arithmetic of
+    # fake quantization) than the reference is to full precision. Eager one-token steps of "folded"
+    # fold the transform into a few vector ops, "native" runs them as one native call per layer (where
+    # the kernels are built); both agree with the unfolded "ops" step to fp32 rounding (a code may flip
+    # at a level boundary, rarely).
     model, scheme = tiny_model(), SCHEMES[name]
     ids = torch.randint(1, 96, (2, scheme.window), generator=torch.Generator().manual_seed(1))
-    nq = enable(model, scheme=scheme)
     calls = []
     step = native.DecodeStep.run
-    monkeypatch.setattr(native.DecodeStep, "run", lambda *a, **k: calls.append(1) or step(*a, **k))
-    kwargs = nq.generate_kwargs()
+    monkeypatch.setattr(native.DecodeStep, "run", lambda *a, **k: calls.append(1) or step(*a, **k))  # a spy
+    kwargs = enable(model, scheme=scheme, decode=decode).generate_kwargs()
     seq, logits = generate(model, ids, cache=kwargs)
     cache = next(v for v in kwargs.values() if isinstance(v, NQKVCache))
-    assert all(layer._step_maps is not None for layer in cache.layers)  # the folded path ran
-    assert bool(calls) == native.available()  # as one native call per layer and step, where built
-    monkeypatch.setattr(nqkv_cache, "FOLD_STEPS", False)
-    seq_ref, ref_logits = generate(model, ids, cache=nq.generate_kwargs())
-    assert torch.equal(seq, seq_ref)
-    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-3)
+    assert all((layer._step_maps is not None) == (decode != "ops") for layer in cache.layers)
+    assert bool(calls) == (decode == "native" and native.available())
+    _, ref_logits = generate(model, ids, cache=enable(model, scheme=scheme, **REF).generate_kwargs())
+    _, fp_logits = generate(model, ids, None)
+    assert_matches_reference(logits, ref_logits, fp_logits)
+    if decode != "ops":
+        seq_ops, ops_logits = generate(model, ids, cache=enable(model, scheme=scheme, decode="ops").generate_kwargs())
+        assert torch.equal(seq, seq_ops)
+        torch.testing.assert_close(logits, ops_logits, rtol=0, atol=1e-3)
+
+
+def test_decode_strategy_is_checked():
+    with pytest.raises(ValueError, match="decode must be one of"):
+        NQKVCache(SCHEMES["nf3-plain"], num_layers=1, decode="fast")
+    with pytest.raises(ValueError, match="decode must be one of"):
+        enable(tiny_model(), decode="fused")
 
 
 @pytest.mark.parametrize("preset", [(4, 64), (3, 32)])
-def test_native_step_at_head_dim_64_matches_the_torch_step(preset, monkeypatch):
+def test_native_step_at_head_dim_64_matches_the_torch_step(preset):
     # head_dim 64 with the preset's blocks of 64 takes the kernel's register paths (codes decoded in
     # lane order, one scale per token factored out of the sums, the RoPE-centred key bias from the
     # table's tiles of sixteen positions); a 150-token prompt gives a body of several tiles that
@@ -163,10 +170,8 @@ def test_native_step_at_head_dim_64_matches_the_torch_step(preset, monkeypatch):
         pytest.skip("native CPU kernels not built")
     model, scheme = tiny_model(head_dim=64, key_offset=3.0), nqkv_preset(preset[0], block=preset[1])
     ids = torch.randint(1, 96, (2, 150), generator=torch.Generator().manual_seed(2))
-    nq = enable(model, scheme=scheme)
-    seq, logits = generate(model, ids, cache=nq.generate_kwargs())
-    monkeypatch.setattr(native, "_ENABLED", [False])
-    seq_ref, ref_logits = generate(model, ids, cache=nq.generate_kwargs())
+    seq, logits = generate(model, ids, cache=enable(model, scheme=scheme, decode="native").generate_kwargs())
+    seq_ref, ref_logits = generate(model, ids, cache=enable(model, scheme=scheme, decode="folded").generate_kwargs())
     assert torch.equal(seq, seq_ref)
     # fp32 sums in another order (and a code may flip at a level boundary): with the large key
     # offset the logits differ by up to about 1e-3
@@ -213,13 +218,11 @@ def test_prepared_decode_step_rejects_tensors_it_cannot_read():
             step(q, k, k, 4, 31, 30, 0, 0, -1, 0, 61, 0.125)
 
 
-@pytest.mark.parametrize("use_native", [True, False])
-def test_non_finite_token_leaving_the_window_is_a_clear_error(use_native, monkeypatch):
+@pytest.mark.parametrize("decode", ["native", "folded", "reference"])
+def test_non_finite_token_leaving_the_window_is_a_clear_error(decode):
     # A NaN key is held exactly in the window; quantizing it when it leaves must raise, not store garbage.
-    if not use_native:
-        monkeypatch.setattr(native, "_ENABLED", [False])
     scheme = SCHEMES["nf4-rot-centre"]
-    layer = NQKVCache(scheme, num_layers=1).layers[0]
+    layer = NQKVCache(scheme, num_layers=1, decode=decode).layers[0]
     g = torch.Generator().manual_seed(0)
 
     def step(k, v, q):
@@ -247,11 +250,10 @@ def test_eager_step_reads_the_device_at_most_a_few_times(bits, reads, monkeypatc
 
     from nqkv_core.ops import cpu as cpu_ops
 
-    monkeypatch.setattr(native, "_ENABLED", [False])
     monkeypatch.setattr(cpu_ops, "decode_fits", lambda *a, **k: False)  # (CUDA has no such shortcut)
     config = LlamaConfig(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1,
                          head_dim=64)
-    layer = NQKVCache(nqkv_preset(bits), config=config).layers[0]
+    layer = NQKVCache(nqkv_preset(bits), config=config, decode="folded").layers[0]
     g = torch.Generator().manual_seed(0)
     layer.append(torch.randn(1, 2, 40, 64, generator=g), torch.randn(1, 2, 40, 64, generator=g),
                  torch.randn(1, 4, 40, 64, generator=g))
@@ -264,7 +266,7 @@ def test_eager_step_reads_the_device_at_most_a_few_times(bits, reads, monkeypatc
 
     for _ in range(3):
         counted.clear()
-        with CountReads():
+        with native.disabled(), CountReads():  # the quantizer's torch route too
             layer.update(torch.randn(1, 2, 1, 64, generator=g), torch.randn(1, 2, 1, 64, generator=g))
             layer.attention(torch.randn(1, 4, 1, 64, generator=g), None, 0.125)
         assert sum(counted) == reads and len(counted) > 50  # (the step did run through the mode)
@@ -277,24 +279,24 @@ def assert_matches_reference(logits, ref_logits, fp_logits):
     assert (logits - ref_logits).abs().max() < 0.5 * quant_effect
 
 
-def test_default_scheme_is_rope_centred_and_matches_reference(reference_attention):
+def test_default_scheme_is_rope_centred_and_matches_reference():
     model = tiny_model()
-    nq = enable(model, bits=4)
+    nq = enable(model, bits=4, **REF)
     scheme = nq.scheme
     assert scheme.k_centre and scheme.k_centre_rope and scheme.k_rotate and scheme.k_block == 16
     assert (scheme.sinks, scheme.window) == (4, 32)
-    assert nqkv_cache.default_scheme(2, 64).window == 64
-    assert not nqkv_cache.default_scheme(4, 96).k_rotate and nqkv_cache.default_scheme(4, 96).k_block == 32
+    assert default_scheme(2, 64).window == 64
+    assert not default_scheme(4, 96).k_rotate and default_scheme(4, 96).k_block == 32
     scheme = scheme.replace(window=4)  # so that 20 new tokens reach the quantized body
     g = torch.Generator().manual_seed(10)
     ids = torch.randint(1, 96, (2, 6), generator=g)
     mask = torch.ones_like(ids)
     mask[1, :2] = 0
     ids = ids.masked_fill(mask == 0, 0)
-    nq = enable(model, scheme=scheme)
+    nq = enable(model, scheme=scheme, **REF)
     seq, logits = generate(model, ids, cache=nq.generate_kwargs(), mask=mask)
     # without config the cache takes the RoPE frequencies from the attention module's config
-    seq2, logits2 = generate(model, ids, cache={"past_key_values": NQKVCache(scheme, num_layers=2)}, mask=mask)
+    seq2, logits2 = generate(model, ids, cache={"past_key_values": NQKVCache(scheme, num_layers=2, **REF)}, mask=mask)
     stat = nq.new_cache(max_cache_len=ids.shape[1] + NEW)
     seq3, logits3 = generate(model, ids, cache={"past_key_values": stat}, mask=mask)
     ref_seq, ref_logits = generate(model, ids, scheme, mask=mask)
@@ -305,14 +307,14 @@ def test_default_scheme_is_rope_centred_and_matches_reference(reference_attentio
     assert (ref_logits - fp_logits).abs().max() > 1e-2
 
 
-def test_rope_centred_save_load_and_append(tmp_path, reference_attention):
+def test_rope_centred_save_load_and_append(tmp_path):
     model, scheme = tiny_model(), SCHEMES["nf4-rope-centre"]
     ids = torch.randint(1, 96, (1, 16), generator=torch.Generator().manual_seed(11))
-    nq = enable(model, scheme=scheme)
+    nq = enable(model, scheme=scheme, **REF)
     cache = nq.new_cache()
     model(ids[:, :12], past_key_values=cache, use_cache=True)
     cache.save(tmp_path / "p.safetensors")
-    loaded = NQKVCache.load(tmp_path / "p.safetensors", scheme, config=model.config)
+    loaded = NQKVCache.load(tmp_path / "p.safetensors", scheme, config=model.config, **REF)
     x = model(ids[:, 12:], past_key_values=cache, use_cache=True).logits
     y = model(ids[:, 12:], past_key_values=loaded, use_cache=True).logits
     assert torch.equal(x, y)
@@ -361,10 +363,10 @@ def test_query_rounded_cache_saves_its_metric_and_continues_bitwise(tmp_path):
             assert torch.equal(t, b.state()[name]), name
 
 
-def test_static_cache_matches_dynamic_and_bytes_are_exact(reference_attention):
+def test_static_cache_matches_dynamic_and_bytes_are_exact():
     model, scheme = tiny_model(), SCHEMES["nf4-rot-centre"]
     ids = torch.randint(1, 96, (2, 4), generator=torch.Generator().manual_seed(2))
-    nq = enable(model, scheme=scheme)
+    nq = enable(model, scheme=scheme, **REF)
     _, dyn = generate(model, ids, cache=nq.generate_kwargs())
     cache = nq.new_cache(max_cache_len=ids.shape[1] + NEW)
     _, stat = generate(model, ids, cache={"past_key_values": cache})
@@ -374,7 +376,7 @@ def test_static_cache_matches_dynamic_and_bytes_are_exact(reference_attention):
     assert int(cache.layers[0].length) == ids.shape[1] + NEW - 1
 
 
-def test_batch_with_left_padding_matches_reference(reference_attention):
+def test_batch_with_left_padding_matches_reference():
     model, scheme = tiny_model(), SCHEMES["nf4-rot-centre"]
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(1, 96, (3, 4), generator=g)
@@ -382,7 +384,7 @@ def test_batch_with_left_padding_matches_reference(reference_attention):
     mask[0, :2] = 0
     mask[2, :1] = 0
     ids = ids.masked_fill(mask == 0, 0)
-    nq = enable(model, scheme=scheme)
+    nq = enable(model, scheme=scheme, **REF)
     seq, logits = generate(model, ids, cache=nq.generate_kwargs(), mask=mask)
     ref_seq, ref_logits = generate(model, ids, scheme, mask=mask)
     assert torch.isfinite(logits).all()
@@ -401,10 +403,10 @@ def test_past_key_values_and_cache_keywords_agree():
     assert torch.equal(a, nq.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0))
 
 
-def test_sampling_matches_reference(reference_attention):
+def test_sampling_matches_reference():
     model, scheme = tiny_model(), SCHEMES["nf4-rot-centre"]
     ids = torch.randint(1, 96, (2, 4), generator=torch.Generator().manual_seed(5))
-    nq = enable(model, scheme=scheme)
+    nq = enable(model, scheme=scheme, **REF)
     torch.manual_seed(0)
     a, _ = generate(model, ids, cache=nq.generate_kwargs(), do_sample=True, top_k=0, temperature=1.0)
     torch.manual_seed(0)
@@ -412,15 +414,15 @@ def test_sampling_matches_reference(reference_attention):
     assert torch.equal(a, b)
 
 
-def test_beam_search_matches_reference_and_reorder_is_a_gather(reference_attention):
+def test_beam_search_matches_reference_and_reorder_is_a_gather():
     model, scheme = tiny_model(), SCHEMES["nf4-rot-centre"]
     ids = torch.randint(1, 96, (1, 4), generator=torch.Generator().manual_seed(6))
-    nq = enable(model, scheme=scheme)
+    nq = enable(model, scheme=scheme, **REF)
     a, _ = generate(model, ids, cache=nq.generate_kwargs(), num_beams=3)
     b, _ = generate(model, ids, scheme, num_beams=3)
     assert torch.equal(a, b)
 
-    cache = enable(model, scheme=scheme).new_cache()
+    cache = enable(model, scheme=scheme, **REF).new_cache()
     model(torch.randint(1, 96, (3, 12)), past_key_values=cache, use_cache=True)
     before = {k: v.clone() for k, v in cache.layers[1].state().items()}
     idx = torch.tensor([2, 0, 0])
@@ -467,9 +469,9 @@ def test_errors_are_clear(tmp_path):
     model.set_attn_implementation("sdpa")
     with pytest.raises(TypeError, match="nqkv"):
         model(ids, past_key_values=nq.new_cache(), use_cache=True)
-    with pytest.raises(NotImplementedError, match="sliding"):
-        enable(LlamaForCausalLM(LlamaConfig(**{**model.config.to_dict(), "layer_types": ["sliding_attention"] * 2,
-                                               "sliding_window": 8})), scheme=scheme)
+    with pytest.raises(NotImplementedError, match="linear_attention"):  # (sliding layers: tests/test_models.py)
+        enable(LlamaForCausalLM(LlamaConfig(**{**model.config.to_dict(), "layer_types": ["linear_attention"] * 2})),
+               scheme=scheme)
     with pytest.raises(NotImplementedError, match="evaluation-only"):
         NQKVCache(scheme.replace(k_quant="int"), num_layers=2)
     with pytest.raises(NotImplementedError, match="evaluation-only"):

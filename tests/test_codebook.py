@@ -139,6 +139,14 @@ def test_bad_arguments():
         get_codebook("uniform", 4)
     with pytest.raises(ValueError, match="block"):
         lloyd_max_codebook(4, 1)
+    with pytest.raises(TypeError, match="bits must be an int"):
+        nf_codebook(4.0)
+    with pytest.raises(TypeError, match="block must be an int"):
+        get_codebook("lloyd", 4, 64.0)
+    with pytest.raises(TypeError, match="block must be an int"):
+        signed_codebook(3, 64.0)
+    with pytest.raises(ValueError, match="ascending"):
+        unbiased_gain(nf_codebook(4).flip(0), 64)
 
 
 def test_max_rounding_error():

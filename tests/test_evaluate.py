@@ -2,14 +2,16 @@
 
 import importlib.util
 import math
+import warnings
 
 import pytest
 import torch
 
 from nqkv_core.lab.evaluate import (
-    ATTN_NAME, active_scheme, agreement, calibrate_layer_bits, evaluate, fakequant_attention, free_running_agreement,
-    greedy_tokens, layer_sensitivity, logit_fidelity, markdown_table, new_sequence, next_token_agreement,
-    perplexity, register_attention, save_rows, step_agreement_needed,
+    ATTN_NAME, FakeQuant, active_scheme, agreement, attending_fake_quant, calibrate_layer_bits, evaluate,
+    fake_quantized, fakequant_attention, free_running_agreement, greedy_tokens, layer_sensitivity, logit_fidelity,
+    markdown_table, new_sequence, next_token_agreement, perplexity, register_attention, save_rows,
+    step_agreement_needed,
 )
 from nqkv_core.lab.models import calibration_windows, chat_prompts_after, load_text, token_windows
 from nqkv_core.scheme import FULL_PRECISION, KVScheme, kivi, nqkv_preset
@@ -67,6 +69,9 @@ def test_evaluate_fidelity_columns(tiny, tmp_path):
     schemes = [KVScheme("nf2", k_bits=2, v_bits=2, k_block=16, v_block=16)]
     rows = evaluate(model, ids, schemes, fidelity=True)
     direct = logit_fidelity(model, ids, schemes)[0]
+    # the fidelity passes give the perplexities too
+    assert rows[0].ppl == pytest.approx(perplexity(model, ids, None), rel=1e-5)
+    assert rows[1].ppl == pytest.approx(perplexity(model, ids, schemes[0]), rel=1e-5) == direct.ppl
     assert rows[0].step_agree == 1.0 and abs(rows[0].kl) < 1e-6
     assert (rows[1].step_agree, rows[1].kl) == pytest.approx((direct.agree, direct.kl))
     table = markdown_table(rows, with_agree=False)
@@ -76,7 +81,11 @@ def test_evaluate_fidelity_columns(tiny, tmp_path):
 
 def test_greedy_agreement_self(tiny):
     model, ids = tiny
-    a = greedy_tokens(model, ids[:, :16], None, n_new=5)
+    with warnings.catch_warnings():  # the cache goes in under the argument name of this transformers
+        warnings.simplefilter("error", FutureWarning)
+        a = greedy_tokens(model, ids[:, :16], None, n_new=5)
+    # an attention override that wraps the fake quantization changes nothing
+    assert torch.equal(greedy_tokens(model, ids[:, :16], None, 5, attention=fakequant_attention), a)
     assert a.shape == (2, 5) and agreement(a, a) == 1.0
 
 
@@ -209,9 +218,9 @@ def test_logit_fidelity_against_a_direct_computation(tiny):
     with torch.no_grad():
         ref = model(ids).logits.log_softmax(-1)
         outs = []
-        with active_scheme(nf2):
+        with fake_quantized(model, nf2) as fq:
             for w in ids:
-                new_sequence()
+                fq.new_sequence()
                 outs.append(model(w[None]).logits[0].log_softmax(-1))
         out = torch.stack(outs)
     assert f2.agree == pytest.approx(float((out.argmax(-1) == ref.argmax(-1)).float().mean()))
@@ -235,3 +244,64 @@ def test_eval_command_takes_kl():
     from nqkv_core.lab.cli import build_parser
 
     assert build_parser().parse_args(["eval", "--kl"]).kl and not build_parser().parse_args(["eval"]).kl
+
+
+def test_fake_quantized_holds_its_state_and_restores_the_attention(tiny):
+    from transformers import LlamaForCausalLM
+
+    model, ids = tiny
+    nf2 = nqkv_preset(2, sinks=1, window=4).replace(k_block=16, v_block=16)  # with frozen per-channel centres
+    other = LlamaForCausalLM(model.config.__class__(**{**model.config.to_dict(), "attn_implementation": "sdpa"}))
+    other.load_state_dict(model.state_dict())
+    other.eval()
+    with torch.no_grad():
+        with fake_quantized(other, nf2) as fq:
+            assert isinstance(fq, FakeQuant) and attending_fake_quant(other) is fq and fq.scheme is nf2
+            fq.new_sequence()
+            a = other(ids[:1]).logits
+            b_frozen = other(ids[1:]).logits  # the statistics of ids[0] stay frozen: same sequence
+            fq.new_sequence()
+            b = other(ids[1:]).logits
+        assert other.config._attn_implementation == "sdpa" and attending_fake_quant(other) is None
+        assert fq.scheme is None and fq.transforms == {}
+        assert not torch.allclose(b, b_frozen)
+        # the same through the model that attends through a FakeQuant of its own
+        with fake_quantized(model, nf2) as fq2:
+            fq2.new_sequence()
+            torch.testing.assert_close(model(ids[:1]).logits, a)
+            assert attending_fake_quant(model) is fq2
+        assert attending_fake_quant(model).scheme is None
+    assert perplexity(other, ids, nf2) == pytest.approx(perplexity(model, ids, nf2), rel=1e-6)
+
+
+def test_deprecated_global_names_still_work(tiny):
+    model, ids = tiny
+    nf2 = KVScheme("nf2", k_bits=2, v_bits=2, k_block=16, v_block=16)
+    with torch.no_grad(), pytest.warns(DeprecationWarning, match="fake_quantized"):
+        with active_scheme(nf2):
+            with pytest.warns(DeprecationWarning, match="new_sequence"):
+                new_sequence()
+            old = model(ids[:1]).logits
+    with torch.no_grad(), fake_quantized(model, nf2) as fq:
+        fq.new_sequence()
+        torch.testing.assert_close(model(ids[:1]).logits, old)
+    assert register_attention() == ATTN_NAME and attending_fake_quant(model) is not None
+
+
+def test_quanto_rows(tiny, monkeypatch):
+    from nqkv_core.lab import evaluate as ev
+
+    model, ids = tiny
+    monkeypatch.setattr(ev, "quanto_perplexity", lambda model, windows, bits: 2.2)
+    rows = evaluate(model, ids.repeat(1, 2), [], quanto_bits=(4,))
+    fp = rows[0].ppl
+    # 4-bit codes + an fp16 scale and zero-point per 64, and 64 of the 128 tokens in full precision
+    assert rows[1].bits == pytest.approx((64 * 4.5 + 64 * 16) / 128)
+    assert rows[1].dppl_pct == pytest.approx(100 * (2.2 / fp - 1))
+
+    def fails(model, windows, bits):
+        raise ImportError("no quanto")
+
+    monkeypatch.setattr(ev, "quanto_perplexity", fails)
+    row = evaluate(model, ids, [], quanto_bits=(2,))[1]
+    assert math.isnan(row.ppl) and row.note == "did not run: ImportError: no quanto"

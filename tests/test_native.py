@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nqkv_core import native
 from nqkv_core.codebook import get_codebook
@@ -239,9 +240,139 @@ def test_builds_for_other_cpus(tmp_path, march):
         pytest.skip("the native build is already the AVX2 one")
     env = {**os.environ, "NQKV_MARCH": march, "NQKV_CACHE_DIR": str(tmp_path)}
     cache = str(Path(__file__).with_name("test_cache.py"))
-    cache_tests = [cache + "::test_folded_decode_steps_match_the_general_path",
+    cache_tests = [cache + "::test_decode_strategies_match_the_reference",
                    cache + "::test_native_step_at_head_dim_64_matches_the_torch_step"]
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
                            *cache_tests], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert any(tmp_path.iterdir())  # it built its own library
+
+
+# -- non-finite numbers: what torch's softmax and product give, on both paths ---------------------
+
+
+def _nonfinite_case(th, tt, tq=1, d=64, seed=11):
+    b, hkv, g = 1, 2, 2
+    k, v = _packed(b, hkv, th, d, 4, 64, seed=seed), _packed(b, hkv, th, d, 4, 64, seed=seed + 1)
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hkv * g, tq, d, generator=gen)
+    kt, vt = torch.randn(b, hkv, tt, d, generator=gen), torch.randn(b, hkv, tt, d, generator=gen)
+    return q, k, v, kt, vt
+
+
+def _both_paths(q, k, v, kt, vt, mask=None, causal=False, scale=0.125):
+    out = native.attention_decode(q, k, v, kt, vt, mask, scale, causal)
+    with native.disabled():
+        torch_path = cpu.attention_decode(q, k, v, kt, vt, mask, scale, causal)
+    return out, torch_path
+
+
+def _sdpa_math(*args):
+    # SDPA's math backend: the fused CPU kernel's online softmax skips a NaN score when it is the
+    # first of a row (it zeroes a row whose only key scores NaN)
+    with sdpa_kernel(SDPBackend.MATH):
+        return _reference(*args)
+
+
+def _assert_same_nonfinite(out, ref):
+    # the same NaN and inf elements, the finite ones close (the torch path's products are bf16)
+    assert torch.equal(out.isnan(), ref.isnan())
+    assert torch.equal(out.isinf(), ref.isinf()) and torch.equal(out[out.isinf()], ref[ref.isinf()])
+    torch.testing.assert_close(out.nan_to_num(0, 0, 0), ref.nan_to_num(0, 0, 0), atol=2e-2, rtol=2e-2)
+
+
+# history length, tail length, tail position of the NaN: in the vector loops, in their scalar
+# remainders, the only key
+@pytest.mark.parametrize("th,tt,pos", [(0, 40, 5), (0, 40, 35), (100, 40, 3), (0, 1, 0), (300, 5, 4)])
+def test_attention_decode_nan_score_makes_its_rows_nan(th, tt, pos):
+    q, k, v, kt, vt = _nonfinite_case(th, tt)
+    kt[0, 1, pos, 7] = math.nan  # every query row of KV head 1 sees it
+    out, torch_path = _both_paths(q, k, v, kt, vt)
+    assert out[:, 2:].isnan().all() and not out[:, :2].isnan().any()
+    _assert_same_nonfinite(out, torch_path)
+    _assert_same_nonfinite(out, _sdpa_math(q, k, v, kt, vt, None, 0.125, False))
+
+
+@pytest.mark.parametrize("variant", ["bool", "additive", "causal"])
+def test_attention_decode_nan_score_with_a_mask_matches_sdpa(variant):
+    q, k, v, kt, vt = _nonfinite_case(10, 6, tq=2)  # 16 keys: the NaN in the vector loop
+    kt[0, 0, 2, 3] = math.nan
+    mask = {"bool": torch.ones(1, 1, 2, 16, dtype=torch.bool), "additive": torch.zeros(1, 4, 2, 16)}.get(variant)
+    out = native.attention_decode(q, k, v, kt, vt, mask, 0.125, variant == "causal")
+    assert out[:, :2].isnan().all() and not out[:, 2:].isnan().any()
+    _assert_same_nonfinite(out, _sdpa_math(q, k, v, kt, vt, mask, 0.125, variant == "causal"))
+
+
+def test_torch_path_nan_score_with_a_mask_agrees():
+    q, k, v, kt, vt = _nonfinite_case(10, 6, tq=2)  # 16 keys: the NaN in the vector loop
+    kt[0, 0, 2, 3] = math.nan
+    _assert_same_nonfinite(*_both_paths(q, k, v, kt, vt, torch.ones(1, 1, 2, 16, dtype=torch.bool)))
+
+
+def test_attention_decode_hidden_keys_do_not_count_whatever_they_hold():
+    # A key hidden by causality or a boolean mask has weight 0 even if its score is NaN: the output
+    # is that of the same key holding zeros, on both paths; a row that sees only it gives zeros.
+    q, k, v, kt, vt = _nonfinite_case(70, 4, tq=2)
+    mask = torch.ones(1, 4, 2, 74, dtype=torch.bool)
+    mask[0, 1, :, 71] = False  # query head 1 does not see tail key 1 (of KV head 0)
+    mask[0, 3, 0] = False
+    mask[0, 3, 0, 72] = True  # query 0 of head 3 sees tail key 2 of KV head 1, and nothing else
+    kt[0, 0, 1, 9] = math.nan
+    kt[0, 1, 3, 9] = math.nan  # the last key: hidden from query 0 by causality
+    kt[0, 1, 2, 9] = -math.inf  # a -inf score for query heads 2 and 3, whose q[9] is positive...
+    q[0, 2:, :, 9] = q[0, 2:, :, 9].abs() + 0.5
+    clean = kt.clone()
+    clean[0, 0, 1], clean[0, 1, 3] = 0.0, 0.0
+    out, torch_path = _both_paths(q, k, v, kt, vt, mask, causal=True)
+    ref = native.attention_decode(q, k, v, clean, vt, mask, 0.125, True)
+    assert not out[0, 1].isnan().any() and not out[0, 2:, 0].isnan().any()
+    assert (out[0, 3, 0] == 0).all()  # ...so query 0 of head 3 sees no key: zeros
+    _assert_same_nonfinite(out[0, 1], ref[0, 1])
+    _assert_same_nonfinite(out[0, 2:, 0], ref[0, 2:, 0])
+    _assert_same_nonfinite(out[0, 2:, 0], torch_path[0, 2:, 0])
+    _assert_same_nonfinite(out[0, 1], torch_path[0, 1])
+
+
+def test_attention_decode_infinite_keys_and_values():
+    # A +inf score makes its row NaN (softmax's inf - inf), a -inf one hides the key; an infinite
+    # value element makes its output column inf where its weight is positive and NaN where it is 0
+    # (0 * inf): here query 0, from which causality hides the last key.
+    q, k, v, kt, vt = _nonfinite_case(90, 5, tq=2)
+    q[0, :2, :, 4] = torch.tensor([[1.0, 1.0], [-1.0, -1.0]])  # KV head 0's query heads: + and -
+    kt[0, 0, 2, 4] = math.inf
+    out, torch_path = _both_paths(q, k, v, kt, vt)
+    assert out[0, 0].isnan().all() and out[0, 1:].isfinite().all()
+    _assert_same_nonfinite(out, torch_path)
+    _assert_same_nonfinite(out, _sdpa_math(q, k, v, kt, vt, None, 0.125, False))
+
+    kt[0, 0, 2, 4] = 0.0
+    vt[0, 1, 4, 6] = math.inf
+    out, torch_path = _both_paths(q, k, v, kt, vt, causal=True)
+    assert out[0, 2:, 0, 6].isnan().all() and (out[0, 2:, 1, 6] == math.inf).all()
+    assert out[..., :6].isfinite().all() and out[0, :2].isfinite().all()
+    _assert_same_nonfinite(out, torch_path)
+    _assert_same_nonfinite(out, _sdpa_math(q, k, v, kt, vt, None, 0.125, True))
+
+
+def test_decode_step_nan_key_makes_its_rows_nan():
+    # The fused step attends over [body | sinks | ring | new] with the same softmax: a NaN in the new
+    # key gives NaN rows for its KV head's queries, as the torch path over the same tokens does.
+    b, hkv, g, d, n_body, slots = 1, 2, 3, 64, 9, 4  # 16 keys: the new one in the vector loops
+    kb, vb = _packed(b, hkv, 80, d, 4, 64, seed=12), _packed(b, hkv, 80, d, 4, 64, seed=13)
+    gen = torch.Generator().manual_seed(14)
+    sinks = (torch.randn(b, hkv, 2, d, generator=gen), torch.randn(b, hkv, 2, d, generator=gen))
+    ring = (torch.randn(b, hkv, slots, d, generator=gen), torch.randn(b, hkv, slots, d, generator=gen))
+    q = torch.randn(b, hkv * g, 1, d, generator=gen)
+    k_new, v_new = torch.randn(b, hkv, 1, d, generator=gen), torch.randn(b, hkv, 1, d, generator=gen)
+    k_new[0, 1, 0, 5] = math.nan
+    thresholds = (torch.zeros(15), torch.zeros(15))
+    step = native.DecodeStep(hkv * g, None, None, None, None, None, sinks, ring, kb[:4], vb[:4], thresholds,
+                             65504.0, None)
+    assert step.supported
+    out = step(q, k_new, v_new, 2, slots, n_body, -1, -1, -1, -1, 2 + slots + n_body, d**-0.5)
+    kt, vt = (torch.cat([s, r, n], 2) for s, r, n in zip(sinks, ring, (k_new, v_new)))
+    body = [(c[:, :, :n_body], a[:, :, :n_body], *rest) for c, a, *rest in (kb, vb)]
+    with native.disabled():
+        ref = cpu.attention_decode(q, *body, kt, vt, None, d**-0.5, False)
+    assert out[0, g:].isnan().all() and not out[0, :g].isnan().any()
+    _assert_same_nonfinite(out, ref)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import nqkv_core.ops  # noqa: F401  (registers the op and the SDPA route)
-from nqkv_core import NQTensor
+from nqkv_core import NQTensor, native
 from nqkv_core.ops import cpu
 
 
@@ -145,6 +145,20 @@ def test_sdpa_route_matches_torch(tq, tk, is_causal):
     ref = F.scaled_dot_product_attention(q, K.dequantize(), V.dequantize(), is_causal=is_causal, enable_gqa=True)
     out = F.scaled_dot_product_attention(q, K, V, is_causal=is_causal, enable_gqa=True)
     assert_close(out, ref)
+
+
+@pytest.mark.parametrize("k_axis,v_axis,tq,t,g", [(3, 3, 96, 96, 2), (2, 3, 96, 96, 2), (3, 2, 20, 64, 1)])
+def test_fp32_queries_compute_in_fp32(k_axis, v_axis, tq, t, g):
+    # a prompt chunk of fp32 queries (the chunked path; 20 rows per KV head take its folded mode)
+    # matches fp32 SDPA over the dequantized K/V as one decoded token does, not to bf16 rounding
+    q, K, V, _, _ = make(g=g, tq=tq, t=t, k_axis=k_axis, v_axis=v_axis)
+    ref = F.scaled_dot_product_attention(q, K.dequantize(), V.dequantize(), is_causal=True, enable_gqa=True)
+    out = F.scaled_dot_product_attention(q, K, V, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    # without the native kernels the decode path is plain torch; fp32 queries stay fp32 there too
+    args = op_args(q[:, :, -1:], K, V)
+    with native.disabled():
+        torch.testing.assert_close(torch.ops.nqkv.attention(*args), reference(*args), atol=1e-4, rtol=1e-4)
 
 
 def test_sdpa_route_mask_scale_gqa():

@@ -34,3 +34,12 @@ def test_bad_rows():
         pack(torch.zeros(2, 12, dtype=torch.uint8), 3)
     with pytest.raises(TypeError, match="uint8"):
         unpack(torch.zeros(4, dtype=torch.int32), 4)
+
+
+def test_bad_bits():
+    codes = torch.zeros(2, 8, dtype=torch.uint8)
+    for fn in (pack, unpack):
+        with pytest.raises(TypeError, match="bits must be an int"):
+            fn(codes, 4.0)
+        with pytest.raises(ValueError, match="bits must be one of"):
+            fn(codes, 5)

@@ -4,6 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nqkv_core.codebook import expected_mse, get_codebook, max_rounding_error
+from nqkv_core.packing import unpack
 from nqkv_core.quantize import bits_per_element, dequantize_blockwise, quantize_blockwise
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -231,3 +232,106 @@ def test_dequantize_shape_mismatch():
     codes, absmax = quantize_blockwise(torch.randn(4, 64), cb, 32)
     with pytest.raises(ValueError, match="does not match"):
         dequantize_blockwise(codes, absmax, cb, 64)
+
+
+@pytest.mark.parametrize(
+    "dtype, bits, scale_dtype, out_dtype",
+    [
+        (torch.float16, 4, torch.float16, torch.float16),  # unbiased levels past 1 at the fp16 limit
+        (torch.bfloat16, 3, torch.float32, torch.bfloat16),  # past the float32 limit, native rows
+        (torch.float32, 4, torch.float32, torch.float16),  # float32 scales decoded to float16
+    ],
+)
+def test_decoding_saturates_at_the_output_range(dtype, bits, scale_dtype, out_dtype):
+    top = torch.finfo(dtype).max
+    x = (torch.linspace(-1, 1, 128, dtype=torch.float64) * top).to(dtype).view(2, 64)
+    plain = get_codebook("nf", bits, 64)
+    unbiased = get_codebook("nf", bits, 64, unbiased=True)
+    codes, absmax = quantize_blockwise(x, plain, 64, scale_dtype=scale_dtype)
+    exact = unbiased.double()[unpack(codes, bits).long()] * absmax.double().repeat_interleave(64, dim=-1)
+    out_top = torch.finfo(out_dtype).max
+    assert exact.abs().max() > out_top  # the case: some products are beyond the output range
+    y = dequantize_blockwise(codes, absmax, unbiased, 64, dtype=out_dtype)
+    assert y.dtype == out_dtype and torch.isfinite(y).all()
+    torch.testing.assert_close(y.double(), exact.clamp(-out_top, out_top), rtol=torch.finfo(out_dtype).eps, atol=0)
+    # float64 output computes in float64: nothing to saturate, the products exactly
+    assert torch.equal(dequantize_blockwise(codes, absmax, unbiased, 64, dtype=torch.float64), exact)
+
+
+_NF4 = get_codebook("nf", 4)
+
+
+@pytest.mark.parametrize(
+    "codebook, error, match",
+    [
+        (_NF4.flip(0), ValueError, "ascending"),
+        (torch.where(_NF4 == 1, float("nan"), _NF4), ValueError, "non-finite"),
+        (torch.where(_NF4 == 1, float("inf"), _NF4), ValueError, "non-finite"),
+        (torch.linspace(-1, 1, 15), ValueError, "levels"),
+        (torch.linspace(-1, 1, 32), ValueError, "levels"),
+        (torch.arange(-8, 8), ValueError, "floating"),
+        (_NF4.view(4, 4), ValueError, "1-D"),
+        (_NF4.tolist(), TypeError, "tensor"),
+    ],
+)
+def test_bad_codebooks_are_named_at_every_entry(codebook, error, match):
+    from nqkv_core import NQTensor
+
+    x = torch.randn(2, 64)
+    codes, absmax = quantize_blockwise(x, _NF4, 64)
+    with pytest.raises(error, match=match):
+        quantize_blockwise(x, codebook, 64)
+    with pytest.raises(error, match=match):
+        dequantize_blockwise(codes, absmax, codebook, 64)
+    with pytest.raises(error, match=match):
+        NQTensor.from_float(x, bits=4, codebook=codebook)
+
+
+def test_codebook_changed_in_place_is_checked_again():
+    cb = _NF4.clone()
+    x = torch.randn(2, 64)
+    quantize_blockwise(x, cb, 64)
+    cb[3] = 2.0  # out of order now
+    with pytest.raises(ValueError, match="ascending"):
+        quantize_blockwise(x, cb, 64)
+
+
+def test_decoding_needs_a_floating_dtype():
+    codes, absmax = quantize_blockwise(torch.randn(2, 64), _NF4, 64)
+    for dtype in (torch.int32, torch.uint8, torch.bool, torch.complex64):
+        with pytest.raises(TypeError, match="floating dtype"):
+            dequantize_blockwise(codes, absmax, _NF4, 64, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"block": 64.0}, TypeError, "block must be an int"),
+        ({"block": True}, TypeError, "block must be an int"),
+        ({"axis": -1.0}, TypeError, "axis must be an int"),
+        ({"block": 0}, ValueError, "block must be at least 1"),
+        ({"block": -64}, ValueError, "block must be at least 1"),
+        ({"axis": 2}, ValueError, "out of range"),
+    ],
+)
+def test_bad_layout_arguments_when_decoding(kwargs, error, match):
+    codes, absmax = quantize_blockwise(torch.randn(2, 64), _NF4, 64)
+    with pytest.raises(error, match=match):
+        dequantize_blockwise(codes, absmax, _NF4, **{"block": 64, **kwargs})
+
+
+def test_float64_input_beyond_float32():
+    x = torch.full((1, 64), 1e300, dtype=torch.float64)
+    with pytest.raises(ValueError, match="beyond the float32 range"):
+        quantize_blockwise(x, _NF4, 64, scale_dtype=torch.float32)
+
+
+def test_meta_tensors_give_shapes():
+    x = torch.empty(2, 3, 128, 64, device="meta")
+    for axis in (-1, -2):
+        cb = get_codebook("nf", 3, device="meta")
+        codes, absmax = quantize_blockwise(x, cb, 32, axis=axis)
+        ref = quantize_blockwise(torch.zeros(x.shape), get_codebook("nf", 3), 32, axis=axis)
+        assert codes.is_meta and (codes.shape, absmax.shape, absmax.dtype) == (ref[0].shape, ref[1].shape, ref[1].dtype)
+        y = dequantize_blockwise(codes, absmax, cb, 32, axis=axis, dtype=torch.bfloat16)
+        assert y.is_meta and y.shape == x.shape and y.dtype == torch.bfloat16

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -45,8 +47,10 @@ def test_decode_speed_runs_on_a_tiny_model():
     model = transformers.LlamaForCausalLM(cfg).eval()
     scheme = nqkv_preset(4).replace(k_block=16, v_block=16)
     enable(model, scheme=scheme)
-    for kind in ("dynamic", "nqkv", "none"):
-        assert decode_tokens_per_s(model, kind, batch=2, context=128, steps=2, scheme=scheme) > 0
+    with warnings.catch_warnings():  # the cache goes in under the argument name of this transformers
+        warnings.simplefilter("error", FutureWarning)
+        for kind in ("dynamic", "nqkv", "none"):
+            assert decode_tokens_per_s(model, kind, batch=2, context=128, steps=2, scheme=scheme) > 0
     with pytest.raises(ValueError, match="unknown cache kind"):
         decode_tokens_per_s(model, "paged", batch=1, context=8, steps=1, scheme=scheme)
 
@@ -68,3 +72,81 @@ def test_nqkv_bench_command_reaches_the_benchmark(monkeypatch):
     monkeypatch.setattr(bench, "run", lambda args: seen.update(vars(args)))
     cli.main(["bench", "--quick", "--budget", "256MiB", "--contexts", "512", "--threads", "1"])
     assert seen["quick"] and seen["budget"] == "256MiB" and seen["contexts"] == [512] and seen["batches"] == [1, 8]
+
+
+def test_speed_figure_spread_and_flag():
+    from nqkv_core.lab.report import SPREAD_LIMIT, speed_figure
+
+    f = speed_figure([10.0, 10.4, 9.6])
+    assert (f.median, f.low, f.high, f.rounds) == (10.0, 9.6, 10.4, 3)
+    assert f.spread == pytest.approx(0.08) and not f.noisy
+    assert f.cell() == "10.00 ±4%"
+    assert f.cell(speed_figure([5.0, 5.0])) == "10.00 (2.00x) ±4%"
+    wide = speed_figure([10.0, 10.0 * (1 + 1.1 * SPREAD_LIMIT)])  # range over median above the limit
+    assert wide.noisy and wide.cell().endswith(" †")
+    with pytest.raises(ValueError, match="positive"):
+        speed_figure([])
+    with pytest.raises(ValueError, match="positive"):
+        speed_figure([1.0, 0.0])
+
+
+class _Bar:
+    def __init__(self, total):
+        self.total, self.n = total, 0
+
+    def update(self, k):
+        self.n += k
+
+
+def _scripted(timings: dict[str, list[float]]):
+    """A measurement that returns each name's scripted tokens/s in turn, recording the call order."""
+    calls = []
+
+    def measure(name):
+        calls.append(name)
+        return timings[name][sum(c == name for c in calls) - 1]
+
+    return measure, calls
+
+
+def test_measure_speeds_interleaves_and_stops_when_rounds_agree():
+    from nqkv_core.lab.report import measure_speeds
+
+    measure, calls = _scripted({"a": [10.0, 10.5, 99.0], "b": [20.0, 19.5, 99.0]})
+    bar = _Bar(4)
+    figs = measure_speeds(measure, ["a", "b"], rounds=2, max_rounds=3, progress=bar)
+    assert calls == ["a", "b", "a", "b"]  # the rounds agree within the limit: no third round
+    assert figs["a"].median == pytest.approx(10.25) and figs["b"].rounds == 2
+    assert bar.n == bar.total == 4
+
+
+def test_measure_speeds_adds_rounds_while_they_disagree():
+    from nqkv_core.lab.report import measure_speeds
+
+    # "a" disagrees after two rounds (10 vs 14), a third round makes its median robust; "b" is stable
+    measure, calls = _scripted({"a": [10.0, 14.0, 10.2, 10.1], "b": [20.0, 20.0, 20.0, 20.0]})
+    bar = _Bar(4)
+    figs = measure_speeds(measure, ["a", "b"], rounds=2, max_rounds=4, progress=bar)
+    assert calls == ["a", "b"] * 4  # every name in every round; still noisy after 3, so a 4th (the bound)
+    assert figs["a"].rounds == 4 and figs["a"].median == pytest.approx(10.15) and figs["a"].noisy
+    assert not figs["b"].noisy and bar.n == bar.total == 8
+
+
+def test_speed_table_and_report_files_carry_the_spread(tmp_path):
+    import json
+
+    from nqkv_core.lab.report import ReportRow, _write, speed_figure, speed_markdown
+
+    speed = {"base": {512: speed_figure([10.0, 10.2]), 2048: speed_figure([5.0, 5.1])},
+             "NQKV-4": {512: speed_figure([8.0, 8.1]), 2048: speed_figure([4.0, 6.0])}}
+    table = speed_markdown(speed, "base")
+    assert table[2] == "| 512 | 10.10 (1.00x) ±1% | 8.05 (0.80x) ±1% |"
+    assert table[3].endswith("| 5.00 (0.99x) ±20% † |")
+    rows = [ReportRow("full precision", 16.0, 10.0, 0.0, 1.0, 0.0, 1000, 1.0)]
+    md = _write(tmp_path, "header", rows, speed, "base", 3, {"command": "nqkv report --quick"})
+    assert "† marks figures" in md and (tmp_path / "report.md").read_text() == md
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["command"] == "nqkv report --quick"
+    assert data["decode_rounds"]["NQKV-4"]["2048"]["noisy"] and data["decode_tokens_per_s"]["base"]["512"] == 10.1
+    calm = {"base": {512: speed_figure([10.0, 10.2])}}
+    assert "†" not in _write(tmp_path, "header", rows, calm, "base", 3, {})

@@ -23,7 +23,7 @@ if not NEED_CHILD:
     import triton
     import triton.language as tl
 
-    from nqkv_core.ops import triton_decode, triton_prefill, triton_quantize
+    from nqkv_core.ops import triton_decode, triton_decode_grouped, triton_prefill, triton_quantize
 
     @triton.jit
     def _tables_kernel(cb_ptr, out_ptr, DT: tl.constexpr):  # the eight words of _byte_tables
@@ -47,6 +47,24 @@ def test_kernels_in_interpreter_process():
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not NEED_CHILD, reason="runs the script in a child process of the parent run")
+def test_gpu_decode_check_dry_run(tmp_path):
+    """benchmarks/gpu_decode_check.py (the kernel stage of gpu_check.sh) on CPU: its correctness
+    table comes out, as JSON and Markdown, and agrees with the reference."""
+    import json
+
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    run = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "gpu_decode_check.py"), "--dry-run",
+                          "--skip-timing", "--out", str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu_decode_check.json").read_text())
+    assert report["correctness"] and all(r["ok"] for r in report["correctness"])
+    assert "| max abs err |" in (tmp_path / "gpu_decode_check.md").read_text()
 
 
 def _kernel_test(fn):
@@ -118,6 +136,85 @@ def test_decode_kernel_lane_order(d, block, dtype, lanes, monkeypatch):
         check(triton_decode.flash_decode(*a), triton_decode.reference(*a), dtype)
 
 
+GROUPED_CASES = [  # (head_dim, block, group, tail, tokens, dtype): each head_dim, group, tail length and dtype
+    (64, 64, 3, 0, 1000, torch.float32), (64, 64, 4, 1, 1, torch.float16), (64, 64, 3, 37, 1000, torch.bfloat16),
+    (128, 64, 4, 0, 1, torch.bfloat16), (128, 64, 3, 1, 1000, torch.float32), (128, 64, 4, 37, 1000, torch.float16),
+    (128, 128, 3, 37, 130, torch.float16), (64, 32, 4, 1, 200, torch.float32),
+]
+
+
+@_kernel_test
+@pytest.mark.parametrize("d,block,g,tail,t,dtype", GROUPED_CASES)
+def test_grouped_decode_kernel(d, block, g, tail, t, dtype):
+    """The grouped split kernel against the reference: one or two scale blocks per row, GQA groups
+    of 3 and 4 (rows padded to 16), fp tails of 0 / 1 / 37 tokens, 1 token (most splits empty) and
+    1000 (several splits, a partial tile)."""
+    q, K, V, kt, vt = make(b=2, g=g, t=t, d=d, block=block, tail=tail, dtype=dtype)
+    a = args_of(q, K, V, kt, vt)
+    assert triton_decode_grouped.supports(q, a[1:6], a[6:11])
+    check(triton_decode_grouped.grouped_decode(*a), triton_decode.reference(*a), dtype)
+
+
+@_kernel_test
+def test_grouped_decode_33k_tokens(monkeypatch):
+    """A long cache (33k tokens, 37 tail tokens) over a few splits; large tiles keep the
+    interpreter quick."""
+    monkeypatch.setitem(triton_decode_grouped.GROUPED_CONFIG, "block_n", 2048)
+    q, K, V, kt, vt = make(hkv=1, g=3, t=33_000, d=64, block=64, tail=37, dtype=torch.float16)
+    a = args_of(q, K, V, kt, vt)
+    check(triton_decode_grouped.launch(*a[:5], *a[6:9], *a[11:16], num_splits=3),
+          triton_decode.reference(*a), torch.float16)
+
+
+@_kernel_test
+@pytest.mark.parametrize("d,block", [(64, 64), (128, 64)])
+def test_grouped_decode_masks_causal(d, block):
+    """Bool and additive masks over history and tail, a causal two-token query, and a row whose
+    mask leaves nothing (zeros)."""
+    q, K, V, kt, vt = make(g=3, tq=2, t=150, d=d, block=block, tail=6)
+    gen = torch.Generator().manual_seed(3)
+    bool_mask = (torch.rand(2, 156, generator=gen) > 0.2).to(DEVICE)
+    bool_mask[1] = False
+    for mask in (None, bool_mask, torch.randn(1, 6, 2, 156, generator=gen).to(DEVICE)):
+        a = args_of(q, K, V, kt, vt, mask=mask, is_causal=True)
+        check(triton_decode_grouped.grouped_decode(*a), triton_decode.reference(*a), torch.float32)
+
+
+@_kernel_test
+def test_grouped_decode_device_lengths_and_buffers():
+    """Lengths from a device tensor (a different history and tail length per sequence, below the
+    tensors' capacity) give attention over just those tokens; preallocated output and workspace
+    are written in place."""
+    q, K, V, kt, vt = make(b=2, g=3, t=300, d=64, block=64, tail=20)
+    lengths = torch.tensor([[300, 20], [129, 3]], dtype=torch.int32, device=DEVICE)
+    splits = 5
+    out = torch.full_like(q, float("nan"))
+    work = (torch.empty(2 * 2 * splits * 3 * 64, device=DEVICE), torch.empty(2 * 2 * splits * 3, device=DEVICE))
+    res = triton_decode_grouped.launch(q, K.codes, K.absmax, K.codebook, 64, V.codes, V.absmax, V.codebook, kt, vt,
+                                       None, 0.125, False, lengths=lengths, num_splits=splits, out=out,
+                                       workspace=work)
+    assert res is out
+    for i, (th, tt) in enumerate(lengths.tolist()):
+        one = lambda x, n: x[i:i + 1, :, :n]  # noqa: E731
+        a = (q[i:i + 1], one(K.codes, th), one(K.absmax, th), K.codebook, 64, 3, one(V.codes, th),
+             one(V.absmax, th), V.codebook, 64, 3, one(kt, tt), one(vt, tt), None, 0.125, False)
+        check(out[i:i + 1], triton_decode.reference(*a), torch.float32)
+
+
+@_kernel_test
+def test_grouped_decode_supports():
+    """Layouts the grouped kernel leaves to the split-K kernel."""
+    q, K, V, _, _ = make(d=64, block=16)
+    a = args_of(q, K, V)
+    assert not triton_decode_grouped.supports(q, a[1:6], a[6:11])  # 16-element blocks
+    q, K, V, _, _ = make(d=64, block=64, bits=3)
+    a = args_of(q, K, V)
+    assert not triton_decode_grouped.supports(q, a[1:6], a[6:11])  # 3-bit
+    q, K, V, _, _ = make(d=64, block=50, k_axis=2, v_axis=2)
+    a = args_of(q, K, V)
+    assert not triton_decode_grouped.supports(q, a[1:6], a[6:11])  # token blocks
+
+
 @pytest.mark.skipif(not CUDA, reason="the register lookup is PTX: compiled for a GPU only")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("d,block", [(64, 64), (128, 64)])
@@ -154,6 +251,40 @@ def test_register_lut_compiles_for_a_gpu(d, block):
     ops = [triton_sass._opcode(line) for line in loop]
     assert ops.count("HMMA") >= 4 and ops.count("PRMT") >= 64
     assert triton_sass.gathers(loop) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles the kernel: needs real jit functions")
+@pytest.mark.skipif(CUDA, reason="with a GPU, the grouped kernel tests run it")
+@pytest.mark.parametrize("d", [64, 128])
+def test_grouped_kernel_compiles_for_a_gpu(d):
+    """Every feature of the grouped kernel at once (fp tail, bool mask, causal two-token query,
+    device lengths, bf16), compiled for sm_90 without a GPU: ptxas takes it, nothing spills, and the
+    history loop decodes by byte permutes with no gather from the codebook (4-byte asynchronous
+    copies beyond the two scale copies per tile and tensor)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import triton_sass
+
+    from nqkv_core.ops import triton_decode_grouped
+
+    q, K, V, kt, vt = make(g=3, tq=2, t=512, d=d, block=64, tail=7, dtype=torch.bfloat16)
+    mask = torch.ones(2, 519, dtype=torch.bool)
+    lengths = torch.tensor([[500, 7]], dtype=torch.int32)
+    launches = triton_sass.capture_launches(triton_decode_grouped, lambda: triton_decode_grouped.launch(
+        q, K.codes, K.absmax, K.codebook, 64, V.codes, V.absmax, V.codebook, kt, vt, mask, 0.125, True,
+        lengths=lengths))
+    kernel, args, kwargs = launches[0]
+    assert kernel is triton_decode_grouped._grouped_split_kernel and kwargs["LUT"] and kwargs["HAS_TAIL"]
+    try:
+        compiled = triton_sass.compile_for(kernel, args, kwargs, arch=90)
+    except (ImportError, AttributeError) as e:  # Triton-internal API of another version
+        pytest.skip(f"this Triton's compiler API: {e}")
+    lines, usage = triton_sass.sass_of(compiled.asm["cubin"])
+    loop = triton_sass.key_loop(lines)
+    ops = [triton_sass._opcode(line) for line in loop]
+    assert usage.get("STACK", 0) == 0
+    assert ops.count("HMMA") >= 4 and ops.count("PRMT") >= 64
+    assert triton_sass.gathers(loop) <= 4
 
 
 def _run_ptx(asm: str, operands: list) -> list:
@@ -260,6 +391,20 @@ def test_attention_op_dispatches_to_triton():
 
 
 @_kernel_test
+@pytest.mark.parametrize("bits,grouped", [(4, True), (3, False)])
+def test_attention_op_decode_dispatch(bits, grouped, monkeypatch):
+    """Decode-sized calls of the op take the grouped kernel for the presets' 4-bit layout and the
+    split-K kernel otherwise, with the reference's result either way."""
+    q, K, V, kt, vt = make(g=3, tq=1, t=100, d=64, block=64, bits=bits, tail=4)
+    a = args_of(q, K, V, kt, vt)
+    calls = []
+    real = triton_decode_grouped.launch
+    monkeypatch.setattr(triton_decode_grouped, "launch", lambda *x, **y: calls.append(1) or real(*x, **y))
+    check(torch.ops.nqkv.attention(*a), triton_decode.reference(*a), q.dtype)
+    assert bool(calls) == grouped
+
+
+@_kernel_test
 def test_opcheck_kernels():
     q, K, V, kt, vt = make(tq=2, t=64, tail=3)
     a = args_of(q, K, V, kt, vt, is_causal=True)
@@ -269,6 +414,8 @@ def test_opcheck_kernels():
         tests += ("test_faketensor", "test_aot_dispatch_dynamic")
     torch.library.opcheck(torch.ops.nqkv.flash_decode.default, a, test_utils=tests)
     torch.library.opcheck(torch.ops.nqkv.flash_prefill.default, a, test_utils=tests)
+    q, K, V, kt, vt = make(g=3, t=100, d=64, block=64, tail=3, dtype=torch.float16 if CUDA else torch.float32)
+    torch.library.opcheck(torch.ops.nqkv.grouped_decode.default, args_of(q, K, V, kt, vt), test_utils=tests)
 
 
 @_kernel_test

@@ -16,6 +16,7 @@
 // without AVX-512 (eight lanes; a 16-level lookup is two permutes and a blend) and a portable
 // scalar version (other CPUs, head dims and blocks).
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -275,7 +276,9 @@ constexpr float kLog2e = 1.44269504f, kLn2Hi = 0.693359375f, kLn2Lo = -2.1219444
 constexpr float kExpPoly[5] = {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f,
                                5.0000001201e-1f};
 
-// In place: x[i] = exp(x[i] - m), returns the sum. exp(-inf) is exactly 0.
+// In place: x[i] = exp(x[i] - m), returns the sum. exp(-inf) is exactly 0; a NaN x[i] (or m) stays
+// NaN and makes the sum NaN, as torch.softmax's: the comparison that zeroes underflowing lanes is
+// true for NaN (unordered), and max(floor, t) returns its second operand, t, when t is NaN.
 float exp_shift_sum(float* x, int64_t n, float m) {
   int64_t i = 0;
   float sum = 0.f;
@@ -285,8 +288,8 @@ float exp_shift_sum(float* x, int64_t n, float m) {
   __m512 acc = _mm512_setzero_ps();
   for (; i + 16 <= n; i += 16) {
     const __m512 t = _mm512_sub_ps(_mm512_loadu_ps(x + i), mv);
-    const __mmask16 live = _mm512_cmp_ps_mask(t, lo_clamp, _CMP_GE_OQ);  // below: underflows to 0
-    const __m512 tc = _mm512_max_ps(t, lo_clamp);
+    const __mmask16 live = _mm512_cmp_ps_mask(t, lo_clamp, _CMP_NLT_UQ);  // below: underflows to 0
+    const __m512 tc = _mm512_max_ps(lo_clamp, t);
     const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(tc, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fnmadd_ps(k, ln2_hi, tc);
     r = _mm512_fnmadd_ps(k, ln2_lo, r);
@@ -305,8 +308,8 @@ float exp_shift_sum(float* x, int64_t n, float m) {
   __m256 acc = _mm256_setzero_ps();
   for (; i + 8 <= n; i += 8) {
     const __m256 t = _mm256_sub_ps(_mm256_loadu_ps(x + i), mv);
-    const __m256 live = _mm256_cmp_ps(t, lo_clamp, _CMP_GE_OQ);
-    const __m256 tc = _mm256_max_ps(t, lo_clamp);
+    const __m256 live = _mm256_cmp_ps(t, lo_clamp, _CMP_NLT_UQ);
+    const __m256 tc = _mm256_max_ps(lo_clamp, t);
     const __m256 k = _mm256_round_ps(_mm256_mul_ps(tc, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 r = _mm256_fnmadd_ps(k, ln2_hi, tc);
     r = _mm256_fnmadd_ps(k, ln2_lo, r);
@@ -889,7 +892,7 @@ void add_tile_bias(const float* w, int64_t R, int64_t D, const float* tiles, int
 // consecutive positions take their bias from it (add_tile_bias).
 
 int attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, const float* k_tail, const float* v_tail,
-                     int64_t t_tail, const float* mask, int64_t ms_b, int64_t ms_h, int64_t ms_q,
+                     int64_t t_tail, const float* mask, int64_t ms_b, int64_t ms_h, int64_t ms_q, int mask_hides,
                      const float* bias_w, const float* bias_table, const int64_t* bias_pos, int64_t bias_rows,
                      int causal, int64_t B, int64_t Hkv, int64_t G, int64_t Tq, int64_t D, int64_t Dv, float* out,
                      int threads, const float* bias_tiles = nullptr) {
@@ -954,7 +957,10 @@ int attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, const f
         float* sr = s + r * Tk;
         if (mask) {
           const float* mr = mask + b * ms_b + (h * G + g) * ms_h + i * ms_q;
-          for (int64_t jj = j0; jj < j1; ++jj) sr[jj] += mr[jj];
+          if (mask_hides)  // a boolean mask: a hidden key's score is -inf, whatever it was (NaN too)
+            for (int64_t jj = j0; jj < j1; ++jj) sr[jj] = mr[jj] == -INFINITY ? -INFINITY : sr[jj];
+          else
+            for (int64_t jj = j0; jj < j1; ++jj) sr[jj] += mr[jj];
         }
         if (causal) {
           const int64_t last = Tk - Tq + i;
@@ -962,13 +968,17 @@ int attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, const f
         }
       }
     }
-    // softmax per row (unnormalised: the sums divide the merged outputs)
+    // softmax per row. A NaN score makes the row's weights, and so its output, NaN (as torch's
+    // softmax): exp_shift_sum carries it into the sum; row_max may skip it, which matters only
+    // when every other score is -inf.
 #pragma omp for schedule(static)
     for (int64_t rr = 0; rr < BH * R; ++rr) {
       float* sr = scores.data() + rr * Tk;
       const float m = row_max(sr, Tk);
-      if (m == -INFINITY) {  // sees nothing: zero weights, zero output
-        std::memset(sr, 0, Tk * sizeof(float));
+      if (m == -INFINITY) {  // sees nothing: zero weights, zero output (unless a score is NaN)
+        bool nan = false;
+        for (int64_t j = 0; j < Tk; ++j) nan |= std::isnan(sr[j]);
+        std::fill(sr, sr + Tk, nan ? NAN : 0.f);
         continue;
       }
       const float inv = 1.f / exp_shift_sum(sr, Tk, m);
@@ -998,10 +1008,8 @@ int attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, const f
 #endif
       for (; j < j1; ++j) {
         const float* val = token_row(v, vc, v_tail, b, h, bh, j, t_hist, t_tail, Dv, scales.data(), row.data());
-        for (int64_t r = 0; r < R; ++r) {
-          const float w = p[r * Tk + j];
-          if (w != 0.f) axpy(w, val, o + r * Dv, Dv);
-        }
+        // zero weights too: an infinite value times 0 is NaN, as in torch's product
+        for (int64_t r = 0; r < R; ++r) axpy(p[r * Tk + j], val, o + r * Dv, Dv);
       }
     }
     // merge the work items of each (batch, head)
@@ -1021,6 +1029,13 @@ int attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, const f
 }  // namespace
 
 extern "C" {
+
+// The key native.py built this library with (a hash of this source, the compiler, the flags and the
+// CPU): a library that returns another one, or lacks this function, is not loaded.
+#ifndef NQKV_BUILD_KEY
+#define NQKV_BUILD_KEY ""
+#endif
+const char* nqkv_build_key() { return NQKV_BUILD_KEY; }
 
 // The vector code this library was built with: 512 (AVX-512), 256 (AVX2 with FMA) or 0 (scalar).
 int nqkv_vector_bits() {
@@ -1190,27 +1205,31 @@ void nqkv_dequantize_rows(const uint8_t* codes, const void* absmax, int absmax_h
 // of a KV head are its G query heads' Tq queries, row g * Tq + i. Keys are the T_hist packed tokens
 // followed by T_tail full-precision tokens (k_tail / v_tail: (B, Hkv, T_tail, D / Dv) fp32
 // contiguous, or null). mask: additive fp32 with element strides (b, query head, query, key = 1),
-// or null. Optional key bias (a RoPE-centred cache's score offset, docs/design.md): bias_w
-// (B, Hkv, R, D) fp32 contiguous, bias_table (P, D) fp32 contiguous and bias_pos (Tk) int64;
+// or null; mask_hides: the mask is a boolean one as 0 / -inf, whose -inf replaces a score instead
+// of being added to it. Optional key bias (a RoPE-centred cache's score offset, docs/design.md):
+// bias_w (B, Hkv, R, D) fp32 contiguous, bias_table (P, D) fp32 contiguous and bias_pos (Tk) int64;
 // key j's score gains bias_w[r] . bias_table[bias_pos[j]]. causal: query i sees key j iff
 // j <= Tk - Tq + i. out: (B, Hkv, R, Dv) fp32. Rows that can see no key get zeros, as torch's SDPA.
+// Non-finite numbers as in torch's softmax and product: a NaN score of a key that a row sees
+// (hidden: by causality or a boolean mask) makes the row's output NaN, as does a +inf score; an
+// infinite value makes its output column non-finite in every row (0 * inf is NaN).
 // Work is split over (batch x head x token chunk). Returns 0, or 1 (nothing computed) when a bias
 // position is outside [0, P).
 int nqkv_attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, const float* k_tail,
                           const float* v_tail, int64_t t_tail, const float* mask, int64_t ms_b, int64_t ms_h,
-                          int64_t ms_q, const float* bias_w, const float* bias_table, const int64_t* bias_pos,
-                          int64_t bias_rows, int causal, int64_t B, int64_t Hkv, int64_t G, int64_t Tq, int64_t D,
-                          int64_t Dv, float* out, int threads) {
-  return attention_decode(q, k, v, t_hist, k_tail, v_tail, t_tail, mask, ms_b, ms_h, ms_q, bias_w, bias_table,
-                          bias_pos, bias_rows, causal, B, Hkv, G, Tq, D, Dv, out, threads);
+                          int64_t ms_q, int mask_hides, const float* bias_w, const float* bias_table,
+                          const int64_t* bias_pos, int64_t bias_rows, int causal, int64_t B, int64_t Hkv, int64_t G,
+                          int64_t Tq, int64_t D, int64_t Dv, float* out, int threads) {
+  return attention_decode(q, k, v, t_hist, k_tail, v_tail, t_tail, mask, ms_b, ms_h, ms_q, mask_hides, bias_w,
+                          bias_table, bias_pos, bias_rows, causal, B, Hkv, G, Tq, D, Dv, out, threads);
 }
 
 // One eager decode step of one cache layer for a single new token at position n_tokens
-// (NQKVLayer's folded step, whose torch ops are the reference: nqkv_core/cache.py). Per (batch, KV
+// (the cache's folded step, whose torch ops are the reference: nqkv_core/cache/step.py). Per (batch, KV
 // head):
 //   q' = q @ rot_k * scale; with a RoPE-aware centre (mu_k_half set) the bias weights of the
 //   query's KV head, w = scale * [q_lo mu_lo + q_hi mu_hi | q_hi mu_lo - q_lo mu_hi] (halves of
-//   q and mu_k; rope_bias_weights in nqkv_core/cache.py), elementwise: no per-head matrix to read;
+//   q and mu_k; rope_bias_weights in nqkv_core/cache/format.py), elementwise: no per-head matrix to read;
 //   k' = (k - centre) @ rot_k, centre = mu_k * cos + mu_k_half * sin (RoPE-aware: cos / sin are the
 //   halves of row n_tokens of rope_table (rope_rows, D), each repeated twice, as apply_rope builds
 //   them), mu_k (plain) or none; v' = (v - mu_v) @ rot_v (null rot = identity, null mu = none);
@@ -1301,8 +1320,8 @@ int nqkv_decode_step(const float* q, const float* k_new, const float* v_new, con
     }
   }
   const int status = attention_decode(qs.data(), k_body, v_body, n_body, k_tail.data(), v_tail.data(), T_tail,
-                                      nullptr, 0, 0, 0, bias ? ws.data() : nullptr, rope_table, pos.data(), rope_rows,
-                                      0, B, Hkv, G, 1, D, D, o.data(), threads, rope_tiles);
+                                      nullptr, 0, 0, 0, 0, bias ? ws.data() : nullptr, rope_table, pos.data(),
+                                      rope_rows, 0, B, Hkv, G, 1, D, D, o.data(), threads, rope_tiles);
   if (status) return status;
   for (int64_t r = 0; r < B * Hq; ++r) {  // out = o @ rot_v^T + mu_v (rows in (b, h * G + g) order)
     const float* orow = o.data() + r * D;

@@ -28,41 +28,47 @@ from nqkv_core.scheme import hadamard
 
 CAPTURE_ATTN = "nqkv_capture"
 BLOCKINGS = ("token", "channel", "token-centred", "token-rot", "token-centred-rot")
-_CAPTURED: list[tuple[torch.Tensor, torch.Tensor]] = []
 
 
-def _capture_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    # Record post-RoPE K/V (per layer, in call order) and attend exactly.
-    _CAPTURED.append((key.detach().float().cpu(), value.detach().float().cpu()))
-    T = query.shape[2]
-    out = F.scaled_dot_product_attention(
-        query, key, value, is_causal=T > 1 and key.shape[2] == T, scale=scaling, enable_gqa=True
-    )
-    return out.transpose(1, 2).contiguous(), None
+def _capturing_attention(captured: list, queries: bool):
+    """An attention function that appends each call's post-RoPE ``(k, v)`` (and ``q`` if ``queries``)
+    to ``captured``, in call order (one call per layer), and attends exactly."""
+
+    def attend(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        kv = (key.detach().float().cpu(), value.detach().float().cpu())
+        captured.append(kv + (query.detach().float().cpu(),) if queries else kv)
+        T = query.shape[2]
+        out = F.scaled_dot_product_attention(
+            query, key, value, is_causal=T > 1 and key.shape[2] == T, scale=scaling, enable_gqa=True
+        )
+        return out.transpose(1, 2).contiguous(), None
+
+    return attend
 
 
-def register_capture() -> str:
-    """Register the capturing attention function under :data:`CAPTURE_ATTN`."""
+def register_capture(captured: list | None = None, queries: bool = False) -> str:
+    """Register under :data:`CAPTURE_ATTN` an attention function that appends each layer's
+    post-RoPE ``(k, v)`` (``(k, v, q)`` with ``queries``) to ``captured`` and attends exactly."""
     from transformers import AttentionInterface
 
-    AttentionInterface.register(CAPTURE_ATTN, _capture_attention)
+    AttentionInterface.register(CAPTURE_ATTN, _capturing_attention([] if captured is None else captured, queries))
     return CAPTURE_ATTN
 
 
 @torch.no_grad()
-def capture_kv(model: torch.nn.Module, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Post-RoPE ``(k, v)`` of every layer for one ``(1, n)`` sequence, each ``(1, kv_heads, n, head_dim)``.
+def capture_kv(model: torch.nn.Module, ids: torch.Tensor, queries: bool = False) -> list[tuple[torch.Tensor, ...]]:
+    """Post-RoPE ``(k, v)`` of every layer for one ``(1, n)`` sequence, each ``(1, kv_heads, n, head_dim)``;
+    with ``queries``, ``(k, v, q)`` with ``q`` ``(1, q_heads, n, head_dim)``.
 
     Switches the model to the capturing attention for the call and restores its previous one.
     """
     prev = model.config._attn_implementation
-    model.set_attn_implementation(register_capture())
-    _CAPTURED.clear()
+    captured: list = []
+    model.set_attn_implementation(register_capture(captured, queries))
     try:
         model(ids)
-        return list(_CAPTURED)
+        return captured
     finally:
-        _CAPTURED.clear()
         model.set_attn_implementation(prev)
 
 
@@ -73,6 +79,8 @@ def blocks_of(x: torch.Tensor, blocking: str, block: int = 64, skip: int = 4) ->
     """
     if blocking not in BLOCKINGS:
         raise ValueError(f"blocking must be one of {BLOCKINGS}, got {blocking!r}")
+    if x.shape[-1] % block and blocking != "channel":
+        raise ValueError(f"blocks of {block} do not divide head_dim {x.shape[-1]}; pass a --block that does")
     x = x[..., skip:, :].float()
     if "centred" in blocking:
         x = x - x.mean(dim=-2, keepdim=True)
@@ -155,13 +163,11 @@ def plot_qq_hist(kv, path: str | Path, layers: list[int] | None = None, block: i
     Each block is standardised (zero mean, unit variance) and the values of the chosen ``layers`` are
     pooled; one column per blocking, rows: K Q-Q, K histogram, V Q-Q, V histogram.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # drawn by its own Agg canvas: pyplot's backend is left alone
 
     layers = layers if layers is not None else sorted({0, len(kv) // 2, len(kv) - 1})
-    fig, axes = plt.subplots(4, len(BLOCKINGS), figsize=(3.2 * len(BLOCKINGS), 11))
+    fig = Figure(figsize=(3.2 * len(BLOCKINGS), 11))
+    axes = fig.subplots(4, len(BLOCKINGS))
     grid = np.linspace(-5, 5, 200)
     probs = (np.arange(1, 2001) - 0.5) / 2000
     for c, blocking in enumerate(BLOCKINGS):
@@ -187,7 +193,6 @@ def plot_qq_hist(kv, path: str | Path, layers: list[int] | None = None, block: i
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return path
 
 
@@ -196,7 +201,9 @@ def analyze(model: torch.nn.Module, windows: torch.Tensor, block: int = 64, alph
 
     Centring and blocks stay within one window; the first ``skip`` tokens of each window are left out.
     """
-    per_window = [capture_kv(model, w[None]) for w in windows]
+    from tqdm.auto import tqdm
+
+    per_window = [capture_kv(model, w[None]) for w in tqdm(windows, desc="capture K/V", unit="win")]
     kv = [
         (torch.cat([pw[li][0] for pw in per_window]), torch.cat([pw[li][1] for pw in per_window]))
         for li in range(len(per_window[0]))

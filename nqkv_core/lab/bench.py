@@ -29,7 +29,7 @@ import torch
 
 from nqkv_core import native
 from nqkv_core.cache import NQKVCache, enable
-from nqkv_core.lab.models import load_model, load_text, token_windows
+from nqkv_core.lab.models import cache_arg, load_model, load_text, token_windows
 from nqkv_core.lab.report import decode_tokens_per_s, filled_cache, parse_bytes, quanto_cache
 from nqkv_core.scheme import nqkv_preset
 from nqkv_core.lab.report import model_dims as dims
@@ -89,7 +89,7 @@ def decode_state_bytes(model, scheme, batch: int, ctx: int, steps: int = 2) -> t
     attend_kind(model, "nqkv")
     tok = torch.full((batch, 1), 42, dtype=torch.long)
     for _ in range(steps):
-        model(tok, past_key_values=cache, use_cache=True)
+        model(tok, **cache_arg(cache), use_cache=True)
     return cache.nbytes, held_bytes(cache.layers) - before
 
 
@@ -163,17 +163,16 @@ def fits_budget(model, scheme, budget: int, batch_context: int) -> list[dict]:
 def agreement(model, tok, scheme, n_prompts: int, prompt_len: int, n_new: int = 32,
               text_file: str | None = None) -> dict[str, float]:
     ids = token_windows(tok, load_text(text_file), prompt_len, n_prompts)
+    # every continuation n_new tokens long: an end-of-text token does not end one early
+    greedy = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=0)
     out = {}
-    refs = []
     attend_kind(model, "dynamic")
-    for p in ids:
-        refs.append(model.generate(p[None], max_new_tokens=n_new, do_sample=False, pad_token_id=0)[0, prompt_len:])
+    refs = [model.generate(p[None], **greedy)[0, prompt_len:] for p in ids]
     nq = enable(model, scheme=scheme)
-    got = [nq.generate(p[None], max_new_tokens=n_new, do_sample=False, pad_token_id=0)[0, prompt_len:] for p in ids]
+    got = [nq.generate(p[None], **greedy)[0, prompt_len:] for p in ids]
     out["NQKV"] = float(torch.stack([(a == b).float().mean() for a, b in zip(got, refs)]).mean())
     attend_kind(model, "quanto")
-    got = [model.generate(p[None], max_new_tokens=n_new, do_sample=False, pad_token_id=0,
-                          past_key_values=quanto_cache(model))[0, prompt_len:] for p in ids]
+    got = [model.generate(p[None], **greedy, **cache_arg(quanto_cache(model)))[0, prompt_len:] for p in ids]
     out["QuantizedCache quanto int4"] = float(torch.stack([(a == b).float().mean() for a, b in zip(got, refs)]).mean())
     return out
 
@@ -191,47 +190,30 @@ def growth(model, scheme, total: int, chunk: int = 512) -> list[tuple[int, int, 
     return rows
 
 
-def run(args: argparse.Namespace) -> None:
-    """Measure and print the tables (and write them to ``args.markdown``)."""
-    torch.set_num_threads(max(args.threads, 1))
-    contexts = args.contexts or ([1024, 4096] if args.quick else [1024, 4096, 16384])
-    steps = args.steps or (3 if args.quick else 8)
-    budget = parse_bytes(args.budget)
+class _Lines:
+    """The output so far: each :meth:`add` prints its lines and rewrites the Markdown file (if any),
+    so an interrupted run keeps what it measured."""
 
-    lm = load_model(args.model)
-    model = lm.model
-    nq = enable(model, bits=4)
-    scheme = nq.scheme
-    lines = [f"Model {lm.name}, fp32 activations, {torch.get_num_threads()} threads, CPU kernels"
-             f" {native.vector_isa()}; scheme `{scheme.name}`.", ""]
+    def __init__(self, path: str | None, bar=None):
+        self.lines: list[str] = []
+        self.path, self.bar = path, bar
 
-    bpt = bytes_per_token(model, scheme)
-    lines += ["| cache | bytes/token | vs fp16 |", "|---|---:|---:|"]
-    for k, v in bpt.items():
-        lines.append(f"| {k} | {v:,.0f} | {bpt['DynamicCache fp16'] / v:.2f}x |")
-    print("\n".join(lines))
+    def add(self, *lines: str) -> None:
+        self.lines += lines
+        text = "\n".join(lines)
+        self.bar.write(text) if self.bar is not None else print(text, flush=True)
+        if self.path:
+            with open(self.path, "w") as f:
+                f.write("\n".join(self.lines) + "\n")
 
-    rows = fits_budget(model, scheme, budget, args.batch_context)
-    lines += ["", f"Budget {args.budget}: largest context (batch 1) and batch (at {args.batch_context} tokens)", "",
-              "| cache | max context | allocated | RSS growth | max batch |", "|---|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['cache']} | {r['max_context']:,} | {r['allocated'] / GIB:.3f} GiB | {r['rss_delta'] / GIB:.3f} GiB |"
-                     f" {r['max_batch_at']} |")
-    lines.append(f"\nContext ratio NQKV / fp16: {rows[1]['max_context'] / rows[0]['max_context']:.2f}x;"
-                 f" peak RSS of the process {peak_rss() / GIB:.2f} GiB.")
-    print("\n".join(lines[-8:]))
-    stored, added = decode_state_bytes(model, scheme, 8, 1024)
-    lines.append(f"Decode state: after two decode steps at batch 8 over 1024 tokens the cache holds"
-                 f" {added / 2**10:,.1f} KiB beyond its {stored / 2**20:,.1f} MiB of storage"
-                 f" ({added / 8 / 2**10:,.1f} KiB per sequence).")
-    print(lines[-1])
 
+def _decode_table(model, scheme, args, contexts: list[int], steps: int, out: _Lines, bar) -> None:
     # the same preset with a plain post-RoPE key mean: no per-position score offset to compute
     plain = nqkv_preset(4, rope_centre=False).replace(
         k_block=scheme.k_block, v_block=scheme.v_block, k_rotate=scheme.k_rotate, v_rotate=scheme.v_rotate)
-    lines += ["", "| context | batch | NQKV tok/s | NQKV plain-centre tok/s | DynamicCache tok/s | quanto tok/s |"
-              " no cache tok/s | NQKV/Dynamic | NQKV/quanto | NQKV/plain-centre |",
-              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    out.add("", "| context | batch | NQKV tok/s | NQKV plain-centre tok/s | DynamicCache tok/s | quanto tok/s |"
+            " no cache tok/s | NQKV/Dynamic | NQKV/quanto | NQKV/plain-centre |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for ctx in contexts:
         for b in args.batches:
             runs = {"nqkv": ("nqkv", scheme), "plain": ("nqkv", plain), "dynamic": ("dynamic", scheme),
@@ -243,27 +225,75 @@ def run(args: argparse.Namespace) -> None:
             for _ in range(args.rounds):
                 for name, (kind, s) in runs.items():
                     if kind != "none" or not samples[name]:  # recomputing is slow and far behind anyway
+                        bar.set_postfix_str(f"{name} @ {ctx} x{b}")
                         samples[name].append(decode_tps(model, kind, s, b, ctx, steps))
+                    bar.update()
             tps = {name: statistics.median(v) for name, v in samples.items()}
             none = f"{tps['none']:.2f}" if "none" in tps else "skipped"
-            lines.append(f"| {ctx} | {b} | {tps['nqkv']:.1f} | {tps['plain']:.1f} | {tps['dynamic']:.1f} |"
-                         f" {tps['quanto']:.1f} | {none} | {tps['nqkv'] / tps['dynamic']:.2f} |"
-                         f" {tps['nqkv'] / tps['quanto']:.2f} | {tps['nqkv'] / tps['plain']:.2f} |")
-            print(lines[-1], flush=True)
+            out.add(f"| {ctx} | {b} | {tps['nqkv']:.1f} | {tps['plain']:.1f} | {tps['dynamic']:.1f} |"
+                    f" {tps['quanto']:.1f} | {none} | {tps['nqkv'] / tps['dynamic']:.2f} |"
+                    f" {tps['nqkv'] / tps['quanto']:.2f} | {tps['nqkv'] / tps['plain']:.2f} |")
 
-    agree = agreement(model, lm.tokenizer, scheme, n_prompts=2 if args.quick else 8, prompt_len=256,
-                      text_file=args.text_file)
-    lines += ["", "Greedy agreement of 32 new tokens with full precision (WikiText-2 prompts of 256 tokens): "
-              + ", ".join(f"{k} {v * 100:.1f}%" for k, v in agree.items())]
-    print(lines[-1])
 
-    g = growth(model, scheme, 4096 if args.quick else 10240)
-    n0, b0, r0 = g[0]
-    n1, b1, r1 = g[-1]
-    lines += ["", f"Growth to {n1} tokens (dynamic NQKV cache, doubling body): allocated {b1 / 2**20:.1f} MiB"
-              f" ({b1 / n1:,.0f} B/token incl. spare capacity, {bpt['NQKV exact (body)']:,.0f} B/token used);"
-              f" RSS grew {(r1 - r0) / 2**20:.1f} MiB from {n0} to {n1} tokens."]
-    print(lines[-1])
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write("\n".join(lines) + "\n")
+def _memory_tables(model, scheme, args, budget: int, out: _Lines) -> dict[str, float]:
+    bpt = bytes_per_token(model, scheme)
+    out.add("| cache | bytes/token | vs fp16 |", "|---|---:|---:|",
+            *(f"| {k} | {v:,.0f} | {bpt['DynamicCache fp16'] / v:.2f}x |" for k, v in bpt.items()))
+    rows = fits_budget(model, scheme, budget, args.batch_context)
+    out.add("", f"Budget {args.budget}: largest context (batch 1) and batch (at {args.batch_context} tokens)", "",
+            "| cache | max context | allocated | RSS growth | max batch |", "|---|---:|---:|---:|---:|",
+            *(f"| {r['cache']} | {r['max_context']:,} | {r['allocated'] / GIB:.3f} GiB |"
+              f" {r['rss_delta'] / GIB:.3f} GiB | {r['max_batch_at']} |" for r in rows),
+            f"\nContext ratio NQKV / fp16: {rows[1]['max_context'] / rows[0]['max_context']:.2f}x;"
+            f" peak RSS of the process {peak_rss() / GIB:.2f} GiB.")
+    stored, added = decode_state_bytes(model, scheme, 8, 1024)
+    out.add(f"Decode state: after two decode steps at batch 8 over 1024 tokens the cache holds"
+            f" {added / 2**10:,.1f} KiB beyond its {stored / 2**20:,.1f} MiB of storage"
+            f" ({added / 8 / 2**10:,.1f} KiB per sequence).")
+    return bpt
+
+
+def run(args: argparse.Namespace) -> None:
+    """Measure and print the tables (rewriting ``args.markdown`` after each).
+
+    Raises:
+        ValueError: for a budget that is not a size or a corpus that is not text.
+        FileNotFoundError: if the model or the corpus cannot be found.
+    """
+    from tqdm.auto import tqdm
+
+    torch.set_num_threads(max(args.threads, 1))
+    contexts = args.contexts or ([1024, 4096] if args.quick else [1024, 4096, 16384])
+    steps = args.steps or (3 if args.quick else 8)
+    budget = parse_bytes(args.budget)
+    load_text(args.text_file)  # the agreement prompts come last: check the corpus before measuring
+
+    lm = load_model(args.model)
+    model = lm.model
+    nq = enable(model, bits=4)
+    scheme = nq.scheme
+    n_decode = sum(args.rounds * (5 if c * b <= args.no_recompute_above * 2 else 4)
+                   for c in contexts for b in args.batches)
+    command = getattr(args, "command_line", "nqkv bench")
+    with tqdm(total=4 + n_decode, desc="bench", unit="step") as bar:
+        out = _Lines(args.markdown, bar)
+        out.add(f"Model {lm.name}, fp32 activations, {torch.get_num_threads()} threads, CPU kernels"
+                f" {native.vector_isa()}; scheme `{scheme.name}`; command `{command}`.", "")
+        bar.set_postfix_str("memory")
+        bpt = _memory_tables(model, scheme, args, budget, out)
+        bar.update(2)
+        _decode_table(model, scheme, args, contexts, steps, out, bar)
+        bar.set_postfix_str("agreement")
+        agree = agreement(model, lm.tokenizer, scheme, n_prompts=2 if args.quick else 8, prompt_len=256,
+                          text_file=args.text_file)
+        out.add("", "Greedy agreement of 32 new tokens with full precision (WikiText-2 prompts of 256 tokens): "
+                + ", ".join(f"{k} {v * 100:.1f}%" for k, v in agree.items()))
+        bar.update()
+        bar.set_postfix_str("growth")
+        g = growth(model, scheme, 4096 if args.quick else 10240)
+        n0, b0, r0 = g[0]
+        n1, b1, r1 = g[-1]
+        out.add("", f"Growth to {n1} tokens (dynamic NQKV cache, doubling body): allocated {b1 / 2**20:.1f} MiB"
+                f" ({b1 / n1:,.0f} B/token incl. spare capacity, {bpt['NQKV exact (body)']:,.0f} B/token used);"
+                f" RSS grew {(r1 - r0) / 2**20:.1f} MiB from {n0} to {n1} tokens.")
+        bar.update()

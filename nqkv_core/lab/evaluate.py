@@ -1,14 +1,23 @@
 """Quality of KV-cache schemes: perplexity and greedy agreement with K/V fake-quantized post-RoPE.
 
-The model runs with a registered attention function (:data:`ATTN_NAME`). Before every attention
-call it passes the layer's keys and values through the active :class:`~nqkv_core.scheme.KVScheme`
-and then attends the way a streaming cache would: for each query position, keys/values of the first
+The model attends through a :class:`FakeQuant`, a transformers attention function registered under
+a name (:data:`ATTN_NAME` by default) that holds the scheme it applies. Before every attention call
+it passes the layer's keys and values through that :class:`~nqkv_core.scheme.KVScheme` and then
+attends the way a streaming cache would: for each query position, keys/values of the first
 ``sinks`` tokens and of the last ``window`` positions (``q_pos - k_pos < window``) are exact and all
 others are the quantized ones. Scores are computed against both exact and quantized keys and chosen
 per (query, key) pair; the output sums the split probability matrix times exact and quantized values.
 
 The per-channel statistics of a scheme (centre, equalisation) are measured on the first call of each
-sequence (the prompt) and frozen for that sequence's later calls, as a cache would.
+sequence (the prompt) and frozen, per layer, in the :class:`FakeQuant` for that sequence's later
+calls, as a cache would.
+
+Usage::
+
+    with fake_quantized(model, scheme) as fq:  # the model attends through fq inside the block
+        for ids in sequences:
+            fq.new_sequence()
+            logits = model(ids).logits
 """
 
 from __future__ import annotations
@@ -16,6 +25,8 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,95 +35,205 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from nqkv_core.scheme import FP_BITS, KVScheme, KVTransform, fit_transform, rope_inv_freq, roundtrip
+from nqkv_core.lab.models import cache_arg, returned_cache
+from nqkv_core.scheme import FP_BITS, KVScheme, KVTransform, fit_transform, roundtrip
 
 ATTN_NAME = "nqkv_fakequant"
-
-
-class _Active:
-    scheme: KVScheme | None = None
-    transforms: dict[int, KVTransform] = {}
-
-
-_ACTIVE = _Active()
-
-
-@contextmanager
-def active_scheme(scheme: KVScheme | None):
-    """Run the model's attention with ``scheme`` (``None`` = exact attention) inside the block."""
-    prev = _ACTIVE.scheme
-    _ACTIVE.scheme, _ACTIVE.transforms = scheme, {}
-    try:
-        yield
-    finally:
-        _ACTIVE.scheme, _ACTIVE.transforms = prev, {}
-
-
-def new_sequence() -> None:
-    """Forget the frozen per-layer statistics: the next attention call starts a new sequence."""
-    _ACTIVE.transforms = {}
 
 
 def _is_fp(scheme: KVScheme | None) -> bool:
     return scheme is None or (scheme.k_bits >= FP_BITS and scheme.v_bits >= FP_BITS)
 
 
-def fakequant_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    dropout: float = 0.0,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """Attention over fake-quantized K/V with exact sinks and recent window, in fp32.
+class FakeQuant:
+    """A transformers attention function over fake-quantized K/V, and its state: the scheme it
+    applies (``None`` = exact attention) and the transforms it froze per layer for the current
+    sequence.
 
-    Shapes: ``query (b, hq, T, d)``, ``key``/``value`` ``(b, hkv, Tk, d)`` with the ``T`` queries at
-    the last ``T`` positions; ``attention_mask`` is None or a boolean ``(b, 1, T, Tk)`` (True =
-    attend). Returns ``(b, T, hq, d)`` in the query dtype.
+    Register it with :meth:`register` (or use :func:`fake_quantized`), switch schemes with
+    :meth:`applying` and call :meth:`new_sequence` before each independent sequence.
     """
-    scheme = _ACTIVE.scheme
-    T, tk = query.shape[2], key.shape[2]
-    qpos = torch.arange(tk - T, tk, device=query.device)
-    kpos = torch.arange(tk, device=query.device)
-    allowed = kpos[None, :] <= qpos[:, None]
-    if attention_mask is not None:
-        m = attention_mask[:, :, -T:, :]
-        allowed = allowed & (m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2)
-    q, k, v = query.float(), key.float(), value.float()
-    layer = getattr(module, "layer_idx", 0)
-    if scheme is not None:
-        scheme = scheme.for_layer(layer)
-    if _is_fp(scheme):
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling, enable_gqa=True)
-    else:
-        t = _ACTIVE.transforms.get(layer)
-        if t is None:
-            inv_freq = rope_inv_freq(module.config, key.shape[-1], key.device) if scheme.k_centre_rope else None
-            t = _ACTIVE.transforms[layer] = fit_transform(scheme, key, value, query, inv_freq)
-        k_hat, v_hat = roundtrip(scheme, key, value, transform=t)
-        # Each key appears twice, quantized and exact; the mask lets every (query, key) pair see
-        # exactly one of the two, so one softmax over both is the streaming cache's attention.
-        exact = (kpos[None, :] < scheme.sinks) | (qpos[:, None] - kpos[None, :] < scheme.window)
-        mask = torch.cat([allowed & ~exact, allowed & exact], dim=-1)
-        out = F.scaled_dot_product_attention(
-            q, torch.cat([k_hat, k], dim=-2), torch.cat([v_hat, v], dim=-2),
-            attn_mask=mask, scale=scaling, enable_gqa=True,
-        )
-    out = out.transpose(1, 2).contiguous()
-    return out.to(query.dtype), None
+
+    def __init__(self, scheme: KVScheme | None = None):
+        self.scheme = scheme
+        self.attention: Callable | None = None
+        self.transforms: dict[int, KVTransform] = {}
+
+    def register(self, name: str = ATTN_NAME) -> str:
+        """Register this object (and an SDPA-style boolean mask) as attention ``name``; returns ``name``."""
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+        AttentionInterface.register(name, self)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
+        return name
+
+    def new_sequence(self) -> None:
+        """Forget the frozen per-layer statistics: the next attention call starts a new sequence."""
+        self.transforms = {}
+
+    @contextmanager
+    def applying(self, scheme: KVScheme | None, attention: Callable | None = None) -> Iterator[FakeQuant]:
+        """Apply ``scheme`` inside the block (a new sequence at entry); ``attention``, if given, is
+        called instead of :meth:`attend` (with the same arguments; it may call :func:`fakequant_attention`)."""
+        prev = self.scheme, self.attention
+        self.scheme, self.attention, self.transforms = scheme, attention, {}
+        try:
+            yield self
+        finally:
+            (self.scheme, self.attention), self.transforms = prev, {}
+
+    def __call__(self, module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        return (self.attention or self.attend)(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+
+    def attend(
+        self,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float,
+        dropout: float = 0.0,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        """Attention over K/V fake-quantized by :attr:`scheme`, with exact sinks and recent window, in fp32.
+
+        Shapes: ``query (b, hq, T, d)``, ``key``/``value`` ``(b, hkv, Tk, d)`` with the ``T`` queries at
+        the last ``T`` positions; ``attention_mask`` is None or a boolean ``(b, 1, T, Tk)`` (True =
+        attend). The model's ``sliding_window`` (a query at ``p`` sees keys in ``(p - sliding_window, p]``),
+        ``softcap`` (scores ``softcap * tanh(s / softcap)``) and ``s_aux`` (learned sink logits per query
+        head) keyword arguments are honoured. Returns ``(b, T, hq, d)`` in the query dtype.
+        """
+        T, tk = query.shape[2], key.shape[2]
+        qpos = torch.arange(tk - T, tk, device=query.device)
+        kpos = torch.arange(tk, device=query.device)
+        allowed = kpos[None, :] <= qpos[:, None]
+        if kwargs.get("sliding_window") is not None:
+            allowed = allowed & (kpos[None, :] > qpos[:, None] - kwargs["sliding_window"])
+        softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")
+        if attention_mask is not None:
+            m = attention_mask[:, :, -T:, :]
+            allowed = allowed & (m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2)
+        q, k, v = query.float(), key.float(), value.float()
+        layer = getattr(module, "layer_idx", 0)
+        scheme = self.scheme.for_layer(layer) if self.scheme is not None else None
+        if _is_fp(scheme):
+            out = _explicit_attention(q, k, v, allowed, scaling, softcap, sinks)
+        else:
+            t = self.transforms.get(layer)
+            if t is None:
+                inv_freq = None
+                if scheme.k_centre_rope:
+                    inv_freq = _layer_inv_freq(module.config, layer, key.shape[-1]).to(key.device)
+                t = self.transforms[layer] = fit_transform(scheme, key, value, query, inv_freq)
+            k_hat, v_hat = roundtrip(scheme, key, value, transform=t)
+            # Each key appears twice, quantized and exact; the mask lets every (query, key) pair see
+            # exactly one of the two, so one softmax over both is the streaming cache's attention.
+            exact = (kpos[None, :] < scheme.sinks) | (qpos[:, None] - kpos[None, :] < scheme.window)
+            mask = torch.cat([allowed & ~exact, allowed & exact], dim=-1)
+            out = _explicit_attention(q, torch.cat([k_hat, k], dim=-2), torch.cat([v_hat, v], dim=-2), mask,
+                                      scaling, softcap, sinks)
+        out = out.transpose(1, 2).contiguous()
+        return out.to(query.dtype), None
 
 
-def register_attention() -> str:
-    """Register :func:`fakequant_attention` (and an SDPA-style boolean mask) under :data:`ATTN_NAME`."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+def _explicit_attention(q, k, v, mask, scale: float, softcap: float | None, sinks: torch.Tensor | None):
+    """SDPA, or with soft-capping / learned sink logits the explicit softmax of transformers' eager
+    attention (a sink column takes probability and contributes no value)."""
+    if softcap is None and sinks is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    group = q.shape[1] // k.shape[1]
+    s = q @ k.repeat_interleave(group, 1).transpose(-1, -2) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~mask, -math.inf)
+    if sinks is not None:
+        s = torch.cat([s, sinks.float().reshape(1, -1, 1, 1).expand(*s.shape[:3], 1)], dim=-1)
+    return s.softmax(dim=-1)[..., : k.shape[2]] @ v.repeat_interleave(group, 1)
 
-    AttentionInterface.register(ATTN_NAME, fakequant_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, sdpa_mask)
-    return ATTN_NAME
+
+def _layer_inv_freq(config, layer: int, head_dim: int) -> torch.Tensor:
+    """The RoPE frequencies of layer ``layer`` (per layer type where the model has them per type)."""
+    from nqkv_core.cache.support import layer_types, rope_inv_freqs
+
+    return rope_inv_freqs(config, head_dim)[layer_types(config)[layer]]
+
+
+def _registered(name: str | None) -> FakeQuant | None:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    fn = ALL_ATTENTION_FUNCTIONS.get(name) if isinstance(name, str) else None
+    return fn if isinstance(fn, FakeQuant) else None
+
+
+def attending_fake_quant(model: torch.nn.Module) -> FakeQuant | None:
+    """The :class:`FakeQuant` that ``model`` (or a module holding its config) attends through, or None."""
+    return _registered(getattr(model.config, "_attn_implementation", None))
+
+
+def register_attention(name: str = ATTN_NAME) -> str:
+    """Register a :class:`FakeQuant` (exact until a scheme is applied) as attention ``name``, unless
+    one is registered there already; returns ``name``, for ``model.set_attn_implementation(name)``
+    or ``from_pretrained(..., attn_implementation=name)``."""
+    if _registered(name) is None:
+        FakeQuant().register(name)
+    return name
+
+
+@contextmanager
+def fake_quantized(model: torch.nn.Module, scheme: KVScheme | None,
+                   attention: Callable | None = None) -> Iterator[FakeQuant]:
+    """Run ``model`` with K/V fake-quantized by ``scheme`` (``None`` = exact) inside the block; yields
+    the :class:`FakeQuant` it attends through.
+
+    A model that attends through a :class:`FakeQuant` keeps it, with ``scheme`` (and ``attention``:
+    :meth:`FakeQuant.applying`) applied for the block. Any other model attends through the one
+    :func:`register_attention` provides for the block, and gets its own attention back afterwards.
+    """
+    fq = attending_fake_quant(model)
+    prev = None
+    if fq is None:
+        prev = model.config._attn_implementation
+        model.set_attn_implementation(register_attention())
+        fq = attending_fake_quant(model)
+    try:
+        with fq.applying(scheme, attention):
+            yield fq
+    finally:
+        if prev is not None:
+            model.set_attn_implementation(prev)
+
+
+def fakequant_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """The fake-quantized attention (:meth:`FakeQuant.attend`) of the :class:`FakeQuant` that
+    ``module``'s model attends through (else the one registered as :data:`ATTN_NAME`); for attention
+    functions that wrap it, e.g. :func:`logit_fidelity`'s ``attentions``.
+
+    Raises:
+        ValueError: if there is no such :class:`FakeQuant`.
+    """
+    fq = attending_fake_quant(module) or _registered(ATTN_NAME)
+    if fq is None:
+        raise ValueError("no fake-quantized attention registered: model.set_attn_implementation(register_attention())")
+    return fq.attend(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+
+
+@contextmanager
+def active_scheme(scheme: KVScheme | None):
+    """Deprecated: use :func:`fake_quantized` (``with fake_quantized(model, scheme):``). Applies
+    ``scheme`` to the :class:`FakeQuant` registered as :data:`ATTN_NAME` inside the block."""
+    warnings.warn("active_scheme(scheme) is deprecated; use fake_quantized(model, scheme)", DeprecationWarning,
+                  stacklevel=3)
+    with _registered(register_attention()).applying(scheme):
+        yield
+
+
+def new_sequence() -> None:
+    """Deprecated: use :meth:`FakeQuant.new_sequence`. Starts a new sequence for the
+    :class:`FakeQuant` registered as :data:`ATTN_NAME`."""
+    warnings.warn("new_sequence() is deprecated; use FakeQuant.new_sequence()", DeprecationWarning, stacklevel=2)
+    _registered(register_attention()).new_sequence()
 
 
 # -- perplexity ---------------------------------------------------------------------------------
@@ -120,8 +241,11 @@ def register_attention() -> str:
 
 @torch.no_grad()
 def window_nll(model: torch.nn.Module, ids: torch.Tensor) -> tuple[float, int]:
-    """Summed next-token NLL (nats) and token count of one ``(1, n)`` window under the active scheme."""
-    new_sequence()
+    """Summed next-token NLL (nats) and token count of one ``(1, n)`` window, a new sequence for the
+    :class:`FakeQuant` the model attends through (if any)."""
+    fq = attending_fake_quant(model)
+    if fq is not None:
+        fq.new_sequence()
     logits = model(ids).logits.float()
     nll = F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum")
     return float(nll), ids.shape[1] - 1
@@ -131,7 +255,7 @@ def window_nll(model: torch.nn.Module, ids: torch.Tensor) -> tuple[float, int]:
 def perplexity(model: torch.nn.Module, windows: torch.Tensor, scheme: KVScheme | None, progress=None) -> float:
     """Perplexity over ``windows`` ``(n, len)`` token ids, each window an independent sequence."""
     nll, count = 0.0, 0
-    with active_scheme(scheme):
+    with fake_quantized(model, scheme):
         for w in windows:
             s, c = window_nll(model, w[None])
             nll, count = nll + s, count + c
@@ -147,11 +271,13 @@ def num_layers(model: torch.nn.Module) -> int:
 
 
 def layer_sensitivity(
-    model: torch.nn.Module, windows: torch.Tensor, scheme: KVScheme, progress=None
+    model: torch.nn.Module, windows: torch.Tensor, scheme: KVScheme, progress=None,
+    on_layer: Callable[[list[float]], object] | None = None,
 ) -> list[float]:
     """ΔPPL (%) of storing one layer with ``scheme`` and every other layer exactly, for each layer.
 
     ``scheme`` needs equal K and V widths. Costs ``num_layers + 1`` passes over ``windows``.
+    ``on_layer`` is called with the values so far after each layer (e.g. to save them).
     """
     n = num_layers(model)
     fp = perplexity(model, windows, None, progress)
@@ -159,6 +285,8 @@ def layer_sensitivity(
     for i in range(n):
         alone = scheme.replace(layer_bits=tuple(scheme.k_bits if j == i else FP_BITS for j in range(n)))
         out.append(100 * (perplexity(model, windows, alone, progress) / fp - 1))
+        if on_layer is not None:
+            on_layer(out)
     return out
 
 
@@ -169,6 +297,7 @@ def calibrate_layer_bits(
     wide_layers: int = 2,
     wide_bits: int | None = None,
     progress=None,
+    on_layer: Callable[[list[float]], object] | None = None,
 ) -> tuple[KVScheme, list[float]]:
     """``scheme`` with its ``wide_layers`` most sensitive layers stored ``wide_bits`` wide.
 
@@ -183,11 +312,12 @@ def calibrate_layer_bits(
         scheme: the base scheme (equal K and V widths); ``wide_bits`` defaults to one bit wider (8
             for a 4-bit scheme).
         wide_layers: how many layers to widen.
+        progress, on_layer: as in :func:`layer_sensitivity`.
 
     Returns:
         ``(scheme with layer_bits, per-layer sensitivity in %)``.
     """
-    sens = layer_sensitivity(model, windows, scheme, progress)
+    sens = layer_sensitivity(model, windows, scheme, progress, on_layer)
     return widen_layers(scheme, sens, wide_layers, wide_bits), sens
 
 
@@ -204,12 +334,10 @@ def widen_layers(scheme: KVScheme, sensitivity: list[float], wide_layers: int, w
 
 def plot_layer_sensitivity(sensitivity: dict[str, list[float]], png: str | Path) -> Path:
     """Bars of each layer's ΔPPL when it alone is quantized (:func:`layer_sensitivity`), a panel per scheme."""
-    import matplotlib
+    from matplotlib.figure import Figure  # drawn by its own Agg canvas: pyplot's backend is left alone
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(sensitivity), 1, figsize=(7, 2.2 * len(sensitivity)), squeeze=False)
+    fig = Figure(figsize=(7, 2.2 * len(sensitivity)))
+    axes = fig.subplots(len(sensitivity), 1, squeeze=False)
     for ax, (name, sens) in zip(axes[:, 0], sensitivity.items()):
         ax.bar(range(len(sens)), sens, color="tab:blue")
         ax.set_title(f"{name}: ΔPPL when only this layer is quantized", fontsize=9)
@@ -218,7 +346,6 @@ def plot_layer_sensitivity(sensitivity: dict[str, list[float]], png: str | Path)
     axes[-1, 0].set_xlabel("layer")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
-    plt.close(fig)
     return Path(png)
 
 
@@ -235,14 +362,14 @@ def quanto_perplexity(
     from transformers import QuantizedCache
 
     nll, count = 0.0, 0
-    with active_scheme(None):
+    with fake_quantized(model, None):
         for w in windows:
             cache = QuantizedCache(backend="quanto", config=model.config, nbits=bits, axis_key=0, axis_value=0,
                                    q_group_size=group, residual_length=residual)
             logits = []
             for start in range(0, w.numel(), chunk):
-                out = model(w[None, start : start + chunk], past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
+                out = model(w[None, start : start + chunk], **cache_arg(cache), use_cache=True)
+                cache = returned_cache(out)
                 logits.append(out.logits[0].float())
             logits = torch.cat(logits)
             nll += float(F.cross_entropy(logits[:-1], w[1:], reduction="sum"))
@@ -255,19 +382,19 @@ def quanto_perplexity(
 
 @torch.no_grad()
 def greedy_tokens(model: torch.nn.Module, prompts: torch.Tensor | list[torch.Tensor], scheme: KVScheme | None,
-                  n_new: int = 32) -> torch.Tensor:
+                  n_new: int = 32, attention: Callable | None = None) -> torch.Tensor:
     """Greedy continuations ``(n_prompts, n_new)`` of each prompt (a row of ``prompts``, or 1-D
-    tensors of any lengths) under ``scheme``."""
+    tensors of any lengths) under ``scheme`` (and ``attention``, as in :func:`fake_quantized`)."""
     outs = []
-    with active_scheme(scheme):
+    with fake_quantized(model, scheme, attention) as fq:
         for p in prompts:
-            new_sequence()
+            fq.new_sequence()
             ids = p[None]
             cache = None
             gen = []
             for _ in range(n_new):
-                out = model(ids, past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
+                out = model(ids, **cache_arg(cache), use_cache=True)
+                cache = returned_cache(out)
                 nxt = out.logits[0, -1].argmax()
                 gen.append(nxt)
                 ids = nxt.view(1, 1)
@@ -282,17 +409,18 @@ def agreement(tokens: torch.Tensor, reference: torch.Tensor) -> float:
 
 @torch.no_grad()
 def next_token_agreement(model: torch.nn.Module, prompts: torch.Tensor | list[torch.Tensor],
-                         reference: torch.Tensor, scheme: KVScheme | None) -> float:
+                         reference: torch.Tensor, scheme: KVScheme | None, attention: Callable | None = None) -> float:
     """Teacher-forced agreement: the fraction of positions of ``reference`` (``(n_prompts, n_new)``,
     e.g. the full-precision greedy continuations) whose token is the greedy choice of the model
     under ``scheme`` when it is given the prompt and the reference tokens before that position.
 
     Unlike :func:`agreement` of free-running continuations, one changed token does not change the
-    prefix of every later one, so this counts each step's choice once."""
+    prefix of every later one, so this counts each step's choice once. ``attention``: as in
+    :func:`fake_quantized`."""
     hits = []
-    with active_scheme(scheme):
+    with fake_quantized(model, scheme, attention) as fq:
         for p, ref in zip(prompts, reference):
-            new_sequence()
+            fq.new_sequence()
             ids = torch.cat([p, ref[:-1]])[None]
             logits = model(ids, use_cache=False).logits[0, len(p) - 1:]
             hits.append(logits.argmax(-1) == ref)
@@ -304,12 +432,18 @@ class Fidelity:
     """How close a scheme's next-token distributions stay to full precision over every position of
     some windows (:func:`logit_fidelity`): ``agree`` is the fraction of positions whose top-1 token
     is full precision's, ``flips`` their complement as a count out of ``positions``, ``kl`` the mean
-    ``KL(p_fp || p_scheme)`` in nats."""
+    ``KL(p_fp || p_scheme)`` in nats; ``nll`` the scheme's mean next-token NLL over the windows
+    (nats; :attr:`ppl` is its perplexity, what :func:`perplexity` measures)."""
 
     agree: float
     flips: int
     positions: int
     kl: float
+    nll: float = float("nan")
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll)
 
 
 @torch.no_grad()
@@ -319,41 +453,43 @@ def logit_fidelity(model: torch.nn.Module, windows: torch.Tensor, schemes: list[
     ``windows`` ``(n, len)`` (teacher-forced by the text itself: no position depends on another's
     choice, so each changed choice is counted once).
 
-    ``attentions``: optionally, per scheme, an attention function to register under
-    :data:`ATTN_NAME` while that scheme runs (e.g. one that rounds K/V to bf16), ``None`` for the
-    fake quantization. Windows are the outer loop, so the full-precision logits of one window are
-    all that is held (a window of SmolLM2's 49k-token vocabulary is 200 MB in fp32). ``progress``
-    (e.g. a ``tqdm`` bar) is advanced once per forward pass: ``len(windows) * (len(schemes) + 1)``.
-    """
-    from transformers import AttentionInterface
+    ``attentions``: optionally, per scheme, an attention function the model attends through while
+    that scheme runs (e.g. one that rounds K/V to bf16 and calls :func:`fakequant_attention`;
+    :meth:`FakeQuant.applying`), ``None`` for the fake quantization. Windows are the outer loop, so
+    the full-precision logits of one window are all that is held (a window of SmolLM2's 49k-token
+    vocabulary is 200 MB in fp32). ``progress`` (e.g. a ``tqdm`` bar) is advanced once per forward
+    pass: ``len(windows) * (len(schemes) + 1)``.
 
+    Raises:
+        ValueError: if ``attentions`` and ``schemes`` differ in length.
+    """
     attentions = attentions or [None] * len(schemes)
     if len(attentions) != len(schemes):
         raise ValueError(f"{len(attentions)} attention functions for {len(schemes)} schemes")
-    agree, kl = [0] * len(schemes), [0.0] * len(schemes)
-    positions = 0
+    agree, kl, nll = [0] * len(schemes), [0.0] * len(schemes), [0.0] * len(schemes)
+    positions = predicted = 0
     for w in windows:
-        with active_scheme(None):
-            new_sequence()
+        with fake_quantized(model, None) as fq:
+            fq.new_sequence()
             ref = model(w[None]).logits[0].float().log_softmax(-1)
         if progress is not None:
             progress.update(1)
         top = ref.argmax(-1)
-        positions += len(top)
+        positions, predicted = positions + len(top), predicted + len(top) - 1
         for i, (scheme, attention) in enumerate(zip(schemes, attentions)):
-            if attention is not None:
-                AttentionInterface.register(ATTN_NAME, attention)
-            try:
-                with active_scheme(scheme):
-                    new_sequence()
+            if _is_fp(scheme) and attention is None:
+                out = ref  # the reference pass, again
+            else:
+                with fake_quantized(model, scheme, attention) as fq:
+                    fq.new_sequence()
                     out = model(w[None]).logits[0].float().log_softmax(-1)
-            finally:
-                AttentionInterface.register(ATTN_NAME, fakequant_attention)
             agree[i] += int((out.argmax(-1) == top).sum())
             kl[i] += float((ref.exp() * (ref - out)).sum(-1).sum())
+            nll[i] -= float(out[:-1].gather(-1, w[1:, None]).sum())
             if progress is not None:
                 progress.update(1)
-    return [Fidelity(a / positions, positions - a, positions, k / positions) for a, k in zip(agree, kl)]
+    return [Fidelity(a / positions, positions - a, positions, k / positions, n / predicted)
+            for a, k, n in zip(agree, kl, nll)]
 
 
 def free_running_agreement(step_agree: float, n_new: int = 32) -> float:
@@ -426,62 +562,70 @@ def evaluate(
     quanto_bits: tuple[int, ...] = (),
     desc: str = "eval",
     fidelity: bool = False,
+    on_row: Callable[[list[Row]], object] | None = None,
 ) -> list[Row]:
     """Run full precision and every scheme on the same windows; one :class:`Row` each.
 
-    ``model`` must use :data:`ATTN_NAME` attention. ``prompts`` (``(n, len)``, or a list of 1-D
-    token tensors) enables greedy agreement against the full-precision continuation, free-running
-    (:func:`agreement`) and teacher-forced (:func:`next_token_agreement`).
+    The model attends through a :class:`FakeQuant` (:func:`fake_quantized`). ``prompts`` (``(n, len)``,
+    or a list of 1-D token tensors) enables greedy agreement against the full-precision continuation,
+    free-running (:func:`agreement`) and teacher-forced (:func:`next_token_agreement`).
     ``quanto_bits`` adds transformers' ``QuantizedCache`` rows (a failure becomes a row with PPL n/a
     and the reason in ``note``). ``fidelity`` adds, for every scheme, the top-1 agreement and KL
-    divergence from full precision at every position of the windows (:func:`logit_fidelity`; one
-    more pass per window and scheme, plus the reference); the full-precision row gets 1 and 0.
+    divergence from full precision at every position of the windows (:func:`logit_fidelity`, whose
+    passes also give the perplexities: no pass more than without it); the full-precision row gets 1
+    and 0. ``on_row`` is called with the rows so far whenever one is added (e.g. to save them, so
+    that an interrupted run keeps what it measured).
     """
+    on_row = on_row or (lambda rows: None)
     ctx = windows.shape[1]
-    total = len(windows) * (1 + len(schemes) + len(quanto_bits) + ((len(schemes) + 1) if fidelity else 0))
+    total = len(windows) * (1 + len(schemes) + len(quanto_bits) + int(fidelity))  # fidelity: + the reference
     rows: list[Row] = []
     ref_tokens = None
     with tqdm(total=total, desc=desc, unit="win") as bar:
-        t0 = time.perf_counter()
-        fp = perplexity(model, windows, None, bar)
-        row = Row("full precision", float(FP_BITS), fp, 0.0, seconds=time.perf_counter() - t0)
-        if prompts is not None:
-            ref_tokens = greedy_tokens(model, prompts, None, n_new)
-            row.agree = 1.0
-            row.next_agree = next_token_agreement(model, prompts, ref_tokens, None)
-        rows.append(row)
-        for s in schemes:
-            bar.set_postfix_str(s.name)
+        fids = None
+        if fidelity:  # every window's passes, full precision and each scheme, first
+            bar.set_postfix_str("perplexity, top-1 agreement and KL")
+            fids = logit_fidelity(model, windows, [None, *schemes], progress=bar)
+        fp = None
+        for i, s in enumerate([None, *schemes]):
             t0 = time.perf_counter()
-            ppl = perplexity(model, windows, s, bar)
-            row = Row(s.name, s.bits_per_element(ctx), ppl, 100 * (ppl / fp - 1), scheme=s.to_dict())
-            if ref_tokens is not None:
-                row.agree = agreement(greedy_tokens(model, prompts, s, n_new), ref_tokens)
+            bar.set_postfix_str("full precision" if s is None else s.name)
+            ppl = fids[i].ppl if fids else perplexity(model, windows, s, bar)
+            fp = fp or ppl
+            row = Row("full precision", float(FP_BITS), ppl, 0.0) if s is None else \
+                Row(s.name, s.bits_per_element(ctx), ppl, 100 * (ppl / fp - 1), scheme=s.to_dict())
+            if fids:
+                row.step_agree, row.kl = fids[i].agree, fids[i].kl
+            if prompts is not None:
+                tokens = greedy_tokens(model, prompts, s, n_new)
+                ref_tokens = tokens if s is None else ref_tokens
+                row.agree = agreement(tokens, ref_tokens)
                 row.next_agree = next_token_agreement(model, prompts, ref_tokens, s)
             row.seconds = time.perf_counter() - t0
             rows.append(row)
+            on_row(rows)
             bar.write(f"{row.method}: {row.bits:.3f} bits/elem, PPL {row.ppl:.3f} ({row.dppl_pct:+.2f}%)"
                       + (f", agree {100 * row.agree:.1f}% (next token {100 * row.next_agree:.1f}%)"
                          if row.agree is not None else ""))
         for bits in quanto_bits:
-            name = f"HF QuantizedCache quanto int{bits} (g64, residual 128, chunks of 128)"
-            t0 = time.perf_counter()
-            try:
-                ppl = quanto_perplexity(model, windows, bits)
-                # int scale + zero-point per group of 64 in fp16 (quanto keeps them in the model dtype),
-                # residual of up to 128 tokens in full precision (charged at its mean, 64).
-                q_bits = bits + 32 / 64
-                eff = ((ctx - 64) * q_bits + 64 * FP_BITS) / ctx
-                rows.append(Row(name, eff, ppl, 100 * (ppl / fp - 1), seconds=time.perf_counter() - t0))
-            except Exception as e:  # noqa: BLE001 - the reason goes into the table
-                rows.append(Row(name, float("nan"), float("nan"), float("nan"), note=f"did not run: {type(e).__name__}: {e}"[:200]))
+            rows.append(_quanto_row(model, windows, bits, fp))
             bar.update(len(windows))
-        if fidelity:
-            bar.set_postfix_str("top-1 agreement and KL")
-            rows[0].step_agree, rows[0].kl = 1.0, 0.0  # full precision against itself
-            for row, f in zip(rows[1:], logit_fidelity(model, windows, schemes, progress=bar)):
-                row.step_agree, row.kl = f.agree, f.kl
+            on_row(rows)
     return rows
+
+
+def _quanto_row(model, windows: torch.Tensor, bits: int, fp: float) -> Row:
+    name = f"HF QuantizedCache quanto int{bits} (g64, residual 128, chunks of 128)"
+    t0 = time.perf_counter()
+    try:
+        ppl = quanto_perplexity(model, windows, bits)
+    except Exception as e:  # noqa: BLE001 - the reason goes into the table
+        return Row(name, float("nan"), float("nan"), float("nan"), note=f"did not run: {type(e).__name__}: {e}"[:200])
+    # int scale + zero-point per group of 64 in fp16 (quanto keeps them in the model dtype),
+    # residual of up to 128 tokens in full precision (charged at its mean, 64).
+    ctx = windows.shape[1]
+    eff = ((ctx - 64) * (bits + 32 / 64) + 64 * FP_BITS) / ctx
+    return Row(name, eff, ppl, 100 * (ppl / fp - 1), seconds=time.perf_counter() - t0)
 
 
 def save_rows(rows: list[Row], out_dir: str | Path, stem: str, meta: dict | None = None) -> tuple[Path, Path]:

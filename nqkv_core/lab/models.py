@@ -9,8 +9,10 @@ corpus raises an error that says how to get it.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,9 +95,10 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(path, **tok_kwargs)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FileNotFoundError(
-            f"could not load model {name!r} offline ({e}). Pass a local directory or GGUF file, or"
-            " download the model into the Hugging Face cache first."
+            f"could not load model {name!r} ({reason}): pass --model with a local directory, a .gguf file"
+            " or a model id already in the Hugging Face cache"
         ) from e
     model.to(device).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, name=name)
@@ -119,6 +122,7 @@ def load_text(path: str | os.PathLike | None = None) -> str:
 
     Raises:
         FileNotFoundError: if the file does not exist, naming ``--text-file`` and ``$NQKV_TEXT_FILE``.
+        ValueError: if it is not UTF-8 text or holds only whitespace.
     """
     p = Path(path) if path is not None else default_text_file()
     if p is None or not p.is_file():
@@ -128,7 +132,14 @@ def load_text(path: str | os.PathLike | None = None) -> str:
             f" WikiText-2 raw test split (wiki.test.raw) at {DEFAULT_TEXT_RELPATH} in the working directory"
             " or one of its parents"
         )
-    return p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"corpus file {str(p)!r} is not UTF-8 text (byte {e.start}: {e.reason});"
+                         " pass --text-file with a plain-text corpus") from None
+    if not text.strip():
+        raise ValueError(f"corpus file {str(p)!r} is empty; pass --text-file with a plain-text corpus")
+    return text
 
 
 def token_windows(tokenizer, text: str, window_len: int, n_windows: int | None = None) -> torch.Tensor:
@@ -138,21 +149,37 @@ def token_windows(tokenizer, text: str, window_len: int, n_windows: int | None =
     dropped. ``n_windows=None`` takes every window.
 
     Raises:
-        ValueError: if the text holds fewer tokens than requested.
+        ValueError: if ``window_len`` or ``n_windows`` is below 1, or the text holds fewer tokens than
+            requested.
     """
+    if window_len < 1 or (n_windows is not None and n_windows < 1):
+        raise ValueError(f"need at least one window of at least one token, got {n_windows} windows of {window_len}")
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     available = ids.numel() // window_len
     n = available if n_windows is None else n_windows
     if n < 1 or n > available:
-        raise ValueError(f"asked for {n_windows} windows of {window_len} tokens; the text has {available}")
+        raise ValueError(
+            f"the corpus holds {ids.numel()} tokens, {available} windows of {window_len}, but"
+            f" {n_windows or 1} are needed; pass a longer --text-file, or lower --windows or --window-len"
+        )
     return ids[: n * window_len].view(n, window_len)
 
 
 def prompts_after(tokenizer, text: str, n_windows: int, window_len: int, prompt_len: int, n: int) -> torch.Tensor:
     """``n`` prompts of ``prompt_len`` tokens taken after the first ``n_windows`` evaluation windows
-    of ``window_len`` tokens (so that generation is not scored on text the perplexity already saw)."""
+    of ``window_len`` tokens (so that generation is not scored on text the perplexity already saw).
+
+    Raises:
+        ValueError: if the text is too short for them.
+    """
     skip = n_windows * window_len // prompt_len + 1
-    return token_windows(tokenizer, text, prompt_len)[skip : skip + n]
+    prompts = token_windows(tokenizer, text, prompt_len)[skip : skip + n]
+    if len(prompts) < n:
+        raise ValueError(
+            f"the corpus is too short for {n} prompts of {prompt_len} tokens after the {n_windows} windows of"
+            f" {window_len}; pass a longer --text-file, or lower --prompts, --prompt-len or --windows"
+        )
+    return prompts
 
 
 CHAT_INSTRUCTIONS = (
@@ -199,3 +226,27 @@ def calibration_windows(tokenizer, text: str, window_len: int, n: int, held_out:
             f" windows after the {held_out} evaluation tokens; pass a longer --text-file or fewer windows"
         )
     return windows[-n:]
+
+
+@functools.lru_cache(maxsize=None)
+def _transformers_version() -> tuple[int, int]:
+    import transformers
+
+    return tuple(int(re.match(r"\d+", part).group()) for part in transformers.__version__.split(".")[:2])
+
+
+def cache_keyword() -> str:
+    """The name of the argument that hands a cache to a transformers model's ``forward`` or
+    ``generate``: ``"cache"`` from transformers 5.24 on (``past_key_values`` is deprecated there),
+    ``"past_key_values"`` before."""
+    return "cache" if _transformers_version() >= (5, 24) else "past_key_values"
+
+
+def cache_arg(cache) -> dict:
+    """``{cache_keyword(): cache}``, to pass as ``model(ids, **cache_arg(cache))``."""
+    return {cache_keyword(): cache}
+
+
+def returned_cache(out):
+    """The cache a forward call returned: ``out.cache`` from transformers 5.24 on, ``out.past_key_values`` before."""
+    return out["cache"] if "cache" in out else out["past_key_values"]

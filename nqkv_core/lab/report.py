@@ -21,8 +21,8 @@ from __future__ import annotations
 import gc
 import json
 import statistics
-import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,12 +35,24 @@ GIB = 1 << 30
 
 
 def parse_bytes(text: str) -> int:
-    """``"1GiB"``, ``"512MiB"``, ``"2GB"`` or a plain number of bytes."""
-    units = {"gib": 1 << 30, "mib": 1 << 20, "kib": 1 << 10, "gb": 10**9, "mb": 10**6, "b": 1}
-    for unit, factor in units.items():
-        if text.lower().endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(text)
+    """``"1GiB"``, ``"512MiB"``, ``"2GB"`` or a plain number of bytes.
+
+    Raises:
+        ValueError: if ``text`` is not such a size, or not positive.
+    """
+    units = {"gib": 1 << 30, "mib": 1 << 20, "kib": 1 << 10, "gb": 10**9, "mb": 10**6, "kb": 10**3, "b": 1}
+    number, factor = text.strip(), 1
+    for unit, f in units.items():
+        if number.lower().endswith(unit):
+            number, factor = number[: -len(unit)], f
+            break
+    try:
+        size = int(float(number) * factor)
+    except ValueError:
+        size = 0
+    if size <= 0:
+        raise ValueError(f"budget {text!r} is not a positive size: use e.g. 1GiB, 512MiB, 2GB or a number of bytes")
+    return size
 
 
 def model_dims(model) -> tuple[int, int, int]:
@@ -111,6 +123,7 @@ def decode_tokens_per_s(model, kind: str, batch: int, context: int, steps: int,
     ``kind="none"`` is decoding without a cache: the whole sequence is recomputed for each token.
     """
     from nqkv_core.cache import ATTN_NAME
+    from nqkv_core.lab.models import cache_arg
 
     model.set_attn_implementation(ATTN_NAME if kind == "nqkv" else "sdpa")
     tok = torch.full((batch, 1), 42, dtype=torch.long)
@@ -119,7 +132,7 @@ def decode_tokens_per_s(model, kind: str, batch: int, context: int, steps: int,
         step = lambda: model(ids, use_cache=False, logits_to_keep=1)  # noqa: E731
     else:
         cache = filled_cache(kind, model, batch, context, scheme)
-        step = lambda: model(tok, past_key_values=cache, use_cache=True)  # noqa: E731
+        step = lambda: model(tok, **cache_arg(cache), use_cache=True)  # noqa: E731
     times = []
     for _ in range(steps + 1):  # the first step warms up
         t = time.perf_counter()
@@ -157,14 +170,13 @@ def report_schemes(bits: tuple[int, ...], sinks: int, window: int) -> list[KVSch
 
 
 def _plot(out: Path, dims, schemes: list[KVScheme], speed: dict[str, dict[int, float]], budget: int) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # Figure objects drawn by their own Agg canvas: the process's pyplot backend is left alone.
+    from matplotlib.figure import Figure
 
     paths = []
     ctx = [2**i for i in range(9, 18)]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     ax.plot(ctx, [cache_bytes(FP_BITS, n, dims) / GIB for n in ctx], "k-o", ms=3, label="fp16 (DynamicCache)")
     for s in schemes:
         if s.name.startswith("NQKV") or s.name.startswith("kivi"):
@@ -177,9 +189,9 @@ def _plot(out: Path, dims, schemes: list[KVScheme], speed: dict[str, dict[int, f
     fig.tight_layout()
     paths.append(out / "memory_vs_context.png")
     fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
     if speed:
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig = Figure(figsize=(6, 4))
+        ax = fig.subplots()
         for name, by_ctx in speed.items():
             xs = sorted(by_ctx)
             ax.plot(xs, [by_ctx[x] for x in xs], "-o", ms=3, label=name)
@@ -189,8 +201,133 @@ def _plot(out: Path, dims, schemes: list[KVScheme], speed: dict[str, dict[int, f
         fig.tight_layout()
         paths.append(out / "tokens_per_s_vs_context.png")
         fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
     return paths
+
+
+# How far two interleaved rounds of one decode figure may differ (relative to their median) before
+# the figure is re-measured and, if they still differ, flagged as noisy.
+SPREAD_LIMIT = 0.10
+
+
+@dataclass
+class SpeedFigure:
+    """One decode figure: the median tokens/s over interleaved rounds and how far the rounds spread."""
+
+    median: float
+    low: float
+    high: float
+    rounds: int
+
+    @property
+    def spread(self) -> float:
+        """``(high - low) / median``: 0 when every round measured the same."""
+        return (self.high - self.low) / self.median
+
+    @property
+    def noisy(self) -> bool:
+        return self.spread > SPREAD_LIMIT
+
+    def cell(self, base: "SpeedFigure | None" = None) -> str:
+        """``median (ratio to base) ±half-range%``, with ``†`` when :attr:`noisy`."""
+        ratio = f" ({self.median / base.median:.2f}x)" if base is not None else ""
+        return f"{self.median:.2f}{ratio} ±{50 * self.spread:.0f}%" + (" †" if self.noisy else "")
+
+
+def speed_figure(samples: list[float]) -> SpeedFigure:
+    """Summarise one figure's per-round tokens/s.
+
+    Raises:
+        ValueError: if ``samples`` is empty or holds a non-positive rate.
+    """
+    if not samples or min(samples) <= 0:
+        raise ValueError(f"need positive tokens/s samples, got {samples}")
+    return SpeedFigure(statistics.median(samples), min(samples), max(samples), len(samples))
+
+
+def measure_speeds(measure: Callable[[str], float], names: list[str], rounds: int, max_rounds: int,
+                   progress=None) -> dict[str, SpeedFigure]:
+    """Decode figures of every name at one context, in interleaved rounds (each name once per round,
+    so slow drifts of a shared machine hit all alike).
+
+    After ``rounds`` rounds, while some figure's rounds spread by more than :data:`SPREAD_LIMIT`,
+    another round of every name runs, up to ``max_rounds`` in all.
+
+    Args:
+        measure: tokens/s of one measurement of a name.
+        progress: advanced once per measurement (e.g. a ``tqdm`` bar); its total grows by a round of
+            ``len(names)`` for each extra round.
+    """
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(max_rounds):
+        if r >= rounds:
+            if not any(speed_figure(v).noisy for v in samples.values()):
+                break
+            if progress is not None:
+                progress.total += len(names)
+        for name in names:
+            samples[name].append(measure(name))
+            if progress is not None:
+                progress.update(1)
+    return {name: speed_figure(v) for name, v in samples.items()}
+
+
+def speed_markdown(speed: dict[str, dict[int, SpeedFigure]], base: str) -> list[str]:
+    """The decode table: a row per context, a column per cache, the ratio to ``base`` in brackets."""
+    names = list(speed)
+    contexts = sorted({c for by_ctx in speed.values() for c in by_ctx})
+    lines = ["| context | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
+    for ctx in contexts:
+        ref = speed[base].get(ctx)
+        lines.append(f"| {ctx} | " + " | ".join(speed[n][ctx].cell(ref) if ctx in speed[n] else "-" for n in names)
+                     + " |")
+    return lines
+
+
+def _quality_rows(quality, schemes: list[KVScheme], budget: int, dims) -> list[ReportRow]:
+    fp16_ctx = max_context(None, budget, dims)
+    by_name = {s.name: s for s in schemes}
+    rows = []
+    for r in quality:
+        s = by_name.get(r.method)
+        ctx = fp16_ctx if r.method == "full precision" else (max_context(s, budget, dims) if s else None)
+        rows.append(ReportRow(r.method + (f" ({r.note})" if r.note else ""), r.bits, r.ppl, r.dppl_pct,
+                              r.agree, r.kl, ctx, ctx / fp16_ctx if ctx else None))
+    return rows
+
+
+def _quality_markdown(rows: list[ReportRow]) -> list[str]:
+    lines = ["| method | bits/elem | PPL | ΔPPL % | KL vs full precision | greedy agree | max context at budget | x fp16 |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        agree = f"{100 * r.agree:.1f}%" if r.agree is not None else "-"
+        ctx = f"{r.context_at_budget:,}" if r.context_at_budget else "-"
+        x = f"{r.context_x_fp16:.2f}x" if r.context_x_fp16 else "-"
+        kl = f"{r.kl:.2e}" if r.kl is not None else "-"
+        lines.append(f"| {r.method} | {r.bits:.3f} | {r.ppl:.3f} | {r.dppl_pct:+.2f} | {kl} | {agree} | {ctx} | {x} |")
+    return lines
+
+
+def _write(out: Path, header: str, rows: list[ReportRow], speed: dict[str, dict[int, SpeedFigure]], base: str,
+           steps: int, meta: dict, plots: list[Path] = ()) -> str:
+    """Write report.md and report.json with what has been measured so far; returns the Markdown."""
+    lines = [header, "", *_quality_markdown(rows)]
+    if any(speed.values()):
+        noisy = any(f.noisy for by_ctx in speed.values() for f in by_ctx.values())
+        lines += ["", f"Decode tokens/s, batch 1, eager: median of interleaved rounds of {steps} steps (ratio to"
+                  f" {base} in brackets; ± half the range of the rounds, relative to the median)."
+                  + (f" † marks figures whose rounds still spanned more than {SPREAD_LIMIT:.0%} of the median"
+                     f" (± above {SPREAD_LIMIT / 2:.0%}) after extra rounds: the machine was busy; trust them less."
+                     if noisy else ""), ""]
+        lines += speed_markdown(speed, base)
+    lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
+    md = "\n".join(lines) + "\n"
+    (out / "report.md").write_text(md)
+    (out / "report.json").write_text(json.dumps(
+        {**meta, "rows": [asdict(r) for r in rows],
+         "decode_tokens_per_s": {n: {c: f.median for c, f in by.items()} for n, by in speed.items()},
+         "decode_rounds": {n: {c: {**asdict(f), "spread": f.spread, "noisy": f.noisy} for c, f in by.items()}
+                           for n, by in speed.items()}}, indent=1))
+    return md
 
 
 def run_report(
@@ -204,79 +341,62 @@ def run_report(
     window: int = 32,
     contexts: tuple[int, ...] | None = None,
     speed_bits: int = 4,
+    command: str | None = None,
 ) -> str:
-    """Run the whole report; returns the Markdown it wrote to ``out/report.md``."""
+    """Run the whole report; returns the Markdown it wrote to ``out/report.md``.
+
+    ``report.md`` and ``report.json`` are rewritten after the quality table and after each decode
+    context, so an interrupted run keeps what it measured. ``command`` (the command line that asked
+    for the report) is recorded in both.
+
+    Raises:
+        FileNotFoundError: if the model or the corpus cannot be found.
+        ValueError: if the corpus is too short for the windows and prompts.
+    """
     from nqkv_core.cache import enable
     from nqkv_core.lab.evaluate import evaluate, register_attention
     from nqkv_core.lab.models import load_model, load_text, prompts_after, token_windows
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     n_windows, window_len = (2, 512) if quick else (8, 1024)
     contexts = contexts or ((512, 2048) if quick else (1024, 4096, 16384))
     steps = 3 if quick else 8
-
+    text = load_text(text_file)  # before the model: a bad corpus fails at once
     lm = load_model(model_name, attn_implementation=register_attention())
     model, dims = lm.model, model_dims(lm.model)
-    text = load_text(text_file)
     windows = token_windows(lm.tokenizer, text, window_len, n_windows)
-    prompt_len = 128 if quick else 256
-    prompts = prompts_after(lm.tokenizer, text, n_windows, window_len, prompt_len, 2 if quick else 16)
+    # free-running greedy agreement costs a fake-quantized decode loop per scheme and means little
+    # over the few prompts a quick run could afford: --quick leaves it out
+    prompts = None if quick else prompts_after(lm.tokenizer, text, n_windows, window_len, 256, 16)
+    out.mkdir(parents=True, exist_ok=True)
+
+    header = (f"Model `{lm.name}`; corpus {text_file or 'WikiText-2 raw test'}; {n_windows} windows of {window_len}"
+              f" tokens; {sinks} sink tokens and a {window}-token recent window in full precision for every"
+              f" quantized scheme; budget {budget / GIB:g} GiB"
+              + ("; no greedy agreement with --quick" if quick else "")
+              + (f"; command `{command}`." if command else "."))
+    meta = {"command": command, "quick": quick, "model": lm.name, "budget_bytes": budget}
+    base = "DynamicCache (fp32)"
+    kinds = {base: "dynamic", f"NQKV-{speed_bits}": "nqkv", "QuantizedCache quanto int4": "quanto"}
+    speed: dict[str, dict[int, SpeedFigure]] = {name: {} for name in kinds}
 
     schemes = report_schemes(bits, sinks, window)
-    quality = evaluate(model, windows, schemes, prompts=prompts, quanto_bits=(4,), desc="perplexity", fidelity=True)
-
-    fp16_ctx = max_context(None, budget, dims)
-    by_name = {s.name: s for s in schemes}
-    rows = []
-    for r in quality:
-        s = by_name.get(r.method)
-        ctx = fp16_ctx if r.method == "full precision" else (max_context(s, budget, dims) if s else None)
-        rows.append(ReportRow(r.method + (f" ({r.note})" if r.note else ""), r.bits, r.ppl, r.dppl_pct,
-                              r.agree, r.kl, ctx, ctx / fp16_ctx if ctx else None))
+    quality = evaluate(model, windows, schemes, prompts=prompts, quanto_bits=(4,), desc="perplexity", fidelity=True,
+                       on_row=lambda q: _write(out, header, _quality_rows(q, schemes, budget, dims), speed, base,
+                                               steps, meta))
+    rows = _quality_rows(quality, schemes, budget, dims)
 
     speed_scheme = nqkv_preset(speed_bits, sinks=sinks, window=window)
     enable(model, scheme=speed_scheme)
-    kinds = {"DynamicCache (fp32)": "dynamic", f"NQKV-{speed_bits}": "nqkv", "QuantizedCache quanto int4": "quanto"}
-    speed: dict[str, dict[int, float]] = {name: {} for name in kinds}
-    rounds = 2 if quick else 3  # every cache in turn per round, median over rounds: the machine drifts
+    rounds = 2 if quick else 3
     with tqdm(total=len(kinds) * len(contexts) * rounds, desc="decode speed", unit="run") as bar:
         for ctx in contexts:
-            samples: dict[str, list[float]] = {name: [] for name in kinds}
-            for _ in range(rounds):
-                for name, kind in kinds.items():
-                    bar.set_postfix_str(f"{name} @ {ctx}")
-                    samples[name].append(decode_tokens_per_s(model, kind, 1, ctx, steps, speed_scheme))
-                    bar.update()
-            for name in kinds:
-                speed[name][ctx] = statistics.median(samples[name])
+            def measure(name: str) -> float:
+                bar.set_postfix_str(f"{name} @ {ctx}")
+                return decode_tokens_per_s(model, kinds[name], 1, ctx, steps, speed_scheme)
 
-    lines = [
-        f"Model `{lm.name}`; corpus {text_file or 'WikiText-2 raw test'}; {n_windows} windows of {window_len}"
-        f" tokens; {sinks} sink tokens and a {window}-token recent window in full precision for every"
-        f" quantized scheme; budget {budget / GIB:g} GiB; command `nqkv {' '.join(sys.argv[1:])}`.",
-        "",
-        "| method | bits/elem | PPL | ΔPPL % | KL vs full precision | greedy agree | max context at budget | x fp16 |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        agree = f"{100 * r.agree:.1f}%" if r.agree is not None else "-"
-        ctx = f"{r.context_at_budget:,}" if r.context_at_budget else "-"
-        x = f"{r.context_x_fp16:.2f}x" if r.context_x_fp16 else "-"
-        kl = f"{r.kl:.2e}" if r.kl is not None else "-"
-        lines.append(f"| {r.method} | {r.bits:.3f} | {r.ppl:.3f} | {r.dppl_pct:+.2f} | {kl} | {agree} | {ctx} | {x} |")
-    lines += ["", f"Decode tokens/s, batch 1, eager, median of {rounds} interleaved rounds of {steps} steps"
-              " (ratio to DynamicCache in brackets):", "",
-              "| context | " + " | ".join(kinds) + " |", "|---:|" + "---:|" * len(kinds)]
-    base = speed["DynamicCache (fp32)"]
-    for ctx in contexts:
-        cells = [f"{speed[n][ctx]:.2f} ({speed[n][ctx] / base[ctx]:.2f}x)" for n in kinds]
-        lines.append(f"| {ctx} | " + " | ".join(cells) + " |")
-    plots = _plot(out, dims, schemes, speed, budget)
-    lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
-    md = "\n".join(lines) + "\n"
-    (out / "report.md").write_text(md)
-    (out / "report.json").write_text(json.dumps(
-        {"rows": [asdict(r) for r in rows], "decode_tokens_per_s": speed, "quick": quick,
-         "model": lm.name, "budget_bytes": budget}, indent=1))
-    return md
+            for name, fig in measure_speeds(measure, list(kinds), rounds, rounds + 2, bar).items():
+                speed[name][ctx] = fig
+            _write(out, header, rows, speed, base, steps, meta)
+    plots = _plot(out, dims, schemes, {n: {c: f.median for c, f in by.items()} for n, by in speed.items()}, budget)
+    return _write(out, header, rows, speed, base, steps, meta, plots)

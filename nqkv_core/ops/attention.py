@@ -25,6 +25,7 @@ path with Inductor).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Optional
@@ -143,12 +144,18 @@ def _use_triton(q: Tensor) -> bool:
 
 
 def _triton_kernels():
-    """The kernel modules, imported on first use (after any TRITON_INTERPRET setting); None without triton."""
+    """The kernel modules, imported on first use (after any TRITON_INTERPRET setting): the split-K
+    decode, the prefill and the grouped decode kernel (None where this Triton lacks what it uses;
+    the split-K kernel then decodes everything); None without triton."""
     try:
         from nqkv_core.ops import triton_decode, triton_prefill
     except ImportError:
         return None
-    return triton_decode, triton_prefill
+    try:
+        from nqkv_core.ops import triton_decode_grouped
+    except (ImportError, AttributeError):
+        triton_decode_grouped = None
+    return triton_decode, triton_prefill, triton_decode_grouped
 
 
 # -- the op ---------------------------------------------------------------------------------------------
@@ -205,8 +212,10 @@ def attention_eager(
     v = (v_codes, v_absmax, v_codebook, v_block, v_axis)
     kernels = _triton_kernels() if _use_triton(q) else None
     if kernels is not None:
-        triton_decode, triton_prefill = kernels
+        triton_decode, triton_prefill, grouped = kernels
         if triton_decode.supports(q, k, v):
+            if grouped is not None and grouped.supports(q, k, v):  # the presets' 4-bit layout
+                return grouped.grouped_decode(q, *k, *v, k_tail, v_tail, attn_mask, scale, is_causal)
             if q.shape[2] * (q.shape[1] // k_codes.shape[1]) <= triton_decode.MAX_ROWS:
                 return triton_decode.flash_decode(
                     q, *k, *v, k_tail, v_tail, attn_mask, scale, is_causal
@@ -220,9 +229,27 @@ def attention_eager(
     return cpu.attention_chunked(q, k, v, k_tail, v_tail, attn_mask, scale, is_causal, plain=plain)
 
 
+@contextlib.contextmanager
+def _no_kernel_scan():
+    import torch._library.triton as lib
+
+    scan = getattr(lib, "get_inner_triton_kernels", None)
+    if scan is not None:
+        lib.get_inner_triton_kernels = lambda fn: []
+    try:
+        yield
+    finally:
+        if scan is not None:
+            lib.get_inner_triton_kernels = scan
+
+
 # The op, registered from the same function. Eager callers may call ``attention_eager`` directly
 # where :func:`skips_dispatcher` allows: same result, without the dispatcher's ~0.1 ms per call.
-attention = torch.library.triton_op("nqkv::attention", mutates_args=())(attention_eager)
+# triton_op scans the body's source for Triton kernels as it registers, which imports triton and
+# torch._inductor (about a second); this body launches none itself (its kernels are the nested
+# nqkv::flash_decode / flash_prefill ops), so the scan, where torch has one, finds none and is skipped.
+with _no_kernel_scan():
+    attention = torch.library.triton_op("nqkv::attention", mutates_args=())(attention_eager)
 
 
 @torch.library.custom_op("nqkv::attention_cpu_decode", mutates_args=())

@@ -16,9 +16,12 @@ Eager CPU (the fast path):
   per block before the matmul. Per-channel blocks (``axis == 2``): the queries are scaled per
   token block, and V partial outputs per token block are scaled afterwards. With many query rows
   (prefill) the decoded chunk is scaled instead, which is cheaper there.
-* Products are bfloat16 with fp32 accumulation; scores, softmax and the output accumulator are
-  fp32 (the same split as torch's bf16 SDPA). Compared with fp32 attention over the dequantized
-  cache the output differs by about 1e-3 relative -- far below the 4-bit quantization error.
+* For fp16 / bf16 queries products are bfloat16 with fp32 accumulation; scores, softmax and the
+  output accumulator are fp32 (the same split as torch's bf16 SDPA). Compared with fp32 attention
+  over the dequantized cache the output differs by about 1e-3 relative -- far below the 4-bit
+  quantization error. fp32 queries get fp32 throughout (:func:`compute_dtype`): the levels are
+  decoded with the plain gather below instead of the bf16 tables, so the result is that of fp32
+  SDPA over the dequantized cache up to summation order.
 
 Decode (at most ``DECODE_MAX_ROWS`` query rows per KV head, blocks along head_dim):
 :func:`attention_decode` computes every score of a row (``rows * Tk`` fp32 per KV head, small next
@@ -60,6 +63,13 @@ DECODE_MAX_ROWS = 16  # query rows per KV head (Tq * group) up to which the deco
 DECODE_PAD_TOKENS = 64
 
 _TABLES: dict[tuple, tuple[Tensor, int, int]] = {}
+
+
+def compute_dtype(q: Tensor) -> torch.dtype:
+    """The dtype of the matmul operands for queries ``q``: ``COMPUTE_DTYPE`` (bf16) for fp16 / bf16
+    queries, fp32 for fp32 ones (rounding fp32 queries and levels to bf16 costs about 1e-2 absolute
+    error over a prompt, which fp32 callers did not ask for)."""
+    return torch.float32 if q.dtype == torch.float32 else COMPUTE_DTYPE
 _ONEHOT: dict[tuple, Tensor] = {}
 
 
@@ -300,6 +310,8 @@ def attention_decode(
             attn_mask = bias.masked_fill(~attn_mask, -math.inf)
         else:
             attn_mask = bias + attn_mask
+    if compute_dtype(q) != COMPUTE_DTYPE:  # the bf16 tables below are for fp16 / bf16 queries
+        return attention_chunked(q, k, v, k_tail, v_tail, attn_mask, scale, is_causal)
     b, hq, tq, d = q.shape
     kc, ka, kcb, kblock, _ = k
     vc, va, vcb, vblock, _ = v
@@ -355,7 +367,7 @@ def attention_decode(
         masked = True
     p = torch.softmax(s, dim=-1)
     if masked:  # rows that can attend to nothing are NaN after the softmax; SDPA gives zeros
-        p = p.nan_to_num_(0.0)
+        p = p.masked_fill_((s == -math.inf).all(-1, keepdim=True), 0.0)
 
     o = None
     if th:
@@ -399,6 +411,7 @@ def attention_chunked(
 
     ``k`` and ``v`` are ``(codes, absmax, codebook, block, axis)`` with arguments already checked.
     ``plain=True`` takes the compile-friendly fp32 route (no lookup tables, scaled mode only).
+    Products are in :func:`compute_dtype` (fp32 for fp32 queries, without lookup tables).
     Returns (B, Hq, Tq, Dv) in ``q.dtype``.
 
     Loop structure: query blocks x key blocks x chunks. Within a key block the scores of all its
@@ -414,8 +427,8 @@ def attention_chunked(
     tt = 0 if k_tail is None else k_tail.shape[2]
     tk = th + tt
     dev = q.device
-    cdt = torch.float32 if plain else COMPUTE_DTYPE
-    decode: Callable = _decode_plain if plain else _decode_lut
+    cdt = torch.float32 if plain else compute_dtype(q)
+    decode: Callable = _decode_lut if cdt == COMPUTE_DTYPE else _decode_plain
     kp = _Packed(*k, d, decode)
     vp = _Packed(*v, dv, decode)
     align = math.lcm(*(p.block for p in (kp, vp) if p.axis == 2)) if 2 in (kp.axis, vp.axis) else 64

@@ -1,0 +1,66 @@
+"""Bytes an NQKV cache holds against an fp16 cache of the same tokens, counting every tensor.
+
+A SmolLM2-135M-shaped cache (30 layers, 3 KV heads, head_dim 64; no weights needed) is filled with
+``--contexts`` random tokens through ``NQKVCache.append``; ``cache.nbytes`` counts every tensor it
+holds (codes and scales at their allocated capacity, the full-precision sink and window tokens,
+the frozen transforms, the shared RoPE table), each storage once, and ``held`` re-counts every
+tensor reachable from the cache object as a cross-check. ``bound`` is the ratio the preset could
+reach if nothing but its tokens were stored: body tokens at the scheme's bits per element, the
+``sinks + window`` exact tokens at 16 bits.
+
+    python benchmarks/cache_memory.py --contexts 512 1024 2048 4096 16384
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from nqkv_core.cache import NQKVCache
+from nqkv_core.lab.bench import held_bytes
+from nqkv_core.quantize import bits_per_element
+from nqkv_core.scheme import default_scheme
+
+
+def smollm2_config(layers: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, num_hidden_layers=layers,
+                       head_dim=64, rope_theta=1e5)
+
+
+def filled(scheme, config, context: int) -> NQKVCache:
+    cache = NQKVCache(scheme, config=config)
+    g = torch.Generator().manual_seed(0)
+    h, d = config.num_key_value_heads, config.head_dim
+    for i in range(config.num_hidden_layers):
+        kv = torch.randn(2, 1, h, context, d, generator=g)
+        cache.append(kv[0], kv[1], i, torch.randn(1, config.num_attention_heads, context, d, generator=g))
+    return cache
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--contexts", type=int, nargs="+", default=[512, 1024, 2048, 4096, 16384], help="tokens held")
+    ap.add_argument("--bits", type=int, default=4, help="NQKV preset width")
+    ap.add_argument("--layers", type=int, default=30, help="layers (SmolLM2-135M: 30)")
+    args = ap.parse_args()
+    config = smollm2_config(args.layers)
+    scheme = default_scheme(args.bits, config.head_dim)
+    per_token_fp16 = 2 * args.layers * config.num_key_value_heads * config.head_dim * 2
+    body_bits = bits_per_element(scheme.k_bits, scheme.k_block) / 2 + bits_per_element(scheme.v_bits, scheme.v_block) / 2
+    print(f"{scheme.name}: {body_bits:.2f} bits per body element; {scheme.sinks} sinks + {scheme.window}-token window exact\n")
+    print("| tokens | fp16 MiB | NQKV nbytes MiB | fp16 / nbytes | fp16 / held | bound |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for n in args.contexts:
+        cache = filled(scheme, config, n)
+        fp16 = per_token_fp16 * n
+        exact = min(n, scheme.sinks + scheme.window - 1)
+        bound = 16 * n / (body_bits * (n - exact) + 16 * exact)
+        print(f"| {n} | {fp16 / 2**20:.2f} | {cache.nbytes / 2**20:.2f} | {fp16 / cache.nbytes:.2f}"
+              f" | {fp16 / held_bytes(cache):.2f} | {bound:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,421 @@
+"""Saving and loading a cache's contents (prefix reuse): safetensors with a checksum.
+
+A file holds the used part of each layer's buffers, its frozen transform and token count, and
+metadata naming the format version, the scheme, the number of layers and the model dtype.
+
+A file is untrusted input. :func:`load` checks, in this order and before it builds any layer:
+the metadata (format, version, scheme, a bounded number of layers, a known dtype); the name,
+dtype and shape of every tensor, from the file's header (what :func:`layer_spec` says the scheme,
+the token count and the layer layout imply); the digest; then the values (finite full-precision
+tokens, scales and transforms, positive equalisation, orthogonal rotations, RoPE frequencies that
+match the model's). Every failure is a ``ValueError`` naming the file, the layer and the tensor.
+
+The SHA-256 digest detects corruption, not tampering: anyone can recompute it. With ``key=``,
+:func:`save` adds an HMAC-SHA256 of the same contents, which :func:`load` with the same key
+requires: only holders of the key can produce a file that passes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nqkv_core import _hf
+from nqkv_core.cache.format import fp_dtype
+from nqkv_core.scheme import FP_BITS, QUERY_METRIC_RANK, KVScheme, KVTransform, key_feedback, rope_inv_freq
+
+FORMAT_VERSION = "1"
+# The transform's saved fields (the feedback matrix is derived from the stored metric on load).
+TRANSFORM_FIELDS = tuple(f.name for f in dataclasses.fields(KVTransform) if f.name != "k_feedback")
+# Bounds on what a file may ask :func:`load` to build, checked before anything is allocated: a
+# header can claim any count or shape (a zero-length tensor of a huge batch costs no file bytes).
+MAX_LAYERS = 10_000
+MAX_HEAD_DIM = 1024
+MAX_TOKEN_ELEMENTS = 2**24  # batch * kv heads * head_dim of one token of one side
+MODEL_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# safetensors' header dtype names (others are reported as the header spells them)
+_FILE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                "BOOL": torch.bool}
+_DIGESTS = ("sha256", "hmac_sha256")
+_KEY = re.compile(r"layer(0|[1-9][0-9]{0,4})\.([a-z0-9_]+)")
+# (dtype, shape) of a saved tensor
+Spec = tuple[torch.dtype, tuple[int, ...]]
+
+
+def layer_state(layer) -> dict[str, torch.Tensor]:
+    """The tensors that define the cache contents (used parts of the body only)."""
+    if not layer.is_initialized:
+        return {"length": layer.length.clone()}
+    n_body = layer._body_capacity(int(layer.length))
+    out = {"length": layer.length.clone()}
+    for side in ("k", "v"):
+        for i, x in enumerate(getattr(layer, f"{side}_body")):
+            out[f"{side}_body{i}"] = x[:, :, :n_body]
+        out[f"{side}_sink"] = getattr(layer, f"{side}_sink")[:, :, : layer.n_sinks]
+        out[f"{side}_ring"] = getattr(layer, f"{side}_ring")[:, :, : layer.n_ring]
+    if layer.transform is not None:
+        for f in TRANSFORM_FIELDS:
+            x = getattr(layer.transform, f)
+            if x is not None:
+                out[f"t_{f}"] = x
+    return out
+
+
+def layer_spec(scheme: KVScheme, batch: int, heads: int, head_dim: int, n: int, dtype: torch.dtype,
+               n_ring: int, transform: bool = True) -> dict[str, Spec]:
+    """What :func:`layer_state` holds for a layer of ``scheme`` with ``n`` tokens: name -> (dtype, shape).
+
+    Args:
+        scheme: the layer's scheme (``scheme.for_layer(i)``).
+        batch, heads, head_dim: the layer's K/V dims.
+        n: tokens seen.
+        dtype: the model's dtype (full-precision tokens of an untransformed scheme are kept in it).
+        n_ring: full-precision ring slots (``max(window, 1) - 1 + crop_margin``).
+        transform: whether the frozen transform is included (a layer has none before its first step).
+    """
+    b, h, d = batch, heads, head_dim
+    fp = fp_dtype(scheme, dtype)
+    n_body = max(n - scheme.sinks - max(scheme.window, 1) + 1, 0)
+    spec: dict[str, Spec] = {"length": (torch.int64, ())}
+    for side in ("k", "v"):
+        bits, block = getattr(scheme, f"{side}_bits"), getattr(scheme, f"{side}_block")
+        if bits < FP_BITS:
+            spec[f"{side}_body0"] = (torch.uint8, (b, h, n_body, d * bits // 8))
+            spec[f"{side}_body1"] = (scheme.scale_dtype, (b, h, n_body, d // block))
+        else:
+            spec[f"{side}_body0"] = (fp, (b, h, n_body, d))
+        spec[f"{side}_sink"] = (fp, (b, h, scheme.sinks, d))
+        spec[f"{side}_ring"] = (fp, (b, h, n_ring, d))
+    if transform:
+        spec.update(transform_spec(scheme, b, h, d))
+    return spec
+
+
+def transform_spec(scheme: KVScheme, batch: int, heads: int, head_dim: int) -> dict[str, Spec]:
+    """The saved fields of the transform :func:`~nqkv_core.scheme.fit_transform` fits for ``scheme``."""
+    f32, vec, d = torch.float32, (batch, heads, 1, head_dim), head_dim
+    s, spec = scheme, {}
+    fields = {
+        "mu_k": (s.k_centre, vec), "a_k": (s.k_equalize != "none", vec), "rot_k": (s.k_rotate, (d, d)),
+        "mu_v": (s.v_centre, vec), "b_v": (s.v_equalize, vec), "rot_v": (s.v_rotate, (d, d)),
+        "k_metric": (s.k_rounding == "query" and s.k_bits < FP_BITS,
+                     (batch, heads, min(QUERY_METRIC_RANK, d - 1), d)),
+        "k_metric_iso": (s.k_rounding == "query" and s.k_bits < FP_BITS, (batch, heads, 1, 1)),
+        "inv_freq": (s.k_centre and s.k_centre_rope, (d // 2,)),
+    }
+    for name, (present, shape) in fields.items():
+        if present:
+            spec[f"t_{name}"] = (f32, shape)
+    return spec
+
+
+def check_layer_spec(where: str, scheme: KVScheme, found: dict[str, Spec], n: int, dtype: torch.dtype | None,
+                     n_ring: int, config: Any = None) -> tuple[int, int, int] | None:
+    """Check the names, dtypes and shapes ``found`` of one layer's tensors against :func:`layer_spec`.
+
+    Returns:
+        ``(batch, heads, head_dim)``, or None for a layer that holds nothing yet.
+
+    Raises:
+        ValueError: naming ``where``, the tensor, and what was expected.
+    """
+    if "k_sink" not in found:
+        if set(found) != {"length"} or n:
+            raise ValueError(f"{where}: an empty layer holds only length=0, got {sorted(found)} and length={n}")
+        return None
+    shape = found["k_sink"][1]
+    if len(shape) != 4:
+        raise ValueError(f"{where}: k_sink must be (batch, kv heads, sinks, head_dim), got shape {shape}")
+    b, h, _, d = shape
+    _check_dims(where, scheme, b, h, d, dtype, config)
+    transform = n > 0 or any(k.startswith("t_") for k in found)
+    spec = layer_spec(scheme, b, h, d, n, dtype, n_ring, transform)
+    missing, extra = sorted(spec.keys() - found.keys()), sorted(found.keys() - spec.keys())
+    if missing or extra:
+        raise ValueError(f"{where}: tensors missing {missing}, unexpected {extra} for scheme {scheme.name!r}"
+                         f" holding {n} tokens")
+    for name, want in spec.items():
+        if found[name] != want:
+            hint = ""
+            if name.endswith("_ring") and found[name][1][2:3] != want[1][2:3]:
+                hint = (f" (the ring keeps max(window, 1) - 1 + crop_margin tokens: load with the crop_margin"
+                        f" the cache was created with)")
+            raise ValueError(f"{where}: {name} is {_fmt(found[name])}, expected {_fmt(want)}{hint}")
+    return b, h, d
+
+
+def _check_dims(where: str, scheme: KVScheme, b: int, h: int, d: int, dtype: torch.dtype | None,
+                config: Any) -> None:
+    if dtype is None:
+        raise ValueError(f"{where}: the file holds K/V but its metadata names no dtype")
+    if min(b, h, d) < 1 or d > MAX_HEAD_DIM or b * h * d > MAX_TOKEN_ELEMENTS:
+        raise ValueError(
+            f"{where}: batch {b}, {h} kv heads of dim {d}: expected positive sizes, head_dim <= {MAX_HEAD_DIM}"
+            f" and batch * heads * head_dim <= {MAX_TOKEN_ELEMENTS}"
+        )
+    if config is not None and (h, d) != (_hf.kv_heads(config), _hf.head_dim(config)):
+        raise ValueError(
+            f"{where}: cache has {h} kv heads of dim {d}; the model has {_hf.kv_heads(config)} kv heads of dim"
+            f" {_hf.head_dim(config)}"
+        )
+    for side in ("k", "v"):
+        bits, block = getattr(scheme, f"{side}_bits"), getattr(scheme, f"{side}_block")
+        if bits < FP_BITS and (d % block or d * bits % 8):
+            raise ValueError(f"{where}: head_dim {d} does not fit {bits}-bit blocks of {block} ({side} side)")
+    if scheme.k_centre and scheme.k_centre_rope and d % 2:
+        raise ValueError(f"{where}: RoPE needs an even head_dim, got {d}")
+
+
+def check_layer_values(where: str, state: dict[str, torch.Tensor], inv_freq: torch.Tensor | None = None) -> None:
+    """Check the values of one layer's tensors (shapes already checked by :func:`check_layer_spec`).
+
+    Full-precision tokens, scales and transform fields must be finite, equalisation positive,
+    rotations orthogonal, RoPE frequencies positive and equal to ``inv_freq`` when given.
+
+    Raises:
+        ValueError: naming ``where`` and the tensor.
+    """
+    for name, x in state.items():
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{where}: {name} holds non-finite values")
+    for name in ("t_a_k", "t_b_v", "t_inv_freq"):
+        if name in state and not bool((state[name] > 0).all()):
+            raise ValueError(f"{where}: {name} must be positive")
+    if "t_k_metric_iso" in state and not bool((state["t_k_metric_iso"] >= 0).all()):
+        raise ValueError(f"{where}: t_k_metric_iso must be >= 0")
+    for name in ("t_rot_k", "t_rot_v"):
+        if name in state:
+            r = state[name].double()
+            err = (r @ r.T - torch.eye(r.shape[0], dtype=torch.float64, device=r.device)).abs().max()
+            if not err <= 1e-4:
+                raise ValueError(f"{where}: {name} is not orthogonal (|R R^T - I| = {float(err):.3g})")
+    if inv_freq is not None and "t_inv_freq" in state:
+        if not torch.allclose(state["t_inv_freq"], inv_freq.to(state["t_inv_freq"]), rtol=1e-5, atol=0):
+            raise ValueError(f"{where}: t_inv_freq differs from the model's RoPE frequencies")
+
+
+def load_layer_state(layer, state: dict[str, torch.Tensor], dtype: torch.dtype, where: str = "layer state") -> None:
+    """Inverse of :func:`layer_state` on a fresh layer of the same scheme; ``dtype``: the model's.
+
+    Raises:
+        ValueError: ``state`` is not what :func:`layer_spec` and :func:`check_layer_values` accept.
+    """
+    n = _length(where, state.get("length"))
+    found = {k: (v.dtype, tuple(v.shape)) for k, v in state.items()}
+    empty = check_layer_spec(where, layer.scheme, found, n, dtype, layer.n_ring) is None
+    if empty or (n == 0 and not any(k.startswith("t_") and x.dim() == 4 for k, x in state.items())):
+        # No token, and no measured transform (a reset layer, or one holding only the fixed
+        # rotation): nothing the next step would not build again, so the layer stays fresh. This
+        # also allocates nothing for the dims a file may claim for tensors of no elements.
+        layer.reset()
+        return
+    check_layer_values(where, state, layer.rope.inv_freq)
+    layer.reset()
+    k = state["k_sink"]
+    empty = torch.zeros(k.shape[0], k.shape[1], 0, k.shape[3], dtype=dtype, device=k.device)
+    layer.lazy_initialization(empty, empty)
+    layer._grow(n)
+    n_body = layer._body_capacity(n)
+    for side in ("k", "v"):
+        for i, x in enumerate(getattr(layer, f"{side}_body")):
+            x[:, :, :n_body].copy_(state[f"{side}_body{i}"])
+        getattr(layer, f"{side}_sink")[:, :, : layer.n_sinks].copy_(state[f"{side}_sink"])
+        getattr(layer, f"{side}_ring")[:, :, : layer.n_ring].copy_(state[f"{side}_ring"])
+    if any(f"t_{f}" in state for f in TRANSFORM_FIELDS) or n > 0:
+        layer.transform = KVTransform(**{f: state.get(f"t_{f}") for f in TRANSFORM_FIELDS})
+        layer.transform.k_feedback = _feedback(where, layer.transform)
+    if layer.transform is not None and layer.transform.inv_freq is not None:
+        if layer.rope.inv_freq is None:
+            layer.rope.inv_freq = layer.transform.inv_freq
+        layer.rope.ensure(n, layer.device)
+    layer.length.fill_(n)
+    layer._step_length = None
+
+
+def _feedback(where: str, t: KVTransform) -> torch.Tensor | None:
+    """The keys' feedback matrix of a loaded metric, which must be positive definite and finite."""
+    try:
+        f = key_feedback(t)
+    except RuntimeError as e:  # torch.linalg.LinAlgError: the Cholesky factorisation failed
+        raise ValueError(f"{where}: t_k_metric and t_k_metric_iso do not make a positive definite metric") from e
+    if f is not None and not bool(torch.isfinite(f).all()):
+        raise ValueError(f"{where}: t_k_metric and t_k_metric_iso do not make a finite feedback matrix")
+    return f
+
+
+def _length(where: str, x: torch.Tensor | None) -> int:
+    if x is None or x.dtype != torch.int64 or x.shape != ():
+        got = None if x is None else _fmt((x.dtype, tuple(x.shape)))
+        raise ValueError(f"{where}: length must be an int64 scalar, got {got}")
+    n = int(x)
+    if n < 0:
+        raise ValueError(f"{where}: length must be >= 0, got {n}")
+    return n
+
+
+def _fmt(spec: Spec) -> str:
+    return f"{str(spec[0]).removeprefix('torch.')} {tuple(spec[1])}"
+
+
+def scheme_json(scheme: KVScheme) -> str:
+    """The scheme as a file's metadata names it."""
+    fields = {f: (str(getattr(scheme, f)).removeprefix("torch.") if f == "scale_dtype" else getattr(scheme, f))
+              for f in scheme.__dataclass_fields__}
+    return json.dumps(fields, sort_keys=True)
+
+
+def cache_meta(cache) -> dict[str, str]:
+    first = cache.layers[0] if cache.layers else None
+    return {
+        "format": "nqkv-cache",
+        "version": FORMAT_VERSION,
+        "scheme": scheme_json(cache.scheme),
+        "num_layers": str(len(cache.layers)),
+        "dtype": str(getattr(first, "dtype", "")).removeprefix("torch."),
+    }
+
+
+def save(cache, path: str | Path, key: bytes | None = None) -> None:
+    """Write the cache contents to a safetensors file (used parts only, with a checksum).
+
+    Args:
+        key: a secret; adds an HMAC-SHA256 of the contents that :func:`load` with the same key
+            requires. Without it the file carries a plain SHA-256, which detects corruption but not
+            tampering (anyone can recompute it).
+    """
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for i, layer in enumerate(cache.layers):
+        if layer._pending is not None:
+            raise RuntimeError("cannot save an NQKVCache in the middle of a forward pass")
+        for name, x in layer_state(layer).items():
+            # clone: layers share the RoPE frequencies, and safetensors refuses shared storage
+            tensors[f"layer{i}.{name}"] = x.clone() if name == "t_inv_freq" else x.contiguous()
+    meta = cache_meta(cache)
+    if key is not None:
+        meta["hmac_sha256"] = _digest(tensors, meta, key)
+    meta["sha256"] = _digest(tensors, meta)  # over everything else, the HMAC included
+    save_file(tensors, str(path), metadata=meta)
+
+
+def load(
+    cls,
+    path: str | Path,
+    scheme: KVScheme,
+    config: Any = None,
+    max_cache_len: int | None = None,
+    crop_margin: int = 0,
+    device: torch.device | str | None = None,
+    decode: str = "auto",
+    key: bytes | None = None,
+) -> "Any":
+    """Read a cache written by :func:`save`, checking everything in it first (module docstring).
+
+    Args:
+        key: the secret the file was saved with: its HMAC-SHA256 must then match. Without it only
+            the plain SHA-256 is checked, which anyone who edits a file can recompute.
+
+    Raises:
+        ValueError: an unreadable, corrupted or inconsistent file (naming the layer and tensor),
+            another scheme, another number of layers or kv heads or head_dim than ``config``, RoPE
+            frequencies other than ``config``'s, or a wrong ``key``.
+    """
+    from safetensors import safe_open
+
+    if crop_margin < 0:
+        raise ValueError(f"crop_margin must be >= 0, got {crop_margin}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta, tensors = _read_checked(path, f, scheme, config, max_cache_len, crop_margin)
+    except ValueError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for a bad header or size
+        raise ValueError(f"{path}: not a readable safetensors NQKV cache ({type(e).__name__}: {e})") from e
+    _check_digest(path, tensors, meta, key)
+    cache = cls(scheme, config=config, num_layers=int(meta["num_layers"]), max_cache_len=max_cache_len,
+                crop_margin=crop_margin, decode=decode)
+    dtype = MODEL_DTYPES.get(meta.get("dtype", ""))
+    for i, layer in enumerate(cache.layers):
+        state = {k.split(".", 1)[1]: v.to(device) for k, v in tensors.items() if k.startswith(f"layer{i}.")}
+        # checks the values; the layers share one RoPE table, so a layer's frequencies must equal
+        # config's or, without config, those of the layers before
+        load_layer_state(layer, state, dtype, f"{path}: layer {i}")
+    return cache
+
+
+def _read_checked(path, f, scheme: KVScheme, config: Any, max_cache_len: int | None,
+                  crop_margin: int) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The metadata and tensors of an open file, whose metadata and header (every tensor's name,
+    dtype and shape) are checked before any tensor data is read."""
+    meta = f.metadata() or {}
+    num_layers = _check_meta(path, meta, scheme, config)
+    dtype = MODEL_DTYPES.get(meta.get("dtype", ""))
+    found: dict[int, dict[str, Spec]] = {i: {} for i in range(num_layers)}
+    for k in f.keys():
+        m = _KEY.fullmatch(k)
+        if m is None or int(m[1]) >= num_layers:
+            raise ValueError(f"{path}: unexpected tensor {k!r} in a file of {num_layers} layers")
+        s = f.get_slice(k)
+        found[int(m[1])][m[2]] = (_FILE_DTYPES.get(s.get_dtype(), s.get_dtype()), tuple(s.get_shape()))
+    batch = None
+    for i in range(num_layers):
+        where, s = f"{path}: layer {i}", scheme.for_layer(i)
+        if found[i].get("length") != (torch.int64, ()):
+            raise ValueError(f"{where}: length must be an int64 scalar, got {found[i].get('length')}")
+        n = _length(where, f.get_tensor(f"layer{i}.length"))
+        if max_cache_len is not None and n > max_cache_len:
+            raise ValueError(f"{where}: holds {n} tokens, more than max_cache_len={max_cache_len}")
+        dims = check_layer_spec(where, s, found[i], n, dtype, max(s.window, 1) - 1 + crop_margin, config)
+        if dims is not None and batch is not None and dims[0] != batch:
+            raise ValueError(f"{where}: batch {dims[0]}, the layers before have batch {batch}")
+        batch = dims[0] if dims is not None else batch
+    return meta, {k: f.get_tensor(k) for k in f.keys()}
+
+
+def _check_meta(path, meta: dict[str, str], scheme: KVScheme, config: Any) -> int:
+    """Check a file's metadata; returns its number of layers."""
+    if meta.get("format") != "nqkv-cache" or meta.get("version") != FORMAT_VERSION:
+        got = {k: str(meta.get(k))[:40] for k in ("format", "version")}  # a header may hold anything: cut it
+        raise ValueError(f"{path}: not an NQKV cache file of format version {FORMAT_VERSION} ({got})")
+    if meta.get("scheme") != scheme_json(scheme):
+        raise ValueError(f"{path}: saved with scheme {str(meta.get('scheme'))[:2000]}, not {scheme_json(scheme)}")
+    raw = meta.get("num_layers", "")
+    if not re.fullmatch(r"0|[1-9][0-9]{0,4}", raw) or int(raw) > MAX_LAYERS:
+        raise ValueError(f"{path}: num_layers must be an integer in [0, {MAX_LAYERS}], got {raw[:40]!r}")
+    n = int(raw)
+    if config is not None and n != _hf.num_layers(config):
+        raise ValueError(f"{path}: {n} layers saved, the model has {_hf.num_layers(config)}")
+    if scheme.layer_bits and n != len(scheme.layer_bits):
+        raise ValueError(f"{path}: {n} layers saved, scheme {scheme.name!r} has widths for {len(scheme.layer_bits)}")
+    if meta.get("dtype", "") not in ("", *MODEL_DTYPES):
+        raise ValueError(f"{path}: dtype must be one of {sorted(MODEL_DTYPES)}, got {meta.get('dtype')[:40]!r}")
+    return n
+
+
+def _check_digest(path, tensors: dict[str, torch.Tensor], meta: dict[str, str], key: bytes | None) -> None:
+    if key is not None:
+        body = {k: v for k, v in meta.items() if k not in _DIGESTS}
+        if not hmac.compare_digest(meta.get("hmac_sha256", "").encode(), _digest(tensors, body, key).encode()):
+            raise ValueError(f"{path}: HMAC mismatch: the file was not saved with this key, or was modified")
+    elif meta.get("sha256") != _digest(tensors, {k: v for k, v in meta.items() if k != "sha256"}):
+        raise ValueError(f"{path}: checksum mismatch; the file is corrupted or was modified")
+
+
+def _digest(tensors: dict[str, torch.Tensor], meta: dict[str, str], key: bytes | None = None) -> str:
+    """SHA-256 of the metadata and tensors (an HMAC-SHA256 with ``key``)."""
+    h = hmac.new(key, digestmod=hashlib.sha256) if key is not None else hashlib.sha256()
+    h.update(json.dumps(meta, sort_keys=True).encode())
+    for name in sorted(tensors):
+        x = tensors[name].contiguous()
+        h.update(f"{name}:{x.dtype}:{tuple(x.shape)}".encode())
+        h.update(x.reshape(-1).view(torch.uint8).numpy().tobytes() if x.numel() else b"")
+    return h.hexdigest()

@@ -1,0 +1,414 @@
+"""One attention step of a cache layer: transform the new tokens, attend, commit.
+
+The decode strategy is picked once per cache (``NQKVCache(decode=...)``), never by globals:
+
+* ``"reference"``: plain torch with the exact arithmetic of the fake-quantized scheme (fp32 SDPA
+  over the dequantized body); what the tests compare every other strategy against.
+* ``"ops"``: the general step (the transform applied to queries and keys) with attention through
+  the ``torch.ops.nqkv`` ops, which read the packed codes in place (Triton on GPU, native on CPU).
+* ``"folded"``: as ``"ops"``, but an eager one-token step folds the frozen transform into a few
+  vector ops (:class:`StepMaps`), applied around the same attention op.
+* ``"native"`` (``"auto"``): as ``"folded"``, and on CPU the whole folded step (transform,
+  attention, commit) is one native call when the kernels can take it.
+
+The strategies compute the same attention: the tests run each on the same inputs against the reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+import torch
+
+from nqkv_core import native
+from nqkv_core._hf import bool_mask
+from nqkv_core.cache import commit, compiled  # noqa: F401  (compiled: registers torch.ops.nqkv.cache_step)
+from nqkv_core.cache.attend import Logits, attend, prompt_attention
+from nqkv_core.cache.format import KeyBias, rope_bias_weights
+from nqkv_core.quantize import decision_thresholds, fit_ratios
+from nqkv_core.scheme import per_query_head, rotate_half
+
+Decode = Literal["auto", "reference", "ops", "folded", "native"]
+DECODE_STRATEGIES = ("auto", "reference", "ops", "folded", "native")
+
+
+def check_decode(decode: str) -> str:
+    """``decode`` if it names a strategy; ValueError otherwise."""
+    if decode not in DECODE_STRATEGIES:
+        raise ValueError(f"decode must be one of {', '.join(map(repr, DECODE_STRATEGIES))}, got {decode!r}")
+    return decode
+
+
+@dataclass
+class StepMaps:
+    """A layer's frozen transform prepared for eager one-token decode steps.
+
+    The query is rotated by the transform's ``rot_k`` (one ``(d, d)`` matrix for all heads) and,
+    for a RoPE-aware key centre, its bias weights are :func:`rope_bias_weights` of the raw query
+    and ``mu_q`` (``mu_k`` per query head), elementwise: no matrix per query head and sequence to
+    hold and read every step. ``mu_k`` / ``mu_k_half`` give the key centre at position ``p`` as
+    ``mu_k * cos[p] + mu_k_half * sin[p]``, the same arithmetic as
+    :func:`~nqkv_core.scheme.apply_rope`; ``mu_v`` and ``out_shift`` (``mu_v`` per query head)
+    shift values and outputs. All contiguous fp32 (what the native step reads); ``refs`` are what
+    they were built from (compared by identity).
+    """
+
+    refs: tuple
+    mu_k: torch.Tensor | None
+    mu_k_half: torch.Tensor | None
+    mu_q: torch.Tensor | None
+    mu_v: torch.Tensor | None
+    out_shift: torch.Tensor | None
+
+    @property
+    def group(self) -> int:
+        """Query heads per KV head."""
+        return self.refs[4]
+
+
+class StepMemo:
+    """The last value of a per-step quantity that every layer of a cache computes alike.
+
+    The layers of a cache hold the same tokens in the same slots, so e.g. the slot positions of an
+    eager decode step are the same for all of them: the first layer computes them, the others reuse
+    them (a step of a small model is dominated by such small per-layer ops).
+    """
+
+    def __init__(self):
+        self._entries: dict[str, tuple[tuple, Any]] = {}
+
+    def get(self, name: str, key: tuple, make: Callable[[], Any]) -> Any:
+        """The value of ``name`` for ``key`` (a tuple of plain values): ``make()`` unless the last call
+        for ``name`` had the same key."""
+        entry = self._entries.get(name)
+        if entry is None or entry[0] != key:
+            entry = self._entries[name] = (key, make())
+        return entry[1]
+
+
+# -- the step ---------------------------------------------------------------------------------------
+
+
+def attention(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float,
+              config: Any = None, logits: Logits | None = None) -> torch.Tensor:
+    """Attend ``query`` ``(b, hq, T, d)`` to ``layer``'s cache plus its parked tokens, then commit them.
+
+    ``config``: the model config (RoPE frequencies of a RoPE-centred scheme, if the cache has none).
+    ``logits``: soft-capping and learned sinks, if the model has them; such steps attend through
+    :func:`~nqkv_core.cache.attend.softmax_attention` over the dequantized body whatever the strategy.
+    Returns ``(b, T, hq, d)`` in the query dtype.
+    """
+    if layer._pending is None:
+        raise RuntimeError("NQKVLayer.attention called without a preceding cache.update")
+    k_new, v_new = layer._pending
+    layer._pending = None
+    if logits is not None and not logits.active:
+        logits = None
+    if torch.compiler.is_compiling() and logits is None and opaque_step(layer):
+        # One node per layer in the graph: the eager step (one native call), not its ~180 torch ops.
+        out = torch.ops.nqkv.cache_step(query, k_new, v_new, attention_mask, layer.length, layer.k_sink,
+                                        scaling, layer.step_name)
+        layer._advance(k_new.shape[2])  # in the graph, as the traced step counts, not inside the op
+        return out
+    group = query.shape[1] // layer.num_heads
+    if layer.transform is None:
+        layer.transform = layer._fit(k_new, v_new, query, config)
+    n = None if torch.compiler.is_compiling() else layer._eager_length()
+    maps = _maps(layer, group, scaling) if _folds(layer, n, query.shape[2]) else None
+    if logits is not None:
+        logits = _storage_logits(layer, logits, query, group, scaling)
+    if (maps is not None and logits is None and layer.decode in ("auto", "native") and attention_mask is None
+            and all_slots_valid(layer, n)):
+        out = _native_step(layer, query, k_new, v_new, maps, n, scaling)
+        if out is not None:
+            return out.to(query.dtype).transpose(1, 2)
+    if maps is not None:
+        q, w, k_new, k_attend = _folded_inputs(layer, query, k_new, maps, n, scaling)
+    else:
+        q, w, k_new, k_attend = _general_inputs(layer, query, k_new, group, n)
+    v_new = layer.transform.values(v_new).to(layer.fp_dtype)
+    # Several new tokens (a prompt, a chunk, assisted decoding's candidates): the tokens that leave
+    # the window during them are quantized first, so that each query sees every key as a one-token
+    # step at its position would (quantized once older than the window): results do not depend on
+    # how a sequence is split into forward passes.
+    T = query.shape[2]
+    chunk = T > 1 and layer.stores_body and (n is None or layer._body_capacity(n + T - 1) > 0)
+    if chunk:
+        commit.write_leaving(layer, k_new, v_new)
+    out = _attend_cache(layer, query, q, w, k_new, k_attend, v_new, attention_mask, scaling, n, logits)
+    out = _output(layer, out, maps, group)
+    layer._commit(k_new, v_new, leaving_written=chunk)
+    return out.to(query.dtype).transpose(1, 2).contiguous()
+
+
+def _storage_logits(layer, logits: Logits, query: torch.Tensor, group: int, scaling: float) -> Logits:
+    """``logits`` for scores and values in the storage basis: the sinks' zero value transformed, and
+    the row shift a plain key centre takes from the scores (a RoPE-aware one is the key bias)."""
+    t = layer.transform
+    sink_value = shift = None
+    if logits.sinks is not None and t.mu_v is not None:
+        # a sink takes probability without a value: zero in the original basis, centred in storage
+        sink_value = t.values(query.new_zeros(query.shape[0], layer.num_heads, 1, query.shape[-1]))
+    if t.mu_k is not None and t.inv_freq is None:
+        shift = scaling * (query.float() * per_query_head(t.mu_k, group).float()).sum(-1, keepdim=True)
+    return Logits(logits.softcap, logits.sinks, sink_value, shift)
+
+
+def _folds(layer, n: int | None, T: int) -> bool:
+    """Whether this step folds the transform (:class:`StepMaps`): eager one-token steps of the folding
+    strategies, with no per-channel equalisation (which the maps do not carry)."""
+    t = layer.transform
+    return (layer.decode in ("auto", "folded", "native") and bool(n) and T == 1
+            and layer.fp_dtype == torch.float32 and t.a_k is None and t.b_v is None)
+
+
+def _folded_inputs(layer, query, k_new, maps: StepMaps, n: int, scaling: float):
+    """Queries in the storage basis, their key-bias weights, and the new keys, from the folded maps."""
+    t, d = layer.transform, query.shape[-1]
+    q = query.float() @ t.rot_k if t.rot_k is not None else query.float()
+    w = rope_bias_weights(query, maps.mu_q, scaling) if maps.mu_k_half is not None else None
+    k_new = k_new.float()
+    if maps.mu_k_half is not None:  # minus the RoPE'd centre at position n (apply_rope's arithmetic)
+        row = layer.rope.table[n]
+        cos, sin = row[: d // 2].repeat(2), row[d // 2 :].repeat(2)
+        k_new = k_new - (t.mu_k * cos + maps.mu_k_half * sin)
+    elif t.mu_k is not None:
+        k_new = k_new - t.mu_k
+    k_new = k_new @ t.rot_k if t.rot_k is not None else k_new
+    return q, w, k_new, None
+
+
+def _general_inputs(layer, query, k_new, group: int, n: int | None):
+    """Queries and new keys through the transform's own methods (any step, any strategy)."""
+    t = layer.transform
+    q = t.queries(query, group).to(layer.fp_dtype)
+    # With a RoPE-aware centre, the first tokens of an empty cache (a prompt) attend only to each
+    # other, all exact: they are scored uncentred, which needs no (T, T) score offset.
+    fresh = n == 0 and t.inv_freq is not None
+    k_attend = t.keys(k_new, centre=False).to(layer.fp_dtype) if fresh else None
+    k_new = t.keys(k_new, start=layer.length if n is None else n).to(layer.fp_dtype)
+    return q, None, k_new, k_attend
+
+
+def _attend_cache(layer, query, q, w, k_new, k_attend, v_new, attention_mask, scaling: float, n: int | None,
+                  logits: Logits | None = None):
+    """Attention of the storage-basis queries ``q`` over the layer's slots and the new tokens."""
+    T = q.shape[2]
+    if (n == 0 and (layer._body_capacity(T - 1) == 0 or not layer.stores_body)
+            and (attention_mask is None or attention_mask.shape[-1] >= T)):
+        # A prompt on an empty cache that no query reads quantized (it fits sinks and window): it
+        # attends to its own exact tokens only (a plain centre is a constant per query row, which
+        # the softmax ignores).
+        return prompt_attention(q, k_new if k_attend is None else k_attend, v_new, attention_mask, scaling,
+                                layer.sliding_window, logits)
+    p0 = layer.length
+    # Compiled steps read the whole preallocated body (masked) so that shapes never change; a chunk
+    # reads the tokens it quantized before attending too.
+    n_body = layer.capacity if n is None else min(layer._body_capacity(n + T - 1), layer.capacity)
+    if n is None:
+        positions, valid = slot_positions(layer, p0, n_body, T)
+    else:  # the same for every layer of the step
+        key = (n, n_body, T, layer.n_sinks, layer.n_ring, layer.window, layer.sliding_window, layer.capacity,
+               layer.device)
+        positions, valid = layer.step_memo.get("positions", key, lambda: slot_positions(layer, p0, n_body, T))
+    if n is not None and T == 1 and attention_mask is None and all_slots_valid(layer, n) and logits is None:
+        allowed = None  # one query that sees every stored slot: nothing to mask
+    else:
+        allowed = allowed_slots(layer, p0, positions, valid, T, attention_mask)
+    # RoPE-aware centre: the score offset q . R(p) mu, added inside attend
+    key_bias = _key_bias(layer, query, positions, n, scaling, w) if layer.transform.inv_freq is not None else None
+    k_fp = torch.cat([layer.k_sink[:, :, : layer.n_sinks], layer.k_ring[:, :, : layer.n_ring], k_new], dim=2)
+    v_fp = torch.cat([layer.v_sink[:, :, : layer.n_sinks], layer.v_ring[:, :, : layer.n_ring], v_new], dim=2)
+    return attend(
+        q, tuple(x[:, :, :n_body] for x in layer.k_body), tuple(x[:, :, :n_body] for x in layer.v_body),
+        layer.k_fmt, layer.v_fmt, k_fp, v_fp, allowed, scaling, key_bias, fused=layer.decode != "reference",
+        logits=logits,
+    )
+
+
+def _output(layer, out: torch.Tensor, maps: StepMaps | None, group: int) -> torch.Tensor:
+    """The attention output back in the original basis (rotation undone, value centre added)."""
+    t = layer.transform
+    if maps is not None:
+        out = out.float() @ t.rot_v.T if t.rot_v is not None else out.float()
+        return out + maps.out_shift if maps.out_shift is not None else out
+    if t.rot_v is not None or t.b_v is not None or t.mu_v is not None:
+        return t.output(out.float(), group)
+    return out
+
+
+def opaque_step(layer) -> bool:
+    """Whether a compiled step runs ``layer`` as ``nqkv::cache_step`` (see :class:`NQKVCache`)."""
+    if layer.transform is None or layer.is_sliding:  # the first step fits the transform; sliding layers: traced
+        return False
+    return layer.compiled_step == "op" or (layer.compiled_step == "auto" and layer.device.type == "cpu")
+
+
+# -- slots, masks and the key bias --------------------------------------------------------------------
+
+
+def all_slots_valid(layer, n: int) -> bool:
+    """Whether every slot ``[body | sinks | ring]`` read at ``n`` tokens holds a token to attend to:
+    true once sinks and ring are full, unless the ring keeps a crop margin (older, masked tokens);
+    never in a sliding layer (its sinks and its ring of codes hold tokens that left the window)."""
+    if layer.is_sliding:
+        return False
+    return layer.n_ring == layer.window - 1 and n >= layer.n_sinks + layer.n_ring
+
+
+def slot_positions(layer, p0: torch.Tensor, n_body: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions and validity of the stored slots ``[body n_body | sinks S | ring R]`` before this
+    step, followed by the ``T`` new tokens."""
+    dev, S, R, W = layer.device, layer.n_sinks, layer.n_ring, layer.window
+    body = layer.body_positions(p0, n_body, T)
+    sinks = torch.arange(S, device=dev)
+    slots = torch.arange(R, device=dev)
+    ring = p0 - 1 - torch.remainder(p0 - 1 - slots, max(R, 1))
+    new = p0 + torch.arange(T, device=dev)
+    valid = torch.cat([
+        torch.zeros(n_body, dtype=torch.bool, device=dev),  # quantized: per query, in allowed_slots
+        sinks < p0,
+        (ring >= S) & (ring > p0 - W),  # the W - 1 tokens before p0 (no margin)
+        torch.ones(T, dtype=torch.bool, device=dev),
+    ])
+    return torch.cat([body, sinks, ring, new]), valid
+
+
+def allowed_slots(layer, p0: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, T: int,
+                  attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The boolean mask ``(b or 1, 1, T, slots + T)`` of the ``T`` new queries over the stored slots
+    and the new tokens (``positions``, ``valid``: from :func:`slot_positions`).
+
+    Each query at position ``p`` reads a key quantized if it is at least ``W`` positions older and
+    not a sink, exactly otherwise (what the fake-quantized reference computes): a body slot at
+    ``r`` counts for it when ``r <= p - W``, an exact slot when ``r < S`` or ``r > p - W``. A
+    sliding layer's query also reads only ``r > p - sliding_window``.
+    """
+    S, W = layer.n_sinks, layer.window
+    q_pos = (p0 + torch.arange(T, device=layer.device))[:, None]
+    n_body = positions.shape[0] - S - layer.n_ring - T
+    is_body = torch.arange(positions.shape[0], device=layer.device) < n_body
+    exact = (positions < S) | (positions > q_pos - W)
+    allowed = torch.where(is_body, positions <= q_pos - W, exact & valid)
+    if layer.sliding_window is not None:
+        allowed = allowed & (positions > q_pos - layer.sliding_window)
+    if attention_mask is None:
+        allowed = (allowed & (positions <= q_pos))[None, None]
+    else:
+        mask = bool_mask(attention_mask)
+        cols = positions.clamp(0, mask.shape[-1] - 1)
+        allowed = mask[:, :, -T:, :].index_select(-1, cols) & allowed
+    # Rows of padding queries see nothing; give them every slot (finite zeros at worst) so that no
+    # NaN appears: their outputs are discarded, but their K/V at the next layer are stored.
+    return allowed | ~allowed.any(dim=-1, keepdim=True)
+
+
+def _key_bias(layer, query: torch.Tensor, positions: torch.Tensor, n: int | None, scaling: float,
+              w: torch.Tensor | None = None) -> KeyBias:
+    """``scaling * q . R(p) mu`` of every query row for the slots at ``positions`` (``(b, hq, T, slots)``).
+
+    ``w``: the query rows' bias weights if already computed (:class:`StepMaps`).
+    Densely, the bias is computed for positions ``[0, P)`` in order and cut into the slot order
+    ``[body | sinks | ring | new]``: body and sinks are contiguous runs of positions, so only the
+    ring and the new tokens are gathered (gathering a table row per slot costs as much as the bias).
+    """
+    b, hq, T, d = query.shape
+    S = layer.n_sinks
+    n_body = positions.shape[0] - S - layer.n_ring - T
+    table, clamped = _bias_table(layer, positions, n, n_body, T)
+    if w is None:
+        w = rope_bias_weights(query, per_query_head(layer.transform.mu_k, hq // layer.num_heads), scaling)
+
+    def dense() -> torch.Tensor:
+        bias = w @ table.T
+        if layer.is_sliding:  # a ring of codes: body positions are not one run
+            return bias.index_select(-1, clamped)
+        tail = clamped[n_body + S :]  # ring and new tokens
+        return torch.cat([bias[..., S : S + n_body], bias[..., :S], bias.index_select(-1, tail)], dim=-1)
+
+    return KeyBias((w, table, clamped), dense)
+
+
+def _bias_table(layer, positions: torch.Tensor, n: int | None, n_body: int, T: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The RoPE table rows ``[0, P)`` a step's key bias reads, and the slot positions clamped into them."""
+    if n is None:  # compiled: static shapes; the table was sized for max_cache_len eagerly
+        P = layer.rope.table.shape[0]
+        return layer.rope.table, positions.clamp(0, P - 1)  # unused ring slots (masked) hold positions < 0
+    P = max(layer.n_sinks + n_body, n + T)
+    layer.rope.ensure(P, layer.device)
+    key = (n, n_body, T, P, layer.n_sinks, layer.n_ring, layer.window, layer.sliding_window, layer.capacity,
+           layer.device)  # what positions depend on
+    return layer.rope.table[:P], layer.step_memo.get("clamped positions", key, lambda: positions.clamp(0, P - 1))
+
+
+# -- the folded step and its native twin ------------------------------------------------------------
+
+
+def _maps(layer, group: int, scaling: float) -> StepMaps:
+    """The :class:`StepMaps` of the layer's current transform (built on first use, then reused)."""
+    t = layer.transform
+    refs = (t.mu_k, t.rot_k, t.mu_v, t.inv_freq, group, scaling)
+    m = layer._step_maps
+    if m is not None and all(a is b for a, b in zip(m.refs[:4], refs[:4])) and m.refs[4:] == refs[4:]:
+        return m
+    rope = t.inv_freq is not None
+    mu_k_half = rotate_half(t.mu_k) if rope else None
+    mu_q = per_query_head(t.mu_k, group).float().contiguous() if rope else None
+    out_shift = per_query_head(t.mu_v, group).float().contiguous() if t.mu_v is not None else None
+
+    def flat(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else x.float().contiguous()
+
+    layer._step_maps = StepMaps(refs, flat(t.mu_k), flat(mu_k_half), mu_q, flat(t.mu_v), out_shift)
+    return layer._step_maps
+
+
+def _native_step(layer, query: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, maps: StepMaps, n: int,
+                 scaling: float) -> torch.Tensor | None:
+    """The folded one-token step (transform, attention, commit) as one native call, when the
+    native kernels can take it; None otherwise (the caller runs the torch ops).
+
+    Same arithmetic as the folded torch step up to fp32 rounding (a code may differ at a level
+    boundary, rarely); ``tests/test_cache.py`` compares the two.
+    """
+    S, R, W = layer.n_sinks, layer.n_ring, layer.window
+    if R == 0 or layer.is_sliding or not (layer.k_fmt.quantized and layer.v_fmt.quantized):
+        return None
+    step = _native_decode_step(layer, maps)
+    if not step.supported:
+        return None
+    q, k, v = query.float().contiguous(), k_new.float().contiguous(), v_new.float().contiguous()
+    if not native.decode_step_supported(q, k, v):  # (heads and head_dim are the layer's own)
+        return None
+    n_body = min(layer._body_capacity(n), layer.capacity)
+    leaving = n - W + 1  # the token that leaves the window (W > 1: it is in the ring)
+    out = step.run(
+        q, k, v, S, R, n_body, leaving % R if leaving >= S else -1, leaving - S, n if n < S else -1,
+        n % R if n >= S else -1, n, scaling,
+    )
+    layer._advance(1)
+    return out
+
+
+def _native_decode_step(layer, maps: StepMaps) -> native.DecodeStep:
+    """The layer's prepared native step (:class:`~nqkv_core.native.DecodeStep`), rebuilt when an
+    object it was built from was replaced (new maps or transform, a body that grew, a longer RoPE
+    table); the check is a few identity tests, since it runs on every step."""
+    t, kf, vf = layer.transform, layer.k_fmt, layer.v_fmt
+    key = (maps, t, kf, vf, layer.k_sink, layer.v_sink, layer.k_ring, layer.v_ring, layer.k_body, layer.v_body,
+           layer.rope.table)
+    if layer._decode_step is None or any(a is not b for a, b in zip(key, layer._decode_step_key)):
+        rope = (layer.rope.table, layer.rope.tiles) if maps.mu_k_half is not None else None
+        layer._decode_step = native.DecodeStep(
+            layer.num_heads * maps.group, t.rot_k, t.rot_v, maps.mu_k, maps.mu_k_half, maps.mu_v,
+            (layer.k_sink, layer.v_sink), (layer.k_ring, layer.v_ring),
+            (*layer.k_body, kf.codebook, kf.block), (*layer.v_body, vf.codebook, vf.block),
+            (decision_thresholds(kf.encode_codebook), decision_thresholds(vf.encode_codebook)),
+            torch.finfo(layer.scheme.scale_dtype).max, rope,
+            (fit_ratios(layer.device), int(kf.fit_scale) | 2 * int(vf.fit_scale)),
+            (kf.encode_codebook, t.k_feedback) if kf.feedback else None,
+        )
+        layer._decode_step_key = key
+    return layer._decode_step

@@ -1,0 +1,470 @@
+"""Grouped split decode over 4-bit K/V in blocks along head_dim (Triton): the CUDA decode path.
+
+One program per (sequence x KV head, split): every query row of a KV head (``GROUP * Tq`` rows,
+padded to ``BLOCK_R >= 16``) is the M dimension of both ``tl.dot`` products, so a key tile is
+decoded once for the whole group. The number of splits is a launch parameter fixed by the caller
+(:func:`default_splits`: from the SM count), not derived from the cache length: each program reads
+the lengths (from a device tensor, or from scalar arguments that are not specialised on) and
+computes its own key range, so neither a growing cache nor CUDA-graph replay recompiles or reads
+anything back to the host. A split with no keys writes a log-sum-exp of ``-inf`` and the merge
+kernel skips it.
+
+Per split: the packed history in full tiles of ``BLOCK_N`` keys without masks, then one masked
+partial tile, then the full-precision tail (sinks / window, a separate dense tensor) in its own
+short loop. Codes are decoded in registers: on a GPU by byte permutes against the codebook held as
+16-bit byte tables (``triton_decode._LUT16_ASM``), in lane order (a byte's low and high codes go
+to an "even" and an "odd" tile; the query is split the same way, and the output comes out as its
+even and odd elements). Block scales are never applied per element: a K block's scale multiplies
+its partial score column, a V block's scale multiplies the probability column fed to that block's
+product (with two blocks per row, as at head_dim 128 in blocks of 64, each block is its own pair of
+products). Scores are kept in base 2 (``log2(e)`` folded into the query scale).
+
+Layout of this file: jit helpers (decode a tile; one history tile; one tail tile) -> split kernel
+-> merge kernel -> :func:`supports`, :func:`default_splits`, :func:`launch` (the two launches, with
+optional device lengths, output and workspace for CUDA graphs) and the ``torch.library.triton_op``
+:func:`grouped_decode` (``nqkv::grouped_decode``, what ``nqkv::attention`` calls).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+from nqkv_core.ops.triton_decode import _LUT16_ASM, _LUT16_CONSTRAINTS, _byte_tables, _interpreting
+
+MAX_ROWS = 64  # query rows per KV head (GROUP * Tq) the kernel takes in one program
+# Launch configuration on a GPU: keys per history tile, keys per tail tile, warps, pipeline stages,
+# programs to aim for per SM (splits = that many programs over batch x KV heads) and the most splits.
+# Untimed: chosen from the compiled code (benchmarks/triton_sass.py: no spills, 128 registers at
+# head_dim 64) and a cp.async double buffer of 64-key tiles; benchmarks/gpu_decode_check.py times it
+# against a few others.
+GROUPED_CONFIG = dict(block_n=64, block_t=16, num_warps=4, num_stages=2, programs_per_sm=4, max_splits=128)
+
+
+# -- jit helpers ------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _levels(row_ptr, offs_t, t_ok, byte0, stride_t, cb_ptr, w0, w1, w2, w3, w4, w5, w6, w7,
+            HALF: tl.constexpr, MASKED: tl.constexpr, LUT: tl.constexpr, DT: tl.constexpr):
+    """Levels of the codes in bytes ``[byte0, byte0 + HALF)`` of tokens ``offs_t``: the even and the
+    odd elements, (N, HALF) each, in ``DT``. ``LUT``: byte permutes against the tables ``w*``."""
+    ptrs = row_ptr + offs_t[:, None] * stride_t + (byte0 + tl.arange(0, HALF))[None, :]
+    if MASKED:
+        byte = tl.load(ptrs, mask=t_ok[:, None], other=0)
+    else:
+        byte = tl.load(ptrs)
+    if LUT:
+        even, odd = tl.inline_asm_elementwise(
+            _LUT16_ASM, _LUT16_CONSTRAINTS, [byte, w0, w1, w2, w3, w4, w5, w6, w7],
+            dtype=(DT.value, DT.value), is_pure=True, pack=4)
+    else:  # the interpreter (no PTX): a gather from the codebook
+        code = byte.to(tl.int32)
+        even = tl.load(cb_ptr + (code & 15)).to(DT)
+        odd = tl.load(cb_ptr + (code >> 4)).to(DT)
+    return even, odd
+
+
+# ``$0 = $1 | (lanemask_eq & lanemask_lt)``: the value of ``$1`` (a lane's own bit is not below
+# itself), which the assembler cannot prove uniform across a warp. The byte tables go through it so
+# that they live in ordinary registers: as uniform values (a reduction's result) they sit in uniform
+# registers, and every byte permute that takes one as its first operand copies it out first (an
+# extra instruction per permute).
+_OPAQUE_LANE = tl.constexpr("{ .reg .u32 e, l; mov.u32 e, %lanemask_eq; mov.u32 l, %lanemask_lt;"
+                            " and.b32 e, e, l; or.b32 $0, $1, e; }")
+
+
+@triton.jit
+def _lane_tables(cb_ptr, DT: tl.constexpr, LUT: tl.constexpr):
+    """:func:`triton_decode._byte_tables` held per thread (see :data:`_OPAQUE_LANE`); zeros (unused)
+    without ``LUT``."""
+    if LUT:
+        w0, w1, w2, w3, w4, w5, w6, w7 = _byte_tables(cb_ptr, DT)
+        return (_opaque(w0), _opaque(w1), _opaque(w2), _opaque(w3), _opaque(w4), _opaque(w5), _opaque(w6),
+                _opaque(w7))
+    return 0, 0, 0, 0, 0, 0, 0, 0
+
+
+@triton.jit
+def _opaque(w):
+    return tl.inline_asm_elementwise(_OPAQUE_LANE, "=r,r", [w], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _dot(a, b, DT: tl.constexpr):
+    if DT == tl.float32:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a.to(DT), b.to(DT))
+
+
+@triton.jit
+def _scale(ptr, offs_t, t_ok, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.load(ptr + offs_t, mask=t_ok, other=0).to(tl.float32)
+    return tl.load(ptr + offs_t).to(tl.float32)
+
+
+@triton.jit
+def _mask_scores(s, r_ok, t_ok, key_pos, last_key, row_mask_ptr, stride_mk,
+                 MASKED: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """``s`` (rows, keys, base 2) with -inf where a key is past the range, after the row's causal
+    limit, or masked out; an additive mask is added (times log2(e))."""
+    if MASKED:
+        s = tl.where(t_ok[None, :], s, float("-inf"))
+    if IS_CAUSAL:
+        s = tl.where(key_pos[None, :] <= last_key[:, None], s, float("-inf"))
+    if MASK_KIND != 0:
+        mv = tl.load(row_mask_ptr + key_pos[None, :] * stride_mk, mask=r_ok[:, None] & t_ok[None, :], other=0)
+        if MASK_KIND == 1:
+            s = tl.where(mv != 0, s, float("-inf"))
+        else:
+            s = s + mv.to(tl.float32) * 1.4426950408889634
+    return s
+
+
+@triton.jit
+def _softmax(s, m_i, l_i, GUARD: tl.constexpr):
+    """One online-softmax step in base 2: ``(p, alpha, m, l)``. ``GUARD``: a row may have no key
+    yet (all -inf), whose max must not turn ``-inf - -inf`` into NaN."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if GUARD:
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _hist_tile(acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, qe0, qo0, qe1, qo1, start, stop, r_ok, last_key,
+               kc, ka, kcb_ptr, vc, va, vcb_ptr, row_mask_ptr, stride_kct, stride_kat, stride_kad,
+               stride_vct, stride_vat, stride_vad, stride_mk,
+               k0, k1, k2, k3, k4, k5, k6, k7, v0, v1, v2, v3, v4, v5, v6, v7,
+               NB: tl.constexpr, HALF: tl.constexpr, MASKED: tl.constexpr,
+               MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, LUT: tl.constexpr, DT: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """Keys ``[start, start + BLOCK_N)`` of the packed history (``MASKED``: only those below
+    ``stop``): scores, one softmax step, the value products. Blocks of ``2 * HALF`` elements,
+    ``NB`` (1 or 2) of them per row."""
+    offs_t = start + tl.arange(0, BLOCK_N)
+    t_ok = offs_t < stop
+    # -- scores: each block's partial product times its scale --
+    ke, ko = _levels(kc, offs_t, t_ok, 0, stride_kct, kcb_ptr, k0, k1, k2, k3, k4, k5, k6, k7, HALF, MASKED, LUT, DT)
+    s = _dot(qe0, tl.trans(ke), DT) + _dot(qo0, tl.trans(ko), DT)
+    s = s * _scale(ka, offs_t * stride_kat, t_ok, MASKED)[None, :]
+    if NB == 2:
+        ke, ko = _levels(kc, offs_t, t_ok, HALF, stride_kct, kcb_ptr, k0, k1, k2, k3, k4, k5, k6, k7, HALF, MASKED,
+                         LUT, DT)
+        s1 = _dot(qe1, tl.trans(ke), DT) + _dot(qo1, tl.trans(ko), DT)
+        s += s1 * _scale(ka, offs_t * stride_kat + stride_kad, t_ok, MASKED)[None, :]
+    s = _mask_scores(s, r_ok, t_ok, offs_t, last_key, row_mask_ptr, stride_mk, MASKED, MASK_KIND, IS_CAUSAL)
+    p, alpha, m_i, l_i = _softmax(s, m_i, l_i, MASKED or MASK_KIND != 0 or IS_CAUSAL)
+    # -- values: each block's products take the probabilities times its scale --
+    ve, vo = _levels(vc, offs_t, t_ok, 0, stride_vct, vcb_ptr, v0, v1, v2, v3, v4, v5, v6, v7, HALF, MASKED, LUT, DT)
+    pw = (p * _scale(va, offs_t * stride_vat, t_ok, MASKED)[None, :]).to(DT)
+    acc_e0 = acc_e0 * alpha[:, None] + _dot(pw, ve, DT)
+    acc_o0 = acc_o0 * alpha[:, None] + _dot(pw, vo, DT)
+    if NB == 2:
+        ve, vo = _levels(vc, offs_t, t_ok, HALF, stride_vct, vcb_ptr, v0, v1, v2, v3, v4, v5, v6, v7, HALF, MASKED,
+                         LUT, DT)
+        pw = (p * _scale(va, offs_t * stride_vat + stride_vad, t_ok, MASKED)[None, :]).to(DT)
+        acc_e1 = acc_e1 * alpha[:, None] + _dot(pw, ve, DT)
+        acc_o1 = acc_o1 * alpha[:, None] + _dot(pw, vo, DT)
+    return acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i
+
+
+@triton.jit
+def _dense_halves(ptr, offs_t, t_ok, stride_t, stride_d, first, HALF: tl.constexpr):
+    """Even and odd elements of ``[first, first + 2 * HALF)`` of dense rows ``offs_t``: (N, HALF) each."""
+    offs = first + tl.arange(0, 2 * HALF)
+    x = tl.load(ptr + offs_t[:, None] * stride_t + offs[None, :] * stride_d, mask=t_ok[:, None], other=0.0)
+    return tl.split(tl.reshape(x, (offs_t.shape[0], HALF, 2)))
+
+
+@triton.jit
+def _tail_tile(acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, qe0, qo0, qe1, qo1, start, stop, t_hist, r_ok, last_key,
+               kt, vt, row_mask_ptr, stride_ktt, stride_ktd, stride_vtt, stride_vtd, stride_mk,
+               NB: tl.constexpr, HALF: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
+               DT: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Tail tokens ``[start, start + BLOCK_T)`` below ``stop`` (key positions ``t_hist + i``): exact
+    keys and values, split like the history (``NB`` pairs of halves)."""
+    offs_t = start + tl.arange(0, BLOCK_T)
+    t_ok = offs_t < stop
+    ke, ko = _dense_halves(kt, offs_t, t_ok, stride_ktt, stride_ktd, 0, HALF)
+    s = _dot(qe0, tl.trans(ke), DT) + _dot(qo0, tl.trans(ko), DT)
+    if NB == 2:
+        ke, ko = _dense_halves(kt, offs_t, t_ok, stride_ktt, stride_ktd, 2 * HALF, HALF)
+        s += _dot(qe1, tl.trans(ke), DT) + _dot(qo1, tl.trans(ko), DT)
+    s = _mask_scores(s, r_ok, t_ok, t_hist + offs_t, last_key, row_mask_ptr, stride_mk, True, MASK_KIND, IS_CAUSAL)
+    p, alpha, m_i, l_i = _softmax(s, m_i, l_i, True)
+    pw = p.to(DT)
+    ve, vo = _dense_halves(vt, offs_t, t_ok, stride_vtt, stride_vtd, 0, HALF)
+    acc_e0 = acc_e0 * alpha[:, None] + _dot(pw, ve, DT)
+    acc_o0 = acc_o0 * alpha[:, None] + _dot(pw, vo, DT)
+    if NB == 2:
+        ve, vo = _dense_halves(vt, offs_t, t_ok, stride_vtt, stride_vtd, 2 * HALF, HALF)
+        acc_e1 = acc_e1 * alpha[:, None] + _dot(pw, ve, DT)
+        acc_o1 = acc_o1 * alpha[:, None] + _dot(pw, vo, DT)
+    return acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i
+
+
+@triton.jit
+def _query_halves(q_row, r_ok, stride_qd, first, scale, HALF: tl.constexpr, DT: tl.constexpr):
+    offs = first + 2 * tl.arange(0, HALF)
+    qe = tl.load(q_row + offs[None, :] * stride_qd, mask=r_ok[:, None], other=0.0).to(tl.float32) * scale
+    qo = tl.load(q_row + (offs + 1)[None, :] * stride_qd, mask=r_ok[:, None], other=0.0).to(tl.float32) * scale
+    return qe.to(DT), qo.to(DT)
+
+
+@triton.jit
+def _store_halves(po_row, r_ok, first, acc_e, acc_o, norm, HALF: tl.constexpr):
+    offs = first + 2 * tl.arange(0, HALF)
+    tl.store(po_row + offs[None, :], acc_e / norm, mask=r_ok[:, None])
+    tl.store(po_row + (offs + 1)[None, :], acc_o / norm, mask=r_ok[:, None])
+
+
+@triton.jit
+def _store_partial(po_ptr, plse_ptr, base, offs_r, r_ok, acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i,
+                   NB: tl.constexpr, HALF: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """A split's normalised output rows (natural element order) and their base-2 log-sum-exp
+    (-inf for a row that saw no key)."""
+    has = l_i > 0
+    l_safe = tl.where(has, l_i, 1.0)
+    po_row = po_ptr + (base + offs_r)[:, None] * HEAD_DIM
+    _store_halves(po_row, r_ok, 0, acc_e0, acc_o0, l_safe[:, None], HALF)
+    if NB == 2:
+        _store_halves(po_row, r_ok, 2 * HALF, acc_e1, acc_o1, l_safe[:, None], HALF)
+    tl.store(plse_ptr + base + offs_r, tl.where(has, m_i + tl.log2(l_safe), float("-inf")), mask=r_ok)
+
+
+# -- kernels -------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["T_HIST", "T_TAIL", "T_Q"])
+def _grouped_split_kernel(
+    q_ptr, kc_ptr, ka_ptr, kcb_ptr, vc_ptr, va_ptr, vcb_ptr, kt_ptr, vt_ptr, mask_ptr, len_ptr, po_ptr, plse_ptr,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kcb, stride_kch, stride_kct, stride_kab, stride_kah, stride_kat, stride_kad,
+    stride_vcb, stride_vch, stride_vct, stride_vab, stride_vah, stride_vat, stride_vad,
+    stride_ktb, stride_kth, stride_ktt, stride_ktd, stride_vtb, stride_vth, stride_vtt, stride_vtd,
+    stride_mb, stride_mh, stride_mq, stride_mk,
+    H_KV, T_Q, T_HIST, T_TAIL, scale,
+    GROUP: tl.constexpr, N_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, NB: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, HAS_LENS: tl.constexpr, HAS_TAIL: tl.constexpr, MASK_KIND: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, LUT: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    # the dots' operand dtype is the query's (16-bit on a GPU, fp32 in the interpreter)
+    DT: tl.constexpr = q_ptr.dtype.element_ty
+    pid_bh = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = (pid_bh // H_KV).to(tl.int64)  # (a whole cache's offsets can pass 2**31)
+    h = pid_bh % H_KV
+    # -- lengths and this split's keys (positions [lo, hi) of history + tail) --
+    if HAS_LENS:
+        t_hist = tl.load(len_ptr + 2 * b)
+        t_tail = tl.load(len_ptr + 2 * b + 1)
+    else:
+        t_hist = T_HIST
+        t_tail = T_TAIL
+    t_k = t_hist + t_tail
+    per = tl.cdiv(tl.cdiv(t_k, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = pid_s * per
+    hi = tl.minimum(lo + per, t_k)
+    # -- query rows of this KV head: row = g * T_Q + i --
+    offs_r = tl.arange(0, BLOCK_R)
+    r_ok = offs_r < N_ROWS
+    i_q = offs_r % T_Q
+    last_key = t_k - T_Q + i_q
+    q_row = q_ptr + b * stride_qb + (h * GROUP + offs_r // T_Q)[:, None] * stride_qh + i_q[:, None] * stride_qt
+    row_mask_ptr = (mask_ptr + b * stride_mb + (h * GROUP + offs_r // T_Q)[:, None] * stride_mh
+                    + i_q[:, None] * stride_mq)
+    HALF: tl.constexpr = HEAD_DIM // (2 * NB)
+    qs = scale * 1.4426950408889634
+    qe0, qo0 = _query_halves(q_row, r_ok, stride_qd, 0, qs, HALF, DT)
+    if NB == 2:
+        qe1, qo1 = _query_halves(q_row, r_ok, stride_qd, 2 * HALF, qs, HALF, DT)
+    else:
+        qe1, qo1 = qe0, qo0  # (unused)
+    k0, k1, k2, k3, k4, k5, k6, k7 = _lane_tables(kcb_ptr, DT, LUT)  # once per program
+    v0, v1, v2, v3, v4, v5, v6, v7 = _lane_tables(vcb_ptr, DT, LUT)
+    kc, ka = kc_ptr + b * stride_kcb + h * stride_kch, ka_ptr + b * stride_kab + h * stride_kah
+    vc, va = vc_ptr + b * stride_vcb + h * stride_vch, va_ptr + b * stride_vab + h * stride_vah
+    m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_R], tl.float32)
+    acc_e0 = tl.zeros([BLOCK_R, HALF], tl.float32)
+    acc_o0 = tl.zeros([BLOCK_R, HALF], tl.float32)
+    acc_e1 = tl.zeros([BLOCK_R, HALF], tl.float32)
+    acc_o1 = tl.zeros([BLOCK_R, HALF], tl.float32)
+    # -- packed history: full tiles unmasked, then the partial one --
+    h_hi = tl.minimum(hi, t_hist)
+    full = lo + tl.maximum(h_hi - lo, 0) // BLOCK_N * BLOCK_N
+    for start in range(lo, full, BLOCK_N):
+        acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i = _hist_tile(
+            acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, qe0, qo0, qe1, qo1, start, h_hi, r_ok, last_key,
+            kc, ka, kcb_ptr, vc, va, vcb_ptr, row_mask_ptr, stride_kct, stride_kat, stride_kad,
+            stride_vct, stride_vat, stride_vad, stride_mk,
+            k0, k1, k2, k3, k4, k5, k6, k7, v0, v1, v2, v3, v4, v5, v6, v7,
+            NB, HALF, False, MASK_KIND, IS_CAUSAL, LUT, DT, BLOCK_N)
+    if full < h_hi:
+        acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i = _hist_tile(
+            acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, qe0, qo0, qe1, qo1, full, h_hi, r_ok, last_key,
+            kc, ka, kcb_ptr, vc, va, vcb_ptr, row_mask_ptr, stride_kct, stride_kat, stride_kad,
+            stride_vct, stride_vat, stride_vad, stride_mk,
+            k0, k1, k2, k3, k4, k5, k6, k7, v0, v1, v2, v3, v4, v5, v6, v7,
+            NB, HALF, True, MASK_KIND, IS_CAUSAL, LUT, DT, BLOCK_N)
+    # -- full-precision tail: its own short loop --
+    if HAS_TAIL:
+        kt, vt = kt_ptr + b * stride_ktb + h * stride_kth, vt_ptr + b * stride_vtb + h * stride_vth
+        for start in range(tl.maximum(lo, t_hist) - t_hist, hi - t_hist, BLOCK_T):
+            acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i = _tail_tile(
+                acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, qe0, qo0, qe1, qo1, start, hi - t_hist, t_hist, r_ok,
+                last_key, kt, vt, row_mask_ptr, stride_ktt, stride_ktd, stride_vtt, stride_vtd, stride_mk,
+                NB, HALF, MASK_KIND, IS_CAUSAL, DT, BLOCK_T)
+    base = (pid_bh * NUM_SPLITS + pid_s) * N_ROWS
+    _store_partial(po_ptr, plse_ptr, base, offs_r, r_ok, acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, NB, HALF,
+                   HEAD_DIM)
+
+
+@triton.jit(do_not_specialize=["T_Q"])
+def _grouped_merge_kernel(
+    po_ptr, plse_ptr, o_ptr, stride_ob, stride_oh, stride_ot, stride_od, H_KV, T_Q,
+    GROUP: tl.constexpr, N_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    SPLITS_P2: tl.constexpr,
+):
+    """One program per (sequence x KV head, row): the splits' partial outputs weighted by their
+    share of the row's softmax mass; splits without keys (lse -inf) are skipped, a row with no key
+    at all gives zeros."""
+    pid_bh = tl.program_id(0)
+    row = tl.program_id(1)
+    offs_s = tl.arange(0, SPLITS_P2)
+    idx = (pid_bh * NUM_SPLITS + offs_s) * N_ROWS + row
+    lse = tl.load(plse_ptr + idx, mask=offs_s < NUM_SPLITS, other=float("-inf"))
+    used = lse > float("-inf")
+    m = tl.max(lse, 0)
+    w = tl.where(used, tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m)), 0.0)
+    total = tl.sum(w, 0)
+    offs_d = tl.arange(0, HEAD_DIM)
+    parts = tl.load(po_ptr + idx[:, None] * HEAD_DIM + offs_d[None, :], mask=used[:, None], other=0.0)
+    out = tl.sum(parts * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    b = pid_bh // H_KV
+    head = (pid_bh % H_KV) * GROUP + row // T_Q
+    o_ptrs = o_ptr + b * stride_ob + head * stride_oh + (row % T_Q) * stride_ot + offs_d * stride_od
+    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty))
+
+
+# -- launcher ------------------------------------------------------------------------------------------
+
+
+def supports(q: Tensor, k: tuple, v: tuple) -> bool:
+    """Whether the grouped kernel takes these arguments (``k`` / ``v``: codes, absmax, codebook,
+    block, axis): 4-bit K and V in the same blocks along head_dim, one or two blocks per row of a
+    power-of-two head_dim, each block at least 32 elements (its halves feed ``tl.dot``), V's head_dim
+    equal to K's, at most :data:`MAX_ROWS` query rows per KV head; on a GPU fp16/bf16 queries (the
+    byte tables hold 16-bit levels; fp32 queries take ``triton_decode``)."""
+    d = q.shape[-1]
+    blocks = (k[3], v[3])
+    return (k[2].numel() == v[2].numel() == 16 and k[4] == v[4] == 3 and blocks[0] == blocks[1]
+            and v[0].shape[-1] * 2 == d and d & (d - 1) == 0 and d // blocks[0] in (1, 2) and blocks[0] >= 32
+            and q.shape[2] * (q.shape[1] // k[0].shape[1]) <= MAX_ROWS
+            and (_interpreting() or q.dtype in (torch.float16, torch.bfloat16)))
+
+
+_SM_COUNT: dict = {}
+
+
+def default_splits(batch: int, kv_heads: int, device: torch.device) -> int:
+    """Splits per (sequence, KV head): ``programs_per_sm`` programs per SM over ``batch * kv_heads``
+    (at least 1, at most ``max_splits``); 4 in the interpreter (so that small tests merge several)."""
+    if _interpreting() or device.type != "cuda":
+        return 4
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    cfg = GROUPED_CONFIG
+    return max(1, min(cfg["max_splits"], triton.cdiv(cfg["programs_per_sm"] * _SM_COUNT[index], batch * kv_heads)))
+
+
+def launch(q, k_codes, k_absmax, k_codebook, k_block, v_codes, v_absmax, v_codebook, k_tail, v_tail, attn_mask,
+           scale: float, is_causal: bool, lengths: Optional[Tensor] = None, num_splits: Optional[int] = None,
+           out: Optional[Tensor] = None, workspace: Optional[tuple] = None) -> Tensor:
+    """Run the split and the merge kernel (two launches); arguments as ``nqkv::attention`` with blocks
+    along head_dim (checked there and by :func:`supports`), plus:
+
+    Args:
+        lengths: optional int32 (B, 2) device tensor, the valid history and tail tokens of each
+            sequence (at most the tensors' token counts); by default all of them. Read by the
+            kernel, never by the host: a CUDA graph captured once stays valid as they change.
+            With ``attn_mask`` its key column ``T_hist + i`` is tail token ``i``.
+        num_splits: key splits per (sequence, KV head); default :func:`default_splits`.
+        out: optional (B, Hq, Tq, D) output in q's dtype, written in place.
+        workspace: optional ``(partial, lse)`` fp32 tensors of at least ``B*Hkv*splits*G*Tq*D`` and
+            ``B*Hkv*splits*G*Tq`` elements.
+
+    Returns:
+        ``out`` (B, Hq, Tq, D).
+    """
+    b, hq, tq, d = q.shape
+    hkv, th = k_codes.shape[1], k_codes.shape[2]
+    tt = 0 if k_tail is None else k_tail.shape[2]
+    n_rows = (hq // hkv) * tq
+    splits = num_splits or default_splits(b, hkv, q.device)
+    # the kernel's dot dtype is the query's: 16-bit on a GPU; fp32 in the interpreter (it has no bf16)
+    qw = q.float() if _interpreting() else q
+    work = qw.dtype
+    k_codes = k_codes if k_codes.stride(-1) == 1 else k_codes.contiguous()
+    v_codes = v_codes if v_codes.stride(-1) == 1 else v_codes.contiguous()
+    kt, vt = (qw, qw) if k_tail is None else (k_tail.to(work), v_tail.to(work))  # (q: never read)
+    mask_kind, mask = 0, qw
+    if attn_mask is not None:
+        mask_kind = 1 if attn_mask.dtype == torch.bool else 2
+        mask = attn_mask.expand(b, hq, tq, th + tt)
+        mask = mask.view(torch.uint8) if mask_kind == 1 else (mask.float() if _interpreting() else mask)
+    mask_strides = mask.stride() if attn_mask is not None else (0, 0, 0, 0)
+    tail_strides = (*kt.stride(), *vt.stride()) if k_tail is not None else (0,) * 8
+    if workspace is None:
+        po = torch.empty((b * hkv * splits * n_rows * d,), device=q.device, dtype=torch.float32)
+        plse = torch.empty((b * hkv * splits * n_rows,), device=q.device, dtype=torch.float32)
+    else:
+        po, plse = workspace
+    res = out if out is not None and out.dtype == qw.dtype else None
+    res = torch.empty((b, hq, tq, d), device=q.device, dtype=qw.dtype) if res is None else res
+    launch_cfg = {} if _interpreting() else dict(num_warps=GROUPED_CONFIG["num_warps"],
+                                                 num_stages=GROUPED_CONFIG["num_stages"])
+    wrap_triton(_grouped_split_kernel)[(b * hkv, splits)](
+        qw, k_codes, k_absmax, k_codebook, v_codes, v_absmax, v_codebook, kt, vt, mask,
+        qw if lengths is None else lengths, po, plse,
+        *qw.stride(), *k_codes.stride()[:3], *k_absmax.stride(), *v_codes.stride()[:3], *v_absmax.stride(),
+        *tail_strides, *mask_strides,
+        hkv, tq, th, tt, scale,
+        GROUP=hq // hkv, N_ROWS=n_rows, HEAD_DIM=d, NB=d // k_block, NUM_SPLITS=splits,
+        HAS_LENS=lengths is not None, HAS_TAIL=tt > 0, MASK_KIND=mask_kind, IS_CAUSAL=is_causal and tq > 1,
+        LUT=not _interpreting() and work != torch.float32,
+        BLOCK_R=max(16, triton.next_power_of_2(n_rows)), BLOCK_N=GROUPED_CONFIG["block_n"],
+        BLOCK_T=GROUPED_CONFIG["block_t"], **launch_cfg,
+    )
+    wrap_triton(_grouped_merge_kernel)[(b * hkv, n_rows)](
+        po, plse, res, *res.stride(), hkv, tq,
+        GROUP=hq // hkv, N_ROWS=n_rows, HEAD_DIM=d, NUM_SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits),
+    )
+    if res.dtype != q.dtype:  # (the interpreter's fp32 stand-in)
+        res = res.to(q.dtype) if out is None else out.copy_(res)
+    return res
+
+
+@triton_op("nqkv::grouped_decode", mutates_args=())
+def grouped_decode(
+    q: Tensor,
+    k_codes: Tensor, k_absmax: Tensor, k_codebook: Tensor, k_block: int, k_axis: int,
+    v_codes: Tensor, v_absmax: Tensor, v_codebook: Tensor, v_block: int, v_axis: int,
+    k_tail: Optional[Tensor], v_tail: Optional[Tensor], attn_mask: Optional[Tensor],
+    scale: float, is_causal: bool,
+) -> Tensor:
+    """Grouped split decode; arguments and semantics as ``nqkv::attention`` (checked there), for the
+    layouts :func:`supports` accepts."""
+    return launch(q, k_codes, k_absmax, k_codebook, k_block, v_codes, v_absmax, v_codebook, k_tail, v_tail,
+                  attn_mask, scale, is_causal)
