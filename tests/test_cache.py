@@ -286,7 +286,7 @@ def test_default_scheme_is_rope_centred_and_matches_reference():
     assert scheme.k_centre and scheme.k_centre_rope and scheme.k_rotate and scheme.k_block == 16
     assert (scheme.sinks, scheme.window) == (4, 32)
     assert default_scheme(2, 64).window == 64
-    assert not default_scheme(4, 96).k_rotate and default_scheme(4, 96).k_block == 32
+    assert default_scheme(4, 96).k_rotate and default_scheme(4, 96).k_block == 32  # rotation() fits any head_dim
     scheme = scheme.replace(window=4)  # so that 20 new tokens reach the quantized body
     g = torch.Generator().manual_seed(10)
     ids = torch.randint(1, 96, (2, 6), generator=g)

@@ -12,11 +12,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from nqkv_core import cache as nqkv_cache  # noqa: E402
 from nqkv_core.cache import NQKVCache, enable  # noqa: E402
 from nqkv_core.lab import evaluate  # noqa: E402
 from nqkv_core.rope import check_rope  # noqa: E402
-from nqkv_core.scheme import KVScheme  # noqa: E402
+from nqkv_core.scheme import KVScheme, nqkv_preset  # noqa: E402
 
 NEW = 12
 SIZES = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -51,9 +50,8 @@ ROPE_CENTRE = KVScheme("d", k_block=16, v_block=16, k_rotate=True, v_rotate=True
                        k_centre_rope=True, v_centre=True, sinks=2, window=4, unbiased=True)
 
 
-@pytest.fixture
-def reference_attention(monkeypatch):
-    monkeypatch.setattr(nqkv_cache, "FUSED", False)
+# The reference decode strategy: plain torch, the arithmetic of fake quantization.
+REF = dict(decode="reference")
 
 
 def tiny(name: str, seed: int = 0):
@@ -93,23 +91,23 @@ def generate(model, ids, scheme=None, cache=None):
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_16bit_rope_centred_cache_gives_dynamic_cache_logits(name, reference_attention):
+def test_16bit_rope_centred_cache_gives_dynamic_cache_logits(name):
     model = tiny(name)
     assert check_rope(model.config).rope_type == name
     ids = torch.randint(1, 96, (1, 10), generator=torch.Generator().manual_seed(1))
     ref_seq, ref_logits = generate(model, ids)
-    nq = enable(model, scheme=ROPE_CENTRE.replace(k_bits=16, v_bits=16))
+    nq = enable(model, scheme=ROPE_CENTRE.replace(k_bits=16, v_bits=16), **REF)
     seq, logits = generate(model, ids, cache=nq.generate_kwargs())
     assert torch.equal(seq, ref_seq)
     torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_4bit_rope_centred_cache_matches_fake_quantization(name, reference_attention):
+def test_4bit_rope_centred_cache_matches_fake_quantization(name):
     model = tiny(name)
     # a prompt of window tokens: the cache attends its prompt in full precision, the reference does too
     ids = torch.randint(1, 96, (1, ROPE_CENTRE.window), generator=torch.Generator().manual_seed(1))
-    nq = enable(model, scheme=ROPE_CENTRE)
+    nq = enable(model, scheme=ROPE_CENTRE, **REF)
     kwargs = nq.generate_kwargs()
     seq, logits = generate(model, ids, cache=kwargs)
     cache = next(v for v in kwargs.values() if isinstance(v, NQKVCache))
@@ -121,12 +119,45 @@ def test_4bit_rope_centred_cache_matches_fake_quantization(name, reference_atten
     assert (ref_logits - fp_logits).abs().max() > 1e-2  # the quantized body really is read
 
 
-def test_unsupported_rope_raises_at_cache_creation():
+def test_unsupported_rope_raises_at_cache_creation_and_enable_falls_back_to_a_plain_centre():
     cohere = transformers.CohereConfig(**SIZES)
     with pytest.raises(NotImplementedError, match="interleaved.*k_centre_rope=False"):
         NQKVCache(ROPE_CENTRE, config=cohere)
     NQKVCache(ROPE_CENTRE.replace(k_centre_rope=False), config=cohere)  # the workaround works
+    model = transformers.CohereForCausalLM(cohere).eval()
+    with pytest.raises(NotImplementedError, match="interleaved"):
+        enable(model, scheme=ROPE_CENTRE)
+    with pytest.warns(UserWarning, match="interleaved"):
+        nq = enable(model, bits=4)
+    assert nq.scheme.k_centre and not nq.scheme.k_centre_rope and "plain-centre" in nq.scheme.name
+
+
+def test_model_without_rope_gets_a_plain_centre():
     opt = transformers.OPTConfig(vocab_size=96, hidden_size=64, ffn_dim=96, num_hidden_layers=2,
                                  num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=64)
     with pytest.raises(ValueError, match="no RoPE"):
         NQKVCache(ROPE_CENTRE, config=opt)
+    torch.manual_seed(0)
+    model = transformers.OPTForCausalLM(opt).eval()
+    nq = enable(model, bits=4)
+    assert nq.scheme.k_centre and not nq.scheme.k_centre_rope and nq.scheme.name == "NQKV-4 plain-centre b16 S4 W32"
+    scheme = nq.scheme.replace(window=4)  # so that the new tokens reach the quantized body
+    nq = enable(model, scheme=scheme, **REF)
+    ids = torch.randint(1, 96, (1, scheme.window), generator=torch.Generator().manual_seed(1))
+    seq, logits = generate(model, ids, cache=nq.generate_kwargs())
+    ref_seq, ref_logits = generate(model, ids, scheme)
+    _, fp_logits = generate(model, ids)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=2e-4)
+    assert torch.equal(seq, ref_seq) and (ref_logits - fp_logits).abs().max() > 1e-3
+
+
+def test_user_schemes_are_fitted_to_the_head_dim():
+    # nqkv_preset(4, v_bits=3) has blocks of 64; this model's head_dim is 16
+    model = tiny("llama3")
+    nq = enable(model, scheme=nqkv_preset(4, v_bits=3), **REF)
+    assert (nq.scheme.k_block, nq.scheme.v_block) == (16, 16)
+    assert nq.scheme.name == "NQKV-K4V3 [head_dim 16: blocks 64->16]"
+    ids = torch.randint(1, 96, (1, 40), generator=torch.Generator().manual_seed(2))
+    generate(model, ids, cache=nq.generate_kwargs())  # stores and reads 4- and 3-bit blocks of 16
+    cache = NQKVCache(nqkv_preset(4), config=model.config)
+    assert cache.scheme.k_block == 16

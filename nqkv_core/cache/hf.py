@@ -46,8 +46,11 @@ class NQKVCache(Cache):
 
     Args:
         scheme: how K/V are stored (codebook schemes with blocks along head_dim).
-        config: the model config; gives the number of layers and their types, and is checked for
-            support. Needed for models with sliding-window layers (without it every layer is full).
+        config: the model config; gives the number of layers and their types, fits the scheme's
+            blocks to the head_dim (:meth:`~nqkv_core.scheme.KVScheme.fit_head_dim`), gives a
+            RoPE-centred scheme the model's RoPE frequencies (:func:`nqkv_core.rope.check_rope`: every
+            ``rope_type`` transformers computes), and is checked for support. Needed for models with
+            sliding-window layers (without it every layer is full).
         num_layers: the number of layers, if no ``config`` (otherwise layers are added as needed).
         max_cache_len: preallocate for this many tokens (prompt plus new tokens): a decode step then
             allocates nothing and can be compiled; exceeding it raises ``ValueError``. None: grow.
@@ -82,6 +85,7 @@ class NQKVCache(Cache):
             num_layers = _hf.num_layers(config)
             self.layer_types = layer_types(config)
             self.sliding_window = getattr(_hf.text_config(config), "sliding_window", None)
+            scheme = scheme.fit_head_dim(_hf.head_dim(config))
             inv_freqs = scheme_inv_freqs(scheme, config)
         if scheme.layer_bits and num_layers is not None and num_layers != len(scheme.layer_bits):
             raise ValueError(
@@ -322,16 +326,19 @@ def enable(
 
     Args:
         model: a transformers decoder-only causal LM with full and/or sliding-window attention layers.
-        bits: code bits for K and V of the default scheme (:func:`default_scheme`); ignored if
-            ``scheme`` is given.
-        scheme: the storage scheme.
+        bits: code bits for K and V of the default scheme (:func:`default_scheme` with the
+            model's config: a plain key centre for a model without RoPE or with one the cache's
+            RoPE-aware centre cannot serve); ignored if ``scheme`` is given.
+        scheme: the storage scheme (its blocks are fitted to the model's head_dim).
         max_cache_len: preallocate caches for this many tokens (compileable decode); None grows.
         crop_margin: see :class:`NQKVCache`.
         decode: the decode strategy of its caches (see :class:`NQKVCache`).
 
     Raises:
         NotImplementedError: for an unsupported model (:func:`check_supported`) or scheme (e.g. a
-            RoPE-centred scheme on a model without default RoPE).
+            RoPE-centred scheme on a model without RoPE or with interleaved RoPE,
+            :func:`nqkv_core.rope.check_rope`).
+        ValueError: widths the head_dim cannot hold (:meth:`~nqkv_core.scheme.KVScheme.fit_head_dim`).
 
     Example::
 
@@ -341,9 +348,12 @@ def enable(
     config = model.config
     check_supported(config)
     check_decode(decode)
-    scheme = scheme or default_scheme(bits, _hf.head_dim(config))
+    head_dim = _hf.head_dim(config)
+    # the default follows the model's RoPE (a plain key centre without one); any scheme's blocks are
+    # fitted to the head_dim (KVScheme.fit_head_dim names the change in the scheme's name)
+    scheme = (scheme or default_scheme(bits, head_dim, config=config)).fit_head_dim(head_dim)
     side_format(scheme, "k"), side_format(scheme, "v")
-    scheme_inv_freqs(scheme, config)
+    scheme_inv_freqs(scheme, config)  # raises now for a RoPE the cache cannot serve
     register()
     previous = _attn_implementation(model)
     _set_attn_implementation(model, ATTN_NAME)
