@@ -18,31 +18,39 @@ from nqkv_core.rope import check_rope  # noqa: E402
 from nqkv_core.scheme import KVScheme, nqkv_preset  # noqa: E402
 
 NEW = 12
+V5 = int(transformers.__version__.split(".")[0]) >= 5
 SIZES = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64)
 
 
+def rope(rope_type: str, theta: float = 10000.0, **params) -> dict:
+    """Config keywords for a RoPE: ``rope_parameters`` (transformers 5) or ``rope_theta`` and
+    ``rope_scaling`` (4.x)."""
+    if V5:
+        return {"rope_parameters": {"rope_type": rope_type, "rope_theta": theta, **params}}
+    return {"rope_theta": theta, "rope_scaling": {"rope_type": rope_type, **params}}
+
+
 def _phi3_longrope():
     half = 8  # head_dim 16: 8 frequency pairs
+    factors = dict(short_factor=[1.0 + i / half for i in range(half)],
+                   long_factor=[2.0 + i / half for i in range(half)])
     return transformers.Phi3ForCausalLM, transformers.Phi3Config(
         **{**SIZES, "max_position_embeddings": 256}, original_max_position_embeddings=64, pad_token_id=0,
-        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 64,
-                         "short_factor": [1.0 + i / half for i in range(half)],
-                         "long_factor": [2.0 + i / half for i in range(half)]})
+        **(rope("longrope", original_max_position_embeddings=64, **factors) if V5
+           else {"rope_scaling": {"type": "longrope", **factors}}))  # 4.x Phi-3 takes exactly these fields
 
 
 MODELS = {
     "llama3": lambda: (transformers.LlamaForCausalLM, transformers.LlamaConfig(
-        **SIZES, rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                  "original_max_position_embeddings": 16})),
-    "linear": lambda: (transformers.LlamaForCausalLM, transformers.LlamaConfig(
-        **SIZES, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0})),
-    "dynamic": lambda: (transformers.LlamaForCausalLM, transformers.LlamaConfig(
-        **SIZES, rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})),
+        **SIZES, **rope("llama3", 500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                        original_max_position_embeddings=16))),
+    "linear": lambda: (transformers.LlamaForCausalLM,
+                       transformers.LlamaConfig(**SIZES, **rope("linear", factor=4.0))),
+    "dynamic": lambda: (transformers.LlamaForCausalLM,
+                        transformers.LlamaConfig(**SIZES, **rope("dynamic", factor=2.0))),
     "yarn": lambda: (transformers.Qwen2ForCausalLM, transformers.Qwen2Config(
-        **SIZES, rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
-                                  "original_max_position_embeddings": 16})),
+        **SIZES, **rope("yarn", factor=4.0, original_max_position_embeddings=16))),
     "longrope": _phi3_longrope,
 }
 
