@@ -214,7 +214,8 @@ class NQKVLayer(CacheLayerMixin):
             if fmt.quantized and (self.head_dim % fmt.block or self.head_dim * fmt.bits % 8):
                 raise ValueError(
                     f"head_dim {self.head_dim} does not fit {fmt.bits}-bit blocks of {fmt.block}: the block"
-                    f" must divide head_dim (and 3-bit codes need head_dim % 8 == 0)"
+                    f" must divide head_dim (and 3-bit codes need head_dim % 8 == 0); scheme.fit_head_dim"
+                    f"({self.head_dim}) adapts the blocks (NQKVCache(scheme, config=...) and enable do)"
                 )
         capacity = self._initial_capacity()
         self.k_body = self._new_body(self.k_fmt, capacity)
