@@ -169,3 +169,6 @@ def test_user_schemes_are_fitted_to_the_head_dim():
     generate(model, ids, cache=nq.generate_kwargs())  # stores and reads 4- and 3-bit blocks of 16
     cache = NQKVCache(nqkv_preset(4), config=model.config)
     assert cache.scheme.k_block == 16
+    unfitted = NQKVCache(nqkv_preset(4), num_layers=2)  # no config: no head_dim to fit to
+    with pytest.raises(ValueError, match=r"fit_head_dim\(16\)"):
+        unfitted.update(torch.zeros(1, 2, 3, 16), torch.zeros(1, 2, 3, 16), 0)
