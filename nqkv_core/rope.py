@@ -16,6 +16,7 @@ Field names follow both transformers 5 (``config.rope_parameters``) and 4.x (``c
 
 from __future__ import annotations
 
+import copy
 import importlib
 from dataclasses import dataclass
 
@@ -126,18 +127,38 @@ def _text_config(config):
     return get() if callable(get) else config
 
 
-def _rope_parameters(config) -> dict | None:
-    """The config's RoPE parameters as one dict (transformers 5 ``rope_parameters``, or 4.x's
-    ``rope_theta`` with ``rope_scaling``); None if the config has no RoPE."""
+def _rope_parameters(config, layer_type: str | None) -> tuple[dict | None, object, dict]:
+    """``(params, config, kwargs)``: the RoPE parameters of ``layer_type``'s layers as one dict
+    (transformers 5 ``rope_parameters``, per layer type if nested; or 4.x's ``rope_theta`` with
+    ``rope_scaling``), None if the config has no RoPE; the config and keyword arguments to hand
+    transformers' frequency function for them."""
+    kind = config.model_type
     params = getattr(config, "rope_parameters", None)
     if params is not None:
-        return dict(params)
+        if not any(isinstance(v, dict) for v in params.values()):
+            return dict(params), config, {}
+        if layer_type is None:
+            raise NotImplementedError(
+                f"{kind}: RoPE parameters differ per layer type ({sorted(params)}); pass layer_type"
+            )
+        if not isinstance(params.get(layer_type), dict):
+            raise ValueError(f"{kind} has RoPE parameters for layer types {sorted(params)}, not {layer_type!r}")
+        return dict(params[layer_type]), config, {"layer_type": layer_type}
     theta = getattr(config, "rope_theta", None)
     if theta is None:
-        return None
+        return None, config, {}
+    local = getattr(config, "rope_local_base_freq", None)  # transformers 4.x Gemma 3: sliding layers' theta
+    if local is not None:
+        if layer_type is None:
+            raise NotImplementedError(f"{kind}: RoPE parameters differ per layer type (rope_local_base_freq);"
+                                      " pass layer_type")
+        if layer_type == "sliding_attention":  # as 4.x Gemma 3 builds its local rotary embedding
+            config = copy.copy(config)
+            config.rope_theta, config.rope_scaling = local, {"rope_type": "default"}
+            return {"rope_theta": local, "rope_type": "default"}, config, {}
     scaling = dict(getattr(config, "rope_scaling", None) or {})
     scaling.setdefault("rope_type", scaling.get("type", "default"))
-    return {"rope_theta": theta, **scaling}
+    return {"rope_theta": theta, **scaling}, config, {}
 
 
 def _modeling_module(config):
@@ -196,24 +217,22 @@ def _max_len(config, params: dict) -> int | None:
 def _refuse_unusual(config, params: dict) -> None:
     """RoPE variants one (inv_freq, layout) pair cannot describe."""
     kind = config.model_type
-    if any(isinstance(v, dict) for v in params.values()):
-        raise NotImplementedError(f"{kind}: RoPE parameters differ per layer type ({sorted(params)})")
     if "mrope_section" in params:
         raise NotImplementedError(f"{kind}: multimodal RoPE (mrope_section) turns by 3-D positions")
-    if getattr(config, "rope_local_base_freq", None) is not None:  # transformers 4.x Gemma 3
-        raise NotImplementedError(f"{kind}: RoPE parameters differ per layer type (rope_local_base_freq)")
     if getattr(config, "no_rope_layers", None) or getattr(config, "qk_rope_head_dim", None):
         raise NotImplementedError(f"{kind}: some layers or channels have no RoPE (no_rope_layers / qk_rope_head_dim)")
     if getattr(config, "rope_interleave", False):
         raise NotImplementedError(f"{kind}: rope_interleave re-orders channels before RoPE")
 
 
-def rope_spec(config, device=None) -> RopeSpec | None:
+def rope_spec(config, device=None, layer_type: str | None = None) -> RopeSpec | None:
     """The RoPE a model applies, read from its config by transformers' own functions.
 
     Args:
         config: a transformers model config (a multimodal one's text config is used).
         device: device of ``inv_freq``.
+        layer_type: the layers' type (``config.layer_types``, e.g. ``"sliding_attention"``), for a
+            model whose RoPE parameters differ per layer type (Gemma 3); ignored otherwise.
 
     The layout is probed on the model's own ``rotate_half``; a model whose modeling module has
     none (e.g. one not in transformers) is taken as rotate-half.
@@ -223,13 +242,14 @@ def rope_spec(config, device=None) -> RopeSpec | None:
         positions, ALiBi: OPT, GPT-2, Bloom, Falcon with ``alibi``).
 
     Raises:
-        NotImplementedError: a rotary embedding one :class:`RopeSpec` cannot describe (per-layer
-            RoPE parameters, multimodal RoPE, layers or channels without RoPE, GPT-J / CodeGen's
-            ``rotary_dim`` outside the rope parameters, a ``rope_type`` transformers has no
-            function for), naming the feature.
+        NotImplementedError: a rotary embedding one :class:`RopeSpec` cannot describe (RoPE
+            parameters per layer type without ``layer_type``, multimodal RoPE, layers or channels
+            without RoPE, GPT-J / CodeGen's ``rotary_dim`` outside the rope parameters, a
+            ``rope_type`` transformers has no function for), naming the feature.
+        ValueError: a ``layer_type`` the config has no RoPE parameters for.
     """
     config = _text_config(config)
-    params = _rope_parameters(config)
+    params, init_config, kwargs = _rope_parameters(config, layer_type)
     if params is None or getattr(config, "alibi", False):
         if params is None and any(getattr(config, f, None) is not None for f in _OTHER_ROTARY_FIELDS):
             raise NotImplementedError(
@@ -239,7 +259,7 @@ def rope_spec(config, device=None) -> RopeSpec | None:
         return None
     params.setdefault("rope_type", params.get("type", "default"))
     _refuse_unusual(config, params)
-    inv_freq, scaling = _init_function(config, params["rope_type"])(config, device=device)
+    inv_freq, scaling = _init_function(config, params["rope_type"])(init_config, device=device, **kwargs)
     return RopeSpec(inv_freq.float().to(device), float(scaling), _interleaved(config), params["rope_type"],
                     _max_len(config, params))
 
@@ -250,7 +270,7 @@ def head_dim_of(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def check_rope(config, device=None) -> RopeSpec | None:
+def check_rope(config, device=None, layer_type: str | None = None) -> RopeSpec | None:
     """:func:`rope_spec` if :class:`~nqkv_core.cache.NQKVCache`'s RoPE-aware key centre can serve it.
 
     The cache subtracts ``R(p) mu`` from the key at position ``p`` and adds the score offset
@@ -263,10 +283,11 @@ def check_rope(config, device=None) -> RopeSpec | None:
     fits less well.
 
     Returns:
-        The :class:`RopeSpec`, or None for a model without RoPE (use a plain centre,
-        ``k_centre_rope=False``).
+        The :class:`RopeSpec` (of ``layer_type``'s layers, as :func:`rope_spec`), or None for a
+        model without RoPE (use a plain centre, ``k_centre_rope=False``).
 
     Raises:
+        ValueError: as :func:`rope_spec`.
         NotImplementedError: interleaved RoPE or a partial rotary embedding (``rotary_dim <
             head_dim``: the cache's tables and kernels pair channel ``i`` with ``i + head_dim / 2``
             over the whole head), or anything :func:`rope_spec` refuses; the message names the
@@ -276,7 +297,7 @@ def check_rope(config, device=None) -> RopeSpec | None:
     workaround = ("NQKVCache's RoPE-aware key centre cannot serve it: use a scheme with k_centre_rope=False,"
                   " e.g. nqkv_preset(4, rope_centre=False)")
     try:
-        spec = rope_spec(config, device)
+        spec = rope_spec(config, device, layer_type)
     except NotImplementedError as e:
         raise NotImplementedError(f"{e}; {workaround}") from None
     kind = _text_config(config).model_type

@@ -403,16 +403,16 @@ def apply_rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, inver
     return rope.apply_rope(x, pos, rope.RopeSpec(inv_freq), inverse)
 
 
-def rope_inv_freq(config, head_dim: int, device=None) -> torch.Tensor:
+def rope_inv_freq(config, head_dim: int, device=None, layer_type: str | None = None) -> torch.Tensor:
     """The model's RoPE inverse frequencies ``(rotary_dim / 2,)`` for the RoPE-aware key centre:
-    ``nqkv_core.rope.check_rope(config).inv_freq`` (any ``rope_type`` transformers computes; a
-    partial rotary embedding gives fewer than ``head_dim / 2``).
+    ``nqkv_core.rope.check_rope(config, device, layer_type).inv_freq`` (any ``rope_type``
+    transformers computes; ``layer_type`` picks a layer type's own RoPE where they differ).
 
     Raises:
         ValueError: the model has no RoPE, or rotates more than ``head_dim`` channels.
         NotImplementedError: as :func:`nqkv_core.rope.check_rope` (e.g. interleaved RoPE).
     """
-    spec = rope.check_rope(config, device)
+    spec = rope.check_rope(config, device, layer_type)
     if spec is None:
         raise ValueError("the model has no RoPE: use a scheme with k_centre_rope=False (a plain key centre)")
     if spec.rotary_dim > head_dim:
@@ -717,8 +717,10 @@ def default_scheme(bits: int = 4, head_dim: int = 64, sinks: int = 4, window: in
         window = 32 if bits > 2 else 64
     rope_centre = True
     if config is not None:
+        from nqkv_core.cache.support import layer_types  # each layer type may have its own RoPE
+
         try:
-            rope_centre = rope.check_rope(config) is not None
+            rope_centre = all(rope.check_rope(config, layer_type=t) is not None for t in set(layer_types(config)))
         except NotImplementedError as e:
             warnings.warn(f"the default NQKV scheme centres keys with a plain mean for this model: {e}", stacklevel=2)
             rope_centre = False

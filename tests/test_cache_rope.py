@@ -143,7 +143,7 @@ def test_unsupported_rope_raises_at_cache_creation_and_enable_falls_back_to_a_pl
 def test_model_without_rope_gets_a_plain_centre():
     opt = transformers.OPTConfig(vocab_size=96, hidden_size=64, ffn_dim=96, num_hidden_layers=2,
                                  num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=64)
-    with pytest.raises(ValueError, match="no RoPE"):
+    with pytest.raises(NotImplementedError, match="no RoPE"):
         NQKVCache(ROPE_CENTRE, config=opt)
     torch.manual_seed(0)
     model = transformers.OPTForCausalLM(opt).eval()

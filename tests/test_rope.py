@@ -115,7 +115,7 @@ def test_models_without_rope_give_none():
 @pytest.mark.parametrize("config,feature", [
     (lambda: transformers.CohereConfig(**GQA), "interleaved"),
     (lambda: transformers.GPTJConfig(n_embd=64, n_head=2, n_layer=1, rotary_dim=16), "rotary_dim"),
-    (lambda: transformers.Gemma3TextConfig(**GQA), "per layer"),
+    (lambda: transformers.Gemma3TextConfig(**GQA), "per layer type.*pass layer_type"),
     (lambda: transformers.GPTNeoXConfig(**SMALL), "partial rotary embedding \\(8 of 32"),
     (lambda: transformers.GlmConfig(**GQA), "interleaved"),
 ], ids=["cohere", "gptj", "gemma3", "gpt_neox", "glm"])
@@ -140,9 +140,16 @@ def test_transformers_4_field_names():
 
     from nqkv_core.rope import _rope_parameters
 
-    assert _rope_parameters(Old()) == {"rope_theta": 5000.0, "rope_type": "default"}
+    assert _rope_parameters(Old(), None)[0] == {"rope_theta": 5000.0, "rope_type": "default"}
     Old.rope_scaling = {"type": "linear", "factor": 2.0}
-    assert _rope_parameters(Old()) == {"rope_theta": 5000.0, "type": "linear", "factor": 2.0, "rope_type": "linear"}
+    assert _rope_parameters(Old(), None)[0] == {"rope_theta": 5000.0, "type": "linear", "factor": 2.0,
+                                                "rope_type": "linear"}
+    # 4.x Gemma 3: sliding layers turn with rope_local_base_freq
+    Old.rope_local_base_freq = 100.0
+    with pytest.raises(NotImplementedError, match="layer_type"):
+        _rope_parameters(Old(), None)
+    params, config, _ = _rope_parameters(Old(), "sliding_attention")
+    assert params["rope_theta"] == config.rope_theta == 100.0 and Old.rope_theta == 5000.0
 
 
 def test_apply_rope_rejects_too_few_channels():
@@ -191,3 +198,23 @@ def test_rotate_half_order_turns_any_layout_into_plain_rotate_half(name):
     torch.testing.assert_close(apply_rope(x, pos, spec)[..., perm], apply_rope(x[..., perm], pos, plain))
     with pytest.raises(ValueError):
         rotate_half_order(spec, spec.rotary_dim - 2)
+
+
+def test_rope_per_layer_type():
+    # Gemma 3: sliding and full layers turn with their own theta
+    config = transformers.Gemma3TextConfig(**{**GQA, "num_hidden_layers": 6}, head_dim=32)  # 5 sliding, 1 full
+    sliding, full = (check_rope(config, layer_type=t) for t in ("sliding_attention", "full_attention"))
+    assert not torch.equal(sliding.inv_freq, full.inv_freq)
+    module = importlib.import_module("transformers.models.gemma3.modeling_gemma3")
+    rotary = module.Gemma3RotaryEmbedding(config)
+    x = torch.randn(1, 1, 12, 32, generator=torch.Generator().manual_seed(5))
+    pos = torch.arange(12)
+    for t, spec in (("sliding_attention", sliding), ("full_attention", full)):
+        cos, sin = rotary(x, pos[None], layer_type=t)
+        _, ref = module.apply_rotary_pos_emb(x, x, cos, sin)
+        torch.testing.assert_close(apply_rope(x, pos, spec), ref)
+    with pytest.raises(ValueError, match="chunked_attention"):
+        rope_spec(config, layer_type="chunked_attention")
+    # a model with one RoPE for all layers ignores the layer type
+    llama = transformers.LlamaConfig(**GQA)
+    assert torch.equal(rope_spec(llama, layer_type="sliding_attention").inv_freq, rope_spec(llama).inv_freq)

@@ -313,7 +313,8 @@ class NQKVLayer(CacheLayerMixin):
                         "a RoPE-centred NQKV scheme needs the model's RoPE frequencies: create the cache"
                         " with config=model.config"
                     )
-                self.rope.inv_freq = rope_inv_freq(config, k.shape[-1])
+                kind = "sliding_attention" if self.is_sliding else "full_attention"  # where RoPE differs by type
+                self.rope.inv_freq = rope_inv_freq(config, k.shape[-1], layer_type=kind)
             inv_freq = self.rope.inv_freq.to(k.device)
             self.rope.ensure(int(self.length) + k.shape[2], self.device)
         return fit_transform(self.scheme, k, v, q, inv_freq)

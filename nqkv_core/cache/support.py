@@ -6,7 +6,6 @@ with the model feature named and what to do instead.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -83,26 +82,27 @@ def check_supported(config: Any) -> None:
 
 
 def rope_inv_freqs(config: Any, head_dim: int) -> dict[str, torch.Tensor]:
-    """The RoPE inverse frequencies of each layer type of ``config`` (a RoPE-centred scheme's), for
-    models whose ``rope_parameters`` are given per layer type (Gemma 3) or once for all.
+    """The RoPE inverse frequencies of each layer type of ``config`` (a RoPE-centred scheme's), as
+    transformers computes them (:func:`nqkv_core.rope.check_rope`, per layer type for models whose
+    RoPE differs by type, Gemma 3); types with equal frequencies share one tensor.
 
     Raises:
-        ValueError: for a RoPE type other than the default one (:func:`~nqkv_core.scheme.rope_inv_freq`).
+        ValueError: the model has no RoPE (:func:`~nqkv_core.scheme.rope_inv_freq`).
+        NotImplementedError: a RoPE the cache cannot serve (interleaved, partial, ...).
     """
-    text = _hf.text_config(config)
-    params = getattr(text, "rope_parameters", None) or {}
-    types = set(layer_types(config))
-    if types and all(isinstance(params.get(t), dict) for t in types):
-        return {t: rope_inv_freq(SimpleNamespace(rope_parameters=params[t]), head_dim) for t in types}
-    inv_freq = rope_inv_freq(text, head_dim)
-    return {t: inv_freq for t in types}
+    freqs: dict[str, torch.Tensor] = {}
+    for t in sorted(set(layer_types(config))):
+        f = rope_inv_freq(_hf.text_config(config), head_dim, layer_type=t)
+        freqs[t] = next((g for g in freqs.values() if torch.equal(g, f)), f)
+    return freqs
 
 
 def scheme_inv_freqs(scheme: KVScheme, config: Any) -> dict[str, torch.Tensor]:
     """:func:`rope_inv_freqs` if ``scheme`` centres keys with RoPE, else ``{}``.
 
     Raises:
-        NotImplementedError: for a RoPE-centred scheme on a model whose RoPE is not the default one.
+        NotImplementedError: for a RoPE-centred scheme on a model without RoPE or with one the cache
+            cannot serve (:func:`nqkv_core.rope.check_rope`).
     """
     if not (scheme.k_centre and scheme.k_centre_rope):
         return {}
