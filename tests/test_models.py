@@ -16,8 +16,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 from transformers import (  # noqa: E402
-    DynamicCache, Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GptOssConfig,
-    GptOssForCausalLM, LlamaConfig, MinistralConfig, MinistralForCausalLM, MistralConfig, MistralForCausalLM,
+    CohereConfig, CohereForCausalLM, DynamicCache, Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM,
+    Gemma3TextConfig, GptOssConfig, GptOssForCausalLM, LlamaConfig, MinistralConfig, MinistralForCausalLM, MistralConfig, MistralForCausalLM,
     Qwen2Config, Qwen2ForCausalLM,
 )
 
@@ -101,9 +101,8 @@ def fakequant_logits(model, ids, scheme):
 
 
 def scheme4(model, window: int):
-    """The 4-bit default scheme for the model's head_dim; RoPE-centred where the model has default RoPE."""
-    s = default_scheme(4, model.config.head_dim, window=window).replace(stats_tokens=16)
-    return s.replace(k_centre_rope=False) if isinstance(model, GptOssForCausalLM) else s  # (GPT-OSS: YaRN)
+    """The 4-bit default scheme for the model (RoPE-centred with the model's RoPE, YaRN included)."""
+    return default_scheme(4, model.config.head_dim, window=window, config=model.config).replace(stats_tokens=16)
 
 
 # every token stored as 16-bit "codes" (window 1), or 2 sinks and 4 exact tokens before them
@@ -187,10 +186,11 @@ def test_unsupported_models_are_refused_naming_the_feature():
         NQKVCache(scheme, config=LlamaConfig(**DIMS, attention_chunk_size=8))
     with pytest.raises(NotImplementedError, match="bidirectional"):
         NQKVCache(scheme, config=Gemma3TextConfig(**DIMS, use_bidirectional_attention=True))
-    oss = tiny("gpt_oss")
-    for make in (lambda: enable(oss, scheme=default_scheme(4, 16)),
-                 lambda: NQKVCache(default_scheme(4, 16), config=oss.config)):
-        with pytest.raises(NotImplementedError, match="yarn.*k_centre_rope"):  # RoPE centring needs default RoPE
+    cohere = CohereForCausalLM(CohereConfig(**DIMS)).eval()
+    for make in (lambda: enable(cohere, scheme=default_scheme(4, 16)),
+                 lambda: NQKVCache(default_scheme(4, 16), config=cohere.config)):
+        # the RoPE-aware centre's tables pair channels rotate-half
+        with pytest.raises(NotImplementedError, match="interleaved RoPE.*k_centre_rope=False"):
             make()
 
 

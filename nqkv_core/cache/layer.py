@@ -313,7 +313,8 @@ class NQKVLayer(CacheLayerMixin):
                         "a RoPE-centred NQKV scheme needs the model's RoPE frequencies: create the cache"
                         " with config=model.config"
                     )
-                kind = "sliding_attention" if self.is_sliding else "full_attention"  # where RoPE differs by type
+                # (a model may turn sliding and full layers with different RoPE)
+                kind = "sliding_attention" if self.is_sliding else "full_attention"
                 self.rope.inv_freq = rope_inv_freq(config, k.shape[-1], layer_type=kind)
             inv_freq = self.rope.inv_freq.to(k.device)
             self.rope.ensure(int(self.length) + k.shape[2], self.device)
