@@ -23,6 +23,7 @@ them, :meth:`KVTransform.keys`, :meth:`~KVTransform.queries`, :meth:`~KVTransfor
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -268,6 +269,14 @@ def hadamard(n: int, seed: int = 0, device=None, dtype: torch.dtype = torch.floa
     return rotation(n, seed, device, dtype)
 
 
+@functools.lru_cache(maxsize=64)
+def shared_rotation(n: int, seed: int, device: torch.device) -> torch.Tensor:
+    """:func:`rotation` in fp32, one tensor per ``(n, seed, device)`` that every layer's transform
+    shares (a cache holds one matrix per side, not one per layer). Read-only by contract."""
+    with torch.inference_mode(False):
+        return rotation(n, seed, device)
+
+
 def rotation(n: int, seed: int = 0, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The fixed ``n x n`` orthogonal rotation of head_dim ``n``: ``diag(signs) @ H``.
 
@@ -478,9 +487,9 @@ def fit_transform(
         vc = vs - t.mu_v if t.mu_v is not None else vs
         t.b_v = vc.pow(2).mean(dim=-2, keepdim=True).clamp_min(1e-12).sqrt()
     if scheme.k_rotate:
-        t.rot_k = rotation(d, seed=0, device=k.device)
+        t.rot_k = shared_rotation(d, 0, k.device)
     if scheme.v_rotate:
-        t.rot_v = rotation(d, seed=1, device=k.device)
+        t.rot_v = shared_rotation(d, 1, k.device)
     if scheme.k_rounding == "query" and scheme.k_bits < FP_BITS:
         if q is None:
             raise ValueError("k_rounding='query' needs the queries of the prompt (pass q)")

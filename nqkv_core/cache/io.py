@@ -29,7 +29,7 @@ import torch
 
 from nqkv_core import _hf
 from nqkv_core.cache.format import fp_dtype
-from nqkv_core.scheme import FP_BITS, QUERY_METRIC_RANK, KVScheme, KVTransform, key_feedback, rope_inv_freq
+from nqkv_core.scheme import FP_BITS, QUERY_METRIC_RANK, KVScheme, KVTransform, key_feedback, rope_inv_freq, shared_rotation
 
 FORMAT_VERSION = "1"
 # The transform's saved fields (the feedback matrix is derived from the stored metric on load).
@@ -232,6 +232,10 @@ def load_layer_state(layer, state: dict[str, torch.Tensor], dtype: torch.dtype, 
     if any(f"t_{f}" in state for f in TRANSFORM_FIELDS) or n > 0:
         layer.transform = KVTransform(**{f: state.get(f"t_{f}") for f in TRANSFORM_FIELDS})
         layer.transform.k_feedback = _feedback(where, layer.transform)
+        for name, seed in (("rot_k", 0), ("rot_v", 1)):  # hold the one matrix all layers share, once
+            x = getattr(layer.transform, name)
+            if x is not None and torch.equal(x, shared := shared_rotation(x.shape[0], seed, x.device)):
+                setattr(layer.transform, name, shared)
     if layer.transform is not None and layer.transform.inv_freq is not None:
         if layer.rope.inv_freq is None:
             layer.rope.inv_freq = layer.transform.inv_freq
@@ -298,8 +302,8 @@ def save(cache, path: str | Path, key: bytes | None = None) -> None:
         if layer._pending is not None:
             raise RuntimeError("cannot save an NQKVCache in the middle of a forward pass")
         for name, x in layer_state(layer).items():
-            # clone: layers share the RoPE frequencies, and safetensors refuses shared storage
-            tensors[f"layer{i}.{name}"] = x.clone() if name == "t_inv_freq" else x.contiguous()
+            # clone: layers share the RoPE frequencies and rotations, and safetensors refuses shared storage
+            tensors[f"layer{i}.{name}"] = x.clone() if name in ("t_inv_freq", "t_rot_k", "t_rot_v") else x.contiguous()
     meta = cache_meta(cache)
     if key is not None:
         meta["hmac_sha256"] = _digest(tensors, meta, key)
