@@ -266,4 +266,4 @@ def test_bench_headline_on_a_random_model(capsys, tmp_path, monkeypatch):
               "--rounds", "1", "--budget", "8MiB", "--markdown", str(md)])
     text = md.read_text()
     assert "random:opt (random weights)" in text and "| max batch at 8MiB, 128 tokens each |" in text
-    assert "no KV cache (recompute)" in text and text.count("\n| ") == 5  # the header and four figures
+    assert "no KV cache (recompute)" in text and text.count("\n| ") == 6  # the header and five figures

@@ -206,7 +206,10 @@ def test_headline_ratios_on_a_tiny_random_opt():
     assert 1 < ratios["batch"] < ratios["context"] < 4
     assert ratios["no_cache"] == h["speed"]["nqkv"].median / h["speed"]["none"].median > 0
     assert ratios["dynamic"] == h["speed"]["nqkv"].median / h["speed"]["dynamic"].median > 0
+    assert ratios["max_batch"] == h["speed"]["nqkv max batch"].median / h["speed"]["dynamic max batch"].median > 0
     text = "\n".join(headline_markdown(h, "8MiB", context, scheme.name, 512))
     assert f"| {PAPER['no_cache']:g}x |" in text and "cannot run on it" in text  # max context > 512 positions
     with pytest.raises(ValueError, match="at most 510"):
         headline(model, scheme, budget, 511, steps=1, rounds=1)
+    with pytest.raises(ValueError, match="raise --budget"):
+        headline(model, scheme, 64 << 10, context, steps=1, rounds=1)

@@ -178,29 +178,39 @@ def headline(model, scheme, budget: int, context: int, steps: int, rounds: int, 
       batch 1, NQKV against an fp16 ``DynamicCache`` (:func:`fits_budget`, checked by allocating);
     * decode tokens/s at batch 1 over ``context`` tokens, NQKV against decoding without a KV cache
       (the whole sequence recomputed for each token) and against a ``DynamicCache`` holding fp32
-      (as :func:`~nqkv_core.lab.report.filled_cache` fills it), in interleaved rounds (:func:`~nqkv_core.lab.report.measure_speeds`).
+      (as :func:`~nqkv_core.lab.report.filled_cache` fills it);
+    * decode tokens/s of NQKV at its max batch against ``DynamicCache`` at the fp16 max batch;
+
+    every decode figure in interleaved rounds (:func:`~nqkv_core.lab.report.measure_speeds`).
 
     Returns:
         ``{"fits": {cache: fits_budget row}, "speed": {kind: SpeedFigure}, "ratios": {"batch",
-        "context", "no_cache", "dynamic": NQKV / baseline}}``.
+        "context", "no_cache", "dynamic", "max_batch": NQKV / baseline}}``.
 
     Raises:
         ValueError: if ``context`` plus the decode steps pass the model's ``max_position_embeddings``
-            (a model with learned positions cannot run them).
+            (a model with learned positions cannot run them), or ``budget`` holds no fp16 cache of
+            ``context`` tokens.
     """
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and context + steps + 1 > limit:
         raise ValueError(f"decode context {context} plus {steps + 1} steps passes the model's {limit} positions;"
                          f" pass a context of at most {limit - steps - 1}")
+    n_layers, h, d = dims(model)
+    if budget < context * 2 * n_layers * h * d * 2:
+        raise ValueError(f"the budget holds no fp16 cache of {context} tokens: raise --budget or lower --batch-context")
     fits = {r["cache"]: r for r in fits_budget(model, scheme, budget, context)}
     fp16, nq = fits["DynamicCache fp16"], fits["NQKV"]
-    speed = measure_speeds(lambda kind: decode_tps(model, kind, scheme, 1, context, steps),
-                           ["nqkv", "none", "dynamic"], rounds, rounds, progress)
+    runs = {"nqkv": ("nqkv", 1), "none": ("none", 1), "dynamic": ("dynamic", 1),
+            "nqkv max batch": ("nqkv", nq["max_batch_at"]), "dynamic max batch": ("dynamic", fp16["max_batch_at"])}
+    speed = measure_speeds(lambda name: decode_tps(model, runs[name][0], scheme, runs[name][1], context, steps),
+                           list(runs), rounds, rounds, progress)
     return {"fits": fits, "speed": speed,
             "ratios": {"batch": nq["max_batch_at"] / fp16["max_batch_at"],
                        "context": nq["max_context"] / fp16["max_context"],
                        "no_cache": speed["nqkv"].median / speed["none"].median,
-                       "dynamic": speed["nqkv"].median / speed["dynamic"].median}}
+                       "dynamic": speed["nqkv"].median / speed["dynamic"].median,
+                       "max_batch": speed["nqkv max batch"].median / speed["dynamic max batch"].median}}
 
 
 def headline_markdown(h: dict, budget: str, context: int, scheme_name: str, limit: int | None) -> list[str]:
@@ -216,7 +226,10 @@ def headline_markdown(h: dict, budget: str, context: int, scheme_name: str, limi
              f"| decode tokens/s, batch 1, {context} tokens | no KV cache (recompute) | {speed['none'].cell()} |"
              f" {speed['nqkv'].cell()} | {ratio['no_cache']:.2f}x | {PAPER['no_cache']:g}x |",
              f"| decode tokens/s, batch 1, {context} tokens | DynamicCache fp32 | {speed['dynamic'].cell()} |"
-             f" {speed['nqkv'].cell()} | {ratio['dynamic']:.2f}x | - |"]
+             f" {speed['nqkv'].cell()} | {ratio['dynamic']:.2f}x | - |",
+             f"| decode tokens/s at each cache's max batch ({fp16['max_batch_at']} / {nq['max_batch_at']}),"
+             f" {context} tokens | DynamicCache fp32 | {speed['dynamic max batch'].cell()} |"
+             f" {speed['nqkv max batch'].cell()} | {ratio['max_batch']:.2f}x | - |"]
     if limit is not None and max(fp16["max_context"], nq["max_context"]) > limit:
         lines.append(f"\nMax context counts cache bytes only: the model has {limit} positions"
                      f" (max_position_embeddings), so contexts beyond {limit} cannot run on it.")
@@ -341,7 +354,7 @@ def run(args: argparse.Namespace) -> None:
     n_decode = sum(args.rounds * (5 if c * b <= args.no_recompute_above * 2 else 4)
                    for c in contexts for b in args.batches)
     command = getattr(args, "command_line", "nqkv bench")
-    with tqdm(total=2 + 3 * args.rounds if args.headline else 4 + n_decode, desc="bench", unit="step") as bar:
+    with tqdm(total=2 + 5 * args.rounds if args.headline else 4 + n_decode, desc="bench", unit="step") as bar:
         out = _Lines(args.markdown, bar)
         out.add(f"Model {lm.name}{' (random weights)' if random_weights else ''}, fp32 activations,"
                 f" {torch.get_num_threads()} threads, CPU kernels {native.vector_isa()}; scheme `{scheme.name}`;"
