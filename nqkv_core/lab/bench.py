@@ -354,7 +354,7 @@ def run(args: argparse.Namespace) -> None:
     n_decode = sum(args.rounds * (5 if c * b <= args.no_recompute_above * 2 else 4)
                    for c in contexts for b in args.batches)
     command = getattr(args, "command_line", "nqkv bench")
-    with tqdm(total=2 + 5 * args.rounds if args.headline else 4 + n_decode, desc="bench", unit="step") as bar:
+    with tqdm(total=5 * args.rounds if args.headline else 4 + n_decode, desc="bench", unit="step") as bar:
         out = _Lines(args.markdown, bar)
         out.add(f"Model {lm.name}{' (random weights)' if random_weights else ''}, fp32 activations,"
                 f" {torch.get_num_threads()} threads, CPU kernels {native.vector_isa()}; scheme `{scheme.name}`;"
