@@ -195,7 +195,7 @@ def headline(model, scheme, budget: int, context: int, steps: int, rounds: int, 
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and context + steps + 1 > limit:
         raise ValueError(f"decode context {context} plus {steps + 1} steps passes the model's {limit} positions;"
-                         f" pass a context of at most {limit - steps - 1}")
+                         f" pass a context (--batch-context) of at most {limit - steps - 1}")
     n_layers, h, d = dims(model)
     if budget < context * 2 * n_layers * h * d * 2:
         raise ValueError(f"the budget holds no fp16 cache of {context} tokens: raise --budget or lower --batch-context")
