@@ -247,3 +247,23 @@ def test_command_line_is_recorded_as_typed(monkeypatch):
     monkeypatch.setattr(sys, "argv", [cli.__file__, "eval", "--windows", "2"])
     cli.main()
     assert seen == ["nqkv eval --text-file 'my corpus.txt'", "python -m nqkv_core.lab.cli eval --windows 2"]
+
+
+def test_unknown_random_model_type(capsys):
+    line = _error_line(capsys, ["bench", "--model", "random:no-such-type", "--headline"])
+    assert line.startswith("nqkv bench: error: --model random:no-such-type:") and "random:opt" in line
+
+
+def test_bench_headline_on_a_random_model(capsys, tmp_path, monkeypatch):
+    from nqkv_core.lab import bench
+
+    from test_report import TINY_OPT
+
+    load = bench.load_model
+    monkeypatch.setattr(bench, "load_model", lambda name: load(name, config_overrides=TINY_OPT))
+    md = tmp_path / "headline.md"
+    cli.main(["bench", "--model", "random:opt", "--headline", "--batch-context", "128", "--steps", "1",
+              "--rounds", "1", "--budget", "8MiB", "--markdown", str(md)])
+    text = md.read_text()
+    assert "random:opt (random weights)" in text and "| max batch at 8MiB, 128 tokens each |" in text
+    assert "no KV cache (recompute)" in text and text.count("\n| ") == 6  # the header and five figures

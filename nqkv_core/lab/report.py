@@ -57,9 +57,9 @@ def parse_bytes(text: str) -> int:
 
 def model_dims(model) -> tuple[int, int, int]:
     """``(layers, kv_heads, head_dim)`` of a transformers decoder."""
-    c = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return c.num_hidden_layers, c.num_key_value_heads, head_dim
+    from nqkv_core import _hf
+
+    return _hf.num_layers(model.config), _hf.kv_heads(model.config), _hf.head_dim(model.config)
 
 
 def cache_bytes(bits_per_element: float, context: int, dims: tuple[int, int, int]) -> float:
