@@ -93,33 +93,16 @@ def stream_call(tensors: list, device: torch.device):
 
 
 def timed(fn, device: torch.device, reps: int = 20, calls: int = 10) -> float:
-    """Seconds per call: on CUDA ``calls`` calls captured in a CUDA graph, median of ``reps`` replays;
-    on CPU (dry run) one call's wall-clock time."""
+    """Seconds per call: on CUDA ``calls`` calls captured in a CUDA graph, median of ``reps`` replays
+    (``sweep_triton_decode.timed``); on CPU (dry run) one call's wall-clock time."""
+    if device.type == "cuda":
+        from sweep_triton_decode import timed as graph_timed
+
+        return graph_timed(fn, reps, calls)
     fn()  # compile
-    if device.type != "cuda":
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2] / 1e3 / calls
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 # -- the checks --------------------------------------------------------------------------------------------
