@@ -343,19 +343,6 @@ class KVTransform:
             k = k * self.a_k
         return k @ self.rot_k if self.rot_k is not None else k
 
-    def key_offset(self, n: int, start: int = 0) -> torch.Tensor | None:
-        """What attention must add to stored keys (in the stored basis) at positions ``[start, start+n)``.
-
-        None for a plain mean (a constant shift cancels in the softmax). For a RoPE-aware centre it is
-        ``((R(p) mu_k) * a_k) @ rot_k``: score = ``queries(q) . (dequantized key + key_offset)``.
-        """
-        if self.mu_k is None or self.inv_freq is None:
-            return None
-        c = self.key_centre(n, start)
-        if self.a_k is not None:
-            c = c * self.a_k
-        return c @ self.rot_k if self.rot_k is not None else c
-
     def keys_back(self, k: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Inverse of :meth:`keys` (adds the centre back; attention needs it only for a RoPE'd centre)."""
         if self.rot_k is not None:

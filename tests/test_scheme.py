@@ -15,6 +15,18 @@ from nqkv_core.scheme import (
 INV_FREQ = 1.0 / 10000 ** (torch.arange(0, 16, 2).float() / 16)
 
 
+def key_offset(t, n: int, start: int = 0):
+    """What attention adds to stored keys (in the stored basis) at positions ``[start, start + n)``:
+    None for a plain mean (a constant shift cancels in the softmax), ``((R(p) mu_k) * a_k) @ rot_k``
+    for a RoPE-aware centre, so that a score is ``queries(q) . (dequantized key + key_offset)``."""
+    if t.mu_k is None or t.inv_freq is None:
+        return None
+    c = t.key_centre(n, start)
+    if t.a_k is not None:
+        c = c * t.a_k
+    return c @ t.rot_k if t.rot_k is not None else c
+
+
 def _kvq(b=1, hkv=2, g=2, t=96, d=16, seed=0):
     gen = torch.Generator().manual_seed(seed)
     k = torch.randn(b, hkv, t, d, generator=gen) + torch.linspace(-3, 3, d)  # per-channel offsets
@@ -136,7 +148,7 @@ def test_transform_preserves_attention(scheme):
     g = q.shape[1] // k.shape[1]
     ref = torch.softmax(q @ k.repeat_interleave(g, 1).transpose(-1, -2), -1) @ v.repeat_interleave(g, 1)
     kk = t.keys(k)
-    off = t.key_offset(k.shape[-2])  # a RoPE'd centre is not shift-invariant: attention adds it back
+    off = key_offset(t, k.shape[-2])  # a RoPE'd centre is not shift-invariant: attention adds it back
     assert (off is None) == (not scheme.k_centre_rope)
     kk = kk + off if off is not None else kk
     scores = t.queries(q, g) @ kk.repeat_interleave(g, 1).transpose(-1, -2)
@@ -191,7 +203,7 @@ def test_partial_rope_centre_preserves_attention():
     t = fit_transform(scheme, k, v, q, INV_FREQ[:4])
     g = q.shape[1] // k.shape[1]
     ref = torch.softmax(q @ k.repeat_interleave(g, 1).transpose(-1, -2), -1) @ v.repeat_interleave(g, 1)
-    kk = t.keys(k) + t.key_offset(k.shape[-2])
+    kk = t.keys(k) + key_offset(t, k.shape[-2])
     scores = t.queries(q, g) @ kk.repeat_interleave(g, 1).transpose(-1, -2)
     out = t.output(torch.softmax(scores, -1) @ t.values(v).repeat_interleave(g, 1), g)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
