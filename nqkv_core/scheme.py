@@ -1,29 +1,15 @@
-"""KV-cache storage schemes and their plain-torch reference round trip.
+"""KV-cache storage schemes, their presets and their plain-torch reference round trip.
 
 A :class:`KVScheme` says how keys and values are stored: bits, codebook, block size and blocked axis
-for each, an optional exact transform applied before quantizing, and how many tokens stay in full
-precision (the first ``sinks`` tokens and, for each query, the last ``window`` positions).
-
-The transforms are chosen so that attention is unchanged *exactly* if nothing is quantized:
-
-* keys: ``k' = ((k - mu_k) * a) @ H`` and queries ``q' = (q / a) @ H``. ``q . mu_k`` is the same
-  for every key of a query row, so the softmax ignores it (``mu_k`` is never added back); ``a`` is a
-  per-channel equalisation that cancels between ``q`` and ``k``; ``H`` is orthogonal.
-* values: ``v' = ((v - mu_v) / b) @ H``; the attention output is ``(P @ v') @ H.T * b + mu_v``
-  because each probability row sums to one.
-
-``mu``, ``a`` and ``b`` are per (batch, kv head) channel vectors measured once on the first
-``stats_tokens`` tokens after the sinks (the prompt, in a streaming cache) and then frozen; ``H`` is
-a fixed random-sign (block) Hadamard matrix (:func:`rotation`). :func:`fit_transform` measures
-them, :meth:`KVTransform.keys`, :meth:`~KVTransform.queries`, :meth:`~KVTransform.values` and
-:meth:`~KVTransform.output` apply them, and :func:`roundtrip` returns what a cache would give back
-(in the original basis).
+for each, an optional exact transform applied before quantizing (:mod:`nqkv_core.transform`), and
+how many tokens stay in full precision (the first ``sinks`` tokens and, for each query, the last
+``window`` positions). :func:`roundtrip` returns what a cache would give back (in the original
+basis); :func:`nqkv_preset` and :func:`default_scheme` are the measured presets.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -35,6 +21,10 @@ from nqkv_core import rope
 from nqkv_core.codebook import get_codebook, signed_codebook
 from nqkv_core.quantize import dequantize_blockwise, feedback_matrix, quantize_blockwise
 from nqkv_core.rope import rotate_half  # noqa: F401  (re-exported: the cache imports it from here)
+from nqkv_core.transform import (  # noqa: F401  (re-exported: the transform was part of this module)
+    FP_BITS, QUERY_METRIC_RANK, QUERY_STATS_TOKENS, KVTransform, apply_rope, fit_transform, hadamard, key_feedback,
+    low_rank_metric, per_query_head, query_metric, rope_inv_freq, rotation, shared_rotation,
+)
 
 # "int": uniform asymmetric min-max (a scale and a zero per block); "signed": signed-scale levels
 # (nqkv_core.codebook.signed_codebook). Both are evaluation-only: NQKVCache stores "nf" / "lloyd".
@@ -42,12 +32,7 @@ Quantizer = Literal["nf", "lloyd", "int", "signed"]
 Axis = Literal["token", "channel"]  # blocks along head_dim of one token / along tokens of one channel
 Equalize = Literal["none", "rms", "qk"]
 Rounding = Literal["nearest", "query"]
-FP_BITS = 16
 PRESET_BITS = (2, 3, 4, 8)
-# Queries after the sinks whose second moments make the key metric of k_rounding="query", and the
-# rank of the metric that is kept (its top eigen-directions plus their mean isotropic rest).
-QUERY_STATS_TOKENS = 128
-QUERY_METRIC_RANK = 4
 
 
 @dataclass(frozen=True)
@@ -242,279 +227,6 @@ class KVScheme:
         k = self._side_bits(self.k_bits, self.k_quant, self.k_block, k_vec, context_len)
         v = self._side_bits(self.v_bits, self.v_quant, self.v_block, v_vec, context_len)
         return (k + v) / 2
-
-
-# -- transform --------------------------------------------------------------------------------
-
-
-def _sylvester(n: int) -> torch.Tensor:
-    """The ``n x n`` (+-1) Sylvester Hadamard matrix (``n`` a power of two), float64."""
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h
-
-
-def hadamard(n: int, seed: int = 0, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """An ``n x n`` orthogonal random-sign Hadamard matrix ``diag(signs) @ H_n / sqrt(n)``.
-
-    ``n`` must be a power of two (Sylvester construction); the signs come from a fixed seed so that
-    every layer and every run uses the same matrix. :func:`rotation` covers every ``n``.
-
-    Raises:
-        ValueError: ``n`` is not a power of two.
-    """
-    if n < 1 or n & (n - 1):
-        raise ValueError(f"hadamard(n) needs a power of two, got {n}; rotation(n) covers every n")
-    return rotation(n, seed, device, dtype)
-
-
-@functools.lru_cache(maxsize=64)
-def shared_rotation(n: int, seed: int, device: torch.device) -> torch.Tensor:
-    """:func:`rotation` in fp32, one tensor per ``(n, seed, device)`` that every layer's transform
-    shares (a cache holds one matrix per side, not one per layer). Read-only by contract."""
-    with torch.inference_mode(False):
-        return rotation(n, seed, device)
-
-
-def rotation(n: int, seed: int = 0, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The fixed ``n x n`` orthogonal rotation of head_dim ``n``: ``diag(signs) @ H``.
-
-    ``H`` is block-diagonal: normalised Sylvester Hadamard blocks of the largest powers of two that
-    sum to ``n`` (e.g. 96 = 64 + 32, 80 = 64 + 16), a single block (the plain random-sign
-    Hadamard) when ``n`` is a power of two. Every block is a multiple of the presets' blocks of
-    ``gcd(n, 64)`` channels and starts at one of their boundaries. A dense Hadamard of order 96 or
-    80 (Paley) or a random orthogonal matrix do no better on blockwise NF codes
-    (benchmarks/rotation_any_head_dim.py). The signs come from ``seed`` (a CPU generator), so every
-    layer and every run gets the same matrix; it is built in float64 and orthogonal to ``dtype``
-    rounding.
-
-    Raises:
-        ValueError: ``n < 1``.
-    """
-    if n < 1:
-        raise ValueError(f"a rotation needs n >= 1, got {n}")
-    blocks, rest = [], n
-    while rest:
-        size = 1 << (rest.bit_length() - 1)
-        blocks.append(_sylvester(size) / math.sqrt(size))
-        rest -= size
-    g = torch.Generator().manual_seed(seed)
-    signs = torch.randint(0, 2, (n,), generator=g, dtype=torch.float64) * 2 - 1
-    return (signs[:, None] * torch.block_diag(*blocks)).to(device=device, dtype=dtype)
-
-
-@dataclass
-class KVTransform:
-    """The frozen exact transform of one layer. Vectors are ``(batch, kv_heads, 1, head_dim)`` or None."""
-
-    mu_k: torch.Tensor | None = None
-    a_k: torch.Tensor | None = None
-    rot_k: torch.Tensor | None = None
-    mu_v: torch.Tensor | None = None
-    b_v: torch.Tensor | None = None
-    rot_v: torch.Tensor | None = None
-    # k_rounding="query": the queries' metric ~ k_metric^T k_metric + k_metric_iso * I, with
-    # k_metric (batch, kv_heads, QUERY_METRIC_RANK, d) and k_metric_iso (batch, kv_heads, 1, 1); the
-    # keys' error-feedback matrix k_feedback (batch, kv_heads, d, d) is derived from them
-    # (key_feedback), held for the coder, not saved.
-    k_metric: torch.Tensor | None = None
-    k_metric_iso: torch.Tensor | None = None
-    k_feedback: torch.Tensor | None = None
-    inv_freq: torch.Tensor | None = None  # set with a pre-RoPE mu_k: mu_k is then rotated per position
-
-    def key_centre(self, n: int, start: int | torch.Tensor = 0) -> torch.Tensor | None:
-        """The centre subtracted from keys at positions ``[start, start + n)``."""
-        if self.mu_k is None or self.inv_freq is None:
-            return self.mu_k
-        # ``start`` may be a 0-d tensor (a cache's length), so that traced steps do not specialise on it.
-        pos = torch.arange(n, device=self.mu_k.device) + start
-        return apply_rope(self.mu_k, pos, self.inv_freq)
-
-    def keys(self, k: torch.Tensor, start: int | torch.Tensor = 0, centre: bool = True) -> torch.Tensor:
-        """Keys as stored before quantization: ``((k - mu_k) * a_k) @ rot_k`` (positions from ``start``).
-
-        ``centre=False`` leaves ``mu_k`` in: ``(k * a_k) @ rot_k``, scored exactly by :meth:`queries`.
-        """
-        k = k.float()
-        if self.mu_k is not None and centre:
-            k = k - self.key_centre(k.shape[-2], start)
-        if self.a_k is not None:
-            k = k * self.a_k
-        return k @ self.rot_k if self.rot_k is not None else k
-
-    def keys_back(self, k: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """Inverse of :meth:`keys` (adds the centre back; attention needs it only for a RoPE'd centre)."""
-        if self.rot_k is not None:
-            k = k @ self.rot_k.T
-        if self.a_k is not None:
-            k = k / self.a_k
-        return k + self.key_centre(k.shape[-2], start) if self.mu_k is not None else k
-
-    def queries(self, q: torch.Tensor, group: int = 1) -> torch.Tensor:
-        """Queries to score against stored keys: ``(q / a_k) @ rot_k``; ``group`` = query heads per kv head."""
-        q = q.float()
-        if self.a_k is not None:
-            q = q / per_query_head(self.a_k, group)
-        return q @ self.rot_k if self.rot_k is not None else q
-
-    def values(self, v: torch.Tensor) -> torch.Tensor:
-        """Values as stored before quantization: ``((v - mu_v) / b_v) @ rot_v``."""
-        v = v.float()
-        if self.mu_v is not None:
-            v = v - self.mu_v
-        if self.b_v is not None:
-            v = v / self.b_v
-        return v @ self.rot_v if self.rot_v is not None else v
-
-    def output(self, o: torch.Tensor, group: int = 1) -> torch.Tensor:
-        """Attention output in the original basis from ``P @ values(v)`` (rows of P summing to one)."""
-        if self.rot_v is not None:
-            o = o @ self.rot_v.T
-        if self.b_v is not None:
-            o = o * per_query_head(self.b_v, group)
-        return o + per_query_head(self.mu_v, group) if self.mu_v is not None else o
-
-    def values_back(self, v: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`values`."""
-        return self.output(v)
-
-
-def per_query_head(x: torch.Tensor, group: int) -> torch.Tensor:
-    """A per-KV-head tensor ``(b, h, ...)`` repeated for the ``group`` query heads of each: ``(b, h * group, ...)``.
-
-    The same as ``x.repeat_interleave(group, dim=1)``, which costs ~40 us per call on CPU (it builds
-    an index); a decode step does this for every layer.
-    """
-    if group == 1:
-        return x
-    b, h = x.shape[:2]
-    return x.unsqueeze(2).expand(b, h, group, *x.shape[2:]).reshape(b, h * group, *x.shape[2:])
-
-
-def apply_rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """Rotate-half RoPE of ``x`` ``(..., T or 1, d)`` at positions ``pos`` ``(T,)`` with frequencies
-    ``inv_freq`` (the first ``2 * len(inv_freq)`` channels; the rest pass through); ``inverse``
-    undoes it. :func:`nqkv_core.rope.apply_rope` with ``RopeSpec(inv_freq)``."""
-    return rope.apply_rope(x, pos, rope.RopeSpec(inv_freq), inverse)
-
-
-def rope_inv_freq(config, head_dim: int, device=None, layer_type: str | None = None) -> torch.Tensor:
-    """The model's RoPE inverse frequencies ``(rotary_dim / 2,)`` for the RoPE-aware key centre:
-    ``nqkv_core.rope.check_rope(config, device, layer_type).inv_freq`` (any ``rope_type``
-    transformers computes; ``layer_type`` picks a layer type's own RoPE where they differ).
-
-    Raises:
-        ValueError: the model has no RoPE, or rotates more than ``head_dim`` channels.
-        NotImplementedError: as :func:`nqkv_core.rope.check_rope` (e.g. interleaved RoPE).
-    """
-    spec = rope.check_rope(config, device, layer_type)
-    if spec is None:
-        raise ValueError("the model has no RoPE: use a scheme with k_centre_rope=False (a plain key centre)")
-    if spec.rotary_dim > head_dim:
-        raise ValueError(f"the model's RoPE rotates {spec.rotary_dim} channels, more than head_dim {head_dim}")
-    return spec.inv_freq
-
-
-def _stats_slice(x: torch.Tensor, scheme: KVScheme) -> torch.Tensor:
-    n = x.shape[-2]
-    start = min(scheme.sinks, max(n - 1, 0))
-    return x[..., start : start + max(scheme.stats_tokens, 1), :].float()
-
-
-def fit_transform(
-    scheme: KVScheme,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    q: torch.Tensor | None = None,
-    inv_freq: torch.Tensor | None = None,
-) -> KVTransform:
-    """Measure the frozen transform of one layer on its first tokens.
-
-    Args:
-        scheme: the storage scheme.
-        k, v: ``(batch, kv_heads, tokens, head_dim)`` post-RoPE keys and values of (at least) the
-            prompt; only tokens ``[sinks, sinks + stats_tokens)`` are used.
-        q: ``(batch, q_heads, tokens, head_dim)`` queries of the same tokens, needed for
-            ``k_equalize="qk"`` and ``k_rounding="query"`` (which reads tokens
-            ``[sinks, sinks + QUERY_STATS_TOKENS)``).
-        inv_freq: the model's RoPE inverse frequencies ``(head_dim / 2,)``, for ``k_centre_rope``;
-            ``k`` must then start at position 0.
-    """
-    t = KVTransform()
-    d = k.shape[-1]
-    ks, vs = _stats_slice(k, scheme), _stats_slice(v, scheme)
-    if scheme.k_centre and scheme.k_centre_rope:
-        if inv_freq is None:
-            raise ValueError("k_centre_rope needs the model's RoPE inv_freq")
-        start = min(scheme.sinks, max(k.shape[-2] - 1, 0))
-        pos = torch.arange(start, start + ks.shape[-2], device=k.device)
-        t.mu_k = apply_rope(ks, pos, inv_freq, inverse=True).mean(dim=-2, keepdim=True)
-        t.inv_freq = inv_freq.float().to(k.device)
-        kc = ks - apply_rope(t.mu_k, pos, t.inv_freq)
-    elif scheme.k_centre:
-        t.mu_k = ks.mean(dim=-2, keepdim=True)
-    if not scheme.k_centre_rope:
-        kc = ks - t.mu_k if t.mu_k is not None else ks
-    k_ms = kc.pow(2).mean(dim=-2, keepdim=True).clamp_min(1e-12)
-    if scheme.k_equalize == "rms":
-        t.a_k = k_ms.rsqrt()
-    elif scheme.k_equalize == "qk":
-        if q is None:
-            raise ValueError("k_equalize='qk' needs the queries of the stats tokens")
-        qs = _stats_slice(q, scheme)
-        group = q.shape[1] // k.shape[1]
-        q_ms = qs.pow(2).mean(dim=-2, keepdim=True)
-        q_ms = q_ms.view(q.shape[0], k.shape[1], group, 1, d).mean(dim=2).clamp_min(1e-12)
-        a = (q_ms / k_ms).pow(0.25)
-        t.a_k = a / a.mean(dim=-1, keepdim=True)  # only ratios matter; keep magnitudes near 1
-    if scheme.v_centre:
-        t.mu_v = vs.mean(dim=-2, keepdim=True)
-    if scheme.v_equalize:
-        vc = vs - t.mu_v if t.mu_v is not None else vs
-        t.b_v = vc.pow(2).mean(dim=-2, keepdim=True).clamp_min(1e-12).sqrt()
-    if scheme.k_rotate:
-        t.rot_k = shared_rotation(d, 0, k.device)
-    if scheme.v_rotate:
-        t.rot_v = shared_rotation(d, 1, k.device)
-    if scheme.k_rounding == "query" and scheme.k_bits < FP_BITS:
-        if q is None:
-            raise ValueError("k_rounding='query' needs the queries of the prompt (pass q)")
-        t.k_metric, t.k_metric_iso = low_rank_metric(query_metric(t, q, k.shape[1], scheme.sinks))
-        t.k_feedback = key_feedback(t)
-    return t
-
-
-def low_rank_metric(m: torch.Tensor, rank: int = QUERY_METRIC_RANK) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(F, iso)`` with ``F^T F + iso * I`` the metric ``m (..., d, d)`` cut to its top ``rank``
-    eigen-directions (rows of ``F``: ``sqrt(eigenvalue) * eigenvector``) plus the mean of the other
-    eigenvalues on every direction: ``rank`` vectors to store instead of a ``d x d`` matrix."""
-    ev, vec = torch.linalg.eigh(m.double())  # ascending
-    rank = min(rank, m.shape[-1] - 1)
-    f = (vec[..., -rank:] * ev[..., None, -rank:].clamp_min(0).sqrt()).transpose(-1, -2)
-    iso = ev[..., :-rank].mean(-1).clamp_min(0)[..., None, None]
-    return f.float(), iso.float()
-
-
-def key_feedback(t: KVTransform) -> torch.Tensor | None:
-    """The keys' error-feedback matrix of ``t``'s stored metric (None without one)."""
-    if t.k_metric is None:
-        return None
-    d = t.k_metric.shape[-1]
-    eye = torch.eye(d, device=t.k_metric.device)
-    return feedback_matrix(t.k_metric.transpose(-1, -2) @ t.k_metric + t.k_metric_iso * eye)
-
-
-def query_metric(t: KVTransform, q: torch.Tensor, kv_heads: int, sinks: int) -> torch.Tensor:
-    """``E[q' q'^T]`` ``(batch, kv_heads, d, d)`` of the stored-basis queries ``q' = t.queries(q)`` of
-    each kv head's query heads, over the tokens ``[sinks, sinks + QUERY_STATS_TOKENS)`` (fewer if the
-    prompt is shorter; all of them if it has no token after the sinks). A key error ``e`` changes a
-    score by ``q' . e``, whose mean square is ``e^T E[q' q'^T] e``."""
-    b, hq, n, d = q.shape
-    start = sinks if n > sinks else 0
-    qs = t.queries(q[:, :, start:start + QUERY_STATS_TOKENS], hq // kv_heads)
-    qs = qs.reshape(b, kv_heads, -1, d)  # a kv head's query heads are consecutive
-    return qs.transpose(-1, -2) @ qs / qs.shape[-2]
 
 
 # -- quantizers -------------------------------------------------------------------------------
