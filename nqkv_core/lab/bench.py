@@ -327,6 +327,11 @@ def _memory_tables(model, scheme, args, budget: int, out: _Lines) -> dict[str, f
     out.add(f"Decode state: after two decode steps at batch 8 over 1024 tokens the cache holds"
             f" {added / 2**10:,.1f} KiB beyond its {stored / 2**20:,.1f} MiB of storage"
             f" ({added / 8 / 2**10:,.1f} KiB per sequence).")
+    for n in (2048, 16384):  # every tensor a short and a long cache holds, against fp16 (docs/benchmarks.md)
+        held = filled_cache("nqkv", model, 1, n, scheme).nbytes
+        fp16 = bpt["DynamicCache fp16"] * n
+        out.add(f"Every tensor held at {n:,} tokens (codes, scales, exact tokens, transforms, RoPE table):"
+                f" {held / 2**20:,.2f} MiB against {fp16 / 2**20:,.2f} MiB for fp16 (fp16 / NQKV {fp16 / held:.2f}x).")
     return bpt
 
 
