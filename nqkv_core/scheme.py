@@ -19,7 +19,7 @@ import torch
 
 from nqkv_core import rope
 from nqkv_core.codebook import get_codebook, signed_codebook
-from nqkv_core.quantize import dequantize_blockwise, feedback_matrix, quantize_blockwise
+from nqkv_core.quantize import dequantize_blockwise, quantize_blockwise
 from nqkv_core.rope import rotate_half  # noqa: F401  (re-exported: the cache imports it from here)
 from nqkv_core.transform import (  # noqa: F401  (re-exported: the transform was part of this module)
     FP_BITS, QUERY_METRIC_RANK, QUERY_STATS_TOKENS, KVTransform, apply_rope, fit_transform, hadamard, key_feedback,

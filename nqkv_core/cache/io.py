@@ -29,7 +29,7 @@ import torch
 
 from nqkv_core import _hf
 from nqkv_core.cache.format import fp_dtype
-from nqkv_core.scheme import FP_BITS, QUERY_METRIC_RANK, KVScheme, KVTransform, key_feedback, rope_inv_freq, shared_rotation
+from nqkv_core.scheme import FP_BITS, QUERY_METRIC_RANK, KVScheme, KVTransform, key_feedback, shared_rotation
 
 FORMAT_VERSION = "1"
 # The transform's saved fields (the feedback matrix is derived from the stored metric on load).
@@ -146,8 +146,8 @@ def check_layer_spec(where: str, scheme: KVScheme, found: dict[str, Spec], n: in
         if found[name] != want:
             hint = ""
             if name.endswith("_ring") and found[name][1][2:3] != want[1][2:3]:
-                hint = (f" (the ring keeps max(window, 1) - 1 + crop_margin tokens: load with the crop_margin"
-                        f" the cache was created with)")
+                hint = (" (the ring keeps max(window, 1) - 1 + crop_margin tokens: load with the crop_margin"
+                        " the cache was created with)")
             raise ValueError(f"{where}: {name} is {_fmt(found[name])}, expected {_fmt(want)}{hint}")
     return b, h, d
 
