@@ -182,8 +182,10 @@ class NQKVLayer(CacheLayerMixin):
             torch.zeros(b, h, capacity + 1, d // fmt.block, dtype=self.scheme.scale_dtype, device=self.device),
         )
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Allocate every buffer from the first K/V's batch, heads, head_dim, dtype and device."""
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
+        """Allocate every buffer from the first K/V's batch, heads, head_dim, dtype and device
+        (transformers 4.x's ``Cache.early_initialization`` passes the keys only)."""
+        value_states = key_states if value_states is None else value_states
         if key_states.dim() != 4:
             raise ValueError(
                 f"NQKVCache takes K/V of shape (batch, kv heads, tokens, head_dim), got {tuple(key_states.shape)}"
