@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -259,7 +260,13 @@ def rope_spec(config, device=None, layer_type: str | None = None) -> RopeSpec | 
         return None
     params.setdefault("rope_type", params.get("type", "default"))
     _refuse_unusual(config, params)
-    inv_freq, scaling = _init_function(config, params["rope_type"])(init_config, device=device, **kwargs)
+    init = _init_function(config, params["rope_type"])
+    # ``device`` only where the function requires it (transformers 4.x); 5.17 deprecates passing it.
+    # The frequencies move to ``device`` below either way.
+    required = inspect.signature(init).parameters.get("device")
+    if required is not None and required.default is inspect.Parameter.empty:
+        kwargs = {**kwargs, "device": device}
+    inv_freq, scaling = init(init_config, **kwargs)
     return RopeSpec(inv_freq.float().to(device), float(scaling), _interleaved(config), params["rope_type"],
                     _max_len(config, params))
 
