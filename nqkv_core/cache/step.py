@@ -126,7 +126,7 @@ def attention(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, s
     if maps is not None:
         q, w, k_new, k_attend = _folded_inputs(layer, query, k_new, maps, n, scaling)
     else:
-        q, w, k_new, k_attend = _general_inputs(layer, query, k_new, group, n)
+        q, w, k_new, k_attend = _general_inputs(layer, query, k_new, group, n, attention_mask)
     v_new = layer.transform.values(v_new).to(layer.fp_dtype)
     # Several new tokens (a prompt, a chunk, assisted decoding's candidates): the tokens that leave
     # the window during them are quantized first, so that each query sees every key as a one-token
@@ -179,13 +179,20 @@ def _folded_inputs(layer, query, k_new, maps: StepMaps, n: int, scaling: float):
     return q, w, k_new, None
 
 
-def _general_inputs(layer, query, k_new, group: int, n: int | None):
+def _prompt_only(layer, n: int | None, T: int, attention_mask: torch.Tensor | None) -> bool:
+    """Whether ``T`` new tokens on an empty cache attend only to each other, all exact: no query
+    reads a key quantized (they fit sinks and window, or the layer stores no body)."""
+    return (n == 0 and (layer._body_capacity(T - 1) == 0 or not layer.stores_body)
+            and (attention_mask is None or attention_mask.shape[-1] >= T))
+
+
+def _general_inputs(layer, query, k_new, group: int, n: int | None, attention_mask: torch.Tensor | None):
     """Queries and new keys through the transform's own methods (any step, any strategy)."""
     t = layer.transform
     q = t.queries(query, group).to(layer.fp_dtype)
     # With a RoPE-aware centre, the first tokens of an empty cache (a prompt) attend only to each
     # other, all exact: they are scored uncentred, which needs no (T, T) score offset.
-    fresh = n == 0 and t.inv_freq is not None
+    fresh = t.inv_freq is not None and _prompt_only(layer, n, query.shape[2], attention_mask)
     k_attend = t.keys(k_new, centre=False).to(layer.fp_dtype) if fresh else None
     k_new = t.keys(k_new, start=layer.length if n is None else n).to(layer.fp_dtype)
     return q, None, k_new, k_attend
@@ -195,8 +202,7 @@ def _attend_cache(layer, query, q, w, k_new, k_attend, v_new, attention_mask, sc
                   logits: Logits | None = None):
     """Attention of the storage-basis queries ``q`` over the layer's slots and the new tokens."""
     T = q.shape[2]
-    if (n == 0 and (layer._body_capacity(T - 1) == 0 or not layer.stores_body)
-            and (attention_mask is None or attention_mask.shape[-1] >= T)):
+    if _prompt_only(layer, n, T, attention_mask):
         # A prompt on an empty cache that no query reads quantized (it fits sinks and window): it
         # attends to its own exact tokens only (a plain centre is a constant per query row, which
         # the softmax ignores).
