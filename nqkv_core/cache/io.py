@@ -138,6 +138,8 @@ def check_layer_spec(where: str, scheme: KVScheme, found: dict[str, Spec], n: in
     _check_dims(where, scheme, b, h, d, dtype, config)
     transform = n > 0 or any(k.startswith("t_") for k in found)
     spec = layer_spec(scheme, b, h, d, n, dtype, n_ring, transform)
+    if transform and scheme.k_centre and scheme.k_centre_rope and "t_k_order" in found:
+        spec["t_k_order"] = (torch.int64, (d,))  # a model whose RoPE pairs its channels in another order
     missing, extra = sorted(spec.keys() - found.keys()), sorted(found.keys() - spec.keys())
     if missing or extra:
         raise ValueError(f"{where}: tensors missing {missing}, unexpected {extra} for scheme {scheme.name!r}"
@@ -174,11 +176,14 @@ def _check_dims(where: str, scheme: KVScheme, b: int, h: int, d: int, dtype: tor
         raise ValueError(f"{where}: RoPE needs an even head_dim, got {d}")
 
 
-def check_layer_values(where: str, state: dict[str, torch.Tensor], inv_freq: torch.Tensor | None = None) -> None:
+def check_layer_values(where: str, state: dict[str, torch.Tensor], inv_freq: torch.Tensor | None = None,
+                       order: torch.Tensor | None = None) -> None:
     """Check the values of one layer's tensors (shapes already checked by :func:`check_layer_spec`).
 
     Full-precision tokens, scales and transform fields must be finite, equalisation positive,
-    rotations orthogonal, RoPE frequencies positive and equal to ``inv_freq`` when given.
+    rotations orthogonal, RoPE frequencies non-negative (zero: channels that pass through) and
+    the key channel order a permutation; with ``inv_freq`` given (the model's), frequencies equal
+    to it and the order equal to ``order`` (None: the file holds none).
 
     Raises:
         ValueError: naming ``where`` and the tensor.
@@ -186,9 +191,14 @@ def check_layer_values(where: str, state: dict[str, torch.Tensor], inv_freq: tor
     for name, x in state.items():
         if x.is_floating_point() and not bool(torch.isfinite(x).all()):
             raise ValueError(f"{where}: {name} holds non-finite values")
-    for name in ("t_a_k", "t_b_v", "t_inv_freq"):
+    for name in ("t_a_k", "t_b_v"):
         if name in state and not bool((state[name] > 0).all()):
             raise ValueError(f"{where}: {name} must be positive")
+    if "t_inv_freq" in state and not bool((state["t_inv_freq"] >= 0).all()):
+        raise ValueError(f"{where}: t_inv_freq must be >= 0")
+    saved_order = state.get("t_k_order")
+    if saved_order is not None and not torch.equal(saved_order.sort().values.cpu(), torch.arange(saved_order.numel())):
+        raise ValueError(f"{where}: t_k_order must be a permutation of the head's channels")
     if "t_k_metric_iso" in state and not bool((state["t_k_metric_iso"] >= 0).all()):
         raise ValueError(f"{where}: t_k_metric_iso must be >= 0")
     for name in ("t_rot_k", "t_rot_v"):
@@ -200,6 +210,10 @@ def check_layer_values(where: str, state: dict[str, torch.Tensor], inv_freq: tor
     if inv_freq is not None and "t_inv_freq" in state:
         if not torch.allclose(state["t_inv_freq"], inv_freq.to(state["t_inv_freq"]), rtol=1e-5, atol=0):
             raise ValueError(f"{where}: t_inv_freq differs from the model's RoPE frequencies")
+        if (saved_order is None) != (order is None) or (
+                saved_order is not None and not torch.equal(saved_order, order.to(saved_order))):
+            raise ValueError(f"{where}: t_k_order differs from the channel order of the model's RoPE"
+                             f" ({'none' if order is None else 'a permutation'} expected)")
 
 
 def load_layer_state(layer, state: dict[str, torch.Tensor], dtype: torch.dtype, where: str = "layer state") -> None:
@@ -217,7 +231,7 @@ def load_layer_state(layer, state: dict[str, torch.Tensor], dtype: torch.dtype, 
         # also allocates nothing for the dims a file may claim for tensors of no elements.
         layer.reset()
         return
-    check_layer_values(where, state, layer.rope.inv_freq)
+    check_layer_values(where, state, layer.rope.inv_freq, layer.rope.order)
     layer.reset()
     k = state["k_sink"]
     empty = torch.zeros(k.shape[0], k.shape[1], 0, k.shape[3], dtype=dtype, device=k.device)
@@ -238,7 +252,7 @@ def load_layer_state(layer, state: dict[str, torch.Tensor], dtype: torch.dtype, 
                 setattr(layer.transform, name, shared)
     if layer.transform is not None and layer.transform.inv_freq is not None:
         if layer.rope.inv_freq is None:
-            layer.rope.inv_freq = layer.transform.inv_freq
+            layer.rope.inv_freq, layer.rope.order = layer.transform.inv_freq, layer.transform.k_order
         layer.rope.ensure(n, layer.device)
     layer.length.fill_(n)
     layer._step_length = None
@@ -303,7 +317,8 @@ def save(cache, path: str | Path, key: bytes | None = None) -> None:
             raise RuntimeError("cannot save an NQKVCache in the middle of a forward pass")
         for name, x in layer_state(layer).items():
             # clone: layers share the RoPE frequencies and rotations, and safetensors refuses shared storage
-            tensors[f"layer{i}.{name}"] = x.clone() if name in ("t_inv_freq", "t_rot_k", "t_rot_v") else x.contiguous()
+            shared = name in ("t_inv_freq", "t_k_order", "t_rot_k", "t_rot_v")
+            tensors[f"layer{i}.{name}"] = x.clone() if shared else x.contiguous()
     meta = cache_meta(cache)
     if key is not None:
         meta["hmac_sha256"] = _digest(tensors, meta, key)
