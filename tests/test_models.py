@@ -186,12 +186,10 @@ def test_unsupported_models_are_refused_naming_the_feature():
         NQKVCache(scheme, config=LlamaConfig(**DIMS, attention_chunk_size=8))
     with pytest.raises(NotImplementedError, match="bidirectional"):
         NQKVCache(scheme, config=Gemma3TextConfig(**DIMS, use_bidirectional_attention=True))
+    # interleaved RoPE is served in the channel order where it is rotate-half (tests/test_rope_layouts.py)
     cohere = CohereForCausalLM(CohereConfig(**DIMS)).eval()
-    for make in (lambda: enable(cohere, scheme=default_scheme(4, 16)),
-                 lambda: NQKVCache(default_scheme(4, 16), config=cohere.config)):
-        # the RoPE-aware centre's tables pair channels rotate-half
-        with pytest.raises(NotImplementedError, match="interleaved RoPE.*k_centre_rope=False"):
-            make()
+    assert enable(cohere, scheme=default_scheme(4, 16)).new_cache().rope.order is not None
+    assert NQKVCache(default_scheme(4, 16), config=cohere.config).rope.order is not None
 
 
 def test_saving_sliding_layers_is_refused(tmp_path):
