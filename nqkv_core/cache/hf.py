@@ -173,13 +173,9 @@ class NQKVCache(Cache):
         """Write the cache contents to a safetensors file (used parts only, with a SHA-256 checksum).
 
         ``key``: a secret; adds an HMAC-SHA256 that :meth:`load` with the same key requires. The plain
-        checksum detects corruption, not tampering (anyone can recompute it).
-
-        Raises:
-            NotImplementedError: for a cache with sliding-window layers.
+        checksum detects corruption, not tampering (anyone can recompute it). A sliding-window
+        layer's ring of codes is saved whole, slot for slot.
         """
-        if any(layer.is_sliding for layer in self.layers):
-            raise NotImplementedError("saving an NQKV cache with sliding-window layers is not supported")
         io.save(self, path, key)
 
     @classmethod
@@ -203,12 +199,10 @@ class NQKVCache(Cache):
 
         Raises:
             ValueError: unreadable, corrupted or inconsistent file (naming the layer and tensor),
-                another scheme, another number of layers, kv heads or head_dim than ``config``, or a
-                wrong ``key``.
-            NotImplementedError: for a model with sliding-window layers.
+                another scheme, another number of layers, kv heads or head_dim than ``config``,
+                sliding-window layers other than ``config``'s (a file with sliding layers needs
+                ``config``), or a wrong ``key``.
         """
-        if config is not None and "sliding_attention" in layer_types(config):
-            raise NotImplementedError("loading an NQKV cache for a model with sliding-window layers is not supported")
         return io.load(cls, path, scheme, config, max_cache_len, crop_margin, device, decode, key)
 
 
