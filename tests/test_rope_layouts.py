@@ -168,3 +168,33 @@ def test_saved_key_order_round_trips_and_is_checked(tmp_path):
     bad = edited(path, tmp_path / "o.safetensors", layer0__t_k_order=torch.arange(16).flip(0))
     with pytest.raises(ValueError, match="layer 0: t_k_order differs .*none expected"):
         NQKVCache.load(bad, ROPE, config=rotate_half.config)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compiled_step", ["op", "traced"])
+def test_compiled_step_takes_the_key_order(compiled_step):
+    # the traced step puts the key order into the graph, the opaque op runs the eager step: both
+    # give the eager logits across the window, in one graph
+    from test_cache import positions
+
+    model = tiny_model("stablelm")
+    nq = enable(model, scheme=ROPE, max_cache_len=32)
+    eager, other = nq.new_cache(), nq.new_cache(compiled_step=compiled_step)
+    ids = torch.randint(1, 96, (2, 6), generator=torch.Generator().manual_seed(9))
+
+    def step(tok, cache):
+        return model(tok, past_key_values=cache, use_cache=True, **positions(model, cache)).logits
+
+    with torch.no_grad():
+        nxt = model(ids, past_key_values=eager, use_cache=True).logits[:, -1:].argmax(-1)
+        model(ids, past_key_values=other, use_cache=True)
+        compiled = torch.compile(step, fullgraph=True)
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        with torch._dynamo.config.patch(error_on_recompile=False):
+            for _ in range(10):  # crosses the window: tokens get quantized inside the graph
+                a, b = step(nxt, eager), compiled(nxt, other)
+                torch.testing.assert_close(b, a, rtol=0, atol=5e-3)
+                nxt = a[:, -1:].argmax(-1)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
+    assert all(layer.transform.k_order is not None for layer in other.layers)
