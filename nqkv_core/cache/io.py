@@ -9,7 +9,8 @@ the metadata (format, version, scheme, a bounded number of layers, a known dtype
 layers of ``config``); the name, dtype and shape of every tensor, from the file's header (what
 :func:`layer_spec` says the scheme, the token count and the layer layout imply); the digest; then
 the values (finite full-precision tokens, scales and transforms, positive equalisation,
-orthogonal rotations, RoPE frequencies and channel order that match the model's). Every failure is a ``ValueError`` naming the file, the layer and the tensor.
+orthogonal rotations, RoPE frequencies and channel order that match the model's). Every failure
+is a ``ValueError`` naming the file, the layer and the tensor.
 
 The SHA-256 digest detects corruption, not tampering: anyone can recompute it. With ``key=``,
 :func:`save` adds an HMAC-SHA256 of the same contents, which :func:`load` with the same key
