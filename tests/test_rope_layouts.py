@@ -21,12 +21,14 @@ from nqkv_core.scheme import KVScheme, default_scheme, fit_transform, rope_layou
 
 SMALL = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              max_position_embeddings=256)
-# head_dim 16: interleaved over all of it, or rotary over its first 8 channels
+# head_dim 16: interleaved over all of it (Cohere), rotary over its first 8 channels, or both (GLM)
 CONFIGS = {
     "cohere": lambda: transformers.CohereConfig(**SMALL, num_key_value_heads=2, attention_bias=True, logit_scale=1.0),
     "stablelm": lambda: transformers.StableLmConfig(**SMALL, num_key_value_heads=2, partial_rotary_factor=0.5,
                                                      use_qkv_bias=True),
     "gpt-neox": lambda: transformers.GPTNeoXConfig(**SMALL, rotary_pct=0.5, attention_bias=True),
+    "phi": lambda: transformers.PhiConfig(**SMALL, num_key_value_heads=2),  # partial 0.5
+    "glm": lambda: transformers.GlmConfig(**SMALL, num_key_value_heads=2, head_dim=16, pad_token_id=0),  # both
 }
 ROPE = KVScheme("rope", k_block=16, v_block=16, k_rotate=True, v_rotate=True, k_centre=True, k_centre_rope=True,
                 v_centre=True, sinks=2, window=4, unbiased=True)
@@ -72,7 +74,7 @@ def test_centre_in_key_order_fits_keys_turned_by_the_models_rope(name):
     # centred keys vanish at every position, and the transform stays exact
     config = CONFIGS[name]()
     spec = rope_spec(config)
-    assert spec.interleaved == (name == "cohere") and (spec.rotary_dim < 16) == (name != "cohere")
+    assert spec.interleaved == (name in ("cohere", "glm")) and (spec.rotary_dim < 16) == (name != "cohere")
     inv_freq, order = rope_layout(config, 16)
     assert order is not None and sorted(order.tolist()) == list(range(16)) and inv_freq.shape == (8,)
     g = torch.Generator().manual_seed(0)
