@@ -283,11 +283,13 @@ def check_rope(config, device=None, layer_type: str | None = None) -> RopeSpec |
     The cache subtracts ``R(p) mu`` from the key at position ``p`` and adds the score offset
     ``q . R(p) mu`` back, both from one table of cos/sin rows of ``inv_freq`` shared by all layers
     (pairing channel ``i`` with ``i + head_dim / 2``), so attention is exact for any frequencies;
-    the centre only fits the keys well where they are the model's. ``attention_scaling`` needs no
-    place in the table: the centre is measured through the unscaled rotation, which folds the scale
-    into ``mu``. For ``dynamic`` and ``longrope`` (``spec.max_len`` set) the table holds the
-    frequencies of sequences of up to ``max_len`` tokens: attention stays exact beyond, the centre
-    fits less well.
+    the centre only fits the keys well where they are the model's. Interleaved pairs and a partial
+    rotary embedding are served by taking key and query channels in the order of
+    :func:`rotate_half_order` (pass-through channels pair up with a zero frequency), which the
+    exact transform applies first. ``attention_scaling`` needs no place in the table: the centre is
+    measured through the unscaled rotation, which folds the scale into ``mu``. For ``dynamic`` and
+    ``longrope`` (``spec.max_len`` set) the table holds the frequencies of sequences of up to
+    ``max_len`` tokens: attention stays exact beyond, the centre fits less well.
 
     Returns:
         The :class:`RopeSpec` (of ``layer_type``'s layers, as :func:`rope_spec`), or None for a
@@ -295,11 +297,10 @@ def check_rope(config, device=None, layer_type: str | None = None) -> RopeSpec |
 
     Raises:
         ValueError: as :func:`rope_spec`.
-        NotImplementedError: interleaved RoPE or a partial rotary embedding (``rotary_dim <
-            head_dim``: the cache's tables and kernels pair channel ``i`` with ``i + head_dim / 2``
-            over the whole head), or anything :func:`rope_spec` refuses; the message names the
-            feature and the workaround: a scheme with ``k_centre_rope=False`` (a plain key centre,
-            which needs no RoPE), e.g. ``nqkv_preset(4, rope_centre=False)``.
+        NotImplementedError: anything :func:`rope_spec` refuses, or pass-through channels that do
+            not pair up (an odd ``head_dim - rotary_dim``); the message names the feature and the
+            workaround: a scheme with ``k_centre_rope=False`` (a plain key centre, which needs
+            no RoPE), e.g. ``nqkv_preset(4, rope_centre=False)``.
     """
     workaround = ("NQKVCache's RoPE-aware key centre cannot serve it: use a scheme with k_centre_rope=False,"
                   " e.g. nqkv_preset(4, rope_centre=False)")
@@ -307,11 +308,9 @@ def check_rope(config, device=None, layer_type: str | None = None) -> RopeSpec |
         spec = rope_spec(config, device, layer_type)
     except NotImplementedError as e:
         raise NotImplementedError(f"{e}; {workaround}") from None
-    kind = _text_config(config).model_type
-    if spec is not None and spec.interleaved:
-        raise NotImplementedError(f"{kind}: interleaved RoPE (pairs of neighbouring channels); {workaround}")
-    if spec is not None and spec.rotary_dim != head_dim_of(config):
-        raise NotImplementedError(
-            f"{kind}: partial rotary embedding ({spec.rotary_dim} of {head_dim_of(config)} channels); {workaround}"
-        )
+    head_dim = head_dim_of(config)
+    if spec is not None and (head_dim % 2 or spec.rotary_dim > head_dim):
+        raise NotImplementedError(f"{_text_config(config).model_type}: RoPE rotates {spec.rotary_dim} channels of a"
+                                  f" head of {head_dim}, which leaves no even number of channels to pass through;"
+                                  f" {workaround}")
     return spec

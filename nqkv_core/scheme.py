@@ -23,7 +23,7 @@ from nqkv_core.quantize import dequantize_blockwise, quantize_blockwise
 from nqkv_core.rope import rotate_half  # noqa: F401  (re-exported: the cache imports it from here)
 from nqkv_core.transform import (  # noqa: F401  (re-exported: the transform was part of this module)
     FP_BITS, QUERY_METRIC_RANK, QUERY_STATS_TOKENS, KVTransform, apply_rope, fit_transform, hadamard, key_feedback,
-    low_rank_metric, per_query_head, query_metric, rope_inv_freq, rotation, shared_rotation,
+    low_rank_metric, per_query_head, query_metric, rope_inv_freq, rope_layout, rotation, shared_rotation,
 )
 
 # "int": uniform asymmetric min-max (a scale and a zero per block); "signed": signed-scale levels
@@ -414,8 +414,9 @@ def default_scheme(bits: int = 4, head_dim: int = 64, sinks: int = 4, window: in
 
     ``config`` (the model's): for a model without RoPE (:func:`nqkv_core.rope.check_rope` gives
     None) the key centre is a plain mean (``k_centre_rope=False``, named ``"plain-centre"``); for a
-    RoPE that the cache's RoPE-aware centre cannot serve (``check_rope`` raises, e.g. interleaved
-    or partial rotary) too, with a warning that names the feature.
+    RoPE that the cache's RoPE-aware centre cannot serve (``check_rope`` raises, e.g. multimodal
+    RoPE or GPT-J's ``rotary_dim``) too, with a warning that names the feature. Interleaved and
+    partial rotary embeddings are RoPE-centred (:func:`~nqkv_core.transform.rope_layout`).
 
     Raises:
         ValueError: as :meth:`KVScheme.fit_head_dim` (e.g. 3 bits with ``head_dim % 8 != 0``) or

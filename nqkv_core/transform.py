@@ -6,7 +6,10 @@ The transforms are chosen so that attention is unchanged *exactly* if nothing is
   for every key of a query row, so the softmax ignores it (``mu_k`` is never added back); ``a`` is a
   per-channel equalisation that cancels between ``q`` and ``k``; ``H`` is orthogonal. With a
   RoPE-aware centre the centre is measured before RoPE and rotated to each key's position, and
-  attention adds ``q . R(p) mu_k`` back.
+  attention adds ``q . R(p) mu_k`` back. A RoPE that is not rotate-half over the whole head
+  (interleaved pairs, a partial rotary embedding) is served in a fixed channel order ``k_order``
+  in which it is (:func:`rope_layout`): keys and queries are taken in that order first, which
+  changes no score.
 * values: ``v' = ((v - mu_v) / b) @ H``; the attention output is ``(P @ v') @ H.T * b + mu_v``
   because each probability row sums to one.
 
@@ -114,6 +117,15 @@ class KVTransform:
     k_metric_iso: torch.Tensor | None = None
     k_feedback: torch.Tensor | None = None
     inv_freq: torch.Tensor | None = None  # set with a pre-RoPE mu_k: mu_k is then rotated per position
+    # with a RoPE-aware centre of a model whose RoPE is not rotate-half over the whole head: the
+    # (head_dim,) int64 channel order in which it is (rope_layout); keys and queries are taken in
+    # it (x[..., k_order]) before anything else, so mu_k, a_k and inv_freq's pairs are in it
+    k_order: torch.Tensor | None = None
+
+    def key_order(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``(..., head_dim)`` (keys or queries) with its channels in the key order ``k_order``
+        (``x`` itself without one)."""
+        return x if self.k_order is None else x.index_select(-1, self.k_order)
 
     def key_centre(self, n: int, start: int | torch.Tensor = 0) -> torch.Tensor | None:
         """The centre subtracted from keys at positions ``[start, start + n)``."""
@@ -124,11 +136,12 @@ class KVTransform:
         return apply_rope(self.mu_k, pos, self.inv_freq)
 
     def keys(self, k: torch.Tensor, start: int | torch.Tensor = 0, centre: bool = True) -> torch.Tensor:
-        """Keys as stored before quantization: ``((k - mu_k) * a_k) @ rot_k`` (positions from ``start``).
+        """Keys as stored before quantization: ``((k - mu_k) * a_k) @ rot_k`` (positions from ``start``;
+        channels first in the key order, :meth:`key_order`).
 
         ``centre=False`` leaves ``mu_k`` in: ``(k * a_k) @ rot_k``, scored exactly by :meth:`queries`.
         """
-        k = k.float()
+        k = self.key_order(k.float())
         if self.mu_k is not None and centre:
             k = k - self.key_centre(k.shape[-2], start)
         if self.a_k is not None:
@@ -141,11 +154,13 @@ class KVTransform:
             k = k @ self.rot_k.T
         if self.a_k is not None:
             k = k / self.a_k
-        return k + self.key_centre(k.shape[-2], start) if self.mu_k is not None else k
+        k = k + self.key_centre(k.shape[-2], start) if self.mu_k is not None else k
+        return k if self.k_order is None else k.index_select(-1, torch.argsort(self.k_order))
 
     def queries(self, q: torch.Tensor, group: int = 1) -> torch.Tensor:
-        """Queries to score against stored keys: ``(q / a_k) @ rot_k``; ``group`` = query heads per kv head."""
-        q = q.float()
+        """Queries to score against stored keys: ``(q / a_k) @ rot_k`` (channels first in the key
+        order, :meth:`key_order`); ``group`` = query heads per kv head."""
+        q = self.key_order(q.float())
         if self.a_k is not None:
             q = q / per_query_head(self.a_k, group)
         return q @ self.rot_k if self.rot_k is not None else q
@@ -191,21 +206,45 @@ def apply_rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, inver
     return rope.apply_rope(x, pos, rope.RopeSpec(inv_freq), inverse)
 
 
-def rope_inv_freq(config, head_dim: int, device=None, layer_type: str | None = None) -> torch.Tensor:
-    """The model's RoPE inverse frequencies ``(rotary_dim / 2,)`` for the RoPE-aware key centre:
-    ``nqkv_core.rope.check_rope(config, device, layer_type).inv_freq`` (any ``rope_type``
-    transformers computes; ``layer_type`` picks a layer type's own RoPE where they differ).
+def rope_layout(config, head_dim: int, device=None, layer_type: str | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The model's RoPE as the RoPE-aware key centre takes it: rotate-half pairs over the whole head.
+
+    Returns:
+        ``(inv_freq, k_order)``: ``inv_freq`` ``(head_dim / 2,)`` the frequency of the pair of
+        channels ``(i, i + head_dim / 2)`` once the channels are taken in the order ``k_order``
+        (``x[..., k_order]``, :func:`nqkv_core.rope.rotate_half_order`), zero for a pair that
+        passes through unrotated; ``k_order`` ``(head_dim,)`` int64, or None where the model's RoPE
+        is rotate-half over the whole head already (then ``inv_freq`` is
+        ``nqkv_core.rope.check_rope(config, device, layer_type).inv_freq``). Interleaved pairs
+        (Cohere, GLM) and partial rotary embeddings (GPT-NeoX, Phi-2, StableLM) get an order.
+        ``layer_type`` picks a layer type's own RoPE where they differ (any ``rope_type``
+        transformers computes).
 
     Raises:
         ValueError: the model has no RoPE, or rotates more than ``head_dim`` channels.
-        NotImplementedError: as :func:`nqkv_core.rope.check_rope` (e.g. interleaved RoPE).
+        NotImplementedError: as :func:`nqkv_core.rope.check_rope` (e.g. multimodal RoPE).
     """
     spec = rope.check_rope(config, device, layer_type)
     if spec is None:
         raise ValueError("the model has no RoPE: use a scheme with k_centre_rope=False (a plain key centre)")
     if spec.rotary_dim > head_dim:
         raise ValueError(f"the model's RoPE rotates {spec.rotary_dim} channels, more than head_dim {head_dim}")
-    return spec.inv_freq
+    if spec.rotary_dim == head_dim and not spec.interleaved:
+        return spec.inv_freq, None
+    order, inv_freq = rope.rotate_half_order(spec, head_dim)
+    return inv_freq.to(device), order.to(device)
+
+
+def rope_inv_freq(config, head_dim: int, device=None, layer_type: str | None = None) -> torch.Tensor:
+    """The inverse frequencies of :func:`rope_layout` ``(head_dim / 2,)``: the model's own
+    (``check_rope(...).inv_freq``) for a RoPE that is rotate-half over the whole head, else those of
+    the channel order ``rope_layout`` gives, which must go with them (``fit_transform``'s ``k_order``).
+
+    Raises:
+        As :func:`rope_layout`.
+    """
+    return rope_layout(config, head_dim, device, layer_type)[0]
 
 
 def _stats_slice(x: torch.Tensor, scheme: KVScheme) -> torch.Tensor:
@@ -220,6 +259,7 @@ def fit_transform(
     v: torch.Tensor,
     q: torch.Tensor | None = None,
     inv_freq: torch.Tensor | None = None,
+    k_order: torch.Tensor | None = None,
 ) -> KVTransform:
     """Measure the frozen transform of one layer on its first tokens.
 
@@ -232,10 +272,14 @@ def fit_transform(
             ``[sinks, sinks + QUERY_STATS_TOKENS)``).
         inv_freq: the model's RoPE inverse frequencies ``(head_dim / 2,)``, for ``k_centre_rope``;
             ``k`` must then start at position 0.
+        k_order: with ``inv_freq``, the key channel order they pair (:func:`rope_layout`); None:
+            the keys' own. Ignored without ``k_centre_rope``.
     """
     t = KVTransform()
     d = k.shape[-1]
-    ks, vs = _stats_slice(k, scheme), _stats_slice(v, scheme)
+    if scheme.k_centre and scheme.k_centre_rope and k_order is not None:
+        t.k_order = k_order.to(k.device)
+    ks, vs = t.key_order(_stats_slice(k, scheme)), _stats_slice(v, scheme)
     if scheme.k_centre and scheme.k_centre_rope:
         if inv_freq is None:
             raise ValueError("k_centre_rope needs the model's RoPE inv_freq")
@@ -254,7 +298,7 @@ def fit_transform(
     elif scheme.k_equalize == "qk":
         if q is None:
             raise ValueError("k_equalize='qk' needs the queries of the stats tokens")
-        qs = _stats_slice(q, scheme)
+        qs = t.key_order(_stats_slice(q, scheme))
         group = q.shape[1] // k.shape[1]
         q_ms = qs.pow(2).mean(dim=-2, keepdim=True)
         q_ms = q_ms.view(q.shape[0], k.shape[1], group, 1, d).mean(dim=2).clamp_min(1e-12)

@@ -128,14 +128,15 @@ def test_4bit_rope_centred_cache_matches_fake_quantization(name):
 
 
 def test_unsupported_rope_raises_at_cache_creation_and_enable_falls_back_to_a_plain_centre():
-    cohere = transformers.CohereConfig(**SIZES)
-    with pytest.raises(NotImplementedError, match="interleaved.*k_centre_rope=False"):
-        NQKVCache(ROPE_CENTRE, config=cohere)
-    NQKVCache(ROPE_CENTRE.replace(k_centre_rope=False), config=cohere)  # the workaround works
-    model = transformers.CohereForCausalLM(cohere).eval()
-    with pytest.raises(NotImplementedError, match="interleaved"):
+    # GPT-J: a rotary_dim outside the rope parameters, which transformers' RoPE functions do not describe
+    gptj = transformers.GPTJConfig(vocab_size=96, n_embd=64, n_head=4, n_layer=2, n_positions=64, rotary_dim=8)
+    with pytest.raises(NotImplementedError, match="rotary_dim.*k_centre_rope=False"):
+        NQKVCache(ROPE_CENTRE, config=gptj)
+    NQKVCache(ROPE_CENTRE.replace(k_centre_rope=False), config=gptj)  # the workaround works
+    model = transformers.GPTJForCausalLM(gptj).eval()
+    with pytest.raises(NotImplementedError, match="rotary_dim"):
         enable(model, scheme=ROPE_CENTRE)
-    with pytest.warns(UserWarning, match="interleaved"):
+    with pytest.warns(UserWarning, match="rotary_dim"):
         nq = enable(model, bits=4)
     assert nq.scheme.k_centre and not nq.scheme.k_centre_rope and "plain-centre" in nq.scheme.name
 

@@ -186,22 +186,23 @@ def test_unsupported_models_are_refused_naming_the_feature():
         NQKVCache(scheme, config=LlamaConfig(**DIMS, attention_chunk_size=8))
     with pytest.raises(NotImplementedError, match="bidirectional"):
         NQKVCache(scheme, config=Gemma3TextConfig(**DIMS, use_bidirectional_attention=True))
+    # interleaved RoPE is served in the channel order where it is rotate-half (tests/test_rope_layouts.py)
     cohere = CohereForCausalLM(CohereConfig(**DIMS)).eval()
-    for make in (lambda: enable(cohere, scheme=default_scheme(4, 16)),
-                 lambda: NQKVCache(default_scheme(4, 16), config=cohere.config)):
-        # the RoPE-aware centre's tables pair channels rotate-half
-        with pytest.raises(NotImplementedError, match="interleaved RoPE.*k_centre_rope=False"):
-            make()
+    assert enable(cohere, scheme=default_scheme(4, 16)).new_cache().rope.order is not None
+    assert NQKVCache(default_scheme(4, 16), config=cohere.config).rope.order is not None
 
 
-def test_saving_sliding_layers_is_refused(tmp_path):
-    model = tiny("gemma2")
+def test_sliding_layers_save_and_load_with_16_bit_storage(tmp_path):
+    # (the quantized ring of codes and the file checks: tests/test_cache_io_sliding.py)
+    model, ids = tiny("gemma2"), ids_for()
     cache = enable(model, scheme=FULL_PRECISION).new_cache()
-    decode_logits(model, ids_for(), cache)
-    with pytest.raises(NotImplementedError, match="sliding"):
-        cache.save(tmp_path / "c.safetensors")
-    with pytest.raises(NotImplementedError, match="sliding"):
-        NQKVCache.load(tmp_path / "c.safetensors", FULL_PRECISION, config=model.config)
+    decode_logits(model, ids[:, :-1], cache)
+    cache.save(tmp_path / "c.safetensors")
+    loaded = NQKVCache.load(tmp_path / "c.safetensors", cache.scheme, config=model.config)
+    assert [type(layer) for layer in loaded.layers] == [type(layer) for layer in cache.layers]
+    with torch.no_grad():
+        x = model(ids[:, -1:], past_key_values=cache, use_cache=True).logits
+        assert torch.equal(model(ids[:, -1:], past_key_values=loaded, use_cache=True).logits, x)
 
 
 def test_cache_without_config_on_a_sliding_model_says_what_to_change():

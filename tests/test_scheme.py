@@ -181,7 +181,7 @@ def test_scheme_rope_is_rotate_half_and_partial_with_fewer_frequencies():
 def test_rope_inv_freq_reads_transformers_and_refuses_what_the_cache_cannot_serve():
     transformers = pytest.importorskip("transformers")
     from nqkv_core.rope import rope_spec
-    from nqkv_core.scheme import rope_inv_freq
+    from nqkv_core.scheme import rope_inv_freq, rope_layout
 
     small = dict(hidden_size=64, num_attention_heads=2, num_hidden_layers=1, intermediate_size=64, vocab_size=32)
     params = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -192,8 +192,12 @@ def test_rope_inv_freq_reads_transformers_and_refuses_what_the_cache_cannot_serv
     assert torch.equal(rope_inv_freq(llama3, 32), rope_spec(llama3).inv_freq)
     with pytest.raises(ValueError, match="k_centre_rope=False"):
         rope_inv_freq(transformers.OPTConfig(**small), 32)
-    with pytest.raises(NotImplementedError, match="interleaved"):
-        rope_inv_freq(transformers.CohereConfig(**small), 32)
+    # interleaved: the frequencies of the rotate-half order rope_layout gives with them
+    cohere = transformers.CohereConfig(**small)
+    inv_freq, order = rope_layout(cohere, 32)
+    assert torch.equal(rope_inv_freq(cohere, 32), inv_freq) and torch.equal(inv_freq, rope_spec(cohere).inv_freq)
+    assert order.tolist() == list(range(0, 32, 2)) + list(range(1, 32, 2))
+    assert rope_layout(llama3, 32)[1] is None
 
 
 def test_partial_rope_centre_preserves_attention():
@@ -358,6 +362,8 @@ def test_default_scheme_follows_the_models_rope():
     assert llama.k_centre and llama.k_centre_rope and llama.name == "NQKV-4 b32 S4 W32"
     opt = default_scheme(4, 32, config=transformers.OPTConfig(**small))  # no RoPE: a plain centre, named
     assert opt.k_centre and not opt.k_centre_rope and opt.name == "NQKV-4 plain-centre b32 S4 W32"
-    with pytest.warns(UserWarning, match="partial rotary"):
-        neox = default_scheme(4, 32, config=transformers.GPTNeoXConfig(**small))
-    assert not neox.k_centre_rope and "plain-centre" in neox.name
+    neox = default_scheme(4, 32, config=transformers.GPTNeoXConfig(**small))  # partial rotary: served
+    assert neox.k_centre_rope and "plain-centre" not in neox.name
+    with pytest.warns(UserWarning, match="rotary_dim"):  # GPT-J's rotary_dim outside the rope parameters
+        gptj = default_scheme(4, 32, config=transformers.GPTJConfig(n_embd=64, n_head=2, n_layer=1, rotary_dim=16))
+    assert not gptj.k_centre_rope and "plain-centre" in gptj.name

@@ -23,12 +23,12 @@ from nqkv_core.cache.io import FORMAT_VERSION
 from nqkv_core.cache.layer import CompiledStep, NQKVLayer
 from nqkv_core.cache.sliding import NQKVSlidingLayer
 from nqkv_core.cache.step import DECODE_STRATEGIES, Decode
-from nqkv_core.cache.support import LAYER_TYPES, check_supported, layer_types, rope_inv_freqs
+from nqkv_core.cache.support import LAYER_TYPES, check_supported, layer_types, rope_inv_freqs, rope_layouts
 from nqkv_core.scheme import default_scheme  # deprecated here: import it from nqkv_core.scheme
 
 __all__ = [
     "ATTN_NAME", "DECODE_STRATEGIES", "FORMAT_VERSION", "LAYER_TYPES", "CompiledStep", "Decode", "KeyBias", "Logits",
     "NQKVCache", "NQKVLayer", "NQKVModel", "NQKVSlidingLayer", "RopeTable", "SideFormat", "attend", "check_supported",
     "default_scheme", "disable", "enable", "layer_types", "nqkv_attention", "prompt_attention", "register", "rope_bias_weights",
-    "rope_inv_freqs", "sdpa", "side_format", "softmax_attention",
+    "rope_inv_freqs", "rope_layouts", "sdpa", "side_format", "softmax_attention",
 ]

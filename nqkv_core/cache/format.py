@@ -109,11 +109,17 @@ class RopeTable:
     sequence grows (or allocated once for ``max_cache_len``). ``tiles`` holds the same numbers in
     tiles of sixteen positions, ``(positions / 16, d, 16)``, for the native decode step (512 bytes
     per position for head_dim 64 together, once per cache).
+
+    ``order``: the key channel order in which ``inv_freq`` pairs channels ``(i, i + d / 2)``
+    (:func:`~nqkv_core.transform.rope_layout`; None: the keys' own), which the layers' transforms
+    take keys and queries in (``KVTransform.k_order``).
     """
 
-    def __init__(self, inv_freq: torch.Tensor | None = None, max_len: int | None = None):
+    def __init__(self, inv_freq: torch.Tensor | None = None, max_len: int | None = None,
+                 order: torch.Tensor | None = None):
         self.inv_freq = inv_freq
         self.max_len = max_len
+        self.order = order
         self.table: torch.Tensor | None = None
         self.tiles: torch.Tensor | None = None
 

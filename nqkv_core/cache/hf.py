@@ -29,7 +29,7 @@ from nqkv_core.cache.format import RopeTable, side_format
 from nqkv_core.cache.layer import CompiledStep, NQKVLayer, _Handle, storage_bytes
 from nqkv_core.cache.sliding import NQKVSlidingLayer
 from nqkv_core.cache.step import Decode, StepMemo, check_decode
-from nqkv_core.cache.support import check_supported, layer_types, scheme_inv_freqs
+from nqkv_core.cache.support import check_supported, layer_types, scheme_rope_layouts
 from nqkv_core.scheme import KVScheme, default_scheme
 
 try:  # transformers is an optional dependency of the package; the cache needs it.
@@ -77,7 +77,7 @@ class NQKVCache(Cache):
         compiled_step: CompiledStep = "auto",
         decode: Decode = "auto",
     ):
-        inv_freqs: dict[str, torch.Tensor] = {}
+        ropes: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.layer_types: list[str] = []
         self.sliding_window: int | None = None
         if config is not None:
@@ -86,7 +86,7 @@ class NQKVCache(Cache):
             self.layer_types = layer_types(config)
             self.sliding_window = getattr(_hf.text_config(config), "sliding_window", None)
             scheme = scheme.fit_head_dim(_hf.head_dim(config))
-            inv_freqs = scheme_inv_freqs(scheme, config)
+            ropes = scheme_rope_layouts(scheme, config)
         if scheme.layer_bits and num_layers is not None and num_layers != len(scheme.layer_bits):
             raise ValueError(
                 f"scheme {scheme.name!r} has widths for {len(scheme.layer_bits)} layers; the model has {num_layers}"
@@ -98,12 +98,13 @@ class NQKVCache(Cache):
         self.decode = check_decode(decode)
         # One table of RoPE cos/sin per position for all layers of a type (RoPE-centred schemes only);
         # the types share one table unless their frequencies differ.
-        self.rope = RopeTable(inv_freqs.get("full_attention"), max_cache_len)
+        full = ropes.get("full_attention", (None, None))
+        self.rope = RopeTable(full[0], max_cache_len, full[1])
         self.ropes = {"full_attention": self.rope}
-        for t, inv_freq in inv_freqs.items():
+        for t, (inv_freq, order) in ropes.items():
             if t not in self.ropes:
-                same = inv_freq is inv_freqs.get("full_attention")
-                self.ropes[t] = self.rope if same else RopeTable(inv_freq, max_cache_len)
+                same = inv_freq is full[0] and order is full[1]
+                self.ropes[t] = self.rope if same else RopeTable(inv_freq, max_cache_len, order)
         self.step_memo = StepMemo()
         layers = [self._new_layer(i) for i in range(num_layers or 0)]
         super().__init__(layers=layers)
@@ -172,13 +173,9 @@ class NQKVCache(Cache):
         """Write the cache contents to a safetensors file (used parts only, with a SHA-256 checksum).
 
         ``key``: a secret; adds an HMAC-SHA256 that :meth:`load` with the same key requires. The plain
-        checksum detects corruption, not tampering (anyone can recompute it).
-
-        Raises:
-            NotImplementedError: for a cache with sliding-window layers.
+        checksum detects corruption, not tampering (anyone can recompute it). A sliding-window
+        layer's ring of codes is saved whole, slot for slot.
         """
-        if any(layer.is_sliding for layer in self.layers):
-            raise NotImplementedError("saving an NQKV cache with sliding-window layers is not supported")
         io.save(self, path, key)
 
     @classmethod
@@ -202,12 +199,10 @@ class NQKVCache(Cache):
 
         Raises:
             ValueError: unreadable, corrupted or inconsistent file (naming the layer and tensor),
-                another scheme, another number of layers, kv heads or head_dim than ``config``, or a
-                wrong ``key``.
-            NotImplementedError: for a model with sliding-window layers.
+                another scheme, another number of layers, kv heads or head_dim than ``config``,
+                sliding-window layers other than ``config``'s (a file with sliding layers needs
+                ``config``), or a wrong ``key``.
         """
-        if config is not None and "sliding_attention" in layer_types(config):
-            raise NotImplementedError("loading an NQKV cache for a model with sliding-window layers is not supported")
         return io.load(cls, path, scheme, config, max_cache_len, crop_margin, device, decode, key)
 
 
@@ -336,7 +331,7 @@ def enable(
 
     Raises:
         NotImplementedError: for an unsupported model (:func:`check_supported`) or scheme (e.g. a
-            RoPE-centred scheme on a model without RoPE or with interleaved RoPE,
+            RoPE-centred scheme on a model without RoPE or with multimodal RoPE,
             :func:`nqkv_core.rope.check_rope`).
         ValueError: widths the head_dim cannot hold (:meth:`~nqkv_core.scheme.KVScheme.fit_head_dim`).
 
@@ -353,7 +348,7 @@ def enable(
     # fitted to the head_dim (KVScheme.fit_head_dim names the change in the scheme's name)
     scheme = (scheme or default_scheme(bits, head_dim, config=config)).fit_head_dim(head_dim)
     side_format(scheme, "k"), side_format(scheme, "v")
-    scheme_inv_freqs(scheme, config)  # raises now for a RoPE the cache cannot serve
+    scheme_rope_layouts(scheme, config)  # raises now for a RoPE the cache cannot serve
     register()
     previous = _attn_implementation(model)
     _set_attn_implementation(model, ATTN_NAME)

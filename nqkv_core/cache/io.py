@@ -1,14 +1,16 @@
 """Saving and loading a cache's contents (prefix reuse): safetensors with a checksum.
 
-A file holds the used part of each layer's buffers, its frozen transform and token count, and
-metadata naming the format version, the scheme, the number of layers and the model dtype.
+A file holds the used part of each layer's buffers (a sliding-window layer's ring of codes whole),
+its frozen transform and token count, and metadata naming the format version, the scheme, the
+number of layers, the model dtype, and the sliding-window layers and window if there are any.
 
 A file is untrusted input. :func:`load` checks, in this order and before it builds any layer:
-the metadata (format, version, scheme, a bounded number of layers, a known dtype); the name,
-dtype and shape of every tensor, from the file's header (what :func:`layer_spec` says the scheme,
-the token count and the layer layout imply); the digest; then the values (finite full-precision
-tokens, scales and transforms, positive equalisation, orthogonal rotations, RoPE frequencies that
-match the model's). Every failure is a ``ValueError`` naming the file, the layer and the tensor.
+the metadata (format, version, scheme, a bounded number of layers, a known dtype, the sliding
+layers of ``config``); the name, dtype and shape of every tensor, from the file's header (what
+:func:`layer_spec` says the scheme, the token count and the layer layout imply); the digest; then
+the values (finite full-precision tokens, scales and transforms, positive equalisation,
+orthogonal rotations, RoPE frequencies and channel order that match the model's). Every failure
+is a ``ValueError`` naming the file, the layer and the tensor.
 
 The SHA-256 digest detects corruption, not tampering: anyone can recompute it. With ``key=``,
 :func:`save` adds an HMAC-SHA256 of the same contents, which :func:`load` with the same key
@@ -70,7 +72,7 @@ def layer_state(layer) -> dict[str, torch.Tensor]:
 
 
 def layer_spec(scheme: KVScheme, batch: int, heads: int, head_dim: int, n: int, dtype: torch.dtype,
-               n_ring: int, transform: bool = True) -> dict[str, Spec]:
+               n_ring: int, transform: bool = True, body_slots: int | None = None) -> dict[str, Spec]:
     """What :func:`layer_state` holds for a layer of ``scheme`` with ``n`` tokens: name -> (dtype, shape).
 
     Args:
@@ -80,10 +82,12 @@ def layer_spec(scheme: KVScheme, batch: int, heads: int, head_dim: int, n: int, 
         dtype: the model's dtype (full-precision tokens of an untransformed scheme are kept in it).
         n_ring: full-precision ring slots (``max(window, 1) - 1 + crop_margin``).
         transform: whether the frozen transform is included (a layer has none before its first step).
+        body_slots: body slots saved (a sliding layer's ring of codes); default: the tokens that
+            left the window.
     """
     b, h, d = batch, heads, head_dim
     fp = fp_dtype(scheme, dtype)
-    n_body = max(n - scheme.sinks - max(scheme.window, 1) + 1, 0)
+    n_body = max(n - scheme.sinks - max(scheme.window, 1) + 1, 0) if body_slots is None else body_slots
     spec: dict[str, Spec] = {"length": (torch.int64, ())}
     for side in ("k", "v"):
         bits, block = getattr(scheme, f"{side}_bits"), getattr(scheme, f"{side}_block")
@@ -118,8 +122,9 @@ def transform_spec(scheme: KVScheme, batch: int, heads: int, head_dim: int) -> d
 
 
 def check_layer_spec(where: str, scheme: KVScheme, found: dict[str, Spec], n: int, dtype: torch.dtype | None,
-                     n_ring: int, config: Any = None) -> tuple[int, int, int] | None:
-    """Check the names, dtypes and shapes ``found`` of one layer's tensors against :func:`layer_spec`.
+                     n_ring: int, config: Any = None, body_slots: int | None = None) -> tuple[int, int, int] | None:
+    """Check the names, dtypes and shapes ``found`` of one layer's tensors against :func:`layer_spec`
+    (``body_slots`` as there).
 
     Returns:
         ``(batch, heads, head_dim)``, or None for a layer that holds nothing yet.
@@ -137,7 +142,9 @@ def check_layer_spec(where: str, scheme: KVScheme, found: dict[str, Spec], n: in
     b, h, _, d = shape
     _check_dims(where, scheme, b, h, d, dtype, config)
     transform = n > 0 or any(k.startswith("t_") for k in found)
-    spec = layer_spec(scheme, b, h, d, n, dtype, n_ring, transform)
+    spec = layer_spec(scheme, b, h, d, n, dtype, n_ring, transform, body_slots)
+    if transform and scheme.k_centre and scheme.k_centre_rope and "t_k_order" in found:
+        spec["t_k_order"] = (torch.int64, (d,))  # a model whose RoPE pairs its channels in another order
     missing, extra = sorted(spec.keys() - found.keys()), sorted(found.keys() - spec.keys())
     if missing or extra:
         raise ValueError(f"{where}: tensors missing {missing}, unexpected {extra} for scheme {scheme.name!r}"
@@ -174,11 +181,14 @@ def _check_dims(where: str, scheme: KVScheme, b: int, h: int, d: int, dtype: tor
         raise ValueError(f"{where}: RoPE needs an even head_dim, got {d}")
 
 
-def check_layer_values(where: str, state: dict[str, torch.Tensor], inv_freq: torch.Tensor | None = None) -> None:
+def check_layer_values(where: str, state: dict[str, torch.Tensor], inv_freq: torch.Tensor | None = None,
+                       order: torch.Tensor | None = None) -> None:
     """Check the values of one layer's tensors (shapes already checked by :func:`check_layer_spec`).
 
     Full-precision tokens, scales and transform fields must be finite, equalisation positive,
-    rotations orthogonal, RoPE frequencies positive and equal to ``inv_freq`` when given.
+    rotations orthogonal, RoPE frequencies non-negative (zero: channels that pass through) and
+    the key channel order a permutation; with ``inv_freq`` given (the model's), frequencies equal
+    to it and the order equal to ``order`` (None: the file holds none).
 
     Raises:
         ValueError: naming ``where`` and the tensor.
@@ -186,9 +196,14 @@ def check_layer_values(where: str, state: dict[str, torch.Tensor], inv_freq: tor
     for name, x in state.items():
         if x.is_floating_point() and not bool(torch.isfinite(x).all()):
             raise ValueError(f"{where}: {name} holds non-finite values")
-    for name in ("t_a_k", "t_b_v", "t_inv_freq"):
+    for name in ("t_a_k", "t_b_v"):
         if name in state and not bool((state[name] > 0).all()):
             raise ValueError(f"{where}: {name} must be positive")
+    if "t_inv_freq" in state and not bool((state["t_inv_freq"] >= 0).all()):
+        raise ValueError(f"{where}: t_inv_freq must be >= 0")
+    saved_order = state.get("t_k_order")
+    if saved_order is not None and not torch.equal(saved_order.sort().values.cpu(), torch.arange(saved_order.numel())):
+        raise ValueError(f"{where}: t_k_order must be a permutation of the head's channels")
     if "t_k_metric_iso" in state and not bool((state["t_k_metric_iso"] >= 0).all()):
         raise ValueError(f"{where}: t_k_metric_iso must be >= 0")
     for name in ("t_rot_k", "t_rot_v"):
@@ -200,6 +215,10 @@ def check_layer_values(where: str, state: dict[str, torch.Tensor], inv_freq: tor
     if inv_freq is not None and "t_inv_freq" in state:
         if not torch.allclose(state["t_inv_freq"], inv_freq.to(state["t_inv_freq"]), rtol=1e-5, atol=0):
             raise ValueError(f"{where}: t_inv_freq differs from the model's RoPE frequencies")
+        if (saved_order is None) != (order is None) or (
+                saved_order is not None and not torch.equal(saved_order, order.to(saved_order))):
+            raise ValueError(f"{where}: t_k_order differs from the channel order of the model's RoPE"
+                             f" ({'none' if order is None else 'a permutation'} expected)")
 
 
 def load_layer_state(layer, state: dict[str, torch.Tensor], dtype: torch.dtype, where: str = "layer state") -> None:
@@ -217,7 +236,7 @@ def load_layer_state(layer, state: dict[str, torch.Tensor], dtype: torch.dtype, 
         # also allocates nothing for the dims a file may claim for tensors of no elements.
         layer.reset()
         return
-    check_layer_values(where, state, layer.rope.inv_freq)
+    check_layer_values(where, state, layer.rope.inv_freq, layer.rope.order)
     layer.reset()
     k = state["k_sink"]
     empty = torch.zeros(k.shape[0], k.shape[1], 0, k.shape[3], dtype=dtype, device=k.device)
@@ -229,6 +248,11 @@ def load_layer_state(layer, state: dict[str, torch.Tensor], dtype: torch.dtype, 
             x[:, :, :n_body].copy_(state[f"{side}_body{i}"])
         getattr(layer, f"{side}_sink")[:, :, : layer.n_sinks].copy_(state[f"{side}_sink"])
         getattr(layer, f"{side}_ring")[:, :, : layer.n_ring].copy_(state[f"{side}_ring"])
+    _load_transform(layer, state, n, where)
+
+
+def _load_transform(layer, state: dict[str, torch.Tensor], n: int, where: str) -> None:
+    """Give a filled layer the transform of ``state`` (values checked) and its token count ``n``."""
     if any(f"t_{f}" in state for f in TRANSFORM_FIELDS) or n > 0:
         layer.transform = KVTransform(**{f: state.get(f"t_{f}") for f in TRANSFORM_FIELDS})
         layer.transform.k_feedback = _feedback(where, layer.transform)
@@ -238,7 +262,7 @@ def load_layer_state(layer, state: dict[str, torch.Tensor], dtype: torch.dtype, 
                 setattr(layer.transform, name, shared)
     if layer.transform is not None and layer.transform.inv_freq is not None:
         if layer.rope.inv_freq is None:
-            layer.rope.inv_freq = layer.transform.inv_freq
+            layer.rope.inv_freq, layer.rope.order = layer.transform.inv_freq, layer.transform.k_order
         layer.rope.ensure(n, layer.device)
     layer.length.fill_(n)
     layer._step_length = None
@@ -253,6 +277,104 @@ def _feedback(where: str, t: KVTransform) -> torch.Tensor | None:
     if f is not None and not bool(torch.isfinite(f).all()):
         raise ValueError(f"{where}: t_k_metric and t_k_metric_iso do not make a finite feedback matrix")
     return f
+
+
+# -- sliding-window layers ----------------------------------------------------------------------------
+
+
+def sliding_layer_state(layer) -> dict[str, torch.Tensor]:
+    """:func:`layer_state` of an :class:`~nqkv_core.cache.NQKVSlidingLayer`: its body is a ring of
+    codes (the token at position ``r`` in slot ``(r - sinks) mod capacity``), saved whole, slot for
+    slot, so that a loaded layer holds every code where the saved one did."""
+    out = layer_state(layer)
+    if layer.is_initialized:
+        for side in ("k", "v"):
+            for i, x in enumerate(getattr(layer, f"{side}_body")):
+                out[f"{side}_body{i}"] = x[:, :, : layer.capacity]
+    return out
+
+
+def check_sliding_layer_spec(where: str, scheme: KVScheme, found: dict[str, Spec], n: int, dtype: torch.dtype | None,
+                             sliding_window: int, crop_margin: int, config: Any = None) -> tuple[int, int, int] | None:
+    """:func:`check_layer_spec` for a sliding layer of ``sliding_window`` (as
+    :class:`~nqkv_core.cache.NQKVSlidingLayer` lays it out): a ring of the exact tokens of its own
+    window (``min(window, sliding_window) - 1 + crop_margin``), and a ring of codes whose size, from
+    the header, must hold every quantized token the window reads (none if the exact window covers
+    the sliding one).
+
+    Raises:
+        ValueError: naming ``where``, the tensor, and what was expected.
+    """
+    window = min(max(scheme.window, 1), sliding_window)
+    body = found.get("k_body0", (None, ()))[1]
+    slots = body[2] if len(body) == 4 else 0
+    if sliding_window > max(scheme.window, 1):
+        needed = min(max(n - scheme.sinks - window + 1, 0), sliding_window - window + crop_margin)
+        if slots < needed:
+            raise ValueError(f"{where}: k_body0 holds a ring of {slots} code slots; a sliding layer of window"
+                             f" {sliding_window} and crop_margin {crop_margin} holding {n} tokens needs {needed}")
+    elif slots:
+        raise ValueError(f"{where}: k_body0 holds {slots} code slots; a sliding layer of window {sliding_window}"
+                         f" within the exact window {scheme.window} stores none")
+    return check_layer_spec(where, scheme, found, n, dtype, window - 1 + crop_margin, config, slots)
+
+
+def load_sliding_layer_state(layer, state: dict[str, torch.Tensor], dtype: torch.dtype,
+                             where: str = "layer state") -> None:
+    """Inverse of :func:`sliding_layer_state` on a fresh sliding layer of the same scheme, window and
+    crop margin; ``dtype``: the model's.
+
+    Raises:
+        ValueError: ``state`` is not what :func:`check_sliding_layer_spec` and
+            :func:`check_layer_values` accept.
+    """
+    n = _length(where, state.get("length"))
+    found = {k: (v.dtype, tuple(v.shape)) for k, v in state.items()}
+    dims = check_sliding_layer_spec(where, layer.scheme, found, n, dtype, layer.sliding_window, layer.crop_margin)
+    if dims is None or (n == 0 and not any(k.startswith("t_") and x.dim() == 4 for k, x in state.items())):
+        layer.reset()  # nothing the next step would not build again (as load_layer_state)
+        return
+    check_layer_values(where, state, layer.rope.inv_freq, layer.rope.order)
+    layer.reset()
+    b, h, d = dims
+    empty = torch.zeros(b, h, 0, d, dtype=dtype, device=state["k_sink"].device)
+    layer.lazy_initialization(empty, empty)
+    slots = state["k_body0"].shape[2]
+    if slots != layer.capacity:
+        layer._relayout(slots, 0)  # a ring of the saved size (the fresh one holds no token to move)
+    for side in ("k", "v"):
+        for i, x in enumerate(getattr(layer, f"{side}_body")):
+            x[:, :, :slots].copy_(state[f"{side}_body{i}"])
+        getattr(layer, f"{side}_sink")[:, :, : layer.n_sinks].copy_(state[f"{side}_sink"])
+        getattr(layer, f"{side}_ring")[:, :, : layer.n_ring].copy_(state[f"{side}_ring"])
+    _load_transform(layer, state, n, where)
+
+
+def _sliding_layers(path, meta: dict[str, str], num_layers: int, config: Any) -> tuple[set[int], int | None]:
+    """The sliding layers and window a file was saved with (metadata ``sliding_layers`` and
+    ``sliding_window``), which must be ``config``'s; a file with sliding layers needs ``config``."""
+    raw, window = meta.get("sliding_layers", ""), meta.get("sliding_window", "")
+    num = r"(0|[1-9][0-9]{0,4})"
+    if (raw == "") != (window == "") or raw and not (re.fullmatch(rf"{num}(,{num})*", raw)
+                                                     and re.fullmatch(num, window) and int(window) > 0):
+        raise ValueError(f"{path}: sliding_layers {raw[:40]!r} and sliding_window {window[:40]!r} must both be"
+                         " absent, or be layer indices (comma-separated) and a positive window")
+    layers = {int(i) for i in raw.split(",")} if raw else set()
+    if any(i >= num_layers for i in layers) or len(layers) != len(raw.split(",") if raw else ()):
+        raise ValueError(f"{path}: sliding_layers {raw[:40]!r} must name distinct layers below {num_layers}")
+    if config is None:
+        if layers:
+            raise ValueError(f"{path}: the file holds sliding-window layers; load it with config=model.config,"
+                             " from which the cache builds them")
+        return layers, None
+    from nqkv_core.cache.support import layer_types
+
+    want = {i for i, t in enumerate(layer_types(config)) if t == "sliding_attention"}
+    want_window = getattr(_hf.text_config(config), "sliding_window", None) if want else None
+    if layers != want or (layers and int(window) != want_window):
+        raise ValueError(f"{path}: saved with sliding-window layers {sorted(layers)} (window {window or None});"
+                         f" the model has {sorted(want)} (window {want_window})")
+    return layers, want_window
 
 
 def _length(where: str, x: torch.Tensor | None) -> int:
@@ -278,13 +400,18 @@ def scheme_json(scheme: KVScheme) -> str:
 
 def cache_meta(cache) -> dict[str, str]:
     first = cache.layers[0] if cache.layers else None
-    return {
+    meta = {
         "format": "nqkv-cache",
         "version": FORMAT_VERSION,
         "scheme": scheme_json(cache.scheme),
         "num_layers": str(len(cache.layers)),
         "dtype": str(getattr(first, "dtype", "")).removeprefix("torch."),
     }
+    sliding = [i for i, layer in enumerate(cache.layers) if layer.is_sliding]
+    if sliding:  # (a file of full layers only has neither entry)
+        meta["sliding_layers"] = ",".join(map(str, sliding))
+        meta["sliding_window"] = str(cache.layers[sliding[0]].sliding_window)
+    return meta
 
 
 def save(cache, path: str | Path, key: bytes | None = None) -> None:
@@ -301,9 +428,10 @@ def save(cache, path: str | Path, key: bytes | None = None) -> None:
     for i, layer in enumerate(cache.layers):
         if layer._pending is not None:
             raise RuntimeError("cannot save an NQKVCache in the middle of a forward pass")
-        for name, x in layer_state(layer).items():
+        for name, x in (sliding_layer_state if layer.is_sliding else layer_state)(layer).items():
             # clone: layers share the RoPE frequencies and rotations, and safetensors refuses shared storage
-            tensors[f"layer{i}.{name}"] = x.clone() if name in ("t_inv_freq", "t_rot_k", "t_rot_v") else x.contiguous()
+            shared = name in ("t_inv_freq", "t_k_order", "t_rot_k", "t_rot_v")
+            tensors[f"layer{i}.{name}"] = x.clone() if shared else x.contiguous()
     meta = cache_meta(cache)
     if key is not None:
         meta["hmac_sha256"] = _digest(tensors, meta, key)
@@ -352,7 +480,7 @@ def load(
         state = {k.split(".", 1)[1]: v.to(device) for k, v in tensors.items() if k.startswith(f"layer{i}.")}
         # checks the values; the layers share one RoPE table, so a layer's frequencies must equal
         # config's or, without config, those of the layers before
-        load_layer_state(layer, state, dtype, f"{path}: layer {i}")
+        (load_sliding_layer_state if layer.is_sliding else load_layer_state)(layer, state, dtype, f"{path}: layer {i}")
     return cache
 
 
@@ -362,6 +490,7 @@ def _read_checked(path, f, scheme: KVScheme, config: Any, max_cache_len: int | N
     dtype and shape) are checked before any tensor data is read."""
     meta = f.metadata() or {}
     num_layers = _check_meta(path, meta, scheme, config)
+    sliding, window = _sliding_layers(path, meta, num_layers, config)
     dtype = MODEL_DTYPES.get(meta.get("dtype", ""))
     found: dict[int, dict[str, Spec]] = {i: {} for i in range(num_layers)}
     for k in f.keys():
@@ -378,7 +507,10 @@ def _read_checked(path, f, scheme: KVScheme, config: Any, max_cache_len: int | N
         n = _length(where, f.get_tensor(f"layer{i}.length"))
         if max_cache_len is not None and n > max_cache_len:
             raise ValueError(f"{where}: holds {n} tokens, more than max_cache_len={max_cache_len}")
-        dims = check_layer_spec(where, s, found[i], n, dtype, max(s.window, 1) - 1 + crop_margin, config)
+        if i in sliding:
+            dims = check_sliding_layer_spec(where, s, found[i], n, dtype, window, crop_margin, config)
+        else:
+            dims = check_layer_spec(where, s, found[i], n, dtype, max(s.window, 1) - 1 + crop_margin, config)
         if dims is not None and batch is not None and dims[0] != batch:
             raise ValueError(f"{where}: batch {dims[0]}, the layers before have batch {batch}")
         batch = dims[0] if dims is not None else batch

@@ -27,7 +27,7 @@ from nqkv_core.cache import commit, io, step
 from nqkv_core.cache.attend import Logits
 from nqkv_core.cache.compiled import STEP_LAYERS, STEP_NAMES
 from nqkv_core.cache.format import RopeTable, SideFormat, fp_dtype, side_format
-from nqkv_core.scheme import KVScheme, KVTransform, fit_transform, rope_inv_freq
+from nqkv_core.scheme import KVScheme, KVTransform, fit_transform, rope_layout
 
 # How a compiled step runs a layer (``NQKVCache(compiled_step=...)``).
 CompiledStep = Literal["auto", "op", "traced"]
@@ -317,10 +317,10 @@ class NQKVLayer(CacheLayerMixin):
                     )
                 # (a model may turn sliding and full layers with different RoPE)
                 kind = "sliding_attention" if self.is_sliding else "full_attention"
-                self.rope.inv_freq = rope_inv_freq(config, k.shape[-1], layer_type=kind)
+                self.rope.inv_freq, self.rope.order = rope_layout(config, k.shape[-1], layer_type=kind)
             inv_freq = self.rope.inv_freq.to(k.device)
             self.rope.ensure(int(self.length) + k.shape[2], self.device)
-        return fit_transform(self.scheme, k, v, q, inv_freq)
+        return fit_transform(self.scheme, k, v, q, inv_freq, self.rope.order if self.rope_centred else None)
 
     def attention(
         self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float, config: Any = None,

@@ -46,7 +46,8 @@ class StepMaps:
 
     The query is rotated by the transform's ``rot_k`` (one ``(d, d)`` matrix for all heads) and,
     for a RoPE-aware key centre, its bias weights are :func:`rope_bias_weights` of the raw query
-    and ``mu_q`` (``mu_k`` per query head), elementwise: no matrix per query head and sequence to
+    (in the transform's key order, ``KVTransform.key_order``, as are the new keys) and ``mu_q``
+    (``mu_k`` per query head), elementwise: no matrix per query head and sequence to
     hold and read every step. ``mu_k`` / ``mu_k_half`` give the key centre at position ``p`` as
     ``mu_k * cos[p] + mu_k_half * sin[p]``, the same arithmetic as
     :func:`~nqkv_core.scheme.apply_rope`; ``mu_v`` and ``out_shift`` (``mu_v`` per query head)
@@ -166,6 +167,7 @@ def _folds(layer, n: int | None, T: int) -> bool:
 def _folded_inputs(layer, query, k_new, maps: StepMaps, n: int, scaling: float):
     """Queries in the storage basis, their key-bias weights, and the new keys, from the folded maps."""
     t, d = layer.transform, query.shape[-1]
+    query, k_new = t.key_order(query), t.key_order(k_new)  # the maps and the table pair channels in it
     q = query.float() @ t.rot_k if t.rot_k is not None else query.float()
     w = rope_bias_weights(query, maps.mu_q, scaling) if maps.mu_k_half is not None else None
     k_new = k_new.float()
@@ -324,7 +326,8 @@ def _key_bias(layer, query: torch.Tensor, positions: torch.Tensor, n: int | None
     n_body = positions.shape[0] - S - layer.n_ring - T
     table, clamped = _bias_table(layer, positions, n, n_body, T)
     if w is None:
-        w = rope_bias_weights(query, per_query_head(layer.transform.mu_k, hq // layer.num_heads), scaling)
+        t = layer.transform
+        w = rope_bias_weights(t.key_order(query), per_query_head(t.mu_k, hq // layer.num_heads), scaling)
 
     def dense() -> torch.Tensor:
         bias = w @ table.T
@@ -385,7 +388,9 @@ def _native_step(layer, query: torch.Tensor, k_new: torch.Tensor, v_new: torch.T
     step = _native_decode_step(layer, maps)
     if not step.supported:
         return None
-    q, k, v = query.float().contiguous(), k_new.float().contiguous(), v_new.float().contiguous()
+    t = layer.transform  # keys and queries in its key order, in which the maps and table pair channels
+    q, k = t.key_order(query).float().contiguous(), t.key_order(k_new).float().contiguous()
+    v = v_new.float().contiguous()
     if not native.decode_step_supported(q, k, v):  # (heads and head_dim are the layer's own)
         return None
     n_body = min(layer._body_capacity(n), layer.capacity)

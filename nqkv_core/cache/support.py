@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from nqkv_core import _hf
-from nqkv_core.scheme import KVScheme, rope_inv_freq
+from nqkv_core.scheme import KVScheme, rope_layout
 
 # The attention layer types (transformers' ``config.layer_types``) an NQKV cache serves.
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -81,24 +81,39 @@ def check_supported(config: Any) -> None:
         raise NotImplementedError(f"{name}: sliding_attention layers without a positive sliding_window ({window!r})")
 
 
-def rope_inv_freqs(config: Any, head_dim: int) -> dict[str, torch.Tensor]:
-    """The RoPE inverse frequencies of each layer type of ``config`` (a RoPE-centred scheme's), as
-    transformers computes them (:func:`nqkv_core.rope.check_rope`, per layer type for models whose
-    RoPE differs by type, Gemma 3); types with equal frequencies share one tensor.
+def rope_layouts(config: Any, head_dim: int) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """The RoPE of each layer type of ``config`` as a RoPE-centred scheme takes it:
+    ``(inv_freq, k_order)`` of :func:`~nqkv_core.transform.rope_layout`, per layer type for models
+    whose RoPE differs by type (Gemma 3); equal tensors of different types are one object.
 
     Raises:
-        ValueError: the model has no RoPE (:func:`~nqkv_core.scheme.rope_inv_freq`).
-        NotImplementedError: a RoPE the cache cannot serve (interleaved, partial, ...).
+        ValueError: the model has no RoPE (:func:`~nqkv_core.transform.rope_layout`).
+        NotImplementedError: a RoPE the cache cannot serve (multimodal, ...).
     """
-    freqs: dict[str, torch.Tensor] = {}
+    layouts: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
     for t in sorted(set(layer_types(config))):
-        f = rope_inv_freq(_hf.text_config(config), head_dim, layer_type=t)
-        freqs[t] = next((g for g in freqs.values() if torch.equal(g, f)), f)
-    return freqs
+        f, order = rope_layout(_hf.text_config(config), head_dim, layer_type=t)
+        f = next((g for g, _ in layouts.values() if torch.equal(g, f)), f)
+        if order is not None:
+            order = next((o for _, o in layouts.values() if o is not None and torch.equal(o, order)), order)
+        layouts[t] = (f, order)
+    return layouts
 
 
-def scheme_inv_freqs(scheme: KVScheme, config: Any) -> dict[str, torch.Tensor]:
-    """:func:`rope_inv_freqs` if ``scheme`` centres keys with RoPE, else ``{}``.
+def rope_inv_freqs(config: Any, head_dim: int) -> dict[str, torch.Tensor]:
+    """The RoPE inverse frequencies of each layer type of ``config`` (a RoPE-centred scheme's), as
+    transformers computes them: those of :func:`rope_layouts`, in the key channel order it gives
+    with them (the model's own for rotate-half RoPE over the whole head); types with equal
+    frequencies share one tensor.
+
+    Raises:
+        As :func:`rope_layouts`.
+    """
+    return {t: f for t, (f, _) in rope_layouts(config, head_dim).items()}
+
+
+def scheme_rope_layouts(scheme: KVScheme, config: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """:func:`rope_layouts` if ``scheme`` centres keys with RoPE, else ``{}``.
 
     Raises:
         NotImplementedError: for a RoPE-centred scheme on a model without RoPE or with one the cache
@@ -107,7 +122,7 @@ def scheme_inv_freqs(scheme: KVScheme, config: Any) -> dict[str, torch.Tensor]:
     if not (scheme.k_centre and scheme.k_centre_rope):
         return {}
     try:
-        return rope_inv_freqs(config, _hf.head_dim(config))
+        return rope_layouts(config, _hf.head_dim(config))
     except ValueError as e:
         raise NotImplementedError(
             f"{type(config).__name__}: scheme {scheme.name!r} centres keys with the model's RoPE, and {e};"

@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from nqkv_core.codebook import get_codebook
 from nqkv_core.quantize import quantize_blockwise
-from nqkv_core.scheme import KVScheme, default_scheme, fit_transform, rope_inv_freq, roundtrip
+from nqkv_core.scheme import KVScheme, default_scheme, fit_transform, rope_layout, roundtrip
 
 
 def _stored_bytes(s: KVScheme, k: torch.Tensor, v: torch.Tensor, t) -> int:
@@ -49,12 +49,12 @@ def demo_rows(config, kv: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     with tqdm(total=len(bits) * len(kv), desc="demo", unit="layer") as bar:
         for b in bits:
             s = default_scheme(b, head_dim, sinks=sinks, window=window)
-            inv_freq = rope_inv_freq(config, head_dim) if s.k_centre_rope else None
+            inv_freq, order = rope_layout(config, head_dim) if s.k_centre_rope else (None, None)
             err_k = err_v = 0.0
             nbytes = 0
             body = slice(sinks, n - window)
             for k, v, q in kv:
-                t = fit_transform(s, k, v, q, inv_freq)
+                t = fit_transform(s, k, v, q, inv_freq, order)
                 k_hat, v_hat = roundtrip(s, k, v, transform=t)
                 err_k += float((k_hat - k)[..., body, :].norm() / k[..., body, :].norm()) / len(kv)
                 err_v += float((v_hat - v)[..., body, :].norm() / v[..., body, :].norm()) / len(kv)

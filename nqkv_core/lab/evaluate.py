@@ -123,10 +123,11 @@ class FakeQuant:
         else:
             t = self.transforms.get(layer)
             if t is None:
-                inv_freq = None
+                inv_freq = order = None
                 if scheme.k_centre_rope:
-                    inv_freq = _layer_inv_freq(module.config, layer, key.shape[-1]).to(key.device)
-                t = self.transforms[layer] = fit_transform(scheme, key, value, query, inv_freq)
+                    inv_freq, order = _layer_rope(module.config, layer, key.shape[-1])
+                    inv_freq = inv_freq.to(key.device)
+                t = self.transforms[layer] = fit_transform(scheme, key, value, query, inv_freq, order)
             k_hat, v_hat = roundtrip(scheme, key, value, transform=t)
             # Each key appears twice, quantized and exact; the mask lets every (query, key) pair see
             # exactly one of the two, so one softmax over both is the streaming cache's attention.
@@ -153,11 +154,12 @@ def _explicit_attention(q, k, v, mask, scale: float, softcap: float | None, sink
     return s.softmax(dim=-1)[..., : k.shape[2]] @ v.repeat_interleave(group, 1)
 
 
-def _layer_inv_freq(config, layer: int, head_dim: int) -> torch.Tensor:
-    """The RoPE frequencies of layer ``layer`` (per layer type where the model has them per type)."""
-    from nqkv_core.cache.support import layer_types, rope_inv_freqs
+def _layer_rope(config, layer: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The RoPE frequencies and key channel order of layer ``layer`` (per layer type where the model
+    has them per type; :func:`nqkv_core.cache.rope_layouts`)."""
+    from nqkv_core.cache.support import layer_types, rope_layouts
 
-    return rope_inv_freqs(config, head_dim)[layer_types(config)[layer]]
+    return rope_layouts(config, head_dim)[layer_types(config)[layer]]
 
 
 def _registered(name: str | None) -> FakeQuant | None:
