@@ -36,6 +36,7 @@ def tiny(seed: int = 0) -> LlamaForCausalLM:
                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
                       attention_bias=True)
     model = LlamaForCausalLM(cfg).eval()
+    model.generation_config.eos_token_id = None  # a row alone would stop there, the batch feeds it padding
     with torch.no_grad():
         for layer in model.model.layers:
             attn = layer.self_attn
