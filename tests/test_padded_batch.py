@@ -63,6 +63,11 @@ def left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """The positions transformers' generate gives a left-padded batch (each row's first token at 0)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def generate(model, ids, cache, mask=None):
     """Greedy tokens (new ones only) and per-step logits."""
     key = "cache" if transformers_version() >= (5, 24) else "past_key_values"
@@ -87,3 +92,108 @@ def test_each_row_generates_as_alone(name, decode):
         alone_seq, alone_logits = generate(model, row[None], nq.new_cache())
         assert torch.equal(seq[i], alone_seq[0]), i
         torch.testing.assert_close(logits[i], alone_logits[0], rtol=0, atol=2e-4)
+
+
+def test_unpadded_batch_keeps_no_starts():
+    # a mask without padding (and no mask) is the plain batch: no per-row state, the shared fast paths
+    model = tiny()
+    nq = enable(model, scheme=SCHEMES["rope-centre"])
+    ids = torch.stack(prompts((9, 9)))
+    for mask in (None, torch.ones_like(ids)):
+        cache = nq.new_cache()
+        generate(model, ids, cache, mask)
+        assert all(layer.starts is None for layer in cache.layers)
+
+
+def test_a_padded_rows_sinks_and_transform_are_its_own():
+    # After the prompt, row 1's sinks hold its first tokens (not padding) and its transform is the
+    # one fitted on its own tokens; its RoPE-aware key centre is kept rotated back by its start.
+    model, rows = tiny(), prompts((9, 5))
+    scheme = SCHEMES["query-rounding"]
+    nq = enable(model, scheme=scheme)
+    ids, mask = left_padded(rows)
+    batch, alone = nq.new_cache(), nq.new_cache()
+    with torch.no_grad():
+        model(ids, attention_mask=mask, position_ids=positions(mask), past_key_values=batch, use_cache=True)
+        model(rows[1][None], past_key_values=alone, use_cache=True)
+    for a, b in zip(batch.layers, alone.layers):
+        assert a.starts.tolist() == [0, 4]
+        torch.testing.assert_close(a.k_sink[1:, :, : scheme.sinks], b.k_sink[:, :, : scheme.sinks], rtol=0, atol=1e-5)
+        torch.testing.assert_close(a.v_sink[1:, :, : scheme.sinks], b.v_sink[:, :, : scheme.sinks], rtol=0, atol=1e-5)
+        t, u = a.transform, b.transform
+        for x, y in ((t.mu_v, u.mu_v), (t.k_metric_iso, u.k_metric_iso), (t.k_feedback, u.k_feedback),
+                     (t.k_metric.mT @ t.k_metric, u.k_metric.mT @ u.k_metric)):  # (eigenvectors up to sign)
+            torch.testing.assert_close(x[1:], y, rtol=1e-4, atol=1e-5)
+        # R(4) (R(-4) mu) = mu: the centre at the row's slot 4 is its own at position 0
+        torch.testing.assert_close(t.key_centre(1, 4)[1:], u.key_centre(1, 0), rtol=0, atol=1e-5)
+
+
+def test_leading_pads_from_masks():
+    T = 6
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    starts = torch.tensor([0, 2, 5])
+    real = torch.arange(T)[None, :] >= starts[:, None]  # (b, T)
+    full = (causal & real[:, None, :])[:, None]  # transformers' padded causal mask
+    assert leading_pads(full, T, 3).tolist() == [0, 2, 5]
+    sliding = full & ~torch.ones(T, T, dtype=torch.bool).tril(-3)  # a window of 3: hides old keys too
+    assert leading_pads(sliding, T, 3).tolist() == [0, 2, 5]
+    # older transformers unmask the rows of padding queries entirely
+    unmasked = full | ~full.any(-1, keepdim=True)
+    assert leading_pads(unmasked, T, 3).tolist() == [0, 2, 5]
+    # additive, with columns beyond the prompt (a preallocated cache)
+    wide = torch.zeros(3, 1, T, T + 4, dtype=torch.bool)
+    wide[..., :T] = full
+    additive = torch.zeros(wide.shape).masked_fill(~wide, torch.finfo(torch.float32).min)
+    assert leading_pads(additive, T, 3).tolist() == [0, 2, 5]
+    assert leading_pads(full[:1], T, 4).tolist() == [0] * 4  # one mask for the whole batch
+
+
+def test_save_load_keeps_starts(tmp_path):
+    model, rows = tiny(), prompts()
+    scheme = SCHEMES["rope-centre"]
+    nq = enable(model, scheme=scheme)
+    ids, mask = left_padded(rows)
+    cache = nq.new_cache()
+    nxt = torch.tensor([[5], [6], [7]])
+    with torch.no_grad():
+        model(ids, attention_mask=mask, position_ids=positions(mask), past_key_values=cache, use_cache=True)
+        cache.save(tmp_path / "c.safetensors")
+        loaded = NQKVCache.load(tmp_path / "c.safetensors", scheme, config=model.config)
+        assert torch.equal(loaded.layers[0].starts, cache.layers[0].starts)
+        step_mask = torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], dim=1)
+        pos = positions(step_mask)[:, -1:]
+        a = model(nxt, attention_mask=step_mask, position_ids=pos, past_key_values=cache, use_cache=True).logits
+        b = model(nxt, attention_mask=step_mask, position_ids=pos, past_key_values=loaded, use_cache=True).logits
+    torch.testing.assert_close(b, a, rtol=0, atol=0)
+    # a file without starts is a batch without padding; starts out of [0, length] are refused
+    from safetensors.torch import load_file, save_file
+
+    from nqkv_core.cache import io
+
+    tensors = load_file(tmp_path / "c.safetensors")
+    for bad, match in ((None, None), (torch.tensor([0, -1, 3]), "starts"), (torch.tensor([0, 99, 3]), "starts")):
+        changed = {k: v for k, v in tensors.items() if not k.endswith(".starts")}
+        if bad is not None:
+            changed.update({k: bad.clone() for k in tensors if k.endswith(".starts")})
+        meta = io.cache_meta(cache)
+        meta["sha256"] = io._digest(changed, meta)
+        save_file(changed, tmp_path / "d.safetensors", metadata=meta)
+        if match is None:
+            assert all(layer.starts is None for layer in
+                       NQKVCache.load(tmp_path / "d.safetensors", scheme, config=model.config).layers)
+        else:
+            with pytest.raises(ValueError, match=match):
+                NQKVCache.load(tmp_path / "d.safetensors", scheme, config=model.config)
+
+
+def test_beam_search_rows_as_alone():
+    # beams of a padded row are reordered with their starts (reorder_cache / batch_select_indices)
+    model, rows = tiny(), prompts((4, 9))
+    nq = enable(model, scheme=SCHEMES["rope-centre"])
+    ids, mask = left_padded(rows)
+    kw = dict(max_new_tokens=NEW, do_sample=False, num_beams=3, pad_token_id=0)
+    key = "cache" if transformers_version() >= (5, 24) else "past_key_values"
+    out = model.generate(ids, attention_mask=mask, **{key: nq.new_cache()}, **kw)[:, ids.shape[1]:]
+    for i, row in enumerate(rows):
+        alone = model.generate(row[None], **{key: nq.new_cache()}, **kw)[:, len(row):]
+        assert torch.equal(out[i], alone[0]), i

@@ -1,7 +1,8 @@
 """Saving and loading a cache's contents (prefix reuse): safetensors with a checksum.
 
-A file holds the used part of each layer's buffers, its frozen transform and token count, and
-metadata naming the format version, the scheme, the number of layers and the model dtype.
+A file holds the used part of each layer's buffers, its frozen transform and token count (and,
+for a left-padded batch, each row's leading padding slots, ``starts``; a file without them is a
+batch without padding), and metadata naming the format version, the scheme, the number of layers and the model dtype.
 
 A file is untrusted input. :func:`load` checks, in this order and before it builds any layer:
 the metadata (format, version, scheme, a bounded number of layers, a known dtype); the name,
@@ -66,6 +67,8 @@ def layer_state(layer) -> dict[str, torch.Tensor]:
             x = getattr(layer.transform, f)
             if x is not None:
                 out[f"t_{f}"] = x
+    if layer.starts is not None:
+        out["starts"] = layer.starts
     return out
 
 
@@ -138,6 +141,8 @@ def check_layer_spec(where: str, scheme: KVScheme, found: dict[str, Spec], n: in
     _check_dims(where, scheme, b, h, d, dtype, config)
     transform = n > 0 or any(k.startswith("t_") for k in found)
     spec = layer_spec(scheme, b, h, d, n, dtype, n_ring, transform)
+    if "starts" in found:  # optional: only a left-padded batch has them
+        spec["starts"] = (torch.int64, (b,))
     missing, extra = sorted(spec.keys() - found.keys()), sorted(found.keys() - spec.keys())
     if missing or extra:
         raise ValueError(f"{where}: tensors missing {missing}, unexpected {extra} for scheme {scheme.name!r}"
@@ -191,6 +196,8 @@ def check_layer_values(where: str, state: dict[str, torch.Tensor], inv_freq: tor
             raise ValueError(f"{where}: {name} must be positive")
     if "t_k_metric_iso" in state and not bool((state["t_k_metric_iso"] >= 0).all()):
         raise ValueError(f"{where}: t_k_metric_iso must be >= 0")
+    if "starts" in state and not bool(((state["starts"] >= 0) & (state["starts"] <= state["length"])).all()):
+        raise ValueError(f"{where}: starts (leading padding per row) must be in [0, length]")
     for name in ("t_rot_k", "t_rot_v"):
         if name in state:
             r = state[name].double()
@@ -240,6 +247,8 @@ def load_layer_state(layer, state: dict[str, torch.Tensor], dtype: torch.dtype, 
         if layer.rope.inv_freq is None:
             layer.rope.inv_freq = layer.transform.inv_freq
         layer.rope.ensure(n, layer.device)
+    if "starts" in state and bool(state["starts"].any()):
+        layer.starts = state["starts"].to(layer.device)
     layer.length.fill_(n)
     layer._step_length = None
 

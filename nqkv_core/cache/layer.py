@@ -437,6 +437,8 @@ class NQKVLayer(CacheLayerMixin):
             )
         self.length.fill_(keep)
         self._step_length = None
+        if self.starts is not None:  # a row cropped to no token of its own starts again at keep
+            self.starts.clamp_(max=keep)
 
     def _batch_map(self, fn) -> None:
         if not self.is_initialized:
