@@ -87,11 +87,32 @@ def test_each_row_generates_as_alone(name, decode):
     ids, mask = left_padded(rows)
     cache = nq.new_cache()
     seq, logits = generate(model, ids, cache, mask)
-    assert cache.layers[0].starts.tolist() == [max(LENGTHS) - n for n in LENGTHS]
     for i, row in enumerate(rows):
         alone_seq, alone_logits = generate(model, row[None], nq.new_cache())
         assert torch.equal(seq[i], alone_seq[0]), i
         torch.testing.assert_close(logits[i], alone_logits[0], rtol=0, atol=2e-4)
+    assert all(layer.starts.tolist() == [max(LENGTHS) - n for n in LENGTHS] for layer in cache.layers)
+
+
+@pytest.mark.parametrize("name", ["ministral", "gemma2", "gpt_oss"])
+def test_sliding_window_models_rows_as_alone(name):
+    # sliding layers (a ring of codes: prompts longer than the sliding window of 16), soft-capped
+    # logits (Gemma 2) and learned sink logits (GPT-OSS): each row as alone
+    from test_models import scheme4, tiny as model_of
+
+    model = model_of(name)
+    model.generation_config.eos_token_id = None
+    rows = prompts((6, 20, 27))
+    nq = enable(model, scheme=scheme4(model, 4).replace(sinks=2, stats_tokens=4))
+    ids, mask = left_padded(rows)
+    cache = nq.new_cache()
+    seq, logits = generate(model, ids, cache, mask)
+    for i, row in enumerate(rows):
+        alone_seq, alone_logits = generate(model, row[None], nq.new_cache())
+        assert torch.equal(seq[i], alone_seq[0]), i
+        torch.testing.assert_close(logits[i], alone_logits[0], rtol=0, atol=2e-4)
+    assert any(layer.is_sliding for layer in cache.layers)
+    assert all(layer.starts.tolist() == [21, 7, 0] for layer in cache.layers)
 
 
 def test_unpadded_batch_keeps_no_starts():
@@ -117,9 +138,9 @@ def test_a_padded_rows_sinks_and_transform_are_its_own():
         model(ids, attention_mask=mask, position_ids=positions(mask), past_key_values=batch, use_cache=True)
         model(rows[1][None], past_key_values=alone, use_cache=True)
     for a, b in zip(batch.layers, alone.layers):
-        assert a.starts.tolist() == [0, 4]
-        torch.testing.assert_close(a.k_sink[1:, :, : scheme.sinks], b.k_sink[:, :, : scheme.sinks], rtol=0, atol=1e-5)
         torch.testing.assert_close(a.v_sink[1:, :, : scheme.sinks], b.v_sink[:, :, : scheme.sinks], rtol=0, atol=1e-5)
+        torch.testing.assert_close(a.k_sink[1:, :, : scheme.sinks], b.k_sink[:, :, : scheme.sinks], rtol=0, atol=1e-5)
+        assert a.starts.tolist() == [0, 4]
         t, u = a.transform, b.transform
         for x, y in ((t.mu_v, u.mu_v), (t.k_metric_iso, u.k_metric_iso), (t.k_feedback, u.k_feedback),
                      (t.k_metric.mT @ t.k_metric, u.k_metric.mT @ u.k_metric)):  # (eigenvectors up to sign)
