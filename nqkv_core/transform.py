@@ -11,7 +11,8 @@ The transforms are chosen so that attention is unchanged *exactly* if nothing is
   because each probability row sums to one.
 
 ``mu``, ``a`` and ``b`` are per (batch, kv head) channel vectors measured once on the first
-``stats_tokens`` tokens after the sinks (the prompt, in a streaming cache) and then frozen; ``H`` is
+``stats_tokens`` tokens after the sinks (the prompt, in a streaming cache; a left-padded row's own
+tokens, :func:`fit_transform_rows`) and then frozen; ``H`` is
 a fixed random-sign (block) Hadamard matrix (:func:`rotation`). :func:`fit_transform` measures
 them, :meth:`KVTransform.keys`, :meth:`~KVTransform.queries`, :meth:`~KVTransform.values` and
 :meth:`~KVTransform.output` apply them.
