@@ -332,6 +332,8 @@ class NQKVLayer(CacheLayerMixin):
         if attention_mask is not None and not torch.compiler.is_compiling() and int(self.length) == 0:
             starts = _hf.leading_pads(attention_mask, k.shape[2], k.shape[0])
             self.starts = starts.to(self.device) if bool(starts.any()) else None
+            if self.starts is not None and self.max_cache_len is not None:  # as lazy_initialization's buffers
+                torch._dynamo.mark_static_address(self.starts)
         if self.starts is not None:
             return fit_transform_rows(self.scheme, k, v, self.starts.tolist(), q, inv_freq)
         return fit_transform(self.scheme, k, v, q, inv_freq)
