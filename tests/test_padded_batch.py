@@ -218,3 +218,40 @@ def test_beam_search_rows_as_alone():
     for i, row in enumerate(rows):
         alone = model.generate(row[None], **{key: nq.new_cache()}, **kw)[:, len(row):]
         assert torch.equal(out[i], alone[0]), i
+
+
+def test_crop_and_batch_ops_follow_the_rows():
+    # teacher-forced steps, a crop back into the crop margin and more steps: each row's logits as
+    # alone; then the batch operations of beam search take the rows' starts along
+    model, rows = tiny(), prompts((4, 9))
+    nq = enable(model, scheme=SCHEMES["rope-centre"], crop_margin=4)
+    ids, mask = left_padded(rows)
+    steps = torch.randint(1, 96, (2, 6), generator=torch.Generator().manual_seed(5))
+
+    @torch.no_grad()
+    def run(ids, mask, steps, cache):
+        out = [model(ids, attention_mask=mask, position_ids=positions(mask), past_key_values=cache,
+                     use_cache=True).logits[:, -1:]]
+        for j in range(steps.shape[1]):
+            if j == 4:
+                cache.crop(-2)
+                mask = mask[:, :-2]
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            out.append(model(steps[:, j : j + 1], attention_mask=mask, position_ids=positions(mask)[:, -1:],
+                             past_key_values=cache, use_cache=True).logits)
+        return torch.cat(out, dim=1)
+
+    cache = nq.new_cache()
+    batch = run(ids, mask, steps, cache)
+    for i, row in enumerate(rows):
+        alone = run(row[None], torch.ones(1, len(row), dtype=torch.long), steps[i : i + 1], nq.new_cache())
+        torch.testing.assert_close(batch[i], alone[0], rtol=0, atol=2e-4)
+    layer = cache.layers[0]
+    layer.batch_repeat_interleave(2)
+    assert layer.starts.tolist() == [5, 5, 0, 0]
+    layer.batch_select_indices(torch.tensor([1, 2]))
+    assert layer.starts.tolist() == [5, 0] and layer.k_sink.shape[0] == 2
+    layer.reorder_cache(torch.tensor([1, 0]))
+    assert layer.starts.tolist() == [0, 5]
+    layer.reset()
+    assert layer.starts is None
