@@ -94,6 +94,20 @@ def test_each_row_generates_as_alone(name, decode):
     assert all(layer.starts.tolist() == [max(LENGTHS) - n for n in LENGTHS] for layer in cache.layers)
 
 
+@pytest.mark.parametrize("decode", ["reference", "auto"])
+def test_prompt_within_sinks_and_window_rows_as_alone(decode):
+    # a prompt of at most sinks + window tokens attends to itself exactly (no body yet): the rows'
+    # own sinks are stored after it, some of a one-token row's sinks only by the decode steps
+    model, rows = tiny(), prompts((1, 5, 6))
+    nq = enable(model, scheme=SCHEMES["rope-centre"], decode=decode)
+    ids, mask = left_padded(rows)
+    seq, logits = generate(model, ids, nq.new_cache(), mask)
+    for i, row in enumerate(rows):
+        alone_seq, alone_logits = generate(model, row[None], nq.new_cache())
+        assert torch.equal(seq[i], alone_seq[0]), i
+        torch.testing.assert_close(logits[i], alone_logits[0], rtol=0, atol=2e-4)
+
+
 @pytest.mark.parametrize("name", ["ministral", "gemma2", "gpt_oss"])
 def test_sliding_window_models_rows_as_alone(name):
     # sliding layers (a ring of codes: prompts longer than the sliding window of 16), soft-capped

@@ -2,7 +2,8 @@
 
 A file holds the used part of each layer's buffers, its frozen transform and token count (and,
 for a left-padded batch, each row's leading padding slots, ``starts``; a file without them is a
-batch without padding), and metadata naming the format version, the scheme, the number of layers and the model dtype.
+batch without padding), and metadata naming the format version, the scheme, the number of layers
+and the model dtype.
 
 A file is untrusted input. :func:`load` checks, in this order and before it builds any layer:
 the metadata (format, version, scheme, a bounded number of layers, a known dtype); the name,
