@@ -38,6 +38,25 @@ def bool_mask(mask: torch.Tensor) -> torch.Tensor:
     return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
 
 
+def leading_pads(mask: torch.Tensor, tokens: int, batch: int) -> torch.Tensor:
+    """Leading padding slots of each row, ``(batch,)`` int64, from the attention mask of a first
+    forward of ``tokens`` tokens on an empty cache (``(b or 1, heads, tokens, >= tokens)``, bool or
+    additive; query ``i`` and key ``i`` are position ``i``).
+
+    Key ``j`` is a real token if its own query attends to it (the diagonal): a padding key is seen
+    by no query, under a full or a sliding-window mask alike. Rows of padding queries that a mask
+    unmasks entirely (older transformers do, to avoid NaN) are not taken for real ones, except the
+    last (a real token under left padding). A row of padding alone counts ``tokens - 1`` pads.
+    """
+    m = bool_mask(mask[:, 0, -tokens:, :tokens])
+    real = m.diagonal(dim1=-2, dim2=-1).clone()
+    whole = m.all(dim=-1)
+    whole[:, -1] = False
+    real &= ~whole
+    pads = (~real).long().cumprod(dim=-1).sum(dim=-1).clamp(max=tokens - 1)
+    return pads.expand(batch).contiguous() if pads.shape[0] == 1 else pads
+
+
 def transformers_version() -> tuple[int, int]:
     """``(major, minor)`` of the installed transformers."""
     import transformers

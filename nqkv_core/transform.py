@@ -14,7 +14,8 @@ The transforms are chosen so that attention is unchanged *exactly* if nothing is
   because each probability row sums to one.
 
 ``mu``, ``a`` and ``b`` are per (batch, kv head) channel vectors measured once on the first
-``stats_tokens`` tokens after the sinks (the prompt, in a streaming cache) and then frozen; ``H`` is
+``stats_tokens`` tokens after the sinks (the prompt, in a streaming cache; a left-padded row's own
+tokens, :func:`fit_transform_rows`) and then frozen; ``H`` is
 a fixed random-sign (block) Hadamard matrix (:func:`rotation`). :func:`fit_transform` measures
 them, :meth:`KVTransform.keys`, :meth:`~KVTransform.queries`, :meth:`~KVTransform.values` and
 :meth:`~KVTransform.output` apply them.
@@ -22,6 +23,7 @@ them, :meth:`KVTransform.keys`, :meth:`~KVTransform.queries`, :meth:`~KVTransfor
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -319,6 +321,55 @@ def fit_transform(
         t.k_metric, t.k_metric_iso = low_rank_metric(query_metric(t, q, k.shape[1], scheme.sinks))
         t.k_feedback = key_feedback(t)
     return t
+
+
+# The transform's fields measured per (batch row, kv head); the others are shared by all rows.
+ROW_FIELDS = ("mu_k", "a_k", "mu_v", "b_v", "k_metric", "k_metric_iso", "k_feedback")
+
+
+def fit_transform_rows(
+    scheme: KVScheme,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    starts: list[int],
+    q: torch.Tensor | None = None,
+    inv_freq: torch.Tensor | None = None,
+    k_order: torch.Tensor | None = None,
+) -> KVTransform:
+    """:func:`fit_transform` of a left-padded batch: each row on its own tokens, as that row alone.
+
+    Row ``r`` holds ``starts[r]`` padding slots before its first token, which the model gave
+    position 0: it is fitted on ``k[r, :, starts[r]:]`` (and ``v``, ``q``), whose statistics tokens
+    are then ``[starts[r] + sinks, ...)``. A RoPE-aware key centre is stored rotated back by the
+    row's start, ``R(-starts[r]) mu``, so that the centre at storage slot ``p``,
+    ``R(p) R(-s) mu = R(p - s) mu``, is the row's own at its position ``p - s``: every slot-indexed
+    use of the centre (:meth:`KVTransform.key_centre`, the key bias) stays as it is.
+
+    Args:
+        starts: ``(batch,)`` leading padding slots per row, each below the token count.
+        (the others as :func:`fit_transform`)
+    """
+    rows_of: dict[int, list[int]] = {}
+    for r, s in enumerate(starts):
+        rows_of.setdefault(int(s), []).append(r)
+    out: KVTransform | None = None
+    for s, rows in rows_of.items():
+        idx = torch.tensor(rows, device=k.device)
+        part = fit_transform(scheme, k[idx, :, s:], v[idx, :, s:], q[idx, :, s:] if q is not None else None,
+                             inv_freq, k_order)
+        if part.inv_freq is not None and s:
+            part.mu_k = apply_rope(part.mu_k, torch.tensor([s], device=k.device), part.inv_freq, inverse=True)
+        if out is None:
+            out = dataclasses.replace(part)
+            for f in ROW_FIELDS:
+                x = getattr(part, f)
+                if x is not None:
+                    setattr(out, f, x.new_empty(len(starts), *x.shape[1:]))
+        for f in ROW_FIELDS:
+            x = getattr(part, f)
+            if x is not None:
+                getattr(out, f).index_copy_(0, idx, x)
+    return out
 
 
 def low_rank_metric(m: torch.Tensor, rank: int = QUERY_METRIC_RANK) -> tuple[torch.Tensor, torch.Tensor]:

@@ -100,6 +100,15 @@ def generate(model, ids, scheme=None, cache=None, mask=None, **kw):
     return out.sequences, torch.stack(out.logits, 1)
 
 
+def reference_per_row(model, ids, mask, scheme):
+    """The fake-quantized reference of each row of a left-padded batch generated alone: its new
+    tokens ``(b, NEW)`` and logits (a padded row keeps its own first tokens as sinks). The model
+    must not stop at an end token: a row alone would stop there, the batch feeds it padding."""
+    assert model.generation_config.eos_token_id is None
+    out = [generate(model, row[m.bool()][None], scheme) for row, m in zip(ids, mask)]
+    return torch.cat([s[:, -NEW:] for s, _ in out]), torch.cat([x for _, x in out])
+
+
 @pytest.mark.parametrize("name", list(SCHEMES))
 def test_generate_matches_fake_quantization(name):
     model, scheme = tiny_model(), SCHEMES[name]
@@ -290,6 +299,7 @@ def test_default_scheme_is_rope_centred_and_matches_reference():
     scheme = scheme.replace(window=4)  # so that 20 new tokens reach the quantized body
     g = torch.Generator().manual_seed(10)
     ids = torch.randint(1, 96, (2, 6), generator=g)
+    model.generation_config.eos_token_id = None
     mask = torch.ones_like(ids)
     mask[1, :2] = 0
     ids = ids.masked_fill(mask == 0, 0)
@@ -299,11 +309,11 @@ def test_default_scheme_is_rope_centred_and_matches_reference():
     seq2, logits2 = generate(model, ids, cache={"past_key_values": NQKVCache(scheme, num_layers=2, **REF)}, mask=mask)
     stat = nq.new_cache(max_cache_len=ids.shape[1] + NEW)
     seq3, logits3 = generate(model, ids, cache={"past_key_values": stat}, mask=mask)
-    ref_seq, ref_logits = generate(model, ids, scheme, mask=mask)
+    ref_seq, ref_logits = reference_per_row(model, ids, mask, scheme)
     _, fp_logits = generate(model, ids, None, mask=mask)
     for s, x in ((seq, logits), (seq2, logits2), (seq3, logits3)):
         torch.testing.assert_close(x, ref_logits, rtol=0, atol=2e-4)
-        assert torch.equal(s, ref_seq)
+        assert torch.equal(s[:, -NEW:], ref_seq)
     assert (ref_logits - fp_logits).abs().max() > 1e-2
 
 
@@ -380,15 +390,16 @@ def test_batch_with_left_padding_matches_reference():
     model, scheme = tiny_model(), SCHEMES["nf4-rot-centre"]
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(1, 96, (3, 4), generator=g)
+    model.generation_config.eos_token_id = None
     mask = torch.ones_like(ids)
     mask[0, :2] = 0
     mask[2, :1] = 0
     ids = ids.masked_fill(mask == 0, 0)
     nq = enable(model, scheme=scheme, **REF)
     seq, logits = generate(model, ids, cache=nq.generate_kwargs(), mask=mask)
-    ref_seq, ref_logits = generate(model, ids, scheme, mask=mask)
+    ref_seq, ref_logits = reference_per_row(model, ids, mask, scheme)
     assert torch.isfinite(logits).all()
-    assert torch.equal(seq, ref_seq)
+    assert torch.equal(seq[:, -NEW:], ref_seq)
     torch.testing.assert_close(logits, ref_logits, rtol=0, atol=2e-4)
 
 

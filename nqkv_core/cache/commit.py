@@ -67,10 +67,29 @@ def commit(layer, k_new: torch.Tensor, v_new: torch.Tensor, leaving_written: boo
     """Store the ``T`` new tokens: quantize the ``T`` tokens that leave the window (unless
     :func:`write_leaving` did already), then keep the new ones exact in the sinks and the ring."""
     if k_new.shape[2] == 1 and not torch.compiler.is_compiling() and not leaving_written:
-        return _commit_one(layer, k_new, v_new)
-    if not leaving_written:
-        write_leaving(layer, k_new, v_new)
-    _store_exact(layer, k_new, v_new)
+        _commit_one(layer, k_new, v_new)
+    else:
+        if not leaving_written:
+            write_leaving(layer, k_new, v_new)
+        _store_exact(layer, k_new, v_new)
+    if layer.starts is not None:
+        _store_row_sinks(layer, k_new, v_new)
+
+
+def _store_row_sinks(layer, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+    """The sinks of a left-padded batch, after :func:`commit` counted the ``T`` new tokens: row
+    ``r``'s sink slot ``i`` takes its token at position ``starts[r] + i``. Written over what the
+    shared step stored at slot ``p`` for position ``p < S``, which for a padded row is either its
+    own token ``starts[r] + p`` (also among the new ones then) or a later one, masked until it arrives."""
+    S = layer.n_sinks
+    if not S:
+        return
+    b, h, T, d = k_new.shape
+    slot = (layer.length - T + torch.arange(T, device=layer.device))[None, :] - layer.starts[:, None]  # (b, T)
+    slot = torch.where((slot >= 0) & (slot < S), slot, S)  # others to the trash slot
+    index = slot[:, None, :, None].expand(b, h, T, d)
+    layer.k_sink.scatter_(2, index, k_new.to(layer.k_sink.dtype))
+    layer.v_sink.scatter_(2, index, v_new.to(layer.v_sink.dtype))
 
 
 def write_leaving(layer, k_new: torch.Tensor, v_new: torch.Tensor) -> None:

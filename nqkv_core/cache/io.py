@@ -1,8 +1,10 @@
 """Saving and loading a cache's contents (prefix reuse): safetensors with a checksum.
 
 A file holds the used part of each layer's buffers (a sliding-window layer's ring of codes whole),
-its frozen transform and token count, and metadata naming the format version, the scheme, the
-number of layers, the model dtype, and the sliding-window layers and window if there are any.
+its frozen transform and token count (and, for a left-padded batch, each row's leading padding
+slots, ``starts``; a file without them is a batch without padding), and metadata naming the format
+version, the scheme, the number of layers, the model dtype, and the sliding-window layers and
+window if there are any.
 
 A file is untrusted input. :func:`load` checks, in this order and before it builds any layer:
 the metadata (format, version, scheme, a bounded number of layers, a known dtype, the sliding
@@ -68,6 +70,8 @@ def layer_state(layer) -> dict[str, torch.Tensor]:
             x = getattr(layer.transform, f)
             if x is not None:
                 out[f"t_{f}"] = x
+    if layer.starts is not None:
+        out["starts"] = layer.starts
     return out
 
 
@@ -145,6 +149,8 @@ def check_layer_spec(where: str, scheme: KVScheme, found: dict[str, Spec], n: in
     spec = layer_spec(scheme, b, h, d, n, dtype, n_ring, transform, body_slots)
     if transform and scheme.k_centre and scheme.k_centre_rope and "t_k_order" in found:
         spec["t_k_order"] = (torch.int64, (d,))  # a model whose RoPE pairs its channels in another order
+    if "starts" in found:  # optional: only a left-padded batch has them
+        spec["starts"] = (torch.int64, (b,))
     missing, extra = sorted(spec.keys() - found.keys()), sorted(found.keys() - spec.keys())
     if missing or extra:
         raise ValueError(f"{where}: tensors missing {missing}, unexpected {extra} for scheme {scheme.name!r}"
@@ -206,6 +212,8 @@ def check_layer_values(where: str, state: dict[str, torch.Tensor], inv_freq: tor
         raise ValueError(f"{where}: t_k_order must be a permutation of the head's channels")
     if "t_k_metric_iso" in state and not bool((state["t_k_metric_iso"] >= 0).all()):
         raise ValueError(f"{where}: t_k_metric_iso must be >= 0")
+    if "starts" in state and not bool(((state["starts"] >= 0) & (state["starts"] <= state["length"])).all()):
+        raise ValueError(f"{where}: starts (leading padding per row) must be in [0, length]")
     for name in ("t_rot_k", "t_rot_v"):
         if name in state:
             r = state[name].double()
@@ -264,6 +272,8 @@ def _load_transform(layer, state: dict[str, torch.Tensor], n: int, where: str) -
         if layer.rope.inv_freq is None:
             layer.rope.inv_freq, layer.rope.order = layer.transform.inv_freq, layer.transform.k_order
         layer.rope.ensure(n, layer.device)
+    if "starts" in state and bool(state["starts"].any()):
+        layer.starts = state["starts"].to(layer.device)
     layer.length.fill_(n)
     layer._step_length = None
 

@@ -28,6 +28,7 @@ from nqkv_core.cache.attend import Logits
 from nqkv_core.cache.compiled import STEP_LAYERS, STEP_NAMES
 from nqkv_core.cache.format import RopeTable, SideFormat, fp_dtype, side_format
 from nqkv_core.scheme import KVScheme, KVTransform, fit_transform, rope_layout
+from nqkv_core.transform import ROW_FIELDS, fit_transform_rows
 
 # How a compiled step runs a layer (``NQKVCache(compiled_step=...)``).
 CompiledStep = Literal["auto", "op", "traced"]
@@ -83,6 +84,11 @@ class NQKVLayer(CacheLayerMixin):
     * ``k_sink`` / ``v_sink``: ``(b, h, S+1, d)``; ``k_ring`` / ``v_ring``: ``(b, h, R+1, d)``.
     * ``length``: int64 scalar tensor, tokens seen (a tensor so compiled steps do not recompile).
     * ``transform``: the frozen :class:`~nqkv_core.scheme.KVTransform` (None before the first step).
+    * ``starts``: ``(b,)`` int64, the leading padding slots of each row of a left-padded batch, or
+      None (no row padded). Found from the attention mask of the first (eager) step; row ``r``
+      then keeps as sinks its own first tokens, positions ``[starts[r], starts[r] + S)``, its
+      transform is fitted on its own tokens (:func:`~nqkv_core.transform.fit_transform_rows`), and
+      its slots before its sinks end are masked: each row attends as it would alone.
 
     With a RoPE-aware key centre (``k_centre_rope``) the keys are stored minus ``R(p) mu`` at their
     position ``p`` and attention adds ``q . R(p) mu`` to each score as an additive mask, from the
@@ -116,6 +122,7 @@ class NQKVLayer(CacheLayerMixin):
         self.n_ring = self.window - 1 + crop_margin
         self.length = torch.tensor(0, dtype=torch.long)
         self.transform: KVTransform | None = None
+        self.starts: torch.Tensor | None = None
         self.rope_centred = scheme.k_centre and scheme.k_centre_rope
         self.rope = rope if rope is not None else RopeTable(max_len=max_cache_len)
         self.step_memo = step_memo if step_memo is not None else step.StepMemo()
@@ -305,8 +312,10 @@ class NQKVLayer(CacheLayerMixin):
                 f" got shape {tuple(query.shape)} on {query.device}"
             )
 
-    def _fit(self, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None, config: Any = None) -> KVTransform:
-        """Fit the frozen transform on the first tokens (with the RoPE frequencies for ``k_centre_rope``)."""
+    def _fit(self, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None, config: Any = None,
+             attention_mask: torch.Tensor | None = None) -> KVTransform:
+        """Fit the frozen transform on the first tokens (with the RoPE frequencies for ``k_centre_rope``);
+        on an empty layer, first find the rows' leading padding from ``attention_mask`` (``starts``)."""
         inv_freq = None
         if self.rope_centred:
             if self.rope.inv_freq is None:
@@ -320,7 +329,15 @@ class NQKVLayer(CacheLayerMixin):
                 self.rope.inv_freq, self.rope.order = rope_layout(config, k.shape[-1], layer_type=kind)
             inv_freq = self.rope.inv_freq.to(k.device)
             self.rope.ensure(int(self.length) + k.shape[2], self.device)
-        return fit_transform(self.scheme, k, v, q, inv_freq, self.rope.order if self.rope_centred else None)
+        if attention_mask is not None and not torch.compiler.is_compiling() and int(self.length) == 0:
+            starts = _hf.leading_pads(attention_mask, k.shape[2], k.shape[0])
+            self.starts = starts.to(self.device) if bool(starts.any()) else None
+            if self.starts is not None and self.max_cache_len is not None:  # as lazy_initialization's buffers
+                torch._dynamo.mark_static_address(self.starts)
+        order = self.rope.order if self.rope_centred else None
+        if self.starts is not None:
+            return fit_transform_rows(self.scheme, k, v, self.starts.tolist(), q, inv_freq, order)
+        return fit_transform(self.scheme, k, v, q, inv_freq, order)
 
     def attention(
         self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float, config: Any = None,
@@ -388,6 +405,7 @@ class NQKVLayer(CacheLayerMixin):
         self.length.zero_()
         self._step_length = None
         self.transform = None
+        self.starts = None
         self._pending = None
         if self.is_initialized:
             for buf in (*self.k_body, *self.v_body, self.k_sink, self.v_sink, self.k_ring, self.v_ring):
@@ -422,6 +440,8 @@ class NQKVLayer(CacheLayerMixin):
             )
         self.length.fill_(keep)
         self._step_length = None
+        if self.starts is not None:  # a row cropped to no token of its own starts again at keep
+            self.starts.clamp_(max=keep)
 
     def _batch_map(self, fn) -> None:
         if not self.is_initialized:
@@ -431,10 +451,12 @@ class NQKVLayer(CacheLayerMixin):
         self.k_sink, self.v_sink = fn(self.k_sink), fn(self.v_sink)
         self.k_ring, self.v_ring = fn(self.k_ring), fn(self.v_ring)
         if self.transform is not None:
-            for f in ("mu_k", "a_k", "mu_v", "b_v", "k_metric", "k_metric_iso", "k_feedback"):  # per batch row
+            for f in ROW_FIELDS:
                 x = getattr(self.transform, f)
                 if x is not None:
                     setattr(self.transform, f, fn(x))
+        if self.starts is not None:
+            self.starts = fn(self.starts)
         self.batch_size = self.k_sink.shape[0]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -463,7 +485,7 @@ class NQKVLayer(CacheLayerMixin):
     def held_tensors(self) -> list[torch.Tensor]:
         """Every tensor the layer holds: buffers, the frozen transform, the prepared step state and
         the RoPE table it shares with the other layers of its cache."""
-        out = [self.length]
+        out = [self.length] + ([self.starts] if self.starts is not None else [])
         if self.is_initialized:
             out += [*self.k_body, *self.v_body, self.k_sink, self.v_sink, self.k_ring, self.v_ring]
         for obj in (self.transform, self._step_maps):

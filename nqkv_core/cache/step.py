@@ -16,6 +16,7 @@ The strategies compute the same attention: the tests run each on the same inputs
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
@@ -114,7 +115,7 @@ def attention(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, s
         return out
     group = query.shape[1] // layer.num_heads
     if layer.transform is None:
-        layer.transform = layer._fit(k_new, v_new, query, config)
+        layer.transform = layer._fit(k_new, v_new, query, config, attention_mask)
     n = None if torch.compiler.is_compiling() else layer._eager_length()
     maps = _maps(layer, group, scaling) if _folds(layer, n, query.shape[2]) else None
     if logits is not None:
@@ -129,6 +130,8 @@ def attention(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, s
     else:
         q, w, k_new, k_attend = _general_inputs(layer, query, k_new, group, n, attention_mask)
     v_new = layer.transform.values(v_new).to(layer.fp_dtype)
+    if layer.starts is not None:
+        k_new, v_new = _zero_padding(layer, k_new, v_new)
     # Several new tokens (a prompt, a chunk, assisted decoding's candidates): the tokens that leave
     # the window during them are quantized first, so that each query sees every key as a one-token
     # step at its position would (quantized once older than the window): results do not depend on
@@ -141,6 +144,14 @@ def attention(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, s
     out = _output(layer, out, maps, group)
     layer._commit(k_new, v_new, leaving_written=chunk)
     return out.to(query.dtype).transpose(1, 2).contiguous()
+
+
+def _zero_padding(layer, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The new tokens of a left-padded batch with its rows' padding slots zeroed: no row reads them,
+    and a row's transform, fitted on its own tokens, may take padding beyond the scales' range."""
+    pad = layer.length + torch.arange(k_new.shape[2], device=layer.device) < layer.starts[:, None]  # (b, T)
+    pad = pad[:, None, :, None]
+    return k_new.masked_fill(pad, 0), v_new.masked_fill(pad, 0)
 
 
 def _storage_logits(layer, logits: Logits, query: torch.Tensor, group: int, scaling: float) -> Logits:
@@ -222,10 +233,16 @@ def _attend_cache(layer, query, q, w, k_new, k_attend, v_new, attention_mask, sc
         positions, valid = layer.step_memo.get("positions", key, lambda: slot_positions(layer, p0, n_body, T))
     if n is not None and T == 1 and attention_mask is None and all_slots_valid(layer, n) and logits is None:
         allowed = None  # one query that sees every stored slot: nothing to mask
+    elif layer.starts is not None:
+        allowed = padded_allowed_slots(layer, p0, positions, valid, T, attention_mask)
     else:
         allowed = allowed_slots(layer, p0, positions, valid, T, attention_mask)
     # RoPE-aware centre: the score offset q . R(p) mu, added inside attend
     key_bias = _key_bias(layer, query, positions, n, scaling, w) if layer.transform.inv_freq is not None else None
+    if key_bias is not None and layer.starts is not None and logits is None:
+        # per-row sink positions: the dense offsets as an additive mask (the (w, table, positions)
+        # form of the native decode op has one position per slot for all rows)
+        allowed, key_bias = key_bias.dense().masked_fill(~allowed, -math.inf), None
     k_fp = torch.cat([layer.k_sink[:, :, : layer.n_sinks], layer.k_ring[:, :, : layer.n_ring], k_new], dim=2)
     v_fp = torch.cat([layer.v_sink[:, :, : layer.n_sinks], layer.v_ring[:, :, : layer.n_ring], v_new], dim=2)
     return attend(
@@ -259,8 +276,9 @@ def opaque_step(layer) -> bool:
 def all_slots_valid(layer, n: int) -> bool:
     """Whether every slot ``[body | sinks | ring]`` read at ``n`` tokens holds a token to attend to:
     true once sinks and ring are full, unless the ring keeps a crop margin (older, masked tokens);
-    never in a sliding layer (its sinks and its ring of codes hold tokens that left the window)."""
-    if layer.is_sliding:
+    never in a sliding layer (its sinks and its ring of codes hold tokens that left the window), nor
+    for a left-padded batch."""
+    if layer.is_sliding or layer.starts is not None:  # (padded rows mask their own slots)
         return False
     return layer.n_ring == layer.window - 1 and n >= layer.n_sinks + layer.n_ring
 
@@ -312,6 +330,40 @@ def allowed_slots(layer, p0: torch.Tensor, positions: torch.Tensor, valid: torch
     return allowed | ~allowed.any(dim=-1, keepdim=True)
 
 
+def padded_allowed_slots(layer, p0: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, T: int,
+                         attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """:func:`allowed_slots` of a left-padded batch (``layer.starts``), ``(b, 1, T, slots + T)``.
+
+    Row ``r`` counts positions from its start ``s = starts[r]``: its sink slot ``i`` holds position
+    ``s + i``, exact are the positions below ``s + S`` and the window's, and a body or ring slot
+    counts only from ``s + S`` on (earlier ones hold the row's padding, or copies of its sinks).
+    Slots before ``s`` (padding) are never read, mask or not.
+    """
+    S, R, W, b, dev = layer.n_sinks, layer.n_ring, layer.window, layer.batch_size, layer.device
+    n_body = positions.shape[0] - S - R - T
+    lo = layer.starts[:, None]
+    sinks = lo + torch.arange(S, device=dev)  # (b, S)
+    ring = positions[n_body + S : n_body + S + R]
+    pos = torch.cat([positions[:n_body].expand(b, -1), sinks, positions[n_body + S :].expand(b, -1)], dim=1)
+    ok = torch.cat([valid[:n_body].expand(b, -1), sinks < p0, valid[n_body + S : n_body + S + R] & (ring >= lo + S),
+                    valid[n_body + S + R :].expand(b, -1)], dim=1)
+    pos, ok, lo = pos[:, None, :], ok[:, None, :], lo[:, :, None]  # (b, 1, slots), (b, 1, 1)
+    q_pos = (p0 + torch.arange(T, device=dev))[None, :, None]
+    is_body = torch.arange(pos.shape[-1], device=dev) < n_body
+    exact = (pos < lo + S) | (pos > q_pos - W)
+    allowed = torch.where(is_body, (pos <= q_pos - W) & (pos >= lo + S), exact & ok) & (pos >= lo)
+    if layer.sliding_window is not None:
+        allowed = allowed & (pos > q_pos - layer.sliding_window)
+    if attention_mask is None:
+        allowed = allowed & (pos <= q_pos)
+    else:
+        mask = bool_mask(attention_mask)[:, 0, -T:, :]
+        cols = pos.clamp(0, mask.shape[-1] - 1).expand(b, T, -1)
+        allowed = mask.expand(b, -1, -1).gather(-1, cols) & allowed
+    allowed = allowed[:, None]
+    return allowed | ~allowed.any(dim=-1, keepdim=True)
+
+
 def _key_bias(layer, query: torch.Tensor, positions: torch.Tensor, n: int | None, scaling: float,
               w: torch.Tensor | None = None) -> KeyBias:
     """``scaling * q . R(p) mu`` of every query row for the slots at ``positions`` (``(b, hq, T, slots)``).
@@ -332,9 +384,16 @@ def _key_bias(layer, query: torch.Tensor, positions: torch.Tensor, n: int | None
     def dense() -> torch.Tensor:
         bias = w @ table.T
         if layer.is_sliding:  # a ring of codes: body positions are not one run
-            return bias.index_select(-1, clamped)
-        tail = clamped[n_body + S :]  # ring and new tokens
-        return torch.cat([bias[..., S : S + n_body], bias[..., :S], bias.index_select(-1, tail)], dim=-1)
+            out = bias.index_select(-1, clamped)
+        else:
+            tail = clamped[n_body + S :]  # ring and new tokens
+            out = torch.cat([bias[..., S : S + n_body], bias[..., :S], bias.index_select(-1, tail)], dim=-1)
+        if layer.starts is None or not S:
+            return out
+        # a left-padded row's sink slot i holds its position starts + i
+        sinks = (layer.starts[:, None] + torch.arange(S, device=layer.device)).clamp(max=table.shape[0] - 1)
+        sinks = bias.gather(-1, sinks[:, None, None, :].expand(b, hq, T, S))
+        return torch.cat([out[..., :n_body], sinks, out[..., n_body + S :]], dim=-1)
 
     return KeyBias((w, table, clamped), dense)
 
