@@ -269,3 +269,21 @@ def test_crop_and_batch_ops_follow_the_rows():
     assert layer.starts.tolist() == [0, 5]
     layer.reset()
     assert layer.starts is None
+
+
+@pytest.mark.parametrize("name", ["cohere", "stablelm"])
+def test_rope_layouts_rows_as_alone(name):
+    # interleaved (Cohere) and partial (StableLM) RoPE: the row's centre, folded back by its start,
+    # is taken in the layout's channel order
+    from test_rope_layouts import ROPE, tiny_model
+
+    model = tiny_model(name)
+    model.generation_config.eos_token_id = None
+    rows = prompts()
+    nq = enable(model, scheme=ROPE.replace(stats_tokens=4))
+    ids, mask = left_padded(rows)
+    seq, logits = generate(model, ids, nq.new_cache(), mask)
+    for i, row in enumerate(rows):
+        alone_seq, alone_logits = generate(model, row[None], nq.new_cache())
+        assert torch.equal(seq[i], alone_seq[0]), i
+        torch.testing.assert_close(logits[i], alone_logits[0], rtol=0, atol=2e-4)
