@@ -330,8 +330,8 @@ def dequantize_rows(codes: Tensor, absmax: Tensor, codebook: Tensor, bits: int, 
 # -- decode attention ------------------------------------------------------------------------------
 
 
-def attention_decode_supported(q: Tensor, k: Packed | tuple, v: Packed | tuple, k_tail: Optional[Tensor], v_tail: Optional[Tensor],
-                               attn_mask: Optional[Tensor]) -> bool:
+def attention_decode_supported(q: Tensor, k: Packed | tuple, v: Packed | tuple, k_tail: Optional[Tensor],
+                               v_tail: Optional[Tensor], attn_mask: Optional[Tensor]) -> bool:
     """CPU tensors, blocks along head_dim for K and V with whole bytes per block."""
     k, v = Packed.of(k), Packed.of(v)
     for p in (k, v):
@@ -356,8 +356,8 @@ def _packed(p: Packed, keep: list) -> _PackedArg:
     )
 
 
-def attention_decode(q: Tensor, k: Packed | tuple, v: Packed | tuple, k_tail: Optional[Tensor], v_tail: Optional[Tensor],
-                     attn_mask: Optional[Tensor], scale: float, is_causal: bool,
+def attention_decode(q: Tensor, k: Packed | tuple, v: Packed | tuple, k_tail: Optional[Tensor],
+                     v_tail: Optional[Tensor], attn_mask: Optional[Tensor], scale: float, is_causal: bool,
                      key_bias: Optional[tuple[Tensor, Tensor, Tensor]] = None) -> Tensor:
     """Same contract as :func:`nqkv_core.ops.cpu.attention_decode`, in one native call.
 

@@ -28,8 +28,11 @@ def codebook_size_bits(codebook: torch.Tensor) -> int:
     """Bits per code of ``codebook`` from its size alone (``2**bits`` levels; the levels are not read).
 
     Raises:
+        TypeError: not a tensor.
         ValueError: not a 1-D tensor of 4, 8, 16 or 256 levels.
     """
+    if not isinstance(codebook, torch.Tensor):
+        raise TypeError(f"a codebook must be a tensor, got {type(codebook).__name__}")
     n = codebook.numel()
     bits = n.bit_length() - 1
     if codebook.dim() != 1 or n != 1 << bits or bits not in SUPPORTED_BITS:
@@ -65,7 +68,7 @@ class Packed(_Fields):
     to ``-1``.
 
     Raises:
-        TypeError: ``codes`` not a tensor, ``block`` or ``axis`` not an int.
+        TypeError: ``codes`` or ``codebook`` not a tensor, ``block`` or ``axis`` not an int.
         ValueError: a 0-d ``codes``, ``block < 1``, ``axis`` out of range, or a codebook whose size
             is not ``2**bits`` for supported ``bits``.
     """
@@ -74,14 +77,17 @@ class Packed(_Fields):
 
     def __new__(cls, codes: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor, block: int,
                 axis: int = TOKEN_AXIS) -> "Packed":
-        if not isinstance(codes, torch.Tensor) or codes.dim() == 0:
-            raise (ValueError if isinstance(codes, torch.Tensor) else TypeError)(
-                f"packed codes must be a tensor with at least one axis, got {_describe(codes)}"
-            )
-        ndim = codes.dim()
-        check_args(block=block, axis=axis, ndim=ndim)
-        codebook_size_bits(codebook)
+        # (built per layer and step by the cache: the usual case is a few comparisons)
+        ndim = codes.dim() if isinstance(codes, torch.Tensor) else 0
+        if not (ndim and type(block) is int and type(axis) is int and block >= 1 and -ndim <= axis < ndim):
+            block, axis = _checked_layout(codes, block, axis)
+        if not isinstance(codebook, torch.Tensor) or codebook.numel() not in _LEVELS or codebook.dim() != 1:
+            codebook_size_bits(codebook)
         return super().__new__(cls, codes, absmax, codebook, block, axis - ndim if axis >= 0 else axis)
+
+    @classmethod
+    def _make(cls, iterable) -> "Packed":  # (what _replace builds with): checked as construction is
+        return cls(*iterable)
 
     @classmethod
     def of(cls, value: "Packed | tuple") -> "Packed":
@@ -111,8 +117,18 @@ class Packed(_Fields):
 
     def replace(self, codes: torch.Tensor, absmax: torch.Tensor) -> "Packed":
         """The same layout over other codes and scales (a slice of these, say)."""
-        return Packed(codes, absmax, self.codebook, self.block, self.axis)
+        return self._replace(codes=codes, absmax=absmax)
 
 
-def _describe(x: object) -> str:
-    return "a 0-d tensor" if isinstance(x, torch.Tensor) else type(x).__name__
+_LEVELS = frozenset(1 << b for b in SUPPORTED_BITS)
+
+
+def _checked_layout(codes: object, block: object, axis: object) -> tuple[int, int]:
+    """``(block, axis)`` as ints (e.g. from numpy ints) if they are valid; else the error."""
+    if not isinstance(codes, torch.Tensor) or codes.dim() == 0:
+        kind = "a 0-d tensor" if isinstance(codes, torch.Tensor) else type(codes).__name__
+        raise (ValueError if isinstance(codes, torch.Tensor) else TypeError)(
+            f"packed codes must be a tensor with at least one axis, got {kind}"
+        )
+    check_args(block=block, axis=axis, ndim=codes.dim())
+    return int(block), int(axis)

@@ -39,8 +39,14 @@ def test_construction_checks():
         Packed(p.codes, p.absmax, p.codebook[:5], 16)
     with pytest.raises(TypeError, match="tensor"):
         Packed(p.codes.tolist(), p.absmax, p.codebook, 16)
+    with pytest.raises(TypeError, match="codebook"):
+        Packed(p.codes, p.absmax, p.codebook.tolist(), 16)
+    assert Packed(p.codes, p.absmax, p.codebook, torch.tensor(16).numpy()[()], 2).block == 16
     with pytest.raises(AttributeError):
         p.block = 32  # frozen
+    assert p._replace(axis=2).axis == -2  # _replace constructs, so it checks and normalises
+    with pytest.raises(ValueError, match="block"):
+        p._replace(block=0)
 
 
 @pytest.mark.parametrize("axis", [-1, -2])
