@@ -33,7 +33,7 @@ def codebook_size_bits(codebook: torch.Tensor) -> int:
     """
     if not isinstance(codebook, torch.Tensor):
         raise TypeError(f"a codebook must be a tensor, got {type(codebook).__name__}")
-    n = codebook.numel()
+    n = int(codebook.numel())
     bits = n.bit_length() - 1
     if codebook.dim() != 1 or n != 1 << bits or bits not in SUPPORTED_BITS:
         raise ValueError(
@@ -81,7 +81,7 @@ class Packed(_Fields):
         ndim = codes.dim() if isinstance(codes, torch.Tensor) else 0
         if not (ndim and type(block) is int and type(axis) is int and block >= 1 and -ndim <= axis < ndim):
             block, axis = _checked_layout(codes, block, axis)
-        if not isinstance(codebook, torch.Tensor) or codebook.numel() not in _LEVELS or codebook.dim() != 1:
+        if not isinstance(codebook, torch.Tensor) or int(codebook.numel()) not in _LEVELS or codebook.dim() != 1:
             codebook_size_bits(codebook)
         return super().__new__(cls, codes, absmax, codebook, block, axis - ndim if axis >= 0 else axis)
 
@@ -97,7 +97,7 @@ class Packed(_Fields):
     @property
     def bits(self) -> int:
         """Bits per code, from the codebook's size."""
-        return self.codebook.numel().bit_length() - 1
+        return int(self.codebook.numel()).bit_length() - 1  # (int: a traced size is a SymInt)
 
     @property
     def shape(self) -> torch.Size:
