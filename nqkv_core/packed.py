@@ -22,6 +22,7 @@ from nqkv_core.codebook import SUPPORTED_BITS, check_args
 
 TOKEN_AXIS = -1  # blocks along head_dim, one token's row at a time
 CHANNEL_AXIS = -2  # blocks of tokens, one channel at a time
+SCHEME_AXES = {"token": TOKEN_AXIS, "channel": CHANNEL_AXIS}  # what KVScheme's k_axis / v_axis names mean
 
 
 def codebook_size_bits(codebook: torch.Tensor) -> int:
