@@ -1,8 +1,10 @@
 """nqkv: key-value cache quantization with per-block normal-quantile codebooks."""
 
 from nqkv_core.codebook import get_codebook, lloyd_max_codebook, nf_codebook, unbiased_gain
+from nqkv_core.packed import Packed
 from nqkv_core.packing import pack, unpack
-from nqkv_core.quantize import bits_per_element, dequantize_blockwise, quantize_blockwise
+from nqkv_core.quantize import (bits_per_element, dequantize_blockwise, dequantize_packed, quantize_blockwise,
+                                quantize_packed)
 from nqkv_core.tensor import NQTensor
 
 # Registers torch.ops.nqkv.* and routes F.scaled_dot_product_attention on NQTensor keys/values.
@@ -12,16 +14,19 @@ __all__ = [
     "KVScheme",
     "NQKVCache",
     "NQTensor",
+    "Packed",
     "disable",
     "enable",
     "nqkv_preset",
     "bits_per_element",
     "dequantize_blockwise",
+    "dequantize_packed",
     "get_codebook",
     "lloyd_max_codebook",
     "nf_codebook",
     "pack",
     "quantize_blockwise",
+    "quantize_packed",
     "unbiased_gain",
     "unpack",
 ]

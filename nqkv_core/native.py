@@ -39,6 +39,8 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor
 
+from nqkv_core.packed import Packed
+
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
 # NQKV_MARCH picks the target CPU (default: this one); e.g. NQKV_MARCH=x86-64 builds the portable
 # scalar version and NQKV_MARCH=haswell the AVX2 one, as the tests do to check them.
@@ -328,36 +330,39 @@ def dequantize_rows(codes: Tensor, absmax: Tensor, codebook: Tensor, bits: int, 
 # -- decode attention ------------------------------------------------------------------------------
 
 
-def attention_decode_supported(q: Tensor, k: tuple, v: tuple, k_tail: Optional[Tensor], v_tail: Optional[Tensor],
-                               attn_mask: Optional[Tensor]) -> bool:
+def attention_decode_supported(q: Tensor, k: Packed | tuple, v: Packed | tuple, k_tail: Optional[Tensor],
+                               v_tail: Optional[Tensor], attn_mask: Optional[Tensor]) -> bool:
     """CPU tensors, blocks along head_dim for K and V with whole bytes per block."""
-    for codes, absmax, codebook, block, axis in (k, v):
-        bits = codebook.numel().bit_length() - 1
-        if axis != 3 or not _whole_bytes(bits, block) or absmax.dtype not in (torch.float16, torch.float32):
+    k, v = Packed.of(k), Packed.of(v)
+    for p in (k, v):
+        if not p.per_token or not _whole_bytes(p.bits, p.block) or p.absmax.dtype not in (torch.float16, torch.float32):
             return False
-    return _usable(q, k[0], k[1], k[2], v[0], v[1], v[2], k_tail, v_tail, attn_mask) and available()
+    return _usable(q, k.codes, k.absmax, k.codebook, v.codes, v.absmax, v.codebook, k_tail, v_tail, attn_mask) \
+        and available()
 
 
-def _packed(codes: Tensor, absmax: Tensor, codebook: Tensor, block: int, keep: list) -> _PackedArg:
+def _packed(p: Packed, keep: list) -> _PackedArg:
+    codes, absmax = p.codes, p.absmax
     if codes.stride(-1) != 1:
         codes = codes.contiguous()
     if absmax.stride(-1) != 1:
         absmax = absmax.contiguous()
-    cb = codebook.float().contiguous()
+    cb = p.codebook.float().contiguous()
     keep += [codes, absmax, cb]  # alive until the call returns
     cs, as_ = codes.stride(), absmax.stride()
     return _PackedArg(
         codes.data_ptr(), cs[0], cs[1], cs[2], absmax.data_ptr(), as_[0], as_[1], as_[2],
-        int(absmax.dtype == torch.float16), cb.data_ptr(), codebook.numel().bit_length() - 1, block,
+        int(absmax.dtype == torch.float16), cb.data_ptr(), p.bits, p.block,
     )
 
 
-def attention_decode(q: Tensor, k: tuple, v: tuple, k_tail: Optional[Tensor], v_tail: Optional[Tensor],
-                     attn_mask: Optional[Tensor], scale: float, is_causal: bool,
+def attention_decode(q: Tensor, k: Packed | tuple, v: Packed | tuple, k_tail: Optional[Tensor],
+                     v_tail: Optional[Tensor], attn_mask: Optional[Tensor], scale: float, is_causal: bool,
                      key_bias: Optional[tuple[Tensor, Tensor, Tensor]] = None) -> Tensor:
     """Same contract as :func:`nqkv_core.ops.cpu.attention_decode`, in one native call.
 
-    ``q`` (B, Hq, Tq, D); ``k``/``v`` ``(codes, absmax, codebook, block, axis)`` with ``axis == 3``;
+    ``q`` (B, Hq, Tq, D); ``k``/``v`` :class:`~nqkv_core.packed.Packed` (or its plain tuple) with
+    blocks along head_dim;
     tails (B, Hkv, T_tail, D) or None; ``attn_mask`` boolean or additive, broadcastable to
     (B, Hq, Tq, Tk). Returns (B, Hq, Tq, Dv) in ``q.dtype``.
 
@@ -376,10 +381,11 @@ def attention_decode(q: Tensor, k: tuple, v: tuple, k_tail: Optional[Tensor], v_
     Raises:
         ValueError: ``key_bias`` shapes that do not match, or a position outside ``[0, P)``.
     """
+    k, v = Packed.of(k), Packed.of(v)
     b, hq, tq, d = q.shape
-    hkv, th = k[0].shape[1], k[0].shape[2]
+    hkv, th = k.codes.shape[1], k.codes.shape[2]
     g = hq // hkv
-    dv = v[0].shape[3] * 8 // (v[2].numel().bit_length() - 1)
+    dv = v.shape[-1]
     tt = 0 if k_tail is None else k_tail.shape[2]
     tk = th + tt
     keep: list = []
@@ -407,7 +413,7 @@ def attention_decode(q: Tensor, k: tuple, v: tuple, k_tail: Optional[Tensor], v_
         pos = pos.to(torch.int64).contiguous()
     out = torch.empty(b, hkv, g * tq, dv, dtype=torch.float32)
     status = _library().nqkv_attention_decode(
-        qf.data_ptr(), _packed(*k[:4], keep), _packed(*v[:4], keep), th, _ptr(kt), _ptr(vt), tt,
+        qf.data_ptr(), _packed(k, keep), _packed(v, keep), th, _ptr(kt), _ptr(vt), tt,
         _ptr(mask), ms[0], ms[1], ms[2], int(hides), _ptr(w), _ptr(table), _ptr(pos),
         0 if table is None else table.shape[0],
         int(is_causal and tq > 1), b, hkv, g, tq, d, dv, out.data_ptr(), torch.get_num_threads(),
@@ -441,8 +447,8 @@ class DecodeStep:
     ``query_heads`` Hq; ``rot_k`` (D, D) rotates keys and queries, ``rot_v`` values (None: no
     rotation); the transform vectors (B, Hkv, 1, D) or None (with ``mu_k_half`` set, a RoPE-aware
     centre: the kernel derives each query's bias weights from it and ``mu_k``); sink and ring
-    buffers (B, Hkv, slots, D), updated in place; ``k_body``/``v_body`` ``(codes, absmax, codebook,
-    block)``; ``thresholds`` the K and V coding midpoints; ``rope = (table, tiles)``, the RoPE
+    buffers (B, Hkv, slots, D), updated in place; ``k_body``/``v_body`` the packed bodies
+    (:class:`~nqkv_core.packed.Packed`, blocks along head_dim); ``thresholds`` the K and V coding midpoints; ``rope = (table, tiles)``, the RoPE
     ``[cos | sin]`` table (P, D) and the same in tiles of sixteen positions (P / 16, D, 16), for a
     RoPE-aware centre; ``fit = (ratios, sides)``: the clipping ratios of fitted scales and the sides
     that fit them (bit 0 keys, bit 1 values; such a side's body codebook is also its coding one);
@@ -453,7 +459,7 @@ class DecodeStep:
     def __init__(
         self, query_heads: int, rot_k: Optional[Tensor], rot_v: Optional[Tensor], mu_k: Optional[Tensor],
         mu_k_half: Optional[Tensor], mu_v: Optional[Tensor], sinks: tuple[Tensor, Tensor], ring: tuple[Tensor, Tensor],
-        k_body: tuple, v_body: tuple, thresholds: tuple[Tensor, Tensor], max_scale: float,
+        k_body: Packed, v_body: Packed, thresholds: tuple[Tensor, Tensor], max_scale: float,
         rope: Optional[tuple[Tensor, Tensor]], fit: Optional[tuple[Tensor, int]] = None,
         k_feedback: Optional[tuple[Tensor, Tensor]] = None,
     ):
@@ -464,11 +470,13 @@ class DecodeStep:
         # what the call reads, held so that the pointers below stay valid
         self._args = (rot_k, rot_v, mu_k, mu_k_half, mu_v, sinks, ring, k_body, v_body, thresholds, max_scale,
                       rope, fit_ratios, k_levels, k_fb)
-        formats = ((k_body[2].numel().bit_length() - 1, k_body[3]), (v_body[2].numel().bit_length() - 1, v_body[3]))
+        k_body, v_body = Packed.of(k_body), Packed.of(v_body)
+        formats = ((k_body.bits, k_body.block), (v_body.bits, v_body.block))
         d = sinks[0].shape[-1]
         self.supported = decode_step_supported(
             rot_k, rot_v, mu_k, mu_k_half, mu_v, *sinks, *ring, *thresholds, table, tiles, formats=formats,
         ) and all(r is None or r.numel() == d * d for r in (rot_k, rot_v))  # one (D, D) matrix each
+        self.supported = self.supported and k_body.per_token and v_body.per_token
         if not self.supported:
             return
         self._keep: list = []
@@ -478,7 +486,7 @@ class DecodeStep:
                       sinks[1].data_ptr())
         self._sink_slots, self._ring_slots = sinks[0].shape[2], ring[0].shape[2]
         self._ring = (ring[0].data_ptr(), ring[1].data_ptr())
-        self._bodies = (_packed(*k_body, self._keep), _packed(*v_body, self._keep))
+        self._bodies = (_packed(k_body, self._keep), _packed(v_body, self._keep))
         self._tail = (thresholds[0].data_ptr(), thresholds[1].data_ptr(), max_scale)
         self._rope = (_ptr(table), _ptr(tiles), self.rope_rows)
         self._fit = (_ptr(fit_ratios), 0 if fit_ratios is None else fit_ratios.numel(), fit_sides, _ptr(k_levels),

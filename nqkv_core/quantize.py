@@ -28,6 +28,7 @@ import torch
 
 from nqkv_core import native
 from nqkv_core.codebook import check_args, check_codebook, max_abs_level
+from nqkv_core.packed import Packed
 from nqkv_core.packing import codes_per_row_multiple, pack, unpack
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -322,6 +323,26 @@ def quantize_blockwise(
         codes = torch.bucketize(y, thresholds)
     codes = codes.to(torch.uint8).flatten(-2).movedim(-1, axis)
     return pack(codes, bits), absmax.to(scale_dtype).movedim(-1, axis)
+
+
+def quantize_packed(
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    block: int = 64,
+    axis: int = -1,
+    scale_dtype: torch.dtype = torch.float16,
+    fit_scale: bool = False,
+    feedback: torch.Tensor | None = None,
+) -> Packed:
+    """:func:`quantize_blockwise` with its result as one :class:`~nqkv_core.packed.Packed`
+    (``codebook``, ``block`` and ``axis`` with the codes and scales). Same arguments and errors."""
+    codes, absmax = quantize_blockwise(x, codebook, block, axis, scale_dtype, fit_scale, feedback)
+    return Packed(codes, absmax, codebook, block, axis)
+
+
+def dequantize_packed(packed: Packed, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """:func:`dequantize_blockwise` of one :class:`~nqkv_core.packed.Packed`. Same errors."""
+    return dequantize_blockwise(packed.codes, packed.absmax, packed.codebook, packed.block, packed.axis, dtype)
 
 
 def _byte_table(codebook: torch.Tensor, bits: int) -> torch.Tensor:

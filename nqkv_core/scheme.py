@@ -19,6 +19,7 @@ import torch
 
 from nqkv_core import rope
 from nqkv_core.codebook import get_codebook, signed_codebook
+from nqkv_core.packed import SCHEME_AXES
 from nqkv_core.quantize import dequantize_blockwise, quantize_blockwise
 from nqkv_core.rope import rotate_half  # noqa: F401  (re-exported: the cache imports it from here)
 from nqkv_core.transform import (  # noqa: F401  (re-exported: the transform was part of this module)
@@ -273,7 +274,9 @@ def quantize_roundtrip(
     """
     if bits >= FP_BITS:
         return x.float()
-    dim = -1 if axis == "token" else -2
+    if axis not in SCHEME_AXES:
+        raise ValueError(f"axis must be one of {tuple(SCHEME_AXES)}, got {axis!r}")
+    dim = SCHEME_AXES[axis]
     n = x.shape[dim]
     if axis == "token" and n % block:
         # only token groups may be partial (they fill as tokens arrive); a head_dim block must fit

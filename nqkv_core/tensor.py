@@ -17,8 +17,9 @@ import torch
 from torch.utils._python_dispatch import return_and_correct_aliasing
 
 from nqkv_core.codebook import CodebookKind, check_args, check_codebook, get_codebook
+from nqkv_core.packed import Packed
 from nqkv_core.packing import codes_per_row_multiple
-from nqkv_core.quantize import FLOAT_DTYPES, SCALE_DTYPES, codebook_bits, dequantize_blockwise, quantize_blockwise
+from nqkv_core.quantize import FLOAT_DTYPES, SCALE_DTYPES, dequantize_blockwise, quantize_blockwise
 
 aten = torch.ops.aten
 _ATEN_OPS: dict[Any, Callable] = {}
@@ -61,7 +62,8 @@ class NQTensor(torch.Tensor):
 
     Attributes: ``block`` (int), ``axis`` (int, non-negative), and the logical ``shape`` and
     ``dtype`` (what :meth:`dequantize` returns by default). An element decodes to
-    ``codebook[code] * absmax[block]``.
+    ``codebook[code] * absmax[block]``. :attr:`packed` gives the five layout fields as one
+    :class:`~nqkv_core.packed.Packed` (axis counted from the end), :meth:`from_packed` the reverse.
     """
 
     tensor_data_names = ["codes", "absmax", "codebook"]
@@ -140,6 +142,23 @@ class NQTensor(torch.Tensor):
         codes, absmax = quantize_blockwise(x, codebook, block, axis, scale_dtype, fit_scale=fit_scale)
         return cls(codes, absmax, codebook if decode is None else decode, block, axis % x.dim(), x.shape, x.dtype)
 
+    @classmethod
+    def from_packed(cls, packed: Packed, dtype: torch.dtype = torch.float32) -> "NQTensor":
+        """An NQTensor over ``packed``'s tensors (shared, not copied), of logical ``dtype``.
+
+        Raises:
+            TypeError, ValueError: pieces that do not fit together (:func:`check_pieces`).
+        """
+        packed = Packed.of(packed)
+        shape, axis = packed.shape, packed.axis + packed.codes.dim()
+        check_pieces(packed.codes, packed.absmax, packed.codebook, packed.block, axis, shape, dtype)
+        return cls(packed.codes, packed.absmax, packed.codebook, packed.block, axis, shape, dtype)
+
+    @property
+    def packed(self) -> Packed:
+        """The codes, scales, codebook, block and axis as one :class:`~nqkv_core.packed.Packed`."""
+        return Packed(self.codes, self.absmax, self.codebook, self.block, self.axis)
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The full-precision tensor these codes stand for, in ``dtype`` (default: ``self.dtype``).
 
@@ -157,7 +176,7 @@ class NQTensor(torch.Tensor):
 
     @property
     def bits(self) -> int:
-        return codebook_bits(self.codebook)
+        return self.packed.bits
 
     @property
     def nbytes(self) -> int:  # type: ignore[override]

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import nqkv_core.ops  # noqa: F401  (registers the op and the SDPA route)
 from nqkv_core import NQTensor, native
-from nqkv_core.ops import cpu
+from nqkv_core.ops import cpu, packed_attention
 
 
 def reference(q, kc, ka, kcb, kblock, kaxis, vc, va, vcb, vblock, vaxis, kt=None, vt=None, mask=None,
@@ -218,3 +218,41 @@ def test_compile_fullgraph_no_graph_break():
     out = compiled(q)
     ref = F.scaled_dot_product_attention(q, K.dequantize(), V.dequantize(), enable_gqa=True)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)  # the compiled route is fp32
+
+
+# -- packed_attention, the Python entry point -------------------------------------------------------
+
+
+@pytest.mark.parametrize("k_axis,v_axis,tq,dtype", [(3, 3, 1, torch.float32), (2, 3, 4, torch.bfloat16),
+                                                    (3, 2, 40, torch.float32)])
+def test_packed_attention_matches_the_op(k_axis, v_axis, tq, dtype):
+    q, K, V, kt, vt = make(tq=tq, k_axis=k_axis, v_axis=v_axis, tail=5, dtype=dtype)
+    out = packed_attention(q, K.packed, V.packed, kt, vt, None, 0.2, True)
+    assert_close(out, torch.ops.nqkv.attention(*op_args(q, K, V, kt, vt, None, 0.2, True)), tol=1e-5)
+    assert_close(out, reference(*op_args(q, K, V, kt, vt, None, 0.2, True)))
+
+
+@pytest.mark.parametrize("tq", [1, 40])  # the decode path (the bias in its reduction), the chunk loop (a mask)
+def test_packed_attention_key_bias_is_a_score_offset(tq):
+    q, K, V, kt, vt = make(tq=tq, tail=3)
+    gen = torch.Generator().manual_seed(1)
+    w, table = torch.randn(q.shape, generator=gen), torch.randn(128, 64, generator=gen)
+    pos = torch.randint(0, 128, (96 + 3,), generator=gen)
+    allowed = torch.rand(1, 1, tq, 99, generator=gen) > 0.2
+    dense = (w @ table.T)[..., pos].masked_fill(~allowed, -math.inf)
+    ref = reference(*op_args(q, K, V, kt, vt, dense, 0.1))
+    out = packed_attention(q, K.packed, V.packed, kt, vt, allowed, 0.1, key_bias=(w, table, pos))
+    assert_close(out, ref, tol=1e-4)
+    calls = []
+    given = packed_attention(q, K.packed, V.packed, kt, vt, allowed, 0.1, key_bias=(w, table, pos),
+                             dense_bias=lambda: calls.append(1) or (w @ table.T)[..., pos])
+    assert_close(given, ref, tol=1e-4)
+    assert calls == ([] if tq == 1 else [1])  # only a path that cannot take the bias asks for it dense
+
+
+def test_packed_attention_errors():
+    q, K, V, _, _ = make()
+    with pytest.raises(NotImplementedError, match="k_axis"):
+        packed_attention(q, K.packed._replace(axis=-3), V.packed)
+    with pytest.raises(ValueError, match="v_absmax"):
+        packed_attention(q, K.packed, V.packed.replace(V.codes, V.absmax[:, :, 1:]))

@@ -1,9 +1,9 @@
 """Attention of new queries over a layer's stored tokens: ``[quantized body | full-precision tokens]``.
 
-:func:`attend` is the one place that reads the quantized body; the fast paths go through the
-``torch.ops.nqkv`` attention ops, the reference path through SDPA over the dequantized body, and
-attention with soft-capped logits or learned sinks (which neither implements) through
-:func:`softmax_attention` over the dequantized body.
+:func:`attend` is the one place that reads the quantized body; the fast paths go through
+:func:`nqkv_core.ops.packed_attention` (the ``torch.ops.nqkv`` attention ops), the reference path
+through SDPA over the dequantized body, and attention with soft-capped logits or learned sinks
+(which neither implements) through :func:`softmax_attention` over the dequantized body.
 """
 
 from __future__ import annotations
@@ -14,11 +14,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-import nqkv_core.ops  # noqa: F401  (registers torch.ops.nqkv.attention)
 from nqkv_core._hf import bool_mask
 from nqkv_core.cache.format import KeyBias, SideFormat, read_body
-from nqkv_core.ops import cpu as cpu_ops
-from nqkv_core.ops.attention import attention_eager, skips_dispatcher
+from nqkv_core.ops import packed_attention
 
 
 def attend(
@@ -48,7 +46,7 @@ def attend(
             one key. None: every query attends to every key.
         scale: softmax scale.
         key_bias: a score offset added to every key's score (a RoPE-centred cache's), or None.
-        fused: read the packed codes with the ``torch.ops.nqkv`` attention ops; False: fp32 SDPA over
+        fused: read the packed codes with :func:`~nqkv_core.ops.packed_attention`; False: fp32 SDPA over
             the dequantized body (the reference, the arithmetic of fake quantization).
         logits: soft-capping and learned sink logits (:class:`Logits`), which the fused ops do not
             implement: with them attention is :func:`softmax_attention` over the dequantized body.
@@ -61,32 +59,19 @@ def attend(
         v = torch.cat([read_body(v_body, v_fmt, torch.float32), v_fp.float()], dim=2)
         bias = key_bias.dense() if key_bias is not None else None
         return softmax_attention(query, k, v, mask, scale, logits, bias)
+    if fused and k_fmt.quantized and v_fmt.quantized and k_body[0].shape[2]:
+        # The packed codes read in place (Triton on GPU; native or chunked torch decode on CPU, the
+        # key bias inside the decode kernel where it takes it), without the dispatcher when eager.
+        bias = () if key_bias is None else (key_bias.parts, key_bias.dense)
+        return packed_attention(query, k_fmt.packed(k_body), v_fmt.packed(v_body), k_fp.to(query.dtype),
+                                v_fp.to(query.dtype), mask, scale, False, *bias)
     if key_bias is not None:
-        k = (*k_body, k_fmt.codebook, k_fmt.block, 3)
-        v = (*v_body, v_fmt.codebook, v_fmt.block, 3)
-        if (
-            fused and k_fmt.quantized and v_fmt.quantized and k_body[0].shape[2]
-            and query.device.type == "cpu" and cpu_ops.decode_fits(query, k, v, k_fp)
-        ):  # the CPU decode path takes the offset as (w, table, positions): no (b, hq, T, slots) tensor
-            if torch.compiler.is_compiling():
-                return torch.ops.nqkv.attention_cpu_decode(query, *k, *v, k_fp, v_fp, mask, scale, False,
-                                                           *key_bias.parts)
-            if skips_dispatcher(query, k_fp, v_fp):
-                return cpu_ops.attention_decode(query, k, v, k_fp, v_fp, mask, scale, False, key_bias.parts)
         bias = key_bias.dense()
         mask = bias if mask is None else bias.masked_fill(~mask, -math.inf)
     if k_body[0].shape[2] == 0:
         # Nothing quantized yet (a prompt on an empty cache): torch's own fused SDPA over the exact
         # tokens; the op's chunked path would only add its bookkeeping.
         return sdpa(query, k_fp.to(query.dtype), v_fp.to(query.dtype), attn_mask=mask, scale=scale)
-    if fused and k_fmt.quantized and v_fmt.quantized:
-        # The fused op reads the packed codes in place (chunked decode on CPU, Triton on GPU); eager
-        # calls skip the dispatcher, which costs about as much as the attention of a short cache.
-        op = attention_eager if skips_dispatcher(query, k_fp, v_fp) else torch.ops.nqkv.attention
-        return op(
-            query, *k_body, k_fmt.codebook, k_fmt.block, 3, *v_body, v_fmt.codebook, v_fmt.block, 3,
-            k_fp.to(query.dtype), v_fp.to(query.dtype), mask, scale, False,
-        )
     # A 16-bit side (or the reference path): SDPA over the dequantized body and the exact tokens.
     k = torch.cat([read_body(k_body, k_fmt, query.dtype), k_fp.to(query.dtype)], dim=2)
     v = torch.cat([read_body(v_body, v_fmt, query.dtype), v_fp.to(query.dtype)], dim=2)

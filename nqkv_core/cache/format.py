@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from nqkv_core.codebook import get_codebook
-from nqkv_core.quantize import KERNEL_SCALE_DTYPES, dequantize_blockwise
+from nqkv_core.packed import Packed
+from nqkv_core.quantize import KERNEL_SCALE_DTYPES, dequantize_packed
 from nqkv_core.scheme import FP_BITS, KVScheme
 
 
@@ -41,12 +42,15 @@ class SideFormat:
     def quantized(self) -> bool:
         return self.bits < FP_BITS
 
+    def packed(self, data: tuple[torch.Tensor, torch.Tensor]) -> Packed:
+        """A quantized side's stored ``(codes, absmax)`` with this format's decoding codebook and block."""
+        return Packed(data[0], data[1], self.codebook, self.block)
+
 
 def read_body(data: tuple[torch.Tensor, ...], fmt: SideFormat, dtype: torch.dtype) -> torch.Tensor:
     if not fmt.quantized:
         return data[0].to(dtype)
-    codes, absmax = data
-    return dequantize_blockwise(codes, absmax, fmt.codebook, fmt.block, axis=-1, dtype=dtype)
+    return dequantize_packed(fmt.packed(data), dtype)
 
 
 @dataclass

@@ -474,7 +474,7 @@ def _native_decode_step(layer, maps: StepMaps) -> native.DecodeStep:
         layer._decode_step = native.DecodeStep(
             layer.num_heads * maps.group, t.rot_k, t.rot_v, maps.mu_k, maps.mu_k_half, maps.mu_v,
             (layer.k_sink, layer.v_sink), (layer.k_ring, layer.v_ring),
-            (*layer.k_body, kf.codebook, kf.block), (*layer.v_body, vf.codebook, vf.block),
+            kf.packed(layer.k_body), vf.packed(layer.v_body),
             (decision_thresholds(kf.encode_codebook), decision_thresholds(vf.encode_codebook)),
             torch.finfo(layer.scheme.scale_dtype).max, rope,
             (fit_ratios(layer.device), int(kf.fit_scale) | 2 * int(vf.fit_scale)),

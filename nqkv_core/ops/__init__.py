@@ -1,5 +1,6 @@
 """Fused attention over quantized keys/values.
 
+:func:`packed_attention` is the Python entry point (K and V as :class:`~nqkv_core.packed.Packed`).
 Importing this package registers ``torch.ops.nqkv.attention`` and routes
 ``F.scaled_dot_product_attention`` with ``NQTensor`` key/value to it. The Triton kernels
 (:mod:`~nqkv_core.ops.triton_decode`, :mod:`~nqkv_core.ops.triton_decode_grouped`,
@@ -11,7 +12,7 @@ takes effect.
 
 import torch
 
-from nqkv_core.ops.attention import attention
+from nqkv_core.ops.attention import attention, packed_attention
 
 if torch.cuda.is_available():
     try:
@@ -23,4 +24,4 @@ if torch.cuda.is_available():
     except (ImportError, AttributeError):  # a Triton without what it uses: the split-K kernel decodes
         pass
 
-__all__ = ["attention"]
+__all__ = ["attention", "packed_attention"]

@@ -1,8 +1,10 @@
 """``nqkv::attention``: attention of full-precision queries over a quantized KV cache.
 
 The op takes plain tensors -- codes, absmax and codebook of K and of V, with their block layout --
-so it can be traced, exported and checked with ``torch.library.opcheck``; ``NQTensor`` keys and
-values reach it through ``F.scaled_dot_product_attention`` (registered below).
+so it can be traced, exported and checked with ``torch.library.opcheck``. Python callers pass K and
+V as :class:`~nqkv_core.packed.Packed` to :func:`packed_attention`, which picks the kernel without
+the dispatcher where nothing traces the call and goes through the op otherwise; ``NQTensor`` keys
+and values reach it through ``F.scaled_dot_product_attention`` (registered below).
 
 Semantics of :func:`attention`:
 
@@ -28,14 +30,14 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nqkv_core.codebook import SUPPORTED_BITS
 from nqkv_core.ops import cpu
+from nqkv_core.packed import CHANNEL_AXIS, TOKEN_AXIS, Packed
 from nqkv_core.tensor import NQTensor, implements_torch_function
 
 Q_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -45,19 +47,9 @@ SCALE_DTYPES = (torch.float16, torch.float32)
 # -- checks -----------------------------------------------------------------------------------------
 
 
-def _bits(codebook: Tensor, name: str) -> int:
-    n = codebook.numel()
-    bits = n.bit_length() - 1
-    if codebook.dim() != 1 or n != 2**bits or bits not in SUPPORTED_BITS:
-        raise ValueError(
-            f"{name}_codebook must be 1-D with {[2**b for b in SUPPORTED_BITS]} levels, got shape"
-            f" {tuple(codebook.shape)}"
-        )
-    return bits
-
-
-def _check_packed(name, q, codes, absmax, codebook, block, axis, dim) -> int:
+def _check_packed(name: str, q: Tensor, p: Packed, dim: Optional[int]) -> int:
     """Check one packed K or V; returns its logical last-axis size."""
+    codes, absmax, codebook, block = p.codes, p.absmax, p.codebook, p.block
     if codes.dtype != torch.uint8:
         raise TypeError(f"{name}_codes must be uint8, got {codes.dtype}")
     if absmax.dtype not in SCALE_DTYPES:
@@ -69,11 +61,12 @@ def _check_packed(name, q, codes, absmax, codebook, block, axis, dim) -> int:
             raise ValueError(f"{name}_{what} is on {t.device} but q is on {q.device}")
     if codes.dim() != 4:
         raise ValueError(f"{name}_codes must be (B, H_kv, T, D*bits/8), got shape {tuple(codes.shape)}")
-    if axis not in (2, 3):
+    if p.axis not in (TOKEN_AXIS, CHANNEL_AXIS):
         raise NotImplementedError(
-            f"{name}_axis={axis}: only blocks along head_dim (3) or along tokens (2) are supported"
+            f"{name}_axis={p.axis + 4}: only blocks along head_dim (-1, or 3 counted from the front) or"
+            " along tokens (-2, or 2) are supported"
         )
-    bits = _bits(codebook, name)
+    bits = p.bits
     b, h, t, nbytes = codes.shape
     if (nbytes * 8) % bits:
         raise ValueError(f"{name}_codes last axis {nbytes} bytes does not hold whole {bits}-bit codes")
@@ -82,29 +75,29 @@ def _check_packed(name, q, codes, absmax, codebook, block, axis, dim) -> int:
         raise ValueError(f"{name}_codes hold head_dim {d} ({bits}-bit) but q has head_dim {dim}")
     if bits == 3 and d % 8:
         raise ValueError(f"3-bit codes need head_dim a multiple of 8, got {d}")
-    if block < 1 or (axis == 3 and d % block):
-        raise ValueError(f"{name}_block={block} must divide head_dim {d} for {name}_axis=3")
-    expected = (b, h, t, d // block) if axis == 3 else (b, h, -(-t // block), d)
+    if p.per_token and d % block:
+        raise ValueError(f"{name}_block={block} must divide head_dim {d} for blocks along head_dim")
+    expected = (b, h, t, d // block) if p.per_token else (b, h, -(-t // block), d)
     if tuple(absmax.shape) != expected:
         raise ValueError(
             f"{name}_absmax has shape {tuple(absmax.shape)}; {name}_codes {tuple(codes.shape)} with"
-            f" {bits}-bit codes in blocks of {block} along axis {axis} need {expected}"
+            f" {bits}-bit codes in blocks of {block} along axis {p.axis} need {expected}"
         )
     return d
 
 
-def _check(q, k_codes, k_absmax, k_codebook, k_block, k_axis, v_codes, v_absmax, v_codebook,
-           v_block, v_axis, k_tail, v_tail, attn_mask) -> None:
+def _check(q: Tensor, k: Packed, v: Packed, k_tail: Optional[Tensor], v_tail: Optional[Tensor],
+           attn_mask: Optional[Tensor]) -> None:
     if q.dtype not in Q_DTYPES:
         raise TypeError(f"q must be float32, float16 or bfloat16, got {q.dtype}")
     if q.dim() != 4:
         raise ValueError(f"q must be (B, H_q, T_q, D), got shape {tuple(q.shape)}")
-    d = _check_packed("k", q, k_codes, k_absmax, k_codebook, k_block, k_axis, q.shape[3])
-    dv = _check_packed("v", q, v_codes, v_absmax, v_codebook, v_block, v_axis, None)
+    d = _check_packed("k", q, k, q.shape[3])
+    dv = _check_packed("v", q, v, None)
     b, hq, tq, _ = q.shape
-    kb, hkv, th, _ = k_codes.shape
-    if tuple(v_codes.shape[:3]) != (kb, hkv, th):
-        raise ValueError(f"k_codes {tuple(k_codes.shape)} and v_codes {tuple(v_codes.shape)} disagree on (B, H_kv, T)")
+    kb, hkv, th, _ = k.codes.shape
+    if tuple(v.codes.shape[:3]) != (kb, hkv, th):
+        raise ValueError(f"k_codes {tuple(k.codes.shape)} and v_codes {tuple(v.codes.shape)} disagree on (B, H_kv, T)")
     if kb != b:
         raise ValueError(f"q has batch {b} but the cache has batch {kb}")
     if hq % hkv:
@@ -166,6 +159,33 @@ def _tracing(q: Tensor) -> bool:
     return torch.compiler.is_compiling() or type(q) is not Tensor or torch._subclasses.fake_tensor.is_fake(q)
 
 
+def _attend(q: Tensor, k: Packed, v: Packed, k_tail: Optional[Tensor], v_tail: Optional[Tensor],
+            attn_mask: Optional[Tensor], scale: float, is_causal: bool) -> Tensor:
+    """The kernel for the device and shape, on checked arguments: Triton (grouped decode, split-K
+    decode or prefill), the CPU decode path (one native call where built) or the CPU chunk loop."""
+    kernels = _triton_kernels() if _use_triton(q) else None
+    if kernels is not None:
+        triton_decode, triton_prefill, grouped = kernels
+        ka, va = k.op_args(), v.op_args()
+        if triton_decode.supports(q, ka, va):
+            if grouped is not None and grouped.supports(q, ka, va):  # the presets' 4-bit layout
+                return grouped.grouped_decode(q, *ka, *va, k_tail, v_tail, attn_mask, scale, is_causal)
+            if q.shape[2] * (q.shape[1] // k.codes.shape[1]) <= triton_decode.MAX_ROWS:
+                return triton_decode.flash_decode(q, *ka, *va, k_tail, v_tail, attn_mask, scale, is_causal)
+            return triton_prefill.flash_prefill(q, *ka, *va, k_tail, v_tail, attn_mask, scale, is_causal)
+    if cpu.decode_fits(q, k, v, k_tail):
+        if _tracing(q):  # an opaque call: see attention_cpu_decode
+            return torch.ops.nqkv.attention_cpu_decode(q, *k.op_args(), *v.op_args(), k_tail, v_tail, attn_mask,
+                                                       scale, is_causal)
+        return cpu.attention_decode(q, k, v, k_tail, v_tail, attn_mask, scale, is_causal)
+    plain = torch.compiler.is_compiling()
+    return cpu.attention_chunked(q, k, v, k_tail, v_tail, attn_mask, scale, is_causal, plain=plain)
+
+
+def _default_scale(q: Tensor, scale: Optional[float]) -> float:
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+
+
 def attention_eager(
     q: Tensor,
     k_codes: Tensor,
@@ -184,15 +204,15 @@ def attention_eager(
     scale: Optional[float] = None,
     is_causal: bool = False,
 ) -> Tensor:
-    """Attention of ``q`` over quantized history K/V plus an optional full-precision tail.
+    """The body of ``nqkv::attention``: :func:`packed_attention` with K and V as plain arguments.
 
     Args:
         q: (B, Hq, Tq, D) float32/float16/bfloat16.
         k_codes, v_codes: uint8 (B, Hkv, T_hist, D*bits/8), codes packed along head_dim.
-        k_absmax, v_absmax: fp16/fp32 scales, (B, Hkv, T_hist, D/block) for ``axis == 3`` (blocks
-            along head_dim) or (B, Hkv, ceil(T_hist/block), D) for ``axis == 2`` (blocks of tokens).
+        k_absmax, v_absmax: fp16/fp32 scales, (B, Hkv, T_hist, D/block) for blocks along head_dim
+            (axis 3, or -1) or (B, Hkv, ceil(T_hist/block), D) for blocks of tokens (axis 2, or -2).
         k_codebook, v_codebook: float32 (2**bits,) levels; bits 2, 3, 4 or 8.
-        k_block, v_block, k_axis, v_axis: the block layout of each.
+        k_block, v_block, k_axis, v_axis: the block layout of each (:class:`~nqkv_core.packed.Packed`).
         k_tail, v_tail: optional (B, Hkv, T_tail, D / Dv) floating tensors after the history.
         attn_mask: optional bool or additive mask broadcastable to (B, Hq, Tq, T_hist + T_tail).
         scale: softmax scale, default ``1/sqrt(D)``.
@@ -205,28 +225,58 @@ def attention_eager(
         TypeError / ValueError: wrong dtypes, devices or shapes.
         NotImplementedError: an unsupported ``k_axis``/``v_axis``.
     """
-    _check(q, k_codes, k_absmax, k_codebook, k_block, k_axis, v_codes, v_absmax, v_codebook,
-           v_block, v_axis, k_tail, v_tail, attn_mask)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    k = (k_codes, k_absmax, k_codebook, k_block, k_axis)
-    v = (v_codes, v_absmax, v_codebook, v_block, v_axis)
-    kernels = _triton_kernels() if _use_triton(q) else None
-    if kernels is not None:
-        triton_decode, triton_prefill, grouped = kernels
-        if triton_decode.supports(q, k, v):
-            if grouped is not None and grouped.supports(q, k, v):  # the presets' 4-bit layout
-                return grouped.grouped_decode(q, *k, *v, k_tail, v_tail, attn_mask, scale, is_causal)
-            if q.shape[2] * (q.shape[1] // k_codes.shape[1]) <= triton_decode.MAX_ROWS:
-                return triton_decode.flash_decode(
-                    q, *k, *v, k_tail, v_tail, attn_mask, scale, is_causal
-                )
-            return triton_prefill.flash_prefill(q, *k, *v, k_tail, v_tail, attn_mask, scale, is_causal)
-    if cpu.decode_fits(q, k, v, k_tail):
-        if _tracing(q):  # an opaque call: see attention_cpu_decode
-            return torch.ops.nqkv.attention_cpu_decode(q, *k, *v, k_tail, v_tail, attn_mask, scale, is_causal)
-        return cpu.attention_decode(q, k, v, k_tail, v_tail, attn_mask, scale, is_causal)
-    plain = torch.compiler.is_compiling()
-    return cpu.attention_chunked(q, k, v, k_tail, v_tail, attn_mask, scale, is_causal, plain=plain)
+    k = Packed(k_codes, k_absmax, k_codebook, k_block, k_axis)
+    v = Packed(v_codes, v_absmax, v_codebook, v_block, v_axis)
+    _check(q, k, v, k_tail, v_tail, attn_mask)
+    return _attend(q, k, v, k_tail, v_tail, attn_mask, _default_scale(q, scale), is_causal)
+
+
+def packed_attention(
+    q: Tensor,
+    k: Packed,
+    v: Packed,
+    k_tail: Optional[Tensor] = None,
+    v_tail: Optional[Tensor] = None,
+    attn_mask: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    is_causal: bool = False,
+    key_bias: Optional[tuple[Tensor, Tensor, Tensor]] = None,
+    dense_bias: Optional[Callable[[], Tensor]] = None,
+) -> Tensor:
+    """Attention of ``q`` over packed K/V plus an optional full-precision tail: the Python entry point.
+
+    Semantics and arguments as ``nqkv::attention`` (module docstring, :func:`attention_eager`), with
+    ``k`` and ``v`` as :class:`~nqkv_core.packed.Packed`. The kernel is picked by device and shape
+    (Triton on CUDA, the native or torch decode path or the chunk loop on CPU). An eager call that
+    autograd has nothing to record for runs it directly; a traced one, or one with inputs that
+    require grad, goes through the registered op.
+
+    ``key_bias = (w, table, positions)`` adds ``w[b, hq, i] . table[positions[j]]`` to the score of
+    query ``i`` and key ``j`` (``w`` (B, Hq, Tq, D), ``table`` (P, D), ``positions`` (Tk,) in
+    ``[0, P)``). The CPU decode path adds it in its reduction; elsewhere it becomes an additive mask,
+    ``dense_bias()`` if given (the same ``(B, Hq, Tq, Tk)`` offsets, computed as the caller knows
+    best), else ``(w @ table.T)[..., positions]``.
+
+    Raises:
+        TypeError / ValueError: wrong dtypes, devices or shapes (a bad ``key_bias`` position on the
+            native path included).
+        NotImplementedError: blocks along an axis other than -1 and -2.
+    """
+    k, v = Packed.of(k), Packed.of(v)
+    if key_bias is not None:
+        if q.device.type == "cpu" and k.codes.shape[2] and cpu.decode_fits(q, k, v, k_tail):
+            if torch.compiler.is_compiling():
+                return torch.ops.nqkv.attention_cpu_decode(q, *k.op_args(), *v.op_args(), k_tail, v_tail, attn_mask,
+                                                           _default_scale(q, scale), is_causal, *key_bias)
+            if skips_dispatcher(q, k_tail, v_tail):
+                return cpu.attention_decode(q, k, v, k_tail, v_tail, attn_mask, _default_scale(q, scale), is_causal,
+                                            key_bias)
+        bias = dense_bias() if dense_bias is not None else cpu.dense_key_bias(*key_bias)
+        attn_mask = cpu.with_key_bias(attn_mask, bias)
+    if skips_dispatcher(q, k.absmax, v.absmax, k_tail, v_tail, attn_mask):
+        _check(q, k, v, k_tail, v_tail, attn_mask)
+        return _attend(q, k, v, k_tail, v_tail, attn_mask, _default_scale(q, scale), is_causal)
+    return torch.ops.nqkv.attention(q, *k.op_args(), *v.op_args(), k_tail, v_tail, attn_mask, scale, is_causal)
 
 
 @contextlib.contextmanager
@@ -243,8 +293,9 @@ def _no_kernel_scan():
             lib.get_inner_triton_kernels = scan
 
 
-# The op, registered from the same function. Eager callers may call ``attention_eager`` directly
-# where :func:`skips_dispatcher` allows: same result, without the dispatcher's ~0.1 ms per call.
+# The op, registered from the same function. Eager callers go through ``packed_attention``, which
+# calls the body directly where :func:`skips_dispatcher` allows: same result, without the
+# dispatcher's ~0.1 ms per call.
 # triton_op scans the body's source for Triton kernels as it registers, which imports triton and
 # torch._inductor (about a second); this body launches none itself (its kernels are the nested
 # nqkv::flash_decode / flash_prefill ops), so the scan, where torch has one, finds none and is skipped.
@@ -269,8 +320,8 @@ def attention_cpu_decode(
     Arguments as :func:`attention_eager`, already checked, plus an optional key bias
     ``(bias_w, bias_table, bias_pos)`` (see :func:`nqkv_core.ops.cpu.attention_decode`).
     """
-    k = (k_codes, k_absmax, k_codebook, k_block, k_axis)
-    v = (v_codes, v_absmax, v_codebook, v_block, v_axis)
+    k = Packed(k_codes, k_absmax, k_codebook, k_block, k_axis)
+    v = Packed(v_codes, v_absmax, v_codebook, v_block, v_axis)
     key_bias = None if bias_w is None else (bias_w, bias_table, bias_pos)
     return cpu.attention_decode(q, k, v, k_tail, v_tail, attn_mask, scale, is_causal, key_bias)
 
@@ -278,7 +329,7 @@ def attention_cpu_decode(
 @attention_cpu_decode.register_fake
 def _(q, k_codes, k_absmax, k_codebook, k_block, k_axis, v_codes, v_absmax, v_codebook, v_block, v_axis,
       k_tail, v_tail, attn_mask, scale, is_causal, bias_w=None, bias_table=None, bias_pos=None):
-    dv = v_codes.shape[3] * 8 // (int(v_codebook.shape[0]).bit_length() - 1)
+    dv = Packed(v_codes, v_absmax, v_codebook, v_block, v_axis).shape[-1]
     return q.new_empty(q.shape[0], q.shape[1], q.shape[2], dv)
 
 
@@ -334,11 +385,4 @@ def _scaled_dot_product_attention(func, types, args, kwargs):
         else:
             attn_mask = attn_mask.masked_fill(~top_left, -math.inf)
         is_causal = False
-    eager = skips_dispatcher(query, key.absmax, value.absmax, attn_mask)
-    op = attention_eager if eager else torch.ops.nqkv.attention
-    return op(
-        query,
-        key.codes, key.absmax, key.codebook, key.block, key.axis,
-        value.codes, value.absmax, value.codebook, value.block, value.axis,
-        None, None, attn_mask, scale, is_causal,
-    )
+    return packed_attention(query, key.packed, value.packed, None, None, attn_mask, scale, is_causal)

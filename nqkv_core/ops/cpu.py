@@ -10,10 +10,10 @@ Eager CPU (the fast path):
   of 2-bit codes, or 12 bits of 3-bit codes) index a table of four bfloat16 codebook levels held
   as one int64, so a lookup yields four elements. Tables are built once per codebook.
 * The block scales are not applied to the decoded chunk (that would be one more pass over it):
-  they are folded into the small operands. Per-token blocks (``axis == 3``): each query row is
+  they are folded into the small operands. Per-token blocks (``axis == -1``): each query row is
   split into one row per block of head_dim, the matmul gives per-block partial scores, and
   ``sum_b absmax[t, b] * partial[b, t]`` is a tiny reduction; for V the probabilities are scaled
-  per block before the matmul. Per-channel blocks (``axis == 2``): the queries are scaled per
+  per block before the matmul. Per-channel blocks (``axis == -2``): the queries are scaled per
   token block, and V partial outputs per token block are scaled afterwards. With many query rows
   (prefill) the decoded chunk is scaled instead, which is cheaper there.
 * For fp16 / bf16 queries products are bfloat16 with fp32 accumulation; scores, softmax and the
@@ -49,6 +49,7 @@ import torch
 from torch import Tensor
 
 from nqkv_core import native
+from nqkv_core.packed import Packed
 from nqkv_core.packing import unpack
 
 COMPUTE_DTYPE = torch.bfloat16
@@ -161,22 +162,23 @@ def _decode_plain(codes: Tensor, codebook: Tensor, bits: int, dim: int) -> Tenso
 # -- one source of keys/values ----------------------------------------------------------------------
 
 
-class _Packed:
+class _Source:
     """One packed K or V history, viewed as (B*H, T, ...) with what decoding a chunk needs."""
 
-    def __init__(self, codes, absmax, codebook, block, axis, dim, decode):
+    def __init__(self, p: Packed, decode: Callable):
+        codes, absmax = p.codes, p.absmax
         bh = codes.shape[0] * codes.shape[1]
         if codes.stride(-1) != 1 or codes.stride(-2) % 2:
             codes = codes.contiguous()  # rows must be contiguous runs of bytes for the lookups
         self.codes = codes.reshape(bh, codes.shape[2], codes.shape[3])
         self.buf: list = [None]
-        self.codebook, self.block, self.axis, self.dim = codebook, block, axis, dim
-        self.bits = int(math.log2(codebook.numel()))
+        self.codebook, self.block, self.per_token, self.dim = p.codebook, p.block, p.per_token, p.shape[-1]
+        self.bits = p.bits
         self.decode = decode
         a = absmax.float().reshape(bh, absmax.shape[2], absmax.shape[3])
-        # axis 3: (BH, nb, T) so a chunk of tokens is a contiguous slice; axis 2: (BH, T/block, D)
-        self.absmax = a.transpose(1, 2).contiguous() if axis == 3 else a
-        self.nb = dim // block if axis == 3 else 1
+        # per token: (BH, nb, T) so a chunk of tokens is a contiguous slice; per channel: (BH, T/block, D)
+        self.absmax = a.transpose(1, 2).contiguous() if self.per_token else a
+        self.nb = self.dim // self.block if self.per_token else 1
 
     def levels(self, c0: int, c1: int) -> Tensor:
         if self.decode is _decode_lut:
@@ -185,7 +187,7 @@ class _Packed:
 
     def scales(self, c0: int, c1: int) -> Tensor:
         """Per-element scales of tokens [c0, c1): (BH, n, dim) fp32 (for the scaled mode)."""
-        if self.axis == 3:
+        if self.per_token:
             return self.absmax[:, :, c0:c1].transpose(1, 2).repeat_interleave(self.block, dim=2)
         b0 = c0 // self.block
         s = self.absmax[:, b0 : -(-c1 // self.block)].repeat_interleave(self.block, dim=1)
@@ -201,7 +203,7 @@ def _pad_tokens(x: Tensor, n: int, dim: int) -> Tensor:
     return torch.cat([x, x.new_zeros(shape)], dim=dim)
 
 
-def _scores_folded(qrows: Tensor, qbd: Tensor, k: _Packed, c0: int, c1: int) -> Tensor:
+def _scores_folded(qrows: Tensor, qbd: Tensor, k: _Source, c0: int, c1: int) -> Tensor:
     """Query rows against history tokens [c0, c1) with the scales folded in.
 
     Per-token blocks: the unscaled per-block partial scores (BH, R*nb, n) in the compute dtype (the
@@ -210,7 +212,7 @@ def _scores_folded(qrows: Tensor, qbd: Tensor, k: _Packed, c0: int, c1: int) -> 
     lv = k.levels(c0, c1)  # (BH, n, D) unscaled
     bh, n, d = lv.shape
     r = qrows.shape[1]
-    if k.axis == 3:
+    if k.per_token:
         return torch.bmm(qbd, lv.transpose(1, 2))
     # per-channel: scale the queries per token block, one small matmul per block
     blk, b0 = k.block, c0 // k.block
@@ -221,7 +223,7 @@ def _scores_folded(qrows: Tensor, qbd: Tensor, k: _Packed, c0: int, c1: int) -> 
     return s.permute(0, 2, 1, 3).reshape(bh, r, nt * blk)[:, :, :n].float()
 
 
-def _pv_folded(p: Tensor, w: Optional[Tensor], v: _Packed, c0: int, c1: int) -> Tensor:
+def _pv_folded(p: Tensor, w: Optional[Tensor], v: _Source, c0: int, c1: int) -> Tensor:
     """Unnormalised output of probabilities over history tokens [c0, c1).
 
     Per-token blocks: ``w`` are the probabilities already scaled per block, (BH, R*nb, n) in the
@@ -229,7 +231,7 @@ def _pv_folded(p: Tensor, w: Optional[Tensor], v: _Packed, c0: int, c1: int) -> 
     blocks). Per-channel blocks: uses ``p`` (BH, R, n) and returns fp32 (BH, R, Dv).
     """
     lv = v.levels(c0, c1)
-    if v.axis == 3:
+    if v.per_token:
         return torch.bmm(w, lv)
     bh, n, dv = lv.shape
     r = p.shape[1]
@@ -243,14 +245,15 @@ def _pv_folded(p: Tensor, w: Optional[Tensor], v: _Packed, c0: int, c1: int) -> 
 # -- decode: few query rows -----------------------------------------------------------------------
 
 
-def decode_fits(q: Tensor, k: tuple, v: tuple, k_tail: Optional[Tensor]) -> bool:
+def decode_fits(q: Tensor, k: Packed | tuple, v: Packed | tuple, k_tail: Optional[Tensor]) -> bool:
     """Whether :func:`attention_decode` serves this call: blocks along head_dim for K and V, at most
     ``DECODE_MAX_ROWS`` query rows per KV head, and all scores of a row fit ``SCORE_ELEMS``."""
+    k, v = Packed.of(k), Packed.of(v)
     b, hq, tq, _ = q.shape
-    codes = k[0]
+    codes = k.codes
     rows = tq * (hq // codes.shape[1])
     tk = codes.shape[2] + (0 if k_tail is None else k_tail.shape[2])
-    return k[4] == 3 and v[4] == 3 and rows <= DECODE_MAX_ROWS and b * hq * tq * tk <= SCORE_ELEMS
+    return k.per_token and v.per_token and rows <= DECODE_MAX_ROWS and b * hq * tq * tk <= SCORE_ELEMS
 
 
 def _block_rows(x: Tensor, block: int) -> Tensor:
@@ -270,10 +273,25 @@ def _block_rows(x: Tensor, block: int) -> Tensor:
     return (x[:, :, None, :] * onehot).reshape(bh, r * nb, d)
 
 
+def dense_key_bias(w: Tensor, table: Tensor, positions: Tensor) -> Tensor:
+    """The key bias ``(w, table, positions)`` of :func:`attention_decode` as additive scores
+    ``(B, Hq, Tq, Tk)`` fp32."""
+    return (w.float() @ table.float().T).index_select(-1, positions)
+
+
+def with_key_bias(attn_mask: Optional[Tensor], bias: Tensor) -> Tensor:
+    """``attn_mask`` (None, boolean or additive) and an additive score offset ``bias`` as one additive mask."""
+    if attn_mask is None:
+        return bias
+    if attn_mask.dtype == torch.bool:
+        return bias.masked_fill(~attn_mask, -math.inf)
+    return bias + attn_mask
+
+
 def attention_decode(
     q: Tensor,
-    k: tuple,
-    v: tuple,
+    k: Packed | tuple,
+    v: Packed | tuple,
     k_tail: Optional[Tensor],
     v_tail: Optional[Tensor],
     attn_mask: Optional[Tensor],
@@ -283,14 +301,15 @@ def attention_decode(
 ) -> Tensor:
     """:func:`attention_chunked` for few query rows (decode), with as few ops as possible.
 
+    ``k`` / ``v``: :class:`~nqkv_core.packed.Packed` (or its plain tuple) with blocks along head_dim.
     ``key_bias = (w, table, positions)`` adds ``w[b, hq, i] . table[positions[j]]`` to the score of
     query ``i`` and key ``j`` (``w`` (B, Hq, Tq, D), ``table`` (P, D), ``positions`` (Tk,) in
     ``[0, P)``): the RoPE-centred cache's score offset.
 
     With the native CPU kernels built (:mod:`nqkv_core.native`) the whole call is one native
     function (fp32 throughout, codes decoded in registers, the key bias added in its reduction);
-    what follows is the plain-torch path used without them, which materialises the key bias as an
-    additive mask.
+    without them the plain-torch path below runs, which materialises the key bias as an additive
+    mask.
 
     The query rows of all heads sharing a KV head are folded into one matrix (``R = group * Tq`` rows),
     so K and V are read once per KV head. Every score of a row is kept (``R * Tk`` fp32 per KV head,
@@ -299,61 +318,73 @@ def attention_decode(
     (one chunk is live at a time, so it stays in cache between the decode and its matmul); block scales
     are folded into the small operands as described in the module docstring.
     """
+    k, v = Packed.of(k), Packed.of(v)
     if native.attention_decode_supported(q, k, v, k_tail, v_tail, attn_mask):
         return native.attention_decode(q, k, v, k_tail, v_tail, attn_mask, scale, is_causal, key_bias)
     if key_bias is not None:
-        w, table, positions = key_bias
-        bias = (w.float() @ table.float().T).index_select(-1, positions)
-        if attn_mask is None:
-            attn_mask = bias
-        elif attn_mask.dtype == torch.bool:
-            attn_mask = bias.masked_fill(~attn_mask, -math.inf)
-        else:
-            attn_mask = bias + attn_mask
+        attn_mask = with_key_bias(attn_mask, dense_key_bias(*key_bias))
     if compute_dtype(q) != COMPUTE_DTYPE:  # the bf16 tables below are for fp16 / bf16 queries
         return attention_chunked(q, k, v, k_tail, v_tail, attn_mask, scale, is_causal)
     b, hq, tq, d = q.shape
-    kc, ka, kcb, kblock, _ = k
-    vc, va, vcb, vblock, _ = v
-    hkv, th = kc.shape[1], kc.shape[2]
-    g, bh = hq // hkv, b * hkv
-    r = g * tq
-    kbits, vbits = kcb.numel().bit_length() - 1, vcb.numel().bit_length() - 1
-    dv = vc.shape[3] * 8 // vbits
-    nbk, nbv = d // kblock, dv // vblock
-
-    qf = (q.float() * scale).reshape(bh, r, d)  # rows of a KV head: (group, Tq) in order
-    parts = []
-    if th:
-        if kc.stride(-1) != 1 or kc.stride(-2) % 2:
-            kc = kc.contiguous()  # rows must be contiguous runs of bytes for the lookups
-        if vc.stride(-1) != 1 or vc.stride(-2) % 2:
-            vc = vc.contiguous()
-        kc, vc = kc.reshape(bh, th, -1), vc.reshape(bh, th, -1)
-        # absmax as fp32 (BH, 1, nb, T): one small copy; multiplying by strided fp16 scales per
-        # chunk instead is several times slower
-        ka = ka.reshape(bh, th, nbk).transpose(1, 2).float().contiguous()[:, None]
-        va = va.reshape(bh, th, nbv).transpose(1, 2).float().contiguous()[:, None]
-        kbuf, vbuf = [None], [None]
-        chunk = _chunk_size(bh, max(d, dv), 64)
-        spans = [(c0, min(th, c0 + chunk)) for c0 in range(0, th, chunk)]
-        th_pad = -(-th // DECODE_PAD_TOKENS) * DECODE_PAD_TOKENS
-        qk = _block_rows(qf.to(COMPUTE_DTYPE), kblock)  # (BH, R * nbk, D)
-        for c0, c1 in spans:
-            n_pad = min(chunk, th_pad - c0)  # matmul width: padded, so that shapes repeat
-            lv = _decode_lut(kc[:, c0:c1], kcb, kbits, d, kbuf, n_pad)
-            part = torch.bmm(qk, lv.transpose(1, 2))[..., : c1 - c0].view(bh, r, nbk, c1 - c0)  # unscaled
-            if nbk == 1:
-                parts.append((part * ka[..., c0:c1]).reshape(bh, r, c1 - c0))  # fp32 scores
-            else:  # sum over blocks of partial score times absmax
-                parts.append(part.float().mul_(ka[..., c0:c1]).sum(2))
+    hkv, th = k.codes.shape[1], k.codes.shape[2]
+    g, bh, dv = hq // hkv, b * hkv, v.shape[-1]
+    qf = (q.float() * scale).reshape(bh, g * tq, d)  # rows of a KV head: (group, Tq) in order
+    spans, th_pad = _decode_spans(bh, max(d, dv), th)
+    parts = _decode_scores(qf, k, spans) if th else []
     if k_tail is not None and k_tail.shape[2]:
         parts.append(torch.bmm(qf, k_tail.reshape(bh, -1, d).float().transpose(1, 2)))
     if not parts:  # no keys at all: every row attends to nothing
         return q.new_zeros(b, hq, tq, dv)
     s = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
-    tk = s.shape[2]
+    p = _decode_softmax(s, attn_mask, is_causal, hkv, tq)
+    o = _decode_values(p, v, spans, th_pad) if th else None
+    if v_tail is not None and v_tail.shape[2]:
+        ot = torch.bmm(p[:, :, th:], v_tail.reshape(bh, -1, dv).float())
+        o = ot if o is None else o.add_(ot)
+    return o.view(b, hq, tq, dv).to(q.dtype)
 
+
+def _decode_spans(bh: int, dim: int, th: int) -> tuple[list[tuple[int, int, int]], int]:
+    """The chunks ``(c0, c1, n_pad)`` of ``th`` history tokens, ``n_pad`` the width of each chunk's
+    matmul (padded so that shapes repeat as the cache grows), and the padded history length."""
+    chunk = _chunk_size(bh, dim, 64)
+    th_pad = -(-th // DECODE_PAD_TOKENS) * DECODE_PAD_TOKENS
+    return [(c0, min(th, c0 + chunk), min(chunk, th_pad - c0)) for c0 in range(0, th, chunk)], th_pad
+
+
+def _decode_operands(p: Packed, bh: int) -> tuple[Tensor, Tensor]:
+    """Codes ``(BH, T, bytes)`` with contiguous rows for the lookups, and the scales as fp32
+    ``(BH, 1, nb, T)``: one small copy (multiplying by strided fp16 scales per chunk instead is
+    several times slower)."""
+    codes, th = p.codes, p.codes.shape[2]
+    if codes.stride(-1) != 1 or codes.stride(-2) % 2:
+        codes = codes.contiguous()
+    nb = p.shape[-1] // p.block
+    absmax = p.absmax.reshape(bh, th, nb).transpose(1, 2).float().contiguous()[:, None]
+    return codes.reshape(bh, th, -1), absmax
+
+
+def _decode_scores(qf: Tensor, k: Packed, spans: list) -> list[Tensor]:
+    """fp32 scores ``(BH, R, c1 - c0)`` of the query rows ``qf`` (BH, R, D) against each chunk of history keys."""
+    bh, r, d = qf.shape
+    codes, absmax = _decode_operands(k, bh)
+    nb, buf, parts = d // k.block, [None], []
+    qk = _block_rows(qf.to(COMPUTE_DTYPE), k.block)  # (BH, R * nb, D)
+    for c0, c1, n_pad in spans:
+        lv = _decode_lut(codes[:, c0:c1], k.codebook, k.bits, d, buf, n_pad)
+        part = torch.bmm(qk, lv.transpose(1, 2))[..., : c1 - c0].view(bh, r, nb, c1 - c0)  # unscaled
+        if nb == 1:
+            parts.append((part * absmax[..., c0:c1]).reshape(bh, r, c1 - c0))  # fp32 scores
+        else:  # sum over blocks of partial score times absmax
+            parts.append(part.float().mul_(absmax[..., c0:c1]).sum(2))
+    return parts
+
+
+def _decode_softmax(s: Tensor, attn_mask: Optional[Tensor], is_causal: bool, hkv: int, tq: int) -> Tensor:
+    """Probabilities of the scores ``s`` (BH, R, Tk) under the mask and causality; rows that can
+    attend to nothing get zeros."""
+    bh, r, tk = s.shape
+    b, g = bh // hkv, r // tq
     masked = False
     if attn_mask is not None:
         m = attn_mask[(None,) * (4 - attn_mask.dim())]
@@ -362,30 +393,32 @@ def attention_decode(
         s5 = torch.where(m, s5, -math.inf) if m.dtype == torch.bool else s5 + m
         s, masked = s5.reshape(bh, r, tk), True
     if is_causal and tq > 1:
-        allowed = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
+        allowed = torch.ones(tq, tk, dtype=torch.bool, device=s.device).tril(tk - tq)
         s = torch.where(allowed, s.view(bh, g, tq, tk), -math.inf).view(bh, r, tk)
         masked = True
     p = torch.softmax(s, dim=-1)
     if masked:  # rows that can attend to nothing are NaN after the softmax; SDPA gives zeros
         p = p.masked_fill_((s == -math.inf).all(-1, keepdim=True), 0.0)
+    return p
 
-    o = None
-    if th:
-        # probabilities scaled per V block: (BH, R * nbv, T_hist), in the compute dtype
-        w = torch.empty(bh, r, nbv, th_pad, dtype=COMPUTE_DTYPE, device=q.device)
-        w[..., th:].zero_()  # padding: zero weights
-        torch.mul(p[:, :, None, :th], va, out=w[..., :th])  # fp32 product, stored bf16
-        w = w.view(bh, r * nbv, th_pad)
-        for c0, c1 in spans:
-            n_pad = min(chunk, th_pad - c0)
-            oc = torch.bmm(w[:, :, c0 : c0 + n_pad], _decode_lut(vc[:, c0:c1], vcb, vbits, dv, vbuf, n_pad))
-            o = oc.float() if o is None else o.add_(oc)
-        if nbv > 1:  # keep block i of the row scaled for block i
-            o = o.view(bh, r, nbv, nbv, vblock).diagonal(dim1=2, dim2=3).transpose(2, 3).reshape(bh, r, dv)
-    if v_tail is not None and v_tail.shape[2]:
-        ot = torch.bmm(p[:, :, th:], v_tail.reshape(bh, -1, dv).float())
-        o = ot if o is None else o.add_(ot)
-    return o.view(b, hq, tq, dv).to(q.dtype)
+
+def _decode_values(p: Tensor, v: Packed, spans: list, th_pad: int) -> Tensor:
+    """fp32 output ``(BH, R, Dv)`` of the probabilities ``p`` (BH, R, Tk) over the history values."""
+    bh, r, _ = p.shape
+    th, dv = v.codes.shape[2], v.shape[-1]
+    codes, absmax = _decode_operands(v, bh)
+    nb, buf, o = dv // v.block, [None], None
+    # probabilities scaled per V block: (BH, R * nb, T_hist), in the compute dtype
+    w = torch.empty(bh, r, nb, th_pad, dtype=COMPUTE_DTYPE, device=p.device)
+    w[..., th:].zero_()  # padding: zero weights
+    torch.mul(p[:, :, None, :th], absmax, out=w[..., :th])  # fp32 product, stored bf16
+    w = w.view(bh, r * nb, th_pad)
+    for c0, c1, n_pad in spans:
+        oc = torch.bmm(w[:, :, c0 : c0 + n_pad], _decode_lut(codes[:, c0:c1], v.codebook, v.bits, dv, buf, n_pad))
+        o = oc.float() if o is None else o.add_(oc)
+    if nb > 1:  # keep block i of the row scaled for block i
+        o = o.view(bh, r, nb, nb, v.block).diagonal(dim1=2, dim2=3).transpose(2, 3).reshape(bh, r, dv)
+    return o
 
 
 # -- the chunk loop ------------------------------------------------------------------------------
@@ -398,8 +431,8 @@ def _chunk_size(bh: int, dim: int, align: int) -> int:
 
 def attention_chunked(
     q: Tensor,
-    k: tuple,
-    v: tuple,
+    k: Packed | tuple,
+    v: Packed | tuple,
     k_tail: Optional[Tensor],
     v_tail: Optional[Tensor],
     attn_mask: Optional[Tensor],
@@ -409,7 +442,7 @@ def attention_chunked(
 ) -> Tensor:
     """Attention of ``q`` (B, Hq, Tq, D) over packed history ``k``/``v`` plus an optional fp tail.
 
-    ``k`` and ``v`` are ``(codes, absmax, codebook, block, axis)`` with arguments already checked.
+    ``k`` and ``v`` are :class:`~nqkv_core.packed.Packed` (or their plain tuples), already checked.
     ``plain=True`` takes the compile-friendly fp32 route (no lookup tables, scaled mode only).
     Products are in :func:`compute_dtype` (fp32 for fp32 queries, without lookup tables).
     Returns (B, Hq, Tq, Dv) in ``q.dtype``.
@@ -419,96 +452,117 @@ def attention_chunked(
     the whole cache is usually one key block: a two-pass softmax over tiny score rows); key blocks
     are merged with the online-softmax rescaling.
     """
+    k, v = Packed.of(k), Packed.of(v)
     b, hq, tq, d = q.shape
-    hkv, th = k[0].shape[1], k[0].shape[2]
-    dv = v[0].shape[3] * 8 // int(math.log2(v[2].numel()))
-    g = hq // hkv
-    bh = b * hkv
-    tt = 0 if k_tail is None else k_tail.shape[2]
-    tk = th + tt
-    dev = q.device
-    cdt = torch.float32 if plain else compute_dtype(q)
-    decode: Callable = _decode_lut if cdt == COMPUTE_DTYPE else _decode_plain
-    kp = _Packed(*k, d, decode)
-    vp = _Packed(*v, dv, decode)
-    align = math.lcm(*(p.block for p in (kp, vp) if p.axis == 2)) if 2 in (kp.axis, vp.axis) else 64
-    chunk = _chunk_size(bh, max(d, dv), align)
-    qb_len = max(1, min(tq, SCORE_ELEMS // (bh * g * chunk)))
-    fold = not plain and g * qb_len <= FOLD_MAX_ROWS
-
-    qf = (q.float() * scale).reshape(b, hkv, g, tq, d)
-    mask = None
-    if attn_mask is not None:
-        mask = attn_mask.expand(b, hq, tq, tk).reshape(b, hkv, g, tq, tk)
-    kt = None if k_tail is None else k_tail.reshape(bh, tt, d)
-    vt = None if v_tail is None else v_tail.reshape(bh, tt, dv)
-    out = q.new_empty(b, hkv, g, tq, dv)
-
-    for i0 in range(0, tq, qb_len):
-        i1 = min(tq, i0 + qb_len)
-        r = g * (i1 - i0)
-        qrows = qf[:, :, :, i0:i1].reshape(bh, r, d)
-        qc = qrows.to(cdt)
-        nbk = kp.nb if fold and kp.axis == 3 else 1
-        nbv = vp.nb if fold and vp.axis == 3 else 1
-        qbd = qc
-        if nbk > 1:
-            onehot = torch.arange(d, device=dev) // kp.block == torch.arange(nbk, device=dev)[:, None]
-            qbd = (qrows[:, :, None, :] * onehot).to(cdt).reshape(bh, r * nbk, d)
-        m = torch.full((bh, r, 1), -math.inf, device=dev)
-        den = torch.zeros(bh, r, 1, device=dev)
-        acc = torch.zeros(bh, r, dv, device=dev)
-        # last key each query row may see (bottom-right causal alignment)
-        last = tk - tq + torch.arange(i0, i1, device=dev).repeat(g).view(1, r, 1)
-        end = tk if not is_causal else max(0, min(tk, tk - tq + i1))
-        block_len = max(chunk, SCORE_ELEMS // (bh * r * max(nbk, nbv)) // chunk * chunk)
-        # key blocks never straddle the history/tail boundary
-        blocks = [(k0, min(th, end, k0 + block_len)) for k0 in range(0, min(th, end), block_len)]
-        blocks += [(k0, min(end, k0 + block_len)) for k0 in range(th, end, block_len)]
-        for k0, k1 in blocks:
-            packed = k0 < th
-            chunks = [(c0, min(k1, c0 + chunk)) for c0 in range(k0, k1, chunk)]
-            # -- scores of the key block --
-            if packed and fold and kp.axis == 3:
-                part = torch.cat([_scores_folded(qrows, qbd, kp, c0, c1) for c0, c1 in chunks], dim=2)
-                part = part.view(bh, r, nbk, k1 - k0)
-                s = (part * kp.absmax[:, None, :, k0:k1]).sum(2) if nbk > 1 else part[:, :, 0] * kp.absmax[:, :, k0:k1]
-            elif packed and fold:
-                s = torch.cat([_scores_folded(qrows, qbd, kp, c0, c1) for c0, c1 in chunks], dim=2)
-            elif packed:
-                s = torch.cat(
-                    [torch.bmm(qc, (kp.levels(c0, c1) * kp.scales(c0, c1)).to(cdt).transpose(1, 2))
-                     for c0, c1 in chunks], dim=2).float()
-            else:
-                s = torch.bmm(qc, kt[:, k0 - th : k1 - th].to(cdt).transpose(1, 2)).float()
-            # -- masks --
-            if mask is not None:
-                mc = mask[..., i0:i1, k0:k1].reshape(bh, r, k1 - k0)
-                s = s.masked_fill(~mc, -math.inf) if mc.dtype == torch.bool else s + mc.float()
-            if is_causal and k1 - 1 > tk - tq + i0:
-                s = s.masked_fill(torch.arange(k0, k1, device=dev).view(1, 1, -1) > last, -math.inf)
-            # -- softmax statistics, merged across key blocks --
-            m_new = torch.maximum(m, s.amax(-1, keepdim=True))
-            m_safe = m_new.masked_fill(m_new == -math.inf, 0.0)
-            p = torch.exp(s - m_safe)
-            alpha = torch.exp(m - m_safe)
-            den = den * alpha + p.sum(-1, keepdim=True)
-            m = m_new
-            # -- values --
-            if packed and fold and vp.axis == 3:
-                w = (p[:, :, None, :] * vp.absmax[:, None, :, k0:k1]).to(cdt).view(bh, r * nbv, k1 - k0)
-                o = sum(_pv_folded(p, w[:, :, c0 - k0 : c1 - k0], vp, c0, c1).float() for c0, c1 in chunks)
-                blk = dv // nbv
-                o = o.view(bh, r, nbv, nbv, blk).diagonal(dim1=2, dim2=3).transpose(2, 3).reshape(bh, r, dv)
-            elif packed and fold:
-                o = sum(_pv_folded(p[:, :, c0 - k0 : c1 - k0], None, vp, c0, c1) for c0, c1 in chunks)
-            elif packed:
-                o = sum(
-                    torch.bmm(p[:, :, c0 - k0 : c1 - k0].to(cdt), (vp.levels(c0, c1) * vp.scales(c0, c1)).to(cdt)).float()
-                    for c0, c1 in chunks)
-            else:
-                o = torch.bmm(p.to(cdt), vt[:, k0 - th : k1 - th].to(cdt)).float()
-            acc = acc * alpha + o
-        res = acc / den.masked_fill(den == 0, 1.0)
-        out[:, :, :, i0:i1] = res.view(b, hkv, g, i1 - i0, dv).to(q.dtype)
+    hkv, dv = k.codes.shape[1], v.shape[-1]
+    c = _Loop(q, k, v, k_tail, v_tail, attn_mask, is_causal, plain)
+    qf = (q.float() * scale).reshape(b, hkv, c.g, tq, d)
+    out = q.new_empty(b, hkv, c.g, tq, dv)
+    for i0 in range(0, tq, c.qb_len):
+        i1 = min(tq, i0 + c.qb_len)
+        res = _query_block(c, qf[:, :, :, i0:i1].reshape(c.bh, c.g * (i1 - i0), d), i0, i1)
+        out[:, :, :, i0:i1] = res.view(b, hkv, c.g, i1 - i0, dv).to(q.dtype)
     return out.view(b, hq, tq, dv)
+
+
+class _Loop:
+    """What every query block of one :func:`attention_chunked` call shares."""
+
+    def __init__(self, q: Tensor, k: Packed, v: Packed, k_tail: Optional[Tensor], v_tail: Optional[Tensor],
+                 attn_mask: Optional[Tensor], is_causal: bool, plain: bool):
+        b, hq, self.tq, d = q.shape
+        hkv, self.th = k.codes.shape[1], k.codes.shape[2]
+        self.dv = dv = v.shape[-1]
+        self.g, self.bh = hq // hkv, b * hkv
+        tt = 0 if k_tail is None else k_tail.shape[2]
+        self.tk, self.is_causal, self.dev = self.th + tt, is_causal, q.device
+        self.cdt = torch.float32 if plain else compute_dtype(q)
+        decode: Callable = _decode_lut if self.cdt == COMPUTE_DTYPE else _decode_plain
+        self.kp, self.vp = _Source(k, decode), _Source(v, decode)
+        channel_blocks = [s.block for s in (self.kp, self.vp) if not s.per_token]
+        self.chunk = _chunk_size(self.bh, max(d, dv), math.lcm(*channel_blocks) if channel_blocks else 64)
+        self.qb_len = max(1, min(self.tq, SCORE_ELEMS // (self.bh * self.g * self.chunk)))
+        self.fold = not plain and self.g * self.qb_len <= FOLD_MAX_ROWS
+        self.mask = None
+        if attn_mask is not None:
+            self.mask = attn_mask.expand(b, hq, self.tq, self.tk).reshape(b, hkv, self.g, self.tq, self.tk)
+        self.kt = None if k_tail is None else k_tail.reshape(self.bh, tt, d)
+        self.vt = None if v_tail is None else v_tail.reshape(self.bh, tt, dv)
+
+
+def _query_block(c: _Loop, qrows: Tensor, i0: int, i1: int) -> Tensor:
+    """Normalised output (BH, R, Dv) fp32 of the query rows ``qrows`` (BH, R, D) of queries [i0, i1)."""
+    bh, r, d = qrows.shape
+    kp, vp, dev = c.kp, c.vp, c.dev
+    nbk = kp.nb if c.fold and kp.per_token else 1
+    nbv = vp.nb if c.fold and vp.per_token else 1
+    qc = qrows.to(c.cdt)
+    qbd = qc
+    if nbk > 1:
+        onehot = torch.arange(d, device=dev) // kp.block == torch.arange(nbk, device=dev)[:, None]
+        qbd = (qrows[:, :, None, :] * onehot).to(c.cdt).reshape(bh, r * nbk, d)
+    m = torch.full((bh, r, 1), -math.inf, device=dev)
+    den = torch.zeros(bh, r, 1, device=dev)
+    acc = torch.zeros(bh, r, c.dv, device=dev)
+    # last key each query row may see (bottom-right causal alignment)
+    last = c.tk - c.tq + torch.arange(i0, i1, device=dev).repeat(c.g).view(1, r, 1)
+    end = c.tk if not c.is_causal else max(0, min(c.tk, c.tk - c.tq + i1))
+    block_len = max(c.chunk, SCORE_ELEMS // (bh * r * max(nbk, nbv)) // c.chunk * c.chunk)
+    th = c.th  # key blocks never straddle the history/tail boundary
+    blocks = [(k0, min(th, end, k0 + block_len)) for k0 in range(0, min(th, end), block_len)]
+    blocks += [(k0, min(end, k0 + block_len)) for k0 in range(th, end, block_len)]
+    for k0, k1 in blocks:
+        chunks = [(c0, min(k1, c0 + c.chunk)) for c0 in range(k0, k1, c.chunk)]
+        s = _block_scores(c, qrows, qc, qbd, nbk, k0, k1, chunks)
+        if c.mask is not None:
+            mc = c.mask[..., i0:i1, k0:k1].reshape(bh, r, k1 - k0)
+            s = s.masked_fill(~mc, -math.inf) if mc.dtype == torch.bool else s + mc.float()
+        if c.is_causal and k1 - 1 > c.tk - c.tq + i0:
+            s = s.masked_fill(torch.arange(k0, k1, device=dev).view(1, 1, -1) > last, -math.inf)
+        # -- softmax statistics, merged across key blocks --
+        m_new = torch.maximum(m, s.amax(-1, keepdim=True))
+        m_safe = m_new.masked_fill(m_new == -math.inf, 0.0)
+        p = torch.exp(s - m_safe)
+        alpha = torch.exp(m - m_safe)
+        den = den * alpha + p.sum(-1, keepdim=True)
+        m = m_new
+        acc = acc * alpha + _block_values(c, p, nbv, k0, k1, chunks)
+    return acc / den.masked_fill(den == 0, 1.0)
+
+
+def _block_scores(c: _Loop, qrows: Tensor, qc: Tensor, qbd: Tensor, nbk: int, k0: int, k1: int,
+                  chunks: list) -> Tensor:
+    """fp32 scores (BH, R, k1 - k0) of the query rows against keys [k0, k1) (history or tail)."""
+    kp, cdt = c.kp, c.cdt
+    bh, r, _ = qrows.shape
+    if k0 >= c.th:
+        return torch.bmm(qc, c.kt[:, k0 - c.th : k1 - c.th].to(cdt).transpose(1, 2)).float()
+    if c.fold and kp.per_token:
+        part = torch.cat([_scores_folded(qrows, qbd, kp, c0, c1) for c0, c1 in chunks], dim=2)
+        part = part.view(bh, r, nbk, k1 - k0)
+        if nbk > 1:
+            return (part * kp.absmax[:, None, :, k0:k1]).sum(2)
+        return part[:, :, 0] * kp.absmax[:, :, k0:k1]
+    if c.fold:
+        return torch.cat([_scores_folded(qrows, qbd, kp, c0, c1) for c0, c1 in chunks], dim=2)
+    return torch.cat(
+        [torch.bmm(qc, (kp.levels(c0, c1) * kp.scales(c0, c1)).to(cdt).transpose(1, 2)) for c0, c1 in chunks],
+        dim=2).float()
+
+
+def _block_values(c: _Loop, p: Tensor, nbv: int, k0: int, k1: int, chunks: list) -> Tensor:
+    """Unnormalised fp32 output (BH, R, Dv) of the weights ``p`` (BH, R, k1 - k0) over values [k0, k1)."""
+    vp, cdt = c.vp, c.cdt
+    bh, r, _ = p.shape
+    if k0 >= c.th:
+        return torch.bmm(p.to(cdt), c.vt[:, k0 - c.th : k1 - c.th].to(cdt)).float()
+    if c.fold and vp.per_token:
+        w = (p[:, :, None, :] * vp.absmax[:, None, :, k0:k1]).to(cdt).view(bh, r * nbv, k1 - k0)
+        o = sum(_pv_folded(p, w[:, :, c0 - k0 : c1 - k0], vp, c0, c1).float() for c0, c1 in chunks)
+        blk = c.dv // nbv
+        return o.view(bh, r, nbv, nbv, blk).diagonal(dim1=2, dim2=3).transpose(2, 3).reshape(bh, r, c.dv)
+    if c.fold:
+        return sum(_pv_folded(p[:, :, c0 - k0 : c1 - k0], None, vp, c0, c1) for c0, c1 in chunks)
+    return sum(
+        torch.bmm(p[:, :, c0 - k0 : c1 - k0].to(cdt), (vp.levels(c0, c1) * vp.scales(c0, c1)).to(cdt)).float()
+        for c0, c1 in chunks)
