@@ -55,11 +55,12 @@ def _poison_empty_slots(layer, n_body: int) -> None:
 
 def _capacity_sized(gm: torch.fx.GraphModule, capacity: int) -> list[str]:
     """Nodes of a dynamo graph that compute a tensor with an axis of at least half ``capacity``, other
-    than the inputs themselves and in-place writes into them (the commit's ``index_copy_``)."""
+    than the inputs themselves, views of them (the model's mask, read at a few columns) and in-place
+    writes into them (the commit's ``index_copy_``)."""
     found = []
     for node in gm.graph.nodes:
         value = node.meta.get("example_value")
-        if node.op == "placeholder" or not isinstance(value, torch.Tensor):
+        if node.op == "placeholder" or not isinstance(value, torch.Tensor) or value._is_view():
             continue
         if node.op == "call_method" and node.target.endswith("_"):
             continue
