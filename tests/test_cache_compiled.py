@@ -9,6 +9,7 @@ tensors of the preallocation's size in the graph.
 from __future__ import annotations
 
 import math
+import re
 from copy import deepcopy
 
 import pytest
@@ -16,6 +17,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig  # noqa: E402
+from torch._inductor.utils import run_and_get_code  # noqa: E402
 
 from nqkv_core.cache import NQKVCache, compiled  # noqa: E402
 from nqkv_core.codebook import get_codebook  # noqa: E402
@@ -99,13 +101,19 @@ def test_traced_step_reads_the_tokens_present(name, padded):
             k, v = _kv(1, gen)
             eager = deepcopy(cache)
             _poison_empty_slots(layer, layer._body_capacity(n))
-            out = step(cache, q, k, v, mask)
+            if n == 100:  # the first call compiles: keep inductor's code
+                out, code = run_and_get_code(step, cache, q, k, v, mask)
+            else:
+                out = step(cache, q, k, v, mask)
             ref = _step(eager, q, k, v, mask)
             assert torch.isfinite(out).all(), f"{n} tokens: a body slot past them was read"
             torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
             assert int(layer.length) == n + 1
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     assert _capacity_sized(graphs[0], CAPACITY) == []
+    # the commit writes the body in place: no loop of the compiled code runs over a whole body buffer
+    whole = [str(x.numel()) for x in (*layer.k_body, *layer.v_body)]
+    assert not [x for x in whole if re.search(rf"\b{x}L\b", "\n".join(code))]
     targets = [str(node.target) for node in graphs[0].graph.nodes]
     assert sum("present_attention" in t for t in targets) == 1
 

@@ -131,9 +131,13 @@ def attention(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, s
     # Several new tokens (a prompt, a chunk, assisted decoding's candidates): the tokens that leave
     # the window during them are quantized first, so that each query sees every key as a one-token
     # step at its position would (quantized once older than the window): results do not depend on
-    # how a sequence is split into forward passes.
+    # how a sequence is split into forward passes. A traced full layer writes the leaving token of a
+    # one-token step first too (its body slot is masked for this step's query): a write before the
+    # attention's read lets inductor write the preallocated body in place, where a write after the
+    # read became a copy of the whole body on every step.
     T = query.shape[2]
-    chunk = T > 1 and layer.stores_body and (n is None or layer._body_capacity(n + T - 1) > 0)
+    chunk = layer.stores_body and ((n is None and not layer.is_sliding)
+                                   or (T > 1 and (n is None or layer._body_capacity(n + T - 1) > 0)))
     if chunk:
         commit.write_leaving(layer, k_new, v_new)
     out = _attend_cache(layer, query, q, w, k_new, k_attend, v_new, attention_mask, scaling, n, logits)
