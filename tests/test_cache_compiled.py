@@ -127,17 +127,17 @@ def _packed(slots: int, gen: torch.Generator) -> list[torch.Tensor]:
 
 
 def _reference(q, k_body, v_body, codebook, n, k_tail, v_tail, tail_allowed, mask, S, scale, bias):
-    """Plain-torch attention over the first ``n`` body slots (dequantized) and the tail, fp32."""
+    """Plain-torch attention over the first ``n`` body slots (dequantized) and the tail, fp32
+    (rows that see nothing excepted: the caller's tail mask gives every row a token)."""
     T = q.shape[2]
     k = torch.cat([dequantize_blockwise(*(x[:, :, :n] for x in k_body), codebook, 16, axis=-1), k_tail], 2)
     v = torch.cat([dequantize_blockwise(*(x[:, :, :n] for x in v_body), codebook, 16, axis=-1), v_tail], 2)
     k, v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
     s = (q @ k.transpose(-1, -2)) * scale
-    body = torch.zeros(2, 1, T, n, dtype=torch.bool)
-    for t in range(T):  # query t reads the slots quantized before it
-        body[:, :, t, : n - T + 1 + t] = True
+    # query t reads the slots quantized before it
+    body = (torch.arange(n) < n - T + 1 + torch.arange(T)[:, None]).expand(2, 1, T, n)
     if mask is not None:
-        body &= mask[:, :, -T:, S : S + n]
+        body = body & mask[:, :, -T:, S : S + n]
     if bias is not None:
         w, table, tail_pos = bias
         s = s + w @ table[torch.cat([torch.arange(n) + S, tail_pos])].T
@@ -152,12 +152,9 @@ def test_present_attention_matches_plain_attention_over_the_present_slots(T, on_
     masked) against plain attention over the present slots; padding mask and key bias included."""
     monkeypatch.setattr(compiled, "reads_length", lambda body_len: on_host)
     gen = torch.Generator().manual_seed(T)
-    S, slots, n, M, scale = 2, 64, 37, 6, 0.25
+    S, slots, M, scale = 2, 64, 6, 0.25
     codebook = get_codebook("nf", 4, 16)
     k_body, v_body = _packed(slots + 1, gen), _packed(slots + 1, gen)
-    if on_host:  # never read
-        for x in (k_body[1], v_body[1]):
-            x[:, :, n:] = math.nan
     q = torch.randn(2, 4, T, 16, generator=gen)
     k_tail, v_tail = torch.randn(2, 2, M, 16, generator=gen), torch.randn(2, 2, M, 16, generator=gen)
     tail_allowed = torch.rand(1, 1, T, M, generator=gen) < 0.7
@@ -166,14 +163,20 @@ def test_present_attention_matches_plain_attention_over_the_present_slots(T, on_
     mask[1, :, :, : S + 5] = False  # padding: the second row's sinks and first body slots
     w, table = torch.randn(2, 4, T, 16, generator=gen), torch.randn(128, 16, generator=gen)
     tail_pos = torch.randint(0, 128, (M,), generator=gen)
-    for bias in (None, (w, table, tail_pos)):
-        for m in (None, mask):
+    for n in (0, 2, 37):
+        if on_host:  # slots past n are never read
+            for x in (k_body[1], v_body[1]):
+                x[:, :, n:] = math.nan
+        for bias, m, fused in [(None, None, True), (None, mask, True), ((w, table, tail_pos), None, True),
+                               ((w, table, tail_pos), mask, True), ((w, table, tail_pos), mask, False)]:
             out = torch.ops.nqkv.present_attention(
                 q, k_body, v_body, codebook, 16, codebook, 16, k_tail, v_tail, tail_allowed,
-                torch.tensor(n), m, S, scale, True, *(bias or (None, None, None)),
+                torch.tensor(n), m, S, scale, fused, *(bias or (None, None, None)),
             )
             ref = _reference(q, k_body, v_body, codebook, n, k_tail, v_tail, tail_allowed, m, S, scale, bias)
-            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4, msg=f"n={n} {fused=}")
+        for x in (k_body[1], v_body[1]):
+            x.copy_(torch.rand(x.shape, generator=gen) + 0.5)
 
 
 def test_present_attention_opcheck():
