@@ -76,7 +76,6 @@ def _(query, key, value, attention_mask, length, k_sink, scaling, layer):
     return query.new_empty(b, T, hq, d)
 
 
-
 def reads_length(body_len: torch.Tensor) -> bool:
     """Whether :func:`present_attention` reads the body length to the host and slices the body to it:
     on CPU, where that read costs nothing; on a GPU it would be a sync (which CUDA graph capture
@@ -143,8 +142,9 @@ def present_attention(
             return (bias_w @ table.T).index_select(-1, positions)
 
         key_bias = KeyBias((bias_w, table, positions), dense)
-    return attend(query, tuple(k_body), tuple(v_body), _side_format(k_codebook, k_block),
-                  _side_format(v_codebook, v_block), k_tail, v_tail, allowed, scale, key_bias, fused=fused).contiguous()
+    out = attend(query, tuple(k_body), tuple(v_body), _side_format(k_codebook, k_block),
+                 _side_format(v_codebook, v_block), k_tail, v_tail, allowed, scale, key_bias, fused=fused)
+    return out.contiguous()  # the strides the fake kernel promises the compiled graph
 
 
 @present_attention.register_fake

@@ -246,8 +246,7 @@ def _attend_present(layer, query, q, w, k_new, v_new, attention_mask, scaling: f
     The tail's positions, mask and key bias are built here, over sinks, ring and new tokens only."""
     T, S, kf, vf = q.shape[2], layer.n_sinks, layer.k_fmt, layer.v_fmt
     p0 = layer.length
-    # the tokens that have left the window once the step's leaving ones are written (a chunk writes
-    # them before attending)
+    # the tokens that have left the window once the step's leaving ones are written (before attending)
     n_body = (p0 + (T - S - layer.window)).clamp(0, layer.capacity)
     positions, valid = slot_positions(layer, p0, 0, T)  # [sinks | ring | new]
     allowed = allowed_slots(layer, p0, positions, valid, T, attention_mask)
