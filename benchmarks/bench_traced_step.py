@@ -8,8 +8,7 @@ body, from the same graph:
 
 * ``present``: ``nqkv::present_attention`` slices the body to the tokens present (what CPU steps do);
 * ``whole body``: the same op reading the whole preallocated body with the empty slots masked by the
-  device-side length (what it does on a GPU, where reading the length back is a sync; and what
-  traced steps did everywhere before the op read the length).
+  device-side length (what it does on a GPU, where reading the length back is a sync).
 
 Printed: the median step time over ``--rounds`` rounds of ``--steps`` steps of each way in turn.
 
