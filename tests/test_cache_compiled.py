@@ -126,12 +126,19 @@ def _packed(slots: int, gen: torch.Generator) -> list[torch.Tensor]:
     return [codes, (torch.rand(2, 2, slots, 1, generator=gen) + 0.5).half()]
 
 
-def _reference(q, k_body, v_body, codebook, n, k_tail, v_tail, tail_allowed, mask, S, scale, bias):
+def _read(body: list[torch.Tensor], codebook: torch.Tensor | None, n: int) -> torch.Tensor:
+    if codebook is None:  # a 16-bit side
+        return body[0][:, :, :n].float()
+    return dequantize_blockwise(*(x[:, :, :n] for x in body), codebook, 16, axis=-1)
+
+
+def _reference(q, k_body, v_body, codebook, n, k_tail, v_tail, tail_allowed, mask, S, scale, bias,
+               k_codebook="same"):
     """Plain-torch attention over the first ``n`` body slots (dequantized) and the tail, fp32
     (rows that see nothing excepted: the caller's tail mask gives every row a token)."""
     T = q.shape[2]
-    k = torch.cat([dequantize_blockwise(*(x[:, :, :n] for x in k_body), codebook, 16, axis=-1), k_tail], 2)
-    v = torch.cat([dequantize_blockwise(*(x[:, :, :n] for x in v_body), codebook, 16, axis=-1), v_tail], 2)
+    k = torch.cat([_read(k_body, codebook if k_codebook == "same" else k_codebook, n), k_tail], 2)
+    v = torch.cat([_read(v_body, codebook, n), v_tail], 2)
     k, v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
     s = (q @ k.transpose(-1, -2)) * scale
     # query t reads the slots quantized before it
@@ -177,6 +184,25 @@ def test_present_attention_matches_plain_attention_over_the_present_slots(T, on_
             torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4, msg=f"n={n} {fused=}")
         for x in (k_body[1], v_body[1]):
             x.copy_(torch.rand(x.shape, generator=gen) + 0.5)
+
+
+@pytest.mark.parametrize("on_host", [True, False])
+def test_present_attention_reads_a_16_bit_side(on_host, monkeypatch):
+    monkeypatch.setattr(compiled, "reads_length", lambda body_len: on_host)
+    gen = torch.Generator().manual_seed(7)
+    codebook, n = get_codebook("nf", 4, 16), 21
+    k_body, v_body = [torch.randn(2, 2, 33, 16, generator=gen)], _packed(33, gen)
+    if on_host:  # slots past n are never read
+        k_body[0][:, :, n:] = math.nan
+        v_body[1][:, :, n:] = math.nan
+    q, k_tail, v_tail = (torch.randn(2, h, 3, 16, generator=gen) for h in (4, 2, 2))
+    q = q[:, :, :1]
+    tail_allowed = torch.ones(1, 1, 1, 3, dtype=torch.bool)
+    out = torch.ops.nqkv.present_attention(q, k_body, v_body, None, 1, codebook, 16, k_tail, v_tail, tail_allowed,
+                                           torch.tensor(n), None, 2, 0.25, True)
+    ref = _reference(q, k_body, v_body, codebook, n, k_tail, v_tail, tail_allowed, None, 2, 0.25, None,
+                     k_codebook=None)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_present_attention_opcheck():
