@@ -8,8 +8,9 @@ Caches and step functions, all with the same model in one process:
   is an error); each layer's cache step is one opaque op, ``nqkv::cache_step``, that runs the
   eager step (the cache's ``compiled_step="op"``, its default on CPU);
 * ``NQKV compiled traced`` (with ``--variants``): the same with ``compiled_step="traced"``, the
-  step's torch ops in the graph (what a GPU's CUDA graphs capture), reading the whole
-  preallocated body, masked;
+  step's torch ops in the graph (what a GPU's CUDA graphs capture), with the attention one op
+  that reads the tokens present (``benchmarks/bench_traced_step.py`` times it against the
+  preallocation);
 * ``NQKV eager``: the same cache, growing, eager;
 * ``StaticCache compiled``: transformers' fp32 ``StaticCache`` with SDPA, compiled the same way;
 * ``DynamicCache eager``: transformers' default.

@@ -254,14 +254,15 @@ def test_nqkv_attention_without_a_cache_is_exact(name):
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
-def test_compiled_decode_steps_on_sliding_and_soft_capped_layers():
+@pytest.mark.parametrize("compiled_step", ["auto", "traced"])
+def test_compiled_decode_steps_on_sliding_and_soft_capped_layers(compiled_step):
     # Gemma 2 (a sliding layer with a ring of codes, a full layer, soft-capping): one-token steps
-    # compiled with fullgraph=True, the full layer as the opaque op and the sliding one traced, give
-    # the eager steps' logits.
+    # compiled with fullgraph=True, the full layer as the opaque op ("auto" on CPU) or traced and the
+    # sliding one traced, give the eager steps' logits.
     model, ids = tiny("gemma2"), ids_for(PROMPT + 6)
     nq = enable(model, scheme=scheme4(model, 4), max_cache_len=64)
     expected = decode_logits(model, ids, nq.new_cache())
-    cache = nq.new_cache()
+    cache = nq.new_cache(compiled_step=compiled_step)
     step = torch.compile(lambda x, pos: model(x, past_key_values=cache, use_cache=True, cache_position=pos).logits,
                          fullgraph=True)
     with torch.no_grad():

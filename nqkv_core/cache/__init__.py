@@ -6,7 +6,7 @@ Modules, in the order data flows through them:
 ``format``     how each side is stored (:class:`SideFormat`), the RoPE table, the key bias
 ``attend``     attention of new queries over ``[quantized body | full-precision tokens]``
 ``commit``     storing new tokens: sinks, the full-precision ring, the quantized body
-``compiled``   a compiled step's layer as one opaque op (``torch.ops.nqkv.cache_step``)
+``compiled``   opaque ops of compiled steps (``nqkv::cache_step``, ``nqkv::present_attention``)
 ``step``       one attention step of a layer, with its decode strategies
 ``layer``      :class:`NQKVLayer`: one full-attention layer's buffers and transformers' layer interface
 ``sliding``    :class:`NQKVSlidingLayer`: a sliding-window layer (its quantized tokens in a ring)

@@ -1,7 +1,11 @@
-"""A compiled step's cache layer as one opaque op: ``torch.ops.nqkv.cache_step``.
+"""The opaque ops of compiled steps: ``torch.ops.nqkv.cache_step`` and ``present_attention``.
 
-On CPU a ``torch.compile``'d decode step runs each layer's cache step as this op, whose body is the
-eager step (one native call per layer), instead of tracing its ~180 torch ops into the graph.
+On CPU a ``torch.compile``'d decode step runs each layer's cache step as ``cache_step``, whose body
+is the eager step (one native call per layer), instead of tracing its ~180 torch ops into the graph.
+A traced step (``compiled_step="traced"``, the one CUDA graphs capture) attends through
+``present_attention``, which reads only the body slots that hold tokens: the count is a device
+tensor, so the graph's shapes stay those of the preallocated cache while the attention's cost
+follows the tokens present.
 """
 
 from __future__ import annotations
@@ -13,6 +17,9 @@ from typing import Optional
 import torch
 
 from nqkv_core._hf import bool_mask
+from nqkv_core.cache.attend import attend
+from nqkv_core.cache.format import KeyBias, SideFormat
+from nqkv_core.scheme import FP_BITS
 
 # The layers ``nqkv::cache_step`` runs, by ``NQKVLayer.step_name`` (an op's arguments are tensors and
 # plain values; the layer's transform, buffers and prepared native step stay out of the graph).
@@ -68,3 +75,80 @@ def _(query, key, value, attention_mask, length, k_sink, scaling, layer):
     b, hq, T, d = query.shape
     return query.new_empty(b, T, hq, d)
 
+
+def reads_length(body_len: torch.Tensor) -> bool:
+    """Whether :func:`present_attention` reads the body length to the host and slices the body to it:
+    on CPU, where that read costs nothing; on a GPU it would be a sync (which CUDA graph capture
+    forbids), so there the body is read whole and its empty slots masked by the device length."""
+    return body_len.device.type == "cpu"
+
+
+def _side_format(codebook: Optional[torch.Tensor], block: int) -> SideFormat:
+    if codebook is None:
+        return SideFormat(FP_BITS, 1, None, None)
+    return SideFormat(codebook.numel().bit_length() - 1, block, codebook, codebook)
+
+
+@torch.library.custom_op("nqkv::present_attention", mutates_args=())
+def present_attention(
+    query: torch.Tensor, k_body: list[torch.Tensor], v_body: list[torch.Tensor], k_codebook: Optional[torch.Tensor],
+    k_block: int, v_codebook: Optional[torch.Tensor], v_block: int, k_tail: torch.Tensor, v_tail: torch.Tensor,
+    tail_allowed: torch.Tensor, body_len: torch.Tensor, attention_mask: Optional[torch.Tensor], body_start: int,
+    scale: float, fused: bool, bias_w: Optional[torch.Tensor] = None, bias_table: Optional[torch.Tensor] = None,
+    bias_pos: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Attention of a traced step over the body slots that hold tokens and the exact tail:
+    :func:`~nqkv_core.cache.attend.attend` over ``[body[:body_len] | tail]``.
+
+    Args:
+        query: ``(b, hq, T, d)`` in the storage basis.
+        k_body, v_body: a layer's whole body buffers (``[codes, absmax]``, or ``[values]`` for a
+            16-bit side), ``(b, hkv, slots, ...)``; slots from ``body_len`` on are never attended.
+        k_codebook, v_codebook, k_block, v_block: their formats (codebook None: a 16-bit side).
+        k_tail, v_tail: ``(b, hkv, M, d)`` exact tokens after the body (sinks, ring, new tokens).
+        tail_allowed: boolean ``(b or 1, 1, T, M)`` mask of the tail.
+        body_len: int64 scalar tensor, the slots that hold tokens once the step's leaving tokens are
+            written. Query ``t`` reads body slot ``j`` if ``j < body_len - T + 1 + t`` (the slots
+            written for later queries of the step are not yet quantized for it).
+        attention_mask: None, or the model's ``(b, 1, >= T, L)`` mask over absolute positions, of
+            which body slot ``j`` is column ``body_start + j``.
+        body_start: the position of body slot 0 (the sink count).
+        scale: softmax scale; fused: read the codes with the ``torch.ops.nqkv`` ops (False: the
+            reference arithmetic, SDPA over the dequantized body).
+        bias_w, bias_table, bias_pos: the RoPE-centred key bias (:class:`~nqkv_core.cache.format.KeyBias`
+            parts) with ``bias_pos`` the tail's positions; body slot ``j`` is at ``body_start + j``.
+
+    Returns:
+        ``(b, hq, T, dv)`` in ``query.dtype``.
+    """
+    T, dev = query.shape[2], query.device
+    if reads_length(body_len):
+        n = int(body_len)
+        k_body, v_body = [x[:, :, :n] for x in k_body], [x[:, :, :n] for x in v_body]
+    j = torch.arange(k_body[0].shape[2], device=dev)
+    body = (j < body_len - (T - 1) + torch.arange(T, device=dev)[:, None])[None, None]
+    if attention_mask is not None:
+        mask = bool_mask(attention_mask)
+        cols = (j + body_start).clamp(max=mask.shape[-1] - 1)
+        body = mask[:, :, -T:, :].index_select(-1, cols) & body
+    b = max(body.shape[0], tail_allowed.shape[0])
+    allowed = torch.cat([body.expand(b, -1, -1, -1), tail_allowed.expand(b, -1, -1, -1)], dim=-1)
+    key_bias = None
+    if bias_w is not None:
+        positions = torch.cat([j + body_start, bias_pos]).clamp(max=bias_table.shape[0] - 1)
+        table = bias_table[: int(positions.max()) + 1] if reads_length(body_len) else bias_table
+
+        def dense() -> torch.Tensor:
+            return (bias_w @ table.T).index_select(-1, positions)
+
+        key_bias = KeyBias((bias_w, table, positions), dense)
+    out = attend(query, tuple(k_body), tuple(v_body), _side_format(k_codebook, k_block),
+                 _side_format(v_codebook, v_block), k_tail, v_tail, allowed, scale, key_bias, fused=fused)
+    return out.contiguous()  # the strides the fake kernel promises the compiled graph
+
+
+@present_attention.register_fake
+def _(query, k_body, v_body, k_codebook, k_block, v_codebook, v_block, k_tail, v_tail, tail_allowed, body_len,
+      attention_mask, body_start, scale, fused, bias_w=None, bias_table=None, bias_pos=None):
+    b, hq, T, _ = query.shape
+    return query.new_empty(b, hq, T, v_tail.shape[-1])

@@ -135,9 +135,13 @@ def attention(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, s
     # Several new tokens (a prompt, a chunk, assisted decoding's candidates): the tokens that leave
     # the window during them are quantized first, so that each query sees every key as a one-token
     # step at its position would (quantized once older than the window): results do not depend on
-    # how a sequence is split into forward passes.
+    # how a sequence is split into forward passes. A traced full layer writes the leaving token of a
+    # one-token step first too (its body slot is masked for this step's query): a write before the
+    # attention's read lets inductor write the preallocated body in place, where a write after the
+    # read became a copy of the whole body on every step.
     T = query.shape[2]
-    chunk = T > 1 and layer.stores_body and (n is None or layer._body_capacity(n + T - 1) > 0)
+    chunk = layer.stores_body and ((n is None and not layer.is_sliding)
+                                   or (T > 1 and (n is None or layer._body_capacity(n + T - 1) > 0)))
     if chunk:
         commit.write_leaving(layer, k_new, v_new)
     out = _attend_cache(layer, query, q, w, k_new, k_attend, v_new, attention_mask, scaling, n, logits)
@@ -221,9 +225,11 @@ def _attend_cache(layer, query, q, w, k_new, k_attend, v_new, attention_mask, sc
         # the softmax ignores).
         return prompt_attention(q, k_new if k_attend is None else k_attend, v_new, attention_mask, scaling,
                                 layer.sliding_window, logits)
+    if n is None and logits is None and not layer.is_sliding:  # compiled: the tokens present only
+        return _attend_present(layer, query, q, w, k_new, v_new, attention_mask, scaling)
     p0 = layer.length
-    # Compiled steps read the whole preallocated body (masked) so that shapes never change; a chunk
-    # reads the tokens it quantized before attending too.
+    # Other compiled steps read the whole preallocated body (masked) so that shapes never change; a
+    # chunk reads the tokens it quantized before attending too.
     n_body = layer.capacity if n is None else min(layer._body_capacity(n + T - 1), layer.capacity)
     if n is None:
         positions, valid = slot_positions(layer, p0, n_body, T)
@@ -249,6 +255,28 @@ def _attend_cache(layer, query, q, w, k_new, k_attend, v_new, attention_mask, sc
         q, tuple(x[:, :, :n_body] for x in layer.k_body), tuple(x[:, :, :n_body] for x in layer.v_body),
         layer.k_fmt, layer.v_fmt, k_fp, v_fp, allowed, scaling, key_bias, fused=layer.decode != "reference",
         logits=logits,
+    )
+
+
+def _attend_present(layer, query, q, w, k_new, v_new, attention_mask, scaling: float) -> torch.Tensor:
+    """:func:`_attend_cache` of a traced compiled step: ``nqkv::present_attention`` reads the body slots
+    that hold tokens, their count a device tensor, so that the graph keeps the preallocated shapes
+    while the attention's cost follows the tokens present (no ``(.., capacity)`` mask or positions).
+    The tail's positions, mask and key bias are built here, over sinks, ring and new tokens only."""
+    T, S, kf, vf = q.shape[2], layer.n_sinks, layer.k_fmt, layer.v_fmt
+    p0 = layer.length
+    # the tokens that have left the window once the step's leaving ones are written (before attending)
+    n_body = (p0 + (T - S - layer.window)).clamp(0, layer.capacity)
+    positions, valid = slot_positions(layer, p0, 0, T)  # [sinks | ring | new]
+    allowed = allowed_slots(layer, p0, positions, valid, T, attention_mask)
+    bias = (None, None, None)
+    if layer.transform.inv_freq is not None:
+        bias = _key_bias(layer, query, positions, None, scaling, w).parts
+    k_fp = torch.cat([layer.k_sink[:, :, :S], layer.k_ring[:, :, : layer.n_ring], k_new], dim=2)
+    v_fp = torch.cat([layer.v_sink[:, :, :S], layer.v_ring[:, :, : layer.n_ring], v_new], dim=2)
+    return torch.ops.nqkv.present_attention(
+        q, list(layer.k_body), list(layer.v_body), kf.codebook, kf.block, vf.codebook, vf.block, k_fp, v_fp,
+        allowed, n_body, attention_mask, S, scaling, layer.decode != "reference", *bias,
     )
 
 

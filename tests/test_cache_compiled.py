@@ -1,0 +1,214 @@
+"""Traced compiled steps (``compiled_step="traced"``) attend over the tokens present.
+
+The graph keeps the preallocated shapes (no recompiles as the cache grows), but its attention is
+``nqkv::present_attention``, which reads only the body slots that hold tokens: the tests poison the
+slots beyond them, compare with eager steps at two lengths under one preallocation, and look for
+tensors of the preallocation's size in the graph.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from copy import deepcopy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import LlamaConfig  # noqa: E402
+from torch._inductor.utils import run_and_get_code  # noqa: E402
+
+from nqkv_core.cache import NQKVCache, compiled  # noqa: E402
+from nqkv_core.codebook import get_codebook  # noqa: E402
+from nqkv_core.quantize import dequantize_blockwise  # noqa: E402
+from nqkv_core.scheme import KVScheme  # noqa: E402
+
+CAPACITY = 4096
+SCHEMES = {
+    "nf4-rot-centre": KVScheme("a", k_block=16, v_block=16, k_rotate=True, v_rotate=True, k_centre=True,
+                               v_centre=True, sinks=2, window=4),
+    "nf4-rope-centre": KVScheme("d", k_block=16, v_block=16, k_rotate=True, v_rotate=True, k_centre=True,
+                                k_centre_rope=True, v_centre=True, sinks=2, window=4, unbiased=True),
+}
+
+
+def _config() -> LlamaConfig:
+    return LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, max_position_embeddings=2 * CAPACITY)
+
+
+def _kv(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    return 3 * torch.randn(2, 2, n, 16, generator=gen), torch.randn(2, 2, n, 16, generator=gen)
+
+
+def _step(cache: NQKVCache, q, k, v, mask):
+    cache.update(k, v, 0)
+    return cache.layers[0].attention(q, mask, 0.25)
+
+
+def _poison_empty_slots(layer, n_body: int) -> None:
+    """NaN scales in every body slot past the first ``n_body`` (the trash slot too): a step that
+    reads one of them, even masked, gives NaN (``0 * NaN``)."""
+    for x in (*layer.k_body, *layer.v_body):
+        if x.dtype.is_floating_point:
+            x[:, :, n_body:] = math.nan
+
+
+def _capacity_sized(gm: torch.fx.GraphModule, capacity: int) -> list[str]:
+    """Nodes of a dynamo graph that compute a tensor with an axis of at least half ``capacity``, other
+    than the inputs themselves, views of them (the model's mask, read at a few columns) and in-place
+    writes into them (the commit's ``index_copy_``)."""
+    found = []
+    for node in gm.graph.nodes:
+        value = node.meta.get("example_value")
+        if node.op == "placeholder" or not isinstance(value, torch.Tensor) or value._is_view():
+            continue
+        if node.op == "call_method" and node.target.endswith("_"):
+            continue
+        if max(value.shape, default=0) >= capacity // 2:
+            found.append(f"{node.target} {tuple(value.shape)}")
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,padded", [("nf4-rot-centre", False), ("nf4-rope-centre", True)])
+def test_traced_step_reads_the_tokens_present(name, padded):
+    """One preallocation, two lengths: one graph, the eager step's output, the body slots past the
+    tokens present never read, and no tensor of the preallocation's size in the attention."""
+    gen = torch.Generator().manual_seed(0)
+    cache = NQKVCache(SCHEMES[name], config=_config(), max_cache_len=CAPACITY, compiled_step="traced")
+    layer = cache.layers[0]
+    mask = None
+    if padded:  # the second sequence starts with 3 padding tokens
+        mask = torch.ones(2, 1, 1, CAPACITY, dtype=torch.bool)
+        mask[1, :, :, :3] = False
+    graphs = []
+
+    def backend(gm, example_inputs):  # inductor, keeping dynamo's graph to look at
+        from torch._inductor.compile_fx import compile_fx
+
+        graphs.append(gm)
+        return compile_fx(gm, example_inputs)
+
+    step = torch.compile(_step, fullgraph=True, backend=backend)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        for n in (100, 1000):
+            cache.append(*_kv(n - int(layer.length), gen), 0)
+            q = torch.randn(2, 4, 1, 16, generator=gen)
+            k, v = _kv(1, gen)
+            eager = deepcopy(cache)
+            _poison_empty_slots(layer, layer._body_capacity(n))
+            if n == 100:  # the first call compiles: keep inductor's code
+                out, code = run_and_get_code(step, cache, q, k, v, mask)
+            else:
+                out = step(cache, q, k, v, mask)
+            ref = _step(eager, q, k, v, mask)
+            assert torch.isfinite(out).all(), f"{n} tokens: a body slot past them was read"
+            torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+            assert int(layer.length) == n + 1
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert _capacity_sized(graphs[0], CAPACITY) == []
+    # the commit writes the body in place: no loop of the compiled code runs over a whole body buffer
+    whole = [str(x.numel()) for x in (*layer.k_body, *layer.v_body)]
+    assert not [x for x in whole if re.search(rf"\b{x}L\b", "\n".join(code))]
+    targets = [str(node.target) for node in graphs[0].graph.nodes]
+    assert sum("present_attention" in t for t in targets) == 1
+
+
+# -- the op itself --------------------------------------------------------------------------------
+
+
+def _packed(slots: int, gen: torch.Generator) -> list[torch.Tensor]:
+    codes = torch.randint(0, 256, (2, 2, slots, 8), dtype=torch.uint8, generator=gen)
+    return [codes, (torch.rand(2, 2, slots, 1, generator=gen) + 0.5).half()]
+
+
+def _read(body: list[torch.Tensor], codebook: torch.Tensor | None, n: int) -> torch.Tensor:
+    if codebook is None:  # a 16-bit side
+        return body[0][:, :, :n].float()
+    return dequantize_blockwise(*(x[:, :, :n] for x in body), codebook, 16, axis=-1)
+
+
+def _reference(q, k_body, v_body, codebook, n, k_tail, v_tail, tail_allowed, mask, S, scale, bias,
+               k_codebook="same"):
+    """Plain-torch attention over the first ``n`` body slots (dequantized) and the tail, fp32
+    (rows that see nothing excepted: the caller's tail mask gives every row a token)."""
+    T = q.shape[2]
+    k = torch.cat([_read(k_body, codebook if k_codebook == "same" else k_codebook, n), k_tail], 2)
+    v = torch.cat([_read(v_body, codebook, n), v_tail], 2)
+    k, v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    s = (q @ k.transpose(-1, -2)) * scale
+    # query t reads the slots quantized before it
+    body = (torch.arange(n) < n - T + 1 + torch.arange(T)[:, None]).expand(2, 1, T, n)
+    if mask is not None:
+        body = body & mask[:, :, -T:, S : S + n]
+    if bias is not None:
+        w, table, tail_pos = bias
+        s = s + w @ table[torch.cat([torch.arange(n) + S, tail_pos])].T
+    s = s.masked_fill(~torch.cat([body, tail_allowed.expand(2, -1, -1, -1)], -1), -math.inf)
+    return torch.softmax(s, -1) @ v
+
+
+@pytest.mark.parametrize("on_host", [True, False])
+@pytest.mark.parametrize("T", [1, 3])
+def test_present_attention_matches_plain_attention_over_the_present_slots(T, on_host, monkeypatch):
+    """Host-read length (CPU: the body sliced to it) and device-only length (GPUs: the empty slots
+    masked) against plain attention over the present slots; padding mask and key bias included."""
+    monkeypatch.setattr(compiled, "reads_length", lambda body_len: on_host)
+    gen = torch.Generator().manual_seed(T)
+    S, slots, M, scale = 2, 64, 6, 0.25
+    codebook = get_codebook("nf", 4, 16)
+    k_body, v_body = _packed(slots + 1, gen), _packed(slots + 1, gen)
+    q = torch.randn(2, 4, T, 16, generator=gen)
+    k_tail, v_tail = torch.randn(2, 2, M, 16, generator=gen), torch.randn(2, 2, M, 16, generator=gen)
+    tail_allowed = torch.rand(1, 1, T, M, generator=gen) < 0.7
+    tail_allowed[..., -1] = True
+    mask = torch.ones(2, 1, T, 128, dtype=torch.bool)
+    mask[1, :, :, : S + 5] = False  # padding: the second row's sinks and first body slots
+    w, table = torch.randn(2, 4, T, 16, generator=gen), torch.randn(128, 16, generator=gen)
+    tail_pos = torch.randint(0, 128, (M,), generator=gen)
+    for n in (0, 2, 37):
+        if on_host:  # slots past n are never read
+            for x in (k_body[1], v_body[1]):
+                x[:, :, n:] = math.nan
+        for bias, m, fused in [(None, None, True), (None, mask, True), ((w, table, tail_pos), None, True),
+                               ((w, table, tail_pos), mask, True), ((w, table, tail_pos), mask, False)]:
+            out = torch.ops.nqkv.present_attention(
+                q, k_body, v_body, codebook, 16, codebook, 16, k_tail, v_tail, tail_allowed,
+                torch.tensor(n), m, S, scale, fused, *(bias or (None, None, None)),
+            )
+            ref = _reference(q, k_body, v_body, codebook, n, k_tail, v_tail, tail_allowed, m, S, scale, bias)
+            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4, msg=f"n={n} {fused=}")
+        for x in (k_body[1], v_body[1]):
+            x.copy_(torch.rand(x.shape, generator=gen) + 0.5)
+
+
+@pytest.mark.parametrize("on_host", [True, False])
+def test_present_attention_reads_a_16_bit_side(on_host, monkeypatch):
+    monkeypatch.setattr(compiled, "reads_length", lambda body_len: on_host)
+    gen = torch.Generator().manual_seed(7)
+    codebook, n = get_codebook("nf", 4, 16), 21
+    k_body, v_body = [torch.randn(2, 2, 33, 16, generator=gen)], _packed(33, gen)
+    if on_host:  # slots past n are never read
+        k_body[0][:, :, n:] = math.nan
+        v_body[1][:, :, n:] = math.nan
+    q, k_tail, v_tail = (torch.randn(2, h, 3, 16, generator=gen) for h in (4, 2, 2))
+    q = q[:, :, :1]
+    tail_allowed = torch.ones(1, 1, 1, 3, dtype=torch.bool)
+    out = torch.ops.nqkv.present_attention(q, k_body, v_body, None, 1, codebook, 16, k_tail, v_tail, tail_allowed,
+                                           torch.tensor(n), None, 2, 0.25, True)
+    ref = _reference(q, k_body, v_body, codebook, n, k_tail, v_tail, tail_allowed, None, 2, 0.25, None,
+                     k_codebook=None)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_present_attention_opcheck():
+    gen = torch.Generator().manual_seed(5)
+    codebook = get_codebook("nf", 4, 16)
+    args = (torch.randn(2, 4, 1, 16, generator=gen), _packed(33, gen), _packed(33, gen), codebook, 16, codebook, 16,
+            torch.randn(2, 2, 3, 16, generator=gen), torch.randn(2, 2, 3, 16, generator=gen),
+            torch.ones(1, 1, 1, 3, dtype=torch.bool), torch.tensor(20), None, 2, 0.25, True)
+    torch.library.opcheck(torch.ops.nqkv.present_attention, args)
