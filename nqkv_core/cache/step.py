@@ -225,7 +225,8 @@ def _attend_cache(layer, query, q, w, k_new, k_attend, v_new, attention_mask, sc
         # the softmax ignores).
         return prompt_attention(q, k_new if k_attend is None else k_attend, v_new, attention_mask, scaling,
                                 layer.sliding_window, logits)
-    if n is None and logits is None and not layer.is_sliding:  # compiled: the tokens present only
+    if n is None and logits is None and not layer.is_sliding and layer.starts is None:
+        # compiled: the tokens present only (a padded batch's rows mask their own body slots: below)
         return _attend_present(layer, query, q, w, k_new, v_new, attention_mask, scaling)
     p0 = layer.length
     # Other compiled steps read the whole preallocated body (masked) so that shapes never change; a
