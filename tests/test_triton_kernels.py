@@ -155,6 +155,81 @@ def test_grouped_decode_kernel(d, block, g, tail, t, dtype):
     check(triton_decode_grouped.grouped_decode(*a), triton_decode.reference(*a), dtype)
 
 
+def rope_key_bias(q, n_hist, n_tail, ring=False, scale=None):
+    """A RoPE-centred cache's key bias for ``q``: weights from a random key centre
+    (``rope_bias_weights``), the ``[cos | sin]`` table of head_dim's RoPE angles, and positions in
+    the cache's slot order: the body one run after 4 sinks (or, with ``ring``, a run that wraps),
+    then the sinks, then a shuffled window. Returns ``(w, table, positions, dense)`` with ``dense``
+    the ``(b, hq, Tq, n_hist + n_tail)`` offsets computed in torch."""
+    from nqkv_core.cache.format import rope_bias_weights
+
+    gen = torch.Generator().manual_seed(5)
+    b, hq, _, d = q.shape
+    mu = 2 * torch.randn(b, hq, 1, d, generator=gen)
+    w = rope_bias_weights(q.float().cpu(), mu, q.shape[-1] ** -0.5 if scale is None else scale)
+    n_pos = n_hist + n_tail + 8
+    inv_freq = 10000.0 ** (-torch.arange(0, d, 2).float() / d)
+    ang = torch.arange(n_pos).float()[:, None] * inv_freq[None, :]
+    table = torch.cat([ang.cos(), ang.sin()], dim=-1)
+    body = torch.arange(4, 4 + n_hist)
+    if ring:
+        body = body.roll(n_hist // 3)
+    tail = torch.cat([torch.arange(4), 4 + n_hist + torch.randperm(n_pos - 4 - n_hist, generator=gen)])[:n_tail]
+    positions = torch.cat([body, tail])
+    dense = (w @ table.T).index_select(-1, positions)
+    return w.to(DEVICE), table.to(DEVICE), positions.to(DEVICE), dense.to(DEVICE)
+
+
+@_kernel_test
+@pytest.mark.parametrize("d,block,g,tail,t,dtype", GROUPED_CASES)
+def test_grouped_decode_key_bias(d, block, g, tail, t, dtype):
+    """The RoPE-centre key bias computed in the kernel (from the weights, the table and the positions)
+    against the reference given the same bias as a dense additive mask; a body that wraps (a ring)
+    at 1000 tokens."""
+    q, K, V, kt, vt = make(b=2, g=g, t=t, d=d, block=block, tail=tail, dtype=dtype)
+    w, table, positions, dense = rope_key_bias(q, t, tail, ring=t == 1000 and d == 64)
+    a = args_of(q, K, V, kt, vt)
+    ref = triton_decode.reference(*args_of(q, K, V, kt, vt, mask=dense))
+    if t + tail > 1:  # (one key takes all the weight, bias or not)
+        assert (ref.float() - triton_decode.reference(*a).float()).abs().max() > 0.05  # the bias matters
+    check(triton_decode_grouped.grouped_decode(*a, w, table, positions), ref, dtype)
+
+
+@_kernel_test
+def test_grouped_decode_key_bias_masks_lengths():
+    """The key bias with a bool mask, a causal two-token query, and device lengths below the
+    tensors' capacity (tail positions then follow the valid history: column ``T_hist + i``)."""
+    q, K, V, kt, vt = make(b=1, g=3, tq=2, t=150, d=64, block=64, tail=6)
+    w, table, positions, dense = rope_key_bias(q, 150, 6)
+    mask = (torch.rand(2, 156, generator=torch.Generator().manual_seed(3)) > 0.2).to(DEVICE)
+    a = args_of(q, K, V, kt, vt, mask=mask, is_causal=True)
+    ref = triton_decode.reference(*args_of(q, K, V, kt, vt, mask=dense.masked_fill(~mask, float("-inf")),
+                                           is_causal=True))
+    check(triton_decode_grouped.grouped_decode(*a, w, table, positions), ref, torch.float32)
+    th, tt = 100, 4
+    cols = torch.cat([torch.arange(th), 150 + torch.arange(tt)]).to(DEVICE)
+    res = triton_decode_grouped.launch(q, K.codes, K.absmax, K.codebook, 64, V.codes, V.absmax, V.codebook, kt, vt,
+                                       None, 0.125, False, lengths=torch.tensor([[th, tt]], dtype=torch.int32),
+                                       key_bias=(w, table, positions[cols]))
+    ref = triton_decode.reference(q, K.codes[:, :, :th], K.absmax[:, :, :th], K.codebook, 64, 3, V.codes[:, :, :th],
+                                  V.absmax[:, :, :th], V.codebook, 64, 3, kt[:, :, :tt], vt[:, :, :tt],
+                                  dense[..., cols], 0.125, False)
+    check(res, ref, torch.float32)
+
+
+@_kernel_test
+def test_grouped_decode_key_bias_checks():
+    """A key bias of the wrong shape, dtype or device is refused with an error naming it."""
+    q, K, V, kt, vt = make(g=3, t=40, d=64, block=64, tail=2)
+    w, table, positions, _ = rope_key_bias(q, 40, 2)
+    a = args_of(q, K, V, kt, vt)
+    for bad, err in (((w[..., :32], table, positions), "bias_w"), ((w, table[:, :32], positions), "bias_table"),
+                     ((w, table, positions[:41]), "bias_pos"), ((w.half(), table, positions), "float32"),
+                     ((w, table, positions.float()), "bias_pos"), ((w, None, positions), "together")):
+        with pytest.raises((ValueError, TypeError), match=err):
+            triton_decode_grouped.grouped_decode(*a, *bad)
+
+
 @_kernel_test
 def test_grouped_decode_33k_tokens(monkeypatch):
     """A long cache (33k tokens, 37 tail tokens) over a few splits; large tiles keep the

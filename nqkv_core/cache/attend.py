@@ -18,7 +18,7 @@ import nqkv_core.ops  # noqa: F401  (registers torch.ops.nqkv.attention)
 from nqkv_core._hf import bool_mask
 from nqkv_core.cache.format import KeyBias, SideFormat, read_body
 from nqkv_core.ops import cpu as cpu_ops
-from nqkv_core.ops.attention import attention_eager, skips_dispatcher
+from nqkv_core.ops.attention import attention_eager, grouped_takes_key_bias, skips_dispatcher
 
 
 def attend(
@@ -73,6 +73,12 @@ def attend(
                                                            *key_bias.parts)
             if skips_dispatcher(query, k_fp, v_fp):
                 return cpu_ops.attention_decode(query, k, v, k_fp, v_fp, mask, scale, False, key_bias.parts)
+        if (
+            fused and k_fmt.quantized and v_fmt.quantized and k_body[0].shape[2]
+            and query.device.type == "cuda" and grouped_takes_key_bias(query, k, v)
+        ):  # so does the CUDA decode kernel
+            return torch.ops.nqkv.grouped_decode(query, *k, *v, k_fp.to(query.dtype), v_fp.to(query.dtype), mask,
+                                                 scale, False, *key_bias.parts)
         bias = key_bias.dense()
         mask = bias if mask is None else bias.masked_fill(~mask, -math.inf)
     if k_body[0].shape[2] == 0:

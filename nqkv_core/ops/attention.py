@@ -158,6 +158,16 @@ def _triton_kernels():
     return triton_decode, triton_prefill, triton_decode_grouped
 
 
+def grouped_takes_key_bias(q: Tensor, k: tuple, v: tuple) -> bool:
+    """Whether ``nqkv::grouped_decode`` serves a call with a key bias (``bias_w, bias_table,
+    bias_pos``, computed in its kernel): what :func:`attention_eager` would run is the grouped decode
+    kernel (``k`` / ``v``: codes, absmax, codebook, block, axis)."""
+    kernels = _triton_kernels() if _use_triton(q) else None
+    if kernels is None or kernels[2] is None:
+        return False
+    return kernels[0].supports(q, k, v) and kernels[2].supports(q, k, v)
+
+
 # -- the op ---------------------------------------------------------------------------------------------
 
 

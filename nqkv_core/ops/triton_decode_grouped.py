@@ -140,16 +140,49 @@ def _softmax(s, m_i, l_i, GUARD: tl.constexpr):
 
 
 @triton.jit
+def _key_bias(s, w_row, r_ok, pos_ptr, offs_t, t_ok, tab_ptr, stride_tab, n_tab, HEAD_DIM: tl.constexpr,
+              DT: tl.constexpr):
+    """``s`` plus the RoPE-centre key bias of keys ``offs_t`` (in base 2): ``w . [cos | sin](pos * theta)``
+    for each row's weights ``w`` (``HEAD_DIM``, fp32, the cos then the sin half) and each key's position.
+
+    By angle addition, with ``p0`` the tile's first position and ``delta = pos - p0``, the bias is
+    ``w' . table[delta]`` where ``w'`` rotates each (cos, sin) weight pair of ``w`` by ``p0 * theta``
+    (one ``table[p0]`` row per tile, shared by every row): the table rows a tile reads are those of
+    ``delta``, the same rows ``[0, BLOCK)`` for every tile of consecutive positions, which stay in
+    the cache; any other positions (a ring, sinks) are still exact, by rows further out. Positions
+    are clamped to the table's ``n_tab`` rows (never a read outside it)."""
+    pos = tl.load(pos_ptr + offs_t, mask=t_ok, other=0).to(tl.int32)
+    pos = tl.minimum(tl.maximum(pos, 0), n_tab - 1)
+    p0 = tl.min(tl.where(t_ok, pos, 2147483647), 0)
+    delta = tl.where(t_ok, pos - p0, 0)
+    H2: tl.constexpr = HEAD_DIM // 2
+    offs_h = tl.arange(0, H2)
+    c = tl.load(tab_ptr + p0 * stride_tab + offs_h)[None, :] * 1.4426950408889634
+    sn = tl.load(tab_ptr + p0 * stride_tab + H2 + offs_h)[None, :] * 1.4426950408889634
+    a = tl.load(w_row + offs_h[None, :], mask=r_ok[:, None], other=0.0)
+    b = tl.load(w_row + (H2 + offs_h)[None, :], mask=r_ok[:, None], other=0.0)
+    rows = tab_ptr + delta[:, None] * stride_tab
+    tc = tl.load(rows + offs_h[None, :])
+    ts = tl.load(rows + (H2 + offs_h)[None, :])
+    # 16-bit operands on a GPU: fp16 whatever the query's dtype (the weights and the table are far
+    # from fp16's range limits, and bf16 would lose three bits of the bias)
+    BT: tl.constexpr = tl.float32 if DT == tl.float32 else tl.float16
+    s += _dot(a * c + b * sn, tl.trans(tc), BT)
+    return s + _dot(b * c - a * sn, tl.trans(ts), BT)
+
+
+@triton.jit
 def _hist_tile(acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, qe0, qo0, qe1, qo1, start, stop, r_ok, last_key,
                kc, ka, kcb_ptr, vc, va, vcb_ptr, row_mask_ptr, stride_kct, stride_kat, stride_kad,
                stride_vct, stride_vat, stride_vad, stride_mk,
                k0, k1, k2, k3, k4, k5, k6, k7, v0, v1, v2, v3, v4, v5, v6, v7,
-               NB: tl.constexpr, HALF: tl.constexpr, MASKED: tl.constexpr,
-               MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, LUT: tl.constexpr, DT: tl.constexpr,
-               BLOCK_N: tl.constexpr):
+               w_row, pos_ptr, tab_ptr, stride_tab, n_tab,
+               NB: tl.constexpr, HALF: tl.constexpr, MASKED: tl.constexpr, MASK_KIND: tl.constexpr,
+               IS_CAUSAL: tl.constexpr, LUT: tl.constexpr, DT: tl.constexpr, BLOCK_N: tl.constexpr,
+               HAS_BIAS: tl.constexpr):
     """Keys ``[start, start + BLOCK_N)`` of the packed history (``MASKED``: only those below
     ``stop``): scores, one softmax step, the value products. Blocks of ``2 * HALF`` elements,
-    ``NB`` (1 or 2) of them per row."""
+    ``NB`` (1 or 2) of them per row; ``HAS_BIAS``: plus the key bias (:func:`_key_bias`)."""
     offs_t = start + tl.arange(0, BLOCK_N)
     t_ok = offs_t < stop
     # -- scores: each block's partial product times its scale --
@@ -161,6 +194,8 @@ def _hist_tile(acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, qe0, qo0, qe1, qo1, sta
                          LUT, DT)
         s1 = _dot(qe1, tl.trans(ke), DT) + _dot(qo1, tl.trans(ko), DT)
         s += s1 * _scale(ka, offs_t * stride_kat + stride_kad, t_ok, MASKED)[None, :]
+    if HAS_BIAS:
+        s = _key_bias(s, w_row, r_ok, pos_ptr, offs_t, t_ok, tab_ptr, stride_tab, n_tab, 2 * NB * HALF, DT)
     s = _mask_scores(s, r_ok, t_ok, offs_t, last_key, row_mask_ptr, stride_mk, MASKED, MASK_KIND, IS_CAUSAL)
     p, alpha, m_i, l_i = _softmax(s, m_i, l_i, MASKED or MASK_KIND != 0 or IS_CAUSAL)
     # -- values: each block's products take the probabilities times its scale --
@@ -188,10 +223,12 @@ def _dense_halves(ptr, offs_t, t_ok, stride_t, stride_d, first, HALF: tl.constex
 @triton.jit
 def _tail_tile(acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, qe0, qo0, qe1, qo1, start, stop, t_hist, r_ok, last_key,
                kt, vt, row_mask_ptr, stride_ktt, stride_ktd, stride_vtt, stride_vtd, stride_mk,
+               w_row, pos_ptr, tab_ptr, stride_tab, n_tab,
                NB: tl.constexpr, HALF: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
-               DT: tl.constexpr, BLOCK_T: tl.constexpr):
+               DT: tl.constexpr, BLOCK_T: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Tail tokens ``[start, start + BLOCK_T)`` below ``stop`` (key positions ``t_hist + i``): exact
-    keys and values, split like the history (``NB`` pairs of halves)."""
+    keys and values, split like the history (``NB`` pairs of halves); ``pos_ptr``: the tail's
+    positions (with ``HAS_BIAS``)."""
     offs_t = start + tl.arange(0, BLOCK_T)
     t_ok = offs_t < stop
     ke, ko = _dense_halves(kt, offs_t, t_ok, stride_ktt, stride_ktd, 0, HALF)
@@ -199,6 +236,8 @@ def _tail_tile(acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, qe0, qo0, qe1, qo1, sta
     if NB == 2:
         ke, ko = _dense_halves(kt, offs_t, t_ok, stride_ktt, stride_ktd, 2 * HALF, HALF)
         s += _dot(qe1, tl.trans(ke), DT) + _dot(qo1, tl.trans(ko), DT)
+    if HAS_BIAS:
+        s = _key_bias(s, w_row, r_ok, pos_ptr, offs_t, t_ok, tab_ptr, stride_tab, n_tab, 2 * NB * HALF, DT)
     s = _mask_scores(s, r_ok, t_ok, t_hist + offs_t, last_key, row_mask_ptr, stride_mk, True, MASK_KIND, IS_CAUSAL)
     p, alpha, m_i, l_i = _softmax(s, m_i, l_i, True)
     pw = p.to(DT)
@@ -244,18 +283,19 @@ def _store_partial(po_ptr, plse_ptr, base, offs_r, r_ok, acc_e0, acc_o0, acc_e1,
 # -- kernels -------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["T_HIST", "T_TAIL", "T_Q"])
+@triton.jit(do_not_specialize=["T_HIST", "T_TAIL", "T_Q", "n_tab"])
 def _grouped_split_kernel(
     q_ptr, kc_ptr, ka_ptr, kcb_ptr, vc_ptr, va_ptr, vcb_ptr, kt_ptr, vt_ptr, mask_ptr, len_ptr, po_ptr, plse_ptr,
-    stride_qb, stride_qh, stride_qt, stride_qd,
+    w_ptr, pos_ptr, tab_ptr,
+    stride_qb, stride_qh, stride_qt, stride_qd, stride_wb, stride_wh, stride_wt, stride_tab,
     stride_kcb, stride_kch, stride_kct, stride_kab, stride_kah, stride_kat, stride_kad,
     stride_vcb, stride_vch, stride_vct, stride_vab, stride_vah, stride_vat, stride_vad,
     stride_ktb, stride_kth, stride_ktt, stride_ktd, stride_vtb, stride_vth, stride_vtt, stride_vtd,
     stride_mb, stride_mh, stride_mq, stride_mk,
-    H_KV, T_Q, T_HIST, T_TAIL, scale,
+    H_KV, T_Q, T_HIST, T_TAIL, n_tab, scale,
     GROUP: tl.constexpr, N_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, NB: tl.constexpr,
     NUM_SPLITS: tl.constexpr, HAS_LENS: tl.constexpr, HAS_TAIL: tl.constexpr, MASK_KIND: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, LUT: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, LUT: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     # the dots' operand dtype is the query's (16-bit on a GPU, fp32 in the interpreter)
@@ -283,6 +323,8 @@ def _grouped_split_kernel(
     q_row = q_ptr + b * stride_qb + (h * GROUP + offs_r // T_Q)[:, None] * stride_qh + i_q[:, None] * stride_qt
     row_mask_ptr = (mask_ptr + b * stride_mb + (h * GROUP + offs_r // T_Q)[:, None] * stride_mh
                     + i_q[:, None] * stride_mq)
+    # the key bias weights of each row ((w_ptr, pos_ptr, tab_ptr): never read without HAS_BIAS)
+    w_row = w_ptr + b * stride_wb + (h * GROUP + offs_r // T_Q)[:, None] * stride_wh + i_q[:, None] * stride_wt
     HALF: tl.constexpr = HEAD_DIM // (2 * NB)
     qs = scale * 1.4426950408889634
     qe0, qo0 = _query_halves(q_row, r_ok, stride_qd, 0, qs, HALF, DT)
@@ -308,15 +350,15 @@ def _grouped_split_kernel(
             acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, qe0, qo0, qe1, qo1, start, h_hi, r_ok, last_key,
             kc, ka, kcb_ptr, vc, va, vcb_ptr, row_mask_ptr, stride_kct, stride_kat, stride_kad,
             stride_vct, stride_vat, stride_vad, stride_mk,
-            k0, k1, k2, k3, k4, k5, k6, k7, v0, v1, v2, v3, v4, v5, v6, v7,
-            NB, HALF, False, MASK_KIND, IS_CAUSAL, LUT, DT, BLOCK_N)
+            k0, k1, k2, k3, k4, k5, k6, k7, v0, v1, v2, v3, v4, v5, v6, v7, w_row, pos_ptr, tab_ptr, stride_tab, n_tab,
+            NB, HALF, False, MASK_KIND, IS_CAUSAL, LUT, DT, BLOCK_N, HAS_BIAS)
     if full < h_hi:
         acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i = _hist_tile(
             acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, qe0, qo0, qe1, qo1, full, h_hi, r_ok, last_key,
             kc, ka, kcb_ptr, vc, va, vcb_ptr, row_mask_ptr, stride_kct, stride_kat, stride_kad,
             stride_vct, stride_vat, stride_vad, stride_mk,
-            k0, k1, k2, k3, k4, k5, k6, k7, v0, v1, v2, v3, v4, v5, v6, v7,
-            NB, HALF, True, MASK_KIND, IS_CAUSAL, LUT, DT, BLOCK_N)
+            k0, k1, k2, k3, k4, k5, k6, k7, v0, v1, v2, v3, v4, v5, v6, v7, w_row, pos_ptr, tab_ptr, stride_tab, n_tab,
+            NB, HALF, True, MASK_KIND, IS_CAUSAL, LUT, DT, BLOCK_N, HAS_BIAS)
     # -- full-precision tail: its own short loop --
     if HAS_TAIL:
         kt, vt = kt_ptr + b * stride_ktb + h * stride_kth, vt_ptr + b * stride_vtb + h * stride_vth
@@ -324,7 +366,8 @@ def _grouped_split_kernel(
             acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i = _tail_tile(
                 acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, qe0, qo0, qe1, qo1, start, hi - t_hist, t_hist, r_ok,
                 last_key, kt, vt, row_mask_ptr, stride_ktt, stride_ktd, stride_vtt, stride_vtd, stride_mk,
-                NB, HALF, MASK_KIND, IS_CAUSAL, DT, BLOCK_T)
+                w_row, pos_ptr + t_hist, tab_ptr, stride_tab, n_tab,
+                NB, HALF, MASK_KIND, IS_CAUSAL, DT, BLOCK_T, HAS_BIAS)
     base = (pid_bh * NUM_SPLITS + pid_s) * N_ROWS
     _store_partial(po_ptr, plse_ptr, base, offs_r, r_ok, acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, NB, HALF,
                    HEAD_DIM)
@@ -391,7 +434,8 @@ def default_splits(batch: int, kv_heads: int, device: torch.device) -> int:
 
 def launch(q, k_codes, k_absmax, k_codebook, k_block, v_codes, v_absmax, v_codebook, k_tail, v_tail, attn_mask,
            scale: float, is_causal: bool, lengths: Optional[Tensor] = None, num_splits: Optional[int] = None,
-           out: Optional[Tensor] = None, workspace: Optional[tuple] = None) -> Tensor:
+           out: Optional[Tensor] = None, workspace: Optional[tuple] = None,
+           key_bias: Optional[tuple] = None) -> Tensor:
     """Run the split and the merge kernel (two launches); arguments as ``nqkv::attention`` with blocks
     along head_dim (checked there and by :func:`supports`), plus:
 
@@ -404,6 +448,11 @@ def launch(q, k_codes, k_absmax, k_codebook, k_block, v_codes, v_absmax, v_codeb
         out: optional (B, Hq, Tq, D) output in q's dtype, written in place.
         workspace: optional ``(partial, lse)`` fp32 tensors of at least ``B*Hkv*splits*G*Tq*D`` and
             ``B*Hkv*splits*G*Tq`` elements.
+        key_bias: optional ``(w, table, positions)``, a RoPE-centred cache's key bias (checked by
+            :func:`check_key_bias`): key ``j`` (history, then tail; with ``lengths``, column
+            ``T_hist + i`` is tail token ``i``) scores ``w[b, h, i] . table[positions[j]]`` more,
+            computed in the kernel from the rows of ``table`` (``[cos | sin]`` of the RoPE angles,
+            :class:`nqkv_core.cache.format.RopeTable`); positions are clamped to the table.
 
     Returns:
         ``out`` (B, Hq, Tq, D).
@@ -433,17 +482,23 @@ def launch(q, k_codes, k_absmax, k_codebook, k_block, v_codes, v_absmax, v_codeb
         po, plse = workspace
     res = out if out is not None and out.dtype == qw.dtype else None
     res = torch.empty((b, hq, tq, d), device=q.device, dtype=qw.dtype) if res is None else res
+    if key_bias is None:
+        w, table, positions = qw, qw, qw  # (never read)
+    else:
+        w, table, positions = key_bias
+        table = table if table.stride(-1) == 1 else table.contiguous()
     launch_cfg = {} if _interpreting() else dict(num_warps=GROUPED_CONFIG["num_warps"],
                                                  num_stages=GROUPED_CONFIG["num_stages"])
     wrap_triton(_grouped_split_kernel)[(b * hkv, splits)](
         qw, k_codes, k_absmax, k_codebook, v_codes, v_absmax, v_codebook, kt, vt, mask,
-        qw if lengths is None else lengths, po, plse,
-        *qw.stride(), *k_codes.stride()[:3], *k_absmax.stride(), *v_codes.stride()[:3], *v_absmax.stride(),
+        qw if lengths is None else lengths, po, plse, w, positions, table,
+        *qw.stride(), *w.stride()[:3], table.stride(0),
+        *k_codes.stride()[:3], *k_absmax.stride(), *v_codes.stride()[:3], *v_absmax.stride(),
         *tail_strides, *mask_strides,
-        hkv, tq, th, tt, scale,
+        hkv, tq, th, tt, table.shape[0], scale,
         GROUP=hq // hkv, N_ROWS=n_rows, HEAD_DIM=d, NB=d // k_block, NUM_SPLITS=splits,
         HAS_LENS=lengths is not None, HAS_TAIL=tt > 0, MASK_KIND=mask_kind, IS_CAUSAL=is_causal and tq > 1,
-        LUT=not _interpreting() and work != torch.float32,
+        LUT=not _interpreting() and work != torch.float32, HAS_BIAS=key_bias is not None,
         BLOCK_R=max(16, triton.next_power_of_2(n_rows)), BLOCK_N=GROUPED_CONFIG["block_n"],
         BLOCK_T=GROUPED_CONFIG["block_t"], **launch_cfg,
     )
@@ -462,9 +517,42 @@ def grouped_decode(
     k_codes: Tensor, k_absmax: Tensor, k_codebook: Tensor, k_block: int, k_axis: int,
     v_codes: Tensor, v_absmax: Tensor, v_codebook: Tensor, v_block: int, v_axis: int,
     k_tail: Optional[Tensor], v_tail: Optional[Tensor], attn_mask: Optional[Tensor],
-    scale: float, is_causal: bool,
+    scale: float, is_causal: bool, bias_w: Optional[Tensor] = None, bias_table: Optional[Tensor] = None,
+    bias_pos: Optional[Tensor] = None,
 ) -> Tensor:
     """Grouped split decode; arguments and semantics as ``nqkv::attention`` (checked there), for the
-    layouts :func:`supports` accepts."""
+    layouts :func:`supports` accepts, plus an optional key bias ``(bias_w, bias_table, bias_pos)``
+    computed in the kernel (see :func:`launch`, checked by :func:`check_key_bias`)."""
+    key_bias = None
+    if bias_w is not None or bias_table is not None or bias_pos is not None:
+        key_bias = (bias_w, bias_table, bias_pos)
+        check_key_bias(q, key_bias, k_codes.shape[2] + (0 if k_tail is None else k_tail.shape[2]))
     return launch(q, k_codes, k_absmax, k_codebook, k_block, v_codes, v_absmax, v_codebook, k_tail, v_tail,
-                  attn_mask, scale, is_causal)
+                  attn_mask, scale, is_causal, key_bias=key_bias)
+
+
+def check_key_bias(q: Tensor, key_bias: tuple, n_keys: int) -> None:
+    """Check a key bias ``(w, table, positions)`` for :func:`launch` (shapes, dtypes, devices; the
+    position values are not read).
+
+    Raises:
+        ValueError / TypeError: ``w`` is not fp32 ``q.shape``, ``table`` not fp32 ``(P, D)`` with
+            ``P >= 1``, ``positions`` not an integer ``(n_keys,)`` vector, or one is on another device.
+    """
+    w, table, positions = key_bias
+    if any(t is None for t in key_bias):
+        raise ValueError("bias_w, bias_table and bias_pos must be given together")
+    for t, name in ((w, "bias_w"), (table, "bias_table"), (positions, "bias_pos")):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    if w.dtype != torch.float32 or table.dtype != torch.float32:
+        raise TypeError(f"bias_w and bias_table must be float32, got {w.dtype} and {table.dtype}")
+    if positions.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"bias_pos must be int32 or int64, got {positions.dtype}")
+    if tuple(w.shape) != tuple(q.shape):
+        raise ValueError(f"bias_w must have q's shape {tuple(q.shape)}, got {tuple(w.shape)}")
+    if table.dim() != 2 or table.shape[1] != q.shape[-1] or table.shape[0] < 1:
+        raise ValueError(f"bias_table must be (positions, {q.shape[-1]}), got {tuple(table.shape)}")
+    if tuple(positions.shape) != (n_keys,):
+        raise ValueError(f"bias_pos must be ({n_keys},): one position per key (history, then tail),"
+                         f" got {tuple(positions.shape)}")
