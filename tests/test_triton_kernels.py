@@ -332,11 +332,13 @@ def test_register_lut_compiles_for_a_gpu(d, block):
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles the kernel: needs real jit functions")
 @pytest.mark.skipif(CUDA, reason="with a GPU, the grouped kernel tests run it")
 @pytest.mark.parametrize("d", [64, 128])
-def test_grouped_kernel_compiles_for_a_gpu(d):
+@pytest.mark.parametrize("bias", [False, True])
+def test_grouped_kernel_compiles_for_a_gpu(d, bias):
     """Every feature of the grouped kernel at once (fp tail, bool mask, causal two-token query,
-    device lengths, bf16), compiled for sm_90 without a GPU: ptxas takes it, nothing spills, and the
-    history loop decodes by byte permutes with no gather from the codebook (4-byte asynchronous
-    copies beyond the two scale copies per tile and tensor)."""
+    device lengths, bf16; with ``bias`` the RoPE-centre key bias too), compiled for sm_90 without a
+    GPU: ptxas takes it, nothing spills without the bias, and the history loop decodes by byte
+    permutes with no gather from the codebook (4-byte asynchronous copies beyond the two scale
+    copies per tile and tensor)."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
     import triton_sass
 
@@ -345,11 +347,13 @@ def test_grouped_kernel_compiles_for_a_gpu(d):
     q, K, V, kt, vt = make(g=3, tq=2, t=512, d=d, block=64, tail=7, dtype=torch.bfloat16)
     mask = torch.ones(2, 519, dtype=torch.bool)
     lengths = torch.tensor([[500, 7]], dtype=torch.int32)
+    key_bias = rope_key_bias(q, 512, 7)[:3] if bias else None
     launches = triton_sass.capture_launches(triton_decode_grouped, lambda: triton_decode_grouped.launch(
         q, K.codes, K.absmax, K.codebook, 64, V.codes, V.absmax, V.codebook, kt, vt, mask, 0.125, True,
-        lengths=lengths))
+        lengths=lengths, key_bias=key_bias))
     kernel, args, kwargs = launches[0]
     assert kernel is triton_decode_grouped._grouped_split_kernel and kwargs["LUT"] and kwargs["HAS_TAIL"]
+    assert kwargs["HAS_BIAS"] == bias
     try:
         compiled = triton_sass.compile_for(kernel, args, kwargs, arch=90)
     except (ImportError, AttributeError) as e:  # Triton-internal API of another version
@@ -357,7 +361,7 @@ def test_grouped_kernel_compiles_for_a_gpu(d):
     lines, usage = triton_sass.sass_of(compiled.asm["cubin"])
     loop = triton_sass.key_loop(lines)
     ops = [triton_sass._opcode(line) for line in loop]
-    assert usage.get("STACK", 0) == 0
+    assert bias or usage.get("STACK", 0) == 0
     assert ops.count("HMMA") >= 4 and ops.count("PRMT") >= 64
     assert triton_sass.gathers(loop) <= 4
 

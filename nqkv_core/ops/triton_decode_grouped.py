@@ -38,12 +38,14 @@ from torch.library import triton_op, wrap_triton
 from nqkv_core.ops.triton_decode import _LUT16_ASM, _LUT16_CONSTRAINTS, _byte_tables, _interpreting
 
 MAX_ROWS = 64  # query rows per KV head (GROUP * Tq) the kernel takes in one program
-# Launch configuration on a GPU: keys per history tile, keys per tail tile, warps, pipeline stages,
-# programs to aim for per SM (splits = that many programs over batch x KV heads) and the most splits.
-# Untimed: chosen from the compiled code (benchmarks/triton_sass.py: no spills, 128 registers at
-# head_dim 64) and a cp.async double buffer of 64-key tiles; benchmarks/gpu_decode_check.py times it
-# against a few others.
-GROUPED_CONFIG = dict(block_n=64, block_t=16, num_warps=4, num_stages=2, programs_per_sm=4, max_splits=128)
+# Launch configuration on a GPU: keys per history tile (for rows of one and of two scale blocks; one
+# int: both), keys per tail tile, warps, pipeline stages, programs to aim for per SM (splits = that
+# many programs over batch x KV heads), the most splits, and optionally ``maxnreg`` (a register cap
+# for ptxas). Untimed: chosen from the compiled code (benchmarks/triton_sass.py: the fewest
+# instructions per decoded element with no spills and, where that is possible, at most 128
+# registers; 128-key tiles at two blocks per row take about 240) and a cp.async double buffer;
+# benchmarks/gpu_decode_check.py times it against a few others.
+GROUPED_CONFIG = dict(block_n=(128, 64), block_t=16, num_warps=4, num_stages=2, programs_per_sm=4, max_splits=128)
 
 
 # -- jit helpers ------------------------------------------------------------------------------------------
@@ -164,11 +166,15 @@ def _key_bias(s, w_row, r_ok, pos_ptr, offs_t, t_ok, tab_ptr, stride_tab, n_tab,
     rows = tab_ptr + delta[:, None] * stride_tab
     tc = tl.load(rows + offs_h[None, :])
     ts = tl.load(rows + (H2 + offs_h)[None, :])
-    # 16-bit operands on a GPU: fp16 whatever the query's dtype (the weights and the table are far
-    # from fp16's range limits, and bf16 would lose three bits of the bias)
-    BT: tl.constexpr = tl.float32 if DT == tl.float32 else tl.float16
-    s += _dot(a * c + b * sn, tl.trans(tc), BT)
-    return s + _dot(b * c - a * sn, tl.trans(ts), BT)
+    # On a GPU, tf32 products whatever the query's dtype: fp16's precision (bf16 would lose three
+    # bits of the bias), and the fp32 table rows go to the tensor cores without a conversion
+    if DT == tl.float32:
+        s += _dot(a * c + b * sn, tl.trans(tc), DT)
+        s += _dot(b * c - a * sn, tl.trans(ts), DT)
+    else:
+        s += tl.dot(a * c + b * sn, tl.trans(tc), input_precision="tf32")
+        s += tl.dot(b * c - a * sn, tl.trans(ts), input_precision="tf32")
+    return s
 
 
 @triton.jit
@@ -420,6 +426,12 @@ def supports(q: Tensor, k: tuple, v: tuple) -> bool:
 _SM_COUNT: dict = {}
 
 
+def _block_n(nb: int) -> int:
+    """Keys per history tile for rows of ``nb`` scale blocks (:data:`GROUPED_CONFIG`)."""
+    block_n = GROUPED_CONFIG["block_n"]
+    return block_n if isinstance(block_n, int) else block_n[nb - 1]
+
+
 def default_splits(batch: int, kv_heads: int, device: torch.device) -> int:
     """Splits per (sequence, KV head): ``programs_per_sm`` programs per SM over ``batch * kv_heads``
     (at least 1, at most ``max_splits``); 4 in the interpreter (so that small tests merge several)."""
@@ -489,6 +501,8 @@ def launch(q, k_codes, k_absmax, k_codebook, k_block, v_codes, v_absmax, v_codeb
         table = table if table.stride(-1) == 1 else table.contiguous()
     launch_cfg = {} if _interpreting() else dict(num_warps=GROUPED_CONFIG["num_warps"],
                                                  num_stages=GROUPED_CONFIG["num_stages"])
+    if not _interpreting() and GROUPED_CONFIG.get("maxnreg"):
+        launch_cfg["maxnreg"] = GROUPED_CONFIG["maxnreg"]
     wrap_triton(_grouped_split_kernel)[(b * hkv, splits)](
         qw, k_codes, k_absmax, k_codebook, v_codes, v_absmax, v_codebook, kt, vt, mask,
         qw if lengths is None else lengths, po, plse, w, positions, table,
@@ -499,7 +513,7 @@ def launch(q, k_codes, k_absmax, k_codebook, k_block, v_codes, v_absmax, v_codeb
         GROUP=hq // hkv, N_ROWS=n_rows, HEAD_DIM=d, NB=d // k_block, NUM_SPLITS=splits,
         HAS_LENS=lengths is not None, HAS_TAIL=tt > 0, MASK_KIND=mask_kind, IS_CAUSAL=is_causal and tq > 1,
         LUT=not _interpreting() and work != torch.float32, HAS_BIAS=key_bias is not None,
-        BLOCK_R=max(16, triton.next_power_of_2(n_rows)), BLOCK_N=GROUPED_CONFIG["block_n"],
+        BLOCK_R=max(16, triton.next_power_of_2(n_rows)), BLOCK_N=_block_n(d // k_block),
         BLOCK_T=GROUPED_CONFIG["block_t"], **launch_cfg,
     )
     wrap_triton(_grouped_merge_kernel)[(b * hkv, n_rows)](
