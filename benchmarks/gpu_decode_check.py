@@ -64,9 +64,8 @@ DRY_CASES = [(1, 2, 3, 64, 100, 5, "float16", True, False), (1, 1, 4, 128, 70, 0
 TOLERANCE = 2e-2  # max abs error against the fp32 reference: 16-bit operands and output
 # launch configurations of the grouped kernel timed per shape (the first, {}, is GROUPED_CONFIG's),
 # while the run is within CONFIG_BUDGET_S seconds
-CONFIGS = [dict(), dict(num_warps=4, block_n=64), dict(num_warps=4, block_n=128), dict(num_warps=2, block_n=32),
-           dict(num_warps=4, block_n=64, num_stages=1), dict(num_warps=1, block_n=32, programs_per_sm=8),
-           dict(num_warps=4, block_n=64, programs_per_sm=8)]
+CONFIGS = [dict(), dict(num_stages=2), dict(block_n=128), dict(block_n=64), dict(programs_per_sm=8),
+           dict(num_warps=2, block_n=32), dict(num_warps=1, block_n=32, programs_per_sm=8)]
 CONFIG_BUDGET_S = 70
 
 

@@ -1,8 +1,11 @@
 """Grouped split decode over 4-bit K/V in blocks along head_dim (Triton): the CUDA decode path.
 
 One program per (sequence x KV head, split): every query row of a KV head (``GROUP * Tq`` rows,
-padded to ``BLOCK_R >= 16``) is the M dimension of both ``tl.dot`` products, so a key tile is
-decoded once for the whole group. The number of splits is a launch parameter fixed by the caller
+padded to ``BLOCK_R >= 16``) is a dimension of both ``tl.dot`` products, so a key tile is decoded
+once for the whole group. The scores are computed transposed, (keys, rows) = decoded keys @ query
+rows, and transposed back: the decoded tile is then the operand the tensor cores take from
+registers and the loop-invariant query the one they read from shared memory, which takes fewer
+registers and register moves than the other way round. The number of splits is a launch parameter fixed by the caller
 (:func:`default_splits`: from the SM count), not derived from the cache length: each program reads
 the lengths (from a device tensor, or from scalar arguments that are not specialised on) and
 computes its own key range, so neither a growing cache nor CUDA-graph replay recompiles or reads
@@ -17,7 +20,9 @@ to an "even" and an "odd" tile; the query is split the same way, and the output 
 even and odd elements). Block scales are never applied per element: a K block's scale multiplies
 its partial score column, a V block's scale multiplies the probability column fed to that block's
 product (with two blocks per row, as at head_dim 128 in blocks of 64, each block is its own pair of
-products). Scores are kept in base 2 (``log2(e)`` folded into the query scale).
+products). Scores are kept in base 2 (``log2(e)`` folded into the query scale). A RoPE-centred
+cache's key bias is computed in the loop from per-row weights, the RoPE table and each key's
+position (:func:`_key_bias`), never as a dense tensor.
 
 Layout of this file: jit helpers (decode a tile; one history tile; one tail tile) -> split kernel
 -> merge kernel -> :func:`supports`, :func:`default_splits`, :func:`launch` (the two launches, with
@@ -42,10 +47,10 @@ MAX_ROWS = 64  # query rows per KV head (GROUP * Tq) the kernel takes in one pro
 # int: both), keys per tail tile, warps, pipeline stages, programs to aim for per SM (splits = that
 # many programs over batch x KV heads), the most splits, and optionally ``maxnreg`` (a register cap
 # for ptxas). Untimed: chosen from the compiled code (benchmarks/triton_sass.py: the fewest
-# instructions per decoded element with no spills and, where that is possible, at most 128
-# registers; 128-key tiles at two blocks per row take about 240) and a cp.async double buffer;
-# benchmarks/gpu_decode_check.py times it against a few others.
-GROUPED_CONFIG = dict(block_n=(128, 64), block_t=16, num_warps=4, num_stages=2, programs_per_sm=4, max_splits=128)
+# instructions per decoded element with no spills and at most 128 registers; 128-key tiles at two
+# blocks per row take about 170, a cp.async double buffer (num_stages=2) more instructions and
+# registers for the same tiles); benchmarks/gpu_decode_check.py times it against a few others.
+GROUPED_CONFIG = dict(block_n=(128, 64), block_t=16, num_warps=4, num_stages=1, programs_per_sm=4, max_splits=128)
 
 
 # -- jit helpers ------------------------------------------------------------------------------------------
@@ -172,8 +177,8 @@ def _key_bias(s, w_row, r_ok, pos_ptr, offs_t, t_ok, tab_ptr, stride_tab, n_tab,
         s += _dot(a * c + b * sn, tl.trans(tc), DT)
         s += _dot(b * c - a * sn, tl.trans(ts), DT)
     else:
-        s += tl.dot(a * c + b * sn, tl.trans(tc), input_precision="tf32")
-        s += tl.dot(b * c - a * sn, tl.trans(ts), input_precision="tf32")
+        s += tl.trans(tl.dot(tc, tl.trans(a * c + b * sn), input_precision="tf32")
+                      + tl.dot(ts, tl.trans(b * c - a * sn), input_precision="tf32"))
     return s
 
 
@@ -193,12 +198,12 @@ def _hist_tile(acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, qe0, qo0, qe1, qo1, sta
     t_ok = offs_t < stop
     # -- scores: each block's partial product times its scale --
     ke, ko = _levels(kc, offs_t, t_ok, 0, stride_kct, kcb_ptr, k0, k1, k2, k3, k4, k5, k6, k7, HALF, MASKED, LUT, DT)
-    s = _dot(qe0, tl.trans(ke), DT) + _dot(qo0, tl.trans(ko), DT)
+    s = tl.trans(_dot(ke, tl.trans(qe0), DT) + _dot(ko, tl.trans(qo0), DT))
     s = s * _scale(ka, offs_t * stride_kat, t_ok, MASKED)[None, :]
     if NB == 2:
         ke, ko = _levels(kc, offs_t, t_ok, HALF, stride_kct, kcb_ptr, k0, k1, k2, k3, k4, k5, k6, k7, HALF, MASKED,
                          LUT, DT)
-        s1 = _dot(qe1, tl.trans(ke), DT) + _dot(qo1, tl.trans(ko), DT)
+        s1 = tl.trans(_dot(ke, tl.trans(qe1), DT) + _dot(ko, tl.trans(qo1), DT))
         s += s1 * _scale(ka, offs_t * stride_kat + stride_kad, t_ok, MASKED)[None, :]
     if HAS_BIAS:
         s = _key_bias(s, w_row, r_ok, pos_ptr, offs_t, t_ok, tab_ptr, stride_tab, n_tab, 2 * NB * HALF, DT)
@@ -238,10 +243,11 @@ def _tail_tile(acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, qe0, qo0, qe1, qo1, sta
     offs_t = start + tl.arange(0, BLOCK_T)
     t_ok = offs_t < stop
     ke, ko = _dense_halves(kt, offs_t, t_ok, stride_ktt, stride_ktd, 0, HALF)
-    s = _dot(qe0, tl.trans(ke), DT) + _dot(qo0, tl.trans(ko), DT)
+    s = _dot(ke, tl.trans(qe0), DT) + _dot(ko, tl.trans(qo0), DT)
     if NB == 2:
         ke, ko = _dense_halves(kt, offs_t, t_ok, stride_ktt, stride_ktd, 2 * HALF, HALF)
-        s += _dot(qe1, tl.trans(ke), DT) + _dot(qo1, tl.trans(ko), DT)
+        s += _dot(ke, tl.trans(qe1), DT) + _dot(ko, tl.trans(qo1), DT)
+    s = tl.trans(s)
     if HAS_BIAS:
         s = _key_bias(s, w_row, r_ok, pos_ptr, offs_t, t_ok, tab_ptr, stride_tab, n_tab, 2 * NB * HALF, DT)
     s = _mask_scores(s, r_ok, t_ok, t_hist + offs_t, last_key, row_mask_ptr, stride_mk, True, MASK_KIND, IS_CAUSAL)
