@@ -44,13 +44,15 @@ from nqkv_core.ops.triton_decode import _LUT16_ASM, _LUT16_CONSTRAINTS, _byte_ta
 
 MAX_ROWS = 64  # query rows per KV head (GROUP * Tq) the kernel takes in one program
 # Launch configuration on a GPU: keys per history tile (for rows of one and of two scale blocks; one
-# int: both), keys per tail tile, warps, pipeline stages, programs to aim for per SM (splits = that
+# int: both; with a mask or a causal query, block_n_masked: a mask tile takes registers too), keys
+# per tail tile, warps, pipeline stages, programs to aim for per SM (splits = that
 # many programs over batch x KV heads), the most splits, and optionally ``maxnreg`` (a register cap
 # for ptxas). Untimed: chosen from the compiled code (benchmarks/triton_sass.py: the fewest
 # instructions per decoded element with no spills and at most 128 registers; 128-key tiles at two
 # blocks per row take about 170, a cp.async double buffer (num_stages=2) more instructions and
 # registers for the same tiles); benchmarks/gpu_decode_check.py times it against a few others.
-GROUPED_CONFIG = dict(block_n=(128, 64), block_t=16, num_warps=4, num_stages=1, programs_per_sm=4, max_splits=128)
+GROUPED_CONFIG = dict(block_n=(128, 64), block_n_masked=64, block_t=16, num_warps=4, num_stages=1, programs_per_sm=4,
+                      max_splits=128)
 
 
 # -- jit helpers ------------------------------------------------------------------------------------------
@@ -135,15 +137,22 @@ def _mask_scores(s, r_ok, t_ok, key_pos, last_key, row_mask_ptr, stride_mk,
 
 
 @triton.jit
-def _softmax(s, m_i, l_i, GUARD: tl.constexpr):
+def _softmax(s, m_i, l_i, GUARD: tl.constexpr, BY_DOT: tl.constexpr, DT: tl.constexpr):
     """One online-softmax step in base 2: ``(p, alpha, m, l)``. ``GUARD``: a row may have no key
-    yet (all -inf), whose max must not turn ``-inf - -inf`` into NaN."""
+    yet (all -inf), whose max must not turn ``-inf - -inf`` into NaN. ``BY_DOT``: ``l_i`` is
+    (rows, 16), each column the row's sum, accumulated by a product of ``p`` (in ``DT``, as the value
+    products take it) with ones on the tensor cores instead of a sum across threads."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     if GUARD:
         m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
-    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+    if BY_DOT:
+        ones = tl.full([s.shape[1], 16], 1.0, DT)
+        l_i = l_i * alpha[:, None] + _dot(p.to(DT), ones, DT)
+    else:
+        l_i = l_i * alpha + tl.sum(p, 1)
+    return p, alpha, m_new, l_i
 
 
 @triton.jit
@@ -208,7 +217,7 @@ def _hist_tile(acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, qe0, qo0, qe1, qo1, sta
     if HAS_BIAS:
         s = _key_bias(s, w_row, r_ok, pos_ptr, offs_t, t_ok, tab_ptr, stride_tab, n_tab, 2 * NB * HALF, DT)
     s = _mask_scores(s, r_ok, t_ok, offs_t, last_key, row_mask_ptr, stride_mk, MASKED, MASK_KIND, IS_CAUSAL)
-    p, alpha, m_i, l_i = _softmax(s, m_i, l_i, MASKED or MASK_KIND != 0 or IS_CAUSAL)
+    p, alpha, m_i, l_i = _softmax(s, m_i, l_i, MASKED or MASK_KIND != 0 or IS_CAUSAL, True, DT)
     # -- values: each block's products take the probabilities times its scale --
     ve, vo = _levels(vc, offs_t, t_ok, 0, stride_vct, vcb_ptr, v0, v1, v2, v3, v4, v5, v6, v7, HALF, MASKED, LUT, DT)
     pw = (p * _scale(va, offs_t * stride_vat, t_ok, MASKED)[None, :]).to(DT)
@@ -251,7 +260,7 @@ def _tail_tile(acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, qe0, qo0, qe1, qo1, sta
     if HAS_BIAS:
         s = _key_bias(s, w_row, r_ok, pos_ptr, offs_t, t_ok, tab_ptr, stride_tab, n_tab, 2 * NB * HALF, DT)
     s = _mask_scores(s, r_ok, t_ok, t_hist + offs_t, last_key, row_mask_ptr, stride_mk, True, MASK_KIND, IS_CAUSAL)
-    p, alpha, m_i, l_i = _softmax(s, m_i, l_i, True)
+    p, alpha, m_i, l_i = _softmax(s, m_i, l_i, True, False, DT)
     pw = p.to(DT)
     ve, vo = _dense_halves(vt, offs_t, t_ok, stride_vtt, stride_vtd, 0, HALF)
     acc_e0 = acc_e0 * alpha[:, None] + _dot(pw, ve, DT)
@@ -349,7 +358,8 @@ def _grouped_split_kernel(
     kc, ka = kc_ptr + b * stride_kcb + h * stride_kch, ka_ptr + b * stride_kab + h * stride_kah
     vc, va = vc_ptr + b * stride_vcb + h * stride_vch, va_ptr + b * stride_vab + h * stride_vah
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_R], tl.float32)
+    # the softmax denominators: over the history 16 equal columns (see _softmax's BY_DOT)
+    l_i = tl.zeros([BLOCK_R, 16], tl.float32)
     acc_e0 = tl.zeros([BLOCK_R, HALF], tl.float32)
     acc_o0 = tl.zeros([BLOCK_R, HALF], tl.float32)
     acc_e1 = tl.zeros([BLOCK_R, HALF], tl.float32)
@@ -371,6 +381,7 @@ def _grouped_split_kernel(
             stride_vct, stride_vat, stride_vad, stride_mk,
             k0, k1, k2, k3, k4, k5, k6, k7, v0, v1, v2, v3, v4, v5, v6, v7, w_row, pos_ptr, tab_ptr, stride_tab, n_tab,
             NB, HALF, True, MASK_KIND, IS_CAUSAL, LUT, DT, BLOCK_N, HAS_BIAS)
+    l_i = tl.max(l_i, 1)
     # -- full-precision tail: its own short loop --
     if HAS_TAIL:
         kt, vt = kt_ptr + b * stride_ktb + h * stride_kth, vt_ptr + b * stride_vtb + h * stride_vth
@@ -432,10 +443,13 @@ def supports(q: Tensor, k: tuple, v: tuple) -> bool:
 _SM_COUNT: dict = {}
 
 
-def _block_n(nb: int) -> int:
-    """Keys per history tile for rows of ``nb`` scale blocks (:data:`GROUPED_CONFIG`)."""
+def _block_n(nb: int, masked: bool) -> int:
+    """Keys per history tile for rows of ``nb`` scale blocks, with or without a mask (or a causal
+    query) (:data:`GROUPED_CONFIG`; an int ``block_n`` set there applies to all)."""
     block_n = GROUPED_CONFIG["block_n"]
-    return block_n if isinstance(block_n, int) else block_n[nb - 1]
+    if isinstance(block_n, int):
+        return block_n
+    return (GROUPED_CONFIG.get("block_n_masked") or block_n[nb - 1]) if masked else block_n[nb - 1]
 
 
 def default_splits(batch: int, kv_heads: int, device: torch.device) -> int:
@@ -519,7 +533,8 @@ def launch(q, k_codes, k_absmax, k_codebook, k_block, v_codes, v_absmax, v_codeb
         GROUP=hq // hkv, N_ROWS=n_rows, HEAD_DIM=d, NB=d // k_block, NUM_SPLITS=splits,
         HAS_LENS=lengths is not None, HAS_TAIL=tt > 0, MASK_KIND=mask_kind, IS_CAUSAL=is_causal and tq > 1,
         LUT=not _interpreting() and work != torch.float32, HAS_BIAS=key_bias is not None,
-        BLOCK_R=max(16, triton.next_power_of_2(n_rows)), BLOCK_N=_block_n(d // k_block),
+        BLOCK_R=max(16, triton.next_power_of_2(n_rows)),
+        BLOCK_N=_block_n(d // k_block, mask_kind != 0 or (is_causal and tq > 1)),
         BLOCK_T=GROUPED_CONFIG["block_t"], **launch_cfg,
     )
     wrap_triton(_grouped_merge_kernel)[(b * hkv, n_rows)](
