@@ -158,8 +158,8 @@ def _softmax(s, m_i, l_i, GUARD: tl.constexpr, BY_DOT: tl.constexpr, DT: tl.cons
 @triton.jit
 def _key_bias(s, w_row, r_ok, pos_ptr, offs_t, t_ok, tab_ptr, stride_tab, n_tab, HEAD_DIM: tl.constexpr,
               DT: tl.constexpr):
-    """``s`` plus the RoPE-centre key bias of keys ``offs_t`` (in base 2): ``w . [cos | sin](pos * theta)``
-    for each row's weights ``w`` (``HEAD_DIM``, fp32, the cos then the sin half) and each key's position.
+    """Scores ``s`` (keys, rows) plus the RoPE-centre key bias of keys ``offs_t`` (in base 2):
+    ``w . [cos | sin](pos * theta)`` for each row's weights ``w`` (``HEAD_DIM``, fp32, the cos then the sin half) and each key's position.
 
     By angle addition, with ``p0`` the tile's first position and ``delta = pos - p0``, the bias is
     ``w' . table[delta]`` where ``w'`` rotates each (cos, sin) weight pair of ``w`` by ``p0 * theta``
@@ -183,11 +183,11 @@ def _key_bias(s, w_row, r_ok, pos_ptr, offs_t, t_ok, tab_ptr, stride_tab, n_tab,
     # On a GPU, tf32 products whatever the query's dtype: fp16's precision (bf16 would lose three
     # bits of the bias), and the fp32 table rows go to the tensor cores without a conversion
     if DT == tl.float32:
-        s += _dot(a * c + b * sn, tl.trans(tc), DT)
-        s += _dot(b * c - a * sn, tl.trans(ts), DT)
+        s += _dot(tc, tl.trans(a * c + b * sn), DT)
+        s += _dot(ts, tl.trans(b * c - a * sn), DT)
     else:
-        s += tl.trans(tl.dot(tc, tl.trans(a * c + b * sn), input_precision="tf32")
-                      + tl.dot(ts, tl.trans(b * c - a * sn), input_precision="tf32"))
+        s += tl.dot(tc, tl.trans(a * c + b * sn), input_precision="tf32")
+        s += tl.dot(ts, tl.trans(b * c - a * sn), input_precision="tf32")
     return s
 
 
@@ -205,17 +205,18 @@ def _hist_tile(acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, qe0, qo0, qe1, qo1, sta
     ``NB`` (1 or 2) of them per row; ``HAS_BIAS``: plus the key bias (:func:`_key_bias`)."""
     offs_t = start + tl.arange(0, BLOCK_N)
     t_ok = offs_t < stop
-    # -- scores: each block's partial product times its scale --
+    # -- scores, (keys, rows): each block's partial product times its scale --
     ke, ko = _levels(kc, offs_t, t_ok, 0, stride_kct, kcb_ptr, k0, k1, k2, k3, k4, k5, k6, k7, HALF, MASKED, LUT, DT)
-    s = tl.trans(_dot(ke, tl.trans(qe0), DT) + _dot(ko, tl.trans(qo0), DT))
-    s = s * _scale(ka, offs_t * stride_kat, t_ok, MASKED)[None, :]
+    s = _dot(ke, tl.trans(qe0), DT) + _dot(ko, tl.trans(qo0), DT)
+    s = s * _scale(ka, offs_t * stride_kat, t_ok, MASKED)[:, None]
     if NB == 2:
         ke, ko = _levels(kc, offs_t, t_ok, HALF, stride_kct, kcb_ptr, k0, k1, k2, k3, k4, k5, k6, k7, HALF, MASKED,
                          LUT, DT)
-        s1 = tl.trans(_dot(ke, tl.trans(qe1), DT) + _dot(ko, tl.trans(qo1), DT))
-        s += s1 * _scale(ka, offs_t * stride_kat + stride_kad, t_ok, MASKED)[None, :]
+        s1 = _dot(ke, tl.trans(qe1), DT) + _dot(ko, tl.trans(qo1), DT)
+        s += s1 * _scale(ka, offs_t * stride_kat + stride_kad, t_ok, MASKED)[:, None]
     if HAS_BIAS:
         s = _key_bias(s, w_row, r_ok, pos_ptr, offs_t, t_ok, tab_ptr, stride_tab, n_tab, 2 * NB * HALF, DT)
+    s = tl.trans(s)  # (rows, keys)
     s = _mask_scores(s, r_ok, t_ok, offs_t, last_key, row_mask_ptr, stride_mk, MASKED, MASK_KIND, IS_CAUSAL)
     p, alpha, m_i, l_i = _softmax(s, m_i, l_i, MASKED or MASK_KIND != 0 or IS_CAUSAL, True, DT)
     # -- values: each block's products take the probabilities times its scale --
@@ -256,9 +257,9 @@ def _tail_tile(acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, qe0, qo0, qe1, qo1, sta
     if NB == 2:
         ke, ko = _dense_halves(kt, offs_t, t_ok, stride_ktt, stride_ktd, 2 * HALF, HALF)
         s += _dot(ke, tl.trans(qe1), DT) + _dot(ko, tl.trans(qo1), DT)
-    s = tl.trans(s)
     if HAS_BIAS:
         s = _key_bias(s, w_row, r_ok, pos_ptr, offs_t, t_ok, tab_ptr, stride_tab, n_tab, 2 * NB * HALF, DT)
+    s = tl.trans(s)  # (rows, keys)
     s = _mask_scores(s, r_ok, t_ok, t_hist + offs_t, last_key, row_mask_ptr, stride_mk, True, MASK_KIND, IS_CAUSAL)
     p, alpha, m_i, l_i = _softmax(s, m_i, l_i, True, False, DT)
     pw = p.to(DT)
