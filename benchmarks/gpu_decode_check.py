@@ -7,13 +7,16 @@ Writes ``gpu_decode_check.json`` and ``gpu_decode_check.md`` to ``--out``:
    layout) against ``triton_decode.reference`` (fp32 SDPA over the dequantized K/V) at head_dim 64
    and 128, groups 3 and 4, fp tails of 0 / 1 / 37 tokens, 1 / 1000 / 33k tokens, fp16 and bf16,
    with and without device-side lengths, with and without the RoPE-centre key bias the kernel
-   computes itself (against the reference given that bias as a dense additive mask);
+   computes itself (against the reference given that bias as a dense additive mask), and fp32
+   queries (a transformed cache's storage basis: fp16 products, ``GROUPED_CONFIG["fp32_queries"]``);
 3. per shape (batch, KV heads, group, head_dim, tokens; 4-bit K/V in blocks of 64 along head_dim,
    one query token), GPU time per call from CUDA graphs of ten calls (median of 20 replays) of:
    the grouped kernel (preallocated output and workspace, lengths from a device tensor; its
    default launch configuration and, while time allows, a few others: :data:`CONFIGS`), the same
    with the RoPE-centre key bias computed in the kernel and with that bias built in torch and passed
-   as a dense additive mask (what the cache did before), the split-K kernel it replaces
+   as a dense additive mask (what the cache did before), what a RoPE-centred cache runs today with
+   fp32 queries (the split-K kernel, fp32 products, the bias as a dense mask), the split-K kernel it
+   replaces
    (``triton_decode.flash_decode``), ``F.scaled_dot_product_attention`` in fp16 (flash backend)
    over the unquantized K/V, and a streaming kernel that reads exactly the grouped kernel's bytes
    (codes and scales of K and V) and does nothing else: the bandwidth a decode over this storage
@@ -58,9 +61,10 @@ CASES = [(2, 2, 3, 64, 1000, 0, "float16", False, False), (2, 2, 4, 64, 1, 1, "b
          (2, 2, 3, 128, 1000, 1, "float16", True, False), (2, 2, 4, 128, 1000, 37, "bfloat16", False, False),
          (1, 1, 3, 64, 33000, 37, "float16", False, False), (1, 2, 4, 128, 33000, 37, "bfloat16", True, False),
          (2, 2, 3, 64, 1000, 37, "float16", False, True), (2, 2, 4, 128, 1000, 1, "bfloat16", True, True),
-         (1, 2, 4, 128, 33000, 37, "float16", False, True), (1, 1, 3, 64, 33000, 0, "bfloat16", False, True)]
+         (1, 2, 4, 128, 33000, 37, "float16", False, True), (1, 1, 3, 64, 33000, 0, "bfloat16", False, True),
+         (2, 2, 3, 64, 1000, 37, "float32", False, True), (1, 2, 4, 128, 33000, 37, "float32", True, True)]
 DRY_CASES = [(1, 2, 3, 64, 100, 5, "float16", True, False), (1, 1, 4, 128, 70, 0, "bfloat16", False, False),
-             (1, 2, 3, 64, 100, 5, "float16", True, True)]
+             (1, 2, 3, 64, 100, 5, "float16", True, True), (1, 1, 3, 64, 100, 5, "float32", False, True)]
 TOLERANCE = 2e-2  # max abs error against the fp32 reference: 16-bit operands and output
 # launch configurations of the grouped kernel timed per shape (the first, {}, is GROUPED_CONFIG's),
 # while the run is within CONFIG_BUDGET_S seconds
@@ -254,6 +258,13 @@ def time_shape(shape, device: torch.device, deadline: float) -> dict:
     row["grouped_best_config"], row["grouped_configs_us"] = best, {c: t * 1e6 for c, t in configs.items()}
     row["grouped_bias_us"] = timed(grouped_bias, device) * 1e6
     row["grouped_dense_bias_us"] = timed(grouped_dense_bias, device) * 1e6
+    q32 = q.float()
+
+    def split_k_fp32_dense_bias():  # a RoPE-centred cache's CUDA path with fp32 queries
+        w, table, positions = parts
+        return triton_decode.flash_decode(q32, *call[1:13], (w @ table.T).index_select(-1, positions), scale, False)
+
+    row["split_k_fp32_dense_bias_us"] = timed(split_k_fp32_dense_bias, device) * 1e6
     row["split_k_us"] = timed(lambda: triton_decode.flash_decode(*call), device) * 1e6
     if device.type == "cuda":
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -287,13 +298,15 @@ def markdown(report: dict) -> str:
                      f" {r['ok']} |")
     lines += ["", "## Time per call (CUDA graphs of 10 calls, median of 20 replays; GB/s = bytes read / time)", "",
               "| batch | kv heads | group | head_dim | tokens | grouped us (default config) | grouped us (best) |"
-              " GB/s | grouped + key bias us (in kernel, as a dense mask) | split-K us | SDPA fp16 us | GB/s |"
+              " GB/s | grouped + key bias us (in kernel, as a dense mask) | split-K fp32 + dense bias us |"
+              " split-K us | SDPA fp16 us | GB/s |"
               " stream us | stream GB/s | grouped vs SDPA (default, best) | grouped vs split-K | best config |",
-              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in report["timing"]:
         lines.append(f"| {r['batch']} | {r['kv_heads']} | {r['group']} | {r['head_dim']} | {r['tokens']} |"
                      f" {r['grouped_default_us']:.1f} | {r['grouped_us']:.1f} | {r['grouped_gbs']:.0f} |"
-                     f" {r['grouped_bias_us']:.1f}, {r['grouped_dense_bias_us']:.1f} | {r['split_k_us']:.1f} |"
+                     f" {r['grouped_bias_us']:.1f}, {r['grouped_dense_bias_us']:.1f} |"
+                     f" {r['split_k_fp32_dense_bias_us']:.1f} | {r['split_k_us']:.1f} |"
                      f" {r['sdpa_fp16_us']:.1f} | {r['sdpa_fp16_gbs']:.0f} |"
                      f" {r['stream_us']:.1f} | {r['stream_gbs']:.0f} |"
                      f" {r['grouped_default_vs_sdpa']:.2f}x, {r['grouped_vs_sdpa']:.2f}x |"

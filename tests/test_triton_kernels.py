@@ -290,6 +290,17 @@ def test_grouped_decode_supports():
     assert not triton_decode_grouped.supports(q, a[1:6], a[6:11])  # token blocks
 
 
+@_kernel_test
+def test_grouped_decode_supports_fp32_queries(monkeypatch):
+    """On a GPU fp32 queries take the grouped kernel only where GROUPED_CONFIG says so."""
+    q, K, V, _, _ = make(d=64, block=64)
+    k, v = args_of(q, K, V)[1:6], args_of(q, K, V)[6:11]
+    monkeypatch.setattr(triton_decode_grouped, "_interpreting", lambda: False)
+    assert triton_decode_grouped.supports(q.half(), k, v) and not triton_decode_grouped.supports(q, k, v)
+    monkeypatch.setitem(triton_decode_grouped.GROUPED_CONFIG, "fp32_queries", True)
+    assert triton_decode_grouped.supports(q, k, v)
+
+
 @pytest.mark.skipif(not CUDA, reason="the register lookup is PTX: compiled for a GPU only")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("d,block", [(64, 64), (128, 64)])
@@ -331,12 +342,13 @@ def test_register_lut_compiles_for_a_gpu(d, block):
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles the kernel: needs real jit functions")
 @pytest.mark.skipif(CUDA, reason="with a GPU, the grouped kernel tests run it")
-@pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("bias", [False, True])
-def test_grouped_kernel_compiles_for_a_gpu(d, bias):
+@pytest.mark.parametrize("d,bias,dtype", [(64, False, torch.bfloat16), (128, False, torch.bfloat16),
+                                          (64, True, torch.bfloat16), (128, True, torch.bfloat16),
+                                          (128, True, torch.float32)])
+def test_grouped_kernel_compiles_for_a_gpu(d, bias, dtype):
     """Every feature of the grouped kernel at once (fp tail, bool mask, causal two-token query,
-    device lengths, bf16; with ``bias`` the RoPE-centre key bias too), compiled for sm_90 without a
-    GPU: ptxas takes it, nothing spills without the bias, and the history loop decodes by byte
+    device lengths, bf16 or fp32 queries (fp16 products); with ``bias`` the RoPE-centre key bias
+    too), compiled for sm_90 without a GPU: ptxas takes it, nothing spills without the bias, and the history loop decodes by byte
     permutes with no gather from the codebook (4-byte asynchronous copies beyond the two scale
     copies per tile and tensor)."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
@@ -344,7 +356,7 @@ def test_grouped_kernel_compiles_for_a_gpu(d, bias):
 
     from nqkv_core.ops import triton_decode_grouped
 
-    q, K, V, kt, vt = make(g=3, tq=2, t=512, d=d, block=64, tail=7, dtype=torch.bfloat16)
+    q, K, V, kt, vt = make(g=3, tq=2, t=512, d=d, block=64, tail=7, dtype=dtype)
     mask = torch.ones(2, 519, dtype=torch.bool)
     lengths = torch.tensor([[500, 7]], dtype=torch.int32)
     key_bias = rope_key_bias(q, 512, 7)[:3] if bias else None
@@ -353,7 +365,7 @@ def test_grouped_kernel_compiles_for_a_gpu(d, bias):
         lengths=lengths, key_bias=key_bias))
     kernel, args, kwargs = launches[0]
     assert kernel is triton_decode_grouped._grouped_split_kernel and kwargs["LUT"] and kwargs["HAS_TAIL"]
-    assert kwargs["HAS_BIAS"] == bias
+    assert kwargs["HAS_BIAS"] == bias and kwargs["HALF_DOTS"] == (dtype == torch.float32)
     try:
         compiled = triton_sass.compile_for(kernel, args, kwargs, arch=90)
     except (ImportError, AttributeError) as e:  # Triton-internal API of another version

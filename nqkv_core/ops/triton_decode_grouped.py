@@ -47,12 +47,15 @@ MAX_ROWS = 64  # query rows per KV head (GROUP * Tq) the kernel takes in one pro
 # int: both; with a mask or a causal query, block_n_masked: a mask tile takes registers too), keys
 # per tail tile, warps, pipeline stages, programs to aim for per SM (splits = that
 # many programs over batch x KV heads), the most splits, and optionally ``maxnreg`` (a register cap
-# for ptxas). Untimed: chosen from the compiled code (benchmarks/triton_sass.py: the fewest
+# for ptxas); ``fp32_queries``: whether fp32 queries (a transformed cache's storage basis) take this
+# kernel too, with the query, the exact tail and the probabilities rounded to fp16 for the products
+# (fp32 accumulation), as a 16-bit model computes attention; otherwise they stay on the split-K
+# kernel's fp32 products. Untimed: chosen from the compiled code (benchmarks/triton_sass.py: the fewest
 # instructions per decoded element with no spills and at most 128 registers; 128-key tiles at two
 # blocks per row take about 170, a cp.async double buffer (num_stages=2) more instructions and
 # registers for the same tiles); benchmarks/gpu_decode_check.py times it against a few others.
 GROUPED_CONFIG = dict(block_n=(128, 64), block_n_masked=64, block_t=16, num_warps=4, num_stages=1, programs_per_sm=4,
-                      max_splits=128)
+                      max_splits=128, fp32_queries=False)
 
 
 # -- jit helpers ------------------------------------------------------------------------------------------
@@ -159,7 +162,8 @@ def _softmax(s, m_i, l_i, GUARD: tl.constexpr, BY_DOT: tl.constexpr, DT: tl.cons
 def _key_bias(s, w_row, r_ok, pos_ptr, offs_t, t_ok, tab_ptr, stride_tab, n_tab, HEAD_DIM: tl.constexpr,
               DT: tl.constexpr):
     """Scores ``s`` (keys, rows) plus the RoPE-centre key bias of keys ``offs_t`` (in base 2):
-    ``w . [cos | sin](pos * theta)`` for each row's weights ``w`` (``HEAD_DIM``, fp32, the cos then the sin half) and each key's position.
+    ``w . [cos | sin](pos * theta)`` for each row's weights ``w`` (``HEAD_DIM``, fp32, the cos then
+    the sin half) and each key's position.
 
     By angle addition, with ``p0`` the tile's first position and ``delta = pos - p0``, the bias is
     ``w' . table[delta]`` where ``w'`` rotates each (cos, sin) weight pair of ``w`` by ``p0 * theta``
@@ -317,11 +321,12 @@ def _grouped_split_kernel(
     H_KV, T_Q, T_HIST, T_TAIL, n_tab, scale,
     GROUP: tl.constexpr, N_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, NB: tl.constexpr,
     NUM_SPLITS: tl.constexpr, HAS_LENS: tl.constexpr, HAS_TAIL: tl.constexpr, MASK_KIND: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, LUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, LUT: tl.constexpr, HAS_BIAS: tl.constexpr, HALF_DOTS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    # the dots' operand dtype is the query's (16-bit on a GPU, fp32 in the interpreter)
-    DT: tl.constexpr = q_ptr.dtype.element_ty
+    # the dots' operand dtype: the query's (16-bit on a GPU, fp32 in the interpreter), or fp16 for
+    # fp32 queries with HALF_DOTS
+    DT: tl.constexpr = tl.float16 if HALF_DOTS else q_ptr.dtype.element_ty
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     b = (pid_bh // H_KV).to(tl.int64)  # (a whole cache's offsets can pass 2**31)
@@ -432,13 +437,15 @@ def supports(q: Tensor, k: tuple, v: tuple) -> bool:
     block, axis): 4-bit K and V in the same blocks along head_dim, one or two blocks per row of a
     power-of-two head_dim, each block at least 32 elements (its halves feed ``tl.dot``), V's head_dim
     equal to K's, at most :data:`MAX_ROWS` query rows per KV head; on a GPU fp16/bf16 queries (the
-    byte tables hold 16-bit levels; fp32 queries take ``triton_decode``)."""
+    byte tables hold 16-bit levels; fp32 queries take ``triton_decode``), and fp32 ones too where
+    :data:`GROUPED_CONFIG` has ``fp32_queries`` (computed with fp16 operands, see there)."""
     d = q.shape[-1]
     blocks = (k[3], v[3])
     return (k[2].numel() == v[2].numel() == 16 and k[4] == v[4] == 3 and blocks[0] == blocks[1]
             and v[0].shape[-1] * 2 == d and d & (d - 1) == 0 and d // blocks[0] in (1, 2) and blocks[0] >= 32
             and q.shape[2] * (q.shape[1] // k[0].shape[1]) <= MAX_ROWS
-            and (_interpreting() or q.dtype in (torch.float16, torch.bfloat16)))
+            and (_interpreting() or q.dtype in (torch.float16, torch.bfloat16)
+                 or (q.dtype == torch.float32 and bool(GROUPED_CONFIG.get("fp32_queries")))))
 
 
 _SM_COUNT: dict = {}
@@ -533,7 +540,7 @@ def launch(q, k_codes, k_absmax, k_codebook, k_block, v_codes, v_absmax, v_codeb
         hkv, tq, th, tt, table.shape[0], scale,
         GROUP=hq // hkv, N_ROWS=n_rows, HEAD_DIM=d, NB=d // k_block, NUM_SPLITS=splits,
         HAS_LENS=lengths is not None, HAS_TAIL=tt > 0, MASK_KIND=mask_kind, IS_CAUSAL=is_causal and tq > 1,
-        LUT=not _interpreting() and work != torch.float32, HAS_BIAS=key_bias is not None,
+        LUT=not _interpreting(), HAS_BIAS=key_bias is not None, HALF_DOTS=work == torch.float32 and not _interpreting(),
         BLOCK_R=max(16, triton.next_power_of_2(n_rows)),
         BLOCK_N=_block_n(d // k_block, mask_kind != 0 or (is_causal and tq > 1)),
         BLOCK_T=GROUPED_CONFIG["block_t"], **launch_cfg,
