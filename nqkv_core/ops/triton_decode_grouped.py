@@ -5,11 +5,11 @@ padded to ``BLOCK_R >= 16``) is a dimension of both ``tl.dot`` products, so a ke
 once for the whole group. The scores are computed transposed, (keys, rows) = decoded keys @ query
 rows, and transposed back: the decoded tile is then the operand the tensor cores take from
 registers and the loop-invariant query the one they read from shared memory, which takes fewer
-registers and register moves than the other way round. The number of splits is a launch parameter fixed by the caller
-(:func:`default_splits`: from the SM count), not derived from the cache length: each program reads
-the lengths (from a device tensor, or from scalar arguments that are not specialised on) and
-computes its own key range, so neither a growing cache nor CUDA-graph replay recompiles or reads
-anything back to the host. A split with no keys writes a log-sum-exp of ``-inf`` and the merge
+registers and register moves than the other way round. The number of splits is a launch parameter
+fixed by the caller (:func:`default_splits`: from the SM count), not derived from the cache length:
+each program reads the lengths (from a device tensor, or from scalar arguments that are not
+specialised on) and computes its own key range, so neither a growing cache nor CUDA-graph replay
+recompiles or reads anything back to the host. A split with no keys writes a log-sum-exp of ``-inf`` and the merge
 kernel skips it.
 
 Per split: the packed history in full tiles of ``BLOCK_N`` keys without masks, then one masked
@@ -45,12 +45,12 @@ from nqkv_core.ops.triton_decode import _LUT16_ASM, _LUT16_CONSTRAINTS, _byte_ta
 MAX_ROWS = 64  # query rows per KV head (GROUP * Tq) the kernel takes in one program
 # Launch configuration on a GPU: keys per history tile (for rows of one and of two scale blocks; one
 # int: both; with a mask or a causal query, block_n_masked: a mask tile takes registers too), keys
-# per tail tile, warps, pipeline stages, programs to aim for per SM (splits = that
-# many programs over batch x KV heads), the most splits, and optionally ``maxnreg`` (a register cap
-# for ptxas); ``fp32_queries``: whether fp32 queries (a transformed cache's storage basis) take this
-# kernel too, with the query, the exact tail and the probabilities rounded to fp16 for the products
-# (fp32 accumulation), as a 16-bit model computes attention; otherwise they stay on the split-K
-# kernel's fp32 products. Untimed: chosen from the compiled code (benchmarks/triton_sass.py: the fewest
+# per tail tile, warps, pipeline stages, programs to aim for per SM (splits = that many programs
+# over batch x KV heads), the most splits, and optionally ``maxnreg`` (a register cap for ptxas).
+# ``fp32_queries``: whether fp32 queries (a transformed cache's storage basis) take this kernel too,
+# with the query, the exact tail and the probabilities rounded to fp16 for the products (fp32
+# accumulation), as a 16-bit model computes attention; otherwise they stay on the split-K kernel's
+# fp32 products. Untimed: chosen from the compiled code (benchmarks/triton_sass.py: the fewest
 # instructions per decoded element with no spills and at most 128 registers; 128-key tiles at two
 # blocks per row take about 170, a cp.async double buffer (num_stages=2) more instructions and
 # registers for the same tiles); benchmarks/gpu_decode_check.py times it against a few others.
