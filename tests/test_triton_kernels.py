@@ -552,3 +552,35 @@ def test_cache_generate_through_the_kernels(monkeypatch):
     cache_matches_reference("nf3-query-vfit", DEVICE)
     if not CUDA:
         assert calls, "the decode steps did not reach the Triton kernel"
+
+
+@_kernel_test
+def test_cache_generate_with_the_key_bias_in_the_kernel(monkeypatch):
+    """A 4-bit RoPE-centred cache whose decode steps take the grouped kernel with the key bias
+    computed in it (on CPU: the interpreter, with the native and CPU decode paths switched off; fp32
+    storage-basis queries, which a GPU sends there only with ``fp32_queries``)."""
+    import dataclasses
+
+    from test_cache import SCHEMES, assert_matches_reference, generate, tiny_model
+
+    from nqkv_core import native
+    from nqkv_core.cache import enable
+    from nqkv_core.ops import cpu as cpu_ops
+
+    monkeypatch.setitem(triton_decode_grouped.GROUPED_CONFIG, "fp32_queries", True)
+    calls = []
+    real = triton_decode_grouped.launch
+    monkeypatch.setattr(triton_decode_grouped, "launch",
+                        lambda *a, **k: calls.append(k.get("key_bias") is not None) or real(*a, **k))
+    if not CUDA:
+        monkeypatch.setattr(native, "available", lambda: False)
+        monkeypatch.setattr(cpu_ops, "decode_fits", lambda *a, **k: False)
+    # head_dim 64 in blocks of 32 (two per row): a layout the grouped kernel takes
+    model, scheme = tiny_model(head_dim=64), dataclasses.replace(SCHEMES["nf4-rope-centre"], k_block=32, v_block=32)
+    ids = torch.randint(1, 96, (2, scheme.window), generator=torch.Generator().manual_seed(1))
+    _, ref_logits = generate(model, ids, scheme)
+    _, fp_logits = generate(model, ids, None)
+    model.to(DEVICE)
+    _, logits = generate(model, ids.to(DEVICE), cache=enable(model, scheme=scheme).generate_kwargs())
+    assert_matches_reference(logits.cpu(), ref_logits, fp_logits)
+    assert any(calls), "no decode step computed the key bias in the grouped kernel"

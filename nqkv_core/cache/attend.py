@@ -75,8 +75,8 @@ def attend(
                 return cpu_ops.attention_decode(query, k, v, k_fp, v_fp, mask, scale, False, key_bias.parts)
         if (
             fused and k_fmt.quantized and v_fmt.quantized and k_body[0].shape[2]
-            and query.device.type == "cuda" and grouped_takes_key_bias(query, k, v)
-        ):  # so does the CUDA decode kernel
+            and grouped_takes_key_bias(query, k, v)
+        ):  # so does the CUDA decode kernel (Triton's: on CUDA, or in its interpreter)
             return torch.ops.nqkv.grouped_decode(query, *k, *v, k_fp.to(query.dtype), v_fp.to(query.dtype), mask,
                                                  scale, False, *key_bias.parts)
         bias = key_bias.dense()
