@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # GPU check in under 8 minutes on one CUDA device (H100 / H200):
 #   kernel  benchmarks/gpu_decode_check.py: device and versions; the grouped decode kernel (the CUDA
-#           decode path of the presets' 4-bit layout) against the torch reference; a streaming-read
-#           kernel over the same bytes (achievable GB/s); under CUDA graphs the grouped kernel, the
-#           split-K kernel it replaces and fp16 flash SDPA at (batch, kv heads, group, head_dim,
-#           tokens) = (1,3,3,64,{16k,32k}), (8,3,3,64,32k), (1,8,4,128,{32k,64k}), (8,8,4,128,32k);
+#           decode path of the presets' 4-bit layout), with and without the RoPE-centre key bias it
+#           computes itself, against the torch reference; a streaming-read kernel over the same bytes
+#           (achievable GB/s); under CUDA graphs the grouped kernel (also with that key bias, in the
+#           kernel and as a dense mask), the split-K kernel it replaces and fp16 flash SDPA at
+#           (batch, kv heads, group, head_dim, tokens) = (1,3,3,64,{16k,32k}), (8,3,3,64,32k),
+#           (1,8,4,128,{32k,64k}), (8,8,4,128,32k);
 #   tests   tests/test_triton_kernels.py compiled for the GPU (every kernel against its reference,
 #           the register lookup, opcheck with fake/AOT checks).
 # Longer optional stages (not in the 8 minutes): sweep (benchmarks/sweep_triton_decode.py, launch

@@ -6,15 +6,21 @@ Writes ``gpu_decode_check.json`` and ``gpu_decode_check.md`` to ``--out``:
 2. correctness: ``triton_decode_grouped`` (the path ``nqkv::attention`` takes for the presets' 4-bit
    layout) against ``triton_decode.reference`` (fp32 SDPA over the dequantized K/V) at head_dim 64
    and 128, groups 3 and 4, fp tails of 0 / 1 / 37 tokens, 1 / 1000 / 33k tokens, fp16 and bf16,
-   with and without device-side lengths;
+   with and without device-side lengths, with and without the RoPE-centre key bias the kernel
+   computes itself (against the reference given that bias as a dense additive mask), and fp32
+   queries (a transformed cache's storage basis: fp16 products, ``GROUPED_CONFIG["fp32_queries"]``);
 3. per shape (batch, KV heads, group, head_dim, tokens; 4-bit K/V in blocks of 64 along head_dim,
    one query token), GPU time per call from CUDA graphs of ten calls (median of 20 replays) of:
    the grouped kernel (preallocated output and workspace, lengths from a device tensor; its
-   default launch configuration and, while time allows, a few others: :data:`CONFIGS`), the
-   split-K kernel it replaces (``triton_decode.flash_decode``), ``F.scaled_dot_product_attention``
-   in fp16 (flash backend) over the unquantized K/V, and a streaming kernel that reads exactly the
-   grouped kernel's bytes (codes and scales of K and V) and does nothing else: the bandwidth a
-   decode over this storage could reach. "GB/s" is each one's bytes over its time.
+   default launch configuration and, while time allows, a few others: :data:`CONFIGS`), the same
+   with the RoPE-centre key bias computed in the kernel and with that bias built in torch and passed
+   as a dense additive mask (what the cache did before), what a RoPE-centred cache runs today with
+   fp32 queries (the split-K kernel, fp32 products, the bias as a dense mask), the split-K kernel it
+   replaces
+   (``triton_decode.flash_decode``), ``F.scaled_dot_product_attention`` in fp16 (flash backend)
+   over the unquantized K/V, and a streaming kernel that reads exactly the grouped kernel's bytes
+   (codes and scales of K and V) and does nothing else: the bandwidth a decode over this storage
+   could reach. "GB/s" is each one's bytes over its time.
 
 ``--dry-run`` runs everything on CPU in Triton's interpreter at tiny sizes (wall-clock times, no
 CUDA graphs): a check of this script, not a measurement.
@@ -49,19 +55,22 @@ from nqkv_core.ops import triton_decode, triton_decode_grouped  # noqa: E402
 SHAPES = [(1, 3, 3, 64, 16384), (1, 3, 3, 64, 32768), (8, 3, 3, 64, 32768), (1, 8, 4, 128, 32768),
           (1, 8, 4, 128, 65536), (8, 8, 4, 128, 32768)]
 DRY_SHAPES = [(1, 3, 3, 64, 300), (2, 2, 4, 128, 200)]
-# (batch, kv heads, group, head_dim, tokens, tail, dtype name, device lengths)
-CASES = [(2, 2, 3, 64, 1000, 0, "float16", False), (2, 2, 4, 64, 1, 1, "bfloat16", False),
-         (2, 2, 3, 64, 1000, 37, "bfloat16", True), (2, 2, 4, 128, 1, 0, "float16", False),
-         (2, 2, 3, 128, 1000, 1, "float16", True), (2, 2, 4, 128, 1000, 37, "bfloat16", False),
-         (1, 1, 3, 64, 33000, 37, "float16", False), (1, 2, 4, 128, 33000, 37, "bfloat16", True)]
-DRY_CASES = [(1, 2, 3, 64, 100, 5, "float16", True), (1, 1, 4, 128, 70, 0, "bfloat16", False)]
+# (batch, kv heads, group, head_dim, tokens, tail, dtype name, device lengths, key bias)
+CASES = [(2, 2, 3, 64, 1000, 0, "float16", False, False), (2, 2, 4, 64, 1, 1, "bfloat16", False, False),
+         (2, 2, 3, 64, 1000, 37, "bfloat16", True, False), (2, 2, 4, 128, 1, 0, "float16", False, False),
+         (2, 2, 3, 128, 1000, 1, "float16", True, False), (2, 2, 4, 128, 1000, 37, "bfloat16", False, False),
+         (1, 1, 3, 64, 33000, 37, "float16", False, False), (1, 2, 4, 128, 33000, 37, "bfloat16", True, False),
+         (2, 2, 3, 64, 1000, 37, "float16", False, True), (2, 2, 4, 128, 1000, 1, "bfloat16", True, True),
+         (1, 2, 4, 128, 33000, 37, "float16", False, True), (1, 1, 3, 64, 33000, 0, "bfloat16", False, True),
+         (2, 2, 3, 64, 1000, 37, "float32", False, True), (1, 2, 4, 128, 33000, 37, "float32", True, True)]
+DRY_CASES = [(1, 2, 3, 64, 100, 5, "float16", True, False), (1, 1, 4, 128, 70, 0, "bfloat16", False, False),
+             (1, 2, 3, 64, 100, 5, "float16", True, True), (1, 1, 3, 64, 100, 5, "float32", False, True)]
 TOLERANCE = 2e-2  # max abs error against the fp32 reference: 16-bit operands and output
-# launch configurations of the grouped kernel timed per shape (the first is GROUPED_CONFIG's), while
-# the run is within CONFIG_BUDGET_S seconds
-CONFIGS = [dict(num_warps=4, block_n=64), dict(num_warps=2, block_n=32), dict(num_warps=4, block_n=64, num_stages=1),
-           dict(num_warps=1, block_n=32, programs_per_sm=8), dict(num_warps=4, block_n=64, programs_per_sm=8),
-           dict(num_warps=4, block_n=32)]
-CONFIG_BUDGET_S = 110
+# launch configurations of the grouped kernel timed per shape (the first, {}, is GROUPED_CONFIG's),
+# while the run is within CONFIG_BUDGET_S seconds
+CONFIGS = [dict(), dict(num_stages=2), dict(block_n=128), dict(block_n=64), dict(programs_per_sm=8),
+           dict(num_warps=2, block_n=32), dict(num_warps=1, block_n=32, programs_per_sm=8)]
+CONFIG_BUDGET_S = 70
 
 
 # -- a read-only kernel over the same bytes ----------------------------------------------------------------
@@ -132,24 +141,51 @@ def packed(b, hkv, group, d, tokens, tail, dtype, device, seed=0):
     return q, k, v, K, V, kt, vt
 
 
+def key_bias(q: torch.Tensor, n_hist: int, n_tail: int, capacity: int | None = None, seed: int = 1):
+    """A RoPE-centred cache's key bias for ``q`` over ``n_hist`` history slots (of ``capacity``,
+    default ``n_hist``, the tensors hold) and ``n_tail`` tail tokens: weights ``(b, hq, 1, d)`` from a
+    random key centre, the ``[cos | sin]`` table of head_dim's RoPE angles, and the positions of the
+    key columns (history: one run after 4 sinks; tail: the sinks, then a shuffled window; then
+    unread padding up to ``capacity + n_tail``). Returns ``((w, table, positions), dense)`` with
+    ``dense`` the ``(b, hq, 1, n_hist + n_tail)`` offsets computed in torch."""
+    from nqkv_core.cache.format import rope_bias_weights
+
+    capacity = n_hist if capacity is None else capacity
+    b, hq, _, d = q.shape
+    g = torch.Generator(device=q.device).manual_seed(seed)
+    mu = 2 * torch.randn(b, hq, 1, d, device=q.device, generator=g)
+    w = rope_bias_weights(q, mu, d ** -0.5)
+    n_pos = n_hist + n_tail + 8
+    inv_freq = 10000.0 ** (-torch.arange(0, d, 2, device=q.device).float() / d)
+    ang = torch.arange(n_pos, device=q.device).float()[:, None] * inv_freq[None, :]
+    table = torch.cat([ang.cos(), ang.sin()], dim=-1)
+    window = 4 + n_hist + torch.randperm(n_pos - 4 - n_hist, device=q.device, generator=g)
+    read = torch.cat([torch.arange(4, 4 + n_hist, device=q.device), torch.arange(4, device=q.device), window])
+    read = read[: n_hist + n_tail]
+    positions = torch.cat([read, read.new_zeros(capacity - n_hist)])
+    return (w, table, positions), (w @ table.T).index_select(-1, read)
+
+
 def correctness(cases, device: torch.device) -> list[dict]:
     """Max abs error of the grouped kernel against the reference per case; with device lengths the
-    tensors hold 7 more history tokens than the lengths let it read."""
+    tensors hold 7 more history tokens than the lengths let it read; with a key bias the reference
+    takes it as a dense additive mask."""
     rows = []
-    for b, hkv, group, d, tokens, tail, dname, lens in cases:
+    for b, hkv, group, d, tokens, tail, dname, lens, bias in cases:
         dtype = getattr(torch, dname)
         extra = 7 if lens else 0
         q, _, _, K, V, kt, vt = packed(b, hkv, group, d, tokens + extra, tail, dtype, device)
         lengths = torch.tensor([[tokens, tail]] * b, dtype=torch.int32, device=device) if lens else None
+        parts, dense = key_bias(q, tokens, tail, tokens + extra) if bias else (None, None)
         out = triton_decode_grouped.launch(q, K.codes, K.absmax, K.codebook, 64, V.codes, V.absmax, V.codebook,
-                                           kt, vt, None, d ** -0.5, False, lengths=lengths)
+                                           kt, vt, None, d ** -0.5, False, lengths=lengths, key_bias=parts)
         n = tokens
         ref = triton_decode.reference(q, K.codes[:, :, :n], K.absmax[:, :, :n], K.codebook, 64, 3,
-                                      V.codes[:, :, :n], V.absmax[:, :, :n], V.codebook, 64, 3, kt, vt, None,
+                                      V.codes[:, :, :n], V.absmax[:, :, :n], V.codebook, 64, 3, kt, vt, dense,
                                       d ** -0.5, False)
         err = float((out.float() - ref.float()).abs().max())
         rows.append(dict(batch=b, kv_heads=hkv, group=group, head_dim=d, tokens=tokens, tail=tail, dtype=dname,
-                         device_lengths=lens, max_abs_err=err, ok=bool(err <= TOLERANCE)))
+                         device_lengths=lens, key_bias=bias, max_abs_err=err, ok=bool(err <= TOLERANCE)))
         print(f"correctness {rows[-1]}", flush=True)
     return rows
 
@@ -195,6 +231,21 @@ def time_shape(shape, device: torch.device, deadline: float) -> dict:
                                             None, None, None, scale, False, lengths=lengths, num_splits=splits,
                                             out=out, workspace=work)
 
+    parts, _ = key_bias(q, tokens, 0)
+    splits = triton_decode_grouped.default_splits(b, hkv, device)
+
+    def grouped_bias():  # the RoPE-centre key bias computed in the kernel
+        return triton_decode_grouped.launch(q, K.codes, K.absmax, K.codebook, 64, V.codes, V.absmax, V.codebook,
+                                            None, None, None, scale, False, lengths=lengths, num_splits=splits,
+                                            out=out, workspace=work, key_bias=parts)
+
+    def grouped_dense_bias():  # the same bias built in torch and read as a dense additive mask
+        w, table, positions = parts
+        mask = (w @ table.T).index_select(-1, positions)
+        return triton_decode_grouped.launch(q, K.codes, K.absmax, K.codebook, 64, V.codes, V.absmax, V.codebook,
+                                            None, None, mask, scale, False, lengths=lengths, num_splits=splits,
+                                            out=out, workspace=work)
+
     call = (q, K.codes, K.absmax, K.codebook, 64, 3, V.codes, V.absmax, V.codebook, 64, 3, None, None, None, scale,
             False)
     qf = q.view(b, hkv, group, d)  # a KV head's query rows as its query tokens: plain SDPA over the cache
@@ -205,6 +256,15 @@ def time_shape(shape, device: torch.device, deadline: float) -> dict:
     best = min(configs, key=configs.get)
     row["grouped_us"], row["grouped_default_us"] = configs[best] * 1e6, next(iter(configs.values())) * 1e6
     row["grouped_best_config"], row["grouped_configs_us"] = best, {c: t * 1e6 for c, t in configs.items()}
+    row["grouped_bias_us"] = timed(grouped_bias, device) * 1e6
+    row["grouped_dense_bias_us"] = timed(grouped_dense_bias, device) * 1e6
+    q32 = q.float()
+
+    def split_k_fp32_dense_bias():  # a RoPE-centred cache's CUDA path with fp32 queries
+        w, table, positions = parts
+        return triton_decode.flash_decode(q32, *call[1:13], (w @ table.T).index_select(-1, positions), scale, False)
+
+    row["split_k_fp32_dense_bias_us"] = timed(split_k_fp32_dense_bias, device) * 1e6
     row["split_k_us"] = timed(lambda: triton_decode.flash_decode(*call), device) * 1e6
     if device.type == "cuda":
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -230,20 +290,24 @@ def markdown(report: dict) -> str:
              "", "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), "",
              "## Correctness (max abs error against the fp32 reference; tolerance "
              f"{TOLERANCE})", "",
-             "| batch | kv heads | group | head_dim | tokens | tail | dtype | device lengths | max abs err | ok |",
-             "|---:|---:|---:|---:|---:|---:|---|---|---:|---|"]
+             "| batch | kv heads | group | head_dim | tokens | tail | dtype | device lengths | key bias | max abs err |"
+             " ok |", "|---:|---:|---:|---:|---:|---:|---|---|---|---:|---|"]
     for r in report["correctness"]:
         lines.append(f"| {r['batch']} | {r['kv_heads']} | {r['group']} | {r['head_dim']} | {r['tokens']} |"
-                     f" {r['tail']} | {r['dtype']} | {r['device_lengths']} | {r['max_abs_err']:.1e} | {r['ok']} |")
+                     f" {r['tail']} | {r['dtype']} | {r['device_lengths']} | {r['key_bias']} | {r['max_abs_err']:.1e} |"
+                     f" {r['ok']} |")
     lines += ["", "## Time per call (CUDA graphs of 10 calls, median of 20 replays; GB/s = bytes read / time)", "",
               "| batch | kv heads | group | head_dim | tokens | grouped us (default config) | grouped us (best) |"
-              " GB/s | split-K us | SDPA fp16 us | GB/s | stream us | stream GB/s | grouped vs SDPA (default, best) |"
-              " grouped vs split-K | best config |",
-              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+              " GB/s | grouped + key bias us (in kernel, as a dense mask) | split-K fp32 + dense bias us |"
+              " split-K us | SDPA fp16 us | GB/s |"
+              " stream us | stream GB/s | grouped vs SDPA (default, best) | grouped vs split-K | best config |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in report["timing"]:
         lines.append(f"| {r['batch']} | {r['kv_heads']} | {r['group']} | {r['head_dim']} | {r['tokens']} |"
                      f" {r['grouped_default_us']:.1f} | {r['grouped_us']:.1f} | {r['grouped_gbs']:.0f} |"
-                     f" {r['split_k_us']:.1f} | {r['sdpa_fp16_us']:.1f} | {r['sdpa_fp16_gbs']:.0f} |"
+                     f" {r['grouped_bias_us']:.1f}, {r['grouped_dense_bias_us']:.1f} |"
+                     f" {r['split_k_fp32_dense_bias_us']:.1f} | {r['split_k_us']:.1f} |"
+                     f" {r['sdpa_fp16_us']:.1f} | {r['sdpa_fp16_gbs']:.0f} |"
                      f" {r['stream_us']:.1f} | {r['stream_gbs']:.0f} |"
                      f" {r['grouped_default_vs_sdpa']:.2f}x, {r['grouped_vs_sdpa']:.2f}x |"
                      f" {r['grouped_vs_split_k']:.2f}x | {r['grouped_best_config']} |")

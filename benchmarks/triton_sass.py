@@ -6,7 +6,8 @@ with ``cuobjdump`` (shipped with Triton's NVIDIA backend): registers, spilled st
 instruction counts of the whole kernel and of its key loop (the longest backward-branch body), the
 4-byte gathers left in that loop, and its commonest opcodes. Paths, over 4-bit K/V in blocks along
 head_dim: the split-K kernel (``triton_decode``) general, in lane order (nibble_lanes), and in lane
-order with the register lookup (register_lut); the grouped kernel (``triton_decode_grouped``).
+order with the register lookup (register_lut); the grouped kernel (``triton_decode_grouped``),
+without and with (grouped+bias) the RoPE-centre key bias it computes itself.
 ``default`` is the path ``nqkv::attention`` takes for the shape.
 
 ``instructions_per_element`` = key-loop instructions x threads per program / (K and V elements one
@@ -47,6 +48,7 @@ PATHS = {  # name -> DECODE_CONFIG overrides of the split-K kernel, or None: the
     "lanes": dict(nibble_lanes=True, register_lut=False),
     "lanes+lut": dict(nibble_lanes=True, register_lut=True),
     "grouped": None,
+    "grouped+bias": None,
 }
 SHAPES = ((1, 8, 4, 128, 32768, 64), (1, 3, 3, 64, 32768, 64))  # (batch, kv heads, group, head_dim, tokens, block)
 
@@ -86,11 +88,19 @@ def capture_launches(module, call) -> list:
     return launches
 
 
+def _key_bias(q: torch.Tensor, tokens: int) -> tuple:
+    """A RoPE-centre key bias ``(w, table, positions)`` for ``q`` over ``tokens`` keys (random weights)."""
+    d = q.shape[-1]
+    ang = torch.arange(tokens).float()[:, None] * 10000.0 ** (-torch.arange(0, d, 2).float() / d)
+    return torch.randn(q.shape), torch.cat([ang.cos(), ang.sin()], dim=-1), torch.arange(tokens)
+
+
 def capture_split_launch(b: int, hkv: int, group: int, d: int, tokens: int, dtype: torch.dtype, cfg: dict | None,
-                         block: int | None = None):
+                         block: int | None = None, bias: bool = False):
     """(kernel, args, kwargs) of the split kernel's launch for one decode call of this shape, 4-bit
     codes in blocks of ``block`` (default: head_dim) along head_dim: the split-K kernel with the
-    ``DECODE_CONFIG`` overrides ``cfg``, or the grouped kernel for ``cfg=None``."""
+    ``DECODE_CONFIG`` overrides ``cfg``, or the grouped kernel for ``cfg=None`` (with ``bias``: with
+    the RoPE-centre key bias computed in the kernel)."""
     block = block or d
     q, K, V = _packed(b, hkv, group, d, tokens, dtype, block)
     saved_cfg = dict(triton_decode.DECODE_CONFIG)
@@ -99,7 +109,7 @@ def capture_split_launch(b: int, hkv: int, group: int, d: int, tokens: int, dtyp
         if cfg is None:
             launches = capture_launches(triton_decode_grouped, lambda: triton_decode_grouped.launch(
                 q, K.codes, K.absmax, K.codebook, block, V.codes, V.absmax, V.codebook, None, None, None, d ** -0.5,
-                False))
+                False, key_bias=_key_bias(q, tokens) if bias else None))
         else:
             launches = capture_launches(triton_decode, lambda: triton_decode.flash_decode(
                 q, K.codes, K.absmax, K.codebook, block, 3, V.codes, V.absmax, V.codebook, block, 3, None, None,
@@ -228,8 +238,8 @@ def main() -> None:
         print("|---|---:|---:|---:|---:|---:|---:|---|")
         figures = {}
         for name in args.paths:
-            fig, lines = measure(capture_split_launch(b, hkv, group, d, tokens, dtype, PATHS[name], block),
-                                 args.arch, args.top)
+            launch = capture_split_launch(b, hkv, group, d, tokens, dtype, PATHS[name], block, name == "grouped+bias")
+            fig, lines = measure(launch, args.arch, args.top)
             figures[name] = fig
             print(f"| {name} | {fig['registers']} | {fig['spill_bytes']} | {fig['sass_total']} |"
                   f" {fig['loop_instructions']} | {fig['instructions_per_element']} | {fig['gathers']} |"

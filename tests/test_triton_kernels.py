@@ -155,6 +155,81 @@ def test_grouped_decode_kernel(d, block, g, tail, t, dtype):
     check(triton_decode_grouped.grouped_decode(*a), triton_decode.reference(*a), dtype)
 
 
+def rope_key_bias(q, n_hist, n_tail, ring=False, scale=None):
+    """A RoPE-centred cache's key bias for ``q``: weights from a random key centre
+    (``rope_bias_weights``), the ``[cos | sin]`` table of head_dim's RoPE angles, and positions in
+    the cache's slot order: the body one run after 4 sinks (or, with ``ring``, a run that wraps),
+    then the sinks, then a shuffled window. Returns ``(w, table, positions, dense)`` with ``dense``
+    the ``(b, hq, Tq, n_hist + n_tail)`` offsets computed in torch."""
+    from nqkv_core.cache.format import rope_bias_weights
+
+    gen = torch.Generator().manual_seed(5)
+    b, hq, _, d = q.shape
+    mu = 2 * torch.randn(b, hq, 1, d, generator=gen)
+    w = rope_bias_weights(q.float().cpu(), mu, q.shape[-1] ** -0.5 if scale is None else scale)
+    n_pos = n_hist + n_tail + 8
+    inv_freq = 10000.0 ** (-torch.arange(0, d, 2).float() / d)
+    ang = torch.arange(n_pos).float()[:, None] * inv_freq[None, :]
+    table = torch.cat([ang.cos(), ang.sin()], dim=-1)
+    body = torch.arange(4, 4 + n_hist)
+    if ring:
+        body = body.roll(n_hist // 3)
+    tail = torch.cat([torch.arange(4), 4 + n_hist + torch.randperm(n_pos - 4 - n_hist, generator=gen)])[:n_tail]
+    positions = torch.cat([body, tail])
+    dense = (w @ table.T).index_select(-1, positions)
+    return w.to(DEVICE), table.to(DEVICE), positions.to(DEVICE), dense.to(DEVICE)
+
+
+@_kernel_test
+@pytest.mark.parametrize("d,block,g,tail,t,dtype", GROUPED_CASES)
+def test_grouped_decode_key_bias(d, block, g, tail, t, dtype):
+    """The RoPE-centre key bias computed in the kernel (from the weights, the table and the positions)
+    against the reference given the same bias as a dense additive mask; a body that wraps (a ring)
+    at 1000 tokens."""
+    q, K, V, kt, vt = make(b=2, g=g, t=t, d=d, block=block, tail=tail, dtype=dtype)
+    w, table, positions, dense = rope_key_bias(q, t, tail, ring=t == 1000 and d == 64)
+    a = args_of(q, K, V, kt, vt)
+    ref = triton_decode.reference(*args_of(q, K, V, kt, vt, mask=dense))
+    if t + tail > 1:  # (one key takes all the weight, bias or not)
+        assert (ref.float() - triton_decode.reference(*a).float()).abs().max() > 0.05  # the bias matters
+    check(triton_decode_grouped.grouped_decode(*a, w, table, positions), ref, dtype)
+
+
+@_kernel_test
+def test_grouped_decode_key_bias_masks_lengths():
+    """The key bias with a bool mask, a causal two-token query, and device lengths below the
+    tensors' capacity (tail positions then follow the valid history: column ``T_hist + i``)."""
+    q, K, V, kt, vt = make(b=1, g=3, tq=2, t=150, d=64, block=64, tail=6)
+    w, table, positions, dense = rope_key_bias(q, 150, 6)
+    mask = (torch.rand(2, 156, generator=torch.Generator().manual_seed(3)) > 0.2).to(DEVICE)
+    a = args_of(q, K, V, kt, vt, mask=mask, is_causal=True)
+    ref = triton_decode.reference(*args_of(q, K, V, kt, vt, mask=dense.masked_fill(~mask, float("-inf")),
+                                           is_causal=True))
+    check(triton_decode_grouped.grouped_decode(*a, w, table, positions), ref, torch.float32)
+    th, tt = 100, 4
+    cols = torch.cat([torch.arange(th), 150 + torch.arange(tt)]).to(DEVICE)
+    res = triton_decode_grouped.launch(q, K.codes, K.absmax, K.codebook, 64, V.codes, V.absmax, V.codebook, kt, vt,
+                                       None, 0.125, False, lengths=torch.tensor([[th, tt]], dtype=torch.int32),
+                                       key_bias=(w, table, positions[cols]))
+    ref = triton_decode.reference(q, K.codes[:, :, :th], K.absmax[:, :, :th], K.codebook, 64, 3, V.codes[:, :, :th],
+                                  V.absmax[:, :, :th], V.codebook, 64, 3, kt[:, :, :tt], vt[:, :, :tt],
+                                  dense[..., cols], 0.125, False)
+    check(res, ref, torch.float32)
+
+
+@_kernel_test
+def test_grouped_decode_key_bias_checks():
+    """A key bias of the wrong shape, dtype or device is refused with an error naming it."""
+    q, K, V, kt, vt = make(g=3, t=40, d=64, block=64, tail=2)
+    w, table, positions, _ = rope_key_bias(q, 40, 2)
+    a = args_of(q, K, V, kt, vt)
+    for bad, err in (((w[..., :32], table, positions), "bias_w"), ((w, table[:, :32], positions), "bias_table"),
+                     ((w, table, positions[:41]), "bias_pos"), ((w.half(), table, positions), "float32"),
+                     ((w, table, positions.float()), "bias_pos"), ((w, None, positions), "together")):
+        with pytest.raises((ValueError, TypeError), match=err):
+            triton_decode_grouped.grouped_decode(*a, *bad)
+
+
 @_kernel_test
 def test_grouped_decode_33k_tokens(monkeypatch):
     """A long cache (33k tokens, 37 tail tokens) over a few splits; large tiles keep the
@@ -215,6 +290,17 @@ def test_grouped_decode_supports():
     assert not triton_decode_grouped.supports(q, a[1:6], a[6:11])  # token blocks
 
 
+@_kernel_test
+def test_grouped_decode_supports_fp32_queries(monkeypatch):
+    """On a GPU fp32 queries take the grouped kernel only where GROUPED_CONFIG says so."""
+    q, K, V, _, _ = make(d=64, block=64)
+    k, v = args_of(q, K, V)[1:6], args_of(q, K, V)[6:11]
+    monkeypatch.setattr(triton_decode_grouped, "_interpreting", lambda: False)
+    assert triton_decode_grouped.supports(q.half(), k, v) and not triton_decode_grouped.supports(q, k, v)
+    monkeypatch.setitem(triton_decode_grouped.GROUPED_CONFIG, "fp32_queries", True)
+    assert triton_decode_grouped.supports(q, k, v)
+
+
 @pytest.mark.skipif(not CUDA, reason="the register lookup is PTX: compiled for a GPU only")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("d,block", [(64, 64), (128, 64)])
@@ -256,25 +342,30 @@ def test_register_lut_compiles_for_a_gpu(d, block):
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles the kernel: needs real jit functions")
 @pytest.mark.skipif(CUDA, reason="with a GPU, the grouped kernel tests run it")
-@pytest.mark.parametrize("d", [64, 128])
-def test_grouped_kernel_compiles_for_a_gpu(d):
+@pytest.mark.parametrize("d,bias,dtype", [(64, False, torch.bfloat16), (128, False, torch.bfloat16),
+                                          (64, True, torch.bfloat16), (128, True, torch.bfloat16),
+                                          (128, True, torch.float32)])
+def test_grouped_kernel_compiles_for_a_gpu(d, bias, dtype):
     """Every feature of the grouped kernel at once (fp tail, bool mask, causal two-token query,
-    device lengths, bf16), compiled for sm_90 without a GPU: ptxas takes it, nothing spills, and the
-    history loop decodes by byte permutes with no gather from the codebook (4-byte asynchronous
-    copies beyond the two scale copies per tile and tensor)."""
+    device lengths, bf16 or fp32 queries (fp16 products); with ``bias`` the RoPE-centre key bias
+    too), compiled for sm_90 without a GPU: ptxas takes it, nothing spills without the bias, and the history loop decodes by byte
+    permutes with no gather from the codebook (4-byte asynchronous copies beyond the two scale
+    copies per tile and tensor)."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
     import triton_sass
 
     from nqkv_core.ops import triton_decode_grouped
 
-    q, K, V, kt, vt = make(g=3, tq=2, t=512, d=d, block=64, tail=7, dtype=torch.bfloat16)
+    q, K, V, kt, vt = make(g=3, tq=2, t=512, d=d, block=64, tail=7, dtype=dtype)
     mask = torch.ones(2, 519, dtype=torch.bool)
     lengths = torch.tensor([[500, 7]], dtype=torch.int32)
+    key_bias = rope_key_bias(q, 512, 7)[:3] if bias else None
     launches = triton_sass.capture_launches(triton_decode_grouped, lambda: triton_decode_grouped.launch(
         q, K.codes, K.absmax, K.codebook, 64, V.codes, V.absmax, V.codebook, kt, vt, mask, 0.125, True,
-        lengths=lengths))
+        lengths=lengths, key_bias=key_bias))
     kernel, args, kwargs = launches[0]
     assert kernel is triton_decode_grouped._grouped_split_kernel and kwargs["LUT"] and kwargs["HAS_TAIL"]
+    assert kwargs["HAS_BIAS"] == bias and kwargs["HALF_DOTS"] == (dtype == torch.float32)
     try:
         compiled = triton_sass.compile_for(kernel, args, kwargs, arch=90)
     except (ImportError, AttributeError) as e:  # Triton-internal API of another version
@@ -282,7 +373,7 @@ def test_grouped_kernel_compiles_for_a_gpu(d):
     lines, usage = triton_sass.sass_of(compiled.asm["cubin"])
     loop = triton_sass.key_loop(lines)
     ops = [triton_sass._opcode(line) for line in loop]
-    assert usage.get("STACK", 0) == 0
+    assert bias or usage.get("STACK", 0) == 0
     assert ops.count("HMMA") >= 4 and ops.count("PRMT") >= 64
     assert triton_sass.gathers(loop) <= 4
 
@@ -461,3 +552,35 @@ def test_cache_generate_through_the_kernels(monkeypatch):
     cache_matches_reference("nf3-query-vfit", DEVICE)
     if not CUDA:
         assert calls, "the decode steps did not reach the Triton kernel"
+
+
+@_kernel_test
+def test_cache_generate_with_the_key_bias_in_the_kernel(monkeypatch):
+    """A 4-bit RoPE-centred cache whose decode steps take the grouped kernel with the key bias
+    computed in it (on CPU: the interpreter, with the native and CPU decode paths switched off; fp32
+    storage-basis queries, which a GPU sends there only with ``fp32_queries``)."""
+    import dataclasses
+
+    from test_cache import SCHEMES, assert_matches_reference, generate, tiny_model
+
+    from nqkv_core import native
+    from nqkv_core.cache import enable
+    from nqkv_core.ops import cpu as cpu_ops
+
+    monkeypatch.setitem(triton_decode_grouped.GROUPED_CONFIG, "fp32_queries", True)
+    calls = []
+    real = triton_decode_grouped.launch
+    monkeypatch.setattr(triton_decode_grouped, "launch",
+                        lambda *a, **k: calls.append(k.get("key_bias") is not None) or real(*a, **k))
+    if not CUDA:
+        monkeypatch.setattr(native, "available", lambda: False)
+        monkeypatch.setattr(cpu_ops, "decode_fits", lambda *a, **k: False)
+    # head_dim 64 in blocks of 32 (two per row): a layout the grouped kernel takes
+    model, scheme = tiny_model(head_dim=64), dataclasses.replace(SCHEMES["nf4-rope-centre"], k_block=32, v_block=32)
+    ids = torch.randint(1, 96, (2, scheme.window), generator=torch.Generator().manual_seed(1))
+    _, ref_logits = generate(model, ids, scheme)
+    _, fp_logits = generate(model, ids, None)
+    model.to(DEVICE)
+    _, logits = generate(model, ids.to(DEVICE), cache=enable(model, scheme=scheme).generate_kwargs())
+    assert_matches_reference(logits.cpu(), ref_logits, fp_logits)
+    assert any(calls), "no decode step computed the key bias in the grouped kernel"

@@ -151,6 +151,16 @@ def _triton_kernels():
     return triton_decode, triton_prefill, triton_decode_grouped
 
 
+def grouped_takes_key_bias(q: Tensor, k: tuple, v: tuple) -> bool:
+    """Whether ``nqkv::grouped_decode`` serves a call with a key bias (``bias_w, bias_table,
+    bias_pos``, computed in its kernel): what :func:`attention_eager` would run is the grouped decode
+    kernel (``k`` / ``v``: codes, absmax, codebook, block, axis)."""
+    kernels = _triton_kernels() if _use_triton(q) else None
+    if kernels is None or kernels[2] is None:
+        return False
+    return kernels[0].supports(q, k, v) and kernels[2].supports(q, k, v)
+
+
 # -- the op ---------------------------------------------------------------------------------------------
 
 
@@ -271,6 +281,10 @@ def packed_attention(
             if skips_dispatcher(q, k_tail, v_tail):
                 return cpu.attention_decode(q, k, v, k_tail, v_tail, attn_mask, _default_scale(q, scale), is_causal,
                                             key_bias)
+        if k.codes.shape[2] and grouped_takes_key_bias(q, k.op_args(), v.op_args()):
+            # the CUDA grouped decode kernel (or Triton's interpreter) computes the offsets itself
+            return torch.ops.nqkv.grouped_decode(q, *k.op_args(), *v.op_args(), k_tail, v_tail, attn_mask,
+                                                 _default_scale(q, scale), is_causal, *key_bias)
         bias = dense_bias() if dense_bias is not None else cpu.dense_key_bias(*key_bias)
         attn_mask = cpu.with_key_bias(attn_mask, bias)
     if skips_dispatcher(q, k.absmax, v.absmax, k_tail, v_tail, attn_mask):

@@ -1,12 +1,15 @@
 """Grouped split decode over 4-bit K/V in blocks along head_dim (Triton): the CUDA decode path.
 
 One program per (sequence x KV head, split): every query row of a KV head (``GROUP * Tq`` rows,
-padded to ``BLOCK_R >= 16``) is the M dimension of both ``tl.dot`` products, so a key tile is
-decoded once for the whole group. The number of splits is a launch parameter fixed by the caller
-(:func:`default_splits`: from the SM count), not derived from the cache length: each program reads
-the lengths (from a device tensor, or from scalar arguments that are not specialised on) and
-computes its own key range, so neither a growing cache nor CUDA-graph replay recompiles or reads
-anything back to the host. A split with no keys writes a log-sum-exp of ``-inf`` and the merge
+padded to ``BLOCK_R >= 16``) is a dimension of both ``tl.dot`` products, so a key tile is decoded
+once for the whole group. The scores are computed transposed, (keys, rows) = decoded keys @ query
+rows, and transposed back: the decoded tile is then the operand the tensor cores take from
+registers and the loop-invariant query the one they read from shared memory, which takes fewer
+registers and register moves than the other way round. The number of splits is a launch parameter
+fixed by the caller (:func:`default_splits`: from the SM count), not derived from the cache length:
+each program reads the lengths (from a device tensor, or from scalar arguments that are not
+specialised on) and computes its own key range, so neither a growing cache nor CUDA-graph replay
+recompiles or reads anything back to the host. A split with no keys writes a log-sum-exp of ``-inf`` and the merge
 kernel skips it.
 
 Per split: the packed history in full tiles of ``BLOCK_N`` keys without masks, then one masked
@@ -17,7 +20,9 @@ to an "even" and an "odd" tile; the query is split the same way, and the output 
 even and odd elements). Block scales are never applied per element: a K block's scale multiplies
 its partial score column, a V block's scale multiplies the probability column fed to that block's
 product (with two blocks per row, as at head_dim 128 in blocks of 64, each block is its own pair of
-products). Scores are kept in base 2 (``log2(e)`` folded into the query scale).
+products). Scores are kept in base 2 (``log2(e)`` folded into the query scale). A RoPE-centred
+cache's key bias is computed in the loop from per-row weights, the RoPE table and each key's
+position (:func:`_key_bias`), never as a dense tensor.
 
 Layout of this file: jit helpers (decode a tile; one history tile; one tail tile) -> split kernel
 -> merge kernel -> :func:`supports`, :func:`default_splits`, :func:`launch` (the two launches, with
@@ -38,12 +43,19 @@ from torch.library import triton_op, wrap_triton
 from nqkv_core.ops.triton_decode import _LUT16_ASM, _LUT16_CONSTRAINTS, _byte_tables, _interpreting
 
 MAX_ROWS = 64  # query rows per KV head (GROUP * Tq) the kernel takes in one program
-# Launch configuration on a GPU: keys per history tile, keys per tail tile, warps, pipeline stages,
-# programs to aim for per SM (splits = that many programs over batch x KV heads) and the most splits.
-# Untimed: chosen from the compiled code (benchmarks/triton_sass.py: no spills, 128 registers at
-# head_dim 64) and a cp.async double buffer of 64-key tiles; benchmarks/gpu_decode_check.py times it
-# against a few others.
-GROUPED_CONFIG = dict(block_n=64, block_t=16, num_warps=4, num_stages=2, programs_per_sm=4, max_splits=128)
+# Launch configuration on a GPU: keys per history tile (for rows of one and of two scale blocks; one
+# int: both; with a mask or a causal query, block_n_masked: a mask tile takes registers too), keys
+# per tail tile, warps, pipeline stages, programs to aim for per SM (splits = that many programs
+# over batch x KV heads), the most splits, and optionally ``maxnreg`` (a register cap for ptxas).
+# ``fp32_queries``: whether fp32 queries (a transformed cache's storage basis) take this kernel too,
+# with the query, the exact tail and the probabilities rounded to fp16 for the products (fp32
+# accumulation), as a 16-bit model computes attention; otherwise they stay on the split-K kernel's
+# fp32 products. Untimed: chosen from the compiled code (benchmarks/triton_sass.py: the fewest
+# instructions per decoded element with no spills and at most 128 registers; 128-key tiles at two
+# blocks per row take about 170, a cp.async double buffer (num_stages=2) more instructions and
+# registers for the same tiles); benchmarks/gpu_decode_check.py times it against a few others.
+GROUPED_CONFIG = dict(block_n=(128, 64), block_n_masked=64, block_t=16, num_warps=4, num_stages=1, programs_per_sm=4,
+                      max_splits=128, fp32_queries=False)
 
 
 # -- jit helpers ------------------------------------------------------------------------------------------
@@ -128,15 +140,59 @@ def _mask_scores(s, r_ok, t_ok, key_pos, last_key, row_mask_ptr, stride_mk,
 
 
 @triton.jit
-def _softmax(s, m_i, l_i, GUARD: tl.constexpr):
+def _softmax(s, m_i, l_i, GUARD: tl.constexpr, BY_DOT: tl.constexpr, DT: tl.constexpr):
     """One online-softmax step in base 2: ``(p, alpha, m, l)``. ``GUARD``: a row may have no key
-    yet (all -inf), whose max must not turn ``-inf - -inf`` into NaN."""
+    yet (all -inf), whose max must not turn ``-inf - -inf`` into NaN. ``BY_DOT``: ``l_i`` is
+    (rows, 16), each column the row's sum, accumulated by a product of ``p`` (in ``DT``, as the value
+    products take it) with ones on the tensor cores instead of a sum across threads."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     if GUARD:
         m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
-    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+    if BY_DOT:
+        ones = tl.full([s.shape[1], 16], 1.0, DT)
+        l_i = l_i * alpha[:, None] + _dot(p.to(DT), ones, DT)
+    else:
+        l_i = l_i * alpha + tl.sum(p, 1)
+    return p, alpha, m_new, l_i
+
+
+@triton.jit
+def _key_bias(s, w_row, r_ok, pos_ptr, offs_t, t_ok, tab_ptr, stride_tab, n_tab, HEAD_DIM: tl.constexpr,
+              DT: tl.constexpr):
+    """Scores ``s`` (keys, rows) plus the RoPE-centre key bias of keys ``offs_t`` (in base 2):
+    ``w . [cos | sin](pos * theta)`` for each row's weights ``w`` (``HEAD_DIM``, fp32, the cos then
+    the sin half) and each key's position.
+
+    By angle addition, with ``p0`` the tile's first position and ``delta = pos - p0``, the bias is
+    ``w' . table[delta]`` where ``w'`` rotates each (cos, sin) weight pair of ``w`` by ``p0 * theta``
+    (one ``table[p0]`` row per tile, shared by every row): the table rows a tile reads are those of
+    ``delta``, the same rows ``[0, BLOCK)`` for every tile of consecutive positions, which stay in
+    the cache; any other positions (a ring, sinks) are still exact, by rows further out. Positions
+    are clamped to the table's ``n_tab`` rows (never a read outside it)."""
+    pos = tl.load(pos_ptr + offs_t, mask=t_ok, other=0).to(tl.int32)
+    pos = tl.minimum(tl.maximum(pos, 0), n_tab - 1)
+    p0 = tl.min(tl.where(t_ok, pos, 2147483647), 0)
+    delta = tl.where(t_ok, pos - p0, 0)
+    H2: tl.constexpr = HEAD_DIM // 2
+    offs_h = tl.arange(0, H2)
+    c = tl.load(tab_ptr + p0 * stride_tab + offs_h)[None, :] * 1.4426950408889634
+    sn = tl.load(tab_ptr + p0 * stride_tab + H2 + offs_h)[None, :] * 1.4426950408889634
+    a = tl.load(w_row + offs_h[None, :], mask=r_ok[:, None], other=0.0)
+    b = tl.load(w_row + (H2 + offs_h)[None, :], mask=r_ok[:, None], other=0.0)
+    rows = tab_ptr + delta[:, None] * stride_tab
+    tc = tl.load(rows + offs_h[None, :])
+    ts = tl.load(rows + (H2 + offs_h)[None, :])
+    # On a GPU, tf32 products whatever the query's dtype: fp16's precision (bf16 would lose three
+    # bits of the bias), and the fp32 table rows go to the tensor cores without a conversion
+    if DT == tl.float32:
+        s += _dot(tc, tl.trans(a * c + b * sn), DT)
+        s += _dot(ts, tl.trans(b * c - a * sn), DT)
+    else:
+        s += tl.dot(tc, tl.trans(a * c + b * sn), input_precision="tf32")
+        s += tl.dot(ts, tl.trans(b * c - a * sn), input_precision="tf32")
+    return s
 
 
 @triton.jit
@@ -144,25 +200,29 @@ def _hist_tile(acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, qe0, qo0, qe1, qo1, sta
                kc, ka, kcb_ptr, vc, va, vcb_ptr, row_mask_ptr, stride_kct, stride_kat, stride_kad,
                stride_vct, stride_vat, stride_vad, stride_mk,
                k0, k1, k2, k3, k4, k5, k6, k7, v0, v1, v2, v3, v4, v5, v6, v7,
-               NB: tl.constexpr, HALF: tl.constexpr, MASKED: tl.constexpr,
-               MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, LUT: tl.constexpr, DT: tl.constexpr,
-               BLOCK_N: tl.constexpr):
+               w_row, pos_ptr, tab_ptr, stride_tab, n_tab,
+               NB: tl.constexpr, HALF: tl.constexpr, MASKED: tl.constexpr, MASK_KIND: tl.constexpr,
+               IS_CAUSAL: tl.constexpr, LUT: tl.constexpr, DT: tl.constexpr, BLOCK_N: tl.constexpr,
+               HAS_BIAS: tl.constexpr):
     """Keys ``[start, start + BLOCK_N)`` of the packed history (``MASKED``: only those below
     ``stop``): scores, one softmax step, the value products. Blocks of ``2 * HALF`` elements,
-    ``NB`` (1 or 2) of them per row."""
+    ``NB`` (1 or 2) of them per row; ``HAS_BIAS``: plus the key bias (:func:`_key_bias`)."""
     offs_t = start + tl.arange(0, BLOCK_N)
     t_ok = offs_t < stop
-    # -- scores: each block's partial product times its scale --
+    # -- scores, (keys, rows): each block's partial product times its scale --
     ke, ko = _levels(kc, offs_t, t_ok, 0, stride_kct, kcb_ptr, k0, k1, k2, k3, k4, k5, k6, k7, HALF, MASKED, LUT, DT)
-    s = _dot(qe0, tl.trans(ke), DT) + _dot(qo0, tl.trans(ko), DT)
-    s = s * _scale(ka, offs_t * stride_kat, t_ok, MASKED)[None, :]
+    s = _dot(ke, tl.trans(qe0), DT) + _dot(ko, tl.trans(qo0), DT)
+    s = s * _scale(ka, offs_t * stride_kat, t_ok, MASKED)[:, None]
     if NB == 2:
         ke, ko = _levels(kc, offs_t, t_ok, HALF, stride_kct, kcb_ptr, k0, k1, k2, k3, k4, k5, k6, k7, HALF, MASKED,
                          LUT, DT)
-        s1 = _dot(qe1, tl.trans(ke), DT) + _dot(qo1, tl.trans(ko), DT)
-        s += s1 * _scale(ka, offs_t * stride_kat + stride_kad, t_ok, MASKED)[None, :]
+        s1 = _dot(ke, tl.trans(qe1), DT) + _dot(ko, tl.trans(qo1), DT)
+        s += s1 * _scale(ka, offs_t * stride_kat + stride_kad, t_ok, MASKED)[:, None]
+    if HAS_BIAS:
+        s = _key_bias(s, w_row, r_ok, pos_ptr, offs_t, t_ok, tab_ptr, stride_tab, n_tab, 2 * NB * HALF, DT)
+    s = tl.trans(s)  # (rows, keys)
     s = _mask_scores(s, r_ok, t_ok, offs_t, last_key, row_mask_ptr, stride_mk, MASKED, MASK_KIND, IS_CAUSAL)
-    p, alpha, m_i, l_i = _softmax(s, m_i, l_i, MASKED or MASK_KIND != 0 or IS_CAUSAL)
+    p, alpha, m_i, l_i = _softmax(s, m_i, l_i, MASKED or MASK_KIND != 0 or IS_CAUSAL, True, DT)
     # -- values: each block's products take the probabilities times its scale --
     ve, vo = _levels(vc, offs_t, t_ok, 0, stride_vct, vcb_ptr, v0, v1, v2, v3, v4, v5, v6, v7, HALF, MASKED, LUT, DT)
     pw = (p * _scale(va, offs_t * stride_vat, t_ok, MASKED)[None, :]).to(DT)
@@ -188,19 +248,24 @@ def _dense_halves(ptr, offs_t, t_ok, stride_t, stride_d, first, HALF: tl.constex
 @triton.jit
 def _tail_tile(acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, qe0, qo0, qe1, qo1, start, stop, t_hist, r_ok, last_key,
                kt, vt, row_mask_ptr, stride_ktt, stride_ktd, stride_vtt, stride_vtd, stride_mk,
+               w_row, pos_ptr, tab_ptr, stride_tab, n_tab,
                NB: tl.constexpr, HALF: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
-               DT: tl.constexpr, BLOCK_T: tl.constexpr):
+               DT: tl.constexpr, BLOCK_T: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Tail tokens ``[start, start + BLOCK_T)`` below ``stop`` (key positions ``t_hist + i``): exact
-    keys and values, split like the history (``NB`` pairs of halves)."""
+    keys and values, split like the history (``NB`` pairs of halves); ``pos_ptr``: the tail's
+    positions (with ``HAS_BIAS``)."""
     offs_t = start + tl.arange(0, BLOCK_T)
     t_ok = offs_t < stop
     ke, ko = _dense_halves(kt, offs_t, t_ok, stride_ktt, stride_ktd, 0, HALF)
-    s = _dot(qe0, tl.trans(ke), DT) + _dot(qo0, tl.trans(ko), DT)
+    s = _dot(ke, tl.trans(qe0), DT) + _dot(ko, tl.trans(qo0), DT)
     if NB == 2:
         ke, ko = _dense_halves(kt, offs_t, t_ok, stride_ktt, stride_ktd, 2 * HALF, HALF)
-        s += _dot(qe1, tl.trans(ke), DT) + _dot(qo1, tl.trans(ko), DT)
+        s += _dot(ke, tl.trans(qe1), DT) + _dot(ko, tl.trans(qo1), DT)
+    if HAS_BIAS:
+        s = _key_bias(s, w_row, r_ok, pos_ptr, offs_t, t_ok, tab_ptr, stride_tab, n_tab, 2 * NB * HALF, DT)
+    s = tl.trans(s)  # (rows, keys)
     s = _mask_scores(s, r_ok, t_ok, t_hist + offs_t, last_key, row_mask_ptr, stride_mk, True, MASK_KIND, IS_CAUSAL)
-    p, alpha, m_i, l_i = _softmax(s, m_i, l_i, True)
+    p, alpha, m_i, l_i = _softmax(s, m_i, l_i, True, False, DT)
     pw = p.to(DT)
     ve, vo = _dense_halves(vt, offs_t, t_ok, stride_vtt, stride_vtd, 0, HALF)
     acc_e0 = acc_e0 * alpha[:, None] + _dot(pw, ve, DT)
@@ -244,22 +309,24 @@ def _store_partial(po_ptr, plse_ptr, base, offs_r, r_ok, acc_e0, acc_o0, acc_e1,
 # -- kernels -------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["T_HIST", "T_TAIL", "T_Q"])
+@triton.jit(do_not_specialize=["T_HIST", "T_TAIL", "T_Q", "n_tab"])
 def _grouped_split_kernel(
     q_ptr, kc_ptr, ka_ptr, kcb_ptr, vc_ptr, va_ptr, vcb_ptr, kt_ptr, vt_ptr, mask_ptr, len_ptr, po_ptr, plse_ptr,
-    stride_qb, stride_qh, stride_qt, stride_qd,
+    w_ptr, pos_ptr, tab_ptr,
+    stride_qb, stride_qh, stride_qt, stride_qd, stride_wb, stride_wh, stride_wt, stride_tab,
     stride_kcb, stride_kch, stride_kct, stride_kab, stride_kah, stride_kat, stride_kad,
     stride_vcb, stride_vch, stride_vct, stride_vab, stride_vah, stride_vat, stride_vad,
     stride_ktb, stride_kth, stride_ktt, stride_ktd, stride_vtb, stride_vth, stride_vtt, stride_vtd,
     stride_mb, stride_mh, stride_mq, stride_mk,
-    H_KV, T_Q, T_HIST, T_TAIL, scale,
+    H_KV, T_Q, T_HIST, T_TAIL, n_tab, scale,
     GROUP: tl.constexpr, N_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, NB: tl.constexpr,
     NUM_SPLITS: tl.constexpr, HAS_LENS: tl.constexpr, HAS_TAIL: tl.constexpr, MASK_KIND: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, LUT: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, LUT: tl.constexpr, HAS_BIAS: tl.constexpr, HALF_DOTS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    # the dots' operand dtype is the query's (16-bit on a GPU, fp32 in the interpreter)
-    DT: tl.constexpr = q_ptr.dtype.element_ty
+    # the dots' operand dtype: the query's (16-bit on a GPU, fp32 in the interpreter), or fp16 for
+    # fp32 queries with HALF_DOTS
+    DT: tl.constexpr = tl.float16 if HALF_DOTS else q_ptr.dtype.element_ty
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     b = (pid_bh // H_KV).to(tl.int64)  # (a whole cache's offsets can pass 2**31)
@@ -283,6 +350,8 @@ def _grouped_split_kernel(
     q_row = q_ptr + b * stride_qb + (h * GROUP + offs_r // T_Q)[:, None] * stride_qh + i_q[:, None] * stride_qt
     row_mask_ptr = (mask_ptr + b * stride_mb + (h * GROUP + offs_r // T_Q)[:, None] * stride_mh
                     + i_q[:, None] * stride_mq)
+    # the key bias weights of each row ((w_ptr, pos_ptr, tab_ptr): never read without HAS_BIAS)
+    w_row = w_ptr + b * stride_wb + (h * GROUP + offs_r // T_Q)[:, None] * stride_wh + i_q[:, None] * stride_wt
     HALF: tl.constexpr = HEAD_DIM // (2 * NB)
     qs = scale * 1.4426950408889634
     qe0, qo0 = _query_halves(q_row, r_ok, stride_qd, 0, qs, HALF, DT)
@@ -295,7 +364,8 @@ def _grouped_split_kernel(
     kc, ka = kc_ptr + b * stride_kcb + h * stride_kch, ka_ptr + b * stride_kab + h * stride_kah
     vc, va = vc_ptr + b * stride_vcb + h * stride_vch, va_ptr + b * stride_vab + h * stride_vah
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_R], tl.float32)
+    # the softmax denominators: over the history 16 equal columns (see _softmax's BY_DOT)
+    l_i = tl.zeros([BLOCK_R, 16], tl.float32)
     acc_e0 = tl.zeros([BLOCK_R, HALF], tl.float32)
     acc_o0 = tl.zeros([BLOCK_R, HALF], tl.float32)
     acc_e1 = tl.zeros([BLOCK_R, HALF], tl.float32)
@@ -308,15 +378,16 @@ def _grouped_split_kernel(
             acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, qe0, qo0, qe1, qo1, start, h_hi, r_ok, last_key,
             kc, ka, kcb_ptr, vc, va, vcb_ptr, row_mask_ptr, stride_kct, stride_kat, stride_kad,
             stride_vct, stride_vat, stride_vad, stride_mk,
-            k0, k1, k2, k3, k4, k5, k6, k7, v0, v1, v2, v3, v4, v5, v6, v7,
-            NB, HALF, False, MASK_KIND, IS_CAUSAL, LUT, DT, BLOCK_N)
+            k0, k1, k2, k3, k4, k5, k6, k7, v0, v1, v2, v3, v4, v5, v6, v7, w_row, pos_ptr, tab_ptr, stride_tab, n_tab,
+            NB, HALF, False, MASK_KIND, IS_CAUSAL, LUT, DT, BLOCK_N, HAS_BIAS)
     if full < h_hi:
         acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i = _hist_tile(
             acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, qe0, qo0, qe1, qo1, full, h_hi, r_ok, last_key,
             kc, ka, kcb_ptr, vc, va, vcb_ptr, row_mask_ptr, stride_kct, stride_kat, stride_kad,
             stride_vct, stride_vat, stride_vad, stride_mk,
-            k0, k1, k2, k3, k4, k5, k6, k7, v0, v1, v2, v3, v4, v5, v6, v7,
-            NB, HALF, True, MASK_KIND, IS_CAUSAL, LUT, DT, BLOCK_N)
+            k0, k1, k2, k3, k4, k5, k6, k7, v0, v1, v2, v3, v4, v5, v6, v7, w_row, pos_ptr, tab_ptr, stride_tab, n_tab,
+            NB, HALF, True, MASK_KIND, IS_CAUSAL, LUT, DT, BLOCK_N, HAS_BIAS)
+    l_i = tl.max(l_i, 1)
     # -- full-precision tail: its own short loop --
     if HAS_TAIL:
         kt, vt = kt_ptr + b * stride_ktb + h * stride_kth, vt_ptr + b * stride_vtb + h * stride_vth
@@ -324,7 +395,8 @@ def _grouped_split_kernel(
             acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i = _tail_tile(
                 acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, qe0, qo0, qe1, qo1, start, hi - t_hist, t_hist, r_ok,
                 last_key, kt, vt, row_mask_ptr, stride_ktt, stride_ktd, stride_vtt, stride_vtd, stride_mk,
-                NB, HALF, MASK_KIND, IS_CAUSAL, DT, BLOCK_T)
+                w_row, pos_ptr + t_hist, tab_ptr, stride_tab, n_tab,
+                NB, HALF, MASK_KIND, IS_CAUSAL, DT, BLOCK_T, HAS_BIAS)
     base = (pid_bh * NUM_SPLITS + pid_s) * N_ROWS
     _store_partial(po_ptr, plse_ptr, base, offs_r, r_ok, acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, NB, HALF,
                    HEAD_DIM)
@@ -365,16 +437,27 @@ def supports(q: Tensor, k: tuple, v: tuple) -> bool:
     block, axis): 4-bit K and V in the same blocks along head_dim, one or two blocks per row of a
     power-of-two head_dim, each block at least 32 elements (its halves feed ``tl.dot``), V's head_dim
     equal to K's, at most :data:`MAX_ROWS` query rows per KV head; on a GPU fp16/bf16 queries (the
-    byte tables hold 16-bit levels; fp32 queries take ``triton_decode``)."""
+    byte tables hold 16-bit levels; fp32 queries take ``triton_decode``), and fp32 ones too where
+    :data:`GROUPED_CONFIG` has ``fp32_queries`` (computed with fp16 operands, see there)."""
     d = q.shape[-1]
     blocks = (k[3], v[3])
     return (k[2].numel() == v[2].numel() == 16 and k[4] == v[4] == 3 and blocks[0] == blocks[1]
             and v[0].shape[-1] * 2 == d and d & (d - 1) == 0 and d // blocks[0] in (1, 2) and blocks[0] >= 32
             and q.shape[2] * (q.shape[1] // k[0].shape[1]) <= MAX_ROWS
-            and (_interpreting() or q.dtype in (torch.float16, torch.bfloat16)))
+            and (_interpreting() or q.dtype in (torch.float16, torch.bfloat16)
+                 or (q.dtype == torch.float32 and bool(GROUPED_CONFIG.get("fp32_queries")))))
 
 
 _SM_COUNT: dict = {}
+
+
+def _block_n(nb: int, masked: bool) -> int:
+    """Keys per history tile for rows of ``nb`` scale blocks, with or without a mask (or a causal
+    query) (:data:`GROUPED_CONFIG`; an int ``block_n`` set there applies to all)."""
+    block_n = GROUPED_CONFIG["block_n"]
+    if isinstance(block_n, int):
+        return block_n
+    return (GROUPED_CONFIG.get("block_n_masked") or block_n[nb - 1]) if masked else block_n[nb - 1]
 
 
 def default_splits(batch: int, kv_heads: int, device: torch.device) -> int:
@@ -391,7 +474,8 @@ def default_splits(batch: int, kv_heads: int, device: torch.device) -> int:
 
 def launch(q, k_codes, k_absmax, k_codebook, k_block, v_codes, v_absmax, v_codebook, k_tail, v_tail, attn_mask,
            scale: float, is_causal: bool, lengths: Optional[Tensor] = None, num_splits: Optional[int] = None,
-           out: Optional[Tensor] = None, workspace: Optional[tuple] = None) -> Tensor:
+           out: Optional[Tensor] = None, workspace: Optional[tuple] = None,
+           key_bias: Optional[tuple] = None) -> Tensor:
     """Run the split and the merge kernel (two launches); arguments as ``nqkv::attention`` with blocks
     along head_dim (checked there and by :func:`supports`), plus:
 
@@ -404,6 +488,11 @@ def launch(q, k_codes, k_absmax, k_codebook, k_block, v_codes, v_absmax, v_codeb
         out: optional (B, Hq, Tq, D) output in q's dtype, written in place.
         workspace: optional ``(partial, lse)`` fp32 tensors of at least ``B*Hkv*splits*G*Tq*D`` and
             ``B*Hkv*splits*G*Tq`` elements.
+        key_bias: optional ``(w, table, positions)``, a RoPE-centred cache's key bias (checked by
+            :func:`check_key_bias`): key ``j`` (history, then tail; with ``lengths``, column
+            ``T_hist + i`` is tail token ``i``) scores ``w[b, h, i] . table[positions[j]]`` more,
+            computed in the kernel from the rows of ``table`` (``[cos | sin]`` of the RoPE angles,
+            :class:`nqkv_core.cache.format.RopeTable`); positions are clamped to the table.
 
     Returns:
         ``out`` (B, Hq, Tq, D).
@@ -433,18 +522,27 @@ def launch(q, k_codes, k_absmax, k_codebook, k_block, v_codes, v_absmax, v_codeb
         po, plse = workspace
     res = out if out is not None and out.dtype == qw.dtype else None
     res = torch.empty((b, hq, tq, d), device=q.device, dtype=qw.dtype) if res is None else res
+    if key_bias is None:
+        w, table, positions = qw, qw, qw  # (never read)
+    else:
+        w, table, positions = key_bias
+        table = table if table.stride(-1) == 1 else table.contiguous()
     launch_cfg = {} if _interpreting() else dict(num_warps=GROUPED_CONFIG["num_warps"],
                                                  num_stages=GROUPED_CONFIG["num_stages"])
+    if not _interpreting() and GROUPED_CONFIG.get("maxnreg"):
+        launch_cfg["maxnreg"] = GROUPED_CONFIG["maxnreg"]
     wrap_triton(_grouped_split_kernel)[(b * hkv, splits)](
         qw, k_codes, k_absmax, k_codebook, v_codes, v_absmax, v_codebook, kt, vt, mask,
-        qw if lengths is None else lengths, po, plse,
-        *qw.stride(), *k_codes.stride()[:3], *k_absmax.stride(), *v_codes.stride()[:3], *v_absmax.stride(),
+        qw if lengths is None else lengths, po, plse, w, positions, table,
+        *qw.stride(), *w.stride()[:3], table.stride(0),
+        *k_codes.stride()[:3], *k_absmax.stride(), *v_codes.stride()[:3], *v_absmax.stride(),
         *tail_strides, *mask_strides,
-        hkv, tq, th, tt, scale,
+        hkv, tq, th, tt, table.shape[0], scale,
         GROUP=hq // hkv, N_ROWS=n_rows, HEAD_DIM=d, NB=d // k_block, NUM_SPLITS=splits,
         HAS_LENS=lengths is not None, HAS_TAIL=tt > 0, MASK_KIND=mask_kind, IS_CAUSAL=is_causal and tq > 1,
-        LUT=not _interpreting() and work != torch.float32,
-        BLOCK_R=max(16, triton.next_power_of_2(n_rows)), BLOCK_N=GROUPED_CONFIG["block_n"],
+        LUT=not _interpreting(), HAS_BIAS=key_bias is not None, HALF_DOTS=work == torch.float32 and not _interpreting(),
+        BLOCK_R=max(16, triton.next_power_of_2(n_rows)),
+        BLOCK_N=_block_n(d // k_block, mask_kind != 0 or (is_causal and tq > 1)),
         BLOCK_T=GROUPED_CONFIG["block_t"], **launch_cfg,
     )
     wrap_triton(_grouped_merge_kernel)[(b * hkv, n_rows)](
@@ -462,9 +560,42 @@ def grouped_decode(
     k_codes: Tensor, k_absmax: Tensor, k_codebook: Tensor, k_block: int, k_axis: int,
     v_codes: Tensor, v_absmax: Tensor, v_codebook: Tensor, v_block: int, v_axis: int,
     k_tail: Optional[Tensor], v_tail: Optional[Tensor], attn_mask: Optional[Tensor],
-    scale: float, is_causal: bool,
+    scale: float, is_causal: bool, bias_w: Optional[Tensor] = None, bias_table: Optional[Tensor] = None,
+    bias_pos: Optional[Tensor] = None,
 ) -> Tensor:
     """Grouped split decode; arguments and semantics as ``nqkv::attention`` (checked there), for the
-    layouts :func:`supports` accepts."""
+    layouts :func:`supports` accepts, plus an optional key bias ``(bias_w, bias_table, bias_pos)``
+    computed in the kernel (see :func:`launch`, checked by :func:`check_key_bias`)."""
+    key_bias = None
+    if bias_w is not None or bias_table is not None or bias_pos is not None:
+        key_bias = (bias_w, bias_table, bias_pos)
+        check_key_bias(q, key_bias, k_codes.shape[2] + (0 if k_tail is None else k_tail.shape[2]))
     return launch(q, k_codes, k_absmax, k_codebook, k_block, v_codes, v_absmax, v_codebook, k_tail, v_tail,
-                  attn_mask, scale, is_causal)
+                  attn_mask, scale, is_causal, key_bias=key_bias)
+
+
+def check_key_bias(q: Tensor, key_bias: tuple, n_keys: int) -> None:
+    """Check a key bias ``(w, table, positions)`` for :func:`launch` (shapes, dtypes, devices; the
+    position values are not read).
+
+    Raises:
+        ValueError / TypeError: ``w`` is not fp32 ``q.shape``, ``table`` not fp32 ``(P, D)`` with
+            ``P >= 1``, ``positions`` not an integer ``(n_keys,)`` vector, or one is on another device.
+    """
+    w, table, positions = key_bias
+    if any(t is None for t in key_bias):
+        raise ValueError("bias_w, bias_table and bias_pos must be given together")
+    for t, name in ((w, "bias_w"), (table, "bias_table"), (positions, "bias_pos")):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    if w.dtype != torch.float32 or table.dtype != torch.float32:
+        raise TypeError(f"bias_w and bias_table must be float32, got {w.dtype} and {table.dtype}")
+    if positions.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"bias_pos must be int32 or int64, got {positions.dtype}")
+    if tuple(w.shape) != tuple(q.shape):
+        raise ValueError(f"bias_w must have q's shape {tuple(q.shape)}, got {tuple(w.shape)}")
+    if table.dim() != 2 or table.shape[1] != q.shape[-1] or table.shape[0] < 1:
+        raise ValueError(f"bias_table must be (positions, {q.shape[-1]}), got {tuple(table.shape)}")
+    if tuple(positions.shape) != (n_keys,):
+        raise ValueError(f"bias_pos must be ({n_keys},): one position per key (history, then tail),"
+                         f" got {tuple(positions.shape)}")
