@@ -47,6 +47,23 @@ class SideFormat:
         return Packed(data[0], data[1], self.codebook, self.block)
 
 
+def joint_format(kf: SideFormat, vf: SideFormat) -> bool:
+    """Whether keys and values are quantized alike (one quantize call can encode both sides)."""
+    return (kf.quantized and vf.quantized and (kf.bits, kf.block) == (vf.bits, vf.block)
+            and torch.equal(kf.codebook, vf.codebook) and torch.equal(kf.encode_codebook, vf.encode_codebook)
+            and kf.fit_scale == vf.fit_scale and not kf.feedback)
+
+
+def check_head_dim(fmt: SideFormat, head_dim: int) -> None:
+    """ValueError, naming the fix, if ``head_dim`` does not split into ``fmt``'s blocks and code bytes."""
+    if fmt.quantized and (head_dim % fmt.block or head_dim * fmt.bits % 8):
+        raise ValueError(
+            f"head_dim {head_dim} does not fit {fmt.bits}-bit blocks of {fmt.block}: the block must divide"
+            f" head_dim (and 3-bit codes need head_dim % 8 == 0); scheme.fit_head_dim({head_dim}) adapts the"
+            " blocks (NQKVCache(scheme, config=...) and enable do)"
+        )
+
+
 def read_body(data: tuple[torch.Tensor, ...], fmt: SideFormat, dtype: torch.dtype) -> torch.Tensor:
     if not fmt.quantized:
         return data[0].to(dtype)
@@ -163,3 +180,11 @@ def rope_bias_weights(query: torch.Tensor, mu: torch.Tensor, scale: float) -> to
     sin_part = q_hi * mu_lo - q_lo * mu_hi
     return torch.cat([cos_part, sin_part], dim=-1).mul_(scale)
 
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the storages behind ``tensors``, each storage counted once (views share one)."""
+    seen: dict[int, int] = {}
+    for x in tensors:
+        st = x.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values())

@@ -25,8 +25,9 @@ import torch
 from nqkv_core import _hf
 from nqkv_core.cache import io
 from nqkv_core.cache.attend import Logits, sdpa, softmax_attention
-from nqkv_core.cache.format import RopeTable, side_format
-from nqkv_core.cache.layer import CompiledStep, NQKVLayer, _Handle, storage_bytes
+from nqkv_core.cache.format import RopeTable, side_format, storage_bytes
+from nqkv_core.cache.handle import Handle
+from nqkv_core.cache.layer import CompiledStep, NQKVLayer
 from nqkv_core.cache.sliding import NQKVSlidingLayer
 from nqkv_core.cache.step import Decode, StepMemo, check_decode
 from nqkv_core.cache.support import check_supported, layer_types, scheme_rope_layouts
@@ -235,7 +236,7 @@ def nqkv_attention(
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     window = kwargs.get("sliding_window")
     logits = Logits(kwargs.get("softcap"), kwargs.get("s_aux"))
-    if isinstance(key, _Handle):
+    if isinstance(key, Handle):
         layer = key.layer
         if layer.sliding_window != window:
             raise ValueError(

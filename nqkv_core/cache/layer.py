@@ -23,54 +23,18 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from nqkv_core import _hf, native
-from nqkv_core.cache import commit, io, step
+from nqkv_core.cache import commit, step
 from nqkv_core.cache.attend import Logits
 from nqkv_core.cache.compiled import STEP_LAYERS, STEP_NAMES
-from nqkv_core.cache.format import RopeTable, SideFormat, fp_dtype, side_format
+from nqkv_core.cache.format import (RopeTable, SideFormat, check_head_dim, fp_dtype, joint_format, side_format,
+                                    storage_bytes)
+from nqkv_core.cache.handle import Handle
+from nqkv_core.cache.state import layer_state, load_layer_state
 from nqkv_core.scheme import KVScheme, KVTransform, fit_transform, rope_layout
 from nqkv_core.transform import ROW_FIELDS, fit_transform_rows
 
 # How a compiled step runs a layer (``NQKVCache(compiled_step=...)``).
 CompiledStep = Literal["auto", "op", "traced"]
-ENABLE_HINT = "pass attn_implementation='nqkv' when loading the model, or call nqkv_core.enable(model)"
-
-
-class _Handle:
-    """What ``update`` returns in place of K/V tensors: the layer, for the NQKV attention function."""
-
-    __slots__ = ("layer",)
-
-    def __init__(self, layer: "NQKVLayer"):
-        self.layer = layer
-
-    def __getattr__(self, name: str):
-        if name.startswith("__"):  # protocol lookups (copy, pickle) fall back to the defaults
-            raise AttributeError(name)
-        raise TypeError(
-            f"an NQKVCache layer holds quantized K/V that only the 'nqkv' attention function can read"
-            f" (something asked for .{name}); {ENABLE_HINT}"
-        )
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        # an attention function other than 'nqkv' handed the handle to a torch op as if it were K/V
-        raise TypeError(
-            f"an NQKVCache layer holds quantized K/V that only the 'nqkv' attention function can read"
-            f" ({getattr(func, '__name__', func)} got it as a tensor); {ENABLE_HINT}"
-        )
-
-    def __repr__(self) -> str:
-        return f"<NQKV layer handle: {self.layer!r}>"
-
-
-
-def storage_bytes(tensors) -> int:
-    """Bytes of the storages behind ``tensors``, each storage counted once (views share one)."""
-    seen: dict[int, int] = {}
-    for x in tensors:
-        st = x.untyped_storage()
-        seen[st.data_ptr()] = st.nbytes()
-    return sum(seen.values())
 
 
 class NQKVLayer(CacheLayerMixin):
@@ -134,7 +98,7 @@ class NQKVLayer(CacheLayerMixin):
         # and commit (on a GPU every read of the device tensor is a host-device sync); None outside
         # such a step. Never carried across steps: a compiled step advances ``length`` unseen.
         self._step_length: int | None = None
-        self.handle = _Handle(self)
+        self.handle = Handle(self)
         self._register_step()
 
     def _register_step(self) -> None:
@@ -215,17 +179,8 @@ class NQKVLayer(CacheLayerMixin):
         self.k_fmt = side_format(s, "k", self.device)
         self.v_fmt = side_format(s, "v", self.device)
         kf, vf = self.k_fmt, self.v_fmt
-        self._joint_format = (kf.quantized and vf.quantized and (kf.bits, kf.block) == (vf.bits, vf.block)
-                              and torch.equal(kf.codebook, vf.codebook)
-                              and torch.equal(kf.encode_codebook, vf.encode_codebook)
-                              and kf.fit_scale == vf.fit_scale and not kf.feedback)
-        for fmt in (self.k_fmt, self.v_fmt):
-            if fmt.quantized and (self.head_dim % fmt.block or self.head_dim * fmt.bits % 8):
-                raise ValueError(
-                    f"head_dim {self.head_dim} does not fit {fmt.bits}-bit blocks of {fmt.block}: the block"
-                    f" must divide head_dim (and 3-bit codes need head_dim % 8 == 0); scheme.fit_head_dim"
-                    f"({self.head_dim}) adapts the blocks (NQKVCache(scheme, config=...) and enable do)"
-                )
+        self._joint_format = joint_format(kf, vf)
+        check_head_dim(kf, self.head_dim), check_head_dim(vf, self.head_dim)
         capacity = self._initial_capacity()
         self.k_body = self._new_body(self.k_fmt, capacity)
         self.v_body = self._new_body(self.v_fmt, capacity)
@@ -475,12 +430,12 @@ class NQKVLayer(CacheLayerMixin):
     prefetch = offload
 
     def state(self) -> dict[str, torch.Tensor]:
-        """The tensors that define the layer's contents (:func:`nqkv_core.cache.io.layer_state`)."""
-        return io.layer_state(self)
+        """The tensors that define the layer's contents (:func:`nqkv_core.cache.state.layer_state`)."""
+        return layer_state(self)
 
     def load_state(self, state: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
         """Inverse of :meth:`state` on a fresh layer of the same scheme; ``dtype``: the model's."""
-        io.load_layer_state(self, state, dtype)
+        load_layer_state(self, state, dtype)
 
     def held_tensors(self) -> list[torch.Tensor]:
         """Every tensor the layer holds: buffers, the frozen transform, the prepared step state and

@@ -10,9 +10,10 @@ from __future__ import annotations
 import torch
 
 from nqkv_core import _hf
-from nqkv_core.cache import io, step
+from nqkv_core.cache import step
 from nqkv_core.cache.format import RopeTable
 from nqkv_core.cache.layer import CompiledStep, NQKVLayer
+from nqkv_core.cache.state import load_sliding_layer_state, sliding_layer_state
 from nqkv_core.scheme import KVScheme
 
 
@@ -33,7 +34,7 @@ class NQKVSlidingLayer(NQKVLayer):
 
     Steps are served by the general torch step with the ``torch.ops.nqkv`` attention ops (or the
     reference); the native one-call CPU step and the opaque compiled op serve full layers only.
-    Saved and loaded with its ring of codes whole (:func:`nqkv_core.cache.io.sliding_layer_state`).
+    Saved and loaded with its ring of codes whole (:func:`nqkv_core.cache.state.sliding_layer_state`).
     """
 
     is_sliding = True
@@ -143,9 +144,9 @@ class NQKVSlidingLayer(NQKVLayer):
         super().crop(tokens_to_remove)
 
     def state(self) -> dict[str, torch.Tensor]:
-        """The tensors that define the layer's contents (:func:`nqkv_core.cache.io.sliding_layer_state`)."""
-        return io.sliding_layer_state(self)
+        """The tensors that define the layer's contents (:func:`nqkv_core.cache.state.sliding_layer_state`)."""
+        return sliding_layer_state(self)
 
     def load_state(self, state: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
         """Inverse of :meth:`state` on a fresh layer of the same scheme, window and crop margin."""
-        io.load_sliding_layer_state(self, state, dtype)
+        load_sliding_layer_state(self, state, dtype)

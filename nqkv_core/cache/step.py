@@ -23,10 +23,11 @@ from typing import Any, Callable, Literal
 import torch
 
 from nqkv_core import native
-from nqkv_core._hf import bool_mask
 from nqkv_core.cache import commit, compiled  # noqa: F401  (compiled: registers torch.ops.nqkv.cache_step)
 from nqkv_core.cache.attend import Logits, attend, prompt_attention
-from nqkv_core.cache.format import KeyBias, rope_bias_weights
+from nqkv_core.cache.format import rope_bias_weights
+from nqkv_core.cache.slots import (all_slots_valid, allowed_slots, padded_allowed_slots, slot_key_bias,
+                                    slot_positions)
 from nqkv_core.quantize import decision_thresholds, fit_ratios
 from nqkv_core.scheme import per_query_head, rotate_half
 
@@ -245,7 +246,7 @@ def _attend_cache(layer, query, q, w, k_new, k_attend, v_new, attention_mask, sc
     else:
         allowed = allowed_slots(layer, p0, positions, valid, T, attention_mask)
     # RoPE-aware centre: the score offset q . R(p) mu, added inside attend
-    key_bias = _key_bias(layer, query, positions, n, scaling, w) if layer.transform.inv_freq is not None else None
+    key_bias = slot_key_bias(layer, query, positions, n, scaling, w) if layer.transform.inv_freq is not None else None
     if key_bias is not None and layer.starts is not None and logits is None:
         # per-row sink positions: the dense offsets as an additive mask (the (w, table, positions)
         # form of the native decode op has one position per slot for all rows)
@@ -272,7 +273,7 @@ def _attend_present(layer, query, q, w, k_new, v_new, attention_mask, scaling: f
     allowed = allowed_slots(layer, p0, positions, valid, T, attention_mask)
     bias = (None, None, None)
     if layer.transform.inv_freq is not None:
-        bias = _key_bias(layer, query, positions, None, scaling, w).parts
+        bias = slot_key_bias(layer, query, positions, None, scaling, w).parts
     k_fp = torch.cat([layer.k_sink[:, :, :S], layer.k_ring[:, :, : layer.n_ring], k_new], dim=2)
     v_fp = torch.cat([layer.v_sink[:, :, :S], layer.v_ring[:, :, : layer.n_ring], v_new], dim=2)
     return torch.ops.nqkv.present_attention(
@@ -297,147 +298,6 @@ def opaque_step(layer) -> bool:
     if layer.transform is None or layer.is_sliding:  # the first step fits the transform; sliding layers: traced
         return False
     return layer.compiled_step == "op" or (layer.compiled_step == "auto" and layer.device.type == "cpu")
-
-
-# -- slots, masks and the key bias --------------------------------------------------------------------
-
-
-def all_slots_valid(layer, n: int) -> bool:
-    """Whether every slot ``[body | sinks | ring]`` read at ``n`` tokens holds a token to attend to:
-    true once sinks and ring are full, unless the ring keeps a crop margin (older, masked tokens);
-    never in a sliding layer (its sinks and its ring of codes hold tokens that left the window), nor
-    for a left-padded batch."""
-    if layer.is_sliding or layer.starts is not None:  # (padded rows mask their own slots)
-        return False
-    return layer.n_ring == layer.window - 1 and n >= layer.n_sinks + layer.n_ring
-
-
-def slot_positions(layer, p0: torch.Tensor, n_body: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions and validity of the stored slots ``[body n_body | sinks S | ring R]`` before this
-    step, followed by the ``T`` new tokens."""
-    dev, S, R, W = layer.device, layer.n_sinks, layer.n_ring, layer.window
-    body = layer.body_positions(p0, n_body, T)
-    sinks = torch.arange(S, device=dev)
-    slots = torch.arange(R, device=dev)
-    ring = p0 - 1 - torch.remainder(p0 - 1 - slots, max(R, 1))
-    new = p0 + torch.arange(T, device=dev)
-    valid = torch.cat([
-        torch.zeros(n_body, dtype=torch.bool, device=dev),  # quantized: per query, in allowed_slots
-        sinks < p0,
-        (ring >= S) & (ring > p0 - W),  # the W - 1 tokens before p0 (no margin)
-        torch.ones(T, dtype=torch.bool, device=dev),
-    ])
-    return torch.cat([body, sinks, ring, new]), valid
-
-
-def allowed_slots(layer, p0: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, T: int,
-                  attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """The boolean mask ``(b or 1, 1, T, slots + T)`` of the ``T`` new queries over the stored slots
-    and the new tokens (``positions``, ``valid``: from :func:`slot_positions`).
-
-    Each query at position ``p`` reads a key quantized if it is at least ``W`` positions older and
-    not a sink, exactly otherwise (what the fake-quantized reference computes): a body slot at
-    ``r`` counts for it when ``r <= p - W``, an exact slot when ``r < S`` or ``r > p - W``. A
-    sliding layer's query also reads only ``r > p - sliding_window``.
-    """
-    S, W = layer.n_sinks, layer.window
-    q_pos = (p0 + torch.arange(T, device=layer.device))[:, None]
-    n_body = positions.shape[0] - S - layer.n_ring - T
-    is_body = torch.arange(positions.shape[0], device=layer.device) < n_body
-    exact = (positions < S) | (positions > q_pos - W)
-    allowed = torch.where(is_body, positions <= q_pos - W, exact & valid)
-    if layer.sliding_window is not None:
-        allowed = allowed & (positions > q_pos - layer.sliding_window)
-    if attention_mask is None:
-        allowed = (allowed & (positions <= q_pos))[None, None]
-    else:
-        mask = bool_mask(attention_mask)
-        cols = positions.clamp(0, mask.shape[-1] - 1)
-        allowed = mask[:, :, -T:, :].index_select(-1, cols) & allowed
-    # Rows of padding queries see nothing; give them every slot (finite zeros at worst) so that no
-    # NaN appears: their outputs are discarded, but their K/V at the next layer are stored.
-    return allowed | ~allowed.any(dim=-1, keepdim=True)
-
-
-def padded_allowed_slots(layer, p0: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, T: int,
-                         attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """:func:`allowed_slots` of a left-padded batch (``layer.starts``), ``(b, 1, T, slots + T)``.
-
-    Row ``r`` counts positions from its start ``s = starts[r]``: its sink slot ``i`` holds position
-    ``s + i``, exact are the positions below ``s + S`` and the window's, and a body or ring slot
-    counts only from ``s + S`` on (earlier ones hold the row's padding, or copies of its sinks).
-    Slots before ``s`` (padding) are never read, mask or not.
-    """
-    S, R, W, b, dev = layer.n_sinks, layer.n_ring, layer.window, layer.batch_size, layer.device
-    n_body = positions.shape[0] - S - R - T
-    lo = layer.starts[:, None]
-    sinks = lo + torch.arange(S, device=dev)  # (b, S)
-    ring = positions[n_body + S : n_body + S + R]
-    pos = torch.cat([positions[:n_body].expand(b, -1), sinks, positions[n_body + S :].expand(b, -1)], dim=1)
-    ok = torch.cat([valid[:n_body].expand(b, -1), sinks < p0, valid[n_body + S : n_body + S + R] & (ring >= lo + S),
-                    valid[n_body + S + R :].expand(b, -1)], dim=1)
-    pos, ok, lo = pos[:, None, :], ok[:, None, :], lo[:, :, None]  # (b, 1, slots), (b, 1, 1)
-    q_pos = (p0 + torch.arange(T, device=dev))[None, :, None]
-    is_body = torch.arange(pos.shape[-1], device=dev) < n_body
-    exact = (pos < lo + S) | (pos > q_pos - W)
-    allowed = torch.where(is_body, (pos <= q_pos - W) & (pos >= lo + S), exact & ok) & (pos >= lo)
-    if layer.sliding_window is not None:
-        allowed = allowed & (pos > q_pos - layer.sliding_window)
-    if attention_mask is None:
-        allowed = allowed & (pos <= q_pos)
-    else:
-        mask = bool_mask(attention_mask)[:, 0, -T:, :]
-        cols = pos.clamp(0, mask.shape[-1] - 1).expand(b, T, -1)
-        allowed = mask.expand(b, -1, -1).gather(-1, cols) & allowed
-    allowed = allowed[:, None]
-    return allowed | ~allowed.any(dim=-1, keepdim=True)
-
-
-def _key_bias(layer, query: torch.Tensor, positions: torch.Tensor, n: int | None, scaling: float,
-              w: torch.Tensor | None = None) -> KeyBias:
-    """``scaling * q . R(p) mu`` of every query row for the slots at ``positions`` (``(b, hq, T, slots)``).
-
-    ``w``: the query rows' bias weights if already computed (:class:`StepMaps`).
-    Densely, the bias is computed for positions ``[0, P)`` in order and cut into the slot order
-    ``[body | sinks | ring | new]``: body and sinks are contiguous runs of positions, so only the
-    ring and the new tokens are gathered (gathering a table row per slot costs as much as the bias).
-    """
-    b, hq, T, d = query.shape
-    S = layer.n_sinks
-    n_body = positions.shape[0] - S - layer.n_ring - T
-    table, clamped = _bias_table(layer, positions, n, n_body, T)
-    if w is None:
-        t = layer.transform
-        w = rope_bias_weights(t.key_order(query), per_query_head(t.mu_k, hq // layer.num_heads), scaling)
-
-    def dense() -> torch.Tensor:
-        bias = w @ table.T
-        if layer.is_sliding:  # a ring of codes: body positions are not one run
-            out = bias.index_select(-1, clamped)
-        else:
-            tail = clamped[n_body + S :]  # ring and new tokens
-            out = torch.cat([bias[..., S : S + n_body], bias[..., :S], bias.index_select(-1, tail)], dim=-1)
-        if layer.starts is None or not S:
-            return out
-        # a left-padded row's sink slot i holds its position starts + i
-        sinks = (layer.starts[:, None] + torch.arange(S, device=layer.device)).clamp(max=table.shape[0] - 1)
-        sinks = bias.gather(-1, sinks[:, None, None, :].expand(b, hq, T, S))
-        return torch.cat([out[..., :n_body], sinks, out[..., n_body + S :]], dim=-1)
-
-    return KeyBias((w, table, clamped), dense)
-
-
-def _bias_table(layer, positions: torch.Tensor, n: int | None, n_body: int, T: int
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The RoPE table rows ``[0, P)`` a step's key bias reads, and the slot positions clamped into them."""
-    if n is None:  # compiled: static shapes; the table was sized for max_cache_len eagerly
-        P = layer.rope.table.shape[0]
-        return layer.rope.table, positions.clamp(0, P - 1)  # unused ring slots (masked) hold positions < 0
-    P = max(layer.n_sinks + n_body, n + T)
-    layer.rope.ensure(P, layer.device)
-    key = (n, n_body, T, P, layer.n_sinks, layer.n_ring, layer.window, layer.sliding_window, layer.capacity,
-           layer.device)  # what positions depend on
-    return layer.rope.table[:P], layer.step_memo.get("clamped positions", key, lambda: positions.clamp(0, P - 1))
 
 
 # -- the folded step and its native twin ------------------------------------------------------------
