@@ -19,6 +19,7 @@ import torch
 from nqkv_core._hf import bool_mask
 from nqkv_core.cache.attend import attend
 from nqkv_core.cache.format import KeyBias, SideFormat
+from nqkv_core.ops.cpu import dense_key_bias
 from nqkv_core.scheme import FP_BITS
 
 # The layers ``nqkv::cache_step`` runs, by ``NQKVLayer.step_name`` (an op's arguments are tensors and
@@ -116,7 +117,8 @@ def present_attention(
         scale: softmax scale; fused: read the codes with the ``torch.ops.nqkv`` ops (False: the
             reference arithmetic, SDPA over the dequantized body).
         bias_w, bias_table, bias_pos: the RoPE-centred key bias (:class:`~nqkv_core.cache.format.KeyBias`
-            parts) with ``bias_pos`` the tail's positions; body slot ``j`` is at ``body_start + j``.
+            parts: ``bias_table`` the RoPE table's tiles ``(P / 16, d, 16)``, or its rows ``(P, d)``)
+            with ``bias_pos`` the tail's positions; body slot ``j`` is at ``body_start + j``.
 
     Returns:
         ``(b, hq, T, dv)`` in ``query.dtype``.
@@ -135,11 +137,14 @@ def present_attention(
     allowed = torch.cat([body.expand(b, -1, -1, -1), tail_allowed.expand(b, -1, -1, -1)], dim=-1)
     key_bias = None
     if bias_w is not None:
-        positions = torch.cat([j + body_start, bias_pos]).clamp(max=bias_table.shape[0] - 1)
-        table = bias_table[: int(positions.max()) + 1] if reads_length(body_len) else bias_table
+        per_row = 16 if bias_table.dim() == 3 else 1  # the RopeTable's tiles, or rows
+        positions = torch.cat([j + body_start, bias_pos]).clamp(max=bias_table.shape[0] * per_row - 1)
+        table = bias_table
+        if reads_length(body_len):  # only the rows up to the last position read
+            table = bias_table[: (int(positions.max()) + per_row) // per_row]
 
         def dense() -> torch.Tensor:
-            return (bias_w @ table.T).index_select(-1, positions)
+            return dense_key_bias(bias_w, table, positions)
 
         key_bias = KeyBias((bias_w, table, positions), dense)
     out = attend(query, tuple(k_body), tuple(v_body), _side_format(k_codebook, k_block),

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from nqkv_core.codebook import get_codebook
+from nqkv_core.ops.cpu import key_bias_scores, tile_rows
 from nqkv_core.packed import Packed
 from nqkv_core.quantize import KERNEL_SCALE_DTYPES, dequantize_packed
 from nqkv_core.scheme import FP_BITS, KVScheme
@@ -74,9 +74,9 @@ def read_body(data: tuple[torch.Tensor, ...], fmt: SideFormat, dtype: torch.dtyp
 class KeyBias:
     """A per-key score offset ``w[b, h, i] . table[positions[j]]`` (the RoPE-centred cache's).
 
-    ``parts = (w, table, positions)``: ``w`` ``(b, hq, T, d)``, ``table`` ``(P, d)``, ``positions``
-    ``(slots,)`` in ``[0, P)``, what the native decode kernel takes; ``dense()`` materialises the
-    ``(b, hq, T, slots)`` offsets for every other path.
+    ``parts = (w, table, positions)``: ``w`` ``(b, hq, T, d)``, ``table`` the :class:`RopeTable`'s
+    tiles ``(P / 16, d, 16)``, ``positions`` ``(slots,)`` in ``[0, P)``, what the native decode kernel
+    takes; ``dense()`` materialises the ``(b, hq, T, slots)`` offsets for every other path.
     """
 
     parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -125,11 +125,12 @@ def side_format(scheme: KVScheme, side: str, device: torch.device | str = "cpu")
 class RopeTable:
     """RoPE angles per position, shared by all layers of a cache (for RoPE-aware key centring).
 
-    ``table`` is ``(positions, d)``: ``[cos | sin]`` of the ``d / 2`` angles ``p * inv_freq`` of each
-    position ``p`` (computed like :func:`~nqkv_core.scheme.apply_rope`), grown by doubling as the
-    sequence grows (or allocated once for ``max_cache_len``). ``tiles`` holds the same numbers in
-    tiles of sixteen positions, ``(positions / 16, d, 16)``, for the native decode step (512 bytes
-    per position for head_dim 64 together, once per cache).
+    The table's row ``p`` is ``[cos | sin]`` of the ``d / 2`` angles ``p * inv_freq`` (computed like
+    :func:`~nqkv_core.scheme.apply_rope`). It is held once, in the layout the native decode step
+    reads: ``tiles`` ``(positions / 16, d, 16)``, tile ``t`` holding positions ``16 t .. 16 t + 15``
+    of element ``i`` at ``[t, i, :]``, so that the key bias of sixteen consecutive positions is one
+    vector per element; :meth:`row`, :meth:`scores` and :meth:`rows` serve the torch paths. It grows
+    by doubling as the sequence grows (or is allocated once for ``max_cache_len``), in whole tiles.
 
     ``order``: the key channel order in which ``inv_freq`` pairs channels ``(i, i + d / 2)``
     (:func:`~nqkv_core.transform.rope_layout`; None: the keys' own), which the layers' transforms
@@ -141,24 +142,39 @@ class RopeTable:
         self.inv_freq = inv_freq
         self.max_len = max_len
         self.order = order
-        self.table: torch.Tensor | None = None
         self.tiles: torch.Tensor | None = None
+
+    @property
+    def positions(self) -> int:
+        """Positions the table covers (0 before the first :meth:`ensure`)."""
+        return 0 if self.tiles is None else self.tiles.shape[0] * 16
 
     def ensure(self, n: int, device: torch.device) -> None:
         """Make the table cover positions ``[0, n)`` on ``device`` (eager only: it may allocate)."""
         if self.inv_freq is None:
             raise ValueError("RoPE-aware key centring needs the model's RoPE frequencies (pass config=)")
-        t = self.table
-        if t is not None and t.shape[0] >= n and t.device == torch.device(device):
+        t = self.tiles
+        if t is not None and self.positions >= n and t.device == torch.device(device):
             return
-        rows = max(n, 2 * t.shape[0] if t is not None else 64, self.max_len or 0)
+        rows = max(n, 2 * self.positions, 64, self.max_len or 0)
+        rows += -rows % 16
         inv_freq = self.inv_freq.float().to(device)
         ang = torch.arange(rows, device=device).float()[:, None] * inv_freq[None, :]
-        self.table = torch.cat([ang.cos(), ang.sin()], dim=-1)
-        # (P / 16, d, 16): tiles of sixteen positions, from which the native decode step computes the
-        # key bias of sixteen consecutive positions per vector
-        pad = -rows % 16
-        self.tiles = F.pad(self.table, (0, 0, 0, pad)).view(-1, 16, self.table.shape[1]).transpose(1, 2).contiguous()
+        table = torch.cat([ang.cos(), ang.sin()], dim=-1)
+        self.tiles = table.view(rows // 16, 16, table.shape[1]).transpose(1, 2).contiguous()
+
+    def row(self, p: int) -> torch.Tensor:
+        """Row ``p``, ``(d,)`` (a view of the tiles)."""
+        return self.tiles[p // 16, :, p % 16]
+
+    def scores(self, w: torch.Tensor, n: int) -> torch.Tensor:
+        """``w @ rows(n).T``, ``(..., n)`` fp32, read from the tiles in place (the dense key bias)."""
+        return key_bias_scores(w, self.tiles[: -(-n // 16)])[..., :n]
+
+    def rows(self, n: int | None = None) -> torch.Tensor:
+        """Rows ``[0, n)`` (all by default), ``(n, d)``: a copy, for the paths that read rows."""
+        n = self.positions if n is None else n
+        return tile_rows(self.tiles[: -(-n // 16)])[:n]
 
 
 def rope_bias_weights(query: torch.Tensor, mu: torch.Tensor, scale: float) -> torch.Tensor:
@@ -167,7 +183,7 @@ def rope_bias_weights(query: torch.Tensor, mu: torch.Tensor, scale: float) -> to
     With rotate-half RoPE, ``q . R(p) mu = cos(p) . (q * mu) + sin(p) . (q * rotate_half(mu))`` and
     ``cos(p)``/``sin(p)`` repeat one half twice, so the halves are summed first and the bias of all
     positions is one ``(T, d) @ (d, P)`` product per head against ``table = [cos | sin]`` (``(P, d)``,
-    :class:`RopeTable`); the native decode kernel takes ``w`` and the table rows instead.
+    :class:`RopeTable`); the native decode kernel takes ``w`` and the table's tiles instead.
 
     Args:
         query: ``(b, hq, T, d)`` post-RoPE queries in the original basis.

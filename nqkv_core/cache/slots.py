@@ -12,6 +12,7 @@ import torch
 
 from nqkv_core._hf import bool_mask
 from nqkv_core.cache.format import KeyBias, rope_bias_weights
+from nqkv_core.ops.cpu import key_bias_scores
 from nqkv_core.scheme import per_query_head
 
 
@@ -124,7 +125,7 @@ def slot_key_bias(layer, query: torch.Tensor, positions: torch.Tensor, n: int | 
         w = rope_bias_weights(t.key_order(query), per_query_head(t.mu_k, hq // layer.num_heads), scaling)
 
     def dense() -> torch.Tensor:
-        bias = w @ table.T
+        bias = key_bias_scores(w, table)  # (b, hq, T, P), P = 16 * table.shape[0]
         if layer.is_sliding:  # a ring of codes: body positions are not one run
             out = bias.index_select(-1, clamped)
         else:
@@ -133,7 +134,7 @@ def slot_key_bias(layer, query: torch.Tensor, positions: torch.Tensor, n: int | 
         if layer.starts is None or not S:
             return out
         # a left-padded row's sink slot i holds its position starts + i
-        sinks = (layer.starts[:, None] + torch.arange(S, device=layer.device)).clamp(max=table.shape[0] - 1)
+        sinks = (layer.starts[:, None] + torch.arange(S, device=layer.device)).clamp(max=bias.shape[-1] - 1)
         sinks = bias.gather(-1, sinks[:, None, None, :].expand(b, hq, T, S))
         return torch.cat([out[..., :n_body], sinks, out[..., n_body + S :]], dim=-1)
 
@@ -142,12 +143,14 @@ def slot_key_bias(layer, query: torch.Tensor, positions: torch.Tensor, n: int | 
 
 def bias_table(layer, positions: torch.Tensor, n: int | None, n_body: int, T: int
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The RoPE table rows ``[0, P)`` a step's key bias reads, and the slot positions clamped into them."""
+    """The RoPE table's tiles that cover positions ``[0, P)`` a step's key bias reads (a view of
+    :attr:`~nqkv_core.cache.format.RopeTable.tiles`), and the slot positions clamped into ``[0, P)``."""
     if n is None:  # compiled: static shapes; the table was sized for max_cache_len eagerly
-        P = layer.rope.table.shape[0]
-        return layer.rope.table, positions.clamp(0, P - 1)  # unused ring slots (masked) hold positions < 0
+        P = layer.rope.positions
+        return layer.rope.tiles, positions.clamp(0, P - 1)  # unused ring slots (masked) hold positions < 0
     P = max(layer.n_sinks + n_body, n + T)
     layer.rope.ensure(P, layer.device)
     key = (n, n_body, T, P, layer.n_sinks, layer.n_ring, layer.window, layer.sliding_window, layer.capacity,
            layer.device)  # what positions depend on
-    return layer.rope.table[:P], layer.step_memo.get("clamped positions", key, lambda: positions.clamp(0, P - 1))
+    clamped = layer.step_memo.get("clamped positions", key, lambda: positions.clamp(0, P - 1))
+    return layer.rope.tiles[: -(-P // 16)], clamped

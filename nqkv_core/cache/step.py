@@ -188,7 +188,7 @@ def _folded_inputs(layer, query, k_new, maps: StepMaps, n: int, scaling: float):
     w = rope_bias_weights(query, maps.mu_q, scaling) if maps.mu_k_half is not None else None
     k_new = k_new.float()
     if maps.mu_k_half is not None:  # minus the RoPE'd centre at position n (apply_rope's arithmetic)
-        row = layer.rope.table[n]
+        row = layer.rope.row(n)
         cos, sin = row[: d // 2].repeat(2), row[d // 2 :].repeat(2)
         k_new = k_new - (t.mu_k * cos + maps.mu_k_half * sin)
     elif t.mu_k is not None:
@@ -357,9 +357,9 @@ def _native_decode_step(layer, maps: StepMaps) -> native.DecodeStep:
     table); the check is a few identity tests, since it runs on every step."""
     t, kf, vf = layer.transform, layer.k_fmt, layer.v_fmt
     key = (maps, t, kf, vf, layer.k_sink, layer.v_sink, layer.k_ring, layer.v_ring, layer.k_body, layer.v_body,
-           layer.rope.table)
+           layer.rope.tiles)
     if layer._decode_step is None or any(a is not b for a, b in zip(key, layer._decode_step_key)):
-        rope = (layer.rope.table, layer.rope.tiles) if maps.mu_k_half is not None else None
+        rope = layer.rope.tiles if maps.mu_k_half is not None else None
         layer._decode_step = native.DecodeStep(
             layer.num_heads * maps.group, t.rot_k, t.rot_v, maps.mu_k, maps.mu_k_half, maps.mu_v,
             (layer.k_sink, layer.v_sink), (layer.k_ring, layer.v_ring),

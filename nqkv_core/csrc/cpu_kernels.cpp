@@ -887,9 +887,16 @@ void add_tile_bias(const float* w, int64_t R, int64_t D, const float* tiles, int
 }
 #endif
 
+// Row p of a bias table held in tiles of sixteen positions ((P + 15) / 16, D, 16), into row (D).
+inline void tile_row(const float* tiles, int64_t D, int64_t p, float* row) {
+  const float* t = tiles + (p / 16) * D * 16 + p % 16;
+  for (int64_t d = 0; d < D; ++d) row[d] = t[d * 16];
+}
+
 // Decode attention (see nqkv_attention_decode below for the contract). bias_tiles: the bias table
-// in tiles of sixteen positions ((bias_rows + 15) / 16, D, 16), or null; with it, packed tokens at
-// consecutive positions take their bias from it (add_tile_bias).
+// in tiles of sixteen positions (bias_rows / 16, D, 16), or null; with it, packed tokens at
+// consecutive positions take their bias from it (add_tile_bias), and bias_table may be null: the
+// rows the other keys read one at a time are then gathered from the tiles.
 
 int attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, const float* k_tail, const float* v_tail,
                      int64_t t_tail, const float* mask, int64_t ms_b, int64_t ms_h, int64_t ms_q, int mask_hides,
@@ -900,6 +907,27 @@ int attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, const f
   if (bias_w)
     for (int64_t j = 0; j < Tk; ++j)
       if (bias_pos[j] < 0 || bias_pos[j] >= bias_rows) return 1;
+  // Tiles only: the keys that read their bias row by row get their rows gathered here, indexed by
+  // key (row_pos[j] = j - first): the tail, and the packed tokens too unless they take the tiles.
+  const float* table = bias_table;
+  const int64_t* table_pos = bias_pos;
+  std::vector<float> gathered;
+  std::vector<int64_t> row_pos;
+  if (bias_w && !bias_table) {
+    bool tiled = false;
+#ifdef NQKV_REGISTER_PATH
+    tiled = fast_path(k, D);
+    for (int64_t j = 1; tiled && j < t_hist; ++j) tiled = bias_pos[j] == bias_pos[0] + j;
+#endif
+    const int64_t first = tiled ? t_hist : 0;
+    gathered.resize((Tk - first) * D);
+    row_pos.assign(Tk, 0);
+    for (int64_t j = first; j < Tk; ++j) {
+      tile_row(bias_tiles, D, bias_pos[j], gathered.data() + (j - first) * D);
+      row_pos[j] = j - first;
+    }
+    table = gathered.data(), table_pos = row_pos.data();
+  }
   const int64_t chunk = 256;  // tokens per work item
   const int64_t n_chunks = (Tk + chunk - 1) / chunk, items = BH * n_chunks;
   float kcb[16] = {0}, vcb[16] = {0};
@@ -933,14 +961,14 @@ int attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, const f
 #ifdef __AVX512F__
         if (wr) std::memcpy(wpad.data(), wr, R * D * sizeof(float));
         const float* wp = wr && !consecutive ? wpad.data() : nullptr;
-        if (D == 64 && R <= 4) scores_fast_64x4(k, kc, b, h, qpad.data(), wp, bias_table, bias_pos, R, j, jh, s, Tk);
-        else if (D == 64) scores_fast<4>(k, kc, b, h, qpad.data(), wp, bias_table, bias_pos, R, j, jh, s, Tk);
-        else scores_fast<8>(k, kc, b, h, qpad.data(), wp, bias_table, bias_pos, R, j, jh, s, Tk);
+        if (D == 64 && R <= 4) scores_fast_64x4(k, kc, b, h, qpad.data(), wp, table, table_pos, R, j, jh, s, Tk);
+        else if (D == 64) scores_fast<4>(k, kc, b, h, qpad.data(), wp, table, table_pos, R, j, jh, s, Tk);
+        else scores_fast<8>(k, kc, b, h, qpad.data(), wp, table, table_pos, R, j, jh, s, Tk);
 #else
         scores_fast_avx2(k, kc, b, h, qpad.data(), R, D, j, jh, s, Tk);
         if (wr && !consecutive)
           for (int64_t jj = j; jj < jh; ++jj)
-            for (int64_t r = 0; r < R; ++r) s[r * Tk + jj] += dot(wr + r * D, bias_table + bias_pos[jj] * D, D);
+            for (int64_t r = 0; r < R; ++r) s[r * Tk + jj] += dot(wr + r * D, table + table_pos[jj] * D, D);
 #endif
         if (consecutive) add_tile_bias(wr, R, D, bias_tiles, bias_pos[j], j, jh, s, Tk);
         j = jh;
@@ -950,7 +978,7 @@ int attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, const f
         const float* key = token_row(k, kc, k_tail, b, h, bh, j, t_hist, t_tail, D, scales.data(), row.data());
         for (int64_t r = 0; r < R; ++r) s[r * Tk + j] = dot(qr + r * D, key, D);
         if (wr)
-          for (int64_t r = 0; r < R; ++r) s[r * Tk + j] += dot(wr + r * D, bias_table + bias_pos[j] * D, D);
+          for (int64_t r = 0; r < R; ++r) s[r * Tk + j] += dot(wr + r * D, table + table_pos[j] * D, D);
       }
       for (int64_t r = 0; r < R; ++r) {
         const int64_t g = r / Tq, i = r % Tq;
@@ -1208,7 +1236,8 @@ void nqkv_dequantize_rows(const uint8_t* codes, const void* absmax, int absmax_h
 // or null; mask_hides: the mask is a boolean one as 0 / -inf, whose -inf replaces a score instead
 // of being added to it. Optional key bias (a RoPE-centred cache's score offset, docs/design.md):
 // bias_w (B, Hkv, R, D) fp32 contiguous, bias_table (P, D) fp32 contiguous and bias_pos (Tk) int64;
-// key j's score gains bias_w[r] . bias_table[bias_pos[j]]. causal: query i sees key j iff
+// key j's score gains bias_w[r] . bias_table[bias_pos[j]]; or the same table in tiles of sixteen
+// positions, bias_tiles (P / 16, D, 16) fp32 contiguous, with bias_table null. causal: query i sees key j iff
 // j <= Tk - Tq + i. out: (B, Hkv, R, Dv) fp32. Rows that can see no key get zeros, as torch's SDPA.
 // Non-finite numbers as in torch's softmax and product: a NaN score of a key that a row sees
 // (hidden: by causality or a boolean mask) makes the row's output NaN, as does a +inf score; an
@@ -1219,9 +1248,9 @@ int nqkv_attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, co
                           const float* v_tail, int64_t t_tail, const float* mask, int64_t ms_b, int64_t ms_h,
                           int64_t ms_q, int mask_hides, const float* bias_w, const float* bias_table,
                           const int64_t* bias_pos, int64_t bias_rows, int causal, int64_t B, int64_t Hkv, int64_t G,
-                          int64_t Tq, int64_t D, int64_t Dv, float* out, int threads) {
+                          int64_t Tq, int64_t D, int64_t Dv, float* out, int threads, const float* bias_tiles) {
   return attention_decode(q, k, v, t_hist, k_tail, v_tail, t_tail, mask, ms_b, ms_h, ms_q, mask_hides, bias_w,
-                          bias_table, bias_pos, bias_rows, causal, B, Hkv, G, Tq, D, Dv, out, threads);
+                          bias_table, bias_pos, bias_rows, causal, B, Hkv, G, Tq, D, Dv, out, threads, bias_tiles);
 }
 
 // One eager decode step of one cache layer for a single new token at position n_tokens
@@ -1231,16 +1260,16 @@ int nqkv_attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, co
 //   query's KV head, w = scale * [q_lo mu_lo + q_hi mu_hi | q_hi mu_lo - q_lo mu_hi] (halves of
 //   q and mu_k; rope_bias_weights in nqkv_core/cache/format.py), elementwise: no per-head matrix to read;
 //   k' = (k - centre) @ rot_k, centre = mu_k * cos + mu_k_half * sin (RoPE-aware: cos / sin are the
-//   halves of row n_tokens of rope_table (rope_rows, D), each repeated twice, as apply_rope builds
+//   halves of row n_tokens of the [cos | sin] table, each repeated twice, as apply_rope builds
 //   them), mu_k (plain) or none; v' = (v - mu_v) @ rot_v (null rot = identity, null mu = none);
 // then attention over [n_body packed tokens | S sinks | R ring slots | the new token] (ring and
 // sinks read from their buffers, (B, Hkv, slots, D) contiguous), out = o @ rot_v^T + mu_v, and the
 // commit: the ring slot `leave_slot` (>= 0) is quantized into body slot `body_slot` (K and V: the
 // packed bodies are written), then k', v' go to sink slot `sink_slot` or ring slot `ring_slot`
-// (whichever is >= 0). With bias weights each key's score gains w . rope_table[p] at its position p
+// (whichever is >= 0). With bias weights each key's score gains w . table[p] at its position p
 // (body slot j: sinks + j; sink i: i; ring slot r: the last position < n_tokens that is r modulo
-// n_ring; new: n_tokens), the packed body's from rope_tiles, the table in tiles of sixteen
-// positions ((rope_rows + 15) / 16, D, 16).
+// n_ring; new: n_tokens), the table held once, in tiles of sixteen positions: rope_tiles
+// (rope_rows / 16, D, 16), tile t holding positions 16t..16t+15 of element d at [t, d, :].
 // Coding as nqkv_quantize_rows: fitted scales with the `n_fit` ratios `fit_ratios` for the sides in
 // `fit_sides` (bit 0 keys, bit 1 values; their body codebook is the plain one), and
 // keys by error feedback when `k_feedback` ((B * Hkv, D, D) row-major) is set,
@@ -1253,7 +1282,7 @@ int nqkv_decode_step(const float* q, const float* k_new, const float* v_new, con
                      int64_t n_sinks, int64_t sink_slots, float* k_ring, float* v_ring, int64_t n_ring,
                      int64_t ring_slots, Packed k_body, Packed v_body, int64_t n_body, const float* k_thresholds,
                      const float* v_thresholds, float max_scale, int64_t leave_slot, int64_t body_slot,
-                     int64_t sink_slot, int64_t ring_slot, const float* rope_table, const float* rope_tiles,
+                     int64_t sink_slot, int64_t ring_slot, const float* rope_tiles,
                      int64_t rope_rows, int64_t n_tokens, float scale, int64_t B, int64_t Hkv, int64_t G, int64_t D,
                      float* out, int threads, const float* fit_ratios, int n_fit, int fit_sides,
                      const float* k_levels, const float* k_feedback) {
@@ -1265,7 +1294,8 @@ int nqkv_decode_step(const float* q, const float* k_new, const float* v_new, con
   const float* sin_row = nullptr;
   if (mu_k_half) {
     if (n_tokens >= rope_rows) return 1;
-    const float* t = rope_table + n_tokens * D;
+    std::vector<float> t(D);
+    tile_row(rope_tiles, D, n_tokens, t.data());
     for (int64_t d = 0; d < D; ++d) cos_full[d] = t[d % (D / 2)], sin_full[d] = t[D / 2 + d % (D / 2)];
     cos_row = cos_full.data(), sin_row = sin_full.data();
   }
@@ -1320,7 +1350,7 @@ int nqkv_decode_step(const float* q, const float* k_new, const float* v_new, con
     }
   }
   const int status = attention_decode(qs.data(), k_body, v_body, n_body, k_tail.data(), v_tail.data(), T_tail,
-                                      nullptr, 0, 0, 0, 0, bias ? ws.data() : nullptr, rope_table, pos.data(),
+                                      nullptr, 0, 0, 0, 0, bias ? ws.data() : nullptr, nullptr, pos.data(),
                                       rope_rows, 0, B, Hkv, G, 1, D, D, o.data(), threads, rope_tiles);
   if (status) return status;
   for (int64_t r = 0; r < B * Hq; ++r) {  // out = o @ rot_v^T + mu_v (rows in (b, h * G + g) order)

@@ -262,10 +262,11 @@ def packed_attention(
     require grad, goes through the registered op.
 
     ``key_bias = (w, table, positions)`` adds ``w[b, hq, i] . table[positions[j]]`` to the score of
-    query ``i`` and key ``j`` (``w`` (B, Hq, Tq, D), ``table`` (P, D), ``positions`` (Tk,) in
-    ``[0, P)``). The CPU decode path adds it in its reduction; elsewhere it becomes an additive mask,
-    ``dense_bias()`` if given (the same ``(B, Hq, Tq, Tk)`` offsets, computed as the caller knows
-    best), else ``(w @ table.T)[..., positions]``.
+    query ``i`` and key ``j`` (``w`` (B, Hq, Tq, D), ``table`` (P, D) or the same rows in tiles of
+    sixteen positions (P / 16, D, 16), :class:`~nqkv_core.cache.format.RopeTable`; ``positions``
+    (Tk,) in ``[0, P)``). The CPU decode path and the grouped Triton decode kernel add it in their
+    reduction; elsewhere it becomes an additive mask, ``dense_bias()`` if given (the same
+    ``(B, Hq, Tq, Tk)`` offsets, computed as the caller knows best), else ``(w @ rows.T)[..., positions]``.
 
     Raises:
         TypeError / ValueError: wrong dtypes, devices or shapes (a bad ``key_bias`` position on the
@@ -282,9 +283,12 @@ def packed_attention(
                 return cpu.attention_decode(q, k, v, k_tail, v_tail, attn_mask, _default_scale(q, scale), is_causal,
                                             key_bias)
         if k.codes.shape[2] and grouped_takes_key_bias(q, k.op_args(), v.op_args()):
-            # the CUDA grouped decode kernel (or Triton's interpreter) computes the offsets itself
+            # the CUDA grouped decode kernel (or Triton's interpreter) computes the offsets itself,
+            # from the table's rows (a table held in tiles is copied into rows for it)
+            w, table, positions = key_bias
             return torch.ops.nqkv.grouped_decode(q, *k.op_args(), *v.op_args(), k_tail, v_tail, attn_mask,
-                                                 _default_scale(q, scale), is_causal, *key_bias)
+                                                 _default_scale(q, scale), is_causal, w, cpu.tile_rows(table),
+                                                 positions)
         bias = dense_bias() if dense_bias is not None else cpu.dense_key_bias(*key_bias)
         attn_mask = cpu.with_key_bias(attn_mask, bias)
     if skips_dispatcher(q, k.absmax, v.absmax, k_tail, v_tail, attn_mask):

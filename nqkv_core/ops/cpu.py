@@ -273,10 +273,28 @@ def _block_rows(x: Tensor, block: int) -> Tensor:
     return (x[:, :, None, :] * onehot).reshape(bh, r * nb, d)
 
 
+def tile_rows(table: Tensor) -> Tensor:
+    """A key-bias table as rows ``(P, D)``: ``table`` itself, or a copy of the rows of a table held in
+    tiles of sixteen positions ``(P / 16, D, 16)`` (:class:`~nqkv_core.cache.format.RopeTable`)."""
+    return table if table.dim() == 2 else table.transpose(1, 2).reshape(-1, table.shape[1])
+
+
+def key_bias_scores(w: Tensor, table: Tensor) -> Tensor:
+    """``w @ rows.T`` in fp32, ``(..., P)``: the key bias of every position of a table of rows ``(P, D)``
+    or of the same rows in tiles of sixteen positions ``(P / 16, D, 16)``, read in place (one small
+    product per tile rather than a copy of the table as rows)."""
+    w = w.float()
+    if table.dim() == 2:
+        return w @ table.float().T
+    w2 = w.reshape(-1, w.shape[-1])
+    out = torch.bmm(w2.expand(table.shape[0], -1, -1), table.float())  # (P / 16, rows, 16)
+    return out.transpose(0, 1).reshape(*w.shape[:-1], -1)
+
+
 def dense_key_bias(w: Tensor, table: Tensor, positions: Tensor) -> Tensor:
-    """The key bias ``(w, table, positions)`` of :func:`attention_decode` as additive scores
-    ``(B, Hq, Tq, Tk)`` fp32."""
-    return (w.float() @ table.float().T).index_select(-1, positions)
+    """The key bias ``(w, table, positions)`` of :func:`attention_decode` (``table`` rows or tiles) as
+    additive scores ``(B, Hq, Tq, Tk)`` fp32."""
+    return key_bias_scores(w, table).index_select(-1, positions)
 
 
 def with_key_bias(attn_mask: Optional[Tensor], bias: Tensor) -> Tensor:
@@ -303,8 +321,9 @@ def attention_decode(
 
     ``k`` / ``v``: :class:`~nqkv_core.packed.Packed` (or its plain tuple) with blocks along head_dim.
     ``key_bias = (w, table, positions)`` adds ``w[b, hq, i] . table[positions[j]]`` to the score of
-    query ``i`` and key ``j`` (``w`` (B, Hq, Tq, D), ``table`` (P, D), ``positions`` (Tk,) in
-    ``[0, P)``): the RoPE-centred cache's score offset.
+    query ``i`` and key ``j`` (``w`` (B, Hq, Tq, D), ``table`` (P, D) or the same rows in tiles of
+    sixteen positions (P / 16, D, 16), ``positions`` (Tk,) in ``[0, P)``): the RoPE-centred cache's
+    score offset.
 
     With the native CPU kernels built (:mod:`nqkv_core.native`) the whole call is one native
     function (fp32 throughout, codes decoded in registers, the key bias added in its reduction);

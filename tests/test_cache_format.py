@@ -1,0 +1,40 @@
+"""The RoPE table of a RoPE-centred cache (nqkv_core/cache/format.py): held once, in tiles of sixteen
+positions, and read back as rows, one row, or the key bias of every position."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nqkv_core.cache.format import RopeTable
+from nqkv_core.ops.cpu import key_bias_scores
+
+
+def _rows(inv_freq: torch.Tensor, n: int) -> torch.Tensor:
+    ang = torch.arange(n).float()[:, None] * inv_freq[None, :]
+    return torch.cat([ang.cos(), ang.sin()], dim=-1)
+
+
+@pytest.mark.parametrize("n", [1, 37, 64, 100])
+def test_rope_table_holds_only_tiles_and_reads_back_its_rows(n):
+    inv_freq = 1e4 ** -(torch.arange(0, 64, 2).float() / 64)
+    table = RopeTable(inv_freq)
+    table.ensure(n, torch.device("cpu"))
+    assert table.tiles.shape == (table.positions // 16, 64, 16) and table.positions >= n
+    assert [k for k, v in vars(table).items() if isinstance(v, torch.Tensor)] == ["inv_freq", "tiles"]
+    ref = _rows(inv_freq, table.positions)
+    torch.testing.assert_close(table.rows(), ref)
+    torch.testing.assert_close(table.rows(n), ref[:n])
+    assert all(torch.equal(table.row(p), ref[p]) for p in (0, n - 1, table.positions - 1))
+    w = torch.randn(2, 3, 1, 64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(table.scores(w, n), w @ ref[:n].T, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(key_bias_scores(w, table.tiles), key_bias_scores(w, ref), atol=1e-5, rtol=1e-5)
+    grown = table.tiles
+    table.ensure(table.positions + 1, torch.device("cpu"))  # grows by doubling, the same rows first
+    assert table.positions >= 2 * grown.shape[0] * 16
+    torch.testing.assert_close(table.rows(grown.shape[0] * 16), ref)
+
+
+def test_rope_table_without_frequencies_raises():
+    with pytest.raises(ValueError, match="RoPE frequencies"):
+        RopeTable().ensure(4, torch.device("cpu"))
