@@ -706,6 +706,15 @@ def test_smollm2_assisted_decoding_equals_greedy():
     assert torch.equal(nq.generate(ids, assistant_model=model, num_assistant_tokens=4, **kw), plain)
 
 
+def test_enable_refuses_a_model_whose_attention_cannot_be_replaced(monkeypatch):
+    # transformers declines (with a logged warning) for models that do not attend through its
+    # AttentionInterface: enable says so at once instead of failing at the first forward
+    model = tiny_model()
+    monkeypatch.setattr(model, "set_attn_implementation", lambda name: None)
+    with pytest.raises(NotImplementedError, match="attention function be replaced"):
+        enable(model, bits=4)
+
+
 def test_prompt_attention_matches_explicit_masks():
     from nqkv_core.cache import prompt_attention
 

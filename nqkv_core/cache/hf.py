@@ -353,6 +353,12 @@ def enable(
     register()
     previous = _attn_implementation(model)
     _set_attn_implementation(model, ATTN_NAME)
+    if _attn_implementation(model) != ATTN_NAME:  # (transformers declined, with a logged warning)
+        raise NotImplementedError(
+            f"{type(model).__name__} on transformers {'.'.join(map(str, _hf.transformers_version()))} does"
+            " not let its attention function be replaced (it does not attend through transformers'"
+            " AttentionInterface), so the NQKV cache cannot be read; a newer transformers may support it"
+        )
     if previous != ATTN_NAME:
         model._nqkv_previous_attn = previous
     return NQKVModel(model, scheme, max_cache_len, crop_margin, decode)
