@@ -29,6 +29,7 @@ from nqkv_core.cache.compiled import STEP_LAYERS, STEP_NAMES
 from nqkv_core.cache.format import (RopeTable, SideFormat, check_head_dim, fp_dtype, joint_format, side_format,
                                     storage_bytes)
 from nqkv_core.cache.handle import Handle
+from nqkv_core.cache.inputs import check_first_kv, check_like_buffers, check_query
 from nqkv_core.cache.state import layer_state, load_layer_state
 from nqkv_core.scheme import KVScheme, KVTransform, fit_transform, rope_layout
 from nqkv_core.transform import ROW_FIELDS, fit_transform_rows
@@ -156,21 +157,7 @@ class NQKVLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
         """Allocate every buffer from the first K/V's batch, heads, head_dim, dtype and device
         (transformers 4.x's ``Cache.early_initialization`` passes the keys only)."""
-        value_states = key_states if value_states is None else value_states
-        if key_states.dim() != 4:
-            raise ValueError(
-                f"NQKVCache takes K/V of shape (batch, kv heads, tokens, head_dim), got {tuple(key_states.shape)}"
-            )
-        if key_states.shape != value_states.shape:
-            raise NotImplementedError(
-                f"NQKVCache needs keys and values of one shape, got {tuple(key_states.shape)} and"
-                f" {tuple(value_states.shape)}"
-            )
-        if self.compiled_step == "op" and key_states.device.type != "cpu":
-            raise ValueError(
-                f"compiled_step='op' runs the eager CPU step inside compiled graphs; on {key_states.device.type}"
-                " use 'traced' (or 'auto'), whose graphs CUDA graphs can capture"
-            )
+        check_first_kv(key_states, key_states if value_states is None else value_states, self.compiled_step)
         self.device = key_states.device
         self.dtype = key_states.dtype
         self.batch_size, self.num_heads, _, self.head_dim = key_states.shape
@@ -231,7 +218,7 @@ class NQKVLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         else:
-            self._check_like_buffers(key_states, value_states)
+            check_like_buffers(self, key_states, value_states)
         if not torch.compiler.is_compiling():
             n = self._step_length = int(self.length)
             self._grow(n + key_states.shape[2])
@@ -239,33 +226,6 @@ class NQKVLayer(CacheLayerMixin):
                 self.rope.ensure(n + key_states.shape[2], self.device)
         self._pending = (key_states, value_states)
         return self.handle, self.handle
-
-
-    def _check_like_buffers(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        # The decode kernels index the new tokens with the buffers' sizes and dtype: a mismatch
-        # must stop here, not read past the tensors.
-        want = (self.batch_size, self.num_heads, self.head_dim, self.dtype, self.device)
-        for name, x in (("keys", key_states), ("values", value_states)):
-            if x.dim() != 4 or (x.shape[0], x.shape[1], x.shape[3], x.dtype, x.device) != want or (
-                    x.shape != key_states.shape):
-                raise ValueError(
-                    f"NQKVCache was filled with batch {self.batch_size}, {self.num_heads} kv heads of dim"
-                    f" {self.head_dim}, {self.dtype} on {self.device}; got {name} of shape {tuple(x.shape)},"
-                    f" {x.dtype} on {x.device}. Use one cache per model; call cache.reset() to start a new batch"
-                )
-
-    def _check_query(self, query: torch.Tensor) -> None:
-        if self._pending is None:
-            return  # the step raises its own error
-        k = self._pending[0]
-        b, hq, t, d = query.shape if query.dim() == 4 else (None, 0, None, None)
-        if (b, t, d, query.device) != (self.batch_size, k.shape[2], self.head_dim, self.device) or (
-                not hq or hq % self.num_heads):
-            raise ValueError(
-                f"NQKVCache attention needs queries (batch {self.batch_size}, a multiple of {self.num_heads}"
-                f" heads, {k.shape[2]} tokens, dim {self.head_dim}) on {self.device}, like the cached keys;"
-                f" got shape {tuple(query.shape)} on {query.device}"
-            )
 
     def _fit(self, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None, config: Any = None,
              attention_mask: torch.Tensor | None = None) -> KVTransform:
@@ -306,7 +266,7 @@ class NQKVLayer(CacheLayerMixin):
             ValueError: ``query`` of another batch, head_dim, token count or device than the parked
                 keys, or with a head count that is not a multiple of the kv heads.
         """
-        self._check_query(query)
+        check_query(self, query)
         return step.attention(self, query, attention_mask, scaling, config, logits)
 
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor, query_states: torch.Tensor | None = None) -> None:
