@@ -44,12 +44,15 @@ def tiny_model(head_dim: int = 16, layers: int = 2, dtype: torch.dtype = torch.f
     return LlamaForCausalLM(cfg).eval().to(dtype)
 
 
-def saved_cache(model, scheme: KVScheme, path: Path, tokens: int = 12, batch: int = 1) -> NQKVCache:
-    """A cache of ``scheme`` filled by one forward of ``tokens`` random tokens, saved to ``path``."""
+def saved_cache(model, scheme: KVScheme, path: Path, tokens: int = 12, batch: int = 1, pads: int = 0) -> NQKVCache:
+    """A cache of ``scheme`` filled by one forward of ``tokens`` random tokens, saved to ``path``
+    (the last row left-padded by ``pads`` tokens)."""
     cache = enable(model, scheme=scheme).new_cache()
     ids = torch.randint(1, 96, (batch, tokens), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[-1, :pads] = 0
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
     cache.save(path)
     return cache
 
@@ -326,11 +329,16 @@ case("other_head_dim", lambda: fed_by(t.tiny_model(head_dim=32)))
 case("other_dtype", lambda: fed_by(t.tiny_model(dtype=torch.bfloat16)))
 case("other_batch", lambda: fed_by(t.tiny_model(), batch=2))
 
-models = {"rope": t.tiny_model(), "full": t.tiny_model()}
-schemes = {"rope": t.ROPE, "full": t.FULL}
-for name, model in models.items():
-    t.saved_cache(model, schemes[name], tmp / f"{name}.safetensors")
-outcomes = {"rejected": 0, "loaded": 0, "decoded": 0}
+import test_cache_io_sliding as ts, test_rope_layouts as tr
+# files of every layout a cache saves: full layers (RoPE-centred; every transform field), sliding
+# layers with a ring of codes, a channel order (interleaved RoPE), a left-padded batch's starts
+models = {"rope": t.tiny_model(), "full": t.tiny_model(), "sliding": ts.tiny("mistral"),
+          "cohere": tr.tiny_model("cohere"), "padded": t.tiny_model()}
+schemes = {"rope": t.ROPE, "full": t.FULL, "sliding": ts.ROPE, "cohere": tr.ROPE, "padded": t.ROPE}
+for name in ("rope", "full", "sliding", "cohere"):
+    t.saved_cache(models[name], schemes[name], tmp / f"{name}.safetensors", tokens=20)
+t.saved_cache(models["padded"], schemes["padded"], tmp / "padded.safetensors", tokens=12, batch=2, pads=5)
+outcomes = {"rejected": 0, "loaded": 0, "decoded": 0, "fuzzed_by_file": {name: 0 for name in models}}
 SPECIAL = [0.0, -1.0, 1e30, float("nan"), float("inf"), 65504.0]
 
 def header_edit(raw, data):
@@ -382,6 +390,7 @@ def tensor_edit(src, dst, data):
 @given(st.data())
 def fuzz(data):
     name = data.draw(st.sampled_from(sorted(models)))
+    outcomes["fuzzed_by_file"][name] += 1
     src, dst = tmp / f"{name}.safetensors", tmp / "fuzzed.safetensors"
     # mostly forged tensors: the checks a file must pass after its digest
     kind = data.draw(st.sampled_from(["tensor", "tensor", "tensor", "flip", "truncate", "header"]))
@@ -419,7 +428,7 @@ print("FUZZ", json.dumps(outcomes), flush=True)
 @pytest.fixture(scope="module")
 def subprocess_results(tmp_path_factory) -> dict[str, str]:
     """Each case's outcome, from one subprocess; a case that killed it reads 'crashed ...'."""
-    code = SUBPROCESS.replace("TMP", repr(str(tmp_path_factory.mktemp("sub")))).replace("EXAMPLES", "100")
+    code = SUBPROCESS.replace("TMP", repr(str(tmp_path_factory.mktemp("sub")))).replace("EXAMPLES", "150")
     proc = run_python(code)
     results = {}
     for line in proc.stdout.splitlines():
@@ -451,3 +460,4 @@ def test_fuzzed_files_are_rejected_or_decode(subprocess_results):
     assert r.get("fuzz") == "no error", f"{r.get('fuzz', 'never reached')}\n{r['stderr']}"
     outcomes = json.loads(r["outcomes"])
     assert outcomes["rejected"] > 0 and outcomes["decoded"] > 0, outcomes
+    assert all(outcomes["fuzzed_by_file"].values()), outcomes  # every layout's file was fuzzed
