@@ -161,7 +161,7 @@ def rope_key_bias(q, n_hist, n_tail, ring=False, scale=None):
     the cache's slot order: the body one run after 4 sinks (or, with ``ring``, a run that wraps),
     then the sinks, then a shuffled window. Returns ``(w, table, positions, dense)`` with ``dense``
     the ``(b, hq, Tq, n_hist + n_tail)`` offsets computed in torch."""
-    from nqkv_core.cache.format import rope_bias_weights
+    from nqkv_core.transform import rope_bias_weights
 
     gen = torch.Generator().manual_seed(5)
     b, hq, _, d = q.shape

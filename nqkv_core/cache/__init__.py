@@ -17,7 +17,7 @@ Modules, in the order data flows through them:
 """
 
 from nqkv_core.cache.attend import Logits, attend, prompt_attention, sdpa, softmax_attention
-from nqkv_core.cache.format import KeyBias, RopeTable, SideFormat, rope_bias_weights, side_format
+from nqkv_core.cache.format import KeyBias, RopeTable, SideFormat, side_format
 from nqkv_core.cache.hf import ATTN_NAME, NQKVCache, NQKVModel, disable, enable, nqkv_attention, register
 from nqkv_core.cache.io import FORMAT_VERSION
 from nqkv_core.cache.layer import CompiledStep, NQKVLayer
@@ -25,6 +25,7 @@ from nqkv_core.cache.sliding import NQKVSlidingLayer
 from nqkv_core.cache.step import DECODE_STRATEGIES, Decode
 from nqkv_core.cache.support import LAYER_TYPES, check_supported, layer_types, rope_inv_freqs, rope_layouts
 from nqkv_core.scheme import default_scheme  # deprecated here: import it from nqkv_core.scheme
+from nqkv_core.transform import rope_bias_weights
 
 __all__ = [
     "ATTN_NAME", "DECODE_STRATEGIES", "FORMAT_VERSION", "LAYER_TYPES", "CompiledStep", "Decode", "KeyBias", "Logits",

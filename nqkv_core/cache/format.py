@@ -177,26 +177,6 @@ class RopeTable:
         return tile_rows(self.tiles[: -(-n // 16)])[:n]
 
 
-def rope_bias_weights(query: torch.Tensor, mu: torch.Tensor, scale: float) -> torch.Tensor:
-    """Rows ``w`` with ``w . table[p] = scale * q . R(p) mu`` for every position ``p``: ``(b, hq, T, d)`` fp32.
-
-    With rotate-half RoPE, ``q . R(p) mu = cos(p) . (q * mu) + sin(p) . (q * rotate_half(mu))`` and
-    ``cos(p)``/``sin(p)`` repeat one half twice, so the halves are summed first and the bias of all
-    positions is one ``(T, d) @ (d, P)`` product per head against ``table = [cos | sin]`` (``(P, d)``,
-    :class:`RopeTable`); the native decode kernel takes ``w`` and the table's tiles instead.
-
-    Args:
-        query: ``(b, hq, T, d)`` post-RoPE queries in the original basis.
-        mu: ``(b, hq, 1, d)`` pre-RoPE key centre of each query head's kv head.
-    """
-    q = query.float()
-    h = q.shape[-1] // 2
-    q_lo, q_hi, mu_lo, mu_hi = q[..., :h], q[..., h:], mu[..., :h], mu[..., h:]
-    cos_part = q_lo * mu_lo + q_hi * mu_hi
-    sin_part = q_hi * mu_lo - q_lo * mu_hi
-    return torch.cat([cos_part, sin_part], dim=-1).mul_(scale)
-
-
 def storage_bytes(tensors) -> int:
     """Bytes of the storages behind ``tensors``, each storage counted once (views share one)."""
     seen: dict[int, int] = {}

@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 
 from nqkv_core._hf import bool_mask
-from nqkv_core.cache.format import KeyBias, rope_bias_weights
+from nqkv_core.cache.format import KeyBias
 from nqkv_core.ops.cpu import key_bias_scores
 from nqkv_core.scheme import per_query_head
+from nqkv_core.transform import rope_bias_weights
 
 
 def all_slots_valid(layer, n: int) -> bool:

@@ -25,11 +25,11 @@ import torch
 from nqkv_core import native
 from nqkv_core.cache import commit, compiled  # noqa: F401  (compiled: registers torch.ops.nqkv.cache_step)
 from nqkv_core.cache.attend import Logits, attend, prompt_attention
-from nqkv_core.cache.format import rope_bias_weights
 from nqkv_core.cache.slots import (all_slots_valid, allowed_slots, padded_allowed_slots, slot_key_bias,
                                     slot_positions)
 from nqkv_core.quantize import decision_thresholds, fit_ratios
 from nqkv_core.scheme import per_query_head, rotate_half
+from nqkv_core.transform import rope_bias_weights
 
 Decode = Literal["auto", "reference", "ops", "folded", "native"]
 DECODE_STRATEGIES = ("auto", "reference", "ops", "folded", "native")

@@ -1258,7 +1258,7 @@ int nqkv_attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, co
 // head):
 //   q' = q @ rot_k * scale; with a RoPE-aware centre (mu_k_half set) the bias weights of the
 //   query's KV head, w = scale * [q_lo mu_lo + q_hi mu_hi | q_hi mu_lo - q_lo mu_hi] (halves of
-//   q and mu_k; rope_bias_weights in nqkv_core/cache/format.py), elementwise: no per-head matrix to read;
+//   q and mu_k; rope_bias_weights in nqkv_core/transform.py), elementwise: no per-head matrix to read;
 //   k' = (k - centre) @ rot_k, centre = mu_k * cos + mu_k_half * sin (RoPE-aware: cos / sin are the
 //   halves of row n_tokens of the [cos | sin] table, each repeated twice, as apply_rope builds
 //   them), mu_k (plain) or none; v' = (v - mu_v) @ rot_v (null rot = identity, null mu = none);
