@@ -148,7 +148,7 @@ def key_bias(q: torch.Tensor, n_hist: int, n_tail: int, capacity: int | None = N
     key columns (history: one run after 4 sinks; tail: the sinks, then a shuffled window; then
     unread padding up to ``capacity + n_tail``). Returns ``((w, table, positions), dense)`` with
     ``dense`` the ``(b, hq, 1, n_hist + n_tail)`` offsets computed in torch."""
-    from nqkv_core.cache.format import rope_bias_weights
+    from nqkv_core.transform import rope_bias_weights
 
     capacity = n_hist if capacity is None else capacity
     b, hq, _, d = q.shape
