@@ -27,7 +27,8 @@ import math
 
 import torch
 
-from nqkv_core.scheme import _sylvester as sylvester, quantize_roundtrip, rotation
+from nqkv_core.scheme import quantize_roundtrip, rotation
+from nqkv_core.transform import _sylvester as sylvester
 
 
 def is_prime(q: int) -> bool:
