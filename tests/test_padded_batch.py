@@ -79,11 +79,9 @@ def generate(model, ids, cache, mask=None):
     return out.sequences[:, ids.shape[1]:], torch.stack(out.logits, 1)
 
 
-@pytest.mark.parametrize("decode", ["reference", "ops", "folded", "native"])
-@pytest.mark.parametrize("name", list(SCHEMES))
-def test_each_row_generates_as_alone(name, decode):
-    model, rows = tiny(), prompts()
-    nq = enable(model, scheme=SCHEMES[name], decode=decode)
+def assert_rows_as_alone(model, nq, rows: list[torch.Tensor]):
+    """Generate ``rows`` as one left-padded batch; each row's tokens and logits must be those of the
+    row generated alone with a cache of the same settings. Returns the batch's cache."""
     ids, mask = left_padded(rows)
     cache = nq.new_cache()
     seq, logits = generate(model, ids, cache, mask)
@@ -91,6 +89,15 @@ def test_each_row_generates_as_alone(name, decode):
         alone_seq, alone_logits = generate(model, row[None], nq.new_cache())
         assert torch.equal(seq[i], alone_seq[0]), i
         torch.testing.assert_close(logits[i], alone_logits[0], rtol=0, atol=2e-4)
+    return cache
+
+
+@pytest.mark.parametrize("decode", ["reference", "ops", "folded", "native"])
+@pytest.mark.parametrize("name", list(SCHEMES))
+def test_each_row_generates_as_alone(name, decode):
+    model, rows = tiny(), prompts()
+    nq = enable(model, scheme=SCHEMES[name], decode=decode)
+    cache = assert_rows_as_alone(model, nq, rows)
     assert all(layer.starts.tolist() == [max(LENGTHS) - n for n in LENGTHS] for layer in cache.layers)
 
 
@@ -100,12 +107,7 @@ def test_prompt_within_sinks_and_window_rows_as_alone(decode):
     # own sinks are stored after it, some of a one-token row's sinks only by the decode steps
     model, rows = tiny(), prompts((1, 5, 6))
     nq = enable(model, scheme=SCHEMES["rope-centre"], decode=decode)
-    ids, mask = left_padded(rows)
-    seq, logits = generate(model, ids, nq.new_cache(), mask)
-    for i, row in enumerate(rows):
-        alone_seq, alone_logits = generate(model, row[None], nq.new_cache())
-        assert torch.equal(seq[i], alone_seq[0]), i
-        torch.testing.assert_close(logits[i], alone_logits[0], rtol=0, atol=2e-4)
+    assert_rows_as_alone(model, nq, rows)
 
 
 @pytest.mark.parametrize("name", ["ministral", "gemma2", "gpt_oss"])
@@ -118,13 +120,7 @@ def test_sliding_window_models_rows_as_alone(name):
     model.generation_config.eos_token_id = None
     rows = prompts((6, 20, 27))
     nq = enable(model, scheme=scheme4(model, 4).replace(sinks=2, stats_tokens=4))
-    ids, mask = left_padded(rows)
-    cache = nq.new_cache()
-    seq, logits = generate(model, ids, cache, mask)
-    for i, row in enumerate(rows):
-        alone_seq, alone_logits = generate(model, row[None], nq.new_cache())
-        assert torch.equal(seq[i], alone_seq[0]), i
-        torch.testing.assert_close(logits[i], alone_logits[0], rtol=0, atol=2e-4)
+    cache = assert_rows_as_alone(model, nq, rows)
     assert any(layer.is_sliding for layer in cache.layers)
     assert all(layer.starts.tolist() == [21, 7, 0] for layer in cache.layers)
 
@@ -281,9 +277,4 @@ def test_rope_layouts_rows_as_alone(name):
     model.generation_config.eos_token_id = None
     rows = prompts()
     nq = enable(model, scheme=ROPE.replace(stats_tokens=4))
-    ids, mask = left_padded(rows)
-    seq, logits = generate(model, ids, nq.new_cache(), mask)
-    for i, row in enumerate(rows):
-        alone_seq, alone_logits = generate(model, row[None], nq.new_cache())
-        assert torch.equal(seq[i], alone_seq[0]), i
-        torch.testing.assert_close(logits[i], alone_logits[0], rtol=0, atol=2e-4)
+    assert_rows_as_alone(model, nq, rows)
