@@ -223,12 +223,17 @@ def load_layer_state(layer, state: dict[str, torch.Tensor], dtype: torch.dtype, 
     layer.lazy_initialization(empty, empty)
     layer._grow(n)
     n_body = layer._body_capacity(n)
+    _load_buffers(layer, state, n_body)
+    _load_transform(layer, state, n, where)
+
+
+def _load_buffers(layer, state: dict[str, torch.Tensor], body_slots: int) -> None:
+    """Copy the checked body (its first ``body_slots`` slots), sinks and ring of ``state`` into ``layer``."""
     for side in ("k", "v"):
         for i, x in enumerate(getattr(layer, f"{side}_body")):
-            x[:, :, :n_body].copy_(state[f"{side}_body{i}"])
+            x[:, :, :body_slots].copy_(state[f"{side}_body{i}"])
         getattr(layer, f"{side}_sink")[:, :, : layer.n_sinks].copy_(state[f"{side}_sink"])
         getattr(layer, f"{side}_ring")[:, :, : layer.n_ring].copy_(state[f"{side}_ring"])
-    _load_transform(layer, state, n, where)
 
 
 def _load_transform(layer, state: dict[str, torch.Tensor], n: int, where: str) -> None:
@@ -324,11 +329,7 @@ def load_sliding_layer_state(layer, state: dict[str, torch.Tensor], dtype: torch
     slots = state["k_body0"].shape[2]
     if slots != layer.capacity:
         layer._relayout(slots, 0)  # a ring of the saved size (the fresh one holds no token to move)
-    for side in ("k", "v"):
-        for i, x in enumerate(getattr(layer, f"{side}_body")):
-            x[:, :, :slots].copy_(state[f"{side}_body{i}"])
-        getattr(layer, f"{side}_sink")[:, :, : layer.n_sinks].copy_(state[f"{side}_sink"])
-        getattr(layer, f"{side}_ring")[:, :, : layer.n_ring].copy_(state[f"{side}_ring"])
+    _load_buffers(layer, state, slots)
     _load_transform(layer, state, n, where)
 
 
