@@ -23,7 +23,7 @@ from nqkv_core.packed import SCHEME_AXES
 from nqkv_core.quantize import dequantize_blockwise, quantize_blockwise
 from nqkv_core.rope import rotate_half  # noqa: F401  (re-exported: the cache imports it from here)
 from nqkv_core.transform import (  # noqa: F401  (re-exported: the transform was part of this module)
-    FP_BITS, QUERY_METRIC_RANK, QUERY_STATS_TOKENS, KVTransform, apply_rope, fit_transform, hadamard, key_feedback,
+    FP_BITS, QUERY_METRIC_RANK, QUERY_STATS_PER_TOKEN, KVTransform, apply_rope, fit_transform, hadamard, key_feedback,
     low_rank_metric, per_query_head, query_metric, rope_inv_freq, rope_layout, rotation, shared_rotation,
 )
 
@@ -61,7 +61,8 @@ class KVScheme:
             score of the key at position ``p`` (``NQKVCache`` computes it from shared cos/sin tables).
         sinks: first tokens kept in full precision.
         window: for each query, keys/values fewer than ``window`` positions behind are exact.
-        stats_tokens: tokens after the sinks on which ``mu`` / equalisation are measured.
+        stats_tokens: tokens after the sinks on which ``mu`` / equalisation are measured. A cache
+            keeps a sequence's tokens exact until it holds them (:attr:`fit_tokens`).
         scale_dtype: dtype of stored per-block scales (and of the zero-points of ``"int"``).
         unbiased: decode ``"nf"`` / ``"lloyd"`` codes with the unbiased codebook (levels times
             :func:`nqkv_core.codebook.unbiased_gain`, so that decoded keys and values are not shrunk
@@ -73,7 +74,7 @@ class KVScheme:
             the other side only: the fitted scale replaces its global gain).
         k_rounding: ``"nearest"`` codes each key element on its own; ``"query"`` codes keys by error
             feedback under the queries' second moments ``E[q q^T]`` (measured with the transform on
-            the queries of up to :data:`QUERY_STATS_TOKENS` tokens after the sinks), so that the
+            the queries of up to ``2 * stats_tokens`` tokens after the sinks), so that the
             rounding error of a key falls where queries look least: score errors ``q . e`` shrink
             for the same bits (:func:`nqkv_core.quantize.feedback_matrix`). Excludes
             ``k_fit_scale``.
@@ -199,6 +200,19 @@ class KVScheme:
     @property
     def needs_stats(self) -> bool:
         return self.k_centre or self.v_centre or self.k_equalize != "none" or self.v_equalize
+
+    @property
+    def fit_tokens(self) -> int:
+        """A sequence's first tokens on which its transform is fitted: the sinks and ``stats_tokens``
+        (:data:`~nqkv_core.transform.QUERY_STATS_PER_TOKEN` times as many queries for
+        ``k_rounding="query"``); 0
+        when nothing is fitted. A cache keeps a sequence's tokens exact until it holds that many
+        (:mod:`nqkv_core.cache.fitting`)."""
+        query_metric = self.k_rounding == "query" and self.k_bits < FP_BITS
+        if not (self.needs_stats or query_metric):
+            return 0
+        stats = max(self.stats_tokens, 1) if self.needs_stats else 0
+        return self.sinks + (QUERY_STATS_PER_TOKEN * max(self.stats_tokens, 1) if query_metric else stats)
 
     def _side_bits(self, bits: int, quant: Quantizer, block: int, n_vectors: float, context_len: int) -> float:
         if bits >= FP_BITS:

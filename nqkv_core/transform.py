@@ -38,9 +38,10 @@ if TYPE_CHECKING:  # (scheme.py imports this module)
     from nqkv_core.scheme import KVScheme
 
 FP_BITS = 16  # a side stored with 16 bits is kept in full precision
-# Queries after the sinks whose second moments make the key metric of k_rounding="query", and the
-# rank of the metric that is kept (its top eigen-directions plus their mean isotropic rest).
-QUERY_STATS_TOKENS = 128
+# Queries after the sinks whose second moments make the key metric of k_rounding="query", per
+# statistics token (queries are noisier estimates than keys), and the rank of the metric that is
+# kept (its top eigen-directions plus their mean isotropic rest).
+QUERY_STATS_PER_TOKEN = 2
 QUERY_METRIC_RANK = 4
 
 
@@ -291,7 +292,7 @@ def fit_transform(
             prompt; only tokens ``[sinks, sinks + stats_tokens)`` are used.
         q: ``(batch, q_heads, tokens, head_dim)`` queries of the same tokens, needed for
             ``k_equalize="qk"`` and ``k_rounding="query"`` (which reads tokens
-            ``[sinks, sinks + QUERY_STATS_TOKENS)``).
+            ``[sinks, sinks + QUERY_STATS_PER_TOKEN * stats_tokens)``).
         inv_freq: the model's RoPE inverse frequencies ``(head_dim / 2,)``, for ``k_centre_rope``;
             ``k`` must then start at position 0.
         k_order: with ``inv_freq``, the key channel order they pair (:func:`rope_layout`); None:
@@ -338,7 +339,8 @@ def fit_transform(
     if scheme.k_rounding == "query" and scheme.k_bits < FP_BITS:
         if q is None:
             raise ValueError("k_rounding='query' needs the queries of the prompt (pass q)")
-        t.k_metric, t.k_metric_iso = low_rank_metric(query_metric(t, q, k.shape[1], scheme.sinks))
+        tokens = QUERY_STATS_PER_TOKEN * max(scheme.stats_tokens, 1)
+        t.k_metric, t.k_metric_iso = low_rank_metric(query_metric(t, q, k.shape[1], scheme.sinks, tokens))
         t.k_feedback = key_feedback(t)
     return t
 
@@ -412,13 +414,13 @@ def key_feedback(t: KVTransform) -> torch.Tensor | None:
     return feedback_matrix(t.k_metric.transpose(-1, -2) @ t.k_metric + t.k_metric_iso * eye)
 
 
-def query_metric(t: KVTransform, q: torch.Tensor, kv_heads: int, sinks: int) -> torch.Tensor:
+def query_metric(t: KVTransform, q: torch.Tensor, kv_heads: int, sinks: int, tokens: int) -> torch.Tensor:
     """``E[q' q'^T]`` ``(batch, kv_heads, d, d)`` of the stored-basis queries ``q' = t.queries(q)`` of
-    each kv head's query heads, over the tokens ``[sinks, sinks + QUERY_STATS_TOKENS)`` (fewer if the
+    each kv head's query heads, over the tokens ``[sinks, sinks + tokens)`` (fewer if the
     prompt is shorter; all of them if it has no token after the sinks). A key error ``e`` changes a
     score by ``q' . e``, whose mean square is ``e^T E[q' q'^T] e``."""
     b, hq, n, d = q.shape
     start = sinks if n > sinks else 0
-    qs = t.queries(q[:, :, start:start + QUERY_STATS_TOKENS], hq // kv_heads)
+    qs = t.queries(q[:, :, start:start + tokens], hq // kv_heads)
     qs = qs.reshape(b, kv_heads, -1, d)  # a kv head's query heads are consecutive
     return qs.transpose(-1, -2) @ qs / qs.shape[-2]
