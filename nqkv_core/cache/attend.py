@@ -151,28 +151,30 @@ def prompt_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None, scale: float,
     sliding_window: int | None = None, logits: Logits | None = None,
 ) -> torch.Tensor:
-    """Causal attention of ``T`` new tokens over themselves (a prompt on an empty cache).
+    """Causal attention, all exact, of ``T`` queries at the last ``T`` positions of ``N >= T`` keys
+    (a prompt on an empty cache: ``N == T``; a layer's fit period: the tokens so far).
 
-    ``attention_mask``: None or transformers' ``(b, 1, T, >= T)`` mask (bool, or additive) whose
-    first ``T`` columns are these tokens. Without padding it is the plain causal mask, and torch's
-    SDPA runs with ``is_causal=True`` instead: its fused CPU kernel then skips the masked half
-    (prefill figures in docs/benchmarks.md, "Compiled decode"). ``sliding_window``: each query
-    sees only the last that many tokens (itself included); ``logits``: see :func:`softmax_attention`.
+    ``attention_mask``: None or transformers' ``(b, 1, >= T, >= N)`` mask (bool, or additive) whose
+    last ``T`` rows are these queries and first ``N`` columns these keys. Without padding it is the
+    plain causal mask, and torch's SDPA runs with ``is_causal=True`` instead when ``N == T``: its
+    fused CPU kernel then skips the masked half (prefill figures in docs/benchmarks.md, "Compiled
+    decode"). ``sliding_window``: each query sees only the last that many positions (itself
+    included); ``logits``: see :func:`softmax_attention`.
     """
-    T = query.shape[2]
-    plain = torch.ones(T, T, dtype=torch.bool, device=query.device).tril()
-    windowed = sliding_window is not None and sliding_window < T
-    causal = plain & ~plain.tril(-sliding_window) if windowed else plain
+    T, N = query.shape[2], key.shape[2]
+    plain = torch.ones(T, N, dtype=torch.bool, device=query.device).tril(N - T)
+    windowed = sliding_window is not None and sliding_window < N
+    causal = plain & ~plain.tril(N - T - sliding_window) if windowed else plain
     mask = None
     if attention_mask is not None:
-        mask = bool_mask(attention_mask[:, :, -T:, :T]) & causal
+        mask = bool_mask(attention_mask[:, :, -T:, :N]) & causal
         # rows of padding queries see nothing; give them every token (finite, discarded outputs)
         mask = mask | ~mask.any(dim=-1, keepdim=True)
-    elif windowed:
+    elif windowed or N > T:
         mask = causal
     if logits is not None and logits.active:
         return softmax_attention(query, key, value, plain if mask is None else mask, scale, logits)
-    if mask is not None and bool((mask == plain).all()):
+    if mask is not None and N == T and bool((mask == plain).all()):
         mask = None  # the plain causal mask: SDPA's causal kernel
     return sdpa(query, key.to(query.dtype), value.to(query.dtype), attn_mask=mask, is_causal=mask is None, scale=scale)
 
