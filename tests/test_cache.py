@@ -84,6 +84,9 @@ SCHEMES = {
                                  k_centre=True, k_centre_rope=True, v_centre=True, sinks=2, window=4,
                                  layer_bits=(2, 4)),
 }
+# A short fit period (the sinks and 4 statistics tokens; 8 queries for query rounding): the
+# short sequences here are mostly decoded after it, reading quantized keys.
+SCHEMES = {name: s.replace(stats_tokens=4) for name, s in SCHEMES.items()}
 
 
 def generate(model, ids, scheme=None, cache=None, mask=None, **kw):
@@ -214,7 +217,7 @@ def test_prepared_decode_step_rejects_tensors_it_cannot_read():
         pytest.skip("native CPU kernels not built")
     model = tiny_model(head_dim=64)
     cache = enable(model, scheme=nqkv_preset(4)).new_cache()
-    ids = torch.randint(1, 96, (1, 60), generator=torch.Generator().manual_seed(5))
+    ids = torch.randint(1, 96, (1, 80), generator=torch.Generator().manual_seed(5))  # past fit_tokens (68)
     with torch.no_grad():
         model(ids, past_key_values=cache, use_cache=True)
         model(ids[:, -1:], past_key_values=cache, use_cache=True)
@@ -264,8 +267,9 @@ def test_eager_step_reads_the_device_at_most_a_few_times(bits, reads, monkeypatc
                          head_dim=64)
     layer = NQKVCache(nqkv_preset(bits), config=config, decode="folded").layers[0]
     g = torch.Generator().manual_seed(0)
-    layer.append(torch.randn(1, 2, 40, 64, generator=g), torch.randn(1, 2, 40, 64, generator=g),
-                 torch.randn(1, 4, 40, 64, generator=g))
+    n = nqkv_preset(bits).fit_tokens + 8  # steps after the fit period
+    layer.append(torch.randn(1, 2, n, 64, generator=g), torch.randn(1, 2, n, 64, generator=g),
+                 torch.randn(1, 4, n, 64, generator=g))
     counted = []
 
     class CountReads(TorchDispatchMode):
@@ -296,7 +300,7 @@ def test_default_scheme_is_rope_centred_and_matches_reference():
     assert (scheme.sinks, scheme.window) == (4, 32)
     assert default_scheme(2, 64).window == 64
     assert default_scheme(4, 96).k_rotate and default_scheme(4, 96).k_block == 32  # rotation() fits any head_dim
-    scheme = scheme.replace(window=4)  # so that 20 new tokens reach the quantized body
+    scheme = scheme.replace(window=4, stats_tokens=4)  # so that 20 new tokens reach the quantized body
     g = torch.Generator().manual_seed(10)
     ids = torch.randint(1, 96, (2, 6), generator=g)
     model.generation_config.eos_token_id = None
@@ -331,7 +335,7 @@ def test_rope_centred_save_load_and_append(tmp_path):
     for layer in loaded.layers:
         assert layer.transform.inv_freq is not None and int(layer.length) == 16
     with pytest.raises(ValueError, match="config"):
-        NQKVCache(scheme, num_layers=1).append(torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16), 0)
+        NQKVCache(scheme, num_layers=1).append(torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16), 0)
     # appending in two parts stores each key minus R(p) mu at its own position p: the same as one
     # append of all tokens under the same frozen transform
     k, v = torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16)
@@ -343,6 +347,22 @@ def test_rope_centred_save_load_and_append(tmp_path):
     whole.append(k, v, 0)
     for name, a in appended.layers[0].state().items():
         torch.testing.assert_close(a, whole.layers[0].state()[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_append_in_the_fit_period_holds_tokens_exact_and_needs_queries_if_fitted_on_them():
+    scheme = SCHEMES["nf3-query-vfit"]  # fit_tokens = 2 + 2 * 4
+    cache = NQKVCache(scheme, config=tiny_model().config)
+    k, q = torch.randn(1, 2, 12, 16), torch.randn(1, 4, 12, 16)
+    with pytest.raises(ValueError, match="fitted on queries too: pass query_states"):
+        cache.append(k[:, :, :3], k[:, :, :3], 0)
+    cache.append(k[:, :, :6], k[:, :, :6], 0, q[:, :, :6])
+    layer = cache.layers[0]
+    assert layer.transform is None and torch.equal(layer.prefix.k, k[:, :, :6]) and cache.get_seq_length(0) == 6
+    cache.append(k[:, :, 6:], k[:, :, 6:], 0, q[:, :, 6:])  # reaches fit_tokens: fitted, stored
+    whole = NQKVCache(scheme, config=tiny_model().config)
+    whole.append(k, k, 0, q)
+    for name, x in whole.layers[0].state().items():
+        torch.testing.assert_close(layer.state()[name], x, rtol=0, atol=1e-6, msg=name)
 
 
 def saved_prefix(name: str, ids: torch.Tensor, path):
@@ -426,8 +446,9 @@ def test_sampling_matches_reference():
 
 
 def test_beam_search_matches_reference_and_reorder_is_a_gather():
+    # (a prompt past the fit period: the reference's transform, fitted once, does not follow the beams)
     model, scheme = tiny_model(), SCHEMES["nf4-rot-centre"]
-    ids = torch.randint(1, 96, (1, 4), generator=torch.Generator().manual_seed(6))
+    ids = torch.randint(1, 96, (1, scheme.fit_tokens), generator=torch.Generator().manual_seed(6))
     nq = enable(model, scheme=scheme, **REF)
     a, _ = generate(model, ids, cache=nq.generate_kwargs(), num_beams=3)
     b, _ = generate(model, ids, scheme, num_beams=3)
@@ -533,12 +554,13 @@ def positions(model, cache) -> dict:
 
 
 def prefilled_pair(name: str, device: str = "cpu", max_cache_len: int = 32, compiled_step: str = "auto"):
-    """A tiny model with scheme ``name`` enabled, two preallocated caches that hold the same 6-token
-    prompt (batch 2), the second with ``compiled_step``, and the prompt's greedy next token."""
+    """A tiny model with scheme ``name`` enabled, two preallocated caches with ``compiled_step`` (which
+    decides whether they have a fit period) that hold the same 6-token prompt (batch 2), and the
+    prompt's greedy next token."""
     model, scheme = tiny_model().to(device), SCHEMES[name]
     ids = torch.randint(1, 96, (2, 6), generator=torch.Generator().manual_seed(9)).to(device)
     nq = enable(model, scheme=scheme, max_cache_len=max_cache_len)
-    first, second = nq.new_cache(), nq.new_cache(compiled_step=compiled_step)
+    first, second = nq.new_cache(compiled_step=compiled_step), nq.new_cache(compiled_step=compiled_step)
     with torch.no_grad():
         nxt = model(ids, past_key_values=first, use_cache=True).logits[:, -1:].argmax(-1)
         model(ids, past_key_values=second, use_cache=True)
@@ -601,7 +623,7 @@ def test_generate_compiles_the_step_and_matches_eager(compiled_step):
     key = "cache" if _version() >= (5, 24) else "past_key_values"
     kw = dict(max_new_tokens=2 * scheme.window, do_sample=False, attention_mask=mask, pad_token_id=0,
               return_dict_in_generate=True, output_logits=True)
-    eager = model.generate(ids, **{key: nq.new_cache()}, **kw)
+    eager = model.generate(ids, **{key: nq.new_cache(compiled_step=compiled_step)}, **kw)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     compiled = model.generate(ids, compile_config=config, **{key: nq.new_cache(compiled_step=compiled_step)}, **kw)
@@ -639,6 +661,9 @@ def test_decode_steps_hold_vectors_not_per_head_matrices():
     from nqkv_core.lab.bench import held_bytes
 
     model, cache, _, nxt = prefilled_pair("nf4-rope-centre")
+    with torch.no_grad():  # a first step ends the fit period (its exact tokens are dropped)
+        nxt = model(nxt, past_key_values=cache, use_cache=True, **positions(model, cache)).logits.argmax(-1)
+    assert cache.layers[0].prefix is None
     before = held_bytes(cache.layers)
     with torch.no_grad():
         for _ in range(12):  # past the sinks and window: native steps where built

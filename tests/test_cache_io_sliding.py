@@ -18,7 +18,8 @@ SIZES = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_lay
              num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
 # a sliding window of 8 over an exact window of 4: the layers quantize into a ring of codes
 ROPE = KVScheme("rope", k_block=16, v_block=16, k_rotate=True, v_rotate=True, k_centre=True, k_centre_rope=True,
-                v_centre=True, sinks=2, window=4, unbiased=True)
+                v_centre=True, sinks=2, window=4, unbiased=True,
+                stats_tokens=4)  # a fit period of 6 tokens: short sequences are mostly past it
 CONFIGS = {
     "mistral": lambda window=8: transformers.MistralConfig(**SIZES, sliding_window=window),
     "gemma2": lambda window=8: transformers.Gemma2Config(**SIZES, sliding_window=window, query_pre_attn_scalar=16,

@@ -250,7 +250,7 @@ def test_fake_quantized_holds_its_state_and_restores_the_attention(tiny):
     from transformers import LlamaForCausalLM
 
     model, ids = tiny
-    nf2 = nqkv_preset(2, sinks=1, window=4).replace(k_block=16, v_block=16)  # with frozen per-channel centres
+    nf2 = nqkv_preset(2, sinks=1, window=4).replace(k_block=16, v_block=16, stats_tokens=4)  # frozen centres
     other = LlamaForCausalLM(model.config.__class__(**{**model.config.to_dict(), "attn_implementation": "sdpa"}))
     other.load_state_dict(model.state_dict())
     other.eval()

@@ -40,26 +40,29 @@ def repetitive_prompt(n: int = 48, seed: int = 1) -> torch.Tensor:
     return torch.cat([base, base], dim=1)
 
 
-def greedy(model, ids, cache_kwargs, **kw):
-    out = model.generate(ids, **cache_kwargs, max_new_tokens=24, do_sample=False, pad_token_id=0, **kw)
-    return out
+def greedy(model, ids, cache_kwargs, max_new_tokens: int = 24, **kw):
+    return model.generate(ids, **cache_kwargs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0,
+                          **kw)
 
 
 @pytest.mark.parametrize("decode", ["reference", "auto"])
 def test_chunking_does_not_change_logits(decode):
-    # The same 40 tokens as one forward, as three chunks and token by token: the logits of every
-    # position agree (to fp32 rounding) with each other and with the fake-quantized reference.
+    # The same 100 tokens as one forward, as three chunks and token by token: the logits of every
+    # position agree (to fp32 rounding) with each other and with the fake-quantized reference. (The
+    # first forward crosses the fit period, 18 tokens, and the RoPE table's first 64 positions.)
     model = tiny()
-    ids = torch.randint(1, 96, (1, 40), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(1, 96, (1, 100), generator=torch.Generator().manual_seed(2))
     nq = enable(model, scheme=SCHEME, decode=decode)
     with torch.no_grad():
         whole = model(ids, past_key_values=nq.new_cache(), use_cache=True).logits
+        # without config: the RoPE frequencies (and table) come with the first forward's fit
+        unconfigured = model(ids, past_key_values=NQKVCache(SCHEME, num_layers=2, decode=decode), use_cache=True).logits
         cache = nq.new_cache()
         chunks = torch.cat([model(ids[:, a:b], past_key_values=cache, use_cache=True).logits
-                            for a, b in ((0, 20), (20, 27), (27, 40))], dim=1)
+                            for a, b in ((0, 70), (70, 77), (77, 100))], dim=1)
         cache = nq.new_cache()
-        steps = [model(ids[:, :20], past_key_values=cache, use_cache=True).logits]
-        steps += [model(ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits for i in range(20, 40)]
+        steps = [model(ids[:, :10], past_key_values=cache, use_cache=True).logits]
+        steps += [model(ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits for i in range(10, 100)]
         steps = torch.cat(steps, dim=1)
         with evaluate.fake_quantized(model, SCHEME):
             ref = model(ids).logits
@@ -67,7 +70,7 @@ def test_chunking_does_not_change_logits(decode):
     with torch.no_grad():
         quant_effect = (model(ids).logits - ref).abs().max()
     assert quant_effect > 1e-2  # the quantized keys are really read
-    for x in (whole, chunks, steps):
+    for x in (whole, unconfigured, chunks, steps):
         if decode == "reference":  # the same arithmetic
             torch.testing.assert_close(x, ref, rtol=0, atol=2e-4)
         else:  # the fused ops' bf16 products
@@ -79,7 +82,9 @@ def test_crop_follows_transformers_semantics():
     nq = enable(model, scheme=SCHEME, crop_margin=4)
     cache = nq.new_cache()
     with torch.no_grad():
-        model(torch.randint(1, 96, (1, 30)), past_key_values=cache, use_cache=True)
+        model(torch.randint(1, 96, (1, 29)), past_key_values=cache, use_cache=True)
+        model(torch.randint(1, 96, (1, 1)), past_key_values=cache, use_cache=True)  # past the fit period
+    assert cache.layers[0].prefix is None
     cache.crop(0)
     expected_zero = 30 if transformers_version() >= (5, 0) else 0  # 5.x: "remove nothing"; 4.x: "keep 0"
     assert cache.get_seq_length() == expected_zero
@@ -92,19 +97,26 @@ def test_crop_follows_transformers_semantics():
             cache.crop(-10)  # beyond the full-precision margin
 
 
+QUERY_FITTED = SCHEME.replace(name="t-query", k_rounding="query", k_equalize="qk", v_equalize=True)
+
+
 @pytest.mark.skipif(transformers_version() < (5, 0), reason="assisted decoding of transformers 5")
-def test_assisted_decoding_equals_greedy():
+@pytest.mark.parametrize("prompt_len, scheme", [(48, SCHEME), (10, SCHEME), (4, SCHEME), (10, QUERY_FITTED)])
+def test_assisted_decoding_equals_greedy(prompt_len, scheme):
     # Prompt lookup and a draft model verify several candidate tokens per forward and crop the rejected
     # ones; with a crop margin covering the candidates the tokens are those of plain greedy decoding.
-    # The prompt is longer than sinks + stats_tokens, so the transform is fitted on prompt tokens
-    # only (assisted decoding's first forward also holds the first candidates).
+    # A prompt shorter than fit_tokens (18; 132 with query statistics) is decoded in the fit period,
+    # where the first forward also holds candidates and crops can remove tokens the transform was
+    # fitted on: it is fitted on the same tokens as in plain greedy decoding all the same.
     model, draft = tiny(0), tiny(5, layers=1)
-    ids = repetitive_prompt(48)
-    nq = enable(model, scheme=SCHEME, crop_margin=10)
-    plain = greedy(model, ids, nq.generate_kwargs())
-    lookup = greedy(model, ids, nq.generate_kwargs(), prompt_lookup_num_tokens=6)
+    ids = repetitive_prompt(prompt_len)
+    nq = enable(model, scheme=scheme, crop_margin=10)
+    plain = greedy(model, ids, nq.generate_kwargs(), max_new_tokens=48 if prompt_len < 48 else 24)
+    lookup = greedy(model, ids, nq.generate_kwargs(), prompt_lookup_num_tokens=6,
+                    max_new_tokens=plain.shape[1] - prompt_len)
     assert torch.equal(lookup, plain)
-    drafted = greedy(model, ids, nq.generate_kwargs(), assistant_model=draft, num_assistant_tokens=5)
+    drafted = greedy(model, ids, nq.generate_kwargs(), assistant_model=draft, num_assistant_tokens=5,
+                     max_new_tokens=plain.shape[1] - prompt_len)
     assert torch.equal(drafted, plain)
 
 

@@ -261,7 +261,7 @@ def test_compiled_decode_steps_on_sliding_and_soft_capped_layers(compiled_step):
     # sliding one traced, give the eager steps' logits.
     model, ids = tiny("gemma2"), ids_for(PROMPT + 6)
     nq = enable(model, scheme=scheme4(model, 4), max_cache_len=64)
-    expected = decode_logits(model, ids, nq.new_cache())
+    expected = decode_logits(model, ids, nq.new_cache(compiled_step=compiled_step))  # (the same fit period)
     cache = nq.new_cache(compiled_step=compiled_step)
     step = torch.compile(lambda x, pos: model(x, past_key_values=cache, use_cache=True, cache_position=pos).logits,
                          fullgraph=True)

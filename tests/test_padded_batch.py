@@ -15,7 +15,8 @@ from nqkv_core.cache import NQKVCache, enable  # noqa: E402
 from nqkv_core.scheme import KVScheme  # noqa: E402
 
 NEW = 12
-# sinks + stats_tokens = 6: the prompts below are shorter (4) and longer (9, 14); sinks + window = 6
+# the fit period, sinks + stats_tokens = 6 (10 with query rounding): the prompts below are shorter (4)
+# and longer (9, 14); sinks + window = 6
 SCHEMES = {
     "rope-centre": KVScheme("r", k_block=16, v_block=16, k_rotate=True, v_rotate=True, k_centre=True,
                             k_centre_rope=True, v_centre=True, sinks=2, window=4, stats_tokens=4, unbiased=True),
@@ -139,7 +140,7 @@ def test_unpadded_batch_keeps_no_starts():
 def test_a_padded_rows_sinks_and_transform_are_its_own():
     # After the prompt, row 1's sinks hold its first tokens (not padding) and its transform is the
     # one fitted on its own tokens; its RoPE-aware key centre is kept rotated back by its start.
-    model, rows = tiny(), prompts((9, 5))
+    model, rows = tiny(), prompts((14, 10))  # both past the fit period (10 tokens)
     scheme = SCHEMES["query-rounding"]
     nq = enable(model, scheme=scheme)
     ids, mask = left_padded(rows)
@@ -179,8 +180,32 @@ def test_leading_pads_from_masks():
     assert leading_pads(full[:1], T, 4).tolist() == [0] * 4  # one mask for the whole batch
 
 
-def test_save_load_keeps_starts(tmp_path):
+def test_save_load_in_the_fit_period_keeps_each_rows_own(tmp_path):
+    # rows of 4, 9 and 14 tokens, fit_tokens 6: saved while the first is in its fit period (all
+    # tokens exact in the file), loaded, the rows go on as in the original cache
     model, rows = tiny(), prompts()
+    scheme = SCHEMES["query-rounding"]
+    nq = enable(model, scheme=scheme)
+    ids, mask = left_padded(rows)
+    cache = nq.new_cache()
+    with torch.no_grad():
+        model(ids, attention_mask=mask, position_ids=positions(mask), past_key_values=cache, use_cache=True)
+        assert cache.layers[0].prefix is not None
+        cache.save(tmp_path / "p.safetensors")
+        loaded = NQKVCache.load(tmp_path / "p.safetensors", scheme, config=model.config)
+        nxt = torch.tensor([[5], [6], [7]])
+        for _ in range(8):
+            mask = torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], dim=1)
+            pos = positions(mask)[:, -1:]
+            a = model(nxt, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True).logits
+            b = model(nxt, attention_mask=mask, position_ids=pos, past_key_values=loaded, use_cache=True).logits
+            torch.testing.assert_close(b, a, rtol=0, atol=0)
+            nxt = a[:, -1:].argmax(-1)
+    assert loaded.layers[0].prefix is None and torch.equal(loaded.layers[0].starts, cache.layers[0].starts)
+
+
+def test_save_load_keeps_starts(tmp_path):
+    model, rows = tiny(), prompts((7, 9, 14))  # every row past the fit period (6 tokens)
     scheme = SCHEMES["rope-centre"]
     nq = enable(model, scheme=scheme)
     ids, mask = left_padded(rows)

@@ -32,8 +32,9 @@ CONFIGS = {
     "glm": lambda: transformers.GlmConfig(**SMALL, num_key_value_heads=2, head_dim=16, pad_token_id=0),  # both
 }
 ROPE = KVScheme("rope", k_block=16, v_block=16, k_rotate=True, v_rotate=True, k_centre=True, k_centre_rope=True,
-                v_centre=True, sinks=2, window=4, unbiased=True)
-NEW = 12
+                v_centre=True, sinks=2, window=4, unbiased=True,
+                stats_tokens=4)  # a fit period of 6 tokens: short sequences are mostly past it
+NEW = 16
 
 
 def tiny_model(name: str, key_offset: float = 3.0):
@@ -116,7 +117,7 @@ def test_every_decode_strategy_matches_fake_quantization(name, monkeypatch):
     ids = torch.randint(1, 96, (2, ROPE.window), generator=torch.Generator().manual_seed(1))
     ref_seq, ref = generate(model, ids, ROPE)
     _, fp = generate(model, ids)
-    assert (ref - fp).abs().max() > 1e-2  # the quantized body really is read
+    assert (ref - fp).abs().max() > 2e-3  # the quantized body really is read
     seq, got = generate(model, ids, cache=enable(model, scheme=ROPE, decode="reference").generate_kwargs())
     torch.testing.assert_close(got, ref, rtol=0, atol=2e-4)
     assert torch.equal(seq, ref_seq)

@@ -92,6 +92,14 @@ def _store_row_sinks(layer, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
     layer.v_sink.scatter_(2, index, v_new.to(layer.v_sink.dtype))
 
 
+def zero_padding(layer, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The new tokens of a left-padded batch with its rows' padding slots zeroed: no row reads them,
+    and a row's transform, fitted on its own tokens, may take padding beyond the scales' range."""
+    pad = layer.length + torch.arange(k_new.shape[2], device=layer.device) < layer.starts[:, None]  # (b, T)
+    pad = pad[:, None, :, None]
+    return k_new.masked_fill(pad, 0), v_new.masked_fill(pad, 0)
+
+
 def write_leaving(layer, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
     """Quantize into the body the ``T`` tokens that leave the window as the ``T`` new ones arrive
     (positions ``p0 - W + 1 + j``): the first ``min(T, W - 1)`` from the ring, the rest from the new ones.

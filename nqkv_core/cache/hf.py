@@ -6,8 +6,10 @@ A step is split between the two hooks transformers gives a cache:
   a handle instead of tensors, so attention that is not NQKV fails loudly instead of silently
   attending to a partial cache.
 * the registered attention function (``attn_implementation="nqkv"``) fits the scheme's transform
-  on the first call (it needs the queries), attends to ``[body | sinks | window | new]`` with the new
-  tokens exact, and then commits the new tokens (quantizing those that leave the window).
+  once a sequence holds its first ``scheme.fit_tokens`` tokens (it may need their queries; until
+  then every token is exact, :mod:`nqkv_core.cache.fitting`), attends to
+  ``[body | sinks | window | new]`` with the new tokens exact, and then commits the new tokens
+  (quantizing those that leave the window).
 
 Each decoder layer gets the cache layer of its type in the config
 (:func:`~nqkv_core.cache.support.layer_types`): full attention or a sliding window; the model's query scale, soft-capping and learned sinks come with

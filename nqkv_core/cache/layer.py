@@ -12,7 +12,8 @@ window is a ring buffer of ``W - 1 + crop_margin`` slots; the body is a prealloc
 buffer (grown by doubling in the dynamic mode, fixed with ``max_cache_len``). Every write is an
 ``index_copy_`` at tensor positions and every read is masked, so a decode step with a fixed
 ``max_cache_len`` has static shapes, allocates no cache storage, and traces with
-``torch.compile(fullgraph=True)``. The attention step itself is :mod:`nqkv_core.cache.step`.
+``torch.compile(fullgraph=True)``. The attention step itself is :mod:`nqkv_core.cache.step`; a
+sequence's first tokens, before the transform is fitted on them, :mod:`nqkv_core.cache.fitting`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from nqkv_core import _hf, native
-from nqkv_core.cache import commit, step
+from nqkv_core.cache import commit, fitting, step
 from nqkv_core.cache.attend import Logits
 from nqkv_core.cache.compiled import STEP_LAYERS, STEP_NAMES
 from nqkv_core.cache.format import (RopeTable, SideFormat, check_head_dim, fp_dtype, joint_format, side_format,
@@ -48,7 +49,10 @@ class NQKVLayer(CacheLayerMixin):
       or ``(values (b, h, C+1, d),)`` for a 16-bit side.
     * ``k_sink`` / ``v_sink``: ``(b, h, S+1, d)``; ``k_ring`` / ``v_ring``: ``(b, h, R+1, d)``.
     * ``length``: int64 scalar tensor, tokens seen (a tensor so compiled steps do not recompile).
-    * ``transform``: the frozen :class:`~nqkv_core.scheme.KVTransform` (None before the first step).
+    * ``transform``: the frozen :class:`~nqkv_core.scheme.KVTransform` (None until it is fitted).
+    * ``prefix``: the fit period's exact tokens (:mod:`nqkv_core.cache.fitting`), or None: until a
+      row holds ``scheme.fit_tokens`` tokens they are all kept exact there, and the transform is
+      then fitted on them.
     * ``starts``: ``(b,)`` int64, the leading padding slots of each row of a left-padded batch, or
       None (no row padded). Found from the attention mask of the first (eager) step; row ``r``
       then keeps as sinks its own first tokens, positions ``[starts[r], starts[r] + S)``, its
@@ -88,6 +92,7 @@ class NQKVLayer(CacheLayerMixin):
         self.length = torch.tensor(0, dtype=torch.long)
         self.transform: KVTransform | None = None
         self.starts: torch.Tensor | None = None
+        self.prefix: fitting.Prefix | None = None  # the fit period's exact tokens
         self.rope_centred = scheme.k_centre and scheme.k_centre_rope
         self.rope = rope if rope is not None else RopeTable(max_len=max_cache_len)
         self.step_memo = step_memo if step_memo is not None else step.StepMemo()
@@ -184,6 +189,14 @@ class NQKVLayer(CacheLayerMixin):
         self.is_initialized = True
 
     @property
+    def compiles_traced(self) -> bool:
+        """Whether a compiled step traces this layer's step into its graph (what CUDA graphs capture)
+        rather than running it as the opaque ``nqkv::cache_step``: sliding layers,
+        ``compiled_step="traced"``, and ``"auto"`` off the CPU."""
+        return self.is_sliding or self.compiled_step == "traced" or (
+            self.compiled_step == "auto" and self.device.type != "cpu")
+
+    @property
     def capacity(self) -> int:
         """Body slots (tokens that can be quantized before the buffers are full or grow)."""
         return self.k_body[0].shape[2] - 1 if self.is_initialized else 0
@@ -245,14 +258,20 @@ class NQKVLayer(CacheLayerMixin):
             inv_freq = self.rope.inv_freq.to(k.device)
             self.rope.ensure(int(self.length) + k.shape[2], self.device)
         if attention_mask is not None and not torch.compiler.is_compiling() and int(self.length) == 0:
-            starts = _hf.leading_pads(attention_mask, k.shape[2], k.shape[0])
-            self.starts = starts.to(self.device) if bool(starts.any()) else None
-            if self.starts is not None and self.max_cache_len is not None:  # as lazy_initialization's buffers
-                torch._dynamo.mark_static_address(self.starts)
+            self._find_starts(attention_mask, k.shape[2], k.shape[0])
         order = self.rope.order if self.rope_centred else None
         if self.starts is not None:
             return fit_transform_rows(self.scheme, k, v, self.starts.tolist(), q, inv_freq, order)
         return fit_transform(self.scheme, k, v, q, inv_freq, order)
+
+    def _find_starts(self, attention_mask: torch.Tensor | None, T: int, batch: int) -> None:
+        """Read the rows' leading padding (``starts``) from the first step's ``attention_mask``."""
+        if attention_mask is None:
+            return
+        starts = _hf.leading_pads(attention_mask, T, batch)
+        self.starts = starts.to(self.device) if bool(starts.any()) else None
+        if self.starts is not None and self.max_cache_len is not None:  # as lazy_initialization's buffers
+            torch._dynamo.mark_static_address(self.starts)
 
     def attention(
         self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float, config: Any = None,
@@ -272,11 +291,14 @@ class NQKVLayer(CacheLayerMixin):
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor, query_states: torch.Tensor | None = None) -> None:
         """Store tokens without attending (e.g. a prefix computed elsewhere); K/V ``(b, h, T, d)``.
 
-        ``query_states`` are needed only on an empty layer of a scheme with ``k_equalize="qk"`` or
-        ``k_rounding="query"`` (the 3-bit presets): their transform is fitted on them.
+        ``query_states`` are needed only while the layer holds fewer than ``scheme.fit_tokens`` tokens
+        (its fit period), for a scheme with ``k_equalize="qk"`` or ``k_rounding="query"`` (the 3-bit
+        presets): their transform is fitted on them.
         """
         self.update(key_states, value_states)
         self._pending = None
+        if fitting.active(self) and not fitting.append(self, key_states, value_states, query_states):
+            return  # held exact in the fit period
         if self.transform is None:
             self.transform = self._fit(key_states, value_states, query_states)
         t = self.transform
@@ -321,6 +343,7 @@ class NQKVLayer(CacheLayerMixin):
         self._step_length = None
         self.transform = None
         self.starts = None
+        self.prefix = None
         self._pending = None
         if self.is_initialized:
             for buf in (*self.k_body, *self.v_body, self.k_sink, self.v_sink, self.k_ring, self.v_ring):
@@ -345,6 +368,8 @@ class NQKVLayer(CacheLayerMixin):
         keep = tokens_to_remove if tokens_to_remove >= 0 else n + tokens_to_remove
         keep = max(min(keep, n), 0)
         if keep == n:
+            return
+        if self.prefix is not None and fitting.crop(self, keep):  # the fit period's tokens are all exact
             return
         ring_from = max(self.n_sinks, n - self.n_ring)  # oldest position still held in fp
         if max(self.n_sinks, keep - self.window + 1) < ring_from:
@@ -372,6 +397,9 @@ class NQKVLayer(CacheLayerMixin):
                     setattr(self.transform, f, fn(x))
         if self.starts is not None:
             self.starts = fn(self.starts)
+        if self.prefix is not None:
+            p = self.prefix
+            p.k, p.v, p.q = fn(p.k), fn(p.v), fn(p.q) if p.q is not None else None
         self.batch_size = self.k_sink.shape[0]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -401,6 +429,7 @@ class NQKVLayer(CacheLayerMixin):
         """Every tensor the layer holds: buffers, the frozen transform, the prepared step state and
         the RoPE table it shares with the other layers of its cache."""
         out = [self.length] + ([self.starts] if self.starts is not None else [])
+        out += self.prefix.tensors() if self.prefix is not None else []
         if self.is_initialized:
             out += [*self.k_body, *self.v_body, self.k_sink, self.v_sink, self.k_ring, self.v_ring]
         for obj in (self.transform, self._step_maps):

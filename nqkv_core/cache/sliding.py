@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from nqkv_core import _hf
-from nqkv_core.cache import step
+from nqkv_core.cache import fitting, step
 from nqkv_core.cache.format import RopeTable
 from nqkv_core.cache.layer import CompiledStep, NQKVLayer
 from nqkv_core.cache.state import load_sliding_layer_state, sliding_layer_state
@@ -133,6 +133,8 @@ class NQKVSlidingLayer(NQKVLayer):
             return
         keep = tokens_to_remove if tokens_to_remove >= 0 else n + tokens_to_remove
         keep = max(min(keep, n), 0)
+        if self.prefix is not None and keep < n and fitting.crop(self, keep):  # the fit period: all exact
+            return
         oldest_needed = max(self.n_sinks, keep - self.sliding_window + 1)  # of the body tokens read after it
         reads_body = self.stores_body and keep < n and oldest_needed <= keep - self.window
         if reads_body and oldest_needed < n - self.window - self.capacity + 1:  # the oldest token held

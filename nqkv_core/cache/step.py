@@ -23,7 +23,7 @@ from typing import Any, Callable, Literal
 import torch
 
 from nqkv_core import native
-from nqkv_core.cache import commit, compiled  # noqa: F401  (compiled: registers torch.ops.nqkv.cache_step)
+from nqkv_core.cache import commit, compiled, fitting  # noqa: F401  (compiled: registers torch.ops.nqkv.cache_step)
 from nqkv_core.cache.attend import Logits, attend, prompt_attention
 from nqkv_core.cache.slots import (all_slots_valid, allowed_slots, padded_allowed_slots, slot_key_bias,
                                     slot_positions)
@@ -100,6 +100,7 @@ def attention(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, s
     ``config``: the model config (RoPE frequencies of a RoPE-centred scheme, if the cache has none).
     ``logits``: soft-capping and learned sinks, if the model has them; such steps attend through
     :func:`~nqkv_core.cache.attend.softmax_attention` over the dequantized body whatever the strategy.
+    A step of the layer's fit period goes through :func:`nqkv_core.cache.fitting.attention`.
     Returns ``(b, T, hq, d)`` in the query dtype.
     """
     if layer._pending is None:
@@ -114,6 +115,14 @@ def attention(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, s
                                         scaling, layer.step_name)
         layer._advance(k_new.shape[2])  # in the graph, as the traced step counts, not inside the op
         return out
+    if fitting.active(layer):
+        return fitting.attention(layer, query, k_new, v_new, attention_mask, scaling, config, logits, _step)
+    return _step(layer, query, k_new, v_new, attention_mask, scaling, config, logits)
+
+
+def _step(layer, query: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, attention_mask: torch.Tensor | None,
+          scaling: float, config: Any, logits: Logits | None) -> torch.Tensor:
+    """:func:`attention` once the parked tokens are taken: transform, attend, commit."""
     group = query.shape[1] // layer.num_heads
     if layer.transform is None:
         layer.transform = layer._fit(k_new, v_new, query, config, attention_mask)
@@ -132,7 +141,7 @@ def attention(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, s
         q, w, k_new, k_attend = _general_inputs(layer, query, k_new, group, n, attention_mask)
     v_new = layer.transform.values(v_new).to(layer.fp_dtype)
     if layer.starts is not None:
-        k_new, v_new = _zero_padding(layer, k_new, v_new)
+        k_new, v_new = commit.zero_padding(layer, k_new, v_new)
     # Several new tokens (a prompt, a chunk, assisted decoding's candidates): the tokens that leave
     # the window during them are quantized first, so that each query sees every key as a one-token
     # step at its position would (quantized once older than the window): results do not depend on
@@ -149,14 +158,6 @@ def attention(layer, query: torch.Tensor, attention_mask: torch.Tensor | None, s
     out = _output(layer, out, maps, group)
     layer._commit(k_new, v_new, leaving_written=chunk)
     return out.to(query.dtype).transpose(1, 2).contiguous()
-
-
-def _zero_padding(layer, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The new tokens of a left-padded batch with its rows' padding slots zeroed: no row reads them,
-    and a row's transform, fitted on its own tokens, may take padding beyond the scales' range."""
-    pad = layer.length + torch.arange(k_new.shape[2], device=layer.device) < layer.starts[:, None]  # (b, T)
-    pad = pad[:, None, :, None]
-    return k_new.masked_fill(pad, 0), v_new.masked_fill(pad, 0)
 
 
 def _storage_logits(layer, logits: Logits, query: torch.Tensor, group: int, scaling: float) -> Logits:
@@ -295,9 +296,9 @@ def _output(layer, out: torch.Tensor, maps: StepMaps | None, group: int) -> torc
 
 def opaque_step(layer) -> bool:
     """Whether a compiled step runs ``layer`` as ``nqkv::cache_step`` (see :class:`NQKVCache`)."""
-    if layer.transform is None or layer.is_sliding:  # the first step fits the transform; sliding layers: traced
+    if layer.transform is None and layer.prefix is None:  # the first step (a traced one fits the transform)
         return False
-    return layer.compiled_step == "op" or (layer.compiled_step == "auto" and layer.device.type == "cpu")
+    return not layer.compiles_traced
 
 
 # -- the folded step and its native twin ------------------------------------------------------------

@@ -8,9 +8,10 @@ attends the way a streaming cache would: for each query position, keys/values of
 others are the quantized ones. Scores are computed against both exact and quantized keys and chosen
 per (query, key) pair; the output sums the split probability matrix times exact and quantized values.
 
-The per-channel statistics of a scheme (centre, equalisation) are measured on the first call of each
-sequence (the prompt) and frozen, per layer, in the :class:`FakeQuant` for that sequence's later
-calls, as a cache would.
+The per-channel statistics of a scheme (centre, equalisation) are measured on the sequence's first
+``scheme.fit_tokens`` tokens once a call holds them, and frozen, per layer, in the :class:`FakeQuant`
+for that sequence's later calls; queries before that position read every key exact. This is the
+cache's rule (:mod:`nqkv_core.cache.fitting`).
 
 Usage::
 
@@ -58,6 +59,7 @@ class FakeQuant:
         self.scheme = scheme
         self.attention: Callable | None = None
         self.transforms: dict[int, KVTransform] = {}
+        self.queries: dict[int, torch.Tensor] = {}  # a layer's queries until its transform is fitted
 
     def register(self, name: str = ATTN_NAME) -> str:
         """Register this object (and an SDPA-style boolean mask) as attention ``name``; returns ``name``."""
@@ -70,18 +72,41 @@ class FakeQuant:
 
     def new_sequence(self) -> None:
         """Forget the frozen per-layer statistics: the next attention call starts a new sequence."""
-        self.transforms = {}
+        self.transforms, self.queries = {}, {}
 
     @contextmanager
     def applying(self, scheme: KVScheme | None, attention: Callable | None = None) -> Iterator[FakeQuant]:
         """Apply ``scheme`` inside the block (a new sequence at entry); ``attention``, if given, is
         called instead of :meth:`attend` (with the same arguments; it may call :func:`fakequant_attention`)."""
         prev = self.scheme, self.attention
-        self.scheme, self.attention, self.transforms = scheme, attention, {}
+        self.scheme, self.attention, self.transforms, self.queries = scheme, attention, {}, {}
         try:
             yield self
         finally:
-            (self.scheme, self.attention), self.transforms = prev, {}
+            (self.scheme, self.attention), self.transforms, self.queries = prev, {}, {}
+
+    def _transform(self, module, layer: int, scheme: KVScheme, query, key, value) -> KVTransform | None:
+        """The layer's frozen transform, fitted as a cache fits it (:mod:`nqkv_core.cache.fitting`): on
+        the sequence's first ``scheme.fit_tokens`` tokens once it holds them (None before), then
+        kept for the sequence (beam search's reordered rows keep the rows of the fit)."""
+        t = self.transforms.get(layer)
+        if t is not None:
+            return t
+        F, tk = scheme.fit_tokens, key.shape[2]
+        if scheme.k_equalize == "qk" or scheme.k_rounding == "query":  # the queries of earlier calls too
+            seen = self.queries.get(layer)
+            query = self.queries[layer] = query if seen is None else torch.cat([seen, query], dim=2)
+        if tk < F:
+            return None
+        n = F if F else tk
+        inv_freq = order = None
+        if scheme.k_centre_rope:
+            inv_freq, order = _layer_rope(module.config, layer, key.shape[-1])
+            inv_freq = inv_freq.to(key.device)
+        q = query[:, :, :n] if query.shape[2] >= n else query
+        self.transforms[layer] = fit_transform(scheme, key[:, :, :n], value[:, :, :n], q, inv_freq, order)
+        self.queries.pop(layer, None)
+        return self.transforms[layer]
 
     def __call__(self, module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
         return (self.attention or self.attend)(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
@@ -120,18 +145,15 @@ class FakeQuant:
         scheme = self.scheme.for_layer(layer) if self.scheme is not None else None
         if _is_fp(scheme):
             out = _explicit_attention(q, k, v, allowed, scaling, softcap, sinks)
+        elif (t := self._transform(module, layer, scheme, query, key, value)) is None:
+            out = _explicit_attention(q, k, v, allowed, scaling, softcap, sinks)  # the fit period: all exact
         else:
-            t = self.transforms.get(layer)
-            if t is None:
-                inv_freq = order = None
-                if scheme.k_centre_rope:
-                    inv_freq, order = _layer_rope(module.config, layer, key.shape[-1])
-                    inv_freq = inv_freq.to(key.device)
-                t = self.transforms[layer] = fit_transform(scheme, key, value, query, inv_freq, order)
             k_hat, v_hat = roundtrip(scheme, key, value, transform=t)
             # Each key appears twice, quantized and exact; the mask lets every (query, key) pair see
             # exactly one of the two, so one softmax over both is the streaming cache's attention.
-            exact = (kpos[None, :] < scheme.sinks) | (qpos[:, None] - kpos[None, :] < scheme.window)
+            # Queries of the fit period (the first fit_tokens positions) read every key exact.
+            exact = ((kpos[None, :] < scheme.sinks) | (qpos[:, None] - kpos[None, :] < scheme.window)
+                     | (qpos[:, None] < scheme.fit_tokens))
             mask = torch.cat([allowed & ~exact, allowed & exact], dim=-1)
             out = _explicit_attention(q, torch.cat([k_hat, k], dim=-2), torch.cat([v_hat, v], dim=-2), mask,
                                       scaling, softcap, sinks)
