@@ -30,11 +30,12 @@ from nqkv_core.scheme import KVScheme  # noqa: E402
 TESTS = Path(__file__).resolve().parent
 # RoPE-centred keys: decoded by the native step, which reads the shared (positions, head_dim) RoPE table
 ROPE = KVScheme("rope", k_block=16, v_block=16, k_rotate=True, v_rotate=True, k_centre=True, k_centre_rope=True,
-                v_centre=True, sinks=2, window=4, unbiased=True)
+                v_centre=True, sinks=2, window=4, unbiased=True, stats_tokens=4)
 # every saved transform field: centres, equalisation, rotations, the query metric, RoPE frequencies
 FULL = KVScheme("full", k_bits=3, v_bits=4, k_block=16, v_block=16, k_rotate=True, v_rotate=True, k_centre=True,
                 k_centre_rope=True, v_centre=True, k_equalize="qk", v_equalize=True, sinks=2, window=4,
-                k_rounding="query")
+                k_rounding="query", stats_tokens=4)
+# (a fit period of sinks + 4 tokens, 8 queries for FULL: the 12-token caches below are past it)
 
 
 def tiny_model(head_dim: int = 16, layers: int = 2, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
@@ -108,6 +109,54 @@ def full(tmp_path_factory):
 
 
 # -- the file: integrity and authentication --------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme", [ROPE, FULL], ids=["rope", "fitted-on-queries"])
+def test_cache_saved_in_its_fit_period_continues_as_the_original(scheme, tmp_path):
+    # Fewer tokens than fit_tokens: the file holds them exact (and the queries a transform is fitted
+    # on), no transform; the loaded cache fits at the same step, on the same tokens, as the original.
+    model = tiny_model()
+    cache = saved_cache(model, scheme, tmp_path / "p.safetensors", tokens=scheme.fit_tokens - 2, batch=2)
+    assert all(layer.prefix is not None and layer.transform is None for layer in cache.layers)
+    names = set(read(tmp_path / "p.safetensors")[1])
+    assert "layer0.prefix_k" in names and ("layer0.prefix_q" in names) == (scheme is FULL)
+    assert not any(".t_" in n or "_body" in n for n in names)
+    loaded = NQKVCache.load(tmp_path / "p.safetensors", scheme, config=model.config)
+    for _ in range(6):  # through the fit and past it
+        torch.testing.assert_close(decode_step(model, loaded), decode_step(model, cache), rtol=0, atol=0)
+    assert all(layer.prefix is None and layer.transform is not None for layer in loaded.layers)
+    for a, b in zip(cache.layers, loaded.layers):
+        sa, sb = a.state(), b.state()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (dict(layer0__prefix_v=lambda x: x[:, :, :-1]), "prefix_v is"),
+    (dict(layer0__length=torch.tensor(3)), "prefix_k is"),
+    (dict(layer0__prefix_k=lambda x: x.to(torch.float16)), "prefix_k is"),
+    (dict(layer0__prefix_q=None), "prefix_q must be"),
+    (dict(layer0__prefix_q=lambda x: x[:, :3]), "prefix_q must be"),
+    (dict(layer0__prefix_k=lambda x: x.index_fill(2, torch.tensor([1]), float("nan"))), "non-finite"),
+    (dict(layer0__t_mu_v=torch.zeros(1, 2, 1, 16)), "unexpected"),
+    (dict(layer0__length=torch.tensor(0)), "1 to"),
+])
+def test_crafted_fit_period_is_rejected(tmp_path, edit, match):
+    model = tiny_model()
+    saved_cache(model, FULL, tmp_path / "p.safetensors", tokens=5)
+    bad = edited(tmp_path / "p.safetensors", tmp_path / "bad.safetensors", **edit)
+    with pytest.raises(ValueError, match=match):
+        NQKVCache.load(bad, FULL, config=model.config)
+
+
+def test_fit_period_file_past_its_end_is_rejected(tmp_path):
+    # as many exact tokens as fit_tokens in every row: such a cache is saved with its transform
+    model = tiny_model()
+    saved_cache(model, ROPE, tmp_path / "p.safetensors", tokens=5)
+    k = torch.randn(1, 2, ROPE.fit_tokens, 16)
+    bad = edited(tmp_path / "p.safetensors", tmp_path / "bad.safetensors", layer0__prefix_k=k, layer0__prefix_v=k,
+                 layer0__length=torch.tensor(ROPE.fit_tokens))
+    with pytest.raises(ValueError, match="past its fit period"):
+        NQKVCache.load(bad, ROPE, config=model.config)
 
 
 def test_round_trip_and_hmac_key(tmp_path):
@@ -333,11 +382,14 @@ import test_cache_io_sliding as ts, test_rope_layouts as tr
 # files of every layout a cache saves: full layers (RoPE-centred; every transform field), sliding
 # layers with a ring of codes, a channel order (interleaved RoPE), a left-padded batch's starts
 models = {"rope": t.tiny_model(), "full": t.tiny_model(), "sliding": ts.tiny("mistral"),
-          "cohere": tr.tiny_model("cohere"), "padded": t.tiny_model()}
-schemes = {"rope": t.ROPE, "full": t.FULL, "sliding": ts.ROPE, "cohere": tr.ROPE, "padded": t.ROPE}
+          "cohere": tr.tiny_model("cohere"), "padded": t.tiny_model(), "period": t.tiny_model()}
+schemes = {"rope": t.ROPE, "full": t.FULL, "sliding": ts.ROPE, "cohere": tr.ROPE, "padded": t.ROPE,
+           "period": t.FULL}
 for name in ("rope", "full", "sliding", "cohere"):
     t.saved_cache(models[name], schemes[name], tmp / f"{name}.safetensors", tokens=20)
 t.saved_cache(models["padded"], schemes["padded"], tmp / "padded.safetensors", tokens=12, batch=2, pads=5)
+# a left-padded batch in its fit period: exact tokens and queries, no transform
+t.saved_cache(models["period"], schemes["period"], tmp / "period.safetensors", tokens=6, batch=2, pads=2)
 outcomes = {"rejected": 0, "loaded": 0, "decoded": 0, "fuzzed_by_file": {name: 0 for name in models}}
 SPECIAL = [0.0, -1.0, 1e30, float("nan"), float("inf"), 65504.0]
 

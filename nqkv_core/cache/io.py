@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from nqkv_core import _hf
-from nqkv_core.cache.state import (Spec, check_layer_spec, check_length, check_sliding_layer_spec, layer_state,
+from nqkv_core.cache.state import (Spec, check_layer_spec, check_period_spec, check_length, check_sliding_layer_spec, layer_state,
                                    load_layer_state, load_sliding_layer_state, sliding_layer_state)
 from nqkv_core.scheme import KVScheme
 
@@ -191,7 +191,9 @@ def _read_checked(path, f, scheme: KVScheme, config: Any, max_cache_len: int | N
         n = check_length(where, f.get_tensor(f"layer{i}.length"))
         if max_cache_len is not None and n > max_cache_len:
             raise ValueError(f"{where}: holds {n} tokens, more than max_cache_len={max_cache_len}")
-        if i in sliding:
+        if "prefix_k" in found[i]:
+            dims = check_period_spec(where, s, found[i], n, dtype, config)
+        elif i in sliding:
             dims = check_sliding_layer_spec(where, s, found[i], n, dtype, window, crop_margin, config)
         else:
             dims = check_layer_spec(where, s, found[i], n, dtype, max(s.window, 1) - 1 + crop_margin, config)

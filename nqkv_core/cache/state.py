@@ -14,7 +14,9 @@ from typing import Any
 import torch
 
 from nqkv_core import _hf
+from nqkv_core.cache import fitting
 from nqkv_core.cache.format import fp_dtype
+from nqkv_core.cache.fitting import fitted_on_queries
 from nqkv_core.scheme import FP_BITS, QUERY_METRIC_RANK, KVScheme, KVTransform, key_feedback, shared_rotation
 
 # The transform's saved fields (the feedback matrix is derived from the stored metric on load).
@@ -22,14 +24,18 @@ TRANSFORM_FIELDS = tuple(f.name for f in dataclasses.fields(KVTransform) if f.na
 # Bounds on the dims a file may claim for a layer, checked before anything is allocated.
 MAX_HEAD_DIM = 1024
 MAX_TOKEN_ELEMENTS = 2**24  # batch * kv heads * head_dim of one token of one side
+MAX_PADDING = 2**20  # leading padding of a saved fit period's rows (bounds its token count)
 # (dtype, shape) of a saved tensor
 Spec = tuple[torch.dtype, tuple[int, ...]]
 
 
 def layer_state(layer) -> dict[str, torch.Tensor]:
-    """The tensors that define the cache contents (used parts of the body only)."""
+    """The tensors that define the cache contents (used parts of the body only; in the fit period,
+    its exact tokens: :func:`period_state`)."""
     if not layer.is_initialized:
         return {"length": layer.length.clone()}
+    if layer.prefix is not None and not layer.prefix.fitted:
+        return period_state(layer)
     n_body = layer._body_capacity(int(layer.length))
     out = {"length": layer.length.clone()}
     for side in ("k", "v"):
@@ -45,6 +51,77 @@ def layer_state(layer) -> dict[str, torch.Tensor]:
     if layer.starts is not None:
         out["starts"] = layer.starts
     return out
+
+
+def period_state(layer) -> dict[str, torch.Tensor]:
+    """A layer in its fit period (:mod:`nqkv_core.cache.fitting`): its token count and exact tokens,
+    ``prefix_k`` / ``prefix_v`` ``(b, hkv, n, d)`` and ``prefix_q`` ``(b, hq, n, d)`` (a transform fitted
+    on queries), in the model's dtype, and the rows' leading padding. A layer whose every row was
+    fitted at its last step saves its transform and buffers instead (the fit is then final)."""
+    p = layer.prefix
+    out = {"length": layer.length.clone(), "prefix_k": p.k, "prefix_v": p.v}
+    if p.q is not None:
+        out["prefix_q"] = p.q
+    if layer.starts is not None:
+        out["starts"] = layer.starts
+    return out
+
+
+def check_period_spec(where: str, scheme: KVScheme, found: dict[str, Spec], n: int, dtype: torch.dtype | None,
+                      config: Any = None) -> tuple[int, int, int]:
+    """Check the names, dtypes and shapes of a saved fit period (:func:`period_state`) holding ``n``
+    tokens; returns ``(batch, heads, head_dim)``.
+
+    Raises:
+        ValueError: naming ``where``, the tensor, and what was expected.
+    """
+    shape = found["prefix_k"][1]
+    if len(shape) != 4:
+        raise ValueError(f"{where}: prefix_k must be (batch, kv heads, tokens, head_dim), got shape {shape}")
+    b, h, _, d = shape
+    _check_dims(where, scheme, b, h, d, dtype, config)
+    if not 0 < n < scheme.fit_tokens + MAX_PADDING:
+        raise ValueError(f"{where}: a fit period holds 1 to {scheme.fit_tokens} tokens of each row, got length={n}")
+    spec: dict[str, Spec] = {"length": (torch.int64, ()), "prefix_k": (dtype, (b, h, n, d)),
+                             "prefix_v": (dtype, (b, h, n, d))}
+    if fitted_on_queries(scheme):
+        q_shape = found.get("prefix_q", (None, ()))[1]
+        hq = q_shape[1] if len(q_shape) == 4 else 0
+        model_hq = getattr(config, "num_attention_heads", hq) if config is not None else hq
+        if hq < h or hq % h or b * hq * d > MAX_TOKEN_ELEMENTS or hq != model_hq:
+            raise ValueError(f"{where}: prefix_q must be (batch, query heads, tokens, head_dim) with the query heads"
+                             f" a multiple of the {h} kv heads, got {found.get('prefix_q')}")
+        spec["prefix_q"] = (dtype, (b, hq, n, d))
+    if "starts" in found:
+        spec["starts"] = (torch.int64, (b,))
+    missing, extra = sorted(spec.keys() - found.keys()), sorted(found.keys() - spec.keys())
+    if missing or extra:
+        raise ValueError(f"{where}: a fit period's tensors: missing {missing}, unexpected {extra}")
+    for name, want in spec.items():
+        if found[name] != want:
+            raise ValueError(f"{where}: {name} is {fmt_spec(found[name])}, expected {fmt_spec(want)}")
+    return b, h, d
+
+
+def load_period_state(layer, state: dict[str, torch.Tensor], dtype: torch.dtype, where: str = "layer state") -> None:
+    """Inverse of :func:`period_state` on a fresh layer of the same scheme.
+
+    Raises:
+        ValueError: ``state`` is not what :func:`check_period_spec` and :func:`check_layer_values`
+            accept, or every row holds ``fit_tokens`` (a period that is over saves its transform).
+    """
+    n = check_length(where, state.get("length"))
+    check_period_spec(where, layer.scheme, {k: (v.dtype, tuple(v.shape)) for k, v in state.items()}, n, dtype)
+    check_layer_values(where, state)
+    starts = state.get("starts")
+    own = n - (starts if starts is not None else torch.zeros((), dtype=torch.int64))
+    if bool((own >= layer.scheme.fit_tokens).all()):
+        raise ValueError(f"{where}: every row holds fit_tokens={layer.scheme.fit_tokens} tokens: a cache past its"
+                         " fit period is saved with its transform, not as a fit period")
+    layer.reset()
+    fitting.restore(layer, state["prefix_k"].clone(), state["prefix_v"].clone(),
+                    state["prefix_q"].clone() if "prefix_q" in state else None, n,
+                    starts.clone() if starts is not None else None)
 
 
 def layer_spec(scheme: KVScheme, batch: int, heads: int, head_dim: int, n: int, dtype: torch.dtype,
@@ -207,6 +284,8 @@ def load_layer_state(layer, state: dict[str, torch.Tensor], dtype: torch.dtype, 
     Raises:
         ValueError: ``state`` is not what :func:`layer_spec` and :func:`check_layer_values` accept.
     """
+    if "prefix_k" in state:
+        return load_period_state(layer, state, dtype, where)
     n = check_length(where, state.get("length"))
     found = {k: (v.dtype, tuple(v.shape)) for k, v in state.items()}
     empty = check_layer_spec(where, layer.scheme, found, n, dtype, layer.n_ring) is None
@@ -274,7 +353,7 @@ def sliding_layer_state(layer) -> dict[str, torch.Tensor]:
     codes (the token at position ``r`` in slot ``(r - sinks) mod capacity``), saved whole, slot for
     slot, so that a loaded layer holds every code where the saved one did."""
     out = layer_state(layer)
-    if layer.is_initialized:
+    if layer.is_initialized and "prefix_k" not in out:
         for side in ("k", "v"):
             for i, x in enumerate(getattr(layer, f"{side}_body")):
                 out[f"{side}_body{i}"] = x[:, :, : layer.capacity]
@@ -315,6 +394,8 @@ def load_sliding_layer_state(layer, state: dict[str, torch.Tensor], dtype: torch
         ValueError: ``state`` is not what :func:`check_sliding_layer_spec` and
             :func:`check_layer_values` accept.
     """
+    if "prefix_k" in state:
+        return load_period_state(layer, state, dtype, where)
     n = check_length(where, state.get("length"))
     found = {k: (v.dtype, tuple(v.shape)) for k, v in state.items()}
     dims = check_sliding_layer_spec(where, layer.scheme, found, n, dtype, layer.sliding_window, layer.crop_margin)
