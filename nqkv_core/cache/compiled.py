@@ -19,7 +19,8 @@ import torch
 from nqkv_core._hf import bool_mask
 from nqkv_core.cache.attend import attend
 from nqkv_core.cache.format import KeyBias, SideFormat
-from nqkv_core.ops.cpu import dense_key_bias
+from nqkv_core.ops.attention import _triton_kernels, grouped_takes_key_bias
+from nqkv_core.ops.cpu import dense_key_bias, tile_rows
 from nqkv_core.scheme import FP_BITS
 
 # The layers ``nqkv::cache_step`` runs, by ``NQKVLayer.step_name`` (an op's arguments are tensors and
@@ -84,6 +85,84 @@ def reads_length(body_len: torch.Tensor) -> bool:
     return body_len.device.type == "cpu"
 
 
+def reads_with_kernel(body_len: torch.Tensor) -> bool:
+    """Whether :func:`present_attention` may hand a one-token step to the grouped Triton decode kernel
+    with the body length left on the device (:func:`_kernel_attention`), where the kernel takes the
+    call's layout and Triton runs: where it does not read the length to the host. Tests patch it to
+    run the kernel in Triton's interpreter on CPU tensors, or to keep the whole-body masked path."""
+    return not reads_length(body_len)
+
+
+def _kernel_attention(query: torch.Tensor, k: tuple, v: tuple, k_tail: torch.Tensor, v_tail: torch.Tensor,
+                      tail_allowed: torch.Tensor, body_len: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                      body_start: int, scale: float, bias: tuple) -> torch.Tensor:
+    """:func:`present_attention` of one query token through the grouped decode kernel, which reads the
+    valid history and tail counts from a device tensor: it decodes the ``body_len`` slots that hold
+    tokens, not the whole preallocated body, and reads nothing back to the host (CUDA graphs).
+
+    The kernel puts tail token ``i`` at key ``body_len + i``. Without a model mask, the tail's allowed
+    tokens (a ring may hold masked ones) are moved to its front and counted, so the kernel runs
+    unmasked; with one, a boolean mask over ``[slots | tail]`` gives body slot ``j`` the model's column
+    ``body_start + j`` and key ``body_len + i`` tail token ``i``'s. The key bias's positions are laid
+    out the same way (body slot ``j`` at ``body_start + j``, then ``bias_pos``).
+    """
+    grouped = _triton_kernels()[2]
+    b, dev = query.shape[0], query.device
+    slots, M = k[0].shape[2], k_tail.shape[2]
+    body_len = body_len.reshape(()).clamp(0, slots)
+    bias_w, bias_table, bias_pos = bias
+    mask = None
+    if attention_mask is None and tail_allowed.shape[0] == 1:
+        order, n_tail = _allowed_first(tail_allowed.reshape(M))
+        k_tail, v_tail = k_tail.index_select(2, order), v_tail.index_select(2, order)
+        bias_pos = None if bias_pos is None else bias_pos.index_select(0, order)
+    else:
+        n_tail = torch.full((), M, dtype=torch.int64, device=dev)
+        c = torch.arange(slots + M, device=dev)
+        tail = tail_allowed[..., -1:, :].index_select(-1, (c - body_len).clamp(0, M - 1))
+        body = torch.ones((), dtype=torch.bool, device=dev)
+        if attention_mask is not None:
+            model = bool_mask(attention_mask)[:, :, -1:, :]
+            body = model.index_select(-1, (c + body_start).clamp(max=model.shape[-1] - 1))
+        mask = torch.where(c < body_len, body, tail)
+    lengths = torch.stack([body_len, n_tail]).to(torch.int32).expand(b, 2).contiguous()
+    key_bias = None
+    if bias_w is not None:
+        rows = tile_rows(bias_table)
+        c = torch.arange(slots + M, device=dev)
+        tail_pos = bias_pos.index_select(0, (c - body_len).clamp(0, M - 1))
+        positions = torch.where(c < body_len, c + body_start, tail_pos).clamp(0, rows.shape[0] - 1)
+        key_bias = (bias_w, rows, positions)
+        grouped.check_key_bias(query, key_bias, slots + M)
+    return grouped.launch(query, *k[:4], *v[:3], k_tail.to(query.dtype), v_tail.to(query.dtype), mask, scale, False,
+                          lengths=lengths, key_bias=key_bias)
+
+
+def _allowed_first(allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The columns of a boolean vector ``allowed`` ``(M,)``, its True ones first (each group in order),
+    and how many are True; device ops only (no sort, no read back)."""
+    ok = allowed.long()
+    n = ok.sum()
+    dest = torch.where(allowed, ok.cumsum(0) - 1, n + (1 - ok).cumsum(0) - 1)
+    order = torch.empty_like(dest).scatter_(0, dest, torch.arange(allowed.shape[0], device=allowed.device))
+    return order, n
+
+
+def _kernel_args(query: torch.Tensor, k_body: list[torch.Tensor], v_body: list[torch.Tensor],
+                 k_codebook: Optional[torch.Tensor], k_block: int, v_codebook: Optional[torch.Tensor], v_block: int,
+                 body_len: torch.Tensor, fused: bool) -> Optional[tuple[tuple, tuple]]:
+    """The grouped kernel's K and V arguments ``(codes, absmax, codebook, block, axis)`` if
+    :func:`_kernel_attention` serves this call: one query token, packed sides of a layout the kernel
+    takes, where :func:`reads_with_kernel`; None otherwise (the whole-body masked path)."""
+    if not fused or query.shape[2] != 1 or k_codebook is None or v_codebook is None:
+        return None
+    if not reads_with_kernel(body_len):
+        return None
+    k = _side_format(k_codebook, k_block).packed(tuple(k_body)).op_args()
+    v = _side_format(v_codebook, v_block).packed(tuple(v_body)).op_args()
+    return (k, v) if grouped_takes_key_bias(query, k, v) else None
+
+
 def _side_format(codebook: Optional[torch.Tensor], block: int) -> SideFormat:
     if codebook is None:
         return SideFormat(FP_BITS, 1, None, None)
@@ -123,6 +202,12 @@ def present_attention(
     Returns:
         ``(b, hq, T, dv)`` in ``query.dtype``.
     """
+    kernel = _kernel_args(query, k_body, v_body, k_codebook, k_block, v_codebook, v_block, body_len, fused)
+    if kernel is not None:
+        bias = (bias_w, bias_table, bias_pos)
+        out = _kernel_attention(query, *kernel, k_tail, v_tail, tail_allowed, body_len, attention_mask, body_start,
+                                scale, bias)
+        return out.contiguous()
     T, dev = query.shape[2], query.device
     if reads_length(body_len):
         n = int(body_len)
