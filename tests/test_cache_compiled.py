@@ -9,7 +9,10 @@ tensors of the preallocation's size in the graph.
 from __future__ import annotations
 
 import math
+import os
 import re
+import subprocess
+import sys
 from copy import deepcopy
 
 import pytest
@@ -20,7 +23,9 @@ from transformers import LlamaConfig  # noqa: E402
 from torch._inductor.utils import run_and_get_code  # noqa: E402
 
 from nqkv_core.cache import NQKVCache, compiled  # noqa: E402
+from nqkv_core.cache.format import RopeTable  # noqa: E402
 from nqkv_core.codebook import get_codebook  # noqa: E402
+from nqkv_core.ops.cpu import tile_rows  # noqa: E402
 from nqkv_core.quantize import dequantize_blockwise  # noqa: E402
 from nqkv_core.scheme import KVScheme  # noqa: E402
 
@@ -121,25 +126,25 @@ def test_traced_step_reads_the_tokens_present(name, padded):
 # -- the op itself --------------------------------------------------------------------------------
 
 
-def _packed(slots: int, gen: torch.Generator) -> list[torch.Tensor]:
-    codes = torch.randint(0, 256, (2, 2, slots, 8), dtype=torch.uint8, generator=gen)
-    return [codes, (torch.rand(2, 2, slots, 1, generator=gen) + 0.5).half()]
+def _packed(slots: int, gen: torch.Generator, d: int = 16, block: int = 16) -> list[torch.Tensor]:
+    codes = torch.randint(0, 256, (2, 2, slots, d // 2), dtype=torch.uint8, generator=gen)
+    return [codes, (torch.rand(2, 2, slots, d // block, generator=gen) + 0.5).half()]
 
 
-def _read(body: list[torch.Tensor], codebook: torch.Tensor | None, n: int) -> torch.Tensor:
+def _read(body: list[torch.Tensor], codebook: torch.Tensor | None, n: int, block: int = 16) -> torch.Tensor:
     if codebook is None:  # a 16-bit side
         return body[0][:, :, :n].float()
-    return dequantize_blockwise(*(x[:, :, :n] for x in body), codebook, 16, axis=-1)
+    return dequantize_blockwise(*(x[:, :, :n] for x in body), codebook, block, axis=-1)
 
 
 def _reference(q, k_body, v_body, codebook, n, k_tail, v_tail, tail_allowed, mask, S, scale, bias,
-               k_codebook="same"):
+               k_codebook="same", block=16):
     """Plain-torch attention over the first ``n`` body slots (dequantized) and the tail, fp32
     (rows that see nothing excepted: the caller's tail mask gives every row a token)."""
-    T = q.shape[2]
-    k = torch.cat([_read(k_body, codebook if k_codebook == "same" else k_codebook, n), k_tail], 2)
-    v = torch.cat([_read(v_body, codebook, n), v_tail], 2)
-    k, v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    T, group = q.shape[2], q.shape[1] // k_tail.shape[1]
+    k = torch.cat([_read(k_body, codebook if k_codebook == "same" else k_codebook, n, block), k_tail], 2)
+    v = torch.cat([_read(v_body, codebook, n, block), v_tail], 2)
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     s = (q @ k.transpose(-1, -2)) * scale
     # query t reads the slots quantized before it
     body = (torch.arange(n) < n - T + 1 + torch.arange(T)[:, None]).expand(2, 1, T, n)
@@ -147,7 +152,7 @@ def _reference(q, k_body, v_body, codebook, n, k_tail, v_tail, tail_allowed, mas
         body = body & mask[:, :, -T:, S : S + n]
     if bias is not None:
         w, table, tail_pos = bias
-        s = s + w @ table[torch.cat([torch.arange(n) + S, tail_pos])].T
+        s = s + w @ tile_rows(table)[torch.cat([torch.arange(n) + S, tail_pos])].T
     s = s.masked_fill(~torch.cat([body, tail_allowed.expand(2, -1, -1, -1)], -1), -math.inf)
     return torch.softmax(s, -1) @ v
 
@@ -211,4 +216,115 @@ def test_present_attention_opcheck():
     args = (torch.randn(2, 4, 1, 16, generator=gen), _packed(33, gen), _packed(33, gen), codebook, 16, codebook, 16,
             torch.randn(2, 2, 3, 16, generator=gen), torch.randn(2, 2, 3, 16, generator=gen),
             torch.ones(1, 1, 1, 3, dtype=torch.bool), torch.tensor(20), None, 2, 0.25, True)
+    torch.library.opcheck(torch.ops.nqkv.present_attention, args)
+
+
+# -- the grouped kernel's path (Triton: on a GPU, or in its interpreter on CPU) ----------------------------
+
+CUDA = torch.cuda.is_available()
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.skipif(CUDA or INTERPRETING, reason="runs the kernel path in this process")
+def test_kernel_path_in_interpreter_process():
+    """The kernel path's tests in a child process with ``TRITON_INTERPRET=1``, which Triton reads as it
+    is first imported (this process has imported it already, for inductor)."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "kernel_path"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+
+
+def _kernel_test(fn):
+    return pytest.mark.skipif(not (CUDA or INTERPRETING), reason="needs a GPU or Triton's interpreter")(fn)
+
+
+def _kernel_inputs(group: int, slots: int, dev: str):
+    """A layer's packed 4-bit body (head_dim 64, two blocks of 32 per row), query, tail with masked
+    columns, a padding mask and the key bias (a RoPE table: the kernel's angle addition needs one)."""
+    gen = torch.Generator().manual_seed(group)
+    d, S, M = 64, 2, 6
+    k_body, v_body = _packed(slots + 1, gen, d, 32), _packed(slots + 1, gen, d, 32)
+    q = torch.randn(2, 2 * group, 1, d, generator=gen)
+    k_tail, v_tail = torch.randn(2, 2, M, d, generator=gen), torch.randn(2, 2, M, d, generator=gen)
+    tail_allowed = torch.tensor([True, True, False, True, False, True]).reshape(1, 1, 1, M)
+    mask = torch.ones(2, 1, 1, 64, dtype=torch.bool)
+    mask[1, :, :, : S + 3] = False  # padding: the second row's sinks and first body slots
+    rope = RopeTable(1.0 / 10000 ** (torch.arange(0, d, 2).float() / d))
+    rope.ensure(64, "cpu")
+    bias = (torch.randn(2, 2 * group, 1, d, generator=gen), rope.tiles, torch.tensor([0, 1, 40, 50, 3, 51]))
+    to = lambda x: x.to(dev)  # noqa: E731
+    return (to(q), [to(x) for x in k_body], [to(x) for x in v_body], to(k_tail), to(v_tail), to(tail_allowed),
+            to(mask), tuple(map(to, bias)), S)
+
+
+@_kernel_test
+@pytest.mark.parametrize("rope", [False, True])
+@pytest.mark.parametrize("group", [1, 3])
+def test_kernel_path_matches_the_whole_body_path(group, rope, monkeypatch):
+    """One query token through the grouped kernel with the length on the device: the whole-body
+    masked path's result and plain attention over the present slots, for one, some and every body
+    slot, with and without a padding mask (and a tail mask per row); the slots past the tokens
+    present hold NaN scales, which a read of them (even masked) would spread."""
+    monkeypatch.setattr(compiled, "reads_length", lambda body_len: False)  # as on a GPU
+    dev = "cuda" if CUDA else "cpu"
+    slots, scale = 40, 0.125
+    q, k_body, v_body, k_tail, v_tail, tail_allowed, mask, bias, S = _kernel_inputs(group, slots, dev)
+    codebook = get_codebook("nf", 4, 16).to(dev)
+    bias = bias if rope else (None, None, None)
+    per_row = tail_allowed.expand(2, -1, -1, -1).clone()
+    per_row[1, ..., 0] = False
+    for n, m, allowed in [(1, None, tail_allowed), (1, mask, tail_allowed), (17, None, tail_allowed),
+                          (17, mask, per_row), (17, None, per_row), (slots, None, tail_allowed),
+                          (slots, mask, tail_allowed)]:
+        args = (q, k_body, v_body, codebook, 32, codebook, 32, k_tail, v_tail, allowed,
+                torch.tensor(n, device=dev), m, S, scale, True, *bias)
+        assert compiled._kernel_args(*args[:7], args[10], True) is not None
+        monkeypatch.setattr(compiled, "reads_with_kernel", lambda body_len: False)
+        whole = torch.ops.nqkv.present_attention(*args)
+        monkeypatch.setattr(compiled, "reads_with_kernel", lambda body_len: True)
+        clean = [x[1].clone() for x in (k_body, v_body)]
+        for x in (k_body[1], v_body[1]):
+            x[:, :, n:] = math.nan
+        out = torch.ops.nqkv.present_attention(*args)
+        k_body[1].copy_(clean[0])
+        v_body[1].copy_(clean[1])
+        ref = _reference(*(x.cpu() for x in (q,)), [x.cpu() for x in k_body], [x.cpu() for x in v_body],
+                         codebook.cpu(), n, k_tail.cpu(), v_tail.cpu(), allowed.cpu(),
+                         None if m is None else m.cpu(), S, scale,
+                         None if not rope else (bias[0].cpu(), bias[1].cpu(), bias[2].cpu()), block=32)
+        what = f"{n=} mask={m is not None} tail rows={allowed.shape[0]}"
+        assert torch.isfinite(out).all(), f"{what}: a body slot past the tokens present was read"
+        torch.testing.assert_close(out, whole, rtol=1e-4, atol=1e-4, msg=what)
+        torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-4, msg=what)
+
+
+@_kernel_test
+def test_kernel_path_leaves_other_calls_to_the_whole_body_path(monkeypatch):
+    """Several query tokens, a 16-bit side, the reference arithmetic, a layout the kernel does not take
+    (16-element blocks), and a host-read length: no kernel path."""
+    monkeypatch.setattr(compiled, "reads_length", lambda body_len: False)
+    dev = "cuda" if CUDA else "cpu"
+    q, k_body, v_body = _kernel_inputs(1, 8, dev)[:3]
+    codebook, n = get_codebook("nf", 4, 16).to(dev), torch.tensor(3, device=dev)
+    assert compiled._kernel_args(q, k_body, v_body, codebook, 32, codebook, 32, n, True) is not None
+    assert compiled._kernel_args(q.expand(-1, -1, 2, -1), k_body, v_body, codebook, 32, codebook, 32, n, True) is None
+    assert compiled._kernel_args(q, [k_body[1]], v_body, None, 1, codebook, 32, n, True) is None
+    assert compiled._kernel_args(q, k_body, v_body, codebook, 32, codebook, 32, n, False) is None
+    small = [x.to(dev) for x in _packed(9, torch.Generator().manual_seed(0), 64, 16)]
+    assert compiled._kernel_args(q, small, small, codebook, 16, codebook, 16, n, True) is None
+    monkeypatch.setattr(compiled, "reads_length", lambda body_len: True)
+    assert compiled._kernel_args(q, k_body, v_body, codebook, 32, codebook, 32, n, True) is None
+
+
+@_kernel_test
+def test_kernel_path_opcheck(monkeypatch):
+    monkeypatch.setattr(compiled, "reads_length", lambda body_len: False)
+    dev = "cuda" if CUDA else "cpu"
+    q, k_body, v_body, k_tail, v_tail, tail_allowed, mask, bias, S = _kernel_inputs(3, 8, dev)
+    codebook = get_codebook("nf", 4, 16).to(dev)
+    args = (q, k_body, v_body, codebook, 32, codebook, 32, k_tail, v_tail, tail_allowed, torch.tensor(5, device=dev),
+            mask, S, 0.125, True, *bias)
+    assert compiled._kernel_args(*args[:7], args[10], True) is not None
     torch.library.opcheck(torch.ops.nqkv.present_attention, args)
