@@ -5,7 +5,11 @@ is the eager step (one native call per layer), instead of tracing its ~180 torch
 A traced step (``compiled_step="traced"``, the one CUDA graphs capture) attends through
 ``present_attention``, which reads only the body slots that hold tokens: the count is a device
 tensor, so the graph's shapes stay those of the preallocated cache while the attention's cost
-follows the tokens present.
+follows the tokens present. On CPU the op reads the count and slices the body to it. On a GPU
+reading it would be a sync, which capture forbids: a one-token step hands the count to the grouped
+decode kernel, which computes each split's key range from device lengths, so that it still decodes
+only the tokens present; calls the kernel does not take (several query tokens, a 16-bit side,
+another layout) read the whole body with its empty slots masked.
 """
 
 from __future__ import annotations
@@ -180,6 +184,11 @@ def present_attention(
     """Attention of a traced step over the body slots that hold tokens and the exact tail:
     :func:`~nqkv_core.cache.attend.attend` over ``[body[:body_len] | tail]``.
 
+    Where the length cannot be read to the host (a GPU), a one-token step with packed sides of a
+    layout the grouped decode kernel takes runs that kernel with ``body_len`` as a device length
+    (:func:`_kernel_attention`): its cost follows the tokens present, not the preallocation. Other
+    calls there read the whole body, the slots from ``body_len`` on masked.
+
     Args:
         query: ``(b, hq, T, d)`` in the storage basis.
         k_body, v_body: a layer's whole body buffers (``[codes, absmax]``, or ``[values]`` for a
@@ -197,7 +206,9 @@ def present_attention(
             reference arithmetic, SDPA over the dequantized body).
         bias_w, bias_table, bias_pos: the RoPE-centred key bias (:class:`~nqkv_core.cache.format.KeyBias`
             parts: ``bias_table`` the RoPE table's tiles ``(P / 16, d, 16)``, or its rows ``(P, d)``)
-            with ``bias_pos`` the tail's positions; body slot ``j`` is at ``body_start + j``.
+            with ``bias_pos`` the tail's positions; body slot ``j`` is at ``body_start + j``. The
+            kernel path computes it by angle addition, so the table must hold RoPE angles
+            (:class:`~nqkv_core.cache.format.RopeTable`), as a cache's does.
 
     Returns:
         ``(b, hq, T, dv)`` in ``query.dtype``.
