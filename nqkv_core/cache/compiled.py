@@ -23,7 +23,7 @@ import torch
 from nqkv_core._hf import bool_mask
 from nqkv_core.cache.attend import attend
 from nqkv_core.cache.format import KeyBias, SideFormat
-from nqkv_core.ops.attention import _triton_kernels, grouped_takes_key_bias
+from nqkv_core.ops.attention import grouped_takes_key_bias
 from nqkv_core.ops.cpu import dense_key_bias, tile_rows
 from nqkv_core.scheme import FP_BITS
 
@@ -90,10 +90,10 @@ def reads_length(body_len: torch.Tensor) -> bool:
 
 
 def reads_with_kernel(body_len: torch.Tensor) -> bool:
-    """Whether :func:`present_attention` may hand a one-token step to the grouped Triton decode kernel
-    with the body length left on the device (:func:`_kernel_attention`), where the kernel takes the
-    call's layout and Triton runs: where it does not read the length to the host. Tests patch it to
-    run the kernel in Triton's interpreter on CPU tensors, or to keep the whole-body masked path."""
+    """Whether :func:`present_attention` hands a one-token step that the grouped Triton decode kernel
+    takes to that kernel, the body length left on the device (:func:`_kernel_attention`): wherever it
+    does not read the length to the host. Tests patch it to run the kernel in Triton's interpreter on
+    CPU tensors, or to keep the whole-body masked path."""
     return not reads_length(body_len)
 
 
@@ -110,7 +110,8 @@ def _kernel_attention(query: torch.Tensor, k: tuple, v: tuple, k_tail: torch.Ten
     ``body_start + j`` and key ``body_len + i`` tail token ``i``'s. The key bias's positions are laid
     out the same way (body slot ``j`` at ``body_start + j``, then ``bias_pos``).
     """
-    grouped = _triton_kernels()[2]
+    from nqkv_core.ops import triton_decode_grouped as grouped  # (imports Triton: only where it runs)
+
     b, dev = query.shape[0], query.device
     slots, M = k[0].shape[2], k_tail.shape[2]
     body_len = body_len.reshape(()).clamp(0, slots)
