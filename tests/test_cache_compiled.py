@@ -240,6 +240,16 @@ def _kernel_test(fn):
     return pytest.mark.skipif(not (CUDA or INTERPRETING), reason="needs a GPU or Triton's interpreter")(fn)
 
 
+def _poison_for_kernel(k_body: list[torch.Tensor], v_body: list[torch.Tensor], n: int) -> None:
+    """Poison the body slots from ``n`` on for the grouped kernel: a huge key scale (the slot would take
+    all the weight) and a NaN value scale (which then spreads). A NaN key scale would not do: it makes
+    its split's log-sum-exp NaN, which the kernel's merge skips like a split with no keys."""
+    for body, value in ((k_body, 1e4), (v_body, math.nan)):
+        for x in body:
+            if x.dtype.is_floating_point:
+                x[:, :, n:] = value
+
+
 def _kernel_inputs(group: int, slots: int, dev: str):
     """A layer's packed 4-bit body (head_dim 64, two blocks of 32 per row), query, tail with masked
     columns, a padding mask and the key bias (a RoPE table: the kernel's angle addition needs one)."""
@@ -285,8 +295,7 @@ def test_kernel_path_matches_the_whole_body_path(group, rope, monkeypatch):
         whole = torch.ops.nqkv.present_attention(*args)
         monkeypatch.setattr(compiled, "reads_with_kernel", lambda body_len: True)
         clean = [x[1].clone() for x in (k_body, v_body)]
-        for x in (k_body[1], v_body[1]):
-            x[:, :, n:] = math.nan
+        _poison_for_kernel(k_body, v_body, n)
         out = torch.ops.nqkv.present_attention(*args)
         k_body[1].copy_(clean[0])
         v_body[1].copy_(clean[1])
@@ -328,3 +337,41 @@ def test_kernel_path_opcheck(monkeypatch):
             mask, S, 0.125, True, *bias)
     assert compiled._kernel_args(*args[:7], args[10], True) is not None
     torch.library.opcheck(torch.ops.nqkv.present_attention, args)
+
+
+@_kernel_test
+@pytest.mark.parametrize("name", ["nf4-rot-centre", "nf4-rope-centre"])
+def test_kernel_path_in_a_traced_step(name, monkeypatch):
+    """A traced step of a layout the grouped kernel takes (head_dim 64 in blocks of 32) attends through
+    it, with the tail, positions and key bias the step builds: the eager step's output, the body
+    slots past the tokens present never read, with and without the model's mask."""
+    import dataclasses
+
+    monkeypatch.setattr(compiled, "reads_length", lambda body_len: False)
+    calls = []
+    kernel_attention = compiled._kernel_attention
+    monkeypatch.setattr(compiled, "_kernel_attention", lambda *a: calls.append(1) or kernel_attention(*a))
+    dev = "cuda" if CUDA else "cpu"
+    scheme = dataclasses.replace(SCHEMES[name], k_block=32, v_block=32)
+    config = LlamaConfig(vocab_size=96, hidden_size=384, intermediate_size=96, num_hidden_layers=1,
+                         num_attention_heads=6, num_key_value_heads=2, head_dim=64, max_position_embeddings=512)
+    cache = NQKVCache(scheme, config=config, max_cache_len=256, compiled_step="traced")
+    layer, gen = cache.layers[0], torch.Generator().manual_seed(1)
+
+    def kv(n):
+        return (3 * torch.randn(2, 2, n, 64, generator=gen)).to(dev), torch.randn(2, 2, n, 64, generator=gen).to(dev)
+
+    step = torch.compile(_step, fullgraph=True, backend="aot_eager")
+    torch._dynamo.reset()
+    mask = torch.ones(2, 1, 1, 256, dtype=torch.bool, device=dev)
+    with torch.no_grad():
+        for n, m in ((20, None), (21, mask), (90, mask)):
+            cache.append(*kv(n - int(layer.length)), 0)
+            q = torch.randn(2, 6, 1, 64, generator=gen).to(dev)
+            k, v = kv(1)
+            eager = deepcopy(cache)
+            _poison_for_kernel(layer.k_body, layer.v_body, layer._body_capacity(n))
+            out, ref = step(cache, q, k, v, m), _step(eager, q, k, v, m)
+            assert torch.isfinite(out).all(), f"{n} tokens: a body slot past them was read"
+            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    assert len(calls) == 3
