@@ -233,8 +233,8 @@ def test_kernel_path_in_interpreter_process():
     is first imported (this process has imported it already, for inductor)."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "kernel_path"],
-                         env=env, capture_output=True, text=True, timeout=600)
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "kernel_path"]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
 
 
@@ -376,3 +376,34 @@ def test_kernel_path_in_a_traced_step(name, monkeypatch):
             assert torch.isfinite(out).all(), f"{n} tokens: a body slot past them was read"
             torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     assert len(calls) == 3
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU")
+@pytest.mark.parametrize("masked", [False, True])
+def test_kernel_path_captures_in_a_cuda_graph(masked, monkeypatch):
+    """No host read on the kernel path: the op captures in a CUDA graph (with synchronising calls made
+    errors), and replays after the device length changed give the whole-body path's result."""
+    q, k_body, v_body, k_tail, v_tail, tail_allowed, mask, bias, S = _kernel_inputs(3, 40, "cuda")
+    codebook, body_len = get_codebook("nf", 4, 16).cuda(), torch.tensor(5, device="cuda")
+    args = (q.half(), k_body, v_body, codebook, 32, codebook, 32, k_tail, v_tail, tail_allowed, body_len,
+            mask if masked else None, S, 0.125, True, *bias)
+    assert compiled._kernel_args(*args[:7], body_len, True) is not None
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # the first call compiles the kernels
+        torch.ops.nqkv.present_attention(*args)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.cuda.graph(graph):
+            out = torch.ops.nqkv.present_attention(*args)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    for n in (5, 33, 40):
+        body_len.fill_(n)
+        graph.replay()
+        monkeypatch.setattr(compiled, "reads_with_kernel", lambda body_len: False)
+        whole = torch.ops.nqkv.present_attention(*args)
+        monkeypatch.setattr(compiled, "reads_with_kernel", lambda body_len: True)
+        torch.testing.assert_close(out, whole, rtol=2e-2, atol=2e-2, msg=f"{n=}")
