@@ -215,7 +215,7 @@ def present_attention(
         ``(b, hq, T, dv)`` in ``query.dtype``.
     """
     kernel = _kernel_args(query, k_body, v_body, k_codebook, k_block, v_codebook, v_block, body_len, fused)
-    if kernel is not None:
+    if kernel is not None and k_tail.shape[2]:  # (a step's tail holds its own token at least)
         bias = (bias_w, bias_table, bias_pos)
         out = _kernel_attention(query, *kernel, k_tail, v_tail, tail_allowed, body_len, attention_mask, body_start,
                                 scale, bias)
