@@ -722,13 +722,15 @@ def test_smollm2_assisted_decoding_equals_greedy():
     model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf).eval()
     text = ("The committee met on Monday to review the budget. The committee agreed that the budget for"
             " roads and schools would grow next year, and that the budget for parks would stay the same. ")
-    ids = tok(text * 2 + "The committee", return_tensors="pt").input_ids
-    assert ids.shape[1] >= 68  # sinks + stats_tokens of the preset: the transform is fitted on prompt tokens
     nq = enable(model, bits=4, crop_margin=10)
-    kw = dict(max_new_tokens=16, do_sample=False)
-    plain = nq.generate(ids, **kw)
-    assert torch.equal(nq.generate(ids, prompt_lookup_num_tokens=6, **kw), plain)
-    assert torch.equal(nq.generate(ids, assistant_model=model, num_assistant_tokens=4, **kw), plain)
+    # a prompt past the fit period (68 tokens), and one that is decoded through it
+    for ids, new in ((tok(text * 2 + "The committee", return_tensors="pt").input_ids, 16),
+                     (tok(text[:60] + text[:60], return_tensors="pt").input_ids, 48)):
+        kw = dict(max_new_tokens=new, do_sample=False)
+        plain = nq.generate(ids, **kw)
+        assert (ids.shape[1] >= nq.scheme.fit_tokens) == (new == 16) and plain.shape[1] > nq.scheme.fit_tokens
+        assert torch.equal(nq.generate(ids, prompt_lookup_num_tokens=6, **kw), plain)
+        assert torch.equal(nq.generate(ids, assistant_model=model, num_assistant_tokens=4, **kw), plain)
 
 
 def test_enable_refuses_a_model_whose_attention_cannot_be_replaced(monkeypatch):
@@ -760,3 +762,6 @@ def test_prompt_attention_matches_explicit_masks():
                                             enable_gqa=True)
     torch.testing.assert_close(out, expect)
     assert not torch.allclose(out[0, :, 2:], ref[0, :, 2:])
+    # the last 3 queries over all 7 keys (a fit period's step): the last rows of the causal attention
+    torch.testing.assert_close(prompt_attention(q[:, :, 4:], k, v, None, 0.3), ref[:, :, 4:])
+    torch.testing.assert_close(prompt_attention(q[:, :, 4:], k, v, additive, 0.3), ref[:, :, 4:])

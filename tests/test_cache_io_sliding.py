@@ -92,6 +92,22 @@ def test_saved_mid_generation_continues_like_the_uninterrupted_run(name, scheme,
     assert len(rest_logits) == len(logits[13:]) and all(torch.equal(x, y) for x, y in zip(rest_logits, logits[13:]))
 
 
+def test_saved_in_the_fit_period_continues_like_the_uninterrupted_run(tmp_path):
+    model, ids = tiny("gemma2"), prompt()
+    scheme = ROPE.replace(stats_tokens=12)  # fit_tokens 14: saved after 12 tokens, in the fit period
+    nq = enable(model, scheme=scheme)
+    tokens, logits = greedy(model, nq.new_cache(), ids, 16)
+    cache = nq.new_cache()
+    first, first_logits = greedy(model, cache, ids, 2)
+    assert all(layer.prefix is not None and layer.transform is None for layer in cache.layers)
+    cache.save(tmp_path / "p.safetensors")
+    loaded = NQKVCache.load(tmp_path / "p.safetensors", scheme, config=model.config)
+    nxt = int(first_logits[-1].argmax())
+    rest, rest_logits = greedy(model, loaded, torch.tensor([[nxt]]), 13)
+    assert first + [nxt] + rest == tokens
+    assert all(torch.equal(x, y) for x, y in zip(rest_logits, logits[3:], strict=True))
+
+
 def test_file_must_name_the_models_sliding_layers(saved, tmp_path):
     model, path, _ = saved
     with pytest.raises(ValueError, match="holds sliding-window layers; load it with config=model.config"):
