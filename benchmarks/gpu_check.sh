@@ -8,7 +8,9 @@
 #           (batch, kv heads, group, head_dim, tokens) = (1,3,3,64,{16k,32k}), (8,3,3,64,32k),
 #           (1,8,4,128,{32k,64k}), (8,8,4,128,32k);
 #   tests   tests/test_triton_kernels.py compiled for the GPU (every kernel against its reference,
-#           the register lookup, opcheck with fake/AOT checks).
+#           the register lookup, opcheck with fake/AOT checks), and the traced step's attention over
+#           the tokens present through the grouped kernel (against the whole-body path; captured in
+#           a CUDA graph and replayed at other lengths without a host sync).
 # Longer optional stages (not in the 8 minutes): sweep (benchmarks/sweep_triton_decode.py, launch
 # configurations of the split-K kernel), decode (benchmarks/bench_gpu_decode.py, SmolLM2-135M's
 # architecture end to end), cuda_tests (tests/test_cuda.py: compiled decode steps, minutes).
@@ -48,7 +50,8 @@ if [[ $STAGES == *tests* ]]; then
   echo "== kernel tests $(date -u +%H:%M:%S)"
   XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 4")  # (compiling the kernels dominates: in parallel)
   timeout ${TESTS_TIMEOUT:-150} $PY -m pytest -q -p no:cacheprovider $XDIST tests/test_triton_kernels.py \
-    > "$OUT_DIR/tests.log" 2>&1
+    "tests/test_cache_compiled.py::test_kernel_path_matches_the_whole_body_path" \
+    "tests/test_cache_compiled.py::test_kernel_path_captures_in_a_cuda_graph" > "$OUT_DIR/tests.log" 2>&1
   TESTS_RC=$?
   echo "tests exit code: $TESTS_RC"
   tail -15 "$OUT_DIR/tests.log"
