@@ -374,7 +374,7 @@ def test_grouped_kernel_compiles_for_a_gpu(d, bias, dtype):
     loop = triton_sass.key_loop(lines)
     ops = [triton_sass._opcode(line) for line in loop]
     assert bias or usage.get("STACK", 0) == 0
-    assert ops.count("HMMA") >= 4 and ops.count("PRMT") >= 64
+    assert ops.count("HMMA") + ops.count("HGMMA") >= 4 and ops.count("PRMT") >= 64  # (mma or wgmma)
     assert triton_sass.gathers(loop) <= 4
 
 

@@ -159,6 +159,33 @@ def _softmax(s, m_i, l_i, GUARD: tl.constexpr, BY_DOT: tl.constexpr, DT: tl.cons
 
 
 @triton.jit
+def _softmax_keys(s, m_i, l_i, GUARD: tl.constexpr, LW: tl.constexpr):
+    """One online-softmax step in base 2 over scores ``s`` (keys, rows): ``(p, alpha, m, l)``, ``p``
+    (keys, rows). ``GUARD`` as :func:`_softmax`. ``l_i`` is (``LW``, 8, rows): partial sums over key
+    classes, whose total over the first two axes is each row's denominator.
+
+    Why partial sums: the scores are a tensor-core product with the keys as its rows; on sm_90 with
+    4 warps a thread holds keys ``64 t + 16 w + 8 j + r``, ``w`` its warp, ``r`` its lane's row in
+    the fragment, ``t`` and ``j`` its own registers. Summing over ``t`` and ``j`` only adds within
+    each thread: the loop exchanges nothing between threads or warps for the denominators, and the
+    kernel sums the rest once after it. (Other layouts give the same sums, by other paths.)"""
+    m_new = tl.maximum(m_i, tl.max(s, 0))
+    if GUARD:
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_new[None, :])
+    alpha = tl.exp2(m_i - m_new)
+    part = tl.reshape(p, (s.shape[0] // (16 * LW), LW, 2, 8, s.shape[1]))
+    l_i = l_i * alpha[None, None, :] + tl.sum(tl.sum(part, 2), 0)
+    return p, alpha, m_new, l_i
+
+
+@triton.constexpr_function
+def _partial_rows(block_n):
+    """The first axis of :func:`_softmax_keys`' partial sums for ``block_n`` keys per tile."""
+    return min(block_n // 16, 4)
+
+
+@triton.jit
 def _key_bias(s, w_row, r_ok, pos_ptr, offs_t, t_ok, tab_ptr, stride_tab, n_tab, HEAD_DIM: tl.constexpr,
               DT: tl.constexpr):
     """Scores ``s`` (keys, rows) plus the RoPE-centre key bias of keys ``offs_t`` (in base 2):
@@ -220,20 +247,21 @@ def _hist_tile(acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, qe0, qo0, qe1, qo1, sta
         s += s1 * _scale(ka, offs_t * stride_kat + stride_kad, t_ok, MASKED)[:, None]
     if HAS_BIAS:
         s = _key_bias(s, w_row, r_ok, pos_ptr, offs_t, t_ok, tab_ptr, stride_tab, n_tab, 2 * NB * HALF, DT)
-    s = tl.trans(s)  # (rows, keys)
-    s = _mask_scores(s, r_ok, t_ok, offs_t, last_key, row_mask_ptr, stride_mk, MASKED, MASK_KIND, IS_CAUSAL)
-    p, alpha, m_i, l_i = _softmax(s, m_i, l_i, MASKED or MASK_KIND != 0 or IS_CAUSAL, True, DT)
+    if MASKED or MASK_KIND != 0 or IS_CAUSAL:
+        s = tl.trans(_mask_scores(tl.trans(s), r_ok, t_ok, offs_t, last_key, row_mask_ptr, stride_mk, MASKED,
+                                  MASK_KIND, IS_CAUSAL))
+    p, alpha, m_i, l_i = _softmax_keys(s, m_i, l_i, MASKED or MASK_KIND != 0 or IS_CAUSAL, _partial_rows(BLOCK_N))
     # -- values: each block's products take the probabilities times its scale --
     ve, vo = _levels(vc, offs_t, t_ok, 0, stride_vct, vcb_ptr, v0, v1, v2, v3, v4, v5, v6, v7, HALF, MASKED, LUT, DT)
-    pw = (p * _scale(va, offs_t * stride_vat, t_ok, MASKED)[None, :]).to(DT)
-    acc_e0 = acc_e0 * alpha[:, None] + _dot(pw, ve, DT)
-    acc_o0 = acc_o0 * alpha[:, None] + _dot(pw, vo, DT)
+    pw = (p * _scale(va, offs_t * stride_vat, t_ok, MASKED)[:, None]).to(DT)
+    vf = tl.reshape(tl.permute(tl.join(ve, vo), (2, 1, 0)), (2 * HALF, BLOCK_N))
+    acc_e0 = acc_e0 * alpha[None, :] + _dot(vf, pw, DT)
     if NB == 2:
         ve, vo = _levels(vc, offs_t, t_ok, HALF, stride_vct, vcb_ptr, v0, v1, v2, v3, v4, v5, v6, v7, HALF, MASKED,
                          LUT, DT)
-        pw = (p * _scale(va, offs_t * stride_vat + stride_vad, t_ok, MASKED)[None, :]).to(DT)
-        acc_e1 = acc_e1 * alpha[:, None] + _dot(pw, ve, DT)
-        acc_o1 = acc_o1 * alpha[:, None] + _dot(pw, vo, DT)
+        pw = (p * _scale(va, offs_t * stride_vat + stride_vad, t_ok, MASKED)[:, None]).to(DT)
+        vf = tl.reshape(tl.permute(tl.join(ve, vo), (2, 1, 0)), (2 * HALF, BLOCK_N))
+        acc_e1 = acc_e1 * alpha[None, :] + _dot(vf, pw, DT)
     return acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i
 
 
@@ -243,6 +271,20 @@ def _dense_halves(ptr, offs_t, t_ok, stride_t, stride_d, first, HALF: tl.constex
     offs = first + tl.arange(0, 2 * HALF)
     x = tl.load(ptr + offs_t[:, None] * stride_t + offs[None, :] * stride_d, mask=t_ok[:, None], other=0.0)
     return tl.split(tl.reshape(x, (offs_t.shape[0], HALF, 2)))
+
+
+@triton.jit
+def _dense_block(ptr, offs_t, t_ok, stride_t, stride_d, first, HALF: tl.constexpr):
+    """Elements ``[first, first + 2 * HALF)`` of dense rows ``offs_t``: (N, 2 * HALF)."""
+    offs = first + _block_order(HALF)
+    return tl.load(ptr + offs_t[None, :] * stride_t + offs[:, None] * stride_d, mask=t_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _block_order(HALF: tl.constexpr):
+    """The element of a block at each row of a value tile: the even elements, then the odd ones."""
+    m = tl.arange(0, 2 * HALF)
+    return 2 * (m % HALF) + m // HALF
 
 
 @triton.jit
@@ -266,14 +308,11 @@ def _tail_tile(acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, qe0, qo0, qe1, qo1, sta
     s = tl.trans(s)  # (rows, keys)
     s = _mask_scores(s, r_ok, t_ok, t_hist + offs_t, last_key, row_mask_ptr, stride_mk, True, MASK_KIND, IS_CAUSAL)
     p, alpha, m_i, l_i = _softmax(s, m_i, l_i, True, False, DT)
-    pw = p.to(DT)
-    ve, vo = _dense_halves(vt, offs_t, t_ok, stride_vtt, stride_vtd, 0, HALF)
-    acc_e0 = acc_e0 * alpha[:, None] + _dot(pw, ve, DT)
-    acc_o0 = acc_o0 * alpha[:, None] + _dot(pw, vo, DT)
+    pwt = tl.trans(p.to(DT))
+    acc_e0 = acc_e0 * alpha[None, :] + _dot(_dense_block(vt, offs_t, t_ok, stride_vtt, stride_vtd, 0, HALF), pwt, DT)
     if NB == 2:
-        ve, vo = _dense_halves(vt, offs_t, t_ok, stride_vtt, stride_vtd, 2 * HALF, HALF)
-        acc_e1 = acc_e1 * alpha[:, None] + _dot(pw, ve, DT)
-        acc_o1 = acc_o1 * alpha[:, None] + _dot(pw, vo, DT)
+        acc_e1 = acc_e1 * alpha[None, :] + _dot(
+            _dense_block(vt, offs_t, t_ok, stride_vtt, stride_vtd, 2 * HALF, HALF), pwt, DT)
     return acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i
 
 
@@ -299,10 +338,11 @@ def _store_partial(po_ptr, plse_ptr, base, offs_r, r_ok, acc_e0, acc_o0, acc_e1,
     (-inf for a row that saw no key)."""
     has = l_i > 0
     l_safe = tl.where(has, l_i, 1.0)
-    po_row = po_ptr + (base + offs_r)[:, None] * HEAD_DIM
-    _store_halves(po_row, r_ok, 0, acc_e0, acc_o0, l_safe[:, None], HALF)
+    po_col = po_ptr + (base + offs_r)[None, :] * HEAD_DIM
+    offs_d = _block_order(HALF)[:, None]
+    tl.store(po_col + offs_d, acc_e0 / l_safe[None, :], mask=r_ok[None, :])
     if NB == 2:
-        _store_halves(po_row, r_ok, 2 * HALF, acc_e1, acc_o1, l_safe[:, None], HALF)
+        tl.store(po_col + 2 * HALF + offs_d, acc_e1 / l_safe[None, :], mask=r_ok[None, :])
     tl.store(plse_ptr + base + offs_r, tl.where(has, m_i + tl.log2(l_safe), float("-inf")), mask=r_ok)
 
 
@@ -365,11 +405,11 @@ def _grouped_split_kernel(
     vc, va = vc_ptr + b * stride_vcb + h * stride_vch, va_ptr + b * stride_vab + h * stride_vah
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
     # the softmax denominators: over the history 16 equal columns (see _softmax's BY_DOT)
-    l_i = tl.zeros([BLOCK_R, 16], tl.float32)
-    acc_e0 = tl.zeros([BLOCK_R, HALF], tl.float32)
-    acc_o0 = tl.zeros([BLOCK_R, HALF], tl.float32)
-    acc_e1 = tl.zeros([BLOCK_R, HALF], tl.float32)
-    acc_o1 = tl.zeros([BLOCK_R, HALF], tl.float32)
+    l_i = tl.zeros([_partial_rows(BLOCK_N), 8, BLOCK_R], tl.float32)
+    acc_e0 = tl.zeros([2 * HALF, BLOCK_R], tl.float32)
+    acc_o0 = 0.0
+    acc_e1 = tl.zeros([2 * HALF, BLOCK_R], tl.float32)
+    acc_o1 = 0.0
     # -- packed history: full tiles unmasked, then the partial one --
     h_hi = tl.minimum(hi, t_hist)
     full = lo + tl.maximum(h_hi - lo, 0) // BLOCK_N * BLOCK_N
@@ -387,7 +427,7 @@ def _grouped_split_kernel(
             stride_vct, stride_vat, stride_vad, stride_mk,
             k0, k1, k2, k3, k4, k5, k6, k7, v0, v1, v2, v3, v4, v5, v6, v7, w_row, pos_ptr, tab_ptr, stride_tab, n_tab,
             NB, HALF, True, MASK_KIND, IS_CAUSAL, LUT, DT, BLOCK_N, HAS_BIAS)
-    l_i = tl.max(l_i, 1)
+    l_i = tl.sum(tl.sum(l_i, 1), 0)
     # -- full-precision tail: its own short loop --
     if HAS_TAIL:
         kt, vt = kt_ptr + b * stride_ktb + h * stride_kth, vt_ptr + b * stride_vtb + h * stride_vth
