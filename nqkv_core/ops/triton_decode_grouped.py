@@ -3,9 +3,11 @@
 One program per (sequence x KV head, split): every query row of a KV head (``GROUP * Tq`` rows,
 padded to ``BLOCK_R >= 16``) is a dimension of both ``tl.dot`` products, so a key tile is decoded
 once for the whole group. The scores are computed transposed, (keys, rows) = decoded keys @ query
-rows, and transposed back: the decoded tile is then the operand the tensor cores take from
-registers and the loop-invariant query the one they read from shared memory, which takes fewer
-registers and register moves than the other way round. The number of splits is a launch parameter
+rows: the decoded tile is then the operand the tensor cores take from registers and the
+loop-invariant query the one they read from shared memory, which takes fewer registers and register
+moves than the other way round. The softmax runs over those key columns, and the value products are
+transposed too, (block elements, rows) = decoded values^T @ probabilities, one warpgroup product per
+block (see :func:`_hist_tile`). The number of splits is a launch parameter
 fixed by the caller (:func:`default_splits`: from the SM count), not derived from the cache length:
 each program reads the lengths (from a device tensor, or from scalar arguments that are not
 specialised on) and computes its own key range, so neither a growing cache nor CUDA-graph replay
@@ -16,10 +18,10 @@ Per split: the packed history in full tiles of ``BLOCK_N`` keys without masks, t
 partial tile, then the full-precision tail (sinks / window, a separate dense tensor) in its own
 short loop. Codes are decoded in registers: on a GPU by byte permutes against the codebook held as
 16-bit byte tables (``triton_decode._LUT16_ASM``), in lane order (a byte's low and high codes go
-to an "even" and an "odd" tile; the query is split the same way, and the output comes out as its
-even and odd elements). Block scales are never applied per element: a K block's scale multiplies
-its partial score column, a V block's scale multiplies the probability column fed to that block's
-product (with two blocks per row, as at head_dim 128 in blocks of 64, each block is its own pair of
+to an "even" and an "odd" tile; the query is split the same way, and a block's accumulator holds
+its even, then its odd elements). Block scales are never applied per element: a K block's scale
+multiplies its partial score row, a V block's scale multiplies the probability row fed to that
+block's product (with two blocks per row, as at head_dim 128 in blocks of 64, each block has its own
 products). Scores are kept in base 2 (``log2(e)`` folded into the query scale). A RoPE-centred
 cache's key bias is computed in the loop from per-row weights, the RoPE table and each key's
 position (:func:`_key_bias`), never as a dense tensor.
@@ -123,15 +125,22 @@ def _scale(ptr, offs_t, t_ok, MASKED: tl.constexpr):
 
 @triton.jit
 def _mask_scores(s, r_ok, t_ok, key_pos, last_key, row_mask_ptr, stride_mk,
-                 MASKED: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr):
-    """``s`` (rows, keys, base 2) with -inf where a key is past the range, after the row's causal
-    limit, or masked out; an additive mask is added (times log2(e))."""
+                 MASKED: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                 KEYS_FIRST: tl.constexpr = False):
+    """``s`` (rows, keys, base 2; ``KEYS_FIRST``: (keys, rows)) with -inf where a key is past the
+    range, after the row's causal limit, or masked out; an additive mask is added (times log2(e))."""
+    if KEYS_FIRST:
+        t_ok2, pos2, rows_ok2 = t_ok[:, None], key_pos[:, None], r_ok[None, :]
+        last2, mask_ptrs = last_key[None, :], tl.trans(row_mask_ptr) + pos2 * stride_mk
+    else:
+        t_ok2, pos2, rows_ok2 = t_ok[None, :], key_pos[None, :], r_ok[:, None]
+        last2, mask_ptrs = last_key[:, None], row_mask_ptr + pos2 * stride_mk
     if MASKED:
-        s = tl.where(t_ok[None, :], s, float("-inf"))
+        s = tl.where(t_ok2, s, float("-inf"))
     if IS_CAUSAL:
-        s = tl.where(key_pos[None, :] <= last_key[:, None], s, float("-inf"))
+        s = tl.where(pos2 <= last2, s, float("-inf"))
     if MASK_KIND != 0:
-        mv = tl.load(row_mask_ptr + key_pos[None, :] * stride_mk, mask=r_ok[:, None] & t_ok[None, :], other=0)
+        mv = tl.load(mask_ptrs, mask=rows_ok2 & t_ok2, other=0)
         if MASK_KIND == 1:
             s = tl.where(mv != 0, s, float("-inf"))
         else:
@@ -140,21 +149,16 @@ def _mask_scores(s, r_ok, t_ok, key_pos, last_key, row_mask_ptr, stride_mk,
 
 
 @triton.jit
-def _softmax(s, m_i, l_i, GUARD: tl.constexpr, BY_DOT: tl.constexpr, DT: tl.constexpr):
-    """One online-softmax step in base 2: ``(p, alpha, m, l)``. ``GUARD``: a row may have no key
-    yet (all -inf), whose max must not turn ``-inf - -inf`` into NaN. ``BY_DOT``: ``l_i`` is
-    (rows, 16), each column the row's sum, accumulated by a product of ``p`` (in ``DT``, as the value
-    products take it) with ones on the tensor cores instead of a sum across threads."""
+def _softmax(s, m_i, l_i, GUARD: tl.constexpr):
+    """One online-softmax step in base 2 over scores ``s`` (rows, keys): ``(p, alpha, m, l)``.
+    ``GUARD``: a row may have no key yet (all -inf), whose max must not turn ``-inf - -inf`` into
+    NaN."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     if GUARD:
         m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
-    if BY_DOT:
-        ones = tl.full([s.shape[1], 16], 1.0, DT)
-        l_i = l_i * alpha[:, None] + _dot(p.to(DT), ones, DT)
-    else:
-        l_i = l_i * alpha + tl.sum(p, 1)
+    l_i = l_i * alpha + tl.sum(p, 1)
     return p, alpha, m_new, l_i
 
 
@@ -223,7 +227,7 @@ def _key_bias(s, w_row, r_ok, pos_ptr, offs_t, t_ok, tab_ptr, stride_tab, n_tab,
 
 
 @triton.jit
-def _hist_tile(acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, qe0, qo0, qe1, qo1, start, stop, r_ok, last_key,
+def _hist_tile(acc0, acc1, m_i, l_i, qe0, qo0, qe1, qo1, start, stop, r_ok, last_key,
                kc, ka, kcb_ptr, vc, va, vcb_ptr, row_mask_ptr, stride_kct, stride_kat, stride_kad,
                stride_vct, stride_vat, stride_vad, stride_mk,
                k0, k1, k2, k3, k4, k5, k6, k7, v0, v1, v2, v3, v4, v5, v6, v7,
@@ -233,7 +237,9 @@ def _hist_tile(acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, qe0, qo0, qe1, qo1, sta
                HAS_BIAS: tl.constexpr):
     """Keys ``[start, start + BLOCK_N)`` of the packed history (``MASKED``: only those below
     ``stop``): scores, one softmax step, the value products. Blocks of ``2 * HALF`` elements,
-    ``NB`` (1 or 2) of them per row; ``HAS_BIAS``: plus the key bias (:func:`_key_bias`)."""
+    ``NB`` (1 or 2) of them per row, each with its accumulator ``acc0`` / ``acc1`` (2 * HALF,
+    rows) in :func:`_block_order`; ``l_i`` as :func:`_softmax_keys`; ``HAS_BIAS``: plus the key
+    bias (:func:`_key_bias`)."""
     offs_t = start + tl.arange(0, BLOCK_N)
     t_ok = offs_t < stop
     # -- scores, (keys, rows): each block's partial product times its scale --
@@ -247,22 +253,24 @@ def _hist_tile(acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, qe0, qo0, qe1, qo1, sta
         s += s1 * _scale(ka, offs_t * stride_kat + stride_kad, t_ok, MASKED)[:, None]
     if HAS_BIAS:
         s = _key_bias(s, w_row, r_ok, pos_ptr, offs_t, t_ok, tab_ptr, stride_tab, n_tab, 2 * NB * HALF, DT)
-    if MASKED or MASK_KIND != 0 or IS_CAUSAL:
-        s = tl.trans(_mask_scores(tl.trans(s), r_ok, t_ok, offs_t, last_key, row_mask_ptr, stride_mk, MASKED,
-                                  MASK_KIND, IS_CAUSAL))
+    s = _mask_scores(s, r_ok, t_ok, offs_t, last_key, row_mask_ptr, stride_mk, MASKED, MASK_KIND, IS_CAUSAL, True)
     p, alpha, m_i, l_i = _softmax_keys(s, m_i, l_i, MASKED or MASK_KIND != 0 or IS_CAUSAL, _partial_rows(BLOCK_N))
-    # -- values: each block's products take the probabilities times its scale --
+    # -- values: each block's product takes the probabilities times its scale. Transposed, (block
+    # elements, rows) = values^T @ p: the block's even and odd levels stacked (_block_order) make
+    # the product's first dimension 64 or 128, so it runs as one warpgroup product (wgmma) that
+    # takes the decoded tile from shared memory as it is, where (rows, elements) = p @ values
+    # would be 16 rows of mma per warp with the tile moved into their register layout --
     ve, vo = _levels(vc, offs_t, t_ok, 0, stride_vct, vcb_ptr, v0, v1, v2, v3, v4, v5, v6, v7, HALF, MASKED, LUT, DT)
     pw = (p * _scale(va, offs_t * stride_vat, t_ok, MASKED)[:, None]).to(DT)
     vf = tl.reshape(tl.permute(tl.join(ve, vo), (2, 1, 0)), (2 * HALF, BLOCK_N))
-    acc_e0 = acc_e0 * alpha[None, :] + _dot(vf, pw, DT)
+    acc0 = acc0 * alpha[None, :] + _dot(vf, pw, DT)
     if NB == 2:
         ve, vo = _levels(vc, offs_t, t_ok, HALF, stride_vct, vcb_ptr, v0, v1, v2, v3, v4, v5, v6, v7, HALF, MASKED,
                          LUT, DT)
         pw = (p * _scale(va, offs_t * stride_vat + stride_vad, t_ok, MASKED)[:, None]).to(DT)
         vf = tl.reshape(tl.permute(tl.join(ve, vo), (2, 1, 0)), (2 * HALF, BLOCK_N))
-        acc_e1 = acc_e1 * alpha[None, :] + _dot(vf, pw, DT)
-    return acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i
+        acc1 = acc1 * alpha[None, :] + _dot(vf, pw, DT)
+    return acc0, acc1, m_i, l_i
 
 
 @triton.jit
@@ -275,27 +283,29 @@ def _dense_halves(ptr, offs_t, t_ok, stride_t, stride_d, first, HALF: tl.constex
 
 @triton.jit
 def _dense_block(ptr, offs_t, t_ok, stride_t, stride_d, first, HALF: tl.constexpr):
-    """Elements ``[first, first + 2 * HALF)`` of dense rows ``offs_t``: (N, 2 * HALF)."""
+    """Elements ``[first, first + 2 * HALF)`` of dense rows ``offs_t`` as a value tile: (2 * HALF, N),
+    in :func:`_block_order`."""
     offs = first + _block_order(HALF)
     return tl.load(ptr + offs_t[None, :] * stride_t + offs[:, None] * stride_d, mask=t_ok[None, :], other=0.0)
 
 
 @triton.jit
 def _block_order(HALF: tl.constexpr):
-    """The element of a block at each row of a value tile: the even elements, then the odd ones."""
+    """The element of a block at each row of a value tile or accumulator: the even elements, then
+    the odd ones (the order in which the lookup yields them)."""
     m = tl.arange(0, 2 * HALF)
     return 2 * (m % HALF) + m // HALF
 
 
 @triton.jit
-def _tail_tile(acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, qe0, qo0, qe1, qo1, start, stop, t_hist, r_ok, last_key,
+def _tail_tile(acc0, acc1, m_i, l_i, qe0, qo0, qe1, qo1, start, stop, t_hist, r_ok, last_key,
                kt, vt, row_mask_ptr, stride_ktt, stride_ktd, stride_vtt, stride_vtd, stride_mk,
                w_row, pos_ptr, tab_ptr, stride_tab, n_tab,
                NB: tl.constexpr, HALF: tl.constexpr, MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr,
                DT: tl.constexpr, BLOCK_T: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Tail tokens ``[start, start + BLOCK_T)`` below ``stop`` (key positions ``t_hist + i``): exact
-    keys and values, split like the history (``NB`` pairs of halves); ``pos_ptr``: the tail's
-    positions (with ``HAS_BIAS``)."""
+    keys and values, split like the history (``NB`` pairs of halves, accumulators as
+    :func:`_hist_tile`'s, ``l_i`` (rows,)); ``pos_ptr``: the tail's positions (with ``HAS_BIAS``)."""
     offs_t = start + tl.arange(0, BLOCK_T)
     t_ok = offs_t < stop
     ke, ko = _dense_halves(kt, offs_t, t_ok, stride_ktt, stride_ktd, 0, HALF)
@@ -307,13 +317,13 @@ def _tail_tile(acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, qe0, qo0, qe1, qo1, sta
         s = _key_bias(s, w_row, r_ok, pos_ptr, offs_t, t_ok, tab_ptr, stride_tab, n_tab, 2 * NB * HALF, DT)
     s = tl.trans(s)  # (rows, keys)
     s = _mask_scores(s, r_ok, t_ok, t_hist + offs_t, last_key, row_mask_ptr, stride_mk, True, MASK_KIND, IS_CAUSAL)
-    p, alpha, m_i, l_i = _softmax(s, m_i, l_i, True, False, DT)
+    p, alpha, m_i, l_i = _softmax(s, m_i, l_i, True)
     pwt = tl.trans(p.to(DT))
-    acc_e0 = acc_e0 * alpha[None, :] + _dot(_dense_block(vt, offs_t, t_ok, stride_vtt, stride_vtd, 0, HALF), pwt, DT)
+    acc0 = acc0 * alpha[None, :] + _dot(_dense_block(vt, offs_t, t_ok, stride_vtt, stride_vtd, 0, HALF), pwt, DT)
     if NB == 2:
-        acc_e1 = acc_e1 * alpha[None, :] + _dot(
+        acc1 = acc1 * alpha[None, :] + _dot(
             _dense_block(vt, offs_t, t_ok, stride_vtt, stride_vtd, 2 * HALF, HALF), pwt, DT)
-    return acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i
+    return acc0, acc1, m_i, l_i
 
 
 @triton.jit
@@ -325,14 +335,7 @@ def _query_halves(q_row, r_ok, stride_qd, first, scale, HALF: tl.constexpr, DT: 
 
 
 @triton.jit
-def _store_halves(po_row, r_ok, first, acc_e, acc_o, norm, HALF: tl.constexpr):
-    offs = first + 2 * tl.arange(0, HALF)
-    tl.store(po_row + offs[None, :], acc_e / norm, mask=r_ok[:, None])
-    tl.store(po_row + (offs + 1)[None, :], acc_o / norm, mask=r_ok[:, None])
-
-
-@triton.jit
-def _store_partial(po_ptr, plse_ptr, base, offs_r, r_ok, acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i,
+def _store_partial(po_ptr, plse_ptr, base, offs_r, r_ok, acc0, acc1, m_i, l_i,
                    NB: tl.constexpr, HALF: tl.constexpr, HEAD_DIM: tl.constexpr):
     """A split's normalised output rows (natural element order) and their base-2 log-sum-exp
     (-inf for a row that saw no key)."""
@@ -340,9 +343,9 @@ def _store_partial(po_ptr, plse_ptr, base, offs_r, r_ok, acc_e0, acc_o0, acc_e1,
     l_safe = tl.where(has, l_i, 1.0)
     po_col = po_ptr + (base + offs_r)[None, :] * HEAD_DIM
     offs_d = _block_order(HALF)[:, None]
-    tl.store(po_col + offs_d, acc_e0 / l_safe[None, :], mask=r_ok[None, :])
+    tl.store(po_col + offs_d, acc0 / l_safe[None, :], mask=r_ok[None, :])
     if NB == 2:
-        tl.store(po_col + 2 * HALF + offs_d, acc_e1 / l_safe[None, :], mask=r_ok[None, :])
+        tl.store(po_col + 2 * HALF + offs_d, acc1 / l_safe[None, :], mask=r_ok[None, :])
     tl.store(plse_ptr + base + offs_r, tl.where(has, m_i + tl.log2(l_safe), float("-inf")), mask=r_ok)
 
 
@@ -404,25 +407,23 @@ def _grouped_split_kernel(
     kc, ka = kc_ptr + b * stride_kcb + h * stride_kch, ka_ptr + b * stride_kab + h * stride_kah
     vc, va = vc_ptr + b * stride_vcb + h * stride_vch, va_ptr + b * stride_vab + h * stride_vah
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    # the softmax denominators: over the history 16 equal columns (see _softmax's BY_DOT)
+    # the softmax denominators: over the history partial sums (see _softmax_keys)
     l_i = tl.zeros([_partial_rows(BLOCK_N), 8, BLOCK_R], tl.float32)
-    acc_e0 = tl.zeros([2 * HALF, BLOCK_R], tl.float32)
-    acc_o0 = 0.0
-    acc_e1 = tl.zeros([2 * HALF, BLOCK_R], tl.float32)
-    acc_o1 = 0.0
+    acc0 = tl.zeros([2 * HALF, BLOCK_R], tl.float32)
+    acc1 = tl.zeros([2 * HALF, BLOCK_R], tl.float32)
     # -- packed history: full tiles unmasked, then the partial one --
     h_hi = tl.minimum(hi, t_hist)
     full = lo + tl.maximum(h_hi - lo, 0) // BLOCK_N * BLOCK_N
     for start in range(lo, full, BLOCK_N):
-        acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i = _hist_tile(
-            acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, qe0, qo0, qe1, qo1, start, h_hi, r_ok, last_key,
+        acc0, acc1, m_i, l_i = _hist_tile(
+            acc0, acc1, m_i, l_i, qe0, qo0, qe1, qo1, start, h_hi, r_ok, last_key,
             kc, ka, kcb_ptr, vc, va, vcb_ptr, row_mask_ptr, stride_kct, stride_kat, stride_kad,
             stride_vct, stride_vat, stride_vad, stride_mk,
             k0, k1, k2, k3, k4, k5, k6, k7, v0, v1, v2, v3, v4, v5, v6, v7, w_row, pos_ptr, tab_ptr, stride_tab, n_tab,
             NB, HALF, False, MASK_KIND, IS_CAUSAL, LUT, DT, BLOCK_N, HAS_BIAS)
     if full < h_hi:
-        acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i = _hist_tile(
-            acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, qe0, qo0, qe1, qo1, full, h_hi, r_ok, last_key,
+        acc0, acc1, m_i, l_i = _hist_tile(
+            acc0, acc1, m_i, l_i, qe0, qo0, qe1, qo1, full, h_hi, r_ok, last_key,
             kc, ka, kcb_ptr, vc, va, vcb_ptr, row_mask_ptr, stride_kct, stride_kat, stride_kad,
             stride_vct, stride_vat, stride_vad, stride_mk,
             k0, k1, k2, k3, k4, k5, k6, k7, v0, v1, v2, v3, v4, v5, v6, v7, w_row, pos_ptr, tab_ptr, stride_tab, n_tab,
@@ -432,13 +433,13 @@ def _grouped_split_kernel(
     if HAS_TAIL:
         kt, vt = kt_ptr + b * stride_ktb + h * stride_kth, vt_ptr + b * stride_vtb + h * stride_vth
         for start in range(tl.maximum(lo, t_hist) - t_hist, hi - t_hist, BLOCK_T):
-            acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i = _tail_tile(
-                acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, qe0, qo0, qe1, qo1, start, hi - t_hist, t_hist, r_ok,
+            acc0, acc1, m_i, l_i = _tail_tile(
+                acc0, acc1, m_i, l_i, qe0, qo0, qe1, qo1, start, hi - t_hist, t_hist, r_ok,
                 last_key, kt, vt, row_mask_ptr, stride_ktt, stride_ktd, stride_vtt, stride_vtd, stride_mk,
                 w_row, pos_ptr + t_hist, tab_ptr, stride_tab, n_tab,
                 NB, HALF, MASK_KIND, IS_CAUSAL, DT, BLOCK_T, HAS_BIAS)
     base = (pid_bh * NUM_SPLITS + pid_s) * N_ROWS
-    _store_partial(po_ptr, plse_ptr, base, offs_r, r_ok, acc_e0, acc_o0, acc_e1, acc_o1, m_i, l_i, NB, HALF,
+    _store_partial(po_ptr, plse_ptr, base, offs_r, r_ok, acc0, acc1, m_i, l_i, NB, HALF,
                    HEAD_DIM)
 
 
