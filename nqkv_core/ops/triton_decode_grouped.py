@@ -54,7 +54,7 @@ MAX_ROWS = 64  # query rows per KV head (GROUP * Tq) the kernel takes in one pro
 # accumulation), as a 16-bit model computes attention; otherwise they stay on the split-K kernel's
 # fp32 products. Untimed: chosen from the compiled code (benchmarks/triton_sass.py: the fewest
 # instructions per decoded element with no spills and at most 128 registers; 128-key tiles at two
-# blocks per row take about 170, a cp.async double buffer (num_stages=2) more instructions and
+# blocks per row take about 140, a cp.async double buffer (num_stages=2) more instructions and
 # registers for the same tiles); benchmarks/gpu_decode_check.py times it against a few others.
 GROUPED_CONFIG = dict(block_n=(128, 64), block_n_masked=64, block_t=16, num_warps=4, num_stages=1, programs_per_sm=4,
                       max_splits=128, fp32_queries=False)
