@@ -257,9 +257,10 @@ def _hist_tile(acc0, acc1, m_i, l_i, qe0, qo0, qe1, qo1, start, stop, r_ok, last
     p, alpha, m_i, l_i = _softmax_keys(s, m_i, l_i, MASKED or MASK_KIND != 0 or IS_CAUSAL, _partial_rows(BLOCK_N))
     # -- values: each block's product takes the probabilities times its scale. Transposed, (block
     # elements, rows) = values^T @ p: the block's even and odd levels stacked (_block_order) make
-    # the product's first dimension 64 or 128, so it runs as one warpgroup product (wgmma) that
-    # takes the decoded tile from shared memory as it is, where (rows, elements) = p @ values
-    # would be 16 rows of mma per warp with the tile moved into their register layout --
+    # the product's first dimension 64 or 128, so it runs as a warpgroup product (wgmma) that reads
+    # p from shared memory and takes the decoded tile in registers exactly as its transposing loads
+    # from shared memory leave it; (rows, elements) = p @ values runs as mma over 16 rows per warp,
+    # whose operands take register moves after those loads --
     ve, vo = _levels(vc, offs_t, t_ok, 0, stride_vct, vcb_ptr, v0, v1, v2, v3, v4, v5, v6, v7, HALF, MASKED, LUT, DT)
     pw = (p * _scale(va, offs_t * stride_vat, t_ok, MASKED)[:, None]).to(DT)
     vf = tl.reshape(tl.permute(tl.join(ve, vo), (2, 1, 0)), (2 * HALF, BLOCK_N))
