@@ -97,6 +97,27 @@ def test_crop_follows_transformers_semantics():
             cache.crop(-10)  # beyond the full-precision margin
 
 
+@pytest.mark.parametrize("prompt, margin, kept", [(29, 0, False), (29, 4, False), (20, 0, False), (20, 4, True)])
+def test_fit_tokens_are_kept_only_while_a_crop_can_reach_them(prompt, margin, kept):
+    # SCHEME fits on 18 tokens and keeps 7 + margin ring slots: a 20-token prompt with a margin of 4
+    # can be cropped to 16 tokens (its fit is then redone), so its exact fit tokens stay one step;
+    # otherwise they are dropped with the prompt's forward.
+    model = tiny()
+    cache = enable(model, scheme=SCHEME, crop_margin=margin).new_cache()
+    with torch.no_grad():
+        model(torch.randint(1, 96, (1, prompt)), past_key_values=cache, use_cache=True)
+    layer = cache.layers[0]
+    assert layer.transform is not None and (layer.prefix is not None) == kept
+    floor = layer.crop_floor(prompt)
+    assert (floor < SCHEME.fit_tokens) == kept
+    if kept:
+        cache.crop(floor)  # into the fit tokens: exact again, fitted at the next step
+        assert layer.transform is None and cache.get_seq_length() == floor
+    elif floor:
+        with pytest.raises(ValueError, match="crop_margin"):
+            cache.crop(floor - 1)
+
+
 QUERY_FITTED = SCHEME.replace(name="t-query", k_rounding="query", k_equalize="qk", v_equalize=True)
 
 

@@ -11,9 +11,10 @@ reads the keys as any step does.
 The rule depends on positions only, not on how a sequence is split into forward passes: a short
 prompt decoded token by token, a chunked prompt, and assisted decoding's forwards of candidate
 tokens (the rejected ones cropped) fit the same transform on the same tokens. So the exact tokens
-are kept one step longer than the fit: a crop in between may remove tokens the transform was fitted
-on, and then the layer is fitted again (or goes back to holding them all exact). They are dropped
-at the start of the first step after every row was fitted.
+are kept one step longer than the fit when a crop in between may remove tokens the transform was
+fitted on (the layer is then fitted again, or goes back to holding them all exact); they are dropped
+at the start of the first step after every row was fitted, or at once when no crop can reach them
+(:meth:`NQKVLayer.crop_floor`: a prompt longer than ``F`` plus the crop margin).
 
 A compiled step runs a layer's fit period inside the opaque ``nqkv::cache_step`` (CPU). A layer
 that compiled steps trace instead (CUDA graphs: :attr:`NQKVLayer.compiles_traced`) has no fit
@@ -98,6 +99,13 @@ def _begin(layer, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None) -> N
     layer.prefix = Prefix(k[:, :, :0], v[:, :, :0], q, cap=pads + layer.scheme.fit_tokens)
 
 
+def _settle(layer, total: int) -> None:
+    """After a fit at ``total`` tokens: drop the prefix now if no crop can reach a row's fit tokens."""
+    p = layer.prefix
+    if p.fitted and bool((_own_lengths(layer, layer.crop_floor(total)) >= layer.scheme.fit_tokens).all()):
+        layer.prefix = None
+
+
 def _refit(layer, n: int, total: int, config: Any = None) -> bool:
     """With ``total`` tokens, fit the transform on the prefix's rows if any holds ``F`` tokens (each
     row on its first ``F``; a row with fewer, on what it has: it is fitted again when it has them),
@@ -153,6 +161,7 @@ def attention(layer, query: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tens
         return exact.contiguous()
     p.fitted = _refit(layer, n, n + T, config)
     out = step(layer, query, k_new, v_new, attention_mask, scaling, config, logits)
+    _settle(layer, n + T)
     if exact is None:
         return out
     own_pos = before[:, None] + torch.arange(m, device=layer.device)  # (b, m)
@@ -175,6 +184,7 @@ def append(layer, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None) -> b
     if layer.transform is None:
         layer._advance(T)
         return False
+    _settle(layer, n + T)
     return True
 
 

@@ -371,8 +371,7 @@ class NQKVLayer(CacheLayerMixin):
             return
         if self.prefix is not None and fitting.crop(self, keep):  # the fit period's tokens are all exact
             return
-        ring_from = max(self.n_sinks, n - self.n_ring)  # oldest position still held in fp
-        if max(self.n_sinks, keep - self.window + 1) < ring_from:
+        if keep < self.crop_floor(n):
             raise ValueError(
                 f"cannot crop the NQKV cache from {n} to {keep} tokens: tokens that would re-enter the"
                 f" full-precision window were already quantized (only the last {self.n_ring} are kept"
@@ -382,6 +381,12 @@ class NQKVLayer(CacheLayerMixin):
         self._step_length = None
         if self.starts is not None:  # a row cropped to no token of its own starts again at keep
             self.starts.clamp_(max=keep)
+
+    def crop_floor(self, n: int) -> int:
+        """The fewest tokens :meth:`crop` can keep of ``n``: those whose window is still in the ring
+        (all of them while the ring reaches back to the sinks)."""
+        ring_from = n - self.n_ring  # oldest position still held in full precision
+        return ring_from + self.window - 1 if ring_from > self.n_sinks else 0
 
     def _batch_map(self, fn) -> None:
         if not self.is_initialized:
