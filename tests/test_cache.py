@@ -406,6 +406,27 @@ def test_static_cache_matches_dynamic_and_bytes_are_exact():
     assert int(cache.layers[0].length) == ids.shape[1] + NEW - 1
 
 
+def test_growing_cache_allocates_at_most_a_growth_step_beyond_its_tokens():
+    # A growing body (and the shared RoPE table) takes room in steps of GROWTH_STEP tokens: decoding
+    # past a prompt never holds more than GROWTH_STEP - 1 empty body slots (a body that doubled held
+    # up to as many empty slots as tokens).
+    from nqkv_core.cache.format import GROWTH_STEP
+
+    model, scheme = tiny_model(), nqkv_preset(4, window=4)
+    cache = enable(model, scheme=scheme).new_cache()
+    ids = torch.randint(1, 96, (1, 150), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)
+        grew = set()
+        for i in range(150):
+            model(ids[:, i : i + 1], past_key_values=cache, use_cache=True)
+            layer, n = cache.layers[0], cache.get_seq_length()
+            assert layer._body_capacity(n) <= layer.capacity < layer._body_capacity(n) + GROWTH_STEP
+            assert n <= layer.rope.positions < n + GROWTH_STEP
+            grew.add(layer.capacity)
+    assert len(grew) >= 2  # it did grow
+
+
 def test_batch_with_left_padding_matches_reference():
     model, scheme = tiny_model(), SCHEMES["nf4-rot-centre"]
     g = torch.Generator().manual_seed(3)

@@ -83,6 +83,17 @@ class KeyBias:
     dense: Callable[[], torch.Tensor]
 
 
+# A growing buffer (a body, the RoPE table) grows in steps of this many tokens: at most that many
+# slots stand empty, and a step copies the buffer once every GROWTH_STEP tokens, a small fraction of
+# what the decode steps in between read (each reads the whole body).
+GROWTH_STEP = 64
+
+
+def grown(needed: int) -> int:
+    """The slots a growing buffer allocates to hold ``needed``: the next multiple of :data:`GROWTH_STEP`."""
+    return needed + (-needed % GROWTH_STEP)
+
+
 def fp_dtype(scheme: KVScheme, dtype: torch.dtype) -> torch.dtype:
     """The dtype of a layer's full-precision tokens (sinks, ring, a 16-bit body) for a model of ``dtype``.
 
@@ -130,7 +141,8 @@ class RopeTable:
     reads: ``tiles`` ``(positions / 16, d, 16)``, tile ``t`` holding positions ``16 t .. 16 t + 15``
     of element ``i`` at ``[t, i, :]``, so that the key bias of sixteen consecutive positions is one
     vector per element; :meth:`row`, :meth:`scores` and :meth:`rows` serve the torch paths. It grows
-    by doubling as the sequence grows (or is allocated once for ``max_cache_len``), in whole tiles.
+    in steps of :data:`GROWTH_STEP` positions as the sequence grows (or is allocated once for
+    ``max_cache_len``).
 
     ``order``: the key channel order in which ``inv_freq`` pairs channels ``(i, i + d / 2)``
     (:func:`~nqkv_core.transform.rope_layout`; None: the keys' own), which the layers' transforms
@@ -156,12 +168,14 @@ class RopeTable:
         t = self.tiles
         if t is not None and self.positions >= n and t.device == torch.device(device):
             return
-        rows = max(n, 2 * self.positions, 64, self.max_len or 0)
+        rows = max(grown(n), self.max_len or 0)
         rows += -rows % 16
+        kept = self.positions if t is not None and t.device == torch.device(device) else 0
         inv_freq = self.inv_freq.float().to(device)
-        ang = torch.arange(rows, device=device).float()[:, None] * inv_freq[None, :]
+        ang = torch.arange(kept, rows, device=device).float()[:, None] * inv_freq[None, :]
         table = torch.cat([ang.cos(), ang.sin()], dim=-1)
-        self.tiles = table.view(rows // 16, 16, table.shape[1]).transpose(1, 2).contiguous()
+        new = table.view((rows - kept) // 16, 16, table.shape[1]).transpose(1, 2)
+        self.tiles = torch.cat([t, new]) if kept else new.contiguous()
 
     def row(self, p: int) -> torch.Tensor:
         """Row ``p``, ``(d,)`` (a view of the tiles)."""

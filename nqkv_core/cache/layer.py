@@ -9,7 +9,7 @@ Per ``(batch, kv head)``, in the storage basis of the scheme (after its exact tr
 
 with ``n`` the number of tokens seen, ``S = scheme.sinks`` and ``W = max(scheme.window, 1)``. The
 window is a ring buffer of ``W - 1 + crop_margin`` slots; the body is a preallocated code and scale
-buffer (grown by doubling in the dynamic mode, fixed with ``max_cache_len``). Every write is an
+buffer (grown in steps of ``GROWTH_STEP`` tokens in the dynamic mode, fixed with ``max_cache_len``). Every write is an
 ``index_copy_`` at tensor positions and every read is masked, so a decode step with a fixed
 ``max_cache_len`` has static shapes, allocates no cache storage, and traces with
 ``torch.compile(fullgraph=True)``. The attention step itself is :mod:`nqkv_core.cache.step`; a
@@ -27,8 +27,8 @@ from nqkv_core import _hf, native
 from nqkv_core.cache import commit, fitting, step
 from nqkv_core.cache.attend import Logits
 from nqkv_core.cache.compiled import STEP_LAYERS, STEP_NAMES
-from nqkv_core.cache.format import (RopeTable, SideFormat, check_head_dim, fp_dtype, joint_format, side_format,
-                                    storage_bytes)
+from nqkv_core.cache.format import (RopeTable, SideFormat, check_head_dim, fp_dtype, grown, joint_format,
+                                    side_format, storage_bytes)
 from nqkv_core.cache.handle import Handle
 from nqkv_core.cache.inputs import check_first_kv, check_like_buffers, check_query
 from nqkv_core.cache.state import layer_state, load_layer_state
@@ -211,7 +211,7 @@ class NQKVLayer(CacheLayerMixin):
         needed = self._body_capacity(n_tokens)
         if needed <= self.capacity:
             return
-        capacity = max(needed, 2 * self.capacity)
+        capacity = grown(needed)
         n = self.capacity
         for name, fmt in (("k_body", self.k_fmt), ("v_body", self.v_fmt)):
             old, new = getattr(self, name), self._new_body(fmt, capacity)
