@@ -182,7 +182,7 @@ def _bind(lib: ctypes.CDLL, key: str) -> ctypes.CDLL:
     lib.nqkv_decode_step.argtypes = [
         ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, i64, i64, _PackedArg,
         _PackedArg, i64, ptr, ptr, f32, i64, i64, i64, i64, ptr, i64, i64, f32, i64, i64, i64, i64, ptr, i32, ptr,
-        i32, i32, ptr, ptr,
+        i32, i32, ptr, ptr, i32,
     ]
     lib.nqkv_decode_step.restype = ctypes.c_int
     lib.nqkv_quantize_rows.restype = i64
@@ -450,7 +450,8 @@ class DecodeStep:
     ``query_heads`` Hq; ``rot_k`` (D, D) rotates keys and queries, ``rot_v`` values (None: no
     rotation); the transform vectors (B, Hkv, 1, D) or None (with ``mu_k_half`` set, a RoPE-aware
     centre: the kernel derives each query's bias weights from it and ``mu_k``); sink and ring
-    buffers (B, Hkv, slots, D), updated in place; ``k_body``/``v_body`` the packed bodies
+    buffers (B, Hkv, slots, D), fp32 or bf16 (all four alike; the new token is rounded as they
+    store it), updated in place; ``k_body``/``v_body`` the packed bodies
     (:class:`~nqkv_core.packed.Packed`, blocks along head_dim); ``thresholds`` the K and V coding midpoints;
     ``rope``, the RoPE ``[cos | sin]`` table in tiles of sixteen positions (P / 16, D, 16)
     (:class:`~nqkv_core.cache.format.RopeTable`), for a
@@ -475,9 +476,12 @@ class DecodeStep:
                       rope, fit_ratios, k_levels, k_fb)
         k_body, v_body = Packed.of(k_body), Packed.of(v_body)
         formats = ((k_body.bits, k_body.block), (v_body.bits, v_body.block))
-        d = sinks[0].shape[-1]
-        self.supported = decode_step_supported(
-            rot_k, rot_v, mu_k, mu_k_half, mu_v, *sinks, *ring, *thresholds, rope, formats=formats,
+        d, fp = sinks[0].shape[-1], sinks[0].dtype
+        # the full-precision rows: all fp32 or all bf16, read and written by the kernel as stored
+        rows_ok = fp in (torch.float32, torch.bfloat16) and all(
+            t.dtype == fp and t.is_contiguous() for t in (*sinks, *ring)) and _usable(*sinks, *ring)
+        self.supported = rows_ok and decode_step_supported(
+            rot_k, rot_v, mu_k, mu_k_half, mu_v, *thresholds, rope, formats=formats,
         ) and all(r is None or r.numel() == d * d for r in (rot_k, rot_v))  # one (D, D) matrix each
         self.supported = self.supported and k_body.per_token and v_body.per_token
         self.supported = self.supported and (rope is None or rope.shape[1:] == (d, 16))
@@ -494,7 +498,7 @@ class DecodeStep:
         self._tail = (thresholds[0].data_ptr(), thresholds[1].data_ptr(), max_scale)
         self._rope = (_ptr(rope), self.rope_rows)
         self._fit = (_ptr(fit_ratios), 0 if fit_ratios is None else fit_ratios.numel(), fit_sides, _ptr(k_levels),
-                     _ptr(k_fb))
+                     _ptr(k_fb), int(fp == torch.bfloat16))
 
     def __reduce__(self):
         # Copies and pickles of a cache drop the prepared step (its pointers are into the original's

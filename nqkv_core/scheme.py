@@ -202,6 +202,25 @@ class KVScheme:
         return self.k_centre or self.v_centre or self.k_equalize != "none" or self.v_equalize
 
     @property
+    def transformed(self) -> bool:
+        """Whether a cache stores this scheme's tokens in a basis other than the model's."""
+        return self.needs_stats or self.k_rotate or self.v_rotate
+
+    def exact_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype a cache keeps full-precision tokens in (sinks, the window, a 16-bit side) for a
+        model of ``dtype``.
+
+        Untransformed, the model's tokens as they come. Transformed, the storage basis comes out of
+        the transform in fp32: an fp32 (or wider) model keeps that, so tokens are quantized from the
+        numbers the fake-quantized reference uses; a 16-bit model keeps it in bf16, the 16 bits of
+        its own cache with fp32's range (in fp16 a rotated coordinate could overflow: a rotation can
+        raise one to ``sqrt(head_dim)`` times the largest input).
+        """
+        if not self.transformed:
+            return dtype
+        return torch.bfloat16 if dtype.itemsize <= 2 else torch.float32
+
+    @property
     def fit_tokens(self) -> int:
         """A sequence's first tokens on which its transform is fitted: the sinks and ``stats_tokens``
         (:data:`~nqkv_core.transform.QUERY_STATS_PER_TOKEN` times as many queries for
@@ -344,7 +363,7 @@ def roundtrip(
     def side(x, fwd, back, bits, quant, block, axis, fit, feedback=None):
         if bits >= FP_BITS:
             return x.float()
-        y = fwd(x)
+        y = fwd(x).to(scheme.exact_dtype(x.dtype)).float()  # the values a cache quantizes
         body = quantize_roundtrip(y[..., s:, :], bits, quant, block, axis, scheme.scale_dtype, scheme.unbiased,
                                   fit, feedback)
         return back(torch.cat([y[..., :s, :], body], dim=-2))

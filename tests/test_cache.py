@@ -171,23 +171,32 @@ def test_decode_strategy_is_checked():
         enable(tiny_model(), decode="fused")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("preset", [(4, 64), (3, 32)])
-def test_native_step_at_head_dim_64_matches_the_torch_step(preset):
+def test_native_step_at_head_dim_64_matches_the_torch_step(preset, dtype, monkeypatch):
     # head_dim 64 with the preset's blocks of 64 takes the kernel's register paths (codes decoded in
     # lane order, one scale per token factored out of the sums, the RoPE-centred key bias from the
     # table's tiles of sixteen positions); a 150-token prompt gives a body of several tiles that
     # starts inside the first one, and the key offset makes the bias large. The 3-bit preset with
-    # blocks of 32 has two scales per row, query-rounded keys and fitted values.
+    # blocks of 32 has two scales per row, query-rounded keys and fitted values. A bf16 model's
+    # sink and window tokens are held in bf16, which the kernel reads and writes itself.
     if not native.available():
         pytest.skip("native CPU kernels not built")
-    model, scheme = tiny_model(head_dim=64, key_offset=3.0), nqkv_preset(preset[0], block=preset[1])
+    model, scheme = tiny_model(head_dim=64, key_offset=3.0).to(dtype), nqkv_preset(preset[0], block=preset[1])
     ids = torch.randint(1, 96, (2, 150), generator=torch.Generator().manual_seed(2))
-    seq, logits = generate(model, ids, cache=enable(model, scheme=scheme, decode="native").generate_kwargs())
+    calls = []
+    step = native.DecodeStep.run
+    monkeypatch.setattr(native.DecodeStep, "run", lambda *a, **k: calls.append(1) or step(*a, **k))  # a spy
+    kwargs = enable(model, scheme=scheme, decode="native").generate_kwargs()
+    seq, logits = generate(model, ids, cache=kwargs)
+    cache = next(v for v in kwargs.values() if isinstance(v, NQKVCache))
+    assert cache.layers[0].k_ring.dtype == cache.layers[0].v_sink.dtype == dtype
+    assert len(calls) == len(cache.layers) * (NEW - 1)  # every decode step of every layer, one native call
     seq_ref, ref_logits = generate(model, ids, cache=enable(model, scheme=scheme, decode="folded").generate_kwargs())
     assert torch.equal(seq, seq_ref)
     # fp32 sums in another order (and a code may flip at a level boundary): with the large key
-    # offset the logits differ by up to about 1e-3
-    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=2e-3)
+    # offset the logits differ by up to about 1e-3 (a bf16 model's logits by a bf16 rounding step)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=2e-3 if dtype == torch.float32 else 1.6e-2)
 
 
 def test_copied_cache_continues_like_the_original():

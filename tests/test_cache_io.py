@@ -181,6 +181,16 @@ def test_round_trip_and_hmac_key(tmp_path):
         NQKVCache.load(forged, ROPE, key=b"secret")
 
 
+def test_bf16_model_cache_saves_its_exact_tokens_in_bf16_and_continues_bitwise(tmp_path):
+    model = tiny_model(dtype=torch.bfloat16)
+    cache = saved_cache(model, ROPE, tmp_path / "b.safetensors")
+    tensors = read(tmp_path / "b.safetensors")[1]
+    assert tensors["layer0.k_sink"].dtype == tensors["layer0.v_ring"].dtype == torch.bfloat16
+    loaded = NQKVCache.load(tmp_path / "b.safetensors", ROPE, config=model.config)
+    for _ in range(4):
+        assert torch.equal(decode_step(model, loaded), decode_step(model, cache))
+
+
 def test_reset_layer_loads_without_a_transform(tmp_path):
     # a layer that was filled and reset holds buffers but no transform: it is refitted on the next step
     model = tiny_model()

@@ -95,12 +95,9 @@ def grown(needed: int) -> int:
 
 
 def fp_dtype(scheme: KVScheme, dtype: torch.dtype) -> torch.dtype:
-    """The dtype of a layer's full-precision tokens (sinks, ring, a 16-bit body) for a model of ``dtype``.
-
-    A transformed scheme's storage basis comes out of the transform in fp32; keeping the exact tokens
-    in fp32 there means a token is quantized from the same numbers a fake-quantized reference uses.
-    """
-    return torch.float32 if scheme.needs_stats or scheme.k_rotate or scheme.v_rotate else dtype
+    """The dtype of a layer's full-precision tokens (sinks, ring, a 16-bit body) for a model of ``dtype``
+    (:meth:`~nqkv_core.scheme.KVScheme.exact_dtype`)."""
+    return scheme.exact_dtype(dtype)
 
 
 def side_format(scheme: KVScheme, side: str, device: torch.device | str = "cpu") -> SideFormat:

@@ -178,7 +178,7 @@ def _folds(layer, n: int | None, T: int) -> bool:
     strategies, with no per-channel equalisation (which the maps do not carry)."""
     t = layer.transform
     return (layer.decode in ("auto", "folded", "native") and bool(n) and T == 1
-            and layer.fp_dtype == torch.float32 and t.a_k is None and t.b_v is None)
+            and layer.fp_dtype in (torch.float32, torch.bfloat16) and t.a_k is None and t.b_v is None)
 
 
 def _folded_inputs(layer, query, k_new, maps: StepMaps, n: int, scaling: float):
@@ -195,7 +195,7 @@ def _folded_inputs(layer, query, k_new, maps: StepMaps, n: int, scaling: float):
     elif t.mu_k is not None:
         k_new = k_new - t.mu_k
     k_new = k_new @ t.rot_k if t.rot_k is not None else k_new
-    return q, w, k_new, None
+    return q, w, k_new.to(layer.fp_dtype), None
 
 
 def _prompt_only(layer, n: int | None, T: int, attention_mask: torch.Tensor | None) -> bool:

@@ -67,6 +67,36 @@ inline uint16_t float_to_bf16(float f) {
   return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
+// Full-precision token rows (sinks, ring) are fp32 or bf16 (`bf16` set): read / write n elements at
+// element offset i. A bf16 store rounds to nearest even as torch's cast does, NaN staying NaN.
+inline void load_fp(const void* p, int64_t i, int64_t n, int bf16, float* dst) {
+  if (!bf16) {
+    std::memcpy(dst, (const float*)p + i, n * sizeof(float));
+    return;
+  }
+  const uint16_t* h = (const uint16_t*)p + i;
+  for (int64_t e = 0; e < n; ++e) dst[e] = bits_to_float((uint32_t)h[e] << 16);
+}
+
+inline uint16_t bf16_bits(float f) {
+  return f != f ? (uint16_t)((float_to_bits(f) >> 16) | 0x40u) : float_to_bf16(f);
+}
+
+inline void store_fp(void* p, int64_t i, int64_t n, int bf16, const float* src) {
+  if (!bf16) {
+    std::memcpy((float*)p + i, src, n * sizeof(float));
+    return;
+  }
+  uint16_t* h = (uint16_t*)p + i;
+  for (int64_t e = 0; e < n; ++e) h[e] = bf16_bits(src[e]);
+}
+
+// x rounded to what the full-precision rows store (bf16: to nearest even, in place).
+inline void round_fp(float* x, int64_t n, int bf16) {
+  if (bf16)
+    for (int64_t e = 0; e < n; ++e) x[e] = bits_to_float((uint32_t)bf16_bits(x[e]) << 16);
+}
+
 inline float load_scale(const void* p, int64_t i, int half) {
   return half ? half_to_float(((const uint16_t*)p)[i]) : ((const float*)p)[i];
 }
@@ -1263,7 +1293,8 @@ int nqkv_attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, co
 //   halves of row n_tokens of the [cos | sin] table, each repeated twice, as apply_rope builds
 //   them), mu_k (plain) or none; v' = (v - mu_v) @ rot_v (null rot = identity, null mu = none);
 // then attention over [n_body packed tokens | S sinks | R ring slots | the new token] (ring and
-// sinks read from their buffers, (B, Hkv, slots, D) contiguous), out = o @ rot_v^T + mu_v, and the
+// sinks read from their buffers, (B, Hkv, slots, D) contiguous, fp32 or with `fp_bf16` bf16, the new
+// token rounded as they store it), out = o @ rot_v^T + mu_v, and the
 // commit: the ring slot `leave_slot` (>= 0) is quantized into body slot `body_slot` (K and V: the
 // packed bodies are written), then k', v' go to sink slot `sink_slot` or ring slot `ring_slot`
 // (whichever is >= 0). With bias weights each key's score gains w . table[p] at its position p
@@ -1278,14 +1309,14 @@ int nqkv_attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, co
 // the token being quantized (nothing is written then).
 int nqkv_decode_step(const float* q, const float* k_new, const float* v_new, const float* rot_k,
                      const float* rot_v, const float* mu_k, const float* mu_k_half, const float* mu_v,
-                     float* k_sink, float* v_sink,
-                     int64_t n_sinks, int64_t sink_slots, float* k_ring, float* v_ring, int64_t n_ring,
+                     void* k_sink, void* v_sink,
+                     int64_t n_sinks, int64_t sink_slots, void* k_ring, void* v_ring, int64_t n_ring,
                      int64_t ring_slots, Packed k_body, Packed v_body, int64_t n_body, const float* k_thresholds,
                      const float* v_thresholds, float max_scale, int64_t leave_slot, int64_t body_slot,
                      int64_t sink_slot, int64_t ring_slot, const float* rope_tiles,
                      int64_t rope_rows, int64_t n_tokens, float scale, int64_t B, int64_t Hkv, int64_t G, int64_t D,
                      float* out, int threads, const float* fit_ratios, int n_fit, int fit_sides,
-                     const float* k_levels, const float* k_feedback) {
+                     const float* k_levels, const float* k_feedback, int fp_bf16) {
   const int64_t Hq = Hkv * G, BH = B * Hkv, T_tail = n_sinks + n_ring + 1, half = D / 2;
   const bool bias = mu_k && mu_k_half;
   // RoPE-aware centre: the [cos | sin] rows of the new token's position give apply_rope's full rows
@@ -1324,13 +1355,15 @@ int nqkv_decode_step(const float* q, const float* k_new, const float* v_new, con
     for (int64_t d = 0; d < D; ++d) tmp[d] = v[d] - (mu_v ? mu_v[bh * D + d] : 0.f);
     float* vd = vn.data() + bh * D;
     row_times(tmp.data(), rot_v, D, D, vd);
+    round_fp(kd, D, fp_bf16);  // the new token attends as it is stored
+    round_fp(vd, D, fp_bf16);
     // the tail the attention reads: sinks, ring slots, the new token
     float* kt = k_tail.data() + bh * T_tail * D;
     float* vt = v_tail.data() + bh * T_tail * D;
-    std::memcpy(kt, k_sink + bh * sink_slots * D, n_sinks * D * sizeof(float));
-    std::memcpy(vt, v_sink + bh * sink_slots * D, n_sinks * D * sizeof(float));
-    std::memcpy(kt + n_sinks * D, k_ring + bh * ring_slots * D, n_ring * D * sizeof(float));
-    std::memcpy(vt + n_sinks * D, v_ring + bh * ring_slots * D, n_ring * D * sizeof(float));
+    load_fp(k_sink, bh * sink_slots * D, n_sinks * D, fp_bf16, kt);
+    load_fp(v_sink, bh * sink_slots * D, n_sinks * D, fp_bf16, vt);
+    load_fp(k_ring, bh * ring_slots * D, n_ring * D, fp_bf16, kt + n_sinks * D);
+    load_fp(v_ring, bh * ring_slots * D, n_ring * D, fp_bf16, vt + n_sinks * D);
     std::memcpy(kt + (T_tail - 1) * D, kd, D * sizeof(float));
     std::memcpy(vt + (T_tail - 1) * D, vd, D * sizeof(float));
     // the query rows of this KV head (rows in (b, h * G + g) order)
@@ -1364,7 +1397,7 @@ int nqkv_decode_step(const float* q, const float* k_new, const float* v_new, con
   // commit: the leaving ring token into the body (quantized first, written only if it is valid)
   if (leave_slot >= 0) {
     const Packed* bodies[2] = {&k_body, &v_body};
-    const float* rings[2] = {k_ring, v_ring};
+    const void* rings[2] = {k_ring, v_ring};
     const float* thresholds[2] = {k_thresholds, v_thresholds};
     std::vector<uint8_t> codes[2];
     std::vector<float> scales[2];
@@ -1373,7 +1406,7 @@ int nqkv_decode_step(const float* q, const float* k_new, const float* v_new, con
       const int64_t row_bytes = D * p.bits / 8, nb = D / p.block;
       std::vector<float> rows(BH * D);
       for (int64_t bh = 0; bh < BH; ++bh)
-        std::memcpy(rows.data() + bh * D, rings[side] + (bh * ring_slots + leave_slot) * D, D * sizeof(float));
+        load_fp(rings[side], (bh * ring_slots + leave_slot) * D, D, fp_bf16, rows.data() + bh * D);
       codes[side].resize(BH * row_bytes);
       scales[side].resize(BH * nb);
       // keys with feedback rounding: one matrix per (b, h) row; they code against the plain levels
@@ -1401,11 +1434,11 @@ int nqkv_decode_step(const float* q, const float* k_new, const float* v_new, con
   }
   for (int64_t bh = 0; bh < BH; ++bh) {
     if (sink_slot >= 0) {
-      std::memcpy(k_sink + (bh * sink_slots + sink_slot) * D, kn.data() + bh * D, D * sizeof(float));
-      std::memcpy(v_sink + (bh * sink_slots + sink_slot) * D, vn.data() + bh * D, D * sizeof(float));
+      store_fp(k_sink, (bh * sink_slots + sink_slot) * D, D, fp_bf16, kn.data() + bh * D);
+      store_fp(v_sink, (bh * sink_slots + sink_slot) * D, D, fp_bf16, vn.data() + bh * D);
     } else if (ring_slot >= 0) {
-      std::memcpy(k_ring + (bh * ring_slots + ring_slot) * D, kn.data() + bh * D, D * sizeof(float));
-      std::memcpy(v_ring + (bh * ring_slots + ring_slot) * D, vn.data() + bh * D, D * sizeof(float));
+      store_fp(k_ring, (bh * ring_slots + ring_slot) * D, D, fp_bf16, kn.data() + bh * D);
+      store_fp(v_ring, (bh * ring_slots + ring_slot) * D, D, fp_bf16, vn.data() + bh * D);
     }
   }
   return 0;
