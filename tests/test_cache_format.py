@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nqkv_core.cache.format import RopeTable
+from nqkv_core.cache.format import GROWTH_STEP, RopeTable
 from nqkv_core.ops.cpu import key_bias_scores
 
 
@@ -29,10 +29,12 @@ def test_rope_table_holds_only_tiles_and_reads_back_its_rows(n):
     w = torch.randn(2, 3, 1, 64, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(table.scores(w, n), w @ ref[:n].T, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(key_bias_scores(w, table.tiles), key_bias_scores(w, ref), atol=1e-5, rtol=1e-5)
-    grown = table.tiles
-    table.ensure(table.positions + 1, torch.device("cpu"))  # grows by doubling, the same rows first
-    assert table.positions >= 2 * grown.shape[0] * 16
-    torch.testing.assert_close(table.rows(grown.shape[0] * 16), ref)
+    before = table.positions
+    table.ensure(before + 1, torch.device("cpu"))  # grows by a growth step: only the new rows computed
+    assert table.positions == before + GROWTH_STEP
+    fresh = RopeTable(inv_freq)
+    fresh.ensure(table.positions, torch.device("cpu"))
+    assert torch.equal(table.tiles, fresh.tiles) and torch.equal(table.rows(before), ref)
 
 
 def test_rope_table_without_frequencies_raises():

@@ -11,7 +11,7 @@ import torch
 
 from nqkv_core import _hf
 from nqkv_core.cache import fitting, step
-from nqkv_core.cache.format import RopeTable, grown
+from nqkv_core.cache.format import RopeTable
 from nqkv_core.cache.layer import CompiledStep, NQKVLayer
 from nqkv_core.cache.state import load_sliding_layer_state, sliding_layer_state
 from nqkv_core.scheme import KVScheme
@@ -106,7 +106,7 @@ class NQKVSlidingLayer(NQKVLayer):
         ring = self._ring_slots(n_tokens - n)
         needed = min(self._body_capacity(n_tokens), ring)
         if needed > self.capacity:
-            self._relayout(min(grown(needed), ring), n)
+            self._relayout(min(max(needed, 2 * self.capacity), ring), n)  # (bounded by the ring)
 
     def _relayout(self, capacity: int, n: int) -> None:
         """Move the ring of codes to ``capacity`` slots; the tokens held (positions up to ``n - W``) keep
