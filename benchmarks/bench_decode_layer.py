@@ -7,6 +7,7 @@ Isolates what a model's decode step spends per layer (no linear layers around it
 * ``nqkv``: the ``--bits`` preset, 4 by default (RoPE-aware key centre: attention adds a score
   offset); with ``--also-block N`` the same preset in blocks of N too (``nqkv bN``);
 * ``nqkv plain-centre``: the same with a post-RoPE key mean (no offset);
+* ``nqkv bf16 model``: ``nqkv`` with bf16 tokens and queries (its sink and window tokens in bf16);
 * ``nqkv torch path``: ``nqkv`` without the native CPU kernels (``nqkv_core.native.disabled()``);
 * ``sdpa fp32 cat``: fp32 SDPA (``enable_gqa``) over a cache grown by ``torch.cat``, as
   ``DynamicCache`` does;
@@ -39,14 +40,19 @@ def rope_config(kv_heads: int, group: int, head_dim: int):
                        num_key_value_heads=kv_heads, num_hidden_layers=1, head_dim=head_dim, rope_theta=1e5)
 
 
-def nqkv_steps(scheme, config, tokens: int, steps: int, kv_heads: int, group: int, d: int, use_native: bool = True) -> float:
+def nqkv_steps(scheme, config, tokens: int, steps: int, kv_heads: int, group: int, d: int, use_native: bool = True,
+               dtype: torch.dtype = torch.float32) -> float:
     cache = NQKVCache(scheme, config=config)
     g = torch.Generator().manual_seed(0)
-    k, v = torch.randn(1, kv_heads, tokens, d, generator=g), torch.randn(1, kv_heads, tokens, d, generator=g)
-    cache.append(k, v, 0, torch.randn(1, kv_heads * group, tokens, d, generator=g))  # (queries: the 3-bit key coder)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    k, v = randn(1, kv_heads, tokens, d), randn(1, kv_heads, tokens, d)
+    cache.append(k, v, 0, randn(1, kv_heads * group, tokens, d))  # (queries: the 3-bit key coder)
     layer = cache.layers[0]
-    q = torch.randn(1, kv_heads * group, 1, d, generator=g)
-    new = [(torch.randn(1, kv_heads, 1, d, generator=g), torch.randn(1, kv_heads, 1, d, generator=g)) for _ in range(steps)]
+    q = randn(1, kv_heads * group, 1, d)
+    new = [(randn(1, kv_heads, 1, d), randn(1, kv_heads, 1, d)) for _ in range(steps)]
     times = []
     with contextlib.nullcontext() if use_native else native.disabled():
         for k, v in new:
@@ -99,6 +105,7 @@ def main() -> None:
     variants = {
         "nqkv": lambda t: nqkv_steps(rope, config, t, args.steps, h, grp, d),
         "nqkv plain-centre": lambda t: nqkv_steps(plain, config, t, args.steps, h, grp, d),
+        "nqkv bf16 model": lambda t: nqkv_steps(rope, config, t, args.steps, h, grp, d, dtype=torch.bfloat16),
         "nqkv torch path": lambda t: nqkv_steps(rope, config, t, args.steps, h, grp, d, use_native=False),
         # (each round starts a little further on: the torch path meets matmul shapes it has not seen)
         "sdpa fp32 cat": lambda t: sdpa_steps(t, args.steps, h, grp, d, static=False),

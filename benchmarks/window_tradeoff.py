@@ -37,23 +37,29 @@ def main() -> None:
     ap.add_argument("--window-len", type=int, default=1024, help="tokens per evaluation window")
     ap.add_argument("--context", type=int, default=2048, help="tokens held by the cache whose bytes are counted")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                    help="dtype of the model whose cache bytes are counted (its exact tokens' width)")
+    ap.add_argument("--bytes-only", action="store_true", help="count the bytes, skip the perplexity")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    lm = load_model(args.model, attn_implementation=register_attention())
-    windows = token_windows(lm.tokenizer, load_text(args.text_file), args.window_len, args.windows)
     schemes = [default_scheme(b, 64, sinks=args.sinks, window=w) for b in args.bits for w in args.fp_window]
-    rows = evaluate(lm.model, windows, schemes, desc="window trade-off")
-    fp = rows[0].ppl
+    rows, fp = [None] * (len(schemes) + 1), float("nan")
+    if not args.bytes_only:
+        lm = load_model(args.model, attn_implementation=register_attention())
+        windows = token_windows(lm.tokenizer, load_text(args.text_file), args.window_len, args.windows)
+        rows = evaluate(lm.model, windows, schemes, desc="window trade-off")
+        fp = rows[0].ppl
     config = smollm2_config(30)
     fp16 = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 2 * args.context
     print(f"\nfull precision: PPL {fp:.3f} ({args.windows} x {args.window_len} tokens);"
-          f" bytes: SmolLM2-135M-shaped cache of {args.context} tokens\n")
+          f" bytes: SmolLM2-135M-shaped cache of {args.context} tokens, {args.dtype} model\n")
     print(f"| scheme | window | exact tokens | PPL | PPL - fp | fp16 / nbytes at {args.context} |")
     print("|---|---:|---:|---:|---:|---:|")
     for s, row in zip(schemes, rows[1:]):
         exact = s.sinks + max(s.window, 1) - 1
-        ratio = fp16 / filled(s, config, args.context).nbytes
-        print(f"| {s.name} | {s.window} | {exact} | {row.ppl:.3f} | {row.ppl - fp:+.3f} | {ratio:.2f} |", flush=True)
+        ratio = fp16 / filled(s, config, args.context, getattr(torch, args.dtype)).nbytes
+        ppl = f"{row.ppl:.3f} | {row.ppl - fp:+.3f}" if row is not None else "- | -"
+        print(f"| {s.name} | {s.window} | {exact} | {ppl} | {ratio:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
