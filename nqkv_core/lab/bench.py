@@ -328,10 +328,12 @@ def _memory_tables(model, scheme, args, budget: int, out: _Lines) -> dict[str, f
             f" {added / 2**10:,.1f} KiB beyond its {stored / 2**20:,.1f} MiB of storage"
             f" ({added / 8 / 2**10:,.1f} KiB per sequence).")
     for n in (2048, 16384):  # every tensor a short and a long cache holds, against fp16 (docs/benchmarks.md)
-        held = filled_cache("nqkv", model, 1, n, scheme).nbytes
         fp16 = bpt["DynamicCache fp16"] * n
+        held = {dt: filled_cache("nqkv", model, 1, n, scheme, dt).nbytes for dt in (torch.bfloat16, torch.float32)}
         out.add(f"Every tensor held at {n:,} tokens (codes, scales, exact tokens, transforms, RoPE table):"
-                f" {held / 2**20:,.2f} MiB against {fp16 / 2**20:,.2f} MiB for fp16 (fp16 / NQKV {fp16 / held:.2f}x).")
+                f" {held[torch.bfloat16] / 2**20:,.2f} MiB for a bf16 model against {fp16 / 2**20:,.2f} MiB"
+                f" for fp16 (fp16 / NQKV {fp16 / held[torch.bfloat16]:.2f}x; an fp32 model, exact tokens in fp32:"
+                f" {fp16 / held[torch.float32]:.2f}x).")
     return bpt
 
 

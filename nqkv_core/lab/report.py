@@ -84,8 +84,10 @@ def max_context(scheme: KVScheme | None, budget: int, dims: tuple[int, int, int]
 # -- decode speed -------------------------------------------------------------------------------
 
 
-def filled_cache(kind: str, model, batch: int, context: int, scheme: KVScheme | None = None):
-    """A cache of ``kind`` (``"nqkv"``, ``"dynamic"``, ``"quanto"``) holding ``context`` random tokens."""
+def filled_cache(kind: str, model, batch: int, context: int, scheme: KVScheme | None = None,
+                 dtype: torch.dtype = torch.float32):
+    """A cache of ``kind`` (``"nqkv"``, ``"dynamic"``, ``"quanto"``) holding ``context`` random tokens
+    of ``dtype`` (a 16-bit model's tokens: the NQKV cache keeps its exact ones in 16 bits)."""
     layers, heads, head_dim = model_dims(model)
     if kind == "nqkv":
         from nqkv_core.cache import NQKVCache
@@ -101,8 +103,8 @@ def filled_cache(kind: str, model, batch: int, context: int, scheme: KVScheme | 
         raise ValueError(f"unknown cache kind {kind!r}")
     g = torch.Generator().manual_seed(0)
     for i in range(layers):
-        k = torch.randn(batch, heads, context, head_dim, generator=g)
-        v = torch.randn(batch, heads, context, head_dim, generator=g)
+        k = torch.randn(batch, heads, context, head_dim, generator=g).to(dtype)
+        v = torch.randn(batch, heads, context, head_dim, generator=g).to(dtype)
         cache.append(k, v, i) if kind == "nqkv" else cache.update(k, v, i)
     return cache
 
