@@ -392,7 +392,8 @@ def run(args: argparse.Namespace) -> None:
         g = growth(model, scheme, 4096 if args.quick else 10240)
         n0, b0, r0 = g[0]
         n1, b1, r1 = g[-1]
-        out.add("", f"Growth to {n1} tokens (dynamic NQKV cache, body grown in steps of 64 tokens): allocated {b1 / 2**20:.1f} MiB"
+        out.add("", f"Growth to {n1} tokens (dynamic NQKV cache, body grown in steps of 64 tokens):"
+                f" allocated {b1 / 2**20:.1f} MiB"
                 f" ({b1 / n1:,.0f} B/token incl. spare capacity, {bpt['NQKV exact (body)']:,.0f} B/token used);"
                 f" RSS grew {(r1 - r0) / 2**20:.1f} MiB from {n0} to {n1} tokens.")
         bar.update()
