@@ -17,7 +17,7 @@ import argparse
 import torch
 
 from nqkv_core.cache import enable
-from nqkv_core.lab.models import load_model, load_text, token_windows
+from nqkv_core.lab.models import cache_arg, load_model, load_text, token_windows
 
 
 def window_nll(model, x: torch.Tensor, first: int, cache, score_from: int) -> float:
@@ -26,8 +26,8 @@ def window_nll(model, x: torch.Tensor, first: int, cache, score_from: int) -> fl
         if cache is None:
             logits = model(x).logits
         else:
-            parts = [model(x[:, :first], past_key_values=cache, use_cache=True).logits,
-                     model(x[:, first:], past_key_values=cache, use_cache=True).logits]
+            parts = [model(x[:, :first], **cache_arg(cache), use_cache=True).logits,
+                     model(x[:, first:], **cache_arg(cache), use_cache=True).logits]
             logits = torch.cat(parts, dim=1)
     lg = logits[0, score_from - 1 : -1].float()
     return torch.nn.functional.cross_entropy(lg, x[0, score_from:]).item()
