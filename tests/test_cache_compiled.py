@@ -265,7 +265,7 @@ def _kernel_inputs(group: int, slots: int, dev: str):
     mask[1, :, :, : S + 3] = False  # padding: the second row's sinks and first body slots
     rope = RopeTable(1.0 / 10000 ** (torch.arange(0, d, 2).float() / d))
     rope.ensure(64, "cpu")
-    bias = (torch.randn(2, 2 * group, 1, d, generator=gen), rope.tiles, torch.tensor([0, 1, 40, 50, 3, 51]))
+    bias = (torch.randn(2, 2 * group, 1, d, generator=gen), rope.table, torch.tensor([0, 1, 40, 50, 3, 51]))
     to = lambda x: x.to(dev)  # noqa: E731
     return (to(q), [to(x) for x in k_body], [to(x) for x in v_body], to(k_tail), to(v_tail), to(tail_allowed),
             to(mask), tuple(map(to, bias)), S)

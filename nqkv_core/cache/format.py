@@ -134,12 +134,13 @@ class RopeTable:
     """RoPE angles per position, shared by all layers of a cache (for RoPE-aware key centring).
 
     The table's row ``p`` is ``[cos | sin]`` of the ``d / 2`` angles ``p * inv_freq`` (computed like
-    :func:`~nqkv_core.scheme.apply_rope`). It is held once, in the layout the native decode step
-    reads: ``tiles`` ``(positions / 16, d, 16)``, tile ``t`` holding positions ``16 t .. 16 t + 15``
-    of element ``i`` at ``[t, i, :]``, so that the key bias of sixteen consecutive positions is one
-    vector per element; :meth:`row`, :meth:`scores` and :meth:`rows` serve the torch paths. It grows
-    in steps of :data:`GROWTH_STEP` positions as the sequence grows (or is allocated once for
-    ``max_cache_len``).
+    :func:`~nqkv_core.scheme.apply_rope`). It is held once (``table``), in the layout its device's
+    decode kernel reads: on a CPU the native step's tiles of sixteen positions ``(positions / 16, d,
+    16)``, tile ``t`` holding positions ``16 t .. 16 t + 15`` of element ``i`` at ``[t, i, :]``, so
+    that the key bias of sixteen consecutive positions is one vector per element; elsewhere rows
+    ``(positions, d)``, which the GPU decode kernel reads in place. :meth:`row`, :meth:`head`,
+    :meth:`scores` and :meth:`rows` read either. It grows in steps of :data:`GROWTH_STEP` positions
+    as the sequence grows (or is allocated once for ``max_cache_len``).
 
     ``order``: the key channel order in which ``inv_freq`` pairs channels ``(i, i + d / 2)``
     (:func:`~nqkv_core.transform.rope_layout`; None: the keys' own), which the layers' transforms
@@ -151,41 +152,51 @@ class RopeTable:
         self.inv_freq = inv_freq
         self.max_len = max_len
         self.order = order
-        self.tiles: torch.Tensor | None = None
+        self.table: torch.Tensor | None = None
+
+    @property
+    def tiled(self) -> bool:
+        """Whether the table is held in tiles of sixteen positions (on a CPU) rather than rows."""
+        return self.table is not None and self.table.dim() == 3
 
     @property
     def positions(self) -> int:
         """Positions the table covers (0 before the first :meth:`ensure`)."""
-        return 0 if self.tiles is None else self.tiles.shape[0] * 16
+        return 0 if self.table is None else self.table.shape[0] * (16 if self.tiled else 1)
 
     def ensure(self, n: int, device: torch.device) -> None:
         """Make the table cover positions ``[0, n)`` on ``device`` (eager only: it may allocate)."""
         if self.inv_freq is None:
             raise ValueError("RoPE-aware key centring needs the model's RoPE frequencies (pass config=)")
-        t = self.tiles
-        if t is not None and self.positions >= n and t.device == torch.device(device):
+        t, device = self.table, torch.device(device)
+        if t is not None and self.positions >= n and t.device == device:
             return
         rows = max(grown(n), self.max_len or 0)
         rows += -rows % 16
-        kept = self.positions if t is not None and t.device == torch.device(device) else 0
+        kept = self.positions if t is not None and t.device == device else 0
         inv_freq = self.inv_freq.float().to(device)
         ang = torch.arange(kept, rows, device=device).float()[:, None] * inv_freq[None, :]
-        table = torch.cat([ang.cos(), ang.sin()], dim=-1)
-        new = table.view((rows - kept) // 16, 16, table.shape[1]).transpose(1, 2)
-        self.tiles = torch.cat([t, new]) if kept else new.contiguous()
+        new = torch.cat([ang.cos(), ang.sin()], dim=-1)
+        if device.type == "cpu":
+            new = new.view((rows - kept) // 16, 16, new.shape[1]).transpose(1, 2)
+        self.table = torch.cat([t, new]) if kept else new.contiguous()
 
     def row(self, p: int) -> torch.Tensor:
-        """Row ``p``, ``(d,)`` (a view of the tiles)."""
-        return self.tiles[p // 16, :, p % 16]
+        """Row ``p``, ``(d,)`` (a view of the table)."""
+        return self.table[p // 16, :, p % 16] if self.tiled else self.table[p]
+
+    def head(self, n: int) -> torch.Tensor:
+        """The part of the table that covers positions ``[0, n)`` (whole tiles; a view)."""
+        return self.table[: -(-n // 16)] if self.tiled else self.table[:n]
 
     def scores(self, w: torch.Tensor, n: int) -> torch.Tensor:
-        """``w @ rows(n).T``, ``(..., n)`` fp32, read from the tiles in place (the dense key bias)."""
-        return key_bias_scores(w, self.tiles[: -(-n // 16)])[..., :n]
+        """``w @ rows(n).T``, ``(..., n)`` fp32, read from the table in place (the dense key bias)."""
+        return key_bias_scores(w, self.head(n))[..., :n]
 
     def rows(self, n: int | None = None) -> torch.Tensor:
-        """Rows ``[0, n)`` (all by default), ``(n, d)``: a copy, for the paths that read rows."""
+        """Rows ``[0, n)`` (all by default), ``(n, d)``: the table itself, or a copy of its tiles."""
         n = self.positions if n is None else n
-        return tile_rows(self.tiles[: -(-n // 16)])[:n]
+        return tile_rows(self.head(n))[:n]
 
 
 def storage_bytes(tensors) -> int:

@@ -144,14 +144,14 @@ def slot_key_bias(layer, query: torch.Tensor, positions: torch.Tensor, n: int | 
 
 def bias_table(layer, positions: torch.Tensor, n: int | None, n_body: int, T: int
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The RoPE table's tiles that cover positions ``[0, P)`` a step's key bias reads (a view of
-    :attr:`~nqkv_core.cache.format.RopeTable.tiles`), and the slot positions clamped into ``[0, P)``."""
+    """The part of the RoPE table that covers positions ``[0, P)`` a step's key bias reads (a view of
+    :attr:`~nqkv_core.cache.format.RopeTable.table`), and the slot positions clamped into ``[0, P)``."""
     if n is None:  # compiled: static shapes; the table was sized for max_cache_len eagerly
         P = layer.rope.positions
-        return layer.rope.tiles, positions.clamp(0, P - 1)  # unused ring slots (masked) hold positions < 0
+        return layer.rope.table, positions.clamp(0, P - 1)  # unused ring slots (masked) hold positions < 0
     P = max(layer.n_sinks + n_body, n + T)
     layer.rope.ensure(P, layer.device)
     key = (n, n_body, T, P, layer.n_sinks, layer.n_ring, layer.window, layer.sliding_window, layer.capacity,
            layer.device)  # what positions depend on
     clamped = layer.step_memo.get("clamped positions", key, lambda: positions.clamp(0, P - 1))
-    return layer.rope.tiles[: -(-P // 16)], clamped
+    return layer.rope.head(P), clamped

@@ -358,9 +358,9 @@ def _native_decode_step(layer, maps: StepMaps) -> native.DecodeStep:
     table); the check is a few identity tests, since it runs on every step."""
     t, kf, vf = layer.transform, layer.k_fmt, layer.v_fmt
     key = (maps, t, kf, vf, layer.k_sink, layer.v_sink, layer.k_ring, layer.v_ring, layer.k_body, layer.v_body,
-           layer.rope.tiles)
+           layer.rope.table)
     if layer._decode_step is None or any(a is not b for a, b in zip(key, layer._decode_step_key)):
-        rope = layer.rope.tiles if maps.mu_k_half is not None else None
+        rope = layer.rope.table if maps.mu_k_half is not None else None
         layer._decode_step = native.DecodeStep(
             layer.num_heads * maps.group, t.rot_k, t.rot_v, maps.mu_k, maps.mu_k_half, maps.mu_v,
             (layer.k_sink, layer.v_sink), (layer.k_ring, layer.v_ring),

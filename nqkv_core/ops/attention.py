@@ -284,7 +284,7 @@ def packed_attention(
                                             key_bias)
         if k.codes.shape[2] and grouped_takes_key_bias(q, k.op_args(), v.op_args()):
             # the CUDA grouped decode kernel (or Triton's interpreter) computes the offsets itself,
-            # from the table's rows (a table held in tiles is copied into rows for it)
+            # from the table's rows (a cache's table is rows on a GPU; tiles, on a CPU, are copied)
             w, table, positions = key_bias
             return torch.ops.nqkv.grouped_decode(q, *k.op_args(), *v.op_args(), k_tail, v_tail, attn_mask,
                                                  _default_scale(q, scale), is_causal, w, cpu.tile_rows(table),
