@@ -94,12 +94,6 @@ def grown(needed: int) -> int:
     return needed + (-needed % GROWTH_STEP)
 
 
-def fp_dtype(scheme: KVScheme, dtype: torch.dtype) -> torch.dtype:
-    """The dtype of a layer's full-precision tokens (sinks, ring, a 16-bit body) for a model of ``dtype``
-    (:meth:`~nqkv_core.scheme.KVScheme.exact_dtype`)."""
-    return scheme.exact_dtype(dtype)
-
-
 def side_format(scheme: KVScheme, side: str, device: torch.device | str = "cpu") -> SideFormat:
     """The body format of ``side`` (``"k"`` or ``"v"``) of ``scheme``.
 

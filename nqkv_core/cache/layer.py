@@ -27,8 +27,8 @@ from nqkv_core import _hf, native
 from nqkv_core.cache import commit, fitting, step
 from nqkv_core.cache.attend import Logits
 from nqkv_core.cache.compiled import STEP_LAYERS, STEP_NAMES
-from nqkv_core.cache.format import (RopeTable, SideFormat, check_head_dim, fp_dtype, grown, joint_format,
-                                    side_format, storage_bytes)
+from nqkv_core.cache.format import (RopeTable, SideFormat, check_head_dim, grown, joint_format, side_format,
+                                    storage_bytes)
 from nqkv_core.cache.handle import Handle
 from nqkv_core.cache.inputs import check_first_kv, check_like_buffers, check_query
 from nqkv_core.cache.state import layer_state, load_layer_state
@@ -167,7 +167,7 @@ class NQKVLayer(CacheLayerMixin):
         self.dtype = key_states.dtype
         self.batch_size, self.num_heads, _, self.head_dim = key_states.shape
         s = self.scheme
-        self.fp_dtype = fp_dtype(s, self.dtype)
+        self.fp_dtype = s.exact_dtype(self.dtype)
         self.k_fmt = side_format(s, "k", self.device)
         self.v_fmt = side_format(s, "v", self.device)
         kf, vf = self.k_fmt, self.v_fmt

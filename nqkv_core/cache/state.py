@@ -15,7 +15,6 @@ import torch
 
 from nqkv_core import _hf
 from nqkv_core.cache import fitting
-from nqkv_core.cache.format import fp_dtype
 from nqkv_core.cache.fitting import fitted_on_queries
 from nqkv_core.scheme import FP_BITS, QUERY_METRIC_RANK, KVScheme, KVTransform, key_feedback, shared_rotation
 
@@ -139,7 +138,7 @@ def layer_spec(scheme: KVScheme, batch: int, heads: int, head_dim: int, n: int, 
             left the window.
     """
     b, h, d = batch, heads, head_dim
-    fp = fp_dtype(scheme, dtype)
+    fp = scheme.exact_dtype(dtype)
     n_body = max(n - scheme.sinks - max(scheme.window, 1) + 1, 0) if body_slots is None else body_slots
     spec: dict[str, Spec] = {"length": (torch.int64, ())}
     for side in ("k", "v"):
