@@ -231,6 +231,32 @@ def test_grouped_decode_key_bias_checks():
 
 
 @_kernel_test
+@pytest.mark.parametrize("d,block,b_shift,dtype", [(64, 64, 2, torch.float32), (128, 64, 1, torch.float16),
+                                                    (64, 64, 2, torch.bfloat16)])
+def test_grouped_decode_output_transform(d, block, b_shift, dtype):
+    """The merge kernel's output transform (a value rotation and a centre per sequence and KV head,
+    or one for all sequences) against the reference output taken back in fp32 by torch ops; with
+    the key bias and a causal two-token query, each alone, and refused when malformed."""
+    from nqkv_core.scheme import rotation
+    from nqkv_core.transform import per_query_head
+
+    q, K, V, kt, vt = make(b=2, g=3, tq=2, t=300, d=d, block=block, tail=5, dtype=dtype)
+    w, table, positions, dense = rope_key_bias(q, 300, 5)
+    rot = rotation(d).float().to(DEVICE) * 1.5  # (not orthogonal: a transposed product would show)
+    shift = torch.randn(b_shift, 2, 1, d, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    a = args_of(q, K, V, kt, vt, is_causal=True)
+    ref = triton_decode.reference(*args_of(q, K, V, kt, vt, mask=dense, is_causal=True)).float()
+    for r, s in ((rot, shift), (rot, None), (None, shift)):
+        expect = ref @ r.T if r is not None else ref
+        expect = expect + per_query_head(s, 3) if s is not None else expect
+        check(triton_decode_grouped.grouped_decode(*a, w, table, positions, r, s), expect.to(dtype), dtype)
+    for bad, err in (((rot[:, :32], shift), "out_rot"), ((rot, shift[:, :1]), "out_shift"),
+                     ((rot.double(), shift), "float32")):
+        with pytest.raises((ValueError, TypeError), match=err):
+            triton_decode_grouped.grouped_decode(*a, w, table, positions, *bad)
+
+
+@_kernel_test
 def test_grouped_decode_33k_tokens(monkeypatch):
     """A long cache (33k tokens, 37 tail tokens) over a few splits; large tiles keep the
     interpreter quick."""
@@ -350,7 +376,8 @@ def test_grouped_kernel_compiles_for_a_gpu(d, bias, dtype):
     device lengths, bf16 or fp32 queries (fp16 products); with ``bias`` the RoPE-centre key bias
     too), compiled for sm_90 without a GPU: ptxas takes it, nothing spills without the bias, and the history loop decodes by byte
     permutes with no gather from the codebook (4-byte asynchronous copies beyond the two scale
-    copies per tile and tensor)."""
+    copies per tile and tensor); with the bias, the merge kernel with the output transform (a
+    value rotation and centre) compiles without spills too."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
     import triton_sass
 
@@ -360,9 +387,10 @@ def test_grouped_kernel_compiles_for_a_gpu(d, bias, dtype):
     mask = torch.ones(2, 519, dtype=torch.bool)
     lengths = torch.tensor([[500, 7]], dtype=torch.int32)
     key_bias = rope_key_bias(q, 512, 7)[:3] if bias else None
+    out_transform = (torch.eye(d), torch.zeros(1, 2, 1, d)) if bias else None
     launches = triton_sass.capture_launches(triton_decode_grouped, lambda: triton_decode_grouped.launch(
         q, K.codes, K.absmax, K.codebook, 64, V.codes, V.absmax, V.codebook, kt, vt, mask, 0.125, True,
-        lengths=lengths, key_bias=key_bias))
+        lengths=lengths, key_bias=key_bias, out_transform=out_transform))
     kernel, args, kwargs = launches[0]
     assert kernel is triton_decode_grouped._grouped_split_kernel and kwargs["LUT"] and kwargs["HAS_TAIL"]
     assert kwargs["HAS_BIAS"] == bias and kwargs["HALF_DOTS"] == (dtype == torch.float32)
@@ -376,6 +404,11 @@ def test_grouped_kernel_compiles_for_a_gpu(d, bias, dtype):
     assert bias or usage.get("STACK", 0) == 0
     assert ops.count("HMMA") + ops.count("HGMMA") >= 4 and ops.count("PRMT") >= 64  # (mma or wgmma)
     assert triton_sass.gathers(loop) <= 4
+    merge, merge_args, merge_kwargs = launches[1]
+    assert merge is triton_decode_grouped._grouped_merge_kernel
+    assert merge_kwargs["HAS_ROT"] == merge_kwargs["HAS_SHIFT"] == bias
+    assert triton_sass.sass_of(triton_sass.compile_for(merge, merge_args, merge_kwargs, arch=90).asm["cubin"])[1].get(
+        "STACK", 0) == 0
 
 
 def _run_ptx(asm: str, operands: list) -> list:
@@ -557,8 +590,9 @@ def test_cache_generate_through_the_kernels(monkeypatch):
 @_kernel_test
 def test_cache_generate_with_the_key_bias_in_the_kernel(monkeypatch):
     """A 4-bit RoPE-centred cache whose decode steps take the grouped kernel with the key bias
-    computed in it (on CPU: the interpreter, with the native and CPU decode paths switched off; fp32
-    storage-basis queries, which a GPU sends there only with ``fp32_queries``)."""
+    computed in it and the output taken back to the model's basis by its merge (on CPU: the
+    interpreter, with the native and CPU decode paths switched off; fp32 storage-basis queries,
+    which a GPU sends there only with ``fp32_queries``)."""
     import dataclasses
 
     from test_cache import SCHEMES, assert_matches_reference, generate, tiny_model
@@ -571,7 +605,8 @@ def test_cache_generate_with_the_key_bias_in_the_kernel(monkeypatch):
     calls = []
     real = triton_decode_grouped.launch
     monkeypatch.setattr(triton_decode_grouped, "launch",
-                        lambda *a, **k: calls.append(k.get("key_bias") is not None) or real(*a, **k))
+                        lambda *a, **k: calls.append(k.get("key_bias") is not None
+                                                     and k.get("out_transform") is not None) or real(*a, **k))
     if not CUDA:
         monkeypatch.setattr(native, "available", lambda: False)
         monkeypatch.setattr(cpu_ops, "decode_fits", lambda *a, **k: False)
@@ -583,4 +618,4 @@ def test_cache_generate_with_the_key_bias_in_the_kernel(monkeypatch):
     model.to(DEVICE)
     _, logits = generate(model, ids.to(DEVICE), cache=enable(model, scheme=scheme).generate_kwargs())
     assert_matches_reference(logits.cpu(), ref_logits, fp_logits)
-    assert any(calls), "no decode step computed the key bias in the grouped kernel"
+    assert any(calls), "no decode step computed the key bias and the output transform in the grouped kernel"

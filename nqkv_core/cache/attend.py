@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from nqkv_core._hf import bool_mask
 from nqkv_core.cache.format import KeyBias, SideFormat, read_body
 from nqkv_core.ops import packed_attention
+from nqkv_core.ops.cpu import output_transform
 
 
 def attend(
@@ -32,6 +33,7 @@ def attend(
     key_bias: KeyBias | None = None,
     fused: bool = True,
     logits: "Logits | None" = None,
+    output: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """Attention of ``query`` over a quantized body followed by full-precision keys/values.
 
@@ -50,10 +52,17 @@ def attend(
             the dequantized body (the reference, the arithmetic of fake quantization).
         logits: soft-capping and learned sink logits (:class:`Logits`), which the fused ops do not
             implement: with them attention is :func:`softmax_attention` over the dequantized body.
+        output: ``(rot_v, mu_v)`` (either may be None) to return the output in the model's basis,
+            ``out @ rot_v.T + mu_v`` (:func:`~nqkv_core.ops.cpu.output_transform`; the grouped
+            decode kernel applies it in its merge), or None for the storage basis.
 
     Returns:
         ``(b, hq, T, d)`` in ``query.dtype``.
     """
+    if output is not None and (not fused or (logits is not None and logits.active) or not k_body[0].shape[2]
+                               or not (k_fmt.quantized and v_fmt.quantized)):
+        out = attend(query, k_body, v_body, k_fmt, v_fmt, k_fp, v_fp, mask, scale, key_bias, fused, logits)
+        return output_transform(out, *output)
     if logits is not None and logits.active:
         k = torch.cat([read_body(k_body, k_fmt, torch.float32), k_fp.float()], dim=2)
         v = torch.cat([read_body(v_body, v_fmt, torch.float32), v_fp.float()], dim=2)
@@ -64,7 +73,7 @@ def attend(
         # key bias inside the decode kernel where it takes it), without the dispatcher when eager.
         bias = () if key_bias is None else (key_bias.parts, key_bias.dense)
         return packed_attention(query, k_fmt.packed(k_body), v_fmt.packed(v_body), k_fp.to(query.dtype),
-                                v_fp.to(query.dtype), mask, scale, False, *bias)
+                                v_fp.to(query.dtype), mask, scale, False, *bias, out_transform=output)
     if key_bias is not None:
         bias = key_bias.dense()
         mask = bias if mask is None else bias.masked_fill(~mask, -math.inf)

@@ -99,7 +99,7 @@ def reads_with_kernel(body_len: torch.Tensor) -> bool:
 
 def _kernel_attention(query: torch.Tensor, k: tuple, v: tuple, k_tail: torch.Tensor, v_tail: torch.Tensor,
                       tail_allowed: torch.Tensor, body_len: torch.Tensor, attention_mask: Optional[torch.Tensor],
-                      body_start: int, scale: float, bias: tuple) -> torch.Tensor:
+                      body_start: int, scale: float, bias: tuple, out_transform: tuple) -> torch.Tensor:
     """:func:`present_attention` of one query token through the grouped decode kernel, which reads the
     valid history and tail counts from a device tensor: it decodes the ``body_len`` slots that hold
     tokens, not the whole preallocated body, and reads nothing back to the host (CUDA graphs).
@@ -139,8 +139,12 @@ def _kernel_attention(query: torch.Tensor, k: tuple, v: tuple, k_tail: torch.Ten
         positions = torch.where(c < body_len, c + body_start, tail_pos).clamp(0, rows.shape[0] - 1)
         key_bias = (bias_w, rows, positions)
         grouped.check_key_bias(query, key_bias, slots + M)
+    if any(x is not None for x in out_transform):
+        grouped.check_out_transform(query, k[0].shape[1], out_transform)
+    else:
+        out_transform = None
     return grouped.launch(query, *k[:4], *v[:3], k_tail.to(query.dtype), v_tail.to(query.dtype), mask, scale, False,
-                          lengths=lengths, key_bias=key_bias)
+                          lengths=lengths, key_bias=key_bias, out_transform=out_transform)
 
 
 def _allowed_first(allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,7 +184,8 @@ def present_attention(
     k_block: int, v_codebook: Optional[torch.Tensor], v_block: int, k_tail: torch.Tensor, v_tail: torch.Tensor,
     tail_allowed: torch.Tensor, body_len: torch.Tensor, attention_mask: Optional[torch.Tensor], body_start: int,
     scale: float, fused: bool, bias_w: Optional[torch.Tensor] = None, bias_table: Optional[torch.Tensor] = None,
-    bias_pos: Optional[torch.Tensor] = None,
+    bias_pos: Optional[torch.Tensor] = None, out_rot: Optional[torch.Tensor] = None,
+    out_shift: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Attention of a traced step over the body slots that hold tokens and the exact tail:
     :func:`~nqkv_core.cache.attend.attend` over ``[body[:body_len] | tail]``.
@@ -210,6 +215,8 @@ def present_attention(
             with ``bias_pos`` the tail's positions; body slot ``j`` is at ``body_start + j``. The
             kernel path computes it by angle addition, so the table must hold RoPE angles
             (:class:`~nqkv_core.cache.format.RopeTable`), as a cache's does.
+        out_rot, out_shift: the value rotation and centre that take the output back to the model's
+            basis (``attend``'s ``output``; the grouped kernel applies them in its merge), or None.
 
     Returns:
         ``(b, hq, T, dv)`` in ``query.dtype``.
@@ -218,7 +225,7 @@ def present_attention(
     if kernel is not None and k_tail.shape[2]:  # (a step's tail holds its own token at least)
         bias = (bias_w, bias_table, bias_pos)
         out = _kernel_attention(query, *kernel, k_tail, v_tail, tail_allowed, body_len, attention_mask, body_start,
-                                scale, bias)
+                                scale, bias, (out_rot, out_shift))
         return out.contiguous()
     T, dev = query.shape[2], query.device
     if reads_length(body_len):
@@ -245,12 +252,14 @@ def present_attention(
 
         key_bias = KeyBias((bias_w, table, positions), dense)
     out = attend(query, tuple(k_body), tuple(v_body), _side_format(k_codebook, k_block),
-                 _side_format(v_codebook, v_block), k_tail, v_tail, allowed, scale, key_bias, fused=fused)
+                 _side_format(v_codebook, v_block), k_tail, v_tail, allowed, scale, key_bias, fused=fused,
+                 output=None if out_rot is None and out_shift is None else (out_rot, out_shift))
     return out.contiguous()  # the strides the fake kernel promises the compiled graph
 
 
 @present_attention.register_fake
 def _(query, k_body, v_body, k_codebook, k_block, v_codebook, v_block, k_tail, v_tail, tail_allowed, body_len,
-      attention_mask, body_start, scale, fused, bias_w=None, bias_table=None, bias_pos=None):
+      attention_mask, body_start, scale, fused, bias_w=None, bias_table=None, bias_pos=None, out_rot=None,
+      out_shift=None):
     b, hq, T, _ = query.shape
     return query.new_empty(b, hq, T, v_tail.shape[-1])

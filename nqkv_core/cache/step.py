@@ -27,6 +27,7 @@ from nqkv_core.cache import commit, compiled, fitting  # noqa: F401  (compiled: 
 from nqkv_core.cache.attend import Logits, attend, prompt_attention
 from nqkv_core.cache.slots import (all_slots_valid, allowed_slots, padded_allowed_slots, slot_key_bias,
                                     slot_positions)
+from nqkv_core.ops.cpu import output_transform
 from nqkv_core.quantize import decision_thresholds, fit_ratios
 from nqkv_core.scheme import per_query_head, rotate_half
 from nqkv_core.transform import rope_bias_weights
@@ -52,9 +53,9 @@ class StepMaps:
     (``mu_k`` per query head), elementwise: no matrix per query head and sequence to
     hold and read every step. ``mu_k`` / ``mu_k_half`` give the key centre at position ``p`` as
     ``mu_k * cos[p] + mu_k_half * sin[p]``, the same arithmetic as
-    :func:`~nqkv_core.scheme.apply_rope`; ``mu_v`` and ``out_shift`` (``mu_v`` per query head)
-    shift values and outputs. All contiguous fp32 (what the native step reads); ``refs`` are what
-    they were built from (compared by identity).
+    :func:`~nqkv_core.scheme.apply_rope`; ``mu_v`` shifts values (and outputs, back). All
+    contiguous fp32 (what the native step reads); ``refs`` are what they were built from (compared
+    by identity).
     """
 
     refs: tuple
@@ -62,7 +63,6 @@ class StepMaps:
     mu_k_half: torch.Tensor | None
     mu_q: torch.Tensor | None
     mu_v: torch.Tensor | None
-    out_shift: torch.Tensor | None
 
     @property
     def group(self) -> int:
@@ -154,8 +154,10 @@ def _step(layer, query: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
                                    or (T > 1 and (n is None or layer._body_capacity(n + T - 1) > 0)))
     if chunk:
         commit.write_leaving(layer, k_new, v_new)
-    out = _attend_cache(layer, query, q, w, k_new, k_attend, v_new, attention_mask, scaling, n, logits)
-    out = _output(layer, out, maps, group)
+    output = _output_maps(layer)
+    out = _attend_cache(layer, query, q, w, k_new, k_attend, v_new, attention_mask, scaling, n, logits, output)
+    if output is None:
+        out = _output(layer, out, group)
     layer._commit(k_new, v_new, leaving_written=chunk)
     return out.to(query.dtype).transpose(1, 2).contiguous()
 
@@ -218,18 +220,20 @@ def _general_inputs(layer, query, k_new, group: int, n: int | None, attention_ma
 
 
 def _attend_cache(layer, query, q, w, k_new, k_attend, v_new, attention_mask, scaling: float, n: int | None,
-                  logits: Logits | None = None):
-    """Attention of the storage-basis queries ``q`` over the layer's slots and the new tokens."""
+                  logits: Logits | None = None, output: tuple | None = None):
+    """Attention of the storage-basis queries ``q`` over the layer's slots and the new tokens; with
+    ``output`` (:func:`_output_maps`) taken back to the model's basis."""
     T = q.shape[2]
     if _prompt_only(layer, n, T, attention_mask):
         # A prompt on an empty cache that no query reads quantized (it fits sinks and window): it
         # attends to its own exact tokens only (a plain centre is a constant per query row, which
         # the softmax ignores).
-        return prompt_attention(q, k_new if k_attend is None else k_attend, v_new, attention_mask, scaling,
-                                layer.sliding_window, logits)
+        out = prompt_attention(q, k_new if k_attend is None else k_attend, v_new, attention_mask, scaling,
+                               layer.sliding_window, logits)
+        return out if output is None else output_transform(out, *output)
     if n is None and logits is None and not layer.is_sliding and layer.starts is None:
         # compiled: the tokens present only (a padded batch's rows mask their own body slots: below)
-        return _attend_present(layer, query, q, w, k_new, v_new, attention_mask, scaling)
+        return _attend_present(layer, query, q, w, k_new, v_new, attention_mask, scaling, output)
     p0 = layer.length
     # Other compiled steps read the whole preallocated body (masked) so that shapes never change; a
     # chunk reads the tokens it quantized before attending too.
@@ -257,11 +261,12 @@ def _attend_cache(layer, query, q, w, k_new, k_attend, v_new, attention_mask, sc
     return attend(
         q, tuple(x[:, :, :n_body] for x in layer.k_body), tuple(x[:, :, :n_body] for x in layer.v_body),
         layer.k_fmt, layer.v_fmt, k_fp, v_fp, allowed, scaling, key_bias, fused=layer.decode != "reference",
-        logits=logits,
+        logits=logits, output=output,
     )
 
 
-def _attend_present(layer, query, q, w, k_new, v_new, attention_mask, scaling: float) -> torch.Tensor:
+def _attend_present(layer, query, q, w, k_new, v_new, attention_mask, scaling: float,
+                    output: tuple | None) -> torch.Tensor:
     """:func:`_attend_cache` of a traced compiled step: ``nqkv::present_attention`` reads the body slots
     that hold tokens, their count a device tensor, so that the graph keeps the preallocated shapes
     while the attention's cost follows the tokens present (no ``(.., capacity)`` mask or positions).
@@ -280,15 +285,23 @@ def _attend_present(layer, query, q, w, k_new, v_new, attention_mask, scaling: f
     return torch.ops.nqkv.present_attention(
         q, list(layer.k_body), list(layer.v_body), kf.codebook, kf.block, vf.codebook, vf.block, k_fp, v_fp,
         allowed, n_body, attention_mask, S, scaling, layer.decode != "reference", *bias,
+        *(output or (None, None)),
     )
 
 
-def _output(layer, out: torch.Tensor, maps: StepMaps | None, group: int) -> torch.Tensor:
-    """The attention output back in the original basis (rotation undone, value centre added)."""
+def _output_maps(layer) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
+    """The value rotation and centre ``(rot_v, mu_v)`` that take the layer's attention output back to
+    the model's basis inside the attention call (``attend``'s ``output``), or None where there is
+    nothing to undo or the transform also scales values (``b_v``: :func:`_output` does it)."""
     t = layer.transform
-    if maps is not None:
-        out = out.float() @ t.rot_v.T if t.rot_v is not None else out.float()
-        return out + maps.out_shift if maps.out_shift is not None else out
+    if t.b_v is not None or (t.rot_v is None and t.mu_v is None):
+        return None
+    return tuple(None if x is None else x.float() for x in (t.rot_v, t.mu_v))
+
+
+def _output(layer, out: torch.Tensor, group: int) -> torch.Tensor:
+    """The attention output back in the original basis (rotation undone, value scales and centre)."""
+    t = layer.transform
     if t.rot_v is not None or t.b_v is not None or t.mu_v is not None:
         return t.output(out.float(), group)
     return out
@@ -314,12 +327,11 @@ def _maps(layer, group: int, scaling: float) -> StepMaps:
     rope = t.inv_freq is not None
     mu_k_half = rotate_half(t.mu_k) if rope else None
     mu_q = per_query_head(t.mu_k, group).float().contiguous() if rope else None
-    out_shift = per_query_head(t.mu_v, group).float().contiguous() if t.mu_v is not None else None
 
     def flat(x: torch.Tensor | None) -> torch.Tensor | None:
         return None if x is None else x.float().contiguous()
 
-    layer._step_maps = StepMaps(refs, flat(t.mu_k), flat(mu_k_half), mu_q, flat(t.mu_v), out_shift)
+    layer._step_maps = StepMaps(refs, flat(t.mu_k), flat(mu_k_half), mu_q, flat(t.mu_v))
     return layer._step_maps
 
 

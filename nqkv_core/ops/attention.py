@@ -252,6 +252,7 @@ def packed_attention(
     is_causal: bool = False,
     key_bias: Optional[tuple[Tensor, Tensor, Tensor]] = None,
     dense_bias: Optional[Callable[[], Tensor]] = None,
+    out_transform: Optional[tuple[Optional[Tensor], Optional[Tensor]]] = None,
 ) -> Tensor:
     """Attention of ``q`` over packed K/V plus an optional full-precision tail: the Python entry point.
 
@@ -268,12 +269,27 @@ def packed_attention(
     reduction; elsewhere it becomes an additive mask, ``dense_bias()`` if given (the same
     ``(B, Hq, Tq, Tk)`` offsets, computed as the caller knows best), else ``(w @ rows.T)[..., positions]``.
 
+    ``out_transform = (rot, shift)`` returns ``out @ rot.T + shift`` instead (``rot`` ``(Dv, Dv)``,
+    ``shift`` ``(B or 1, Hkv, 1, Dv)``, fp32, either may be None; :func:`~nqkv_core.ops.cpu.output_transform`):
+    a cache's value rotation and centre, which the grouped Triton decode kernel applies in its
+    merge, so that a decode step's output comes back in the model's basis from the kernel's
+    launches alone.
+
     Raises:
         TypeError / ValueError: wrong dtypes, devices or shapes (a bad ``key_bias`` position on the
             native path included).
         NotImplementedError: blocks along an axis other than -1 and -2.
     """
     k, v = Packed.of(k), Packed.of(v)
+    if out_transform is not None and any(x is not None for x in out_transform):
+        if k.codes.shape[2] and grouped_takes_key_bias(q, k.op_args(), v.op_args()):
+            w, table, positions = (None, None, None) if key_bias is None else key_bias
+            table = None if table is None else cpu.tile_rows(table)
+            return torch.ops.nqkv.grouped_decode(q, *k.op_args(), *v.op_args(), k_tail, v_tail, attn_mask,
+                                                 _default_scale(q, scale), is_causal, w, table, positions,
+                                                 *out_transform)
+        out = packed_attention(q, k, v, k_tail, v_tail, attn_mask, scale, is_causal, key_bias, dense_bias)
+        return cpu.output_transform(out, *out_transform)
     if key_bias is not None:
         if q.device.type == "cpu" and k.codes.shape[2] and cpu.decode_fits(q, k, v, k_tail):
             if torch.compiler.is_compiling():

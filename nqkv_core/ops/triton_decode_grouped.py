@@ -446,13 +446,15 @@ def _grouped_split_kernel(
 
 @triton.jit(do_not_specialize=["T_Q"])
 def _grouped_merge_kernel(
-    po_ptr, plse_ptr, o_ptr, stride_ob, stride_oh, stride_ot, stride_od, H_KV, T_Q,
-    GROUP: tl.constexpr, N_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    SPLITS_P2: tl.constexpr,
+    po_ptr, plse_ptr, o_ptr, rot_ptr, shift_ptr, stride_ob, stride_oh, stride_ot, stride_od, stride_sb, stride_sh,
+    H_KV, T_Q, GROUP: tl.constexpr, N_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    SPLITS_P2: tl.constexpr, HAS_ROT: tl.constexpr, HAS_SHIFT: tl.constexpr,
 ):
     """One program per (sequence x KV head, row): the splits' partial outputs weighted by their
     share of the row's softmax mass; splits without keys (lse -inf) are skipped, a row with no key
-    at all gives zeros."""
+    at all gives zeros. With the output transform, the row is then taken back to the model's basis
+    in fp32 before its one rounding to the output dtype: times ``rot^T`` (``(HEAD_DIM, HEAD_DIM)``,
+    a cache's value rotation) and plus the KV head's ``shift`` row (its value centre)."""
     pid_bh = tl.program_id(0)
     row = tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_P2)
@@ -466,7 +468,14 @@ def _grouped_merge_kernel(
     parts = tl.load(po_ptr + idx[:, None] * HEAD_DIM + offs_d[None, :], mask=used[:, None], other=0.0)
     out = tl.sum(parts * w[:, None], 0) / tl.where(total > 0, total, 1.0)
     b = pid_bh // H_KV
-    head = (pid_bh % H_KV) * GROUP + row // T_Q
+    kv_head = pid_bh % H_KV
+    if HAS_ROT:  # out @ rot^T: element j is rot's row j times the row
+        offs_j = tl.arange(0, HEAD_DIM)
+        rot = tl.load(rot_ptr + offs_j[:, None] * HEAD_DIM + offs_d[None, :])
+        out = tl.sum(rot * out[None, :], 1)
+    if HAS_SHIFT:
+        out += tl.load(shift_ptr + b * stride_sb + kv_head * stride_sh + offs_d)
+    head = kv_head * GROUP + row // T_Q
     o_ptrs = o_ptr + b * stride_ob + head * stride_oh + (row % T_Q) * stride_ot + offs_d * stride_od
     tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty))
 
@@ -517,7 +526,7 @@ def default_splits(batch: int, kv_heads: int, device: torch.device) -> int:
 def launch(q, k_codes, k_absmax, k_codebook, k_block, v_codes, v_absmax, v_codebook, k_tail, v_tail, attn_mask,
            scale: float, is_causal: bool, lengths: Optional[Tensor] = None, num_splits: Optional[int] = None,
            out: Optional[Tensor] = None, workspace: Optional[tuple] = None,
-           key_bias: Optional[tuple] = None) -> Tensor:
+           key_bias: Optional[tuple] = None, out_transform: Optional[tuple] = None) -> Tensor:
     """Run the split and the merge kernel (two launches); arguments as ``nqkv::attention`` with blocks
     along head_dim (checked there and by :func:`supports`), plus:
 
@@ -535,6 +544,11 @@ def launch(q, k_codes, k_absmax, k_codebook, k_block, v_codes, v_absmax, v_codeb
             ``T_hist + i`` is tail token ``i``) scores ``w[b, h, i] . table[positions[j]]`` more,
             computed in the kernel from the rows of ``table`` (``[cos | sin]`` of the RoPE angles,
             :class:`nqkv_core.cache.format.RopeTable`); positions are clamped to the table.
+        out_transform: optional ``(rot, shift)`` (checked by :func:`check_out_transform`), each
+            fp32 or None: the output is returned as ``out @ rot.T + shift``, ``rot`` ``(D, D)`` and
+            ``shift`` ``(B or 1, Hkv, 1, D)`` (a KV head's row for each of its query heads), applied
+            by the merge kernel in fp32: a cache's value rotation and centre, undone without a
+            launch or a rounding of their own.
 
     Returns:
         ``out`` (B, Hq, Tq, D).
@@ -587,9 +601,13 @@ def launch(q, k_codes, k_absmax, k_codebook, k_block, v_codes, v_absmax, v_codeb
         BLOCK_N=_block_n(d // k_block, mask_kind != 0 or (is_causal and tq > 1)),
         BLOCK_T=GROUPED_CONFIG["block_t"], **launch_cfg,
     )
+    rot, shift = (None, None) if out_transform is None else (x if x is None else x.contiguous() for x in out_transform)
+    shift_strides = (0, 0) if shift is None else (shift.stride(0) if shift.shape[0] > 1 else 0, shift.stride(1))
     wrap_triton(_grouped_merge_kernel)[(b * hkv, n_rows)](
-        po, plse, res, *res.stride(), hkv, tq,
+        po, plse, res, po if rot is None else rot, po if shift is None else shift, *res.stride(),
+        *shift_strides, hkv, tq,
         GROUP=hq // hkv, N_ROWS=n_rows, HEAD_DIM=d, NUM_SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits),
+        HAS_ROT=rot is not None, HAS_SHIFT=shift is not None,
     )
     if res.dtype != q.dtype:  # (the interpreter's fp32 stand-in)
         res = res.to(q.dtype) if out is None else out.copy_(res)
@@ -603,17 +621,45 @@ def grouped_decode(
     v_codes: Tensor, v_absmax: Tensor, v_codebook: Tensor, v_block: int, v_axis: int,
     k_tail: Optional[Tensor], v_tail: Optional[Tensor], attn_mask: Optional[Tensor],
     scale: float, is_causal: bool, bias_w: Optional[Tensor] = None, bias_table: Optional[Tensor] = None,
-    bias_pos: Optional[Tensor] = None,
+    bias_pos: Optional[Tensor] = None, out_rot: Optional[Tensor] = None, out_shift: Optional[Tensor] = None,
 ) -> Tensor:
     """Grouped split decode; arguments and semantics as ``nqkv::attention`` (checked there), for the
     layouts :func:`supports` accepts, plus an optional key bias ``(bias_w, bias_table, bias_pos)``
-    computed in the kernel (see :func:`launch`, checked by :func:`check_key_bias`)."""
+    computed in the kernel (see :func:`launch`, checked by :func:`check_key_bias`) and an optional
+    output transform ``out @ out_rot.T + out_shift`` applied by the merge kernel (``out_transform``
+    of :func:`launch`, checked by :func:`check_out_transform`)."""
     key_bias = None
     if bias_w is not None or bias_table is not None or bias_pos is not None:
         key_bias = (bias_w, bias_table, bias_pos)
         check_key_bias(q, key_bias, k_codes.shape[2] + (0 if k_tail is None else k_tail.shape[2]))
+    out_transform = None
+    if out_rot is not None or out_shift is not None:
+        out_transform = (out_rot, out_shift)
+        check_out_transform(q, k_codes.shape[1], out_transform)
     return launch(q, k_codes, k_absmax, k_codebook, k_block, v_codes, v_absmax, v_codebook, k_tail, v_tail,
-                  attn_mask, scale, is_causal, key_bias=key_bias)
+                  attn_mask, scale, is_causal, key_bias=key_bias, out_transform=out_transform)
+
+
+def check_out_transform(q: Tensor, kv_heads: int, out_transform: tuple) -> None:
+    """Check an output transform ``(rot, shift)`` for :func:`launch` (either may be None).
+
+    Raises:
+        ValueError / TypeError: ``rot`` is not fp32 ``(D, D)``, ``shift`` not fp32
+            ``(B or 1, kv_heads, 1, D)``, or one is on another device than ``q``.
+    """
+    b, d = q.shape[0], q.shape[-1]
+    rot, shift = out_transform
+    for t, name in ((rot, "out_rot"), (shift, "out_shift")):
+        if t is None:
+            continue
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+        if t.dtype != torch.float32:
+            raise TypeError(f"{name} must be float32, got {t.dtype}")
+    if rot is not None and tuple(rot.shape) != (d, d):
+        raise ValueError(f"out_rot must be ({d}, {d}), got {tuple(rot.shape)}")
+    if shift is not None and (shift.dim() != 4 or shift.shape[0] not in (1, b) or tuple(shift.shape[1:]) != (kv_heads, 1, d)):
+        raise ValueError(f"out_shift must be ({b} or 1, {kv_heads}, 1, {d}), got {tuple(shift.shape)}")
 
 
 def check_key_bias(q: Tensor, key_bias: tuple, n_keys: int) -> None:
