@@ -588,6 +588,46 @@ def test_cache_generate_through_the_kernels(monkeypatch):
 
 
 @_kernel_test
+def test_bf16_model_step_takes_the_grouped_kernel_in_bf16(monkeypatch):
+    """A bf16 model's one-token steps on the GPU's route (the native and CPU decode paths off) hand
+    the grouped kernel bf16 storage-basis queries, the key bias and the output transform (fp32
+    queries would go to the split-K kernel on a GPU), and match the reference strategy."""
+    from transformers import LlamaConfig
+
+    from nqkv_core import native
+    from nqkv_core.cache import NQKVCache
+    from nqkv_core.ops import cpu as cpu_ops
+    from nqkv_core.scheme import nqkv_preset
+
+    monkeypatch.setattr(native, "available", lambda: False)
+    monkeypatch.setattr(cpu_ops, "decode_fits", lambda *a, **k: False)
+    calls = []
+    real = triton_decode_grouped.launch
+    monkeypatch.setattr(triton_decode_grouped, "launch", lambda *a, **k: calls.append(
+        (a[0].dtype, k.get("key_bias") is not None, k.get("out_transform") is not None)) or real(*a, **k))
+    config = LlamaConfig(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, num_hidden_layers=1,
+                         head_dim=64, rope_theta=1e5)
+    gen = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(torch.bfloat16)
+
+    k, v = randn(1, 3, 200, 64), randn(1, 3, 200, 64)
+    caches = [NQKVCache(nqkv_preset(4), config=config, decode=d) for d in ("auto", "reference")]
+    for c in caches:
+        c.append(k, v, 0)
+    for _ in range(3):
+        q, k1, v1 = randn(1, 9, 1, 64), randn(1, 3, 1, 64), randn(1, 3, 1, 64)
+        outs = []
+        for c in caches:
+            c.layers[0].update(k1, v1)
+            outs.append(c.layers[0].attention(q, None, 0.125))
+        assert outs[0].dtype == torch.bfloat16
+        torch.testing.assert_close(outs[0].float(), outs[1].float(), atol=2e-2, rtol=2e-2)
+    assert calls == [(torch.bfloat16, True, True)] * 3
+
+
+@_kernel_test
 def test_cache_generate_with_the_key_bias_in_the_kernel(monkeypatch):
     """A 4-bit RoPE-centred cache whose decode steps take the grouped kernel with the key bias
     computed in it and the output taken back to the model's basis by its merge (on CPU: the

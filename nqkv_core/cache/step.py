@@ -197,7 +197,9 @@ def _folded_inputs(layer, query, k_new, maps: StepMaps, n: int, scaling: float):
     elif t.mu_k is not None:
         k_new = k_new - t.mu_k
     k_new = k_new @ t.rot_k if t.rot_k is not None else k_new
-    return q, w, k_new.to(layer.fp_dtype), None
+    # in the exact tokens' dtype, as the general step's: a 16-bit model's bf16 queries take the
+    # grouped decode kernel on a GPU (fp32 ones, its split-K kernel and a dense key bias)
+    return q.to(layer.fp_dtype), w, k_new.to(layer.fp_dtype), None
 
 
 def _prompt_only(layer, n: int | None, T: int, attention_mask: torch.Tensor | None) -> bool:
