@@ -1,0 +1,137 @@
+"""Kernel launches of one eager decode step of a cache layer on the GPU's code path, counted on CPU.
+
+A SmolLM2-shaped layer (3 KV heads x 3 query heads, head_dim 64, a bf16 model) holding ``--tokens``
+tokens takes one-token steps (``update`` + ``attention``) the way it does on CUDA: Triton's
+interpreter runs the Triton kernels on CPU tensors, and the native CPU step and the CPU decode op are
+switched off. For the last step the script counts what a GPU would launch:
+
+* ``torch ops``: every aten op except views, allocations and other metadata ops (each is a kernel
+  launch on a GPU; ops that inductor fuses in a compiled step share one);
+* ``Triton launches``: launches of the Triton kernels (the grouped decode's split and merge);
+* ``host reads``: reads of a device value by the host (``.item()``, ``int(t)``, ``bool(t)``): each is a
+  synchronisation on a GPU.
+
+    python benchmarks/step_launches.py
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # (read by triton when it is first imported)
+
+import argparse  # noqa: E402
+import collections  # noqa: E402
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes  # noqa: E402
+
+from nqkv_core import native  # noqa: E402
+from nqkv_core.cache import NQKVCache  # noqa: E402
+from nqkv_core.ops import cpu as cpu_ops  # noqa: E402
+from nqkv_core.ops import triton_decode_grouped  # noqa: E402
+from nqkv_core.scheme import nqkv_preset  # noqa: E402
+
+NO_LAUNCH = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "lift_fresh",
+             "alias", "_reshape_alias", "_unsafe_view", "set_", "resize_", "sym_size", "sym_stride", "sym_numel",
+             "is_same_size"}
+
+
+class Counter(TorchDispatchMode):
+    """Counts the aten ops that launch a kernel on a GPU, by name, and the host reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+        self.host_reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name == "_local_scalar_dense":
+            self.host_reads += 1
+        elif not func.is_view and name not in NO_LAUNCH and func.namespace != "nqkv":  # (its kernels: below)
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class TritonLaunches:
+    """The grouped decode's ``launch``, run with the op counter paused (in the interpreter its
+    kernels and its fp32 stand-ins for 16-bit tensors are torch ops that a GPU does not run), and
+    the launches of its kernels counted."""
+
+    def __init__(self):
+        self.count = 0
+        self.real_launch, self.real_wrap = triton_decode_grouped.launch, triton_decode_grouped.wrap_triton
+
+    def wrap(self, kernel):
+        grid_launch = self.real_wrap(kernel)
+        outer = self
+
+        class Launch:
+            def __getitem__(self, grid):
+                outer.count += 1
+                return grid_launch[grid]
+
+        return Launch()
+
+    def launch(self, *args, **kwargs):
+        with _disable_current_modes():
+            return self.real_launch(*args, **kwargs)
+
+    def __enter__(self):
+        triton_decode_grouped.launch, triton_decode_grouped.wrap_triton = self.launch, self.wrap
+        return self
+
+    def __exit__(self, *exc):
+        triton_decode_grouped.launch, triton_decode_grouped.wrap_triton = self.real_launch, self.real_wrap
+
+
+def step_counts(scheme, tokens: int, kv_heads: int = 3, group: int = 3, d: int = 64,
+                dtype: torch.dtype = torch.bfloat16) -> tuple[Counter, int]:
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=kv_heads * group * d, num_attention_heads=kv_heads * group,
+                         num_key_value_heads=kv_heads, num_hidden_layers=1, head_dim=d, rope_theta=1e5)
+    cache = NQKVCache(scheme, config=config)
+    g = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    cache.append(randn(1, kv_heads, tokens, d), randn(1, kv_heads, tokens, d), 0, randn(1, kv_heads * group, tokens, d))
+    layer = cache.layers[0]
+    saved = (native.available, cpu_ops.decode_fits)
+    native.available = lambda: False
+    cpu_ops.decode_fits = lambda *a, **k: False
+    try:
+        for i in range(3):  # the first steps build what later ones reuse; the last is counted
+            q = randn(1, kv_heads * group, 1, d)
+            k, v = randn(1, kv_heads, 1, d), randn(1, kv_heads, 1, d)
+            with TritonLaunches() as launches, Counter() as counter:
+                layer.update(k, v)
+                layer.attention(q, None, d ** -0.5)
+    finally:
+        native.available, cpu_ops.decode_fits = saved
+    return counter, launches.count
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=300, help="tokens in the layer before the counted steps")
+    ap.add_argument("--ops", action="store_true", help="also list the torch ops by name")
+    args = ap.parse_args()
+    print("| preset | torch ops | Triton launches | host reads |")
+    print("|---|---:|---:|---:|")
+    rows = []
+    for name, scheme in (("NQKV-4 (RoPE-aware centre)", nqkv_preset(4)),
+                         ("NQKV-4 plain-centre", nqkv_preset(4, rope_centre=False))):
+        counter, triton_count = step_counts(scheme, args.tokens)
+        print(f"| {name} | {sum(counter.ops.values())} | {triton_count} | {counter.host_reads} |", flush=True)
+        rows.append((name, counter))
+    if args.ops:
+        for name, counter in rows:
+            print(f"\n{name}: " + ", ".join(f"{op} x{n}" for op, n in counter.ops.most_common()))
+
+
+if __name__ == "__main__":
+    main()
