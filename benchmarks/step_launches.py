@@ -1,15 +1,19 @@
 """Kernel launches of one eager decode step of a cache layer on the GPU's code path, counted on CPU.
 
-A SmolLM2-shaped layer (3 KV heads x 3 query heads, head_dim 64, a bf16 model) holding ``--tokens``
-tokens takes one-token steps (``update`` + ``attention``) the way it does on CUDA: Triton's
+Two SmolLM2-shaped layers (3 KV heads x 3 query heads, head_dim 64, a bf16 model) holding
+``--tokens`` tokens take one-token steps (``update`` + ``attention``) the way they do on CUDA: Triton's
 interpreter runs the Triton kernels on CPU tensors, and the native CPU step and the CPU decode op are
-switched off. For the last step the script counts what a GPU would launch:
+switched off. For the second layer of the last step (the first computes what all layers of a step
+share, such as the slot positions) the script counts what a GPU would launch:
 
 * ``torch ops``: every aten op except views, allocations and other metadata ops (each is a kernel
   launch on a GPU; ops that inductor fuses in a compiled step share one);
 * ``Triton launches``: launches of the Triton kernels (the grouped decode's split and merge);
 * ``host reads``: reads of a device value by the host (``.item()``, ``int(t)``, ``bool(t)``): each is a
   synchronisation on a GPU.
+
+Not counted: the copy of the RoPE table from the CPU's tiles into the rows the kernel reads, which
+a GPU's table, held as rows, does not need.
 
     python benchmarks/step_launches.py
 """
@@ -91,27 +95,36 @@ def step_counts(scheme, tokens: int, kv_heads: int = 3, group: int = 3, d: int =
     from transformers import LlamaConfig
 
     config = LlamaConfig(hidden_size=kv_heads * group * d, num_attention_heads=kv_heads * group,
-                         num_key_value_heads=kv_heads, num_hidden_layers=1, head_dim=d, rope_theta=1e5)
+                         num_key_value_heads=kv_heads, num_hidden_layers=2, head_dim=d, rope_theta=1e5)
     cache = NQKVCache(scheme, config=config)
     g = torch.Generator().manual_seed(0)
 
     def randn(*shape):
         return torch.randn(*shape, generator=g).to(dtype)
 
-    cache.append(randn(1, kv_heads, tokens, d), randn(1, kv_heads, tokens, d), 0, randn(1, kv_heads * group, tokens, d))
-    layer = cache.layers[0]
-    saved = (native.available, cpu_ops.decode_fits)
+    for i in range(2):
+        cache.append(randn(1, kv_heads, tokens, d), randn(1, kv_heads, tokens, d), i,
+                     randn(1, kv_heads * group, tokens, d))
+    saved = (native.available, cpu_ops.decode_fits, cpu_ops.tile_rows)
     native.available = lambda: False
     cpu_ops.decode_fits = lambda *a, **k: False
+
+    def tile_rows(table):
+        with _disable_current_modes():
+            return saved[2](table)
+
+    cpu_ops.tile_rows = tile_rows
     try:
-        for i in range(3):  # the first steps build what later ones reuse; the last is counted
+        for _ in range(3):  # the first steps build what later ones reuse; the last is counted
             q = randn(1, kv_heads * group, 1, d)
             k, v = randn(1, kv_heads, 1, d), randn(1, kv_heads, 1, d)
+            cache.layers[0].update(k, v)
+            cache.layers[0].attention(q, None, d ** -0.5)
             with TritonLaunches() as launches, Counter() as counter:
-                layer.update(k, v)
-                layer.attention(q, None, d ** -0.5)
+                cache.layers[1].update(k, v)
+                cache.layers[1].attention(q, None, d ** -0.5)
     finally:
-        native.available, cpu_ops.decode_fits = saved
+        native.available, cpu_ops.decode_fits, cpu_ops.tile_rows = saved
     return counter, launches.count
 
 
