@@ -12,8 +12,8 @@ share, such as the slot positions) the script counts what a GPU would launch:
 * ``host reads``: reads of a device value by the host (``.item()``, ``int(t)``, ``bool(t)``): each is a
   synchronisation on a GPU.
 
-Not counted: the copy of the RoPE table from the CPU's tiles into the rows the kernel reads, which
-a GPU's table, held as rows, does not need.
+Not counted: the RoPE table's rows composed from the CPU's compact table for the kernel, which a
+GPU's table, held as rows, does not need.
 
     python benchmarks/step_launches.py
 """
@@ -105,15 +105,15 @@ def step_counts(scheme, tokens: int, kv_heads: int = 3, group: int = 3, d: int =
     for i in range(2):
         cache.append(randn(1, kv_heads, tokens, d), randn(1, kv_heads, tokens, d), i,
                      randn(1, kv_heads * group, tokens, d))
-    saved = (native.available, cpu_ops.decode_fits, cpu_ops.tile_rows)
+    saved = (native.available, cpu_ops.decode_fits, cpu_ops.table_rows)
     native.available = lambda: False
     cpu_ops.decode_fits = lambda *a, **k: False
 
-    def tile_rows(table):
+    def table_rows(table):
         with _disable_current_modes():
             return saved[2](table)
 
-    cpu_ops.tile_rows = tile_rows
+    cpu_ops.table_rows = table_rows
     try:
         for _ in range(3):  # the first steps build what later ones reuse; the last is counted
             q = randn(1, kv_heads * group, 1, d)
@@ -124,7 +124,7 @@ def step_counts(scheme, tokens: int, kv_heads: int = 3, group: int = 3, d: int =
                 cache.layers[1].update(k, v)
                 cache.layers[1].attention(q, None, d ** -0.5)
     finally:
-        native.available, cpu_ops.decode_fits, cpu_ops.tile_rows = saved
+        native.available, cpu_ops.decode_fits, cpu_ops.table_rows = saved
     return counter, launches.count
 
 

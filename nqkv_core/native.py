@@ -177,12 +177,12 @@ def _bind(lib: ctypes.CDLL, key: str) -> ctypes.CDLL:
     lib.nqkv_dequantize_rows.argtypes = [ptr, ptr, i32, ptr, i32, i64, i64, i64, ptr, i32, i32]
     lib.nqkv_attention_decode.argtypes = [
         ptr, _PackedArg, _PackedArg, i64, ptr, ptr, i64, ptr, i64, i64, i64, i32, ptr, ptr, ptr, i64, i32, i64, i64, i64,
-        i64, i64, i64, ptr, i32, ptr,
+        i64, i64, i64, ptr, i32, ptr, ptr,
     ]
     lib.nqkv_decode_step.argtypes = [
         ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, i64, i64, _PackedArg,
-        _PackedArg, i64, ptr, ptr, f32, i64, i64, i64, i64, ptr, i64, i64, f32, i64, i64, i64, i64, ptr, i32, ptr,
-        i32, i32, ptr, ptr, i32,
+        _PackedArg, i64, ptr, ptr, f32, i64, i64, i64, i64, ptr, ptr, i64, i64, f32, i64, i64, i64, i64, ptr, i32,
+        ptr, i32, i32, ptr, ptr, i32,
     ]
     lib.nqkv_decode_step.restype = ctypes.c_int
     lib.nqkv_quantize_rows.restype = i64
@@ -369,8 +369,8 @@ def attention_decode(q: Tensor, k: Packed | tuple, v: Packed | tuple, k_tail: Op
     ``key_bias = (w, table, positions)`` adds ``w[b, hq, i] . table[positions[j]]`` to the score of
     query ``i`` and key ``j`` (``w`` (B, Hq, Tq, D), ``table`` (P, D), ``positions`` (Tk,) in
     ``[0, P)``): the RoPE-centred cache's score offset (docs/design.md), computed inside the
-    kernel instead of as a (B, Hq, Tq, Tk) mask. ``table`` may also be the same rows in tiles of
-    sixteen positions, (P / 16, D, 16) (:class:`~nqkv_core.cache.format.RopeTable`).
+    kernel instead of as a (B, Hq, Tq, Tk) mask. ``table`` may also be the same rows held compactly,
+    a ``(starts (P / 16, D), offsets (D, 16))`` pair (:class:`~nqkv_core.transform.CompactRope`).
 
     Non-finite inputs give what torch's softmax and product give (docs/design.md, "Non-finite
     numbers in attention"): a query row whose scores include a NaN among the keys it sees -- a key
@@ -402,24 +402,30 @@ def attention_decode(q: Tensor, k: Packed | tuple, v: Packed | tuple, k_tail: Op
         if m.stride(-1) != 1:
             m = m.contiguous()
         mask, ms = m, (m.stride(0), m.stride(1), m.stride(2))
-    w = table = pos = None
+    w = table = pos = starts = offsets = None
+    rows = 0
     if key_bias is not None:
         w, table, pos = key_bias
-        tiled = table.dim() == 3 and table.shape[2] == 16
-        if w.shape != q.shape or not (table.dim() == 2 or tiled) or table.shape[1] != d or pos.shape != (tk,):
+        if isinstance(table, tuple):  # held compactly: (starts, offsets)
+            starts, offsets = (t.float().contiguous() for t in table)
+            table, rows = None, 16 * starts.shape[0]
+            ok = starts.dim() == 2 and starts.shape[1] == d and tuple(offsets.shape) == (d, 16)
+            shape = f"({tuple(starts.shape)}, {tuple(offsets.shape)})"
+        else:
+            table, rows = table.float().contiguous(), table.shape[0]
+            ok, shape = table.dim() == 2 and table.shape[1] == d, str(tuple(table.shape))
+        if w.shape != q.shape or not ok or pos.shape != (tk,):
             raise ValueError(
-                f"key_bias shapes {tuple(w.shape)}, {tuple(table.shape)}, {tuple(pos.shape)} do not match"
-                f" queries {tuple(q.shape)} over {tk} keys (table (P, D) or (P / 16, D, 16))"
+                f"key_bias shapes {tuple(w.shape)}, {shape}, {tuple(pos.shape)} do not match queries"
+                f" {tuple(q.shape)} over {tk} keys (table (P, D), or (P / 16, D) starts and (D, 16) offsets)"
             )
-        w, table = w.float().contiguous(), table.float().contiguous()
-        pos = pos.to(torch.int64).contiguous()
-    rows = 0 if table is None else table.shape[0] * (16 if tiled else 1)
+        w, pos = w.float().contiguous(), pos.to(torch.int64).contiguous()
     out = torch.empty(b, hkv, g * tq, dv, dtype=torch.float32)
     status = _library().nqkv_attention_decode(
         qf.data_ptr(), _packed(k, keep), _packed(v, keep), th, _ptr(kt), _ptr(vt), tt,
-        _ptr(mask), ms[0], ms[1], ms[2], int(hides), _ptr(w), None if table is None or tiled else _ptr(table),
-        _ptr(pos), rows, int(is_causal and tq > 1), b, hkv, g, tq, d, dv, out.data_ptr(), torch.get_num_threads(),
-        _ptr(table) if table is not None and tiled else None,
+        _ptr(mask), ms[0], ms[1], ms[2], int(hides), _ptr(w), _ptr(table), _ptr(pos), rows,
+        int(is_causal and tq > 1), b, hkv, g, tq, d, dv, out.data_ptr(), torch.get_num_threads(), _ptr(starts),
+        _ptr(offsets),
     )
     if status:
         raise ValueError(f"key_bias positions must lie in [0, {rows})")
@@ -453,9 +459,9 @@ class DecodeStep:
     buffers (B, Hkv, slots, D), fp32 or bf16 (all four alike; the new token is rounded as they
     store it), updated in place; ``k_body``/``v_body`` the packed bodies
     (:class:`~nqkv_core.packed.Packed`, blocks along head_dim); ``thresholds`` the K and V coding midpoints;
-    ``rope``, the RoPE ``[cos | sin]`` table in tiles of sixteen positions (P / 16, D, 16)
-    (:class:`~nqkv_core.cache.format.RopeTable`), for a
-    RoPE-aware centre; ``fit = (ratios, sides)``: the clipping ratios of fitted scales and the sides
+    ``rope``, the RoPE ``[cos | sin]`` table held compactly, ``(starts (P / 16, D), offsets (D, 16))``
+    (:class:`~nqkv_core.transform.CompactRope`, a CPU cache's :class:`~nqkv_core.cache.format.RopeTable`),
+    for a RoPE-aware centre; ``fit = (ratios, sides)``: the clipping ratios of fitted scales and the sides
     that fit them (bit 0 keys, bit 1 values; such a side's body codebook is also its coding one);
     ``k_feedback = (levels, U)``: keys coded by error feedback against their plain ``levels``, ``U``
     (B, Hkv, D, D). ``supported`` is False when the native kernels cannot take these tensors.
@@ -465,7 +471,7 @@ class DecodeStep:
         self, query_heads: int, rot_k: Optional[Tensor], rot_v: Optional[Tensor], mu_k: Optional[Tensor],
         mu_k_half: Optional[Tensor], mu_v: Optional[Tensor], sinks: tuple[Tensor, Tensor], ring: tuple[Tensor, Tensor],
         k_body: Packed, v_body: Packed, thresholds: tuple[Tensor, Tensor], max_scale: float,
-        rope: Optional[Tensor], fit: Optional[tuple[Tensor, int]] = None,
+        rope: Optional[tuple[Tensor, Tensor]], fit: Optional[tuple[Tensor, int]] = None,
         k_feedback: Optional[tuple[Tensor, Tensor]] = None,
     ):
         fit_ratios, fit_sides = (None, 0) if fit is None else (fit[0].float().contiguous(), fit[1])
@@ -480,15 +486,17 @@ class DecodeStep:
         # the full-precision rows: all fp32 or all bf16, read and written by the kernel as stored
         rows_ok = fp in (torch.float32, torch.bfloat16) and all(
             t.dtype == fp and t.is_contiguous() for t in (*sinks, *ring)) and _usable(*sinks, *ring)
+        rope = (None, None) if rope is None else tuple(rope)
         self.supported = rows_ok and decode_step_supported(
-            rot_k, rot_v, mu_k, mu_k_half, mu_v, *thresholds, rope, formats=formats,
+            rot_k, rot_v, mu_k, mu_k_half, mu_v, *thresholds, *rope, formats=formats,
         ) and all(r is None or r.numel() == d * d for r in (rot_k, rot_v))  # one (D, D) matrix each
         self.supported = self.supported and k_body.per_token and v_body.per_token
-        self.supported = self.supported and (rope is None or rope.shape[1:] == (d, 16))
+        self.supported = self.supported and (rope[0] is None or (
+            rope[0].dim() == 2 and rope[0].shape[1] == d and tuple(rope[1].shape) == (d, 16)))
         if not self.supported:
             return
         self._keep: list = []
-        self.rope_rows = 0 if rope is None else rope.shape[0] * 16
+        self.rope_rows = 0 if rope[0] is None else rope[0].shape[0] * 16
         self.batch, self.hkv, self.hq, self.d = sinks[0].shape[0], sinks[0].shape[1], query_heads, sinks[0].shape[3]
         self._head = (_ptr(rot_k), _ptr(rot_v), _ptr(mu_k), _ptr(mu_k_half), _ptr(mu_v), sinks[0].data_ptr(),
                       sinks[1].data_ptr())
@@ -496,7 +504,7 @@ class DecodeStep:
         self._ring = (ring[0].data_ptr(), ring[1].data_ptr())
         self._bodies = (_packed(k_body, self._keep), _packed(v_body, self._keep))
         self._tail = (thresholds[0].data_ptr(), thresholds[1].data_ptr(), max_scale)
-        self._rope = (_ptr(rope), self.rope_rows)
+        self._rope = (_ptr(rope[0]), _ptr(rope[1]), self.rope_rows)
         self._fit = (_ptr(fit_ratios), 0 if fit_ratios is None else fit_ratios.numel(), fit_sides, _ptr(k_levels),
                      _ptr(k_fb), int(fp == torch.bfloat16))
 

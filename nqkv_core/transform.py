@@ -27,7 +27,7 @@ import dataclasses
 import functools
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -136,7 +136,7 @@ class KVTransform:
             return self.mu_k
         # ``start`` may be a 0-d tensor (a cache's length), so that traced steps do not specialise on it.
         pos = torch.arange(n, device=self.mu_k.device) + start
-        return apply_rope(self.mu_k, pos, self.inv_freq)
+        return turn_by_rows(self.mu_k, centre_rows(pos, self.inv_freq))
 
     def keys(self, k: torch.Tensor, start: int | torch.Tensor = 0, centre: bool = True) -> torch.Tensor:
         """Keys as stored before quantization: ``((k - mu_k) * a_k) @ rot_k`` (positions from ``start``;
@@ -207,6 +207,81 @@ def apply_rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor, inver
     ``inv_freq`` (the first ``2 * len(inv_freq)`` channels; the rest pass through); ``inverse``
     undoes it. :func:`nqkv_core.rope.apply_rope` with ``RopeSpec(inv_freq)``."""
     return rope.apply_rope(x, pos, rope.RopeSpec(inv_freq), inverse)
+
+
+# -- the RoPE rows of the key centre and bias ---------------------------------------------------------------
+#
+# A RoPE-aware centre is subtracted from each key at its position and added back to its score as a
+# bias; the two cancel only if they turn the centre by the same numbers. Both take them from
+# centre_rows: the [cos | sin] angles of the position's tile start 16 * (p // 16) and of its offset
+# p % 16, added (compose_angle_rows). That is what lets a CPU cache hold its table compactly
+# (CompactRope: one row per sixteen positions and one tile of offsets) and get the same numbers.
+
+
+def angle_rows(pos: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """``[cos | sin]`` of the angles ``pos * inv_freq`` (fp32, as the model's RoPE computes them):
+    ``(T, 2 F)`` for ``pos`` ``(T,)`` and ``inv_freq`` ``(F,)``."""
+    ang = pos.float()[:, None] * inv_freq.float().to(pos.device)[None, :]
+    return torch.cat([ang.cos(), ang.sin()], dim=-1)
+
+
+def compose_angle_rows(start: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """``[cos | sin]`` of the sums of the angles of two ``[cos | sin]`` rows (broadcast), by angle
+    addition in fp32 (the native kernels' ``compact_row`` does the same)."""
+    h = start.shape[-1] // 2
+    ca, sa, cb, sb = start[..., :h], start[..., h:], offset[..., :h], offset[..., h:]
+    return torch.cat([ca * cb - sa * sb, sa * cb + ca * sb], dim=-1)
+
+
+def centre_rows(pos: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """The ``[cos | sin]`` rows ``(T, 2 F)`` that turn a RoPE-aware key centre to positions ``pos``
+    ``(T,)`` (int): the angles of ``16 * (pos // 16)`` and of ``pos % 16``, added."""
+    pos = pos.long()
+    return compose_angle_rows(angle_rows(pos // 16 * 16, inv_freq), angle_rows(pos % 16, inv_freq))
+
+
+def turn_by_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(..., 1 or T, d)`` turned by ``[cos | sin]`` rows ``(T, 2 F)``, rotate-half pairs over the
+    first ``2 F`` channels (the rest pass through): ``x * cos + rotate_half(x) * sin`` per position,
+    :func:`apply_rope`'s arithmetic with these rows."""
+    f = rows.shape[-1] // 2
+    rd = 2 * f
+    cos, sin = rows[:, :f].repeat(1, 2).to(x.dtype), rows[:, f:].repeat(1, 2).to(x.dtype)
+    xr, rest = x[..., :rd], x[..., rd:]
+    out = xr * cos + rope.rotate_half(xr) * sin
+    if not rest.shape[-1]:
+        return out
+    return torch.cat([out, rest.expand(*out.shape[:-1], rest.shape[-1])], dim=-1)
+
+
+class CompactRope(NamedTuple):
+    """The RoPE rows of positions ``[0, 16 * len(starts))`` held compactly: ``starts`` ``(P / 16, d)``,
+    row ``t`` the angles of position ``16 t``, and ``offsets`` ``(d, 16)``, column ``l`` those of
+    position ``l``; row ``p`` is :func:`compose_angle_rows` of ``starts[p // 16]`` and offset ``p % 16``,
+    which equals :func:`centre_rows` of ``p``. A CPU cache's RoPE table
+    (:class:`~nqkv_core.cache.format.RopeTable`), 17 rows per 256 positions instead of 256."""
+
+    starts: torch.Tensor
+    offsets: torch.Tensor
+
+    @staticmethod
+    def of(tiles: int, inv_freq: torch.Tensor, first: int = 0, device=None) -> "CompactRope":
+        """The table of tiles ``[first, tiles)`` (its starts; the offsets are those of any table)."""
+        t = torch.arange(first, tiles, device=device)
+        return CompactRope(angle_rows(16 * t, inv_freq), angle_rows(torch.arange(16, device=device), inv_freq).T.contiguous())
+
+    @property
+    def positions(self) -> int:
+        return 16 * self.starts.shape[0]
+
+    def rows(self, pos: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``(T, d)`` of positions ``pos`` (all :attr:`positions` by default)."""
+        pos = torch.arange(self.positions, device=self.starts.device) if pos is None else pos.long()
+        return compose_angle_rows(self.starts.index_select(0, pos // 16), self.offsets.T.index_select(0, pos % 16))
+
+    def head(self, tiles: int) -> "CompactRope":
+        """The table of its first ``tiles`` tiles (views)."""
+        return CompactRope(self.starts[:tiles], self.offsets)
 
 
 def rope_layout(config, head_dim: int, device=None, layer_type: str | None = None

@@ -27,7 +27,9 @@ from torch._inductor.utils import run_and_get_code  # noqa: E402
 from nqkv_core.cache import NQKVCache, compiled  # noqa: E402
 from nqkv_core.cache.format import RopeTable  # noqa: E402
 from nqkv_core.codebook import get_codebook  # noqa: E402
-from nqkv_core.ops.cpu import tile_rows  # noqa: E402
+from nqkv_core.ops.attention import key_bias_args  # noqa: E402
+from nqkv_core.ops.cpu import table_rows  # noqa: E402
+from nqkv_core.transform import CompactRope  # noqa: E402
 from nqkv_core.quantize import dequantize_blockwise  # noqa: E402
 from nqkv_core.scheme import KVScheme  # noqa: E402
 
@@ -154,7 +156,7 @@ def _reference(q, k_body, v_body, codebook, n, k_tail, v_tail, tail_allowed, mas
         body = body & mask[:, :, -T:, S : S + n]
     if bias is not None:
         w, table, tail_pos = bias
-        s = s + w @ tile_rows(table)[torch.cat([torch.arange(n) + S, tail_pos])].T
+        s = s + w @ table_rows(table)[torch.cat([torch.arange(n) + S, tail_pos])].T
     s = s.masked_fill(~torch.cat([body, tail_allowed.expand(2, -1, -1, -1)], -1), -math.inf)
     return torch.softmax(s, -1) @ v
 
@@ -176,16 +178,18 @@ def test_present_attention_matches_plain_attention_over_the_present_slots(T, on_
     mask = torch.ones(2, 1, T, 128, dtype=torch.bool)
     mask[1, :, :, : S + 5] = False  # padding: the second row's sinks and first body slots
     w, table = torch.randn(2, 4, T, 16, generator=gen), torch.randn(128, 16, generator=gen)
+    compact = CompactRope.of(8, 1e4 ** -(torch.arange(0, 16, 2).float() / 16))  # a CPU cache's table
     tail_pos = torch.randint(0, 128, (M,), generator=gen)
     for n in (0, 2, 37):
         if on_host:  # slots past n are never read
             for x in (k_body[1], v_body[1]):
                 x[:, :, n:] = math.nan
         for bias, m, fused in [(None, None, True), (None, mask, True), ((w, table, tail_pos), None, True),
-                               ((w, table, tail_pos), mask, True), ((w, table, tail_pos), mask, False)]:
+                               ((w, table, tail_pos), mask, True), ((w, table, tail_pos), mask, False),
+                               ((w, compact, tail_pos), mask, True), ((w, compact, tail_pos), None, False)]:
             out = torch.ops.nqkv.present_attention(
                 q, k_body, v_body, codebook, 16, codebook, 16, k_tail, v_tail, tail_allowed,
-                torch.tensor(n), m, S, scale, fused, *(bias or (None, None, None)),
+                torch.tensor(n), m, S, scale, fused, *(key_bias_args(bias) if bias else (None,) * 4),
             )
             ref = _reference(q, k_body, v_body, codebook, n, k_tail, v_tail, tail_allowed, m, S, scale, bias)
             torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4, msg=f"n={n} {fused=}")
@@ -219,6 +223,10 @@ def test_present_attention_opcheck():
             torch.randn(2, 2, 3, 16, generator=gen), torch.randn(2, 2, 3, 16, generator=gen),
             torch.ones(1, 1, 1, 3, dtype=torch.bool), torch.tensor(20), None, 2, 0.25, True)
     torch.library.opcheck(torch.ops.nqkv.present_attention, args)
+    compact = CompactRope.of(4, 1e4 ** -(torch.arange(0, 16, 2).float() / 16))
+    bias = key_bias_args((torch.randn(2, 4, 1, 16, generator=gen), compact, torch.tensor([0, 1, 40])))
+    rot, shift = torch.randn(16, 16, generator=gen), torch.randn(2, 2, 1, 16, generator=gen)
+    torch.library.opcheck(torch.ops.nqkv.present_attention, (*args, *bias, rot, shift))
 
 
 # -- the grouped kernel's path (Triton: on a GPU, or in its interpreter on CPU) ----------------------------
@@ -265,7 +273,7 @@ def _kernel_inputs(group: int, slots: int, dev: str):
     mask[1, :, :, : S + 3] = False  # padding: the second row's sinks and first body slots
     rope = RopeTable(1.0 / 10000 ** (torch.arange(0, d, 2).float() / d))
     rope.ensure(64, "cpu")
-    bias = (torch.randn(2, 2 * group, 1, d, generator=gen), rope.table, torch.tensor([0, 1, 40, 50, 3, 51]))
+    bias = (torch.randn(2, 2 * group, 1, d, generator=gen), rope.rows(), torch.tensor([0, 1, 40, 50, 3, 51]))
     to = lambda x: x.to(dev)  # noqa: E731
     return (to(q), [to(x) for x in k_body], [to(x) for x in v_body], to(k_tail), to(v_tail), to(tail_allowed),
             to(mask), tuple(map(to, bias)), S)

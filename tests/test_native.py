@@ -203,26 +203,33 @@ def test_attention_decode_key_bias_matches_dense_offset(d, g, tq):
 
 
 @pytest.mark.parametrize("consecutive", [True, False])
-def test_attention_decode_key_bias_from_tiles_matches_rows(consecutive):
-    # The table in tiles of sixteen positions (RopeTable's layout) gives what its rows give: packed
-    # tokens at consecutive positions read the tiles, every other key a row gathered from them.
-    b, hkv, g, d, th, tt, P = 1, 2, 3, 64, 150, 7, 352
+@pytest.mark.parametrize("d", [64, 128])
+def test_attention_decode_key_bias_from_a_compact_table_matches_rows(consecutive, d):
+    # A RoPE table held compactly (RopeTable's layout on a CPU) gives what its rows give: packed
+    # tokens at consecutive positions turn the weights by each tile's start, every other key reads a
+    # row composed from it.
+    from nqkv_core.transform import CompactRope
+
+    b, hkv, g, th, tt, P = 1, 2, 3, 150, 7, 352
     k, v = _packed(b, hkv, th, d, 4, 64, seed=15), _packed(b, hkv, th, d, 4, 64, seed=16)
     gen = torch.Generator().manual_seed(17)
     q, w = torch.randn(b, hkv * g, 1, d, generator=gen), torch.randn(b, hkv * g, 1, d, generator=gen)
     kt, vt = torch.randn(b, hkv, tt, d, generator=gen), torch.randn(b, hkv, tt, d, generator=gen)
-    table = torch.randn(P, d, generator=gen)
-    tiles = table.view(P // 16, 16, d).transpose(1, 2).contiguous()
+    compact = CompactRope.of(P // 16, 1e4 ** -(torch.arange(0, d, 2).float() / d))
+    table = compact.rows()
     body = torch.arange(5, 5 + th) if consecutive else torch.randint(0, P, (th,), generator=gen)
     pos = torch.cat([body, torch.randint(0, P, (tt,), generator=gen)])
     rows = native.attention_decode(q, k, v, kt, vt, None, 0.1, False, key_bias=(w, table, pos))
-    out = native.attention_decode(q, k, v, kt, vt, None, 0.1, False, key_bias=(w, tiles, pos))
+    out = native.attention_decode(q, k, v, kt, vt, None, 0.1, False, key_bias=(w, compact, pos))
     torch.testing.assert_close(out, rows, atol=1e-5, rtol=1e-5)
     with native.disabled():
-        torch_path = cpu.attention_decode(q, k, v, kt, vt, None, 0.1, False, (w, tiles, pos))
+        torch_path = cpu.attention_decode(q, k, v, kt, vt, None, 0.1, False, (w, compact, pos))
     torch.testing.assert_close(out, torch_path, atol=2e-2, rtol=2e-2)
     with pytest.raises(ValueError, match="positions must lie in"):
-        native.attention_decode(q, k, v, kt, vt, None, 0.1, False, key_bias=(w, tiles, pos + P))
+        native.attention_decode(q, k, v, kt, vt, None, 0.1, False, key_bias=(w, compact, pos + P))
+    with pytest.raises(ValueError, match="key_bias shapes"):
+        native.attention_decode(q, k, v, kt, vt, None, 0.1, False, key_bias=(w, compact._replace(
+            offsets=compact.offsets[:, :8]), pos))
 
 
 def _cpu_flags() -> set:

@@ -24,8 +24,10 @@ from nqkv_core._hf import bool_mask
 from nqkv_core.cache.attend import attend
 from nqkv_core.cache.format import KeyBias, SideFormat
 from nqkv_core.ops.attention import grouped_takes_key_bias
-from nqkv_core.ops.cpu import dense_key_bias, tile_rows
+from nqkv_core.ops.attention import key_bias_table
+from nqkv_core.ops.cpu import dense_key_bias, table_rows
 from nqkv_core.scheme import FP_BITS
+from nqkv_core.transform import CompactRope
 
 # The layers ``nqkv::cache_step`` runs, by ``NQKVLayer.step_name`` (an op's arguments are tensors and
 # plain values; the layer's transform, buffers and prepared native step stay out of the graph).
@@ -133,7 +135,7 @@ def _kernel_attention(query: torch.Tensor, k: tuple, v: tuple, k_tail: torch.Ten
     lengths = torch.stack([body_len, n_tail]).to(torch.int32).expand(b, 2).contiguous()
     key_bias = None
     if bias_w is not None:
-        rows = tile_rows(bias_table)
+        rows = table_rows(bias_table)
         c = torch.arange(slots + M, device=dev)
         tail_pos = bias_pos.index_select(0, (c - body_len).clamp(0, M - 1))
         positions = torch.where(c < body_len, c + body_start, tail_pos).clamp(0, rows.shape[0] - 1)
@@ -184,8 +186,8 @@ def present_attention(
     k_block: int, v_codebook: Optional[torch.Tensor], v_block: int, k_tail: torch.Tensor, v_tail: torch.Tensor,
     tail_allowed: torch.Tensor, body_len: torch.Tensor, attention_mask: Optional[torch.Tensor], body_start: int,
     scale: float, fused: bool, bias_w: Optional[torch.Tensor] = None, bias_table: Optional[torch.Tensor] = None,
-    bias_pos: Optional[torch.Tensor] = None, out_rot: Optional[torch.Tensor] = None,
-    out_shift: Optional[torch.Tensor] = None,
+    bias_pos: Optional[torch.Tensor] = None, bias_offsets: Optional[torch.Tensor] = None,
+    out_rot: Optional[torch.Tensor] = None, out_shift: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Attention of a traced step over the body slots that hold tokens and the exact tail:
     :func:`~nqkv_core.cache.attend.attend` over ``[body[:body_len] | tail]``.
@@ -210,17 +212,19 @@ def present_attention(
         body_start: the position of body slot 0 (the sink count).
         scale: softmax scale; fused: read the codes with the ``torch.ops.nqkv`` ops (False: the
             reference arithmetic, SDPA over the dequantized body).
-        bias_w, bias_table, bias_pos: the RoPE-centred key bias (:class:`~nqkv_core.cache.format.KeyBias`
-            parts: ``bias_table`` the RoPE table's tiles ``(P / 16, d, 16)``, or its rows ``(P, d)``)
-            with ``bias_pos`` the tail's positions; body slot ``j`` is at ``body_start + j``. The
-            kernel path computes it by angle addition, so the table must hold RoPE angles
-            (:class:`~nqkv_core.cache.format.RopeTable`), as a cache's does.
+        bias_w, bias_table, bias_pos, bias_offsets: the RoPE-centred key bias
+            (:class:`~nqkv_core.cache.format.KeyBias` parts as ``ops.attention.key_bias_args`` gives
+            them: ``bias_table`` the RoPE table's rows ``(P, d)``, or with ``bias_offsets`` the starts
+            of a table held compactly) with ``bias_pos`` the tail's positions; body slot ``j`` is at
+            ``body_start + j``. The kernel path computes it by angle addition, so the table must
+            hold RoPE angles (:class:`~nqkv_core.cache.format.RopeTable`), as a cache's does.
         out_rot, out_shift: the value rotation and centre that take the output back to the model's
             basis (``attend``'s ``output``; the grouped kernel applies them in its merge), or None.
 
     Returns:
         ``(b, hq, T, dv)`` in ``query.dtype``.
     """
+    bias_table = key_bias_table(bias_table, bias_offsets)
     kernel = _kernel_args(query, k_body, v_body, k_codebook, k_block, v_codebook, v_block, body_len, fused)
     if kernel is not None and k_tail.shape[2]:  # (a step's tail holds its own token at least)
         bias = (bias_w, bias_table, bias_pos)
@@ -241,11 +245,13 @@ def present_attention(
     allowed = torch.cat([body.expand(b, -1, -1, -1), tail_allowed.expand(b, -1, -1, -1)], dim=-1)
     key_bias = None
     if bias_w is not None:
-        per_row = 16 if bias_table.dim() == 3 else 1  # the RopeTable's tiles, or rows
-        positions = torch.cat([j + body_start, bias_pos]).clamp(max=bias_table.shape[0] * per_row - 1)
+        compact = isinstance(bias_table, CompactRope)
+        P = bias_table.positions if compact else bias_table.shape[0]
+        positions = torch.cat([j + body_start, bias_pos]).clamp(max=P - 1)
         table = bias_table
         if reads_length(body_len):  # only the rows up to the last position read
-            table = bias_table[: (int(positions.max()) + per_row) // per_row]
+            last = int(positions.max())
+            table = bias_table.head(last // 16 + 1) if compact else bias_table[: last + 1]
 
         def dense() -> torch.Tensor:
             return dense_key_bias(bias_w, table, positions)
@@ -259,7 +265,7 @@ def present_attention(
 
 @present_attention.register_fake
 def _(query, k_body, v_body, k_codebook, k_block, v_codebook, v_block, k_tail, v_tail, tail_allowed, body_len,
-      attention_mask, body_start, scale, fused, bias_w=None, bias_table=None, bias_pos=None, out_rot=None,
-      out_shift=None):
+      attention_mask, body_start, scale, fused, bias_w=None, bias_table=None, bias_pos=None, bias_offsets=None,
+      out_rot=None, out_shift=None):
     b, hq, T, _ = query.shape
     return query.new_empty(b, hq, T, v_tail.shape[-1])

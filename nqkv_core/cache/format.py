@@ -15,10 +15,11 @@ from typing import Callable
 import torch
 
 from nqkv_core.codebook import get_codebook
-from nqkv_core.ops.cpu import key_bias_scores, tile_rows
+from nqkv_core.ops.cpu import key_bias_scores, table_rows
 from nqkv_core.packed import Packed
 from nqkv_core.quantize import KERNEL_SCALE_DTYPES, dequantize_packed
 from nqkv_core.scheme import FP_BITS, KVScheme
+from nqkv_core.transform import CompactRope, centre_rows
 
 
 @dataclass(frozen=True)
@@ -127,11 +128,12 @@ def side_format(scheme: KVScheme, side: str, device: torch.device | str = "cpu")
 class RopeTable:
     """RoPE angles per position, shared by all layers of a cache (for RoPE-aware key centring).
 
-    The table's row ``p`` is ``[cos | sin]`` of the ``d / 2`` angles ``p * inv_freq`` (computed like
-    :func:`~nqkv_core.scheme.apply_rope`). It is held once (``table``), in the layout its device's
-    decode kernel reads: on a CPU the native step's tiles of sixteen positions ``(positions / 16, d,
-    16)``, tile ``t`` holding positions ``16 t .. 16 t + 15`` of element ``i`` at ``[t, i, :]``, so
-    that the key bias of sixteen consecutive positions is one vector per element; elsewhere rows
+    Row ``p`` is ``[cos | sin]`` of the ``d / 2`` angles of position ``p``, as
+    :func:`~nqkv_core.transform.centre_rows` computes them for the keys' centre (the angles of the
+    tile start ``16 * (p // 16)`` and of the offset ``p % 16``, added), so that the key bias undoes the
+    centring exactly. It is held once (``table``), in the layout its device's decode kernel reads: on a
+    CPU compactly, a :class:`~nqkv_core.transform.CompactRope` (one row per sixteen positions and one
+    tile of offsets, which the native step turns the bias weights by, tile by tile); elsewhere rows
     ``(positions, d)``, which the GPU decode kernel reads in place. :meth:`row`, :meth:`head`,
     :meth:`scores` and :meth:`rows` read either. It grows in steps of :data:`GROWTH_STEP` positions
     as the sequence grows (or is allocated once for ``max_cache_len``).
@@ -146,51 +148,64 @@ class RopeTable:
         self.inv_freq = inv_freq
         self.max_len = max_len
         self.order = order
-        self.table: torch.Tensor | None = None
+        self.table: torch.Tensor | CompactRope | None = None
 
     @property
-    def tiled(self) -> bool:
-        """Whether the table is held in tiles of sixteen positions (on a CPU) rather than rows."""
-        return self.table is not None and self.table.dim() == 3
+    def compact(self) -> bool:
+        """Whether the table is held compactly (on a CPU) rather than as rows."""
+        return isinstance(self.table, CompactRope)
 
     @property
     def positions(self) -> int:
         """Positions the table covers (0 before the first :meth:`ensure`)."""
-        return 0 if self.table is None else self.table.shape[0] * (16 if self.tiled else 1)
+        if self.table is None:
+            return 0
+        return self.table.positions if self.compact else self.table.shape[0]
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors that hold the table (none before the first :meth:`ensure`)."""
+        return [] if self.table is None else list(self.table) if self.compact else [self.table]
+
+    @property
+    def device(self) -> torch.device | None:
+        return None if self.table is None else self.tensors[0].device
 
     def ensure(self, n: int, device: torch.device) -> None:
         """Make the table cover positions ``[0, n)`` on ``device`` (eager only: it may allocate)."""
         if self.inv_freq is None:
             raise ValueError("RoPE-aware key centring needs the model's RoPE frequencies (pass config=)")
-        t, device = self.table, torch.device(device)
-        if t is not None and self.positions >= n and t.device == device:
+        device = torch.device(device)
+        if self.table is not None and self.positions >= n and self.device == device:
             return
         rows = max(grown(n), self.max_len or 0)
         rows += -rows % 16
-        kept = self.positions if t is not None and t.device == device else 0
-        inv_freq = self.inv_freq.float().to(device)
-        ang = torch.arange(kept, rows, device=device).float()[:, None] * inv_freq[None, :]
-        new = torch.cat([ang.cos(), ang.sin()], dim=-1)
+        kept = self.positions if self.table is not None and self.device == device else 0
         if device.type == "cpu":
-            new = new.view((rows - kept) // 16, 16, new.shape[1]).transpose(1, 2)
-        self.table = torch.cat([t, new]) if kept else new.contiguous()
+            new = CompactRope.of(rows // 16, self.inv_freq, kept // 16, device)
+            self.table = CompactRope(torch.cat([self.table.starts, new.starts]), new.offsets) if kept else new
+        else:
+            new = centre_rows(torch.arange(kept, rows, device=device), self.inv_freq)
+            self.table = torch.cat([self.table, new]) if kept else new
 
     def row(self, p: int) -> torch.Tensor:
-        """Row ``p``, ``(d,)`` (a view of the table)."""
-        return self.table[p // 16, :, p % 16] if self.tiled else self.table[p]
+        """Row ``p``, ``(d,)``."""
+        if self.compact:
+            return self.table.rows(torch.tensor([p], device=self.device))[0]
+        return self.table[p]
 
-    def head(self, n: int) -> torch.Tensor:
-        """The part of the table that covers positions ``[0, n)`` (whole tiles; a view)."""
-        return self.table[: -(-n // 16)] if self.tiled else self.table[:n]
+    def head(self, n: int) -> torch.Tensor | CompactRope:
+        """The part of the table that covers positions ``[0, n)`` (whole tiles when compact; views)."""
+        return self.table.head(-(-n // 16)) if self.compact else self.table[:n]
 
     def scores(self, w: torch.Tensor, n: int) -> torch.Tensor:
-        """``w @ rows(n).T``, ``(..., n)`` fp32, read from the table in place (the dense key bias)."""
+        """``w @ rows(n).T``, ``(..., n)`` fp32, from the table as held (the dense key bias)."""
         return key_bias_scores(w, self.head(n))[..., :n]
 
     def rows(self, n: int | None = None) -> torch.Tensor:
-        """Rows ``[0, n)`` (all by default), ``(n, d)``: the table itself, or a copy of its tiles."""
+        """Rows ``[0, n)`` (all by default), ``(n, d)``: the table itself, or composed from it."""
         n = self.positions if n is None else n
-        return tile_rows(self.head(n))[:n]
+        return table_rows(self.head(n))[:n]
 
 
 def storage_bytes(tensors) -> int:

@@ -35,7 +35,9 @@ from nqkv_core.cache.state import (Spec, check_layer_spec, check_period_spec, ch
                                    load_layer_state, load_sliding_layer_state, sliding_layer_state)
 from nqkv_core.scheme import KVScheme
 
-FORMAT_VERSION = "1"
+# 2: a RoPE-centred layer's keys are centred by transform.centre_rows (the angles of a position's tile
+# start and offset, added); a version-1 file's were centred by others, which the key bias would not undo.
+FORMAT_VERSION = "2"
 # Bounds on what a file may ask :func:`load` to build, checked before anything is allocated: a
 # header can claim any count or shape (a zero-length tensor of a huge batch costs no file bytes).
 MAX_LAYERS = 10_000

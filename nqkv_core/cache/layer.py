@@ -439,7 +439,7 @@ class NQKVLayer(CacheLayerMixin):
             out += [*self.k_body, *self.v_body, self.k_sink, self.v_sink, self.k_ring, self.v_ring]
         for obj in (self.transform, self._step_maps):
             out += [x for x in vars(obj).values() if isinstance(x, torch.Tensor)] if obj is not None else []
-        return out + [x for x in (self.rope.inv_freq, self.rope.table) if x is not None]
+        return out + [x for x in (self.rope.inv_freq, *self.rope.tensors) if x is not None]
 
     @property
     def nbytes(self) -> int:

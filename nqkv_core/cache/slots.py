@@ -126,7 +126,7 @@ def slot_key_bias(layer, query: torch.Tensor, positions: torch.Tensor, n: int | 
         w = rope_bias_weights(t.key_order(query), per_query_head(t.mu_k, hq // layer.num_heads), scaling)
 
     def dense() -> torch.Tensor:
-        bias = key_bias_scores(w, table)  # (b, hq, T, P), P = 16 * table.shape[0]
+        bias = key_bias_scores(w, table)  # (b, hq, T, P), P the positions the table covers
         if layer.is_sliding:  # a ring of codes: body positions are not one run
             out = bias.index_select(-1, clamped)
         else:

@@ -27,6 +27,7 @@ from nqkv_core.cache import commit, compiled, fitting  # noqa: F401  (compiled: 
 from nqkv_core.cache.attend import Logits, attend, prompt_attention
 from nqkv_core.cache.slots import (all_slots_valid, allowed_slots, padded_allowed_slots, slot_key_bias,
                                     slot_positions)
+from nqkv_core.ops.attention import key_bias_args
 from nqkv_core.ops.cpu import output_transform
 from nqkv_core.quantize import decision_thresholds, fit_ratios
 from nqkv_core.scheme import per_query_head, rotate_half
@@ -279,9 +280,9 @@ def _attend_present(layer, query, q, w, k_new, v_new, attention_mask, scaling: f
     n_body = (p0 + (T - S - layer.window)).clamp(0, layer.capacity)
     positions, valid = slot_positions(layer, p0, 0, T)  # [sinks | ring | new]
     allowed = allowed_slots(layer, p0, positions, valid, T, attention_mask)
-    bias = (None, None, None)
+    bias = (None, None, None, None)
     if layer.transform.inv_freq is not None:
-        bias = slot_key_bias(layer, query, positions, None, scaling, w).parts
+        bias = key_bias_args(slot_key_bias(layer, query, positions, None, scaling, w).parts)
     k_fp = torch.cat([layer.k_sink[:, :, :S], layer.k_ring[:, :, : layer.n_ring], k_new], dim=2)
     v_fp = torch.cat([layer.v_sink[:, :, :S], layer.v_ring[:, :, : layer.n_ring], v_new], dim=2)
     return torch.ops.nqkv.present_attention(

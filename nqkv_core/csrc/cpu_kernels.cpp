@@ -362,6 +362,27 @@ float exp_shift_sum(float* x, int64_t n, float m) {
   return sum;
 }
 
+// A RoPE [cos | sin] table held compactly (nqkv_core/cache/format.py, RopeTable): starts (P / 16, D),
+// row t the angles of position 16 t; offsets (D, 16), element d of position l < 16 at [d, l]. Row
+// p is the angle addition of start p / 16 and offset p % 16 (compact_row).
+struct RopeCompact {
+  const float* starts;
+  const float* offsets;
+};
+
+constexpr int64_t kMaxBiasDim = 256;  // head_dim of the register paths' key bias (fast_path)
+
+// w' with w' . [cos | sin](b) = w . [cos | sin](a + b) for every offset angle b: each (cos, sin)
+// weight pair of w (D) turned by the angles a of one table row (start, D).
+inline void tile_weights(const float* w, int64_t D, const float* start, float* out) {
+  const int64_t H = D / 2;
+  for (int64_t i = 0; i < H; ++i) {
+    const float c = start[i], sn = start[H + i], a = w[i], b = w[H + i];
+    out[i] = a * c + b * sn;
+    out[H + i] = b * c - a * sn;
+  }
+}
+
 // One packed history (K or V): codes (B, H, T, row_bytes) and absmax (B, H, T, D / block) with
 // element strides for the batch, head and token axes; rows of codes and of scales are contiguous.
 struct Packed {
@@ -639,25 +660,26 @@ void values_fast(const Packed& v, const float* levels16, int64_t b, int64_t h, c
 }
 
 // s[r * Tk + j] += w_r . table[p + j - j0] for j in [j0, j0 + n) and ROWS rows from r0: the key
-// bias of keys at consecutive positions p, p + 1, ... from the table in tiles of sixteen positions,
-// (P / 16, D, 16): sixteen keys per vector, one contiguous 16 x D tile per sixteen positions, no
+// bias of keys at consecutive positions p, p + 1, ... from the table held compactly (RopeCompact):
+// by angle addition, the bias of position 16 t + l is w'_t . offsets(l), where w'_t is w with each
+// (cos, sin) weight pair turned by tile t's start angles (tile_weights), so sixteen keys are one
+// vector per element d against the one offset tile, which stays in L1 for every tile; no
 // horizontal sums and no padded rows (the cache body's positions are consecutive). NT tiles at a
 // time from tile tb: NT x ROWS independent accumulators in registers (template arguments), enough
-// to hide the FMA latency, and each weight broadcast serves NT tiles.
+// to hide the FMA latency, and each offset vector serves NT tiles.
 template <int ROWS, int NT>
-void add_tile_bias_rows(const float* wr, int64_t D, const float* tiles, int64_t tb, int64_t p, int64_t j0, int64_t n,
+void add_tile_bias_rows(const float* wr, int64_t D, RopeCompact rope, int64_t tb, int64_t p, int64_t j0, int64_t n,
                         float* s, int64_t Tk) {
+  alignas(64) float wt[NT][ROWS][kMaxBiasDim];
+  for (int t = 0; t < NT; ++t)
+    for (int r = 0; r < ROWS; ++r) tile_weights(wr + r * D, D, rope.starts + (tb / 16 + t) * D, wt[t][r]);
   __m512 acc[NT][ROWS];
   for (int t = 0; t < NT; ++t)
     for (int r = 0; r < ROWS; ++r) acc[t][r] = _mm512_setzero_ps();
-  const float* tile = tiles + (tb / 16) * D * 16;
   for (int64_t d = 0; d < D; ++d) {
-    __m512 x[NT];
-    for (int t = 0; t < NT; ++t) x[t] = _mm512_loadu_ps(tile + t * D * 16 + d * 16);
-    for (int r = 0; r < ROWS; ++r) {
-      const __m512 wv = _mm512_set1_ps(wr[r * D + d]);
-      for (int t = 0; t < NT; ++t) acc[t][r] = _mm512_fmadd_ps(wv, x[t], acc[t][r]);
-    }
+    const __m512 x = _mm512_loadu_ps(rope.offsets + d * 16);
+    for (int t = 0; t < NT; ++t)
+      for (int r = 0; r < ROWS; ++r) acc[t][r] = _mm512_fmadd_ps(_mm512_set1_ps(wt[t][r][d]), x, acc[t][r]);
   }
   for (int t = 0; t < NT; ++t) {
     // lane l is position tb + 16t + l, key j0 + tb + 16t + l - p; only positions in [p, p + n) are written
@@ -851,24 +873,25 @@ void values_fast_avx2(const Packed& v, const float* levels16, int64_t b, int64_t
   }
 }
 
-// add_tile_bias with eight lanes: the tile of sixteen positions is two vectors per element d;
-// NT tiles x 2 halves x ROWS accumulators, the weights broadcast once per d and the tile rows
-// read by the FMAs from memory.
+// add_tile_bias with eight lanes: the offset tile is two vectors per element d; NT tiles x 2
+// halves x ROWS accumulators, each tile's turned weights broadcast once per d.
 template <int ROWS, int NT>
-void add_tile_bias_rows(const float* wr, int64_t D, const float* tiles, int64_t tb, int64_t p, int64_t j0, int64_t n,
+void add_tile_bias_rows(const float* wr, int64_t D, RopeCompact rope, int64_t tb, int64_t p, int64_t j0, int64_t n,
                         float* s, int64_t Tk) {
+  alignas(32) float wt[NT][ROWS][kMaxBiasDim];
+  for (int t = 0; t < NT; ++t)
+    for (int r = 0; r < ROWS; ++r) tile_weights(wr + r * D, D, rope.starts + (tb / 16 + t) * D, wt[t][r]);
   __m256 acc[NT][2][ROWS];
   for (int t = 0; t < NT; ++t)
     for (int hf = 0; hf < 2; ++hf)
       for (int r = 0; r < ROWS; ++r) acc[t][hf][r] = _mm256_setzero_ps();
-  const float* tile = tiles + (tb / 16) * D * 16;
   for (int64_t d = 0; d < D; ++d) {
-    __m256 wv[ROWS];
-    for (int r = 0; r < ROWS; ++r) wv[r] = _mm256_broadcast_ss(wr + r * D + d);
+    const __m256 x0 = _mm256_loadu_ps(rope.offsets + d * 16), x1 = _mm256_loadu_ps(rope.offsets + d * 16 + 8);
     for (int t = 0; t < NT; ++t)
-      for (int hf = 0; hf < 2; ++hf) {
-        const __m256 x = _mm256_loadu_ps(tile + t * D * 16 + d * 16 + 8 * hf);
-        for (int r = 0; r < ROWS; ++r) acc[t][hf][r] = _mm256_fmadd_ps(wv[r], x, acc[t][hf][r]);
+      for (int r = 0; r < ROWS; ++r) {
+        const __m256 wv = _mm256_broadcast_ss(&wt[t][r][d]);
+        acc[t][0][r] = _mm256_fmadd_ps(wv, x0, acc[t][0][r]);
+        acc[t][1][r] = _mm256_fmadd_ps(wv, x1, acc[t][1][r]);
       }
   }
   alignas(32) float lanes[16];
@@ -895,50 +918,57 @@ constexpr int kBiasTiles = 2, kBiasRows = 3;  // 2 x 2 x 3 accumulators of sixte
 // The key bias of packed tokens j in [j0, j1) at consecutive positions from p, rows in groups of
 // kBiasRows, kBiasTiles tiles of sixteen positions at a time (add_tile_bias_rows<ROWS, NT> above).
 template <int ROWS>
-void add_tile_bias_rows(const float* wr, int64_t D, const float* tiles, int64_t p, int64_t j0, int64_t n, float* s,
+void add_tile_bias_rows(const float* wr, int64_t D, RopeCompact rope, int64_t p, int64_t j0, int64_t n, float* s,
                         int64_t Tk) {
   int64_t tb = p & ~int64_t(15);
   for (; tb + 16 * kBiasTiles <= p + n; tb += 16 * kBiasTiles)
-    add_tile_bias_rows<ROWS, kBiasTiles>(wr, D, tiles, tb, p, j0, n, s, Tk);
-  for (; tb < p + n; tb += 16) add_tile_bias_rows<ROWS, 1>(wr, D, tiles, tb, p, j0, n, s, Tk);
+    add_tile_bias_rows<ROWS, kBiasTiles>(wr, D, rope, tb, p, j0, n, s, Tk);
+  for (; tb < p + n; tb += 16) add_tile_bias_rows<ROWS, 1>(wr, D, rope, tb, p, j0, n, s, Tk);
 }
 
-void add_tile_bias(const float* w, int64_t R, int64_t D, const float* tiles, int64_t p, int64_t j0, int64_t j1,
+void add_tile_bias(const float* w, int64_t R, int64_t D, RopeCompact rope, int64_t p, int64_t j0, int64_t j1,
                    float* s, int64_t Tk) {
   for (int64_t r0 = 0; r0 < R; r0 += kBiasRows) {
     const float* wr = w + r0 * D;
     float* sr = s + r0 * Tk;
     const int64_t rows = R - r0 < kBiasRows ? R - r0 : kBiasRows;
-    if (rows == 1) add_tile_bias_rows<1>(wr, D, tiles, p, j0, j1 - j0, sr, Tk);
-    else if (rows == 2) add_tile_bias_rows<2>(wr, D, tiles, p, j0, j1 - j0, sr, Tk);
-    else if (rows == 3) add_tile_bias_rows<3>(wr, D, tiles, p, j0, j1 - j0, sr, Tk);
-    else add_tile_bias_rows<kBiasRows>(wr, D, tiles, p, j0, j1 - j0, sr, Tk);
+    if (rows == 1) add_tile_bias_rows<1>(wr, D, rope, p, j0, j1 - j0, sr, Tk);
+    else if (rows == 2) add_tile_bias_rows<2>(wr, D, rope, p, j0, j1 - j0, sr, Tk);
+    else if (rows == 3) add_tile_bias_rows<3>(wr, D, rope, p, j0, j1 - j0, sr, Tk);
+    else add_tile_bias_rows<kBiasRows>(wr, D, rope, p, j0, j1 - j0, sr, Tk);
   }
 }
 #endif
 
-// Row p of a bias table held in tiles of sixteen positions ((P + 15) / 16, D, 16), into row (D).
-inline void tile_row(const float* tiles, int64_t D, int64_t p, float* row) {
-  const float* t = tiles + (p / 16) * D * 16 + p % 16;
-  for (int64_t d = 0; d < D; ++d) row[d] = t[d * 16];
+// Row p of a RoPE table held compactly, into row (D): [cos | sin] of the angles of tile p / 16's
+// start plus those of offset p % 16, by angle addition (compose_rope_rows in nqkv_core/transform.py).
+inline void compact_row(RopeCompact rope, int64_t D, int64_t p, float* row) {
+  const int64_t H = D / 2, l = p % 16;
+  const float* start = rope.starts + (p / 16) * D;
+  for (int64_t i = 0; i < H; ++i) {
+    const float ca = start[i], sa = start[H + i], cb = rope.offsets[i * 16 + l], sb = rope.offsets[(H + i) * 16 + l];
+    row[i] = ca * cb - sa * sb;
+    row[H + i] = sa * cb + ca * sb;
+  }
 }
 
-// Decode attention (see nqkv_attention_decode below for the contract). bias_tiles: the bias table
-// in tiles of sixteen positions (bias_rows / 16, D, 16), or null; with it, packed tokens at
-// consecutive positions take their bias from it (add_tile_bias), and bias_table may be null: the
-// rows the other keys read one at a time are then gathered from the tiles.
+// Decode attention (see nqkv_attention_decode below for the contract). rope: the bias table held
+// compactly (starts null: none); with it, packed tokens at consecutive positions take their bias
+// from it (add_tile_bias), and bias_table may be null: the rows the other keys read one at a time
+// are then composed from it.
 
 int attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, const float* k_tail, const float* v_tail,
                      int64_t t_tail, const float* mask, int64_t ms_b, int64_t ms_h, int64_t ms_q, int mask_hides,
                      const float* bias_w, const float* bias_table, const int64_t* bias_pos, int64_t bias_rows,
                      int causal, int64_t B, int64_t Hkv, int64_t G, int64_t Tq, int64_t D, int64_t Dv, float* out,
-                     int threads, const float* bias_tiles = nullptr) {
+                     int threads, RopeCompact rope = {nullptr, nullptr}) {
   const int64_t R = G * Tq, Tk = t_hist + t_tail, BH = B * Hkv;
   if (bias_w)
     for (int64_t j = 0; j < Tk; ++j)
       if (bias_pos[j] < 0 || bias_pos[j] >= bias_rows) return 1;
-  // Tiles only: the keys that read their bias row by row get their rows gathered here, indexed by
-  // key (row_pos[j] = j - first): the tail, and the packed tokens too unless they take the tiles.
+  // A compact table only: the keys that read their bias row by row get their rows composed here,
+  // indexed by key (row_pos[j] = j - first): the tail, and the packed tokens too unless they take
+  // the tiles.
   const float* table = bias_table;
   const int64_t* table_pos = bias_pos;
   std::vector<float> gathered;
@@ -953,7 +983,7 @@ int attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, const f
     gathered.resize((Tk - first) * D);
     row_pos.assign(Tk, 0);
     for (int64_t j = first; j < Tk; ++j) {
-      tile_row(bias_tiles, D, bias_pos[j], gathered.data() + (j - first) * D);
+      compact_row(rope, D, bias_pos[j], gathered.data() + (j - first) * D);
       row_pos[j] = j - first;
     }
     table = gathered.data(), table_pos = row_pos.data();
@@ -986,7 +1016,7 @@ int attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, const f
       if (j < jh && fast_path(k, D)) {
         for (int64_t r = 0; r < R; ++r)  // queries in lane order
           for (int64_t d = 0; d < D; ++d) qpad[r * D + (d / 64) * 64 + lane_position(k.bits, d % 64)] = qr[r * D + d];
-        bool consecutive = wr && bias_tiles;
+        bool consecutive = wr && rope.starts;
         for (int64_t jj = j + 1; consecutive && jj < jh; ++jj) consecutive = bias_pos[jj] == bias_pos[j] + (jj - j);
 #ifdef __AVX512F__
         if (wr) std::memcpy(wpad.data(), wr, R * D * sizeof(float));
@@ -1000,7 +1030,7 @@ int attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, const f
           for (int64_t jj = j; jj < jh; ++jj)
             for (int64_t r = 0; r < R; ++r) s[r * Tk + jj] += dot(wr + r * D, table + table_pos[jj] * D, D);
 #endif
-        if (consecutive) add_tile_bias(wr, R, D, bias_tiles, bias_pos[j], j, jh, s, Tk);
+        if (consecutive) add_tile_bias(wr, R, D, rope, bias_pos[j], j, jh, s, Tk);
         j = jh;
       }
 #endif
@@ -1266,8 +1296,9 @@ void nqkv_dequantize_rows(const uint8_t* codes, const void* absmax, int absmax_h
 // or null; mask_hides: the mask is a boolean one as 0 / -inf, whose -inf replaces a score instead
 // of being added to it. Optional key bias (a RoPE-centred cache's score offset, docs/design.md):
 // bias_w (B, Hkv, R, D) fp32 contiguous, bias_table (P, D) fp32 contiguous and bias_pos (Tk) int64;
-// key j's score gains bias_w[r] . bias_table[bias_pos[j]]; or the same table in tiles of sixteen
-// positions, bias_tiles (P / 16, D, 16) fp32 contiguous, with bias_table null. causal: query i sees key j iff
+// key j's score gains bias_w[r] . bias_table[bias_pos[j]]; or the same table held compactly,
+// bias_starts (P / 16, D) and bias_offsets (D, 16) fp32 contiguous (RopeCompact; P = 16 x the
+// starts' rows), with bias_table null. causal: query i sees key j iff
 // j <= Tk - Tq + i. out: (B, Hkv, R, Dv) fp32. Rows that can see no key get zeros, as torch's SDPA.
 // Non-finite numbers as in torch's softmax and product: a NaN score of a key that a row sees
 // (hidden: by causality or a boolean mask) makes the row's output NaN, as does a +inf score; an
@@ -1278,9 +1309,11 @@ int nqkv_attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, co
                           const float* v_tail, int64_t t_tail, const float* mask, int64_t ms_b, int64_t ms_h,
                           int64_t ms_q, int mask_hides, const float* bias_w, const float* bias_table,
                           const int64_t* bias_pos, int64_t bias_rows, int causal, int64_t B, int64_t Hkv, int64_t G,
-                          int64_t Tq, int64_t D, int64_t Dv, float* out, int threads, const float* bias_tiles) {
+                          int64_t Tq, int64_t D, int64_t Dv, float* out, int threads, const float* bias_starts,
+                          const float* bias_offsets) {
   return attention_decode(q, k, v, t_hist, k_tail, v_tail, t_tail, mask, ms_b, ms_h, ms_q, mask_hides, bias_w,
-                          bias_table, bias_pos, bias_rows, causal, B, Hkv, G, Tq, D, Dv, out, threads, bias_tiles);
+                          bias_table, bias_pos, bias_rows, causal, B, Hkv, G, Tq, D, Dv, out, threads,
+                          {bias_starts, bias_offsets});
 }
 
 // One eager decode step of one cache layer for a single new token at position n_tokens
@@ -1299,8 +1332,8 @@ int nqkv_attention_decode(const float* q, Packed k, Packed v, int64_t t_hist, co
 // packed bodies are written), then k', v' go to sink slot `sink_slot` or ring slot `ring_slot`
 // (whichever is >= 0). With bias weights each key's score gains w . table[p] at its position p
 // (body slot j: sinks + j; sink i: i; ring slot r: the last position < n_tokens that is r modulo
-// n_ring; new: n_tokens), the table held once, in tiles of sixteen positions: rope_tiles
-// (rope_rows / 16, D, 16), tile t holding positions 16t..16t+15 of element d at [t, d, :].
+// n_ring; new: n_tokens), the table held once and compactly (RopeCompact): rope_starts
+// (rope_rows / 16, D) and rope_offsets (D, 16).
 // Coding as nqkv_quantize_rows: fitted scales with the `n_fit` ratios `fit_ratios` for the sides in
 // `fit_sides` (bit 0 keys, bit 1 values; their body codebook is the plain one), and
 // keys by error feedback when `k_feedback` ((B * Hkv, D, D) row-major) is set,
@@ -1313,8 +1346,8 @@ int nqkv_decode_step(const float* q, const float* k_new, const float* v_new, con
                      int64_t n_sinks, int64_t sink_slots, void* k_ring, void* v_ring, int64_t n_ring,
                      int64_t ring_slots, Packed k_body, Packed v_body, int64_t n_body, const float* k_thresholds,
                      const float* v_thresholds, float max_scale, int64_t leave_slot, int64_t body_slot,
-                     int64_t sink_slot, int64_t ring_slot, const float* rope_tiles,
-                     int64_t rope_rows, int64_t n_tokens, float scale, int64_t B, int64_t Hkv, int64_t G, int64_t D,
+                     int64_t sink_slot, int64_t ring_slot, const float* rope_starts,
+                     const float* rope_offsets, int64_t rope_rows, int64_t n_tokens, float scale, int64_t B, int64_t Hkv, int64_t G, int64_t D,
                      float* out, int threads, const float* fit_ratios, int n_fit, int fit_sides,
                      const float* k_levels, const float* k_feedback, int fp_bf16) {
   const int64_t Hq = Hkv * G, BH = B * Hkv, T_tail = n_sinks + n_ring + 1, half = D / 2;
@@ -1326,7 +1359,7 @@ int nqkv_decode_step(const float* q, const float* k_new, const float* v_new, con
   if (mu_k_half) {
     if (n_tokens >= rope_rows) return 1;
     std::vector<float> t(D);
-    tile_row(rope_tiles, D, n_tokens, t.data());
+    compact_row({rope_starts, rope_offsets}, D, n_tokens, t.data());
     for (int64_t d = 0; d < D; ++d) cos_full[d] = t[d % (D / 2)], sin_full[d] = t[D / 2 + d % (D / 2)];
     cos_row = cos_full.data(), sin_row = sin_full.data();
   }
@@ -1384,7 +1417,8 @@ int nqkv_decode_step(const float* q, const float* k_new, const float* v_new, con
   }
   const int status = attention_decode(qs.data(), k_body, v_body, n_body, k_tail.data(), v_tail.data(), T_tail,
                                       nullptr, 0, 0, 0, 0, bias ? ws.data() : nullptr, nullptr, pos.data(),
-                                      rope_rows, 0, B, Hkv, G, 1, D, D, o.data(), threads, rope_tiles);
+                                      rope_rows, 0, B, Hkv, G, 1, D, D, o.data(), threads,
+                                      {rope_starts, rope_offsets});
   if (status) return status;
   for (int64_t r = 0; r < B * Hq; ++r) {  // out = o @ rot_v^T + mu_v (rows in (b, h * G + g) order)
     const float* orow = o.data() + r * D;

@@ -39,6 +39,7 @@ from torch import Tensor
 from nqkv_core.ops import cpu
 from nqkv_core.packed import CHANNEL_AXIS, TOKEN_AXIS, Packed
 from nqkv_core.tensor import NQTensor, implements_torch_function
+from nqkv_core.transform import CompactRope
 
 Q_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SCALE_DTYPES = (torch.float16, torch.float32)
@@ -284,7 +285,7 @@ def packed_attention(
     if out_transform is not None and any(x is not None for x in out_transform):
         if k.codes.shape[2] and grouped_takes_key_bias(q, k.op_args(), v.op_args()):
             w, table, positions = (None, None, None) if key_bias is None else key_bias
-            table = None if table is None else cpu.tile_rows(table)
+            table = None if table is None else cpu.table_rows(table)
             return torch.ops.nqkv.grouped_decode(q, *k.op_args(), *v.op_args(), k_tail, v_tail, attn_mask,
                                                  _default_scale(q, scale), is_causal, w, table, positions,
                                                  *out_transform)
@@ -294,7 +295,8 @@ def packed_attention(
         if q.device.type == "cpu" and k.codes.shape[2] and cpu.decode_fits(q, k, v, k_tail):
             if torch.compiler.is_compiling():
                 return torch.ops.nqkv.attention_cpu_decode(q, *k.op_args(), *v.op_args(), k_tail, v_tail, attn_mask,
-                                                           _default_scale(q, scale), is_causal, *key_bias)
+                                                           _default_scale(q, scale), is_causal,
+                                                           *key_bias_args(key_bias))
             if skips_dispatcher(q, k_tail, v_tail):
                 return cpu.attention_decode(q, k, v, k_tail, v_tail, attn_mask, _default_scale(q, scale), is_causal,
                                             key_bias)
@@ -303,7 +305,7 @@ def packed_attention(
             # from the table's rows (a cache's table is rows on a GPU; tiles, on a CPU, are copied)
             w, table, positions = key_bias
             return torch.ops.nqkv.grouped_decode(q, *k.op_args(), *v.op_args(), k_tail, v_tail, attn_mask,
-                                                 _default_scale(q, scale), is_causal, w, cpu.tile_rows(table),
+                                                 _default_scale(q, scale), is_causal, w, cpu.table_rows(table),
                                                  positions)
         bias = dense_bias() if dense_bias is not None else cpu.dense_key_bias(*key_bias)
         attn_mask = cpu.with_key_bias(attn_mask, bias)
@@ -337,13 +339,28 @@ with _no_kernel_scan():
     attention = torch.library.triton_op("nqkv::attention", mutates_args=())(attention_eager)
 
 
+def key_bias_args(key_bias: tuple) -> tuple:
+    """A key bias ``(w, table, positions)`` as an op's tensor arguments ``(bias_w, bias_table, bias_pos,
+    bias_offsets)``: a table held compactly (:class:`~nqkv_core.transform.CompactRope`) as its starts
+    and offsets, rows with no offsets."""
+    w, table, positions = key_bias
+    if isinstance(table, CompactRope):
+        return w, table.starts, positions, table.offsets
+    return w, table, positions, None
+
+
+def key_bias_table(table: Optional[Tensor], offsets: Optional[Tensor]) -> Optional[Tensor | CompactRope]:
+    """The table of an op's ``(bias_table, bias_offsets)`` arguments (:func:`key_bias_args`)."""
+    return table if offsets is None or table is None else CompactRope(table, offsets)
+
+
 @torch.library.custom_op("nqkv::attention_cpu_decode", mutates_args=())
 def attention_cpu_decode(
     q: Tensor, k_codes: Tensor, k_absmax: Tensor, k_codebook: Tensor, k_block: int, k_axis: int,
     v_codes: Tensor, v_absmax: Tensor, v_codebook: Tensor, v_block: int, v_axis: int,
     k_tail: Optional[Tensor], v_tail: Optional[Tensor], attn_mask: Optional[Tensor], scale: float,
     is_causal: bool, bias_w: Optional[Tensor] = None, bias_table: Optional[Tensor] = None,
-    bias_pos: Optional[Tensor] = None,
+    bias_pos: Optional[Tensor] = None, bias_offsets: Optional[Tensor] = None,
 ) -> Tensor:
     """The CPU decode path (:func:`nqkv_core.ops.cpu.attention_decode`) as an op opaque to compilers.
 
@@ -352,17 +369,20 @@ def attention_cpu_decode(
     decoding to fp32 loops with a codebook gather per element (``benchmarks/bench_compiled_decode.py``).
     Tracing and eager calls then compute the same thing.
     Arguments as :func:`attention_eager`, already checked, plus an optional key bias
-    ``(bias_w, bias_table, bias_pos)`` (see :func:`nqkv_core.ops.cpu.attention_decode`).
+    ``(bias_w, bias_table, bias_pos)`` (see :func:`nqkv_core.ops.cpu.attention_decode`); with
+    ``bias_offsets``, ``bias_table`` holds the starts of a table held compactly
+    (:class:`~nqkv_core.transform.CompactRope`, :func:`key_bias_args`).
     """
     k = Packed(k_codes, k_absmax, k_codebook, k_block, k_axis)
     v = Packed(v_codes, v_absmax, v_codebook, v_block, v_axis)
-    key_bias = None if bias_w is None else (bias_w, bias_table, bias_pos)
+    key_bias = None if bias_w is None else (bias_w, key_bias_table(bias_table, bias_offsets), bias_pos)
     return cpu.attention_decode(q, k, v, k_tail, v_tail, attn_mask, scale, is_causal, key_bias)
 
 
 @attention_cpu_decode.register_fake
 def _(q, k_codes, k_absmax, k_codebook, k_block, k_axis, v_codes, v_absmax, v_codebook, v_block, v_axis,
-      k_tail, v_tail, attn_mask, scale, is_causal, bias_w=None, bias_table=None, bias_pos=None):
+      k_tail, v_tail, attn_mask, scale, is_causal, bias_w=None, bias_table=None, bias_pos=None,
+      bias_offsets=None):
     dv = Packed(v_codes, v_absmax, v_codebook, v_block, v_axis).shape[-1]
     return q.new_empty(q.shape[0], q.shape[1], q.shape[2], dv)
 

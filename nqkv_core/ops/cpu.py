@@ -51,6 +51,7 @@ from torch import Tensor
 from nqkv_core import native
 from nqkv_core.packed import Packed
 from nqkv_core.packing import unpack
+from nqkv_core.transform import CompactRope
 
 COMPUTE_DTYPE = torch.bfloat16
 CHUNK_ELEMS = 1 << 20  # decoded elements per chunk over all heads (2 MiB of bf16)
@@ -287,26 +288,30 @@ def output_transform(out: Tensor, rot: Optional[Tensor], shift: Optional[Tensor]
     return o.to(out.dtype)
 
 
-def tile_rows(table: Tensor) -> Tensor:
-    """A key-bias table as rows ``(P, D)``: ``table`` itself, or a copy of the rows of a table held in
-    tiles of sixteen positions ``(P / 16, D, 16)`` (:class:`~nqkv_core.cache.format.RopeTable`)."""
-    return table if table.dim() == 2 else table.transpose(1, 2).reshape(-1, table.shape[1])
+def table_rows(table: Tensor | CompactRope) -> Tensor:
+    """A key-bias table as rows ``(P, D)``: ``table`` itself, or the rows composed from a table held
+    compactly (:class:`~nqkv_core.transform.CompactRope`, a CPU cache's RoPE table)."""
+    return table.rows() if isinstance(table, CompactRope) else table
 
 
-def key_bias_scores(w: Tensor, table: Tensor) -> Tensor:
-    """``w @ rows.T`` in fp32, ``(..., P)``: the key bias of every position of a table of rows ``(P, D)``
-    or of the same rows in tiles of sixteen positions ``(P / 16, D, 16)``, read in place (one small
-    product per tile rather than a copy of the table as rows)."""
+def key_bias_scores(w: Tensor, table: Tensor | CompactRope) -> Tensor:
+    """``w @ rows.T`` in fp32, ``(..., P)``: the key bias of every position of a table of rows ``(P, D)``,
+    or of one held compactly, read as held (``w`` turned by each tile's start and multiplied with
+    the offsets, as the native kernel does: ``P / 16`` small products rather than the rows)."""
     w = w.float()
-    if table.dim() == 2:
+    if not isinstance(table, CompactRope):
         return w @ table.float().T
-    w2 = w.reshape(-1, w.shape[-1])
-    out = torch.bmm(w2.expand(table.shape[0], -1, -1), table.float())  # (P / 16, rows, 16)
+    h = w.shape[-1] // 2
+    w2 = w.reshape(-1, w.shape[-1])[None]  # (1, rows, D)
+    c, s = table.starts[:, None, :h], table.starts[:, None, h:]  # (P / 16, 1, D / 2)
+    a, b = w2[..., :h], w2[..., h:]
+    turned = torch.cat([a * c + b * s, b * c - a * s], dim=-1)  # (P / 16, rows, D)
+    out = turned @ table.offsets  # (P / 16, rows, 16)
     return out.transpose(0, 1).reshape(*w.shape[:-1], -1)
 
 
-def dense_key_bias(w: Tensor, table: Tensor, positions: Tensor) -> Tensor:
-    """The key bias ``(w, table, positions)`` of :func:`attention_decode` (``table`` rows or tiles) as
+def dense_key_bias(w: Tensor, table: Tensor | CompactRope, positions: Tensor) -> Tensor:
+    """The key bias ``(w, table, positions)`` of :func:`attention_decode` (``table`` rows or compact) as
     additive scores ``(B, Hq, Tq, Tk)`` fp32."""
     return key_bias_scores(w, table).index_select(-1, positions)
 
@@ -335,9 +340,9 @@ def attention_decode(
 
     ``k`` / ``v``: :class:`~nqkv_core.packed.Packed` (or its plain tuple) with blocks along head_dim.
     ``key_bias = (w, table, positions)`` adds ``w[b, hq, i] . table[positions[j]]`` to the score of
-    query ``i`` and key ``j`` (``w`` (B, Hq, Tq, D), ``table`` (P, D) or the same rows in tiles of
-    sixteen positions (P / 16, D, 16), ``positions`` (Tk,) in ``[0, P)``): the RoPE-centred cache's
-    score offset.
+    query ``i`` and key ``j`` (``w`` (B, Hq, Tq, D), ``table`` (P, D) rows or the same rows held
+    compactly (:class:`~nqkv_core.transform.CompactRope`), ``positions`` (Tk,) in ``[0, P)``): the
+    RoPE-centred cache's score offset.
 
     With the native CPU kernels built (:mod:`nqkv_core.native`) the whole call is one native
     function (fp32 throughout, codes decoded in registers, the key bias added in its reduction);
