@@ -190,6 +190,19 @@ class KVTransform:
         return self.output(v)
 
 
+def output_transform(out: torch.Tensor, rot: torch.Tensor | None, shift: torch.Tensor | None) -> torch.Tensor:
+    """``out @ rot.T + shift`` in fp32, in ``out``'s dtype: ``out`` ``(B, Hq, Tq, D)``, ``rot`` ``(D, D)``,
+    ``shift`` ``(B or 1, Hkv, 1, D)`` (a KV head's row for each of its query heads); either may be
+    None. :meth:`KVTransform.output` without value scales, as the grouped decode kernel's merge
+    applies it (``out_transform``)."""
+    o = out.float()
+    if rot is not None:
+        o = o @ rot.float().T
+    if shift is not None:
+        o = o + per_query_head(shift.float(), o.shape[1] // shift.shape[1])
+    return o.to(out.dtype)
+
+
 def per_query_head(x: torch.Tensor, group: int) -> torch.Tensor:
     """A per-KV-head tensor ``(b, h, ...)`` repeated for the ``group`` query heads of each: ``(b, h * group, ...)``.
 
@@ -337,7 +350,7 @@ def rope_bias_weights(query: torch.Tensor, mu: torch.Tensor, scale: float) -> to
     With rotate-half RoPE, ``q . R(p) mu = cos(p) . (q * mu) + sin(p) . (q * rotate_half(mu))`` and
     ``cos(p)``/``sin(p)`` repeat one half twice, so the halves are summed first and the bias of all
     positions is one ``(T, d) @ (d, P)`` product per head against ``table = [cos | sin]`` (``(P, d)``,
-    :class:`~nqkv_core.cache.format.RopeTable`); the native decode kernel takes ``w`` and the table's tiles instead.
+    :class:`~nqkv_core.cache.format.RopeTable`); the decode kernels take ``w`` and the table instead.
 
     Args:
         query: ``(b, hq, T, d)`` post-RoPE queries in the original basis.

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from nqkv_core._hf import bool_mask
 from nqkv_core.cache.format import KeyBias, SideFormat, read_body
 from nqkv_core.ops import packed_attention
-from nqkv_core.ops.cpu import output_transform
+from nqkv_core.transform import output_transform
 
 
 def attend(
@@ -53,7 +53,7 @@ def attend(
         logits: soft-capping and learned sink logits (:class:`Logits`), which the fused ops do not
             implement: with them attention is :func:`softmax_attention` over the dequantized body.
         output: ``(rot_v, mu_v)`` (either may be None) to return the output in the model's basis,
-            ``out @ rot_v.T + mu_v`` (:func:`~nqkv_core.ops.cpu.output_transform`; the grouped
+            ``out @ rot_v.T + mu_v`` (:func:`~nqkv_core.transform.output_transform`; the grouped
             decode kernel applies it in its merge), or None for the storage basis.
 
     Returns:

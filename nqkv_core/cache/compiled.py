@@ -23,8 +23,7 @@ import torch
 from nqkv_core._hf import bool_mask
 from nqkv_core.cache.attend import attend
 from nqkv_core.cache.format import KeyBias, SideFormat
-from nqkv_core.ops.attention import grouped_takes_key_bias
-from nqkv_core.ops.attention import key_bias_table
+from nqkv_core.ops.attention import grouped_takes_key_bias, key_bias_table
 from nqkv_core.ops.cpu import dense_key_bias, table_rows
 from nqkv_core.scheme import FP_BITS
 from nqkv_core.transform import CompactRope

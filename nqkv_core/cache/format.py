@@ -76,8 +76,8 @@ class KeyBias:
     """A per-key score offset ``w[b, h, i] . table[positions[j]]`` (the RoPE-centred cache's).
 
     ``parts = (w, table, positions)``: ``w`` ``(b, hq, T, d)``, ``table`` the :class:`RopeTable`'s
-    tiles ``(P / 16, d, 16)``, ``positions`` ``(slots,)`` in ``[0, P)``, what the native decode kernel
-    takes; ``dense()`` materialises the ``(b, hq, T, slots)`` offsets for every other path.
+    table (rows ``(P, d)``, or held compactly on a CPU), ``positions`` ``(slots,)`` in ``[0, P)``, what
+    the native decode kernel takes; ``dense()`` materialises the ``(b, hq, T, slots)`` offsets for every other path.
     """
 
     parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -169,6 +169,7 @@ class RopeTable:
 
     @property
     def device(self) -> torch.device | None:
+        """The table's device (None before the first :meth:`ensure`)."""
         return None if self.table is None else self.tensors[0].device
 
     def ensure(self, n: int, device: torch.device) -> None:

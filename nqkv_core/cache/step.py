@@ -28,10 +28,9 @@ from nqkv_core.cache.attend import Logits, attend, prompt_attention
 from nqkv_core.cache.slots import (all_slots_valid, allowed_slots, padded_allowed_slots, slot_key_bias,
                                     slot_positions)
 from nqkv_core.ops.attention import key_bias_args
-from nqkv_core.ops.cpu import output_transform
 from nqkv_core.quantize import decision_thresholds, fit_ratios
 from nqkv_core.scheme import per_query_head, rotate_half
-from nqkv_core.transform import rope_bias_weights
+from nqkv_core.transform import output_transform, rope_bias_weights
 
 Decode = Literal["auto", "reference", "ops", "folded", "native"]
 DECODE_STRATEGIES = ("auto", "reference", "ops", "folded", "native")
@@ -53,8 +52,8 @@ class StepMaps:
     (in the transform's key order, ``KVTransform.key_order``, as are the new keys) and ``mu_q``
     (``mu_k`` per query head), elementwise: no matrix per query head and sequence to
     hold and read every step. ``mu_k`` / ``mu_k_half`` give the key centre at position ``p`` as
-    ``mu_k * cos[p] + mu_k_half * sin[p]``, the same arithmetic as
-    :func:`~nqkv_core.scheme.apply_rope`; ``mu_v`` shifts values (and outputs, back). All
+    ``mu_k * cos[p] + mu_k_half * sin[p]`` with row ``p`` of the layer's RoPE table, the same
+    arithmetic as :meth:`~nqkv_core.transform.KVTransform.key_centre`; ``mu_v`` shifts values (and outputs, back). All
     contiguous fp32 (what the native step reads); ``refs`` are what they were built from (compared
     by identity).
     """
@@ -191,7 +190,7 @@ def _folded_inputs(layer, query, k_new, maps: StepMaps, n: int, scaling: float):
     q = query.float() @ t.rot_k if t.rot_k is not None else query.float()
     w = rope_bias_weights(query, maps.mu_q, scaling) if maps.mu_k_half is not None else None
     k_new = k_new.float()
-    if maps.mu_k_half is not None:  # minus the RoPE'd centre at position n (apply_rope's arithmetic)
+    if maps.mu_k_half is not None:  # minus the RoPE'd centre at position n (key_centre's arithmetic)
         row = layer.rope.row(n)
         cos, sin = row[: d // 2].repeat(2), row[d // 2 :].repeat(2)
         k_new = k_new - (t.mu_k * cos + maps.mu_k_half * sin)

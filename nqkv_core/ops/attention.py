@@ -39,7 +39,7 @@ from torch import Tensor
 from nqkv_core.ops import cpu
 from nqkv_core.packed import CHANNEL_AXIS, TOKEN_AXIS, Packed
 from nqkv_core.tensor import NQTensor, implements_torch_function
-from nqkv_core.transform import CompactRope
+from nqkv_core.transform import CompactRope, output_transform
 
 Q_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SCALE_DTYPES = (torch.float16, torch.float32)
@@ -264,14 +264,14 @@ def packed_attention(
     require grad, goes through the registered op.
 
     ``key_bias = (w, table, positions)`` adds ``w[b, hq, i] . table[positions[j]]`` to the score of
-    query ``i`` and key ``j`` (``w`` (B, Hq, Tq, D), ``table`` (P, D) or the same rows in tiles of
-    sixteen positions (P / 16, D, 16), :class:`~nqkv_core.cache.format.RopeTable`; ``positions``
+    query ``i`` and key ``j`` (``w`` (B, Hq, Tq, D), ``table`` (P, D) or the same rows held
+    compactly, :class:`~nqkv_core.transform.CompactRope` (a CPU cache's RoPE table); ``positions``
     (Tk,) in ``[0, P)``). The CPU decode path and the grouped Triton decode kernel add it in their
     reduction; elsewhere it becomes an additive mask, ``dense_bias()`` if given (the same
     ``(B, Hq, Tq, Tk)`` offsets, computed as the caller knows best), else ``(w @ rows.T)[..., positions]``.
 
     ``out_transform = (rot, shift)`` returns ``out @ rot.T + shift`` instead (``rot`` ``(Dv, Dv)``,
-    ``shift`` ``(B or 1, Hkv, 1, Dv)``, fp32, either may be None; :func:`~nqkv_core.ops.cpu.output_transform`):
+    ``shift`` ``(B or 1, Hkv, 1, Dv)``, fp32, either may be None; :func:`~nqkv_core.transform.output_transform`):
     a cache's value rotation and centre, which the grouped Triton decode kernel applies in its
     merge, so that a decode step's output comes back in the model's basis from the kernel's
     launches alone.
@@ -290,7 +290,7 @@ def packed_attention(
                                                  _default_scale(q, scale), is_causal, w, table, positions,
                                                  *out_transform)
         out = packed_attention(q, k, v, k_tail, v_tail, attn_mask, scale, is_causal, key_bias, dense_bias)
-        return cpu.output_transform(out, *out_transform)
+        return output_transform(out, *out_transform)
     if key_bias is not None:
         if q.device.type == "cpu" and k.codes.shape[2] and cpu.decode_fits(q, k, v, k_tail):
             if torch.compiler.is_compiling():
@@ -302,7 +302,7 @@ def packed_attention(
                                             key_bias)
         if k.codes.shape[2] and grouped_takes_key_bias(q, k.op_args(), v.op_args()):
             # the CUDA grouped decode kernel (or Triton's interpreter) computes the offsets itself,
-            # from the table's rows (a cache's table is rows on a GPU; tiles, on a CPU, are copied)
+            # from the table's rows (a cache's table is rows on a GPU; a compact one, on a CPU, is expanded)
             w, table, positions = key_bias
             return torch.ops.nqkv.grouped_decode(q, *k.op_args(), *v.op_args(), k_tail, v_tail, attn_mask,
                                                  _default_scale(q, scale), is_causal, w, cpu.table_rows(table),

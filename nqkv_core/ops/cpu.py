@@ -274,20 +274,6 @@ def _block_rows(x: Tensor, block: int) -> Tensor:
     return (x[:, :, None, :] * onehot).reshape(bh, r * nb, d)
 
 
-def output_transform(out: Tensor, rot: Optional[Tensor], shift: Optional[Tensor]) -> Tensor:
-    """``out @ rot.T + shift`` in fp32, in ``out``'s dtype: ``out`` ``(B, Hq, Tq, D)``, ``rot``
-    ``(D, D)``, ``shift`` ``(B or 1, Hkv, 1, D)`` (a KV head's row for each of its query heads); either
-    may be None. What the grouped decode kernel's merge applies itself (``out_transform``)."""
-    o = out.float()
-    if rot is not None:
-        o = o @ rot.float().T
-    if shift is not None:
-        b, hq, t, d = o.shape
-        hkv = shift.shape[1]
-        o = (o.view(b, hkv, hq // hkv, t, d) + shift.float()[:, :, None]).view(b, hq, t, d)
-    return o.to(out.dtype)
-
-
 def table_rows(table: Tensor | CompactRope) -> Tensor:
     """A key-bias table as rows ``(P, D)``: ``table`` itself, or the rows composed from a table held
     compactly (:class:`~nqkv_core.transform.CompactRope`, a CPU cache's RoPE table)."""
