@@ -398,7 +398,7 @@ def fit_transform(
         pos = torch.arange(start, start + ks.shape[-2], device=k.device)
         t.mu_k = apply_rope(ks, pos, inv_freq, inverse=True).mean(dim=-2, keepdim=True)
         t.inv_freq = inv_freq.float().to(k.device)
-        kc = ks - apply_rope(t.mu_k, pos, t.inv_freq)
+        kc = ks - turn_by_rows(t.mu_k, centre_rows(pos, t.inv_freq))  # as key_centre turns it
     elif scheme.k_centre:
         t.mu_k = ks.mean(dim=-2, keepdim=True)
     if not scheme.k_centre_rope:
