@@ -12,8 +12,11 @@ share, such as the slot positions) the script counts what a GPU would launch:
 * ``host reads``: reads of a device value by the host (``.item()``, ``int(t)``, ``bool(t)``): each is a
   synchronisation on a GPU.
 
-Not counted: the RoPE table's rows composed from the CPU's compact table for the kernel, which a
-GPU's table, held as rows, does not need.
+The RoPE table is held as rows, as on a GPU (a CPU holds it compactly).
+
+``--compiled`` also compiles one layer's traced step (``compiled_step="traced"``, what CUDA graphs
+capture) with inductor on CPU and prints how many kernels inductor generates for it: the torch ops
+around the attention op, fused. A GPU's inductor fuses differently; the figure is a proxy.
 
     python benchmarks/step_launches.py
 """
@@ -32,6 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 from nqkv_core import native  # noqa: E402
 from nqkv_core.cache import NQKVCache  # noqa: E402
+from nqkv_core.cache.format import RopeTable  # noqa: E402
 from nqkv_core.ops import cpu as cpu_ops  # noqa: E402
 from nqkv_core.ops import triton_decode_grouped  # noqa: E402
 from nqkv_core.scheme import nqkv_preset  # noqa: E402
@@ -92,6 +96,19 @@ class TritonLaunches:
 
 def step_counts(scheme, tokens: int, kv_heads: int = 3, group: int = 3, d: int = 64,
                 dtype: torch.dtype = torch.bfloat16) -> tuple[Counter, int]:
+    """The op counter and the Triton launches of a step's second layer on the GPU's route."""
+    saved = (RopeTable.__dict__["compact_on"], native.available, cpu_ops.decode_fits)
+    RopeTable.compact_on = staticmethod(lambda device: False)  # rows, as on a GPU
+    native.available = lambda: False
+    cpu_ops.decode_fits = lambda *a, **k: False
+    try:
+        return _count_steps(scheme, tokens, kv_heads, group, d, dtype)
+    finally:
+        RopeTable.compact_on, native.available, cpu_ops.decode_fits = saved
+
+
+def _count_steps(scheme, tokens: int, kv_heads: int, group: int, d: int, dtype: torch.dtype
+                 ) -> tuple[Counter, int]:
     from transformers import LlamaConfig
 
     config = LlamaConfig(hidden_size=kv_heads * group * d, num_attention_heads=kv_heads * group,
@@ -105,41 +122,63 @@ def step_counts(scheme, tokens: int, kv_heads: int = 3, group: int = 3, d: int =
     for i in range(2):
         cache.append(randn(1, kv_heads, tokens, d), randn(1, kv_heads, tokens, d), i,
                      randn(1, kv_heads * group, tokens, d))
-    saved = (native.available, cpu_ops.decode_fits, cpu_ops.table_rows)
-    native.available = lambda: False
-    cpu_ops.decode_fits = lambda *a, **k: False
-
-    def table_rows(table):
-        with _disable_current_modes():
-            return saved[2](table)
-
-    cpu_ops.table_rows = table_rows
-    try:
-        for _ in range(3):  # the first steps build what later ones reuse; the last is counted
-            q = randn(1, kv_heads * group, 1, d)
-            k, v = randn(1, kv_heads, 1, d), randn(1, kv_heads, 1, d)
-            cache.layers[0].update(k, v)
-            cache.layers[0].attention(q, None, d ** -0.5)
-            with TritonLaunches() as launches, Counter() as counter:
-                cache.layers[1].update(k, v)
-                cache.layers[1].attention(q, None, d ** -0.5)
-    finally:
-        native.available, cpu_ops.decode_fits, cpu_ops.table_rows = saved
+    for _ in range(3):  # the first steps build what later ones reuse; the last is counted
+        q = randn(1, kv_heads * group, 1, d)
+        k, v = randn(1, kv_heads, 1, d), randn(1, kv_heads, 1, d)
+        cache.layers[0].update(k, v)
+        cache.layers[0].attention(q, None, d ** -0.5)
+        with TritonLaunches() as launches, Counter() as counter:
+            cache.layers[1].update(k, v)
+            cache.layers[1].attention(q, None, d ** -0.5)
     return counter, launches.count
+
+
+def compiled_kernels(scheme, tokens: int, kv_heads: int = 3, group: int = 3, d: int = 64,
+                     dtype: torch.dtype = torch.bfloat16) -> int:
+    """Kernels inductor generates (on CPU) for one layer's traced one-token step."""
+    from torch._inductor import metrics
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=kv_heads * group * d, num_attention_heads=kv_heads * group,
+                         num_key_value_heads=kv_heads, num_hidden_layers=1, head_dim=d, rope_theta=1e5)
+    cache = NQKVCache(scheme, config=config, max_cache_len=tokens + 64, compiled_step="traced")
+    g = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    cache.append(randn(1, kv_heads, tokens, d), randn(1, kv_heads, tokens, d), 0)
+
+    def step(q, k, v):
+        cache.update(k, v, 0)
+        return cache.layers[0].attention(q, None, d ** -0.5)
+
+    torch._dynamo.reset()
+    metrics.reset()
+    with torch.no_grad():
+        torch.compile(step, fullgraph=True)(randn(1, kv_heads * group, 1, d), randn(1, kv_heads, 1, d),
+                                            randn(1, kv_heads, 1, d))
+    return metrics.generated_kernel_count
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=300, help="tokens in the layer before the counted steps")
     ap.add_argument("--ops", action="store_true", help="also list the torch ops by name")
+    ap.add_argument("--compiled", action="store_true",
+                    help="also count the kernels inductor generates (on CPU) for a traced step")
     args = ap.parse_args()
-    print("| preset | torch ops | Triton launches | host reads |")
-    print("|---|---:|---:|---:|")
+    print("| preset | torch ops | Triton launches | host reads |" + (" inductor kernels, traced step |"
+                                                                   if args.compiled else ""))
+    print("|---|---:|---:|---:|" + ("---:|" if args.compiled else ""))
     rows = []
     for name, scheme in (("NQKV-4 (RoPE-aware centre)", nqkv_preset(4)),
                          ("NQKV-4 plain-centre", nqkv_preset(4, rope_centre=False))):
         counter, triton_count = step_counts(scheme, args.tokens)
-        print(f"| {name} | {sum(counter.ops.values())} | {triton_count} | {counter.host_reads} |", flush=True)
+        row = f"| {name} | {sum(counter.ops.values())} | {triton_count} | {counter.host_reads} |"
+        if args.compiled:
+            row += f" {compiled_kernels(scheme, args.tokens)} |"
+        print(row, flush=True)
         rows.append((name, counter))
     if args.ops:
         for name, counter in rows:

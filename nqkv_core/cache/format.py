@@ -150,6 +150,11 @@ class RopeTable:
         self.order = order
         self.table: torch.Tensor | CompactRope | None = None
 
+    @staticmethod
+    def compact_on(device: torch.device) -> bool:
+        """Whether a table on ``device`` is held compactly: on a CPU, whose native kernels read it so."""
+        return device.type == "cpu"
+
     @property
     def compact(self) -> bool:
         """Whether the table is held compactly (on a CPU) rather than as rows."""
@@ -182,7 +187,7 @@ class RopeTable:
         rows = max(grown(n), self.max_len or 0)
         rows += -rows % 16
         kept = self.positions if self.table is not None and self.device == device else 0
-        if device.type == "cpu":
+        if self.compact_on(device):
             new = CompactRope.of(rows // 16, self.inv_freq, kept // 16, device)
             self.table = CompactRope(torch.cat([self.table.starts, new.starts]), new.offsets) if kept else new
         else:
