@@ -8,7 +8,8 @@ share, such as the slot positions) the script counts what a GPU would launch:
 
 * ``torch ops``: every aten op except views, allocations and other metadata ops (each is a kernel
   launch on a GPU; ops that inductor fuses in a compiled step share one);
-* ``Triton launches``: launches of the Triton kernels (the grouped decode's split and merge);
+* ``Triton launches``: launches of the Triton kernels (the step's inputs in the storage basis, the
+  grouped decode's split and merge, the leaving tokens' quantization);
 * ``host reads``: reads of a device value by the host (``.item()``, ``int(t)``, ``bool(t)``): each is a
   synchronisation on a GPU.
 
@@ -37,7 +38,7 @@ from nqkv_core import native  # noqa: E402
 from nqkv_core.cache import NQKVCache  # noqa: E402
 from nqkv_core.cache.format import RopeTable  # noqa: E402
 from nqkv_core.ops import cpu as cpu_ops  # noqa: E402
-from nqkv_core.ops import triton_decode_grouped  # noqa: E402
+from nqkv_core.ops import triton_decode_grouped, triton_step_inputs, triton_store  # noqa: E402
 from nqkv_core.scheme import nqkv_preset  # noqa: E402
 
 NO_LAUNCH = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "lift_fresh",
@@ -63,35 +64,50 @@ class Counter(TorchDispatchMode):
 
 
 class TritonLaunches:
-    """The grouped decode's ``launch``, run with the op counter paused (in the interpreter its
-    kernels and its fp32 stand-ins for 16-bit tensors are torch ops that a GPU does not run), and
-    the launches of its kernels counted."""
+    """The Triton kernels' launchers (the grouped decode's ``launch``, the step's inputs'
+    ``step_inputs``, the leaving tokens' ``store_rows``), run with the op counter paused (in the interpreter their kernels and their fp32
+    stand-ins for 16-bit tensors are torch ops that a GPU does not run), and the launches of their
+    kernels counted."""
+
+    LAUNCHERS = ((triton_decode_grouped, "launch"), (triton_store, "store_rows"), (triton_step_inputs, "step_inputs"))
 
     def __init__(self):
         self.count = 0
-        self.real_launch, self.real_wrap = triton_decode_grouped.launch, triton_decode_grouped.wrap_triton
+        self.saved = [(module, name, getattr(module, name), module.wrap_triton) for module, name in self.LAUNCHERS]
 
-    def wrap(self, kernel):
-        grid_launch = self.real_wrap(kernel)
+    def wrap(self, real_wrap):
         outer = self
 
-        class Launch:
-            def __getitem__(self, grid):
-                outer.count += 1
-                return grid_launch[grid]
+        def wrap_triton(kernel):
+            grid_launch = real_wrap(kernel)
 
-        return Launch()
+            class Launch:
+                def __getitem__(self, grid):
+                    outer.count += 1
+                    return grid_launch[grid]
 
-    def launch(self, *args, **kwargs):
-        with _disable_current_modes():
-            return self.real_launch(*args, **kwargs)
+            return Launch()
+
+        return wrap_triton
+
+    @staticmethod
+    def paused(real):
+        def call(*args, **kwargs):
+            with _disable_current_modes():
+                return real(*args, **kwargs)
+
+        return call
 
     def __enter__(self):
-        triton_decode_grouped.launch, triton_decode_grouped.wrap_triton = self.launch, self.wrap
+        for module, name, real, real_wrap in self.saved:
+            setattr(module, name, self.paused(real))
+            module.wrap_triton = self.wrap(real_wrap)
         return self
 
     def __exit__(self, *exc):
-        triton_decode_grouped.launch, triton_decode_grouped.wrap_triton = self.real_launch, self.real_wrap
+        for module, name, real, real_wrap in self.saved:
+            setattr(module, name, real)
+            module.wrap_triton = real_wrap
 
 
 def step_counts(scheme, tokens: int, kv_heads: int = 3, group: int = 3, d: int = 64,

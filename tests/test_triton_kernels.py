@@ -6,6 +6,7 @@ decorating, Triton's own library included). Other test modules import triton ear
 normal run this file re-runs itself in a child process with the variable set.
 """
 
+import math
 import os
 import subprocess
 import sys
@@ -411,6 +412,54 @@ def test_grouped_kernel_compiles_for_a_gpu(d, bias, dtype):
         "STACK", 0) == 0
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles the kernel: needs real jit functions")
+@pytest.mark.skipif(CUDA, reason="with a GPU, the store kernel tests run it")
+@pytest.mark.parametrize("bits,d", [(4, 64), (3, 128), (2, 256)])
+def test_store_kernel_compiles_for_a_gpu(bits, d):
+    """The leaving tokens' kernel compiled for sm_90 without a GPU: ptxas takes it, nothing spills."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import triton_sass
+
+    from nqkv_core.codebook import get_codebook
+    from nqkv_core.ops import triton_store
+    from nqkv_core.quantize import _midpoints
+
+    ring = torch.randn(1, 3, 5, d, dtype=torch.bfloat16)
+    th = _midpoints(get_codebook("nf", bits, 64))
+    launches = triton_sass.capture_launches(triton_store, lambda: triton_store.store_rows(
+        ring[:, :, 1:2], ring[:, :, 2:3], *_bodies(1, 3, 8, d, bits, 64, "cpu"), 4, th, bits, 64))
+    kernel, args, kwargs = launches[0]
+    try:
+        compiled = triton_sass.compile_for(kernel, args, kwargs, arch=90)
+    except (ImportError, AttributeError) as e:  # Triton-internal API of another version
+        pytest.skip(f"this Triton's compiler API: {e}")
+    assert triton_sass.sass_of(compiled.asm["cubin"])[1].get("STACK", 0) == 0
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles the kernel: needs real jit functions")
+@pytest.mark.skipif(CUDA, reason="with a GPU, the step kernel tests run it")
+@pytest.mark.parametrize("d,group,dtype", [(64, 3, torch.bfloat16), (128, 4, torch.bfloat16), (128, 8, torch.float32)])
+def test_step_inputs_kernel_compiles_for_a_gpu(d, group, dtype):
+    """The step's inputs kernel with everything on (RoPE-aware centre, key order, both rotations)
+    compiled for sm_90 without a GPU: ptxas takes it, nothing spills."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import triton_sass
+
+    from nqkv_core.ops import triton_step_inputs
+
+    q, kv = torch.randn(1, 3 * group, 1, d, dtype=dtype), torch.randn(1, 3, 1, d, dtype=dtype)
+    mu, rot = torch.randn(1, 3, 1, d), torch.eye(d)
+    launches = triton_sass.capture_launches(triton_step_inputs, lambda: triton_step_inputs.step_inputs(
+        q, kv, kv, torch.arange(d), rot, rot, mu, mu, mu, torch.randn(d), 0.1, dtype))
+    kernel, args, kwargs = launches[0]
+    assert kwargs["CENTRE"] == triton_step_inputs.ROPE_CENTRE and kwargs["ORDER"] and kwargs["ROT_V"]
+    try:
+        compiled = triton_sass.compile_for(kernel, args, kwargs, arch=90)
+    except (ImportError, AttributeError) as e:  # Triton-internal API of another version
+        pytest.skip(f"this Triton's compiler API: {e}")
+    assert triton_sass.sass_of(compiled.asm["cubin"])[1].get("STACK", 0) == 0
+
+
 def _run_ptx(asm: str, operands: list) -> list:
     """The few PTX instructions of ``_LUT16_ASM`` on Python ints (32-bit registers): ``$i`` reads and
     writes ``operands[i]``. ``prmt.b32 d, a, b, c`` (default mode): result byte i is byte
@@ -563,6 +612,195 @@ def test_feedback_codes_kernel_matches_torch(bits, block, d):
     assert (codes != ref).float().mean() < 2e-2
     if CUDA:  # the op dispatches to the kernel
         assert torch.equal(torch.ops.nqkv.feedback_codes(*args), codes)
+
+
+def _bodies(b, h, slots, d, bits, block, dev):
+    """Two zeroed ``(codes, scales)`` bodies of ``slots`` slots plus the trash slot."""
+    return [(torch.zeros(b, h, slots + 1, d * bits // 8, dtype=torch.uint8, device=dev),
+             torch.zeros(b, h, slots + 1, d // block, dtype=torch.float16, device=dev)) for _ in range(2)]
+
+
+@_kernel_test
+@pytest.mark.parametrize("bits,d,block,dtype", [(4, 64, 64, torch.bfloat16), (4, 128, 32, torch.float32),
+                                                (3, 128, 64, torch.float16), (2, 64, 16, torch.bfloat16),
+                                                (4, 16, 16, torch.float32)])
+def test_store_rows_matches_the_torch_encoder(bits, d, block, dtype):
+    """The leaving tokens' kernel writes, at their slots only, the codes and scales that
+    quantize_blockwise computes, bitwise: rows read in place from a ring (strided), blocks of zeros,
+    scales down to fp16's subnormals and up to thousands."""
+    from nqkv_core.codebook import get_codebook
+    from nqkv_core.ops import triton_store
+    from nqkv_core.quantize import _midpoints, quantize_blockwise
+
+    gen = torch.Generator().manual_seed(bits * d + block)
+    size = torch.tensor([1e-6, 3e-3, 1.0, 2e3]).reshape(1, 4, 1, 1)
+    ring = (torch.randn(2, 4, 5, d, generator=gen) * size).to(dtype).to(DEVICE)
+    ring[1, 2, 3, :block] = 0
+    k, v = ring[:, :, 3:4], ring.flip(1)[:, :, 3:4]  # one token of each row, as the ring holds it
+    kb, vb = _bodies(2, 4, 9, d, bits, block, DEVICE)
+    cb = get_codebook("nf", bits, block).to(DEVICE)
+    bad = triton_store.store_rows(k, v, kb, vb, 6, _midpoints(cb), bits, block)
+    assert not bad.any()
+    for x, body in ((k, kb), (v, vb)):
+        codes, scales = quantize_blockwise(x, cb, block, -1, torch.float16)
+        assert torch.equal(body[0][:, :, 6:7], codes) and torch.equal(body[1][:, :, 6:7], scales)
+        others = torch.ones(10, dtype=torch.bool)
+        others[6] = False
+        assert not body[0][:, :, others].any() and not body[1][:, :, others].any()
+
+
+@_kernel_test
+def test_store_quantized_leaves_flagged_rows_to_torch():
+    """A NaN or a block beyond fp16 is flagged, and the route answers False (the caller's torch
+    encoder then words the error); rows it does not serve (8-bit codes, fp32 scales) too."""
+    from nqkv_core.codebook import get_codebook
+    from nqkv_core.ops.fused_step import store_quantized
+
+    cb = get_codebook("nf", 4, 64).to(DEVICE)
+    x = torch.randn(1, 2, 1, 64, device=DEVICE)
+    assert store_quantized(x, x, *_bodies(1, 2, 3, 64, 4, 64, DEVICE), 1, cb, 64)
+    for bad in (math.nan, 7e4, math.inf):
+        y = x.clone()
+        y[0, 1, 0, 5] = bad
+        assert not store_quantized(x, y, *_bodies(1, 2, 3, 64, 4, 64, DEVICE), 1, cb, 64)
+    kb, vb = _bodies(1, 2, 3, 64, 4, 64, DEVICE)
+    fp32_scales = (kb[0], kb[1].float()), (vb[0], vb[1].float())
+    assert not store_quantized(x, x, *fp32_scales, 1, cb, 64)
+    assert not store_quantized(x, x, *_bodies(1, 2, 3, 64, 8, 64, DEVICE), 1, get_codebook("nf", 8, 64), 64)
+
+
+@_kernel_test
+def test_cache_leaving_tokens_take_the_store_kernel(monkeypatch):
+    """A 4-bit cache's one-token steps on the GPU's route quantize each leaving token with one
+    launch of the store kernel, into the same bytes as the torch encoder; a NaN key raises the
+    torch encoder's error and leaves the layer as it was."""
+    from transformers import LlamaConfig
+
+    from nqkv_core import native
+    from nqkv_core.cache import NQKVCache, commit
+    from nqkv_core.ops import cpu as cpu_ops
+    from nqkv_core.ops import triton_store
+    from nqkv_core.scheme import nqkv_preset
+
+    monkeypatch.setattr(native, "available", lambda: False)
+    monkeypatch.setattr(cpu_ops, "decode_fits", lambda *a, **k: False)
+    launches = []
+    real = triton_store.store_rows
+    monkeypatch.setattr(triton_store, "store_rows", lambda *a: launches.append(1) or real(*a))
+    config = LlamaConfig(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1,
+                         head_dim=64, rope_theta=1e5)
+    gen = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(torch.bfloat16).to(DEVICE)
+
+    caches = [NQKVCache(nqkv_preset(4), config=config) for _ in range(2)]
+    prompt = randn(1, 2, 100, 64), randn(1, 2, 100, 64)
+    for c in caches:
+        c.append(*prompt, 0)
+    steps = [(randn(1, 4, 1, 64), randn(1, 2, 1, 64), randn(1, 2, 1, 64)) for _ in range(3)]
+    def decode(layer):
+        for q, k1, v1 in steps:
+            layer.update(k1, v1)
+            layer.attention(q, None, 0.125)
+
+    decode(caches[0].layers[0])
+    with monkeypatch.context() as m:
+        m.setattr(commit, "store_quantized", lambda *a: False)
+        decode(caches[1].layers[0])
+    assert len(launches) == 3
+    a, b = caches[0].layers[0], caches[1].layers[0]
+    assert int(a.length) == int(b.length) == 103
+    for x, y in zip(a.k_body + a.v_body, b.k_body + b.v_body):
+        assert torch.equal(x, y)
+    # a leaving key that is NaN (set in the ring, where it waits): the torch encoder's error, and
+    # the layer keeps its length and its ring (the new token is not stored over the leaving one)
+    slot = (int(a.length) - a.window + 1) % a.n_ring
+    a.k_ring[0, 1, slot] = math.nan
+    length, ring = int(a.length), a.k_ring.clone()
+    q, k1, v1 = steps[0]
+    a.update(k1, v1)
+    with pytest.raises(ValueError, match="non-finite"):
+        a.attention(q, None, 0.125)
+    assert int(a.length) == length and torch.equal(a.k_ring.isnan(), ring.isnan())
+    assert torch.equal(a.k_ring.nan_to_num(), ring.nan_to_num()) and len(launches) == 4
+
+
+def _step_inputs_reference(query, k, v, order, rot_k, rot_v, mu_k, mu_k_half, mu_v, row, scaling):
+    """The torch arithmetic of a folded step's inputs (``step._folded_inputs``), fp32."""
+    from nqkv_core.scheme import per_query_head
+    from nqkv_core.transform import rope_bias_weights
+
+    d, group = query.shape[-1], query.shape[1] // k.shape[1]
+    if order is not None:
+        query, k = query[..., order], k[..., order]
+    q, k, v = query.float(), k.float(), v.float()
+    w = None
+    if mu_k_half is not None:
+        w = rope_bias_weights(query, per_query_head(mu_k, group), scaling)
+        k = k - (mu_k * row[: d // 2].repeat(2) + mu_k_half * row[d // 2 :].repeat(2))
+    elif mu_k is not None:
+        k = k - mu_k
+    if mu_v is not None:
+        v = v - mu_v
+    if rot_k is not None:
+        q, k = q @ rot_k, k @ rot_k
+    return q, w, k, v @ rot_v if rot_v is not None else v
+
+
+@_kernel_test
+@pytest.mark.parametrize("d,group,centre,order,rot,mu_b,dtype", [
+    (64, 3, "rope", False, True, 2, torch.bfloat16), (128, 4, "rope", True, True, 1, torch.float32),
+    (64, 1, "plain", False, True, 2, torch.float32), (32, 8, None, False, False, 1, torch.bfloat16),
+    (128, 15, "rope", True, False, 2, torch.float16)])
+def test_step_inputs_kernel_matches_torch(d, group, centre, order, rot, mu_b, dtype):
+    """The step's queries, key bias weights, new key and value in the storage basis, against the
+    torch ops of the folded step: RoPE-aware, plain and no centre, a key channel order, rotations
+    on and off, centres per sequence or shared, 16-bit and fp32 outputs."""
+    from nqkv_core.ops import triton_step_inputs
+    from nqkv_core.scheme import rotate_half
+
+    gen = torch.Generator().manual_seed(d + group)
+    b, h = 2, 3
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(DEVICE)
+
+    query, k, v = randn(b, h * group, 1, d).to(dtype), randn(b, h, 1, d).to(dtype), randn(b, h, 1, d).to(dtype)
+    perm = torch.randperm(d, generator=gen).to(DEVICE) if order else None
+    rot_k, rot_v = (torch.linalg.qr(randn(d, d))[0].contiguous() for _ in range(2)) if rot else (None, None)
+    mu_k = randn(mu_b, h, 1, d) if centre else None
+    mu_k_half = rotate_half(mu_k).contiguous() if centre == "rope" else None
+    mu_v = randn(mu_b, h, 1, d) if centre else None
+    ang = 37.0 * 1e4 ** (-torch.arange(0, d, 2).float() / d)
+    row = torch.cat([ang.cos(), ang.sin()]).to(DEVICE) if centre == "rope" else None
+    args = (query, k, v, perm, rot_k, rot_v, mu_k, mu_k_half, mu_v, row, 0.125)
+    assert triton_step_inputs.takes(query, k, v, mu_k, mu_k_half, mu_v)
+    got = triton_step_inputs.step_inputs(*args, dtype)
+    ref = _step_inputs_reference(*args)
+    for x, y in zip(got, ref):
+        assert (x is None) == (y is None)
+        if x is not None:
+            assert x.shape == y.shape and x.dtype == (torch.float32 if x is got[1] else dtype)
+            torch.testing.assert_close(x.float(), y.to(x.dtype).float(), atol=2e-5 if x.dtype == torch.float32
+                                       else 1e-2, rtol=1e-2)
+
+
+@_kernel_test
+def test_step_inputs_route_declines():
+    """The route answers None where the kernel does not serve: two query tokens, head_dim 256,
+    centres of another batch size than each other."""
+    from nqkv_core.ops import fused_step
+
+    q, k = torch.randn(1, 4, 1, 64, device=DEVICE), torch.randn(1, 2, 1, 64, device=DEVICE)
+    none = (None,) * 7
+    assert fused_step.step_inputs(q, k, k, *none, 0.1, torch.float32) is not None
+    assert fused_step.step_inputs(q.expand(1, 4, 2, 64), k, k, *none, 0.1, torch.float32) is None
+    assert fused_step.step_inputs(torch.randn(1, 4, 1, 256, device=DEVICE), torch.randn(1, 2, 1, 256, device=DEVICE),
+                                  torch.randn(1, 2, 1, 256, device=DEVICE), *none, 0.1, torch.float32) is None
+    mu1, mu2 = torch.randn(1, 2, 1, 64, device=DEVICE), torch.randn(2, 2, 1, 64, device=DEVICE)
+    q2, k2 = q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1)
+    assert fused_step.step_inputs(q2, k2, k2, None, None, None, mu1, None, mu2, None, 0.1, torch.float32) is None
 
 
 @_kernel_test

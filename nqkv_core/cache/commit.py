@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from nqkv_core.cache.format import SideFormat
+from nqkv_core.ops.fused_step import store_quantized
 from nqkv_core.quantize import quantize_blockwise
 
 
@@ -26,10 +27,15 @@ def write_bodies(layer, index: torch.Tensor | int, k: torch.Tensor, v: torch.Ten
     """Store K/V tokens ``(b, h, n, d)`` in the body at slots ``index`` (a tensor, or the first slot).
 
     When K and V share a quantized format they are quantized in one call (blocks are independent,
-    so the codes are the same): a single token costs about as much to quantize as a thousand.
+    so the codes are the same): a single token costs about as much to quantize as a thousand. On a
+    GPU, eager writes at a known slot are one kernel launch (:func:`~nqkv_core.ops.fused_step.store_quantized`).
     """
+    fmt = layer.k_fmt
+    if (layer._joint_format and isinstance(index, int) and not fmt.fit_scale
+            and store_quantized(k, v, layer.k_body, layer.v_body, index, fmt.encode_codebook, fmt.block)):
+        return  # one launch on a GPU
     if layer._joint_format:
-        codes, absmax = encode(layer, torch.cat([k, v]), layer.k_fmt)
+        codes, absmax = encode(layer, torch.cat([k, v]), fmt)
         b = k.shape[0]
         parts = ((codes[:b], absmax[:b]), (codes[b:], absmax[b:]))
     else:

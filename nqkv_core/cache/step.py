@@ -27,6 +27,7 @@ from nqkv_core.cache import commit, compiled, fitting  # noqa: F401  (compiled: 
 from nqkv_core.cache.attend import Logits, attend, prompt_attention
 from nqkv_core.cache.slots import (all_slots_valid, allowed_slots, padded_allowed_slots, slot_key_bias,
                                     slot_positions)
+from nqkv_core.ops import fused_step
 from nqkv_core.ops.attention import key_bias_args
 from nqkv_core.quantize import decision_thresholds, fit_ratios
 from nqkv_core.scheme import per_query_head, rotate_half
@@ -136,10 +137,11 @@ def _step(layer, query: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
         if out is not None:
             return out.to(query.dtype).transpose(1, 2)
     if maps is not None:
-        q, w, k_new, k_attend = _folded_inputs(layer, query, k_new, maps, n, scaling)
+        q, w, k_new, v_new = _folded_inputs(layer, query, k_new, v_new, maps, n, scaling)
+        k_attend = None
     else:
         q, w, k_new, k_attend = _general_inputs(layer, query, k_new, group, n, attention_mask)
-    v_new = layer.transform.values(v_new).to(layer.fp_dtype)
+        v_new = layer.transform.values(v_new).to(layer.fp_dtype)
     if layer.starts is not None:
         k_new, v_new = commit.zero_padding(layer, k_new, v_new)
     # Several new tokens (a prompt, a chunk, assisted decoding's candidates): the tokens that leave
@@ -183,15 +185,20 @@ def _folds(layer, n: int | None, T: int) -> bool:
             and layer.fp_dtype in (torch.float32, torch.bfloat16) and t.a_k is None and t.b_v is None)
 
 
-def _folded_inputs(layer, query, k_new, maps: StepMaps, n: int, scaling: float):
-    """Queries in the storage basis, their key-bias weights, and the new keys, from the folded maps."""
+def _folded_inputs(layer, query, k_new, v_new, maps: StepMaps, n: int, scaling: float):
+    """Queries in the storage basis, their key-bias weights, and the new keys and values, from the
+    folded maps: one kernel launch where it serves (a GPU), else the torch ops below (its reference)."""
     t, d = layer.transform, query.shape[-1]
+    row = layer.rope.row(n) if maps.mu_k_half is not None else None
+    fused = fused_step.step_inputs(query, k_new, v_new, t.k_order, t.rot_k, t.rot_v, maps.mu_k, maps.mu_k_half,
+                                   maps.mu_v, row, scaling, layer.fp_dtype)
+    if fused is not None:
+        return fused
     query, k_new = t.key_order(query), t.key_order(k_new)  # the maps and the table pair channels in it
     q = query.float() @ t.rot_k if t.rot_k is not None else query.float()
     w = rope_bias_weights(query, maps.mu_q, scaling) if maps.mu_k_half is not None else None
     k_new = k_new.float()
     if maps.mu_k_half is not None:  # minus the RoPE'd centre at position n (key_centre's arithmetic)
-        row = layer.rope.row(n)
         cos, sin = row[: d // 2].repeat(2), row[d // 2 :].repeat(2)
         k_new = k_new - (t.mu_k * cos + maps.mu_k_half * sin)
     elif t.mu_k is not None:
@@ -199,7 +206,7 @@ def _folded_inputs(layer, query, k_new, maps: StepMaps, n: int, scaling: float):
     k_new = k_new @ t.rot_k if t.rot_k is not None else k_new
     # in the exact tokens' dtype, as the general step's: a 16-bit model's bf16 queries take the
     # grouped decode kernel on a GPU (fp32 ones, its split-K kernel and a dense key bias)
-    return q.to(layer.fp_dtype), w, k_new.to(layer.fp_dtype), None
+    return q.to(layer.fp_dtype), w, k_new.to(layer.fp_dtype), t.values(v_new).to(layer.fp_dtype)
 
 
 def _prompt_only(layer, n: int | None, T: int, attention_mask: torch.Tensor | None) -> bool:
