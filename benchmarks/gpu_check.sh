@@ -10,26 +10,28 @@
 #   tests   tests/test_triton_kernels.py compiled for the GPU (every kernel against its reference,
 #           the register lookup, opcheck with fake/AOT checks), and the traced step's attention over
 #           the tokens present through the grouped kernel (against the whole-body path; captured in
-#           a CUDA graph and replayed at other lengths without a host sync).
+#           a CUDA graph and replayed at other lengths without a host sync);
+#   eager   benchmarks/bench_gpu_decode.py, eager steps only: SmolLM2-135M's architecture (bf16, random
+#           weights) at 16k tokens, NQKV eager (the step's Triton launches) vs DynamicCache eager.
 # Longer optional stages (not in the 8 minutes): sweep (benchmarks/sweep_triton_decode.py, launch
 # configurations of the split-K kernel), decode (benchmarks/bench_gpu_decode.py, SmolLM2-135M's
 # architecture end to end), cuda_tests (tests/test_cuda.py: compiled decode steps, minutes).
 # Results go to the first argument, else $OUT, else /tmp/nqkv_gpu_check: gpu_check.json and
 # gpu_check.md (stage exit codes and the kernel figures), gpu_decode_check.json / .md, tests.log,
-# gpu_check.log.
-#   bash benchmarks/gpu_check.sh [OUT_DIR]          (STAGES="kernel tests sweep decode cuda_tests")
+# eager/decode.md, gpu_check.log.
+#   bash benchmarks/gpu_check.sh [OUT_DIR]          (STAGES="kernel tests eager sweep decode cuda_tests")
 #   STAGES=kernel KERNEL_ARGS=--dry-run bash benchmarks/gpu_check.sh /tmp/check   (CPU: checks the script)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] && PY=.venv/bin/python
 OUT_DIR=${1:-${OUT:-/tmp/nqkv_gpu_check}}
-STAGES=${STAGES:-"kernel tests"}  # (run in this order whatever the order here)
+STAGES=${STAGES:-"kernel tests eager"}  # (run in this order whatever the order here)
 DECODE_ARGS=${DECODE_ARGS:-"--contexts 4096 16384 32768 --batches 1 8 --compiled-contexts 16384 --steps 10"}
 mkdir -p "$OUT_DIR"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 NQKV_NATIVE=0  # (the native kernels are CPU-only)
 unset TRITON_INTERPRET
-KERNEL_RC=skipped TESTS_RC=skipped SWEEP_RC=skipped DECODE_RC=skipped CUDA_TESTS_RC=skipped
+KERNEL_RC=skipped TESTS_RC=skipped EAGER_RC=skipped SWEEP_RC=skipped DECODE_RC=skipped CUDA_TESTS_RC=skipped
 
 {
 echo "== environment $(date -u +%H:%M:%S)"
@@ -57,6 +59,15 @@ if [[ $STAGES == *tests* ]]; then
   tail -15 "$OUT_DIR/tests.log"
 fi
 
+if [[ $STAGES == *eager* ]]; then
+  echo "== eager decode steps $(date -u +%H:%M:%S)"
+  timeout ${EAGER_TIMEOUT:-60} $PY benchmarks/bench_gpu_decode.py --contexts 16384 --batches 1 --dtype bfloat16 \
+    --steps 10 --variants "DynamicCache eager" "NQKV eager" --out "$OUT_DIR/eager" 2>&1 \
+    | grep -v -e FutureWarning -e "return forward_call"
+  EAGER_RC=${PIPESTATUS[0]}
+  echo "eager exit code: $EAGER_RC"
+fi
+
 if [[ $STAGES == *sweep* ]]; then
   echo "== split-K kernel sweep $(date -u +%H:%M:%S)"
   timeout ${SWEEP_TIMEOUT:-150} $PY benchmarks/sweep_triton_decode.py --out "$OUT_DIR"
@@ -82,11 +93,11 @@ if [[ $STAGES == *cuda_tests* ]]; then
 fi
 
 # -- summary: stage exit codes (124: timed out) and the kernel figures, as JSON and Markdown --
-OUT_DIR="$OUT_DIR" KERNEL_RC=$KERNEL_RC TESTS_RC=$TESTS_RC SWEEP_RC=$SWEEP_RC DECODE_RC=$DECODE_RC \
+OUT_DIR="$OUT_DIR" KERNEL_RC=$KERNEL_RC TESTS_RC=$TESTS_RC EAGER_RC=$EAGER_RC SWEEP_RC=$SWEEP_RC DECODE_RC=$DECODE_RC \
 CUDA_TESTS_RC=$CUDA_TESTS_RC $PY - <<'PY'
 import json, os, pathlib
 out = pathlib.Path(os.environ["OUT_DIR"])
-stages = {s: os.environ[f"{s.upper()}_RC"] for s in ("kernel", "tests", "sweep", "decode", "cuda_tests")}
+stages = {s: os.environ[f"{s.upper()}_RC"] for s in ("kernel", "tests", "eager", "sweep", "decode", "cuda_tests")}
 tests = out / "tests.log"
 summary = dict(stages=stages, tests_summary=tests.read_text().strip().splitlines()[-1] if tests.exists() else None)
 kernel = out / "gpu_decode_check.json"
@@ -99,6 +110,9 @@ if summary["tests_summary"]:
 kernel_md = out / "gpu_decode_check.md"
 if kernel_md.exists():
     md += ["", kernel_md.read_text()]
+eager_md = out / "eager" / "decode.md"
+if eager_md.exists():
+    md += ["", "## Eager decode steps", "", eager_md.read_text()]
 (out / "gpu_check.md").write_text("\n".join(md) + "\n")
 print(f"wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'}")
 PY
