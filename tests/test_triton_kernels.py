@@ -804,6 +804,45 @@ def test_step_inputs_route_declines():
 
 
 @_kernel_test
+@pytest.mark.parametrize("name", ["qwen2", "gemma3", "cohere"])
+def test_models_decode_through_the_step_kernels(name, monkeypatch):
+    """Tiny models of other architectures (sliding layers and a key bias; a RoPE base per layer type;
+    interleaved RoPE served in a key channel order) decode on the GPU's route, their one-token
+    steps through the step's inputs and the leaving tokens' kernels: their logits follow the fake
+    quantized reference as the CPU route's do (tests/test_models.py)."""
+    from test_models import DIMS, PROMPT, decode_logits, eager_logits, fakequant_logits, ids_for, scheme4, tiny
+    from transformers import CohereConfig, CohereForCausalLM
+
+    from nqkv_core import native
+    from nqkv_core.cache import enable
+    from nqkv_core.ops import cpu as cpu_ops
+    from nqkv_core.ops import triton_step_inputs, triton_store
+
+    monkeypatch.setattr(native, "available", lambda: False)
+    monkeypatch.setattr(cpu_ops, "decode_fits", lambda *a, **k: False)
+    launches = []
+    for module, fn in ((triton_step_inputs, "step_inputs"), (triton_store, "store_rows")):
+        real = getattr(module, fn)
+        monkeypatch.setattr(module, fn, lambda *a, _real=real, _fn=fn: launches.append(_fn) or _real(*a))
+    if name == "cohere":
+        torch.manual_seed(0)
+        model = CohereForCausalLM(CohereConfig(**DIMS)).eval()
+    else:
+        model = tiny(name)
+    ids = ids_for(PROMPT + 6)
+    scheme = scheme4(model, 4)
+    ref = fakequant_logits(model, ids, scheme)
+    quant_effect = (ref - eager_logits(model, ids)).abs().max()
+    model.to(DEVICE)
+    got = decode_logits(model, ids.to(DEVICE), enable(model, scheme=scheme).new_cache()).cpu()
+    err = (got - ref).abs().max()
+    assert err < max(0.5 * quant_effect, 2e-4), (err, quant_effect)
+    assert {"step_inputs", "store_rows"} <= set(launches)
+    if name == "cohere":
+        assert enable(model, scheme=scheme).new_cache().rope.order is not None
+
+
+@_kernel_test
 def test_cache_generate_through_the_kernels(monkeypatch):
     """The cache's GPU code path end to end: on CPU (interpreter) the native decode step and the CPU
     op's key-bias shortcut are switched off, so every step takes the route it takes on CUDA (folded
