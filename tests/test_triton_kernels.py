@@ -843,6 +843,30 @@ def test_models_decode_through_the_step_kernels(name, monkeypatch):
 
 
 @_kernel_test
+def test_left_padded_rows_decode_as_alone_through_the_step_kernels(monkeypatch):
+    """A left-padded batch on the GPU's route (each row's own transform, sinks and positions; the
+    step kernels take per-row centres) generates each row as that row alone does."""
+    from test_padded_batch import SCHEMES, assert_rows_as_alone, prompts, tiny
+
+    from nqkv_core import native
+    from nqkv_core.cache import enable
+    from nqkv_core.ops import cpu as cpu_ops
+    from nqkv_core.ops import triton_step_inputs, triton_store
+
+    monkeypatch.setattr(native, "available", lambda: False)
+    monkeypatch.setattr(cpu_ops, "decode_fits", lambda *a, **k: False)
+    centres = []
+    real_inputs, real_store = triton_step_inputs.step_inputs, triton_store.store_rows
+    monkeypatch.setattr(triton_step_inputs, "step_inputs", lambda *a: centres.append(a[6].shape[0]) or real_inputs(*a))
+    monkeypatch.setattr(triton_store, "store_rows", lambda *a: centres.append("store") or real_store(*a))
+    model = tiny().to(DEVICE)
+    rows = [r.to(DEVICE) for r in prompts()]
+    cache = assert_rows_as_alone(model, enable(model, scheme=SCHEMES["rope-centre"]), rows)
+    assert cache.layers[0].starts is not None
+    assert 3 in centres and "store" in centres  # the batch's steps: a centre per row, leaving tokens stored
+
+
+@_kernel_test
 def test_cache_generate_through_the_kernels(monkeypatch):
     """The cache's GPU code path end to end: on CPU (interpreter) the native decode step and the CPU
     op's key-bias shortcut are switched off, so every step takes the route it takes on CUDA (folded
