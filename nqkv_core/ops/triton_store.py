@@ -69,6 +69,7 @@ def _store_rows_kernel(k_ptr, v_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, th_ptr, bad
     bh, n = r // rows, r % rows
     b, h = bh // heads, bh % heads
     x_off = b * x_sb + h * x_sh + n * x_sn
+    bh = bh.to(tl.int64)  # (a body's bytes may pass 2**31: batch x heads x capacity x row bytes)
     c_off = bh * c_sh + (slot + n) * c_sn  # (contiguous buffers: batch and head as one index)
     s_off = bh * s_sh + (slot + n) * s_sn
     if side == 0:
