@@ -370,7 +370,7 @@ def _decode_split_kernel(
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_r = tl.program_id(2)
-    b = pid_bh // H_KV
+    b = (pid_bh // H_KV).to(tl.int64)  # (a whole cache's offsets can pass 2**31)
     h = pid_bh % H_KV
     # -- query rows of this KV head: row = g * T_Q + i --
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)

@@ -40,7 +40,7 @@ def _prefill_kernel(
 ):
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
-    b = pid_bh // H_KV
+    b = (pid_bh // H_KV).to(tl.int64)  # (a whole cache's offsets can pass 2**31)
     h = pid_bh % H_KV
     # -- query rows --
     offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
