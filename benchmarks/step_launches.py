@@ -65,9 +65,9 @@ class Counter(TorchDispatchMode):
 
 class TritonLaunches:
     """The Triton kernels' launchers (the grouped decode's ``launch``, the step's inputs'
-    ``step_inputs``, the leaving tokens' ``store_rows``), run with the op counter paused (in the interpreter their kernels and their fp32
-    stand-ins for 16-bit tensors are torch ops that a GPU does not run), and the launches of their
-    kernels counted."""
+    ``step_inputs``, the leaving tokens' ``store_rows``), run with the op counter paused (in the
+    interpreter their kernels and their fp32 stand-ins for 16-bit tensors are torch ops that a GPU
+    does not run), and the launches of their kernels counted."""
 
     LAUNCHERS = ((triton_decode_grouped, "launch"), (triton_store, "store_rows"), (triton_step_inputs, "step_inputs"))
 

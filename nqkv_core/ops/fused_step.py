@@ -16,7 +16,7 @@ import os
 import torch
 from torch import Tensor
 
-from nqkv_core.quantize import _midpoints
+from nqkv_core.quantize import decision_thresholds
 
 
 def _kernels(x: Tensor, name: str):
@@ -45,7 +45,7 @@ def store_quantized(k: Tensor, v: Tensor, k_body: tuple[Tensor, ...], v_body: tu
             and all(t.is_contiguous() and t.device == k.device for t in (kc, ks, vc, vs))
             and kc.shape == vc.shape and ks.shape == vs.shape):
         return False
-    bad = triton_store.store_rows(k, v, k_body, v_body, slot, _midpoints(codebook).to(k.device), bits, block)
+    bad = triton_store.store_rows(k, v, k_body, v_body, slot, decision_thresholds(codebook).to(k.device), bits, block)
     return not bool(bad.any())
 
 
