@@ -422,10 +422,10 @@ def test_store_kernel_compiles_for_a_gpu(bits, d):
 
     from nqkv_core.codebook import get_codebook
     from nqkv_core.ops import triton_store
-    from nqkv_core.quantize import _midpoints
+    from nqkv_core.quantize import decision_thresholds
 
     ring = torch.randn(1, 3, 5, d, dtype=torch.bfloat16)
-    th = _midpoints(get_codebook("nf", bits, 64))
+    th = decision_thresholds(get_codebook("nf", bits, 64))
     launches = triton_sass.capture_launches(triton_store, lambda: triton_store.store_rows(
         ring[:, :, 1:2], ring[:, :, 2:3], *_bodies(1, 3, 8, d, bits, 64, "cpu"), 4, th, bits, 64))
     kernel, args, kwargs = launches[0]
@@ -630,7 +630,7 @@ def test_store_rows_matches_the_torch_encoder(bits, d, block, dtype):
     scales down to fp16's subnormals and up to thousands."""
     from nqkv_core.codebook import get_codebook
     from nqkv_core.ops import triton_store
-    from nqkv_core.quantize import _midpoints, quantize_blockwise
+    from nqkv_core.quantize import decision_thresholds, quantize_blockwise
 
     gen = torch.Generator().manual_seed(bits * d + block)
     size = torch.tensor([1e-6, 3e-3, 1.0, 2e3]).reshape(1, 4, 1, 1)
@@ -639,7 +639,7 @@ def test_store_rows_matches_the_torch_encoder(bits, d, block, dtype):
     k, v = ring[:, :, 3:4], ring.flip(1)[:, :, 3:4]  # one token of each row, as the ring holds it
     kb, vb = _bodies(2, 4, 9, d, bits, block, DEVICE)
     cb = get_codebook("nf", bits, block).to(DEVICE)
-    bad = triton_store.store_rows(k, v, kb, vb, 6, _midpoints(cb), bits, block)
+    bad = triton_store.store_rows(k, v, kb, vb, 6, decision_thresholds(cb), bits, block)
     assert not bad.any()
     for x, body in ((k, kb), (v, vb)):
         codes, scales = quantize_blockwise(x, cb, block, -1, torch.float16)
