@@ -652,9 +652,11 @@ def test_store_rows_matches_the_torch_encoder(bits, d, block, dtype):
 @_kernel_test
 def test_store_quantized_leaves_flagged_rows_to_torch():
     """A NaN or a block beyond fp16 is flagged, and the route answers False (the caller's torch
-    encoder then words the error); rows it does not serve (8-bit codes, fp32 scales) too."""
+    encoder then words the error); rows it does not serve (8-bit codes, fp32 scales) too. At the
+    edges (fp16's largest value, an fp32 subnormal block) it stores what the torch encoder stores."""
     from nqkv_core.codebook import get_codebook
     from nqkv_core.ops.fused_step import store_quantized
+    from nqkv_core.quantize import quantize_blockwise
 
     cb = get_codebook("nf", 4, 64).to(DEVICE)
     x = torch.randn(1, 2, 1, 64, device=DEVICE)
@@ -663,6 +665,15 @@ def test_store_quantized_leaves_flagged_rows_to_torch():
         y = x.clone()
         y[0, 1, 0, 5] = bad
         assert not store_quantized(x, y, *_bodies(1, 2, 3, 64, 4, 64, DEVICE), 1, cb, 64)
+    y = x.clone()
+    y[0, 1, 0, 5] = 65504.0  # fp16's largest: stored, as the torch encoder stores it
+    y[0, 0, 0, :] = 1e-40  # an fp32 subnormal block: the smallest fp16 spacing
+    kb, vb = _bodies(1, 2, 3, 64, 4, 64, DEVICE)
+    assert store_quantized(y, y, kb, vb, 1, cb, 64)
+    codes, scales = quantize_blockwise(y, cb, 64, -1, torch.float16)
+    assert torch.equal(kb[0][:, :, 1:2], codes) and torch.equal(kb[1][:, :, 1:2], scales)
+    y[0, 1, 0, 5] = 65504.01  # beyond it (in fp32): flagged
+    assert not store_quantized(y, y, *_bodies(1, 2, 3, 64, 4, 64, DEVICE), 1, cb, 64)
     kb, vb = _bodies(1, 2, 3, 64, 4, 64, DEVICE)
     fp32_scales = (kb[0], kb[1].float()), (vb[0], vb[1].float())
     assert not store_quantized(x, x, *fp32_scales, 1, cb, 64)
