@@ -10,6 +10,7 @@ the torch ops, which are the kernels' references.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 
@@ -23,9 +24,16 @@ def _kernels(x: Tensor, name: str):
     """The kernel module ``name`` where it serves ``x``'s device in eager code, else None."""
     if torch.compiler.is_compiling() or not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         return None
+    return _module(name)
+
+
+@functools.cache
+def _module(name: str):
+    """``nqkv_core.ops.<name>``, or None without triton (remembered: a failed import searches the
+    path again on every attempt, and the step asks twice per layer)."""
     try:
         return importlib.import_module(f"nqkv_core.ops.{name}")
-    except ImportError:  # no triton
+    except ImportError:
         return None
 
 
