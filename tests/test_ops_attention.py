@@ -256,3 +256,37 @@ def test_packed_attention_errors():
         packed_attention(q, K.packed._replace(axis=-3), V.packed)
     with pytest.raises(ValueError, match="v_absmax"):
         packed_attention(q, K.packed, V.packed.replace(V.codes, V.absmax[:, :, 1:]))
+
+
+def test_without_triton_the_kernel_routes_fall_back_and_remember_it():
+    """With no triton importable (here: blocked) and the interpreter asked for, attention and the
+    cache step's kernel routes take the torch path, and the failed import is tried once, not on
+    every call (a failed import searches the whole path again)."""
+    import subprocess
+    import sys
+
+    code = """
+import os, sys, importlib.abc
+os.environ["TRITON_INTERPRET"] = "1"
+tries = []
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "triton":
+            tries.append(name)
+            raise ImportError("no triton here")
+sys.meta_path.insert(0, Block())
+import torch
+from nqkv_core import NQTensor
+from nqkv_core.ops import fused_step, packed_attention
+attention = sys.modules["nqkv_core.ops.attention"]  # (the package exports the op under that name)
+q, k = torch.randn(1, 4, 1, 64), torch.randn(1, 2, 96, 64)
+K = NQTensor.from_float(k, block=32, bits=4)
+outs = [packed_attention(q, K.packed, K.packed, None, None, None, 0.1) for _ in range(3)]
+none = (None,) * 7
+assert all(fused_step.step_inputs(q, k[:, :, :1], k[:, :, :1], *none, 0.1, torch.float32) is None for _ in range(3))
+assert attention._triton_kernels() is None and torch.isfinite(outs[0]).all()
+print(len(tries))
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert int(run.stdout.split()[-1]) <= 2  # once per route (attention's kernels, the step's), not per call

@@ -137,13 +137,20 @@ def _use_triton(q: Tensor) -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1" and not torch.compiler.is_compiling()
 
 
+_NO_TRITON = False  # set once an import of the kernels failed: a failed import searches the path again
+
+
 def _triton_kernels():
     """The kernel modules, imported on first use (after any TRITON_INTERPRET setting): the split-K
     decode, the prefill and the grouped decode kernel (None where this Triton lacks what it uses;
     the split-K kernel then decodes everything); None without triton."""
+    global _NO_TRITON
+    if _NO_TRITON:
+        return None
     try:
         from nqkv_core.ops import triton_decode, triton_prefill
     except ImportError:
+        _NO_TRITON = True
         return None
     try:
         from nqkv_core.ops import triton_decode_grouped
