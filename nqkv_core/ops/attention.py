@@ -137,14 +137,16 @@ def _use_triton(q: Tensor) -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1" and not torch.compiler.is_compiling()
 
 
-_NO_TRITON = False  # set once an import of the kernels failed: a failed import searches the path again
+# Set once an import of the kernels failed: a failed import is not remembered by Python (it searches
+# the path, or runs the module's code up to the failure, again on every call).
+_NO_TRITON = _NO_GROUPED = False
 
 
 def _triton_kernels():
     """The kernel modules, imported on first use (after any TRITON_INTERPRET setting): the split-K
     decode, the prefill and the grouped decode kernel (None where this Triton lacks what it uses;
     the split-K kernel then decodes everything); None without triton."""
-    global _NO_TRITON
+    global _NO_TRITON, _NO_GROUPED
     if _NO_TRITON:
         return None
     try:
@@ -152,9 +154,12 @@ def _triton_kernels():
     except ImportError:
         _NO_TRITON = True
         return None
+    if _NO_GROUPED:
+        return triton_decode, triton_prefill, None
     try:
         from nqkv_core.ops import triton_decode_grouped
     except (ImportError, AttributeError):
+        _NO_GROUPED = True
         triton_decode_grouped = None
     return triton_decode, triton_prefill, triton_decode_grouped
 
