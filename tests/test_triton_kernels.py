@@ -878,6 +878,36 @@ def test_left_padded_rows_decode_as_alone_through_the_step_kernels(monkeypatch):
 
 
 @_kernel_test
+def test_step_kernels_this_triton_cannot_compile_leave_the_torch_ops(monkeypatch):
+    """Where Triton fails to compile a step kernel (an older one may lack what it uses), its route
+    warns once and declines from then on: the step runs its torch ops, no crash."""
+    from triton.compiler.errors import CompilationError
+
+    from nqkv_core.codebook import get_codebook
+    from nqkv_core.ops import fused_step, triton_step_inputs, triton_store
+
+    monkeypatch.setattr(fused_step, "_UNCOMPILED", set())
+    calls = []
+
+    def fails(*args):
+        calls.append(1)
+        raise CompilationError(None, None, "this Triton lacks what the kernel uses")
+
+    monkeypatch.setattr(triton_step_inputs, "step_inputs", fails)
+    monkeypatch.setattr(triton_store, "store_rows", fails)
+    q, k = torch.randn(1, 4, 1, 64, device=DEVICE), torch.randn(1, 2, 1, 64, device=DEVICE)
+    none = (None,) * 7
+    with pytest.warns(RuntimeWarning, match="cannot compile triton_step_inputs"):
+        assert fused_step.step_inputs(q, k, k, *none, 0.1, torch.float32) is None
+    cb = get_codebook("nf", 4, 64).to(DEVICE)
+    with pytest.warns(RuntimeWarning, match="cannot compile triton_store"):
+        assert not fused_step.store_quantized(k, k, *_bodies(1, 2, 3, 64, 4, 64, DEVICE), 1, cb, 64)
+    assert fused_step.step_inputs(q, k, k, *none, 0.1, torch.float32) is None
+    assert not fused_step.store_quantized(k, k, *_bodies(1, 2, 3, 64, 4, 64, DEVICE), 1, cb, 64)
+    assert len(calls) == 2  # each kernel tried once
+
+
+@_kernel_test
 def test_cache_generate_through_the_kernels(monkeypatch):
     """The cache's GPU code path end to end: on CPU (interpreter) the native decode step and the CPU
     op's key-bias shortcut are switched off, so every step takes the route it takes on CUDA (folded

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import warnings
 
 import torch
 from torch import Tensor
@@ -20,11 +21,27 @@ from torch import Tensor
 from nqkv_core.quantize import decision_thresholds
 
 
+# Kernels this Triton failed to compile (an older one may lack what they use): their routes decline.
+_UNCOMPILED: set[str] = set()
+
+
 def _kernels(x: Tensor, name: str):
     """The kernel module ``name`` where it serves ``x``'s device in eager code, else None."""
     if torch.compiler.is_compiling() or not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         return None
-    return _module(name)
+    return None if name in _UNCOMPILED else _module(name)
+
+
+def _launch(module, name: str, fn: str, *args):
+    """``module.fn(*args)``; None, with a warning and the kernel's route closed for the process,
+    where this Triton cannot compile the kernel."""
+    try:
+        return getattr(module, fn)(*args)
+    except module.CompilationError as e:
+        _UNCOMPILED.add(name)
+        warnings.warn(f"nqkv: this Triton cannot compile {name} ({type(e).__name__}: {str(e).strip()[:200]});"
+                      " the cache's step runs its torch ops instead", RuntimeWarning, stacklevel=3)
+        return None
 
 
 @functools.cache
@@ -53,8 +70,9 @@ def store_quantized(k: Tensor, v: Tensor, k_body: tuple[Tensor, ...], v_body: tu
             and all(t.is_contiguous() and t.device == k.device for t in (kc, ks, vc, vs))
             and kc.shape == vc.shape and ks.shape == vs.shape):
         return False
-    bad = triton_store.store_rows(k, v, k_body, v_body, slot, decision_thresholds(codebook).to(k.device), bits, block)
-    return not bool(bad.any())
+    bad = _launch(triton_store, "triton_store", "store_rows", k, v, k_body, v_body, slot,
+                  decision_thresholds(codebook).to(k.device), bits, block)
+    return bad is not None and not bool(bad.any())
 
 
 def step_inputs(query: Tensor, k_new: Tensor, v_new: Tensor, order: Tensor | None, rot_k: Tensor | None,
@@ -68,4 +86,5 @@ def step_inputs(query: Tensor, k_new: Tensor, v_new: Tensor, order: Tensor | Non
         return None
     if any(x is not None and (x.device != query.device or not x.is_contiguous()) for x in (order, rot_k, rot_v, row)):
         return None
-    return kernel.step_inputs(query, k_new, v_new, order, rot_k, rot_v, mu_k, mu_k_half, mu_v, row, scaling, dtype)
+    return _launch(kernel, "triton_step_inputs", "step_inputs", query, k_new, v_new, order, rot_k, rot_v, mu_k,
+                   mu_k_half, mu_v, row, scaling, dtype)

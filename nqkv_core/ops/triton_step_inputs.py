@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.compiler.errors import CompilationError  # noqa: F401  (the route catches it)
 from torch import Tensor
 from torch.library import wrap_triton
 
