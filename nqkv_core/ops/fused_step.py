@@ -5,7 +5,8 @@ and quantizes the token that leaves the window: some forty small torch ops, each
 These are the routes to the kernels that do each in one launch, for tensors Triton runs on (CUDA,
 or CPU tensors under ``TRITON_INTERPRET=1``) outside compiled graphs (where inductor fuses the
 torch ops itself). Where a kernel does not serve a call, the route says so and the caller runs
-the torch ops, which are the kernels' references.
+the torch ops, which are the kernels' references; a kernel this Triton cannot compile closes its
+route for the process, with a warning.
 """
 
 from __future__ import annotations
