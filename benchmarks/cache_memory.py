@@ -6,11 +6,11 @@ holds (codes and scales at their allocated capacity, the full-precision sink and
 the frozen transforms, the shared RoPE table), each storage once, and ``held`` re-counts every
 tensor reachable from the cache object as a cross-check; ``one token later`` is the ratio after
 one more token, which makes a growing body allocate room for the tokens that follow (in steps of
-64). ``bound`` is the ratio the preset could
-reach if nothing but its tokens were stored: body tokens at the scheme's bits per element, the
-``sinks + window`` exact tokens at 16 bits.
+16 to 64, ``growth_step``). ``bound`` is the ratio the preset could reach if nothing but its tokens
+were stored: body tokens at the scheme's bits per element, the ``sinks + window - 1`` exact tokens
+at 16 bits. ``--window`` sets another full-precision window.
 
-    python benchmarks/cache_memory.py --contexts 512 1024 2048 4096 16384
+    python benchmarks/cache_memory.py --contexts 512 1024 2048 4096 16384 [--window 16]
 """
 
 from __future__ import annotations
@@ -48,15 +48,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--contexts", type=int, nargs="+", default=[512, 1024, 2048, 4096, 16384], help="tokens held")
     ap.add_argument("--bits", type=int, default=4, help="NQKV preset width")
+    ap.add_argument("--window", type=int, default=None, help="full-precision window (default: the preset's)")
     ap.add_argument("--layers", type=int, default=30, help="layers (SmolLM2-135M: 30)")
     ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
                     help="the model's dtype (a 16-bit model's exact tokens are kept in bf16, an fp32 model's in fp32)")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     config = smollm2_config(args.layers)
-    scheme = default_scheme(args.bits, config.head_dim)
+    scheme = default_scheme(args.bits, config.head_dim, window=args.window)
     per_token_fp16 = 2 * args.layers * config.num_key_value_heads * config.head_dim * 2
-    body_bits = bits_per_element(scheme.k_bits, scheme.k_block) / 2 + bits_per_element(scheme.v_bits, scheme.v_block) / 2
+    body_bits = (bits_per_element(scheme.k_bits, scheme.k_block, scheme.scale_dtype)
+                 + bits_per_element(scheme.v_bits, scheme.v_block, scheme.scale_dtype)) / 2
     exact_bits = 8 * scheme.exact_dtype(dtype).itemsize
     print(f"{scheme.name}, {args.dtype} model: {body_bits:.2f} bits per body element; {scheme.sinks} sinks +"
           f" {scheme.window}-token window at {exact_bits} bits\n")

@@ -42,6 +42,7 @@ import triton  # noqa: E402
 
 from nqkv_core import NQTensor  # noqa: E402
 from nqkv_core.ops import triton_decode, triton_decode_grouped  # noqa: E402
+from nqkv_core.quantize import E5M3  # noqa: E402
 
 PATHS = {  # name -> DECODE_CONFIG overrides of the split-K kernel, or None: the grouped kernel
     "general": dict(nibble_lanes=False, register_lut=False),
@@ -53,11 +54,15 @@ PATHS = {  # name -> DECODE_CONFIG overrides of the split-K kernel, or None: the
 SHAPES = ((1, 8, 4, 128, 32768, 64), (1, 3, 3, 64, 32768, 64))  # (batch, kv heads, group, head_dim, tokens, block)
 
 
-def _packed(b: int, hkv: int, group: int, d: int, tokens: int, dtype: torch.dtype, block: int):
+SCALES = {"e5m3": E5M3, "fp16": torch.float16}  # the stored block scales: the 4-bit presets' one byte, or fp16
+
+
+def _packed(b: int, hkv: int, group: int, d: int, tokens: int, dtype: torch.dtype, block: int,
+            scales: torch.dtype = E5M3):
     gen = torch.Generator().manual_seed(0)
     k, v = (torch.randn(b, hkv, tokens, d, generator=gen) for _ in range(2))
     q = torch.randn(b, hkv * group, 1, d, generator=gen).to(dtype)
-    return q, NQTensor.from_float(k, block=block, bits=4), NQTensor.from_float(v, block=block, bits=4)
+    return q, *(NQTensor.from_float(x, block=block, bits=4, scale_dtype=scales) for x in (k, v))
 
 
 class _Recorder:
@@ -96,13 +101,13 @@ def _key_bias(q: torch.Tensor, tokens: int) -> tuple:
 
 
 def capture_split_launch(b: int, hkv: int, group: int, d: int, tokens: int, dtype: torch.dtype, cfg: dict | None,
-                         block: int | None = None, bias: bool = False):
+                         block: int | None = None, bias: bool = False, scales: torch.dtype = E5M3):
     """(kernel, args, kwargs) of the split kernel's launch for one decode call of this shape, 4-bit
-    codes in blocks of ``block`` (default: head_dim) along head_dim: the split-K kernel with the
+    codes in blocks of ``block`` (default: head_dim) along head_dim with ``scales``: the split-K kernel with the
     ``DECODE_CONFIG`` overrides ``cfg``, or the grouped kernel for ``cfg=None`` (with ``bias``: with
     the RoPE-centre key bias computed in the kernel)."""
     block = block or d
-    q, K, V = _packed(b, hkv, group, d, tokens, dtype, block)
+    q, K, V = _packed(b, hkv, group, d, tokens, dtype, block, scales)
     saved_cfg = dict(triton_decode.DECODE_CONFIG)
     triton_decode.DECODE_CONFIG.update(cfg or {})
     try:
@@ -219,6 +224,7 @@ def main() -> None:
     ap.add_argument("--shape", action="append", default=None,
                     help="batch,kv_heads,group,head_dim,tokens,block (repeatable; default: the two of SHAPES)")
     ap.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16")
+    ap.add_argument("--scales", choices=list(SCALES), default="e5m3", help="the block scales' format")
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10")
     ap.add_argument("--top", type=int, default=8, help="opcodes listed per loop")
     ap.add_argument("--paths", nargs="+", choices=list(PATHS), default=list(PATHS))
@@ -227,18 +233,20 @@ def main() -> None:
     args = ap.parse_args()
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shape] if args.shape else list(SHAPES)
     dtype = getattr(torch, args.dtype)
-    report = dict(arch=args.arch, dtype=args.dtype, shape_fields="batch,kv_heads,group,head_dim,tokens,block",
+    report = dict(arch=args.arch, dtype=args.dtype, scales=args.scales,
+                  shape_fields="batch,kv_heads,group,head_dim,tokens,block",
                   shapes={})
     for shape in shapes:
         b, hkv, group, d, tokens, block = shape
         print(f"\nsplit kernels, 4-bit K/V in blocks of {block}, (batch, kv heads, group, head_dim, tokens) ="
-              f" {shape[:5]}, {args.dtype}, sm_{args.arch}; static counts, not timings")
+              f" {shape[:5]}, {args.dtype}, {args.scales} scales, sm_{args.arch}; static counts, not timings")
         print("| path | registers | stack (spill) bytes | SASS total | key loop | SASS per element |"
               " 4-byte gathers in the loop | top loop opcodes |")
         print("|---|---:|---:|---:|---:|---:|---:|---|")
         figures = {}
         for name in args.paths:
-            launch = capture_split_launch(b, hkv, group, d, tokens, dtype, PATHS[name], block, name == "grouped+bias")
+            launch = capture_split_launch(b, hkv, group, d, tokens, dtype, PATHS[name], block, name == "grouped+bias",
+                                          SCALES[args.scales])
             fig, lines = measure(launch, args.arch, args.top)
             figures[name] = fig
             print(f"| {name} | {fig['registers']} | {fig['spill_bytes']} | {fig['sass_total']} |"

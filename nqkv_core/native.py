@@ -75,7 +75,7 @@ class _PackedArg(ctypes.Structure):  # one packed K or V as the C kernels take i
         ("cs_b", ctypes.c_int64), ("cs_h", ctypes.c_int64), ("cs_t", ctypes.c_int64),
         ("absmax", ctypes.c_void_p),
         ("as_b", ctypes.c_int64), ("as_h", ctypes.c_int64), ("as_t", ctypes.c_int64),
-        ("absmax_half", ctypes.c_int),
+        ("scale_format", ctypes.c_int),
         ("codebook", ctypes.c_void_p),
         ("bits", ctypes.c_int),
         ("block", ctypes.c_int64),
@@ -271,15 +271,25 @@ def quantize_rows_supported(x: Tensor, bits: int, block: int) -> bool:
     )
 
 
-def quantize_rows(x: Tensor, thresholds: Tensor, bits: int, block: int, round_half: bool,
+# The stored scale formats the kernels read and write, as the integer they take.
+_SCALE_FORMATS = {torch.float32: 0, torch.float16: 1, torch.uint8: 2}  # uint8: E5M3 bytes (nqkv_core.quantize)
+
+
+def scale_format(dtype: torch.dtype) -> int:
+    """The kernels' code of a stored scale dtype: 0 fp32, 1 fp16, 2 E5M3 bytes."""
+    return _SCALE_FORMATS[dtype]
+
+
+def quantize_rows(x: Tensor, thresholds: Tensor, bits: int, block: int, scale_fmt: int,
                   max_scale: float = float("inf"), fit: Optional[tuple[Tensor, Tensor]] = None,
                   feedback: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor, int]:
     """Codes (packed, ``x.shape`` with last axis ``* bits / 8``), fp32 scales (last axis ``/ block``)
     and the number of blocks whose scale is NaN, Inf or above ``max_scale``.
 
     ``x`` contiguous fp32 or bf16 (see :func:`quantize_rows_supported`); ``thresholds`` the fp32
-    midpoints between levels. Without ``fit`` the scale is the absmax, rounded up to the fp16 grid
-    when ``round_half``; ``fit = (levels, ratios)`` (fp32) fits it as
+    midpoints between levels; ``scale_fmt`` (:func:`scale_format`) the stored scales' format. Without
+    ``fit`` the scale is the absmax, rounded up to the fp16 grid (format 1), to the nearest E5M3
+    byte's value (2) or kept (0); ``fit = (levels, ratios)`` (fp32) fits it as
     :func:`nqkv_core.quantize.quantize_blockwise` does with ``fit_scale=True`` (rounded to nearest);
     ``feedback = (levels, U)`` codes by error feedback, ``U`` ``x.shape[:-2] + (d, d)``, one matrix
     per leading index (as ``quantize_blockwise(..., feedback=U)``).
@@ -296,7 +306,7 @@ def quantize_rows(x: Tensor, thresholds: Tensor, bits: int, block: int, round_ha
     absmax = torch.empty(*x.shape[:-1], row_len // block, dtype=torch.float32)
     bad = _library().nqkv_quantize_rows(
         x.data_ptr(), int(x.dtype == torch.bfloat16), rows, row_len, block, th.data_ptr(), bits,
-        int(round_half), max_scale, codes.data_ptr(), absmax.data_ptr(), torch.get_num_threads(),
+        scale_fmt, max_scale, codes.data_ptr(), absmax.data_ptr(), torch.get_num_threads(),
         _ptr(levels), _ptr(ratios), 0 if ratios is None else ratios.numel(), _ptr(fb),
         x.shape[-2] if fb is not None else 1,
     )
@@ -308,7 +318,7 @@ def dequantize_rows_supported(codes: Tensor, absmax: Tensor, codebook: Tensor, b
     """Codes and scales contiguous, blocked along the last axis; fp32/bf16 output."""
     return (
         _usable(codes, absmax, codebook) and dtype in (torch.float32, torch.bfloat16)
-        and absmax.dtype in (torch.float16, torch.float32) and codes.is_contiguous() and absmax.is_contiguous()
+        and absmax.dtype in _SCALE_FORMATS and codes.is_contiguous() and absmax.is_contiguous()
         and codes.numel() > 0 and _whole_bytes(bits, block) and available()
     )
 
@@ -321,7 +331,7 @@ def dequantize_rows(codes: Tensor, absmax: Tensor, codebook: Tensor, bits: int, 
     cb = codebook.float().contiguous()
     out = torch.empty(*codes.shape[:-1], row_len, dtype=dtype)
     _library().nqkv_dequantize_rows(
-        codes.data_ptr(), absmax.data_ptr(), int(absmax.dtype == torch.float16), cb.data_ptr(), bits, rows,
+        codes.data_ptr(), absmax.data_ptr(), scale_format(absmax.dtype), cb.data_ptr(), bits, rows,
         row_len, block, out.data_ptr(), int(dtype == torch.bfloat16), torch.get_num_threads(),
     )
     return out
@@ -335,7 +345,7 @@ def attention_decode_supported(q: Tensor, k: Packed | tuple, v: Packed | tuple, 
     """CPU tensors, blocks along head_dim for K and V with whole bytes per block."""
     k, v = Packed.of(k), Packed.of(v)
     for p in (k, v):
-        if not p.per_token or not _whole_bytes(p.bits, p.block) or p.absmax.dtype not in (torch.float16, torch.float32):
+        if not p.per_token or not _whole_bytes(p.bits, p.block) or p.absmax.dtype not in _SCALE_FORMATS:
             return False
     return _usable(q, k.codes, k.absmax, k.codebook, v.codes, v.absmax, v.codebook, k_tail, v_tail, attn_mask) \
         and available()
@@ -352,7 +362,7 @@ def _packed(p: Packed, keep: list) -> _PackedArg:
     cs, as_ = codes.stride(), absmax.stride()
     return _PackedArg(
         codes.data_ptr(), cs[0], cs[1], cs[2], absmax.data_ptr(), as_[0], as_[1], as_[2],
-        int(absmax.dtype == torch.float16), cb.data_ptr(), p.bits, p.block,
+        scale_format(absmax.dtype), cb.data_ptr(), p.bits, p.block,
     )
 
 

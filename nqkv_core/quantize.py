@@ -2,9 +2,9 @@
 
 A block is ``block`` consecutive elements along ``axis``: one token's head_dim for ``axis=-1``,
 ``block`` tokens of one channel for ``axis=-2`` on a ``(batch, heads, tokens, head_dim)`` tensor.
-Each block stores its absolute maximum ``s`` (fp16 or fp32) and one code per element, the index of
-the codebook level nearest to ``x / s``; codes are packed along the last axis
-(:mod:`nqkv_core.packing`) whatever the blocked axis, so token rows stay contiguous.
+Each block stores its absolute maximum ``s`` (fp16, fp32, or one byte: :data:`E5M3`) and one code
+per element, the index of the codebook level nearest to ``x / s``; codes are packed along the last
+axis (:mod:`nqkv_core.packing`) whatever the blocked axis, so token rows stay contiguous.
 
 Shapes, for ``x`` of shape ``(..., n_axis, ...)``:
 
@@ -15,9 +15,11 @@ Blocks along a contiguous last axis (fp32 / bf16 input or output) run through th
 kernels of :mod:`nqkv_core.native` when they are built: one fused pass per row, bitwise the same
 codes, scales and values as the torch ops below, which serve every other case and compiled graphs.
 
-The stored scale is rounded *up* to ``scale_dtype`` so that ``|x / s| <= 1`` always holds: every
-element's error is then at most ``max_rounding_error(codebook) * s``. A block of zeros has ``s = 0``
-and decodes to exact zeros.
+The stored scale is rounded *up* to fp16 / fp32 so that ``|x / s| <= 1`` always holds: every
+element's error is then at most ``max_rounding_error(codebook) * s``. An :data:`E5M3` scale is the
+nearest byte instead (a block's largest elements may pass it by up to 6.6% and take the outermost
+level; a block whose absmax is below 2**-18 decodes to zeros). A block of zeros has ``s = 0`` and
+decodes to exact zeros.
 """
 
 from __future__ import annotations
@@ -32,10 +34,19 @@ from nqkv_core.packed import Packed
 from nqkv_core.packing import codes_per_row_multiple, pack, unpack
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-SCALE_DTYPES = (torch.float16, torch.float32, torch.float8_e4m3fn)
+# ``E5M3`` scales are one byte: an unsigned float with fp16's 5 exponent bits and its top 3 mantissa
+# bits (the fp16 bits 14..7, so a byte ``k`` decodes to the fp16 with bits ``k << 7``), rounded to
+# nearest. Half the bytes of fp16 scales (0.125 bits per element at blocks of 64) at no measured
+# cost: the nearest of steps of 6-12% loses no more than fp16 rounded up (docs/benchmarks.md).
+E5M3 = torch.uint8
+SCALE_DTYPES = (torch.float16, torch.float32, E5M3, torch.float8_e4m3fn)
 # Scales the attention kernels and the cache read; fp8 (e4m3) scales are for evaluating schemes
 # (fake quantization, NQTensor storage): half a bit per element less at blocks of 16, coarser steps.
-KERNEL_SCALE_DTYPES = (torch.float16, torch.float32)
+KERNEL_SCALE_DTYPES = (torch.float16, torch.float32, E5M3)
+# The largest stored E5M3 scale (byte 0xF7): fp16's largest exponent, mantissa 1.875. A block whose
+# absmax lies between it and fp16's largest value (65504) keeps this scale, its largest elements
+# coded at the outermost level (at most 6.6% beyond it).
+E5M3_MAX = 61440.0
 MIN_BLOCK = 8
 
 
@@ -46,7 +57,43 @@ def codebook_bits(codebook: torch.Tensor) -> int:
 
 def bits_per_element(bits: int, block: int, scale_dtype: torch.dtype = torch.float16) -> float:
     """Storage cost per element: the code plus the block's share of its scale."""
-    return bits + torch.finfo(scale_dtype).bits / block
+    return bits + 8 * scale_dtype.itemsize / block
+
+
+def scale_range(scale_dtype: torch.dtype) -> float:
+    """The largest block absmax ``scale_dtype`` can code (fp16's largest value for ``E5M3``)."""
+    return torch.finfo(torch.float16 if scale_dtype == E5M3 else scale_dtype).max
+
+
+def scale_values(absmax: torch.Tensor) -> torch.Tensor:
+    """Stored block scales as float32 values (``E5M3`` bytes decoded; others converted)."""
+    if absmax.dtype == E5M3:
+        return (absmax.to(torch.int16) << 7).view(torch.float16).float()
+    return absmax.float()
+
+
+def _e5m3_bytes(absmax: torch.Tensor) -> torch.Tensor:
+    """fp32 absmax (finite, at most fp16's largest) to the nearest ``E5M3`` byte: the nearest fp16
+    (ties to even), then the nearest multiple of 128 of its bits (ties up), at most 0xF7. fp16 bit
+    patterns grow with the value, so rounding the bits rounds the value, across exponents too."""
+    bits = _round_nearest(absmax, torch.float16).to(torch.float16).view(torch.int16).to(torch.int32)
+    return ((bits + 64) >> 7).clamp(max=0xF7).to(torch.uint8)
+
+
+def _coding_scale(absmax: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
+    """The fp32 scale a block is coded against: its absmax rounded up to ``scale_dtype`` (so
+    ``|x / s| <= 1``), or for ``E5M3`` to the nearest byte (its largest elements may then exceed
+    the scale by up to 3% and take the outermost level). Exactly the value stored."""
+    if scale_dtype == E5M3:
+        return scale_values(_e5m3_bytes(absmax))
+    return _round_up(absmax, scale_dtype)
+
+
+def _stored(scale: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
+    """fp32 scales that ``scale_dtype`` represents exactly, in ``scale_dtype``."""
+    if scale_dtype == E5M3:
+        return (scale.to(torch.float16).view(torch.int16) >> 7).to(torch.uint8)
+    return scale.to(scale_dtype)
 
 
 def _check_input(x: torch.Tensor, codebook: torch.Tensor, block: int, axis: int, scale_dtype: torch.dtype) -> int:
@@ -102,17 +149,21 @@ def _check_blocks(x: torch.Tensor, absmax: torch.Tensor, scale_dtype: torch.dtyp
     fails ``absmax <= max`` as an absmax beyond the range does, and Inf is beyond it."""
     if torch.compiler.is_compiling() or not absmax.numel() or absmax.is_meta:
         return
-    if bool((absmax <= torch.finfo(scale_dtype).max).all()):
+    if bool((absmax <= scale_range(scale_dtype)).all()):
         return
     _check_finite(x, absmax)
     _check_scale_range(absmax, scale_dtype)
 
 
+_RANGE_NAMES = {E5M3: "E5M3 (uint8) scales' (fp16's)"}
+
+
 def _check_scale_range(absmax: torch.Tensor, scale_dtype: torch.dtype) -> None:
-    finfo = torch.finfo(scale_dtype)
-    if not torch.compiler.is_compiling() and absmax.numel() and not absmax.is_meta and bool(absmax.max() > finfo.max):
+    top = scale_range(scale_dtype)
+    if not torch.compiler.is_compiling() and absmax.numel() and not absmax.is_meta and bool(absmax.max() > top):
         raise ValueError(
-            f"a block's absmax {float(absmax.max()):.4g} exceeds the {scale_dtype} range;"
+            f"a block's absmax {float(absmax.max()):.4g} exceeds the"
+            f" {_RANGE_NAMES.get(scale_dtype, scale_dtype)} range;"
             " pass scale_dtype=torch.float32"
         )
 
@@ -261,7 +312,7 @@ def quantize_blockwise(
         codebook: ascending levels in ``[-1, 1]``, ``2**bits`` of them (see :mod:`nqkv_core.codebook`).
         block: elements per block (>= 8, dividing ``x.shape[axis]``).
         axis: the blocked axis.
-        scale_dtype: dtype of the stored per-block absmax, fp16 or fp32.
+        scale_dtype: dtype of the stored per-block absmax: fp16, fp32, or :data:`E5M3` (one byte).
         fit_scale: store a fitted scale instead of the absmax. For each clipping ratio ``r`` in
             :data:`FIT_RATIOS` the block is coded against ``r * absmax`` (elements beyond it take
             the outermost level), and the scale ``t = sum(x^2) / sum(x * level)`` makes the decoded
@@ -290,19 +341,20 @@ def quantize_blockwise(
     axis = axis % x.dim()
     if feedback is not None:
         _check_feedback(x, axis, feedback, fit_scale)
+    if fit_scale and scale_dtype not in (torch.float16, torch.float32):
+        raise ValueError(f"fit_scale=True stores fitted scales in float16 or float32, not {scale_dtype}")
     thresholds = _midpoints(codebook)
     if axis == x.dim() - 1 and x.device.type == "cpu":  # (no conversion copy for other devices)
         xc = (x if x.dtype in (torch.float32, torch.bfloat16) else x.float()).contiguous()
         if scale_dtype in KERNEL_SCALE_DTYPES and native.quantize_rows_supported(xc, bits, block):  # one fused pass
-            half = scale_dtype == torch.float16
             fit = (codebook, _fit_ratios(x.device)) if fit_scale else None
             fb = None if feedback is None else (codebook, feedback.float().expand(*x.shape[:-2], *feedback.shape[-2:]))
-            codes, absmax, bad = native.quantize_rows(xc, thresholds, bits, block, half, torch.finfo(scale_dtype).max,
-                                                      fit, fb)
+            codes, absmax, bad = native.quantize_rows(xc, thresholds, bits, block, native.scale_format(scale_dtype),
+                                                      scale_range(scale_dtype), fit, fb)
             if bad:  # NaN/Inf or a scale beyond fp16: the checks below word the error
                 _check_finite(x, absmax)
                 _check_scale_range(absmax, scale_dtype)
-            return codes, absmax.to(scale_dtype)
+            return codes, _stored(absmax, scale_dtype)
     xb = x.float().movedim(axis, -1).contiguous()
     xb = xb.reshape(*xb.shape[:-1], xb.shape[-1] // block, block)
     absmax = xb.abs().amax(dim=-1)
@@ -312,17 +364,17 @@ def quantize_blockwise(
         absmax = _round_nearest(absmax, scale_dtype)
         _check_scale_range(absmax, scale_dtype)
     elif feedback is not None:
-        absmax = _round_up(absmax, scale_dtype)
+        absmax = _coding_scale(absmax, scale_dtype)
         scale = absmax.unsqueeze(-1).expand(xb.shape).flatten(-2)
         codes = feedback_codes(xb.flatten(-2), scale.contiguous(), feedback.float(), thresholds, codebook.float())
         codes = codes.reshape(xb.shape)
     else:
-        absmax = _round_up(absmax, scale_dtype)
+        absmax = _coding_scale(absmax, scale_dtype)
         s = absmax.unsqueeze(-1)
         y = xb / torch.where(s > 0, s, 1.0)  # a zero block stays zero; its scale decodes it to zero
         codes = torch.bucketize(y, thresholds)
     codes = codes.to(torch.uint8).flatten(-2).movedim(-1, axis)
-    return pack(codes, bits), absmax.to(scale_dtype).movedim(-1, axis)
+    return pack(codes, bits), _stored(absmax, scale_dtype).movedim(-1, axis)
 
 
 def quantize_packed(
@@ -376,8 +428,8 @@ def dequantize_blockwise(
         raise TypeError(f"codes must be uint8, got {codes.dtype}")
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be a floating dtype {FLOAT_DTYPES} to decode into, got {dtype}")
-    if not absmax.dtype.is_floating_point:
-        raise TypeError(f"absmax must be floating point, got {absmax.dtype}")
+    if not (absmax.dtype.is_floating_point or absmax.dtype == E5M3):
+        raise TypeError(f"absmax must be floating point or E5M3 (uint8) bytes, got {absmax.dtype}")
     if codes.dim() == 0:
         raise ValueError("codes must have at least one axis, got a 0-d tensor")
     check_args(block=block, axis=axis, ndim=codes.dim())
@@ -400,13 +452,13 @@ def dequantize_blockwise(
     else:
         values = _byte_table(codebook, bits).to(cdt)[codes.long()].flatten(-2)
     blocked = shape[:axis] + [shape[axis] // block, block] + shape[axis + 1 :]
-    out = values.view(blocked) * absmax.to(cdt).unsqueeze(axis + 1)
+    out = values.view(blocked) * scale_values(absmax).to(cdt).unsqueeze(axis + 1)
     if _may_overflow(codebook, absmax.dtype, dtype):
         out = out.clamp_(*_finite_range(dtype))
     return out.view(shape).to(dtype)
 
 
-_FINITE_MAX = {t: torch.finfo(t).max for t in (*FLOAT_DTYPES, *SCALE_DTYPES)}
+_FINITE_MAX = {t: torch.finfo(t).max for t in (*FLOAT_DTYPES, *SCALE_DTYPES) if t != E5M3} | {E5M3: E5M3_MAX}
 
 
 def _finite_range(dtype: torch.dtype) -> tuple[float, float]:

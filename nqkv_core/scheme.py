@@ -20,7 +20,7 @@ import torch
 from nqkv_core import rope
 from nqkv_core.codebook import get_codebook, signed_codebook
 from nqkv_core.packed import SCHEME_AXES
-from nqkv_core.quantize import dequantize_blockwise, quantize_blockwise
+from nqkv_core.quantize import E5M3, dequantize_blockwise, quantize_blockwise
 from nqkv_core.rope import rotate_half  # noqa: F401  (re-exported: the cache imports it from here)
 from nqkv_core.transform import (  # noqa: F401  (re-exported: the transform was part of this module)
     FP_BITS, QUERY_METRIC_RANK, QUERY_STATS_PER_TOKEN, KVTransform, apply_rope, fit_transform, hadamard, key_feedback,
@@ -63,7 +63,9 @@ class KVScheme:
         window: for each query, keys/values fewer than ``window`` positions behind are exact.
         stats_tokens: tokens after the sinks on which ``mu`` / equalisation are measured. A cache
             keeps a sequence's tokens exact until it holds them (:attr:`fit_tokens`).
-        scale_dtype: dtype of stored per-block scales (and of the zero-points of ``"int"``).
+        scale_dtype: dtype of stored per-block scales (and of the zero-points of ``"int"``):
+            fp16, fp32, or one byte, :data:`~nqkv_core.quantize.E5M3` (``torch.uint8``; absmax
+            scales of ``"nf"`` / ``"lloyd"`` codes, not fitted ones).
         unbiased: decode ``"nf"`` / ``"lloyd"`` codes with the unbiased codebook (levels times
             :func:`nqkv_core.codebook.unbiased_gain`, so that decoded keys and values are not shrunk
             on average); codes and scales are unchanged.
@@ -80,8 +82,8 @@ class KVScheme:
             ``k_fit_scale``.
         layer_bits: optional code width of K and V for every layer (one entry per layer, from
             :func:`nqkv_core.lab.evaluate.calibrate_layer_bits`); a layer at another width than
-            ``k_bits`` follows :func:`nqkv_preset`'s rules for that width (codebook, value centring),
-            16 keeps it exact. Empty: every layer is stored as the fields above say.
+            ``k_bits`` follows :func:`nqkv_preset`'s rules for that width (codebook, value centring,
+            scale format; fp32 scales stay fp32), 16 keeps it exact. Empty: every layer is stored as the fields above say.
     """
 
     name: str
@@ -117,6 +119,12 @@ class KVScheme:
             raise ValueError(
                 f"{self.name}: k_rounding='query' codes 'nf' / 'lloyd' keys in per-token blocks with absmax"
                 " scales (k_axis='token', no k_fit_scale)"
+            )
+        if self.scale_dtype == E5M3 and (self.k_fit_scale or self.v_fit_scale
+                                         or {self.k_quant, self.v_quant} - {"nf", "lloyd"}):
+            raise ValueError(
+                f"{self.name}: E5M3 (uint8) scales store absmax scales of 'nf' / 'lloyd' codes;"
+                " fitted scales and 'int' / 'signed' quantizers need scale_dtype=torch.float16 or float32"
             )
         if self.layer_bits:
             if self.k_bits != self.v_bits:
@@ -161,6 +169,8 @@ class KVScheme:
             )
         bits = self.layer_bits[layer]
         fields = {} if bits == self.k_bits else _width_fields(bits, bits)
+        if fields and self.scale_dtype == torch.float32:  # fp32 scales, chosen, stay in every layer
+            fields["scale_dtype"] = torch.float32
         return self.replace(layer_bits=(), **fields)
 
     def fit_head_dim(self, head_dim: int) -> "KVScheme":
@@ -237,7 +247,7 @@ class KVScheme:
         if bits >= FP_BITS:
             return float(FP_BITS)
         n_fp = min(context_len, self.sinks + self.window)
-        scale_bits = torch.finfo(self.scale_dtype).bits * (2 if quant == "int" else 1)
+        scale_bits = 8 * self.scale_dtype.itemsize * (2 if quant == "int" else 1)
         quantized = (context_len - n_fp) * (bits + scale_bits / block)
         # Per-channel vectors (centre, equalisation) are stored once per head: 16 bits per channel.
         return (quantized + n_fp * FP_BITS + n_vectors * FP_BITS) / context_len
@@ -402,8 +412,9 @@ def nqkv_preset(bits: int, sinks: int = 4, window: int = 32, rope_centre: bool =
                 v_bits: int | None = None, block: int = 64) -> KVScheme:
     """The recommended NQKV scheme at ``bits`` bits (measurements in docs/quality.md).
 
-    Per-token blocks of 64 along head_dim with an fp16 absmax each (:meth:`KVScheme.fit_head_dim`
-    adapts them to a head_dim they do not divide). Keys: minus a frozen pre-RoPE per-channel mean
+    Per-token blocks of 64 along head_dim with an absmax each, one byte at 4 bits
+    (:data:`~nqkv_core.quantize.E5M3`) and fp16 where a side fits its scales
+    (:meth:`KVScheme.fit_head_dim` adapts the blocks to a head_dim they do not divide). Keys: minus a frozen pre-RoPE per-channel mean
     rotated to each key's position, ``R(p) mu`` (RoPE turns a constant offset into a
     position-dependent one), then the fixed random-sign Hadamard rotation (:func:`rotation`);
     attention adds the score offset ``q . R(p) mu`` back (``NQKVCache`` does, from cos/sin tables
@@ -478,7 +489,8 @@ def _width_fields(k_bits: int, v_bits: int) -> dict:
     """The width-dependent fields of the presets: NF codes at 3+ bits, Lloyd-Max at 2, value centring
     except at 2 bits (16 = that side exact); keys query-rounded at 3 bits and fitted at 2, values
     fitted at 2 and 3 (docs/quality.md). The callers have checked the widths."""
+    k_fit, v_fit = k_bits == 2, v_bits in (2, 3)
     return dict(k_bits=k_bits, v_bits=v_bits, k_quant="lloyd" if k_bits == 2 else "nf",
                 v_quant="lloyd" if v_bits == 2 else "nf", v_centre=v_bits not in (2, FP_BITS),
-                k_rounding="query" if k_bits == 3 else "nearest", k_fit_scale=k_bits == 2,
-                v_fit_scale=v_bits in (2, 3))
+                k_rounding="query" if k_bits == 3 else "nearest", k_fit_scale=k_fit, v_fit_scale=v_fit,
+                scale_dtype=torch.float16 if k_fit or v_fit else E5M3)

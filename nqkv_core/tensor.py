@@ -112,7 +112,8 @@ class NQTensor(torch.Tensor):
                 per channel of a ``(batch, heads, tokens, head_dim)`` tensor.
             codebook: ``"nf"`` (normal-float levels), ``"lloyd"`` (block-size-aware Lloyd-Max
                 levels) or a ready codebook tensor of ``2**bits`` levels.
-            scale_dtype: dtype of the per-block absmax (fp16 or fp32).
+            scale_dtype: dtype of the per-block absmax: fp16, fp32, or one byte
+                (:data:`~nqkv_core.quantize.E5M3`).
             unbiased: with a codebook kind, decode with the unbiased levels (the kind's levels
                 times :func:`nqkv_core.codebook.unbiased_gain`, so that the decoded values are not
                 shrunk on average); the codes are chosen against the plain levels.

@@ -416,10 +416,10 @@ def test_static_cache_matches_dynamic_and_bytes_are_exact():
 
 
 def test_growing_cache_allocates_at_most_a_growth_step_beyond_its_tokens():
-    # A growing body (and the shared RoPE table) takes room in steps of GROWTH_STEP tokens: decoding
-    # past a prompt never holds more than GROWTH_STEP - 1 empty body slots (a body that doubled held
-    # up to as many empty slots as tokens).
-    from nqkv_core.cache.format import GROWTH_STEP
+    # A growing body (and the shared RoPE table) takes room in steps of growth_step tokens (16 at
+    # these lengths): decoding past a prompt never holds a step's worth of empty body slots (a body
+    # that doubled held up to as many empty slots as tokens).
+    from nqkv_core.cache.format import MIN_GROWTH_STEP, growth_step
 
     model, scheme = tiny_model(), nqkv_preset(4, window=4)
     cache = enable(model, scheme=scheme).new_cache()
@@ -430,8 +430,10 @@ def test_growing_cache_allocates_at_most_a_growth_step_beyond_its_tokens():
         for i in range(150):
             model(ids[:, i : i + 1], past_key_values=cache, use_cache=True)
             layer, n = cache.layers[0], cache.get_seq_length()
-            assert layer._body_capacity(n) <= layer.capacity < layer._body_capacity(n) + GROWTH_STEP
-            assert n <= layer.rope.positions < n + GROWTH_STEP
+            body = layer._body_capacity(n)
+            assert growth_step(body) == MIN_GROWTH_STEP
+            assert body <= layer.capacity < body + MIN_GROWTH_STEP
+            assert n <= layer.rope.positions < n + MIN_GROWTH_STEP
             grew.add(layer.capacity)
     assert len(grew) >= 2  # it did grow
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nqkv_core.cache.format import GROWTH_STEP, RopeTable
+from nqkv_core.cache.format import GROWTH_STEP, MIN_GROWTH_STEP, RopeTable, grown, growth_step
 from nqkv_core.ops.cpu import key_bias_scores, table_rows
 from nqkv_core.transform import CompactRope, centre_rows
 
@@ -40,7 +40,7 @@ def test_rope_table_is_compact_on_a_cpu_and_reads_back_its_rows(n):
     torch.testing.assert_close(key_bias_scores(w, table.table), key_bias_scores(w, ref), atol=1e-5, rtol=1e-5)
     before = table.positions
     table.ensure(before + 1, torch.device("cpu"))  # grows by a growth step: only the new starts computed
-    assert table.positions == before + GROWTH_STEP
+    assert table.positions == grown(before + 1) > before
     fresh = RopeTable(INV_FREQ)
     fresh.ensure(table.positions, torch.device("cpu"))
     assert all(torch.equal(a, b) for a, b in zip(table.table, fresh.table))
@@ -66,7 +66,16 @@ def test_rope_table_off_the_cpu_holds_rows_the_gpu_kernel_reads_in_place():
     assert table.row(99).shape == (64,) and table.head(37).shape == (37, 64)
     assert table_rows(table.table) is table.table
     table.ensure(table.positions + 1, torch.device("meta"))  # grows by a step, still rows
-    assert table.table.shape == (table.positions, 64) and table.positions == 128 + GROWTH_STEP
+    assert table.table.shape == (table.positions, 64) and table.positions == 112 + MIN_GROWTH_STEP
+
+
+def test_growth_steps_follow_the_size():
+    # 16 slots up to 4k (at most 15 empty where the exact tokens weigh most), then 1/128 of the
+    # size up to GROWTH_STEP; every allocation holds what it must
+    assert [growth_step(n) for n in (0, 1, 100, 2013, 4095, 4096, 8191, 8192, 10**6)] == [16] * 5 + [32] * 2 + [64] * 2
+    assert GROWTH_STEP == 64
+    for n in (0, 1, 15, 16, 17, 2013, 2016, 4097, 9000):
+        assert n <= grown(n) < n + growth_step(n) and grown(n) % growth_step(n) == 0
 
 
 def test_rope_table_without_frequencies_raises():

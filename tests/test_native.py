@@ -29,9 +29,12 @@ def test_builds_and_loads():
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("block,scale_dtype", [(64, torch.float16), (32, torch.float32), (16, torch.float16)])
+@pytest.mark.parametrize("block,scale_dtype", [(64, torch.float16), (32, torch.float32), (16, torch.float16),
+                                               (64, torch.uint8), (16, torch.uint8)])
 @pytest.mark.parametrize("fit_scale", [False, True])
 def test_quantize_dequantize_match_torch_bitwise(bits, dtype, block, scale_dtype, fit_scale):
+    if fit_scale and scale_dtype == torch.uint8:
+        pytest.skip("fitted scales are fp16 / fp32 only")
     torch.manual_seed(bits * 7 + block)
     x = (torch.randn(5, 3, 128) * torch.rand(5, 3, 1) * 10).to(dtype)
     x[1, 2, :block] = 0  # an all-zero block
@@ -117,10 +120,10 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}h{}g{}q{}d{}t{}+{}b{}k{}".format(*c))
-@pytest.mark.parametrize("variant", ["plain", "causal", "additive", "bool", "fp32-scales"])
+@pytest.mark.parametrize("variant", ["plain", "causal", "additive", "bool", "fp32-scales", "e5m3-scales"])
 def test_attention_decode_matches_reference(case, variant):
     b, hkv, g, tq, d, th, tt, bits, block = case
-    scale_dtype = torch.float32 if variant == "fp32-scales" else torch.float16
+    scale_dtype = {"fp32-scales": torch.float32, "e5m3-scales": torch.uint8}.get(variant, torch.float16)
     k = _packed(b, hkv, th, d, bits, block, scale_dtype, seed=1)
     v = _packed(b, hkv, th, d, bits, block, scale_dtype, seed=2)
     gen = torch.Generator().manual_seed(3)

@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 
 from nqkv_core.codebook import expected_mse, get_codebook, max_rounding_error
 from nqkv_core.packing import unpack
-from nqkv_core.quantize import bits_per_element, dequantize_blockwise, quantize_blockwise
+from nqkv_core.quantize import E5M3, bits_per_element, dequantize_blockwise, quantize_blockwise, scale_values
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -200,6 +200,49 @@ def test_fp16_scale_rounds_up():
     assert absmax.dtype == torch.float16 and absmax.float().item() >= 1.0001
 
 
+def _all_e5m3_values() -> torch.Tensor:
+    """The value of every finite E5M3 byte, 0x00-0xF7, as fp32 (the fp16 with bits ``k << 7``)."""
+    k = torch.arange(0xF8, dtype=torch.int32)
+    return (k << 7).to(torch.int16).view(torch.float16).float()
+
+
+def test_e5m3_bytes_decode_as_the_top_of_an_fp16():
+    values = _all_e5m3_values()
+    assert torch.equal(scale_values(torch.arange(0xF8, dtype=torch.uint8)), values)
+    assert values[0] == 0 and values[1] == 2.0**-17 and values[-1] == 61440.0
+    assert (values[1:] > values[:-1]).all()  # byte order is value order
+    assert bits_per_element(4, 64, E5M3) == 4.125 and bits_per_element(4, 64) == 4.25
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_e5m3_scale_is_the_nearest_byte_and_codes_use_it(dtype):
+    """Each block's stored byte is the one nearest its absmax (after rounding to fp16), from fp16's
+    subnormals to its largest value (clamped to 0xF7), in the native and the torch encoder alike; the
+    codes are those of the stored scale."""
+    gen = torch.Generator().manual_seed(0)
+    mags = torch.cat([torch.tensor([0.0, 2.0**-19, 2.0**-18, 3 * 2.0**-19, 1e-5, 1.0, 1.0625, 1.03125,
+                                    61440.0, 63000.0, 65504.0 if dtype == torch.float32 else 65280.0]),
+                      torch.exp2(torch.empty(200).uniform_(-20, 15.9, generator=gen))])
+    x = torch.randn(mags.numel(), 64, generator=gen)
+    x = (x / x.abs().amax(-1, keepdim=True) * mags[:, None]).to(dtype)
+    cb = get_codebook("nf", 4, 64)
+    codes, scales = quantize_blockwise(x, cb, 64, scale_dtype=E5M3)
+    from nqkv_core import native
+
+    with native.disabled():
+        assert all(torch.equal(a, b) for a, b in zip((codes, scales), quantize_blockwise(x, cb, 64, scale_dtype=E5M3)))
+    assert scales.dtype == torch.uint8 and scales.shape == (mags.numel(), 1)
+    absmax16 = x.float().abs().amax(-1).to(torch.float16).float()  # the nearest fp16 first
+    values = _all_e5m3_values()
+    dist = (values[None, :] - absmax16[:, None]).abs()
+    best = dist.min(-1).values
+    chosen = values[scales[:, 0].long()]
+    assert torch.equal((chosen - absmax16).abs(), best)  # the nearest (of the bytes a tie offers, one)
+    s = chosen[:, None]
+    ref = torch.bucketize(x.float() / torch.where(s > 0, s, 1.0), (cb[1:] + cb[:-1]) / 2)
+    assert torch.equal(unpack(codes, 4).long(), ref)
+
+
 @pytest.mark.parametrize(
     "x, kwargs, error, match",
     [
@@ -213,6 +256,8 @@ def test_fp16_scale_rounds_up():
         (torch.full((1, 64), 1e6), {}, ValueError, "scale_dtype=torch.float32"),
         (torch.full((1, 64), 1e3), {"scale_dtype": torch.float8_e4m3fn}, ValueError, "float8_e4m3fn range"),
         (torch.ones(2, 64), {"scale_dtype": torch.bfloat16}, ValueError, "scale_dtype"),
+        (torch.full((1, 64), 7e4), {"scale_dtype": E5M3}, ValueError, r"E5M3.*scale_dtype=torch.float32"),
+        (torch.ones(2, 64), {"scale_dtype": E5M3, "fit_scale": True}, ValueError, "fit_scale=True stores"),
         (torch.ones(64, 12), {"axis": 0, "bits": 3}, ValueError, "multiple of 8"),
     ],
 )

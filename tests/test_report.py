@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from nqkv_core.lab.report import cache_bytes, decode_tokens_per_s, max_context, report_schemes
+from nqkv_core.quantize import bits_per_element
 from nqkv_core.scheme import nqkv_preset
 
 DIMS = (30, 3, 64)  # SmolLM2-135M: layers, kv heads, head_dim
@@ -24,8 +25,11 @@ def test_nqkv_context_fits_and_is_maximal(bits):
     n = max_context(s, 1 << 30, DIMS)
     assert cache_bytes(s.bits_per_element(n), n, DIMS) <= 1 << 30
     assert cache_bytes(s.bits_per_element(n + 1), n + 1, DIMS) > 1 << 30
-    # Full-precision sinks and window amortise: at long context the cost tends to bits + 0.25 (+ means).
-    assert n / max_context(None, 1 << 30, DIMS) == pytest.approx(16 / (bits + 0.25), rel=0.01)
+    # Full-precision sinks and window amortise: at long context the cost tends to the body's bits per
+    # element, the codes and a scale per block of 64 (one byte at 4 bits, fp16 at 2 and 3) (+ means).
+    body = bits_per_element(bits, 64, s.scale_dtype)
+    assert body == bits + (0.125 if bits == 4 else 0.25)
+    assert n / max_context(None, 1 << 30, DIMS) == pytest.approx(16 / body, rel=0.01)
 
 
 def test_report_schemes_pair_nqkv_with_baselines():

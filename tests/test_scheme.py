@@ -269,6 +269,22 @@ def test_presets():
     assert p.bits_per_element(1 << 20) == pytest.approx(3.5, abs=0.01)
 
 
+def test_presets_store_one_byte_scales_where_no_side_fits_its_scales():
+    from nqkv_core.quantize import E5M3
+
+    assert nqkv_preset(4).scale_dtype == E5M3
+    assert nqkv_preset(4).bits_per_element(1 << 20) == pytest.approx(4.125, abs=0.01)
+    assert all(nqkv_preset(b, v_bits=v).scale_dtype == torch.float16 for b, v in ((3, 3), (2, 2), (4, 3), (3, 2)))
+    mixed = nqkv_preset(4).replace(layer_bits=(4, 3))  # each layer's width takes its rules
+    assert [mixed.for_layer(i).scale_dtype for i in range(2)] == [E5M3, torch.float16]
+    assert nqkv_preset(3).replace(layer_bits=(3, 4)).for_layer(1).scale_dtype == E5M3
+    fp32 = nqkv_preset(3).replace(scale_dtype=torch.float32, layer_bits=(3, 4))
+    assert fp32.for_layer(1).scale_dtype == torch.float32  # fp32 scales, chosen, stay
+    for bad in ({"v_fit_scale": True}, {"k_quant": "int"}, {"v_quant": "signed"}):
+        with pytest.raises(ValueError, match="E5M3"):
+            nqkv_preset(4).replace(**bad)
+
+
 def test_per_query_head_is_repeat_interleave():
     from nqkv_core.scheme import per_query_head
 

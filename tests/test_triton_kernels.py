@@ -72,12 +72,13 @@ def _kernel_test(fn):
     return pytest.mark.skipif(NEED_CHILD, reason="run in the interpreter child process")(fn)
 
 
-def make(b=1, hkv=2, g=2, tq=1, t=100, d=64, bits=4, k_axis=3, v_axis=3, block=32, tail=0, dtype=torch.float32):
+def make(b=1, hkv=2, g=2, tq=1, t=100, d=64, bits=4, k_axis=3, v_axis=3, block=32, tail=0, dtype=torch.float32,
+         scale_dtype=torch.float16):
     gen = torch.Generator().manual_seed(0)
     k, v = torch.randn(b, hkv, t, d, generator=gen), torch.randn(b, hkv, t, d, generator=gen)
     q = torch.randn(b, hkv * g, tq, d, generator=gen).to(DEVICE, dtype)
-    K = NQTensor.from_float(k.to(DEVICE), block=block, bits=bits, axis=k_axis - 4)
-    V = NQTensor.from_float(v.to(DEVICE), block=block, bits=bits, axis=v_axis - 4)
+    K = NQTensor.from_float(k.to(DEVICE), block=block, bits=bits, axis=k_axis - 4, scale_dtype=scale_dtype)
+    V = NQTensor.from_float(v.to(DEVICE), block=block, bits=bits, axis=v_axis - 4, scale_dtype=scale_dtype)
     kt = vt = None
     if tail:
         kt = torch.randn(b, hkv, tail, d, generator=gen).to(DEVICE, dtype)
@@ -135,6 +136,32 @@ def test_decode_kernel_lane_order(d, block, dtype, lanes, monkeypatch):
     for mask in (None, bool_mask, torch.randn(1, 6, 2, 156, generator=gen).to(DEVICE, dtype)):
         a = args_of(q, K, V, kt, vt, mask=mask, is_causal=True)
         check(triton_decode.flash_decode(*a), triton_decode.reference(*a), dtype)
+
+
+@_kernel_test
+@pytest.mark.parametrize("d,block", [(64, 64), (128, 64), (64, 16)])
+def test_kernels_read_e5m3_scales(d, block, monkeypatch):
+    """E5M3 scale bytes decode in every kernel path (split-K general and lane order, grouped) to
+    what the same scales stored as fp16 give, and to the reference."""
+    from nqkv_core.quantize import scale_values
+
+    gen = torch.Generator().manual_seed(d + block)
+    k, v = (torch.randn(1, 2, 150, d, generator=gen) * 3 for _ in range(2))
+    q = torch.randn(1, 6, 1, d, generator=gen).to(DEVICE)
+    K8, V8 = (NQTensor.from_float(x.to(DEVICE), block=block, bits=4, scale_dtype=torch.uint8) for x in (k, v))
+    assert K8.absmax.dtype == torch.uint8
+    K16, V16 = (t._rebuild(absmax=scale_values(t.absmax).half()) for t in (K8, V8))
+    kt, vt = (torch.randn(1, 2, 5, d, generator=gen).to(DEVICE) for _ in range(2))
+    for lanes in (True, False):
+        monkeypatch.setitem(triton_decode.DECODE_CONFIG, "nibble_lanes", lanes)
+        a8, a16 = args_of(q, K8, V8, kt, vt), args_of(q, K16, V16, kt, vt)
+        check(triton_decode.flash_decode(*a8), triton_decode.flash_decode(*a16), torch.float32)
+        check(triton_decode.flash_decode(*a8), triton_decode.reference(*a8), torch.float32)
+    qh = q.half()
+    a8, a16 = args_of(qh, K8, V8, kt.half(), vt.half()), args_of(qh, K16, V16, kt.half(), vt.half())
+    if triton_decode_grouped.supports(qh, a8[1:6], a8[6:11]):
+        check(triton_decode_grouped.grouped_decode(*a8), triton_decode_grouped.grouped_decode(*a16), torch.float32)
+        check(triton_decode_grouped.grouped_decode(*a8), triton_decode.reference(*a8), torch.float16)
 
 
 GROUPED_CASES = [  # (head_dim, block, group, tail, tokens, dtype): each head_dim, group, tail length and dtype
@@ -369,13 +396,15 @@ def test_register_lut_compiles_for_a_gpu(d, block):
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles the kernel: needs real jit functions")
 @pytest.mark.skipif(CUDA, reason="with a GPU, the grouped kernel tests run it")
-@pytest.mark.parametrize("d,bias,dtype", [(64, False, torch.bfloat16), (128, False, torch.bfloat16),
-                                          (64, True, torch.bfloat16), (128, True, torch.bfloat16),
-                                          (128, True, torch.float32)])
-def test_grouped_kernel_compiles_for_a_gpu(d, bias, dtype):
+@pytest.mark.parametrize("d,bias,dtype,scales", [(64, False, torch.bfloat16, torch.float16),
+                                                 (128, False, torch.bfloat16, torch.uint8),
+                                                 (64, True, torch.bfloat16, torch.uint8),
+                                                 (128, True, torch.bfloat16, torch.float16),
+                                                 (128, True, torch.float32, torch.uint8)])
+def test_grouped_kernel_compiles_for_a_gpu(d, bias, dtype, scales):
     """Every feature of the grouped kernel at once (fp tail, bool mask, causal two-token query,
-    device lengths, bf16 or fp32 queries (fp16 products); with ``bias`` the RoPE-centre key bias
-    too), compiled for sm_90 without a GPU: ptxas takes it, nothing spills without the bias, and the history loop decodes by byte
+    device lengths, bf16 or fp32 queries (fp16 products), fp16 or E5M3 scales; with ``bias`` the
+    RoPE-centre key bias too), compiled for sm_90 without a GPU: ptxas takes it, nothing spills without the bias, and the history loop decodes by byte
     permutes with no gather from the codebook (4-byte asynchronous copies beyond the two scale
     copies per tile and tensor); with the bias, the merge kernel with the output transform (a
     value rotation and centre) compiles without spills too."""
@@ -384,7 +413,7 @@ def test_grouped_kernel_compiles_for_a_gpu(d, bias, dtype):
 
     from nqkv_core.ops import triton_decode_grouped
 
-    q, K, V, kt, vt = make(g=3, tq=2, t=512, d=d, block=64, tail=7, dtype=dtype)
+    q, K, V, kt, vt = make(g=3, tq=2, t=512, d=d, block=64, tail=7, dtype=dtype, scale_dtype=scales)
     mask = torch.ones(2, 519, dtype=torch.bool)
     lengths = torch.tensor([[500, 7]], dtype=torch.int32)
     key_bias = rope_key_bias(q, 512, 7)[:3] if bias else None
@@ -414,8 +443,9 @@ def test_grouped_kernel_compiles_for_a_gpu(d, bias, dtype):
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles the kernel: needs real jit functions")
 @pytest.mark.skipif(CUDA, reason="with a GPU, the store kernel tests run it")
-@pytest.mark.parametrize("bits,d", [(4, 64), (3, 128), (2, 256)])
-def test_store_kernel_compiles_for_a_gpu(bits, d):
+@pytest.mark.parametrize("bits,d,scales", [(4, 64, torch.uint8), (4, 128, torch.float16), (3, 128, torch.float16),
+                                           (2, 256, torch.float16)])
+def test_store_kernel_compiles_for_a_gpu(bits, d, scales):
     """The leaving tokens' kernel compiled for sm_90 without a GPU: ptxas takes it, nothing spills."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
     import triton_sass
@@ -427,7 +457,7 @@ def test_store_kernel_compiles_for_a_gpu(bits, d):
     ring = torch.randn(1, 3, 5, d, dtype=torch.bfloat16)
     th = decision_thresholds(get_codebook("nf", bits, 64))
     launches = triton_sass.capture_launches(triton_store, lambda: triton_store.store_rows(
-        ring[:, :, 1:2], ring[:, :, 2:3], *_bodies(1, 3, 8, d, bits, 64, "cpu"), 4, th, bits, 64))
+        ring[:, :, 1:2], ring[:, :, 2:3], *_bodies(1, 3, 8, d, bits, 64, "cpu", scales), 4, th, bits, 64))
     kernel, args, kwargs = launches[0]
     try:
         compiled = triton_sass.compile_for(kernel, args, kwargs, arch=90)
@@ -614,20 +644,21 @@ def test_feedback_codes_kernel_matches_torch(bits, block, d):
         assert torch.equal(torch.ops.nqkv.feedback_codes(*args), codes)
 
 
-def _bodies(b, h, slots, d, bits, block, dev):
+def _bodies(b, h, slots, d, bits, block, dev, scale_dtype=torch.float16):
     """Two zeroed ``(codes, scales)`` bodies of ``slots`` slots plus the trash slot."""
     return [(torch.zeros(b, h, slots + 1, d * bits // 8, dtype=torch.uint8, device=dev),
-             torch.zeros(b, h, slots + 1, d // block, dtype=torch.float16, device=dev)) for _ in range(2)]
+             torch.zeros(b, h, slots + 1, d // block, dtype=scale_dtype, device=dev)) for _ in range(2)]
 
 
 @_kernel_test
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.uint8], ids=["fp16", "e5m3"])
 @pytest.mark.parametrize("bits,d,block,dtype", [(4, 64, 64, torch.bfloat16), (4, 128, 32, torch.float32),
                                                 (3, 128, 64, torch.float16), (2, 64, 16, torch.bfloat16),
                                                 (4, 16, 16, torch.float32)])
-def test_store_rows_matches_the_torch_encoder(bits, d, block, dtype):
+def test_store_rows_matches_the_torch_encoder(bits, d, block, dtype, scale_dtype):
     """The leaving tokens' kernel writes, at their slots only, the codes and scales that
-    quantize_blockwise computes, bitwise: rows read in place from a ring (strided), blocks of zeros,
-    scales down to fp16's subnormals and up to thousands."""
+    quantize_blockwise computes, bitwise (fp16 scales, or E5M3 bytes): rows read in place from a
+    ring (strided), blocks of zeros, scales down to fp16's subnormals and up to thousands."""
     from nqkv_core.codebook import get_codebook
     from nqkv_core.ops import triton_store
     from nqkv_core.quantize import decision_thresholds, quantize_blockwise
@@ -637,12 +668,12 @@ def test_store_rows_matches_the_torch_encoder(bits, d, block, dtype):
     ring = (torch.randn(2, 4, 5, d, generator=gen) * size).to(dtype).to(DEVICE)
     ring[1, 2, 3, :block] = 0
     k, v = ring[:, :, 3:4], ring.flip(1)[:, :, 3:4]  # one token of each row, as the ring holds it
-    kb, vb = _bodies(2, 4, 9, d, bits, block, DEVICE)
+    kb, vb = _bodies(2, 4, 9, d, bits, block, DEVICE, scale_dtype)
     cb = get_codebook("nf", bits, block).to(DEVICE)
     bad = triton_store.store_rows(k, v, kb, vb, 6, decision_thresholds(cb), bits, block)
     assert not bad.any()
     for x, body in ((k, kb), (v, vb)):
-        codes, scales = quantize_blockwise(x, cb, block, -1, torch.float16)
+        codes, scales = quantize_blockwise(x, cb, block, -1, scale_dtype)
         assert torch.equal(body[0][:, :, 6:7], codes) and torch.equal(body[1][:, :, 6:7], scales)
         others = torch.ones(10, dtype=torch.bool)
         others[6] = False
@@ -672,8 +703,14 @@ def test_store_quantized_leaves_flagged_rows_to_torch():
     assert store_quantized(y, y, kb, vb, 1, cb, 64)
     codes, scales = quantize_blockwise(y, cb, 64, -1, torch.float16)
     assert torch.equal(kb[0][:, :, 1:2], codes) and torch.equal(kb[1][:, :, 1:2], scales)
+    kb, vb = _bodies(1, 2, 3, 64, 4, 64, DEVICE, torch.uint8)  # E5M3: its largest byte, as torch stores it
+    assert store_quantized(y, y, kb, vb, 1, cb, 64)
+    codes, scales = quantize_blockwise(y, cb, 64, -1, torch.uint8)
+    assert torch.equal(kb[0][:, :, 1:2], codes) and torch.equal(kb[1][:, :, 1:2], scales)
+    assert scales[0, 1, 0, 0] == 0xF7
     y[0, 1, 0, 5] = 65504.01  # beyond it (in fp32): flagged
     assert not store_quantized(y, y, *_bodies(1, 2, 3, 64, 4, 64, DEVICE), 1, cb, 64)
+    assert not store_quantized(y, y, *_bodies(1, 2, 3, 64, 4, 64, DEVICE, torch.uint8), 1, cb, 64)
     kb, vb = _bodies(1, 2, 3, 64, 4, 64, DEVICE)
     fp32_scales = (kb[0], kb[1].float()), (vb[0], vb[1].float())
     assert not store_quantized(x, x, *fp32_scales, 1, cb, 64)

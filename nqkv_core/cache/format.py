@@ -84,15 +84,22 @@ class KeyBias:
     dense: Callable[[], torch.Tensor]
 
 
-# A growing buffer (a body, the RoPE table) grows in steps of this many tokens: at most that many
-# slots stand empty, and a step copies the buffer once every GROWTH_STEP tokens, a small fraction of
-# what the decode steps in between read (each reads the whole body).
-GROWTH_STEP = 64
+# A growing buffer (a body, the RoPE table) grows in steps of about 1/128 of what it holds, a power
+# of two from MIN_GROWTH_STEP to GROWTH_STEP tokens: at short contexts, where the exact tokens
+# already weigh on the bytes, at most 15 slots stand empty; at long ones a step copies the buffer
+# once every 64 tokens, a small fraction of what the decode steps in between read (each reads the
+# whole body).
+MIN_GROWTH_STEP, GROWTH_STEP = 16, 64
+
+
+def growth_step(needed: int) -> int:
+    """The step a growing buffer that must hold ``needed`` slots grows by."""
+    return min(GROWTH_STEP, max(MIN_GROWTH_STEP, (1 << max(needed.bit_length() - 1, 0)) // 128))
 
 
 def grown(needed: int) -> int:
-    """The slots a growing buffer allocates to hold ``needed``: the next multiple of :data:`GROWTH_STEP`."""
-    return needed + (-needed % GROWTH_STEP)
+    """The slots a growing buffer allocates to hold ``needed``: the next multiple of its :func:`growth_step`."""
+    return needed + (-needed % growth_step(needed))
 
 
 def side_format(scheme: KVScheme, side: str, device: torch.device | str = "cpu") -> SideFormat:
@@ -117,7 +124,8 @@ def side_format(scheme: KVScheme, side: str, device: torch.device | str = "cpu")
         )
     if scheme.scale_dtype not in KERNEL_SCALE_DTYPES:
         raise NotImplementedError(
-            f"NQKVCache stores float16 or float32 scales; scale_dtype={scheme.scale_dtype} is evaluation-only"
+            f"NQKVCache stores float16, float32 or E5M3 (uint8) scales; scale_dtype={scheme.scale_dtype} is"
+            " evaluation-only"
         )
     fit = getattr(scheme, f"{side}_fit_scale")
     plain = get_codebook(quant, bits, block, device=device)

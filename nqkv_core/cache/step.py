@@ -29,7 +29,7 @@ from nqkv_core.cache.slots import (all_slots_valid, allowed_slots, padded_allowe
                                     slot_positions)
 from nqkv_core.ops import fused_step
 from nqkv_core.ops.attention import key_bias_args
-from nqkv_core.quantize import decision_thresholds, fit_ratios
+from nqkv_core.quantize import decision_thresholds, fit_ratios, scale_range
 from nqkv_core.scheme import per_query_head, rotate_half
 from nqkv_core.transform import output_transform, rope_bias_weights
 
@@ -387,7 +387,7 @@ def _native_decode_step(layer, maps: StepMaps) -> native.DecodeStep:
             (layer.k_sink, layer.v_sink), (layer.k_ring, layer.v_ring),
             kf.packed(layer.k_body), vf.packed(layer.v_body),
             (decision_thresholds(kf.encode_codebook), decision_thresholds(vf.encode_codebook)),
-            torch.finfo(layer.scheme.scale_dtype).max, rope,
+            scale_range(layer.scheme.scale_dtype), rope,
             (fit_ratios(layer.device), int(kf.fit_scale) | 2 * int(vf.fit_scale)),
             (kf.encode_codebook, t.k_feedback) if kf.feedback else None,
         )

@@ -97,8 +97,13 @@ inline void round_fp(float* x, int64_t n, int bf16) {
     for (int64_t e = 0; e < n; ++e) x[e] = bits_to_float((uint32_t)bf16_bits(x[e]) << 16);
 }
 
-inline float load_scale(const void* p, int64_t i, int half) {
-  return half ? half_to_float(((const uint16_t*)p)[i]) : ((const float*)p)[i];
+// Stored block scales (scale_fmt): 0 fp32, 1 fp16 bits, 2 E5M3 bytes (the fp16 bits 14..7, as
+// nqkv_core.quantize.E5M3: byte k is the fp16 with bits k << 7).
+enum ScaleFormat { SCALE_F32 = 0, SCALE_F16 = 1, SCALE_E5M3 = 2 };
+
+inline float load_scale(const void* p, int64_t i, int fmt) {
+  if (fmt == SCALE_E5M3) return half_to_float((uint16_t)(((const uint8_t*)p)[i] << 7));
+  return fmt == SCALE_F16 ? half_to_float(((const uint16_t*)p)[i]) : ((const float*)p)[i];
 }
 
 inline int code_at(const uint8_t* row, int bits, int64_t row_len, int64_t d) {
@@ -138,6 +143,31 @@ inline uint16_t half_bits_exact(float a) {
   std::frexp(a, &e);  // a = m * 2**e, m in [0.5, 1)
   if (e < -13) return (uint16_t)(a * 16777216.0f);  // subnormal: a multiple of 2**-24
   return (uint16_t)(((e + 14) << 10) | (uint16_t)((std::ldexp(a, 1 - e) - 1.0f) * 1024.0f));
+}
+
+// The E5M3 byte nearest a finite absmax of at most fp16's largest value, as
+// nqkv_core.quantize._e5m3_bytes: the nearest fp16, then the nearest multiple of 128 of its bits
+// (ties up), at most 0xF7.
+inline uint8_t e5m3_byte(float a) {
+  if (!(a <= 65504.f)) return 0xF7;  // (NaN or beyond: flagged by the caller, which raises)
+  const uint32_t bits = half_bits_exact(round_nearest_half(a));
+  const uint32_t k = (bits + 64) >> 7;
+  return (uint8_t)(k < 0xF7 ? k : 0xF7);
+}
+
+// A finite scale rounded as format fmt stores it: up to fp16 (the absmax scale: |x / s| <= 1), to
+// the nearest E5M3 value, or kept (fp32). `nearest`: fp16 rounds to nearest (a fitted scale).
+inline float coding_scale(float a, int fmt, bool nearest) {
+  if (fmt == SCALE_E5M3) return half_to_float((uint16_t)(e5m3_byte(a) << 7));
+  if (fmt == SCALE_F16) return nearest ? round_nearest_half(a) : round_up_half(a);
+  return a;
+}
+
+// A scale that format fmt represents exactly (coding_scale's result), stored at index i.
+inline void store_scale(void* p, int64_t i, int fmt, float a) {
+  if (fmt == SCALE_E5M3) ((uint8_t*)p)[i] = (uint8_t)(half_bits_exact(a) >> 7);
+  else if (fmt == SCALE_F16) ((uint16_t*)p)[i] = half_bits_exact(a);
+  else ((float*)p)[i] = a;
 }
 
 // -- one row of codes -> levels ----------------------------------------------------------------------
@@ -390,7 +420,7 @@ struct Packed {
   int64_t cs_b, cs_h, cs_t;
   const void* absmax;
   int64_t as_b, as_h, as_t;
-  int absmax_half;
+  int scale_fmt;
   const float* codebook;  // 2**bits levels
   int bits;
   int64_t block;
@@ -411,7 +441,7 @@ inline const float* token_row(const Packed& p, const float* codebook, const floa
                               float* row) {
   if (j >= t_hist) return tail + (bh * t_tail + (j - t_hist)) * dim;
   const int64_t nb = dim / p.block, ai = scale_index(p, b, h, j);
-  for (int64_t i = 0; i < nb; ++i) scales[i] = load_scale(p.absmax, ai + i, p.absmax_half);
+  for (int64_t i = 0; i < nb; ++i) scales[i] = load_scale(p.absmax, ai + i, p.scale_fmt);
   decode_row(packed_row(p, b, h, j), scales, codebook, p.bits, dim, p.block, row);
   return row;
 }
@@ -456,7 +486,7 @@ inline void decode_group(const Packed& p, const uint8_t* row, int64_t D, int g, 
       out[2 * half] = _mm512_permutexvar_ps(_mm512_and_si512(w, _mm512_set1_epi32(15)), levels);
       out[2 * half + 1] = _mm512_permutexvar_ps(_mm512_srli_epi32(w, 4), levels);
       if (Scaled) {
-        const __m512 s = _mm512_set1_ps(load_scale(p.absmax, si + (d0 + 32 * half) / p.block, p.absmax_half));
+        const __m512 s = _mm512_set1_ps(load_scale(p.absmax, si + (d0 + 32 * half) / p.block, p.scale_fmt));
         out[2 * half] = _mm512_mul_ps(out[2 * half], s);
         out[2 * half + 1] = _mm512_mul_ps(out[2 * half + 1], s);
       }
@@ -481,14 +511,14 @@ inline void decode_group(const Packed& p, const uint8_t* row, int64_t D, int g, 
   if (Scaled) {
     __m512 s;
     if (p.block % 64 == 0) {
-      s = _mm512_set1_ps(load_scale(p.absmax, si + d0 / p.block, p.absmax_half));
+      s = _mm512_set1_ps(load_scale(p.absmax, si + d0 / p.block, p.scale_fmt));
     } else if (p.block == 32) {  // lanes 0-7: the group's first block, lanes 8-15: its second
       const int64_t i0 = si + d0 / 32;
-      s = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(load_scale(p.absmax, i0, p.absmax_half)),
-                               _mm512_set1_ps(load_scale(p.absmax, i0 + 1, p.absmax_half)));
+      s = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(load_scale(p.absmax, i0, p.scale_fmt)),
+                               _mm512_set1_ps(load_scale(p.absmax, i0 + 1, p.scale_fmt)));
     } else {  // blocks of 16: lane i holds codes 4i..4i+3 of the group, all in block (d0 + 4i) / block
       alignas(64) float lane[16];
-      for (int i = 0; i < 16; ++i) lane[i] = load_scale(p.absmax, si + (d0 + 4 * i) / p.block, p.absmax_half);
+      for (int i = 0; i < 16; ++i) lane[i] = load_scale(p.absmax, si + (d0 + 4 * i) / p.block, p.scale_fmt);
       s = _mm512_load_ps(lane);
     }
     for (int f = 0; f < 4; ++f) out[f] = _mm512_mul_ps(out[f], s);
@@ -587,7 +617,7 @@ void scores_fast_64(const Packed& k, const float* levels16, int64_t b, int64_t h
     const int64_t si = scale_index(k, b, h, j);
     decode_row_lanes<4, !Factored>(k, packed_row(k, b, h, j), si, levels, kv);
     __m128 sum = dot_rows_64<R>(qv, kv);
-    if (Factored) sum = _mm_mul_ps(sum, _mm_set1_ps(load_scale(k.absmax, si, k.absmax_half)));
+    if (Factored) sum = _mm_mul_ps(sum, _mm_set1_ps(load_scale(k.absmax, si, k.scale_fmt)));
     _mm_store_ps(sums, sum);
     for (int r = 0; r < R; ++r) s[r * Tk + j] = sums[r];
   }
@@ -641,7 +671,7 @@ void values_fast(const Packed& v, const float* levels16, int64_t b, int64_t h, c
       const int64_t si = scale_index(v, b, h, j);
       decode_row_lanes<ND, !Factored>(v, packed_row(v, b, h, j), si, levels, vv);
       float gs[ND / 4];  // Factored: each group's one scale goes into the row weights
-      for (int g = 0; g < ND / 4; ++g) gs[g] = Factored ? load_scale(v.absmax, si + 64 * g / v.block, v.absmax_half) : 1.f;
+      for (int g = 0; g < ND / 4; ++g) gs[g] = Factored ? load_scale(v.absmax, si + 64 * g / v.block, v.scale_fmt) : 1.f;
       for (int r = 0; r < RG; ++r) {
         if (r >= rows) break;
         const float pr = p[(r0 + r) * Tk + j];
@@ -758,11 +788,11 @@ inline void decode_pass(int bits, const uint8_t* row, int64_t D, int64_t c, Leve
 // The scales of pass c's lanes (row's first scale at si): 4-bit, one block; 2/3-bit, lanes 0-3
 // hold codes [d0, d0 + 16) of the run, lanes 4-7 codes [d0 + 16, d0 + 32).
 inline __m256 pass_scale(const Packed& p, int64_t si, int64_t c) {
-  if (p.bits == 4) return _mm256_set1_ps(load_scale(p.absmax, si + 16 * c / p.block, p.absmax_half));
+  if (p.bits == 4) return _mm256_set1_ps(load_scale(p.absmax, si + 16 * c / p.block, p.scale_fmt));
   const int64_t d0 = 32 * (c / 2);
-  const __m256 a = _mm256_set1_ps(load_scale(p.absmax, si + d0 / p.block, p.absmax_half));
+  const __m256 a = _mm256_set1_ps(load_scale(p.absmax, si + d0 / p.block, p.scale_fmt));
   if (p.block % 32 == 0) return a;
-  return _mm256_blend_ps(a, _mm256_set1_ps(load_scale(p.absmax, si + (d0 + 16) / p.block, p.absmax_half)), 0xF0);
+  return _mm256_blend_ps(a, _mm256_set1_ps(load_scale(p.absmax, si + (d0 + 16) / p.block, p.scale_fmt)), 0xF0);
 }
 
 // The four horizontal sums of x0..x3, in one 128-bit vector.
@@ -798,7 +828,7 @@ void scores_fast_avx2(const Packed& k, const float* levels16, int64_t b, int64_t
     }
     for (int r = 0; r < R; ++r) acc0[r] = _mm256_add_ps(acc0[r], acc1[r]);
     __m128 sum = reduce4(acc0[0], acc0[1], acc0[2], acc0[3]);
-    if (Factored) sum = _mm_mul_ps(sum, _mm_set1_ps(load_scale(k.absmax, si, k.absmax_half)));
+    if (Factored) sum = _mm_mul_ps(sum, _mm_set1_ps(load_scale(k.absmax, si, k.scale_fmt)));
     _mm_store_ps(sums, sum);
     for (int r = 0; r < R; ++r) s[r * Tk + j] = sums[r];
   }
@@ -1160,20 +1190,20 @@ inline void put_code(uint8_t* out, int bits, int64_t row_len, int64_t d, uint8_t
 // x: fp32 (x_bf16 = 0) or bf16 bits (x_bf16 = 1), contiguous. thresholds: the 2**bits - 1 midpoints
 // between ascending levels; a code is the number of midpoints strictly below x / s (what
 // torch.bucketize gives). absmax_out gets the scale used for coding (rounded up to the fp16 grid
-// when round_half). Returns the number of blocks whose absmax is not finite (NaN or Inf in the
+// or to format scale_fmt's grid: coding_scale). Returns the number of blocks whose absmax is not finite (NaN or Inf in the
 // input) or above max_scale; the caller then finds and words the error.
 //
 // Fitted scales (n_ratios > 0, as nqkv_core.quantize with fit_scale=True): for each clipping ratio r
 // the codes of x against the scale r * absmax, then the scale t = sum(x^2) / sum(x * level) that
 // makes the block's decoded values unbiased (sum(x * xhat) = sum(x^2)); the block keeps the ratio
 // whose codes give the smallest squared error with their t (sums in double; the first on ties), and
-// stores t rounded to the nearest fp16 value (round_half) or in fp32. levels: the 2**bits levels.
+// stores t rounded to the nearest value of format scale_fmt. levels: the 2**bits levels.
 //
 // Error feedback (feedback non-null, as nqkv_core.quantize with feedback=U): absmax scales; the
 // elements of row r are coded in order, each rounding error divided by U[i][i] and subtracted
 // from the later elements along U[i][j]; U = feedback + (r / feedback_rows) * row_len^2, row-major.
 int64_t nqkv_quantize_rows(const void* x, int x_bf16, int64_t rows, int64_t row_len, int64_t block,
-                           const float* thresholds, int bits, int round_half, float max_scale, uint8_t* codes,
+                           const float* thresholds, int bits, int scale_fmt, float max_scale, uint8_t* codes,
                            float* absmax_out, int threads, const float* levels, const float* ratios,
                            int n_ratios, const float* feedback, int64_t feedback_rows) {
   const int n_thr = (1 << bits) - 1;
@@ -1195,7 +1225,7 @@ int64_t nqkv_quantize_rows(const void* x, int x_bf16, int64_t rows, int64_t row_
         for (int64_t b = 0; b < nb; ++b) {
           float a = block_absmax(w.data() + b * block, block);
           if (!(a <= max_scale)) ++bad;
-          if (round_half && std::isfinite(a)) a = round_up_half(a);
+          if (a <= max_scale) a = coding_scale(a, scale_fmt, false);  // (else kept for the caller's error)
           sc[b] = a;
         }
         const float* U = feedback + (r / feedback_rows) * row_len * row_len;
@@ -1244,12 +1274,12 @@ int64_t nqkv_quantize_rows(const void* x, int x_bf16, int64_t rows, int64_t row_
             }
           }
           float t = (float)best_t;
-          if (round_half && std::isfinite(t)) t = round_nearest_half(t);
+          if (std::isfinite(t)) t = coding_scale(t, scale_fmt, true);  // (fp16 / fp32 only)
           if (!(t <= max_scale) && std::isfinite(a)) ++bad;  // (a non-finite block is counted above)
           absmax_out[r * nb + b] = std::isfinite(a) ? t : a;  // a NaN / Inf block: for the caller's check
           std::memcpy(c.data(), best.data(), block);
         } else {
-          if (round_half && std::isfinite(a)) a = round_up_half(a);
+          if (a <= max_scale) a = coding_scale(a, scale_fmt, false);  // (else kept for the caller's error)
           absmax_out[r * nb + b] = a;
           const float s = a > 0.f ? a : 1.f;
           for (int64_t i = 0; i < block; ++i) y[i] = y[i] / s;
@@ -1268,8 +1298,8 @@ int64_t nqkv_quantize_rows(const void* x, int x_bf16, int64_t rows, int64_t row_
 }
 
 // Inverse of nqkv_quantize_rows: codebook[code] * absmax into fp32 (out_bf16 = 0) or bf16 bits.
-// absmax: fp16 bits (absmax_half = 1) or fp32, one per block, rows contiguous.
-void nqkv_dequantize_rows(const uint8_t* codes, const void* absmax, int absmax_half, const float* codebook,
+// absmax: fp16 bits (scale_fmt = 1) or fp32, one per block, rows contiguous.
+void nqkv_dequantize_rows(const uint8_t* codes, const void* absmax, int scale_fmt, const float* codebook,
                           int bits, int64_t rows, int64_t row_len, int64_t block, void* out, int out_bf16,
                           int threads) {
   const int64_t row_bytes = row_len * bits / 8, nb = row_len / block;
@@ -1280,7 +1310,7 @@ void nqkv_dequantize_rows(const uint8_t* codes, const void* absmax, int absmax_h
     std::vector<float> scales(nb);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t b = 0; b < nb; ++b) scales[b] = load_scale(absmax, r * nb + b, absmax_half);
+      for (int64_t b = 0; b < nb; ++b) scales[b] = load_scale(absmax, r * nb + b, scale_fmt);
       decode_row(codes + r * row_bytes, scales.data(), bits == 8 ? codebook : cb, bits, row_len, block,
                  out_bf16 ? nullptr : (float*)out + r * row_len, out_bf16 ? (uint16_t*)out + r * row_len : nullptr);
     }
@@ -1445,7 +1475,7 @@ int nqkv_decode_step(const float* q, const float* k_new, const float* v_new, con
       scales[side].resize(BH * nb);
       // keys with feedback rounding: one matrix per (b, h) row; they code against the plain levels
       const bool fb = side == 0 && k_feedback, fit = (fit_sides >> side) & 1;
-      if (nqkv_quantize_rows(rows.data(), 0, BH, D, p.block, thresholds[side], p.bits, p.absmax_half, max_scale,
+      if (nqkv_quantize_rows(rows.data(), 0, BH, D, p.block, thresholds[side], p.bits, p.scale_fmt, max_scale,
                              codes[side].data(), scales[side].data(), 1, fb ? k_levels : p.codebook,
                              fit ? fit_ratios : nullptr, fit ? n_fit : 0, fb ? k_feedback : nullptr, 1))
         return 2;
@@ -1460,8 +1490,7 @@ int nqkv_decode_step(const float* q, const float* k_new, const float* v_new, con
         const int64_t si = scale_index(p, b, h, body_slot);
         for (int64_t i = 0; i < nb; ++i) {
           const float a = scales[side][bh * nb + i];
-          if (p.absmax_half) ((uint16_t*)p.absmax)[si + i] = half_bits_exact(a);
-          else ((float*)p.absmax)[si + i] = a;
+          store_scale(const_cast<void*>(p.absmax), si + i, p.scale_fmt, a);
         }
       }
     }

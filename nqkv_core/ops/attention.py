@@ -38,11 +38,12 @@ from torch import Tensor
 
 from nqkv_core.ops import cpu
 from nqkv_core.packed import CHANNEL_AXIS, TOKEN_AXIS, Packed
+from nqkv_core.quantize import KERNEL_SCALE_DTYPES
 from nqkv_core.tensor import NQTensor, implements_torch_function
 from nqkv_core.transform import CompactRope, output_transform
 
 Q_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-SCALE_DTYPES = (torch.float16, torch.float32)
+SCALE_DTYPES = KERNEL_SCALE_DTYPES  # fp16, fp32, E5M3 bytes
 
 
 # -- checks -----------------------------------------------------------------------------------------
@@ -54,7 +55,7 @@ def _check_packed(name: str, q: Tensor, p: Packed, dim: Optional[int]) -> int:
     if codes.dtype != torch.uint8:
         raise TypeError(f"{name}_codes must be uint8, got {codes.dtype}")
     if absmax.dtype not in SCALE_DTYPES:
-        raise TypeError(f"{name}_absmax must be float16 or float32, got {absmax.dtype}")
+        raise TypeError(f"{name}_absmax must be float16, float32 or E5M3 bytes (uint8), got {absmax.dtype}")
     if codebook.dtype != torch.float32:
         raise TypeError(f"{name}_codebook must be float32, got {codebook.dtype}")
     for t, what in ((codes, "codes"), (absmax, "absmax"), (codebook, "codebook")):
@@ -232,8 +233,9 @@ def attention_eager(
     Args:
         q: (B, Hq, Tq, D) float32/float16/bfloat16.
         k_codes, v_codes: uint8 (B, Hkv, T_hist, D*bits/8), codes packed along head_dim.
-        k_absmax, v_absmax: fp16/fp32 scales, (B, Hkv, T_hist, D/block) for blocks along head_dim
-            (axis 3, or -1) or (B, Hkv, ceil(T_hist/block), D) for blocks of tokens (axis 2, or -2).
+        k_absmax, v_absmax: fp16 / fp32 scales or E5M3 bytes (uint8), (B, Hkv, T_hist, D/block) for
+            blocks along head_dim (axis 3, or -1) or (B, Hkv, ceil(T_hist/block), D) for blocks of
+            tokens (axis 2, or -2).
         k_codebook, v_codebook: float32 (2**bits,) levels; bits 2, 3, 4 or 8.
         k_block, v_block, k_axis, v_axis: the block layout of each (:class:`~nqkv_core.packed.Packed`).
         k_tail, v_tail: optional (B, Hkv, T_tail, D / Dv) floating tensors after the history.

@@ -51,6 +51,7 @@ from torch import Tensor
 from nqkv_core import native
 from nqkv_core.packed import Packed
 from nqkv_core.packing import unpack
+from nqkv_core.quantize import scale_values
 from nqkv_core.transform import CompactRope
 
 COMPUTE_DTYPE = torch.bfloat16
@@ -176,7 +177,7 @@ class _Source:
         self.codebook, self.block, self.per_token, self.dim = p.codebook, p.block, p.per_token, p.shape[-1]
         self.bits = p.bits
         self.decode = decode
-        a = absmax.float().reshape(bh, absmax.shape[2], absmax.shape[3])
+        a = scale_values(absmax).reshape(bh, absmax.shape[2], absmax.shape[3])
         # per token: (BH, nb, T) so a chunk of tokens is a contiguous slice; per channel: (BH, T/block, D)
         self.absmax = a.transpose(1, 2).contiguous() if self.per_token else a
         self.nb = self.dim // self.block if self.per_token else 1
@@ -384,7 +385,7 @@ def _decode_operands(p: Packed, bh: int) -> tuple[Tensor, Tensor]:
     if codes.stride(-1) != 1 or codes.stride(-2) % 2:
         codes = codes.contiguous()
     nb = p.shape[-1] // p.block
-    absmax = p.absmax.reshape(bh, th, nb).transpose(1, 2).float().contiguous()[:, None]
+    absmax = scale_values(p.absmax.reshape(bh, th, nb).transpose(1, 2)).contiguous()[:, None]
     return codes.reshape(bh, th, -1), absmax
 
 

@@ -44,6 +44,16 @@ DECODE_CONFIG = dict(block_n=64, num_warps=2, num_stages=2, programs=264, min_sp
 
 
 @triton.jit
+def _scale_values(raw):
+    """Stored block scales as fp32: E5M3 bytes (uint8, :data:`nqkv_core.quantize.E5M3`) are the bits
+    14..7 of an fp16; fp16 / fp32 scales are converted."""
+    if raw.dtype == tl.uint8:
+        return (raw.to(tl.int16) << 7).to(tl.float16, bitcast=True).to(tl.float32)
+    else:
+        return raw.to(tl.float32)
+
+
+@triton.jit
 def _load_packed(codes_ptr, absmax_ptr, cb_ptr, offs_t, t_ok, offs_d, stride_ct, stride_at, stride_ad,
                  BITS: tl.constexpr, AXIS: tl.constexpr, QBLOCK: tl.constexpr, DIM: tl.constexpr,
                  N: tl.constexpr):
@@ -87,14 +97,14 @@ def _load_packed(codes_ptr, absmax_ptr, cb_ptr, offs_t, t_ok, offs_d, stride_ct,
     # -- scales --
     if AXIS == 3:
         if QBLOCK == DIM:  # one scale per token
-            scale = tl.load(absmax_ptr + offs_t * stride_at, mask=t_ok, other=0).to(tl.float32)[:, None]
+            scale = _scale_values(tl.load(absmax_ptr + offs_t * stride_at, mask=t_ok, other=0))[:, None]
         else:  # DIM // QBLOCK scales per token, each repeated over its block
-            s = tl.load(absmax_ptr + offs_t[:, None] * stride_at + tl.arange(0, DIM // QBLOCK)[None, :] * stride_ad,
-                        mask=m, other=0).to(tl.float32)
+            s = _scale_values(tl.load(absmax_ptr + offs_t[:, None] * stride_at
+                                      + tl.arange(0, DIM // QBLOCK)[None, :] * stride_ad, mask=m, other=0))
             scale = tl.reshape(tl.broadcast_to(s[:, :, None], (N, DIM // QBLOCK, QBLOCK)), (N, DIM))
     else:
         s_ptr = absmax_ptr + (offs_t // QBLOCK)[:, None] * stride_at + offs_d[None, :] * stride_ad
-        scale = tl.load(s_ptr, mask=m, other=0.0).to(tl.float32)
+        scale = _scale_values(tl.load(s_ptr, mask=m, other=0))
     return level * scale
 
 
@@ -259,10 +269,12 @@ def _nibble_levels(codes_ptr, absmax_ptr, cb_ptr, tail_ptr, offs_t, hist, tail, 
         even = tl.load(cb_ptr + (byte & 15))
         odd = tl.load(cb_ptr + (byte >> 4))
     if QBLOCK == HEAD_DIM:
-        scale = tl.load(absmax_ptr + offs_t * stride_at, mask=hist, other=0).to(tl.float32)
+        scale = _scale_values(tl.load(absmax_ptr + offs_t * stride_at, mask=hist, other=0))
     else:
         per_lane = tl.load(absmax_ptr + offs_t[:, None] * stride_at
                            + tl.arange(0, HEAD_DIM // QBLOCK)[None, :] * stride_ad, mask=hist[:, None], other=0)
+        if per_lane.dtype == tl.uint8:
+            per_lane = _scale_values(per_lane)
         per_lane = tl.reshape(tl.broadcast_to(per_lane[:, :, None], (N, HEAD_DIM // QBLOCK, QBLOCK // 2)),
                               (N, HEAD_DIM // 2))
         # In 16 bits (the register lookup's levels) the product is rounded where the general path

@@ -42,7 +42,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from nqkv_core.ops.triton_decode import _LUT16_ASM, _LUT16_CONSTRAINTS, _byte_tables, _interpreting
+from nqkv_core.ops.triton_decode import _LUT16_ASM, _LUT16_CONSTRAINTS, _byte_tables, _interpreting, _scale_values
 
 MAX_ROWS = 64  # query rows per KV head (GROUP * Tq) the kernel takes in one program
 # Launch configuration on a GPU: keys per history tile (for rows of one and of two scale blocks; one
@@ -119,8 +119,8 @@ def _dot(a, b, DT: tl.constexpr):
 @triton.jit
 def _scale(ptr, offs_t, t_ok, MASKED: tl.constexpr):
     if MASKED:
-        return tl.load(ptr + offs_t, mask=t_ok, other=0).to(tl.float32)
-    return tl.load(ptr + offs_t).to(tl.float32)
+        return _scale_values(tl.load(ptr + offs_t, mask=t_ok, other=0))
+    return _scale_values(tl.load(ptr + offs_t))
 
 
 @triton.jit

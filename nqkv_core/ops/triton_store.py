@@ -3,11 +3,12 @@
 A decode step quantizes one token per layer and side, the one that leaves the full-precision
 window. In torch that is some twenty small ops (absmax, the scale's round-up, the codes, packing,
 the copies into the body), each a launch on a GPU. Here one program codes one row of K or V: the
-block absmax, the scale rounded up to fp16 exactly as :func:`nqkv_core.quantize.quantize_blockwise`
-rounds it, the nearest codes against the encoding codebook's midpoints, the packed bytes, written
-straight into the preallocated body at the slot. Bitwise the same codes and scales as the torch
-encoder (its reference); a row with NaN or a scale beyond fp16 is flagged for the caller, which
-words the error from the torch checks before anything else of the step is stored.
+block absmax, the scale rounded (up to fp16, or to the nearest E5M3 byte) exactly as
+:func:`nqkv_core.quantize.quantize_blockwise` rounds it, the nearest codes against the encoding
+codebook's midpoints, the packed bytes, written straight into the preallocated body at the slot.
+Bitwise the same codes and scales as the torch encoder (its reference); a row with NaN or a scale
+beyond fp16 is flagged for the caller, which words the error from the torch checks before anything
+else of the step is stored.
 """
 
 from __future__ import annotations
@@ -34,19 +35,27 @@ def _pack(codes, DIM: tl.constexpr, LANE_BITS: tl.constexpr):
 @triton.jit
 def _quantize_row(x_ptr, codes_ptr, scales_ptr, th_ptr, DIM: tl.constexpr, BLOCK: tl.constexpr,
                   BITS: tl.constexpr, N_THRESHOLDS: tl.constexpr):
-    """Codes and fp16 scales of one row of ``DIM`` into ``codes_ptr`` / ``scales_ptr``; 1 if it has
-    NaN or a block's absmax beyond fp16, else 0."""
+    """Codes and scales (fp16, or E5M3 bytes) of one row of ``DIM`` into ``codes_ptr`` / ``scales_ptr``;
+    1 if it has NaN or a block's absmax beyond fp16, else 0."""
     offs = tl.arange(0, DIM)
     x = tl.load(x_ptr + offs).to(tl.float32)
     absmax = tl.max(tl.abs(tl.reshape(x, (DIM // BLOCK, BLOCK))), axis=1)
     bad = tl.max((x != x).to(tl.int32), axis=0) | tl.max((absmax > FP16_MAX).to(tl.int32), axis=0)
-    # absmax rounded up to a multiple of the fp16 spacing at its exponent (quantize._round_up):
-    # frexp's exponent from the fp32 bits, clamped where fp16 subnormals share the smallest spacing
-    e = tl.maximum(((absmax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 126, -13) - 11
-    spacing = ((e + 127) << 23).to(tl.float32, bitcast=True)
-    inverse = ((127 - e) << 23).to(tl.float32, bitcast=True)  # both powers of two: exact products
-    s = tl.ceil(absmax * inverse) * spacing
-    tl.store(scales_ptr + tl.arange(0, DIM // BLOCK), s.to(tl.float16))
+    if scales_ptr.dtype.element_ty == tl.uint8:
+        # E5M3 (quantize._e5m3_bytes): the nearest fp16 (the cast rounds to nearest even), then the
+        # nearest multiple of 128 of its bits, at most 0xF7
+        half_bits = absmax.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
+        byte = tl.minimum((half_bits + 64) >> 7, 0xF7)
+        s = (byte.to(tl.int16) << 7).to(tl.float16, bitcast=True).to(tl.float32)
+        tl.store(scales_ptr + tl.arange(0, DIM // BLOCK), byte.to(tl.uint8))
+    else:
+        # absmax rounded up to a multiple of the fp16 spacing at its exponent (quantize._round_up):
+        # frexp's exponent from the fp32 bits, clamped where fp16 subnormals share the smallest spacing
+        e = tl.maximum(((absmax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 126, -13) - 11
+        spacing = ((e + 127) << 23).to(tl.float32, bitcast=True)
+        inverse = ((127 - e) << 23).to(tl.float32, bitcast=True)  # both powers of two: exact products
+        s = tl.ceil(absmax * inverse) * spacing
+        tl.store(scales_ptr + tl.arange(0, DIM // BLOCK), s.to(tl.float16))
     s_el = tl.reshape(tl.broadcast_to(s[:, None], (DIM // BLOCK, BLOCK)), (DIM,))
     y = tl.math.div_rn(x, tl.where(s_el > 0, s_el, 1.0))  # a zero block stays zero
     c = tl.zeros([DIM], dtype=tl.int32)
@@ -82,10 +91,10 @@ def _store_rows_kernel(k_ptr, v_ptr, kc_ptr, ks_ptr, vc_ptr, vs_ptr, th_ptr, bad
 
 def supports(x: Tensor, bits: int, block: int, scale_dtype: torch.dtype) -> bool:
     """Rows of a power-of-two ``head_dim`` from 16 to 256 in blocks of a power of two, 2/3/4-bit
-    codes with fp16 scales (``tl.arange`` needs powers of two; 8-bit codes would unroll 255
+    codes with fp16 or E5M3 scales (``tl.arange`` needs powers of two; 8-bit codes would unroll 255
     comparisons)."""
     d = x.shape[-1]
-    return (bits in (2, 3, 4) and scale_dtype == torch.float16 and 16 <= d <= 256 and d & (d - 1) == 0
+    return (bits in (2, 3, 4) and scale_dtype in (torch.float16, torch.uint8) and 16 <= d <= 256 and d & (d - 1) == 0
             and block & (block - 1) == 0 and d % block == 0 and x.stride(-1) == 1)
 
 
