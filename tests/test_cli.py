@@ -201,6 +201,7 @@ def test_bench_writes_its_tables_as_it_goes(tiny_model_dir, corpus, tmp_path, mo
     assert len(seen) >= 6 and seen == sorted(seen)
     assert "command `nqkv bench --model" in text and "| 64 | 1 |" in text and "Greedy agreement" in text
     assert "MiB for a bf16 model" in text and "an fp32 model, exact tokens in fp32" in text  # the memory target
+    assert "a 16-token window, bf16" in text
 
 
 def test_analyze_runs_and_records_the_command(tiny_model_dir, corpus, tmp_path, capsys):
