@@ -46,7 +46,7 @@ KERNEL_SCALE_DTYPES = (torch.float16, torch.float32, E5M3)
 # The largest stored E5M3 scale (byte 0xF7): fp16's largest exponent, mantissa 1.875. A block whose
 # absmax lies between it and fp16's largest value (65504) keeps this scale, its largest elements
 # coded at the outermost level (at most 6.6% beyond it).
-E5M3_MAX = 61440.0
+E5M3_MAX, E5M3_MAX_BYTE = 61440.0, 0xF7  # (bytes above it decode to fp16 infinities and NaNs)
 MIN_BLOCK = 8
 
 
@@ -77,7 +77,7 @@ def _e5m3_bytes(absmax: torch.Tensor) -> torch.Tensor:
     (ties to even), then the nearest multiple of 128 of its bits (ties up), at most 0xF7. fp16 bit
     patterns grow with the value, so rounding the bits rounds the value, across exponents too."""
     bits = _round_nearest(absmax, torch.float16).to(torch.float16).view(torch.int16).to(torch.int32)
-    return ((bits + 64) >> 7).clamp(max=0xF7).to(torch.uint8)
+    return ((bits + 64) >> 7).clamp(max=E5M3_MAX_BYTE).to(torch.uint8)
 
 
 def _coding_scale(absmax: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:

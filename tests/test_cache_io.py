@@ -25,7 +25,7 @@ from safetensors.torch import save_file  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from nqkv_core.cache import NQKVCache, NQKVLayer, enable, io  # noqa: E402
-from nqkv_core.scheme import KVScheme  # noqa: E402
+from nqkv_core.scheme import KVScheme, nqkv_preset  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 # RoPE-centred keys: decoded by the native step, which reads the shared (positions, head_dim) RoPE table
@@ -271,6 +271,18 @@ def test_tensor_that_does_not_fit_the_scheme_is_rejected(full, tmp_path, name, e
     bad = edited(path, tmp_path / "bad.safetensors", **{f"layer1__{name}": edit})
     with pytest.raises(ValueError, match=f"bad.safetensors: layer 1: .*{match}"):
         NQKVCache.load(bad, FULL, config=model.config)
+
+
+def test_e5m3_scale_bytes_beyond_the_finite_range_are_rejected(tmp_path):
+    # the 4-bit preset's one-byte scales: 0xF8-0xFF would decode to fp16 infinities and NaNs
+    model, scheme = tiny_model(), nqkv_preset(4, window=2, block=16).replace(sinks=1, stats_tokens=2)
+    path = tmp_path / "e5m3.safetensors"
+    saved_cache(model, scheme, path, tokens=12)
+    assert read(path)[1]["layer1.k_body1"].dtype == torch.uint8
+    NQKVCache.load(path, scheme, config=model.config)  # as saved: loads
+    bad = edited(path, tmp_path / "bad.safetensors", layer1__k_body1=lambda x: x.index_fill(2, torch.tensor([0]), 0xF8))
+    with pytest.raises(ValueError, match=r"bad.safetensors: layer 1: k_body1 holds E5M3 scale bytes above 0xf7"):
+        NQKVCache.load(bad, scheme, config=model.config)
 
 
 def test_singular_query_metric_is_rejected(full, tmp_path):

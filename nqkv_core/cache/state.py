@@ -16,6 +16,7 @@ import torch
 from nqkv_core import _hf
 from nqkv_core.cache import fitting
 from nqkv_core.cache.fitting import fitted_on_queries
+from nqkv_core.quantize import E5M3, E5M3_MAX_BYTE
 from nqkv_core.scheme import FP_BITS, QUERY_METRIC_RANK, KVScheme, KVTransform, key_feedback, shared_rotation
 
 # The transform's saved fields (the feedback matrix is derived from the stored metric on load).
@@ -239,7 +240,7 @@ def check_layer_values(where: str, state: dict[str, torch.Tensor], inv_freq: tor
                        order: torch.Tensor | None = None) -> None:
     """Check the values of one layer's tensors (shapes already checked by :func:`check_layer_spec`).
 
-    Full-precision tokens, scales and transform fields must be finite, equalisation positive,
+    Full-precision tokens, scales (E5M3 bytes at most 0xF7) and transform fields must be finite, equalisation positive,
     rotations orthogonal, RoPE frequencies non-negative (zero: channels that pass through) and
     the key channel order a permutation; with ``inv_freq`` given (the model's), frequencies equal
     to it and the order equal to ``order`` (None: the file holds none).
@@ -250,6 +251,8 @@ def check_layer_values(where: str, state: dict[str, torch.Tensor], inv_freq: tor
     for name, x in state.items():
         if x.is_floating_point() and not bool(torch.isfinite(x).all()):
             raise ValueError(f"{where}: {name} holds non-finite values")
+        if name.endswith("_body1") and x.dtype == E5M3 and x.numel() and int(x.max()) > E5M3_MAX_BYTE:
+            raise ValueError(f"{where}: {name} holds E5M3 scale bytes above {E5M3_MAX_BYTE:#x} (infinite or NaN)")
     for name in ("t_a_k", "t_b_v"):
         if name in state and not bool((state[name] > 0).all()):
             raise ValueError(f"{where}: {name} must be positive")
