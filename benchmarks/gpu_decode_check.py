@@ -49,6 +49,7 @@ import triton.language as tl  # noqa: E402
 
 from nqkv_core import NQTensor  # noqa: E402
 from nqkv_core.ops import triton_decode, triton_decode_grouped  # noqa: E402
+from nqkv_core.quantize import E5M3  # noqa: E402
 
 # (batch, kv heads, group, head_dim, tokens): SmolLM2-135M's attention (3 KV heads of 64, 9 query
 # heads) and an 8-KV-head model's (8 of 128, 32 query heads)
@@ -128,12 +129,13 @@ def environment(device: torch.device) -> dict:
 
 
 def packed(b, hkv, group, d, tokens, tail, dtype, device, seed=0):
-    """Query, fp K/V, their 4-bit NQTensors (blocks of 64) and fp tails."""
+    """Query, fp K/V, their 4-bit NQTensors (blocks of 64, one-byte E5M3 scales as the 4-bit presets
+    store them) and fp tails."""
     g = torch.Generator(device=device).manual_seed(seed)
     k = torch.randn(b, hkv, tokens, d, device=device, generator=g).to(dtype)
     v = torch.randn(b, hkv, tokens, d, device=device, generator=g).to(dtype)
     q = torch.randn(b, hkv * group, 1, d, device=device, generator=g).to(dtype)
-    K, V = NQTensor.from_float(k, block=64, bits=4), NQTensor.from_float(v, block=64, bits=4)
+    K, V = (NQTensor.from_float(x, block=64, bits=4, scale_dtype=E5M3) for x in (k, v))
     kt = vt = None
     if tail:
         kt = torch.randn(b, hkv, tail, d, device=device, generator=g).to(dtype)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from nqkv_core import NQTensor
 from nqkv_core.ops import triton_decode
+from nqkv_core.quantize import E5M3
 
 # (batch, kv heads, group, head_dim, tokens): SmolLM2-135M's attention at 16k / 32k, batch 1 and 8,
 # and a larger model's (8 KV heads of 128)
@@ -79,7 +80,7 @@ def main() -> None:
         k = torch.randn(b, hkv, t, d, device="cuda", dtype=torch.float16, generator=g)
         v = torch.randn(b, hkv, t, d, device="cuda", dtype=torch.float16, generator=g)
         q = torch.randn(b, hkv * grp, 1, d, device="cuda", dtype=torch.float16, generator=g)
-        K, V = NQTensor.from_float(k, block=64, bits=4), NQTensor.from_float(v, block=64, bits=4)
+        K, V = (NQTensor.from_float(x, block=64, bits=4, scale_dtype=E5M3) for x in (k, v))  # the presets' scales
         call = (q, K.codes, K.absmax, K.codebook, 64, 3, V.codes, V.absmax, V.codebook, 64, 3,
                 None, None, None, d ** -0.5, False)
         ref = F.scaled_dot_product_attention(q.float(), K.dequantize(torch.float32), V.dequantize(torch.float32),
