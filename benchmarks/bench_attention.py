@@ -6,6 +6,7 @@ Every variant runs in the same loop, interleaved, and the median of the repeats 
 * ``nqkv fp32`` / ``nqkv bf16``: ``F.scaled_dot_product_attention(q, K, V, enable_gqa=True)`` with
   NQTensor K/V (NF codes, 4-bit unless --bits, blocks of 64 along head_dim, fp16 scales) and fp32 / bf16 queries;
   the native decode kernel when it is built (``nqkv_core.native``);
+* ``nqkv e5m3``: ``nqkv fp32`` with the one-byte E5M3 block scales the 4-bit presets store;
 * ``nqkv torch``: the same call (bf16 queries) on the plain-torch path, the fallback without the
   native kernels;
 * ``fp32 gqa``: torch SDPA on the unquantized fp32 cache with ``enable_gqa=True``;
@@ -109,12 +110,14 @@ def bench_config(b: int, hkv: int, d: int, t: int, repeats: int, bw: float, bits
     q = torch.randn(b, hkv * GROUP, 1, d, generator=gen)
     K = NQTensor.from_float(k, block=64, bits=bits)
     V = NQTensor.from_float(v, block=64, bits=bits)
+    K8, V8 = (NQTensor.from_float(x, block=64, bits=bits, scale_dtype=torch.uint8) for x in (k, v))
     qf = q.view(b, hkv, GROUP, d)
     kb, vb, qb = k.bfloat16(), v.bfloat16(), qf.bfloat16()
     qbh = q.bfloat16()
     variants = {
         "nqkv fp32": lambda: F.scaled_dot_product_attention(q, K, V, enable_gqa=True),
         "nqkv bf16": lambda: F.scaled_dot_product_attention(qbh, K, V, enable_gqa=True),
+        "nqkv e5m3": lambda: F.scaled_dot_product_attention(q, K8, V8, enable_gqa=True),
         "nqkv torch": lambda: _torch_path(lambda: F.scaled_dot_product_attention(qbh, K, V, enable_gqa=True)),
         "fp32 gqa": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
         "fp32 fold": lambda: F.scaled_dot_product_attention(qf, k, v),
@@ -166,7 +169,7 @@ def main() -> None:
     bw = read_bandwidth()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.bits}-bit codes, read bandwidth {bw / 1e9:.1f} GB/s,"
           f" native kernels: {native.vector_isa() if native.available() else 'no (torch path)'}")
-    names = ["nqkv fp32", "nqkv bf16", "nqkv torch", "fp32 gqa", "fp32 fold", "bf16 fold", "deq+sdpa"]
+    names = ["nqkv fp32", "nqkv bf16", "nqkv e5m3", "nqkv torch", "fp32 gqa", "fp32 fold", "bf16 fold", "deq+sdpa"]
     print("| config | " + " | ".join(f"{n} ms" for n in names)
           + " | nqkv/fastest fp (fp32 q, bf16 q) | deq+sdpa/nqkv | peak MiB (nqkv vs deq copy) | floor ms (op/floor) |")
     print("|" + "---|" * (len(names) + 5))

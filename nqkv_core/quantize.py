@@ -83,7 +83,7 @@ def _e5m3_bytes(absmax: torch.Tensor) -> torch.Tensor:
 def _coding_scale(absmax: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
     """The fp32 scale a block is coded against: its absmax rounded up to ``scale_dtype`` (so
     ``|x / s| <= 1``), or for ``E5M3`` to the nearest byte (its largest elements may then exceed
-    the scale by up to 3% and take the outermost level). Exactly the value stored."""
+    the scale by up to 6.6% and take the outermost level). Exactly the value stored."""
     if scale_dtype == E5M3:
         return scale_values(_e5m3_bytes(absmax))
     return _round_up(absmax, scale_dtype)
@@ -341,8 +341,8 @@ def quantize_blockwise(
     axis = axis % x.dim()
     if feedback is not None:
         _check_feedback(x, axis, feedback, fit_scale)
-    if fit_scale and scale_dtype not in (torch.float16, torch.float32):
-        raise ValueError(f"fit_scale=True stores fitted scales in float16 or float32, not {scale_dtype}")
+    if fit_scale and scale_dtype == E5M3:  # (a fitted scale moved by up to 6% would undo the fit)
+        raise ValueError("fit_scale=True stores fitted scales in float16 or float32, not E5M3 (uint8) bytes")
     thresholds = _midpoints(codebook)
     if axis == x.dim() - 1 and x.device.type == "cpu":  # (no conversion copy for other devices)
         xc = (x if x.dtype in (torch.float32, torch.bfloat16) else x.float()).contiguous()

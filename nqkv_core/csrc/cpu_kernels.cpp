@@ -101,8 +101,17 @@ inline void round_fp(float* x, int64_t n, int bf16) {
 // nqkv_core.quantize.E5M3: byte k is the fp16 with bits k << 7).
 enum ScaleFormat { SCALE_F32 = 0, SCALE_F16 = 1, SCALE_E5M3 = 2 };
 
+// The value of every E5M3 byte (one load in the decode loops instead of a shift and a conversion).
+struct E5M3Table {
+  float v[256];
+  E5M3Table() {
+    for (int k = 0; k < 256; ++k) v[k] = half_to_float((uint16_t)(k << 7));
+  }
+};
+static const E5M3Table e5m3_values;
+
 inline float load_scale(const void* p, int64_t i, int fmt) {
-  if (fmt == SCALE_E5M3) return half_to_float((uint16_t)(((const uint8_t*)p)[i] << 7));
+  if (fmt == SCALE_E5M3) return e5m3_values.v[((const uint8_t*)p)[i]];
   return fmt == SCALE_F16 ? half_to_float(((const uint16_t*)p)[i]) : ((const float*)p)[i];
 }
 
