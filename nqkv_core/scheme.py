@@ -83,7 +83,8 @@ class KVScheme:
         layer_bits: optional code width of K and V for every layer (one entry per layer, from
             :func:`nqkv_core.lab.evaluate.calibrate_layer_bits`); a layer at another width than
             ``k_bits`` follows :func:`nqkv_preset`'s rules for that width (codebook, value centring,
-            scale format; fp32 scales stay fp32), 16 keeps it exact. Empty: every layer is stored as the fields above say.
+            scale format; fp32 scales stay fp32), 16 keeps it exact. Empty: every layer is stored
+            as the fields above say.
     """
 
     name: str

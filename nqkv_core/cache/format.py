@@ -98,7 +98,8 @@ def growth_step(needed: int) -> int:
 
 
 def grown(needed: int) -> int:
-    """The slots a growing buffer allocates to hold ``needed``: the next multiple of its :func:`growth_step`."""
+    """The slots a growing buffer allocates to hold ``needed``: the next multiple of its
+    :func:`growth_step`."""
     return needed + (-needed % growth_step(needed))
 
 

@@ -35,8 +35,8 @@ def _pack(codes, DIM: tl.constexpr, LANE_BITS: tl.constexpr):
 @triton.jit
 def _quantize_row(x_ptr, codes_ptr, scales_ptr, th_ptr, DIM: tl.constexpr, BLOCK: tl.constexpr,
                   BITS: tl.constexpr, N_THRESHOLDS: tl.constexpr):
-    """Codes and scales (fp16, or E5M3 bytes) of one row of ``DIM`` into ``codes_ptr`` / ``scales_ptr``;
-    1 if it has NaN or a block's absmax beyond fp16, else 0."""
+    """Codes and scales (fp16, or E5M3 bytes) of one row of ``DIM`` into ``codes_ptr`` /
+    ``scales_ptr``; 1 if it has NaN or a block's absmax beyond fp16, else 0."""
     offs = tl.arange(0, DIM)
     x = tl.load(x_ptr + offs).to(tl.float32)
     absmax = tl.max(tl.abs(tl.reshape(x, (DIM // BLOCK, BLOCK))), axis=1)
@@ -94,8 +94,8 @@ def supports(x: Tensor, bits: int, block: int, scale_dtype: torch.dtype) -> bool
     codes with fp16 or E5M3 scales (``tl.arange`` needs powers of two; 8-bit codes would unroll 255
     comparisons)."""
     d = x.shape[-1]
-    return (bits in (2, 3, 4) and scale_dtype in (torch.float16, torch.uint8) and 16 <= d <= 256 and d & (d - 1) == 0
-            and block & (block - 1) == 0 and d % block == 0 and x.stride(-1) == 1)
+    return (bits in (2, 3, 4) and scale_dtype in (torch.float16, torch.uint8) and 16 <= d <= 256
+            and d & (d - 1) == 0 and block & (block - 1) == 0 and d % block == 0 and x.stride(-1) == 1)
 
 
 def store_rows(k: Tensor, v: Tensor, k_body: tuple[Tensor, Tensor], v_body: tuple[Tensor, Tensor], slot: int,
