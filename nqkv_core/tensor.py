@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import return_and_correct_aliasing
 from nqkv_core.codebook import CodebookKind, check_args, check_codebook, get_codebook
 from nqkv_core.packed import Packed
 from nqkv_core.packing import codes_per_row_multiple
-from nqkv_core.quantize import FLOAT_DTYPES, SCALE_DTYPES, dequantize_blockwise, quantize_blockwise
+from nqkv_core.quantize import E5M3, FLOAT_DTYPES, SCALE_DTYPES, dequantize_blockwise, quantize_blockwise
 
 aten = torch.ops.aten
 _ATEN_OPS: dict[Any, Callable] = {}
@@ -263,7 +263,8 @@ class NQTensor(torch.Tensor):
     def __repr__(self) -> str:  # type: ignore[override]
         return (
             f"NQTensor(shape={tuple(self.shape)}, dtype={self.dtype}, bits={self.bits},"
-            f" block={self.block}, axis={self.axis}, scale_dtype={self.absmax.dtype},"
+            f" block={self.block}, axis={self.axis},"
+            f" scale_dtype={'E5M3 (torch.uint8)' if self.absmax.dtype == E5M3 else self.absmax.dtype},"
             f" device={self.device}, bits_per_element={self.bits_per_element:.3f})"
         )
 

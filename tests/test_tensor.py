@@ -101,6 +101,8 @@ def test_unsupported_ops_name_the_op():
 def test_repr_does_not_dequantize():
     r = repr(NQTensor.from_float(kv(), bits=3, block=64))
     assert "bits=3" in r and "block=64" in r and "bits_per_element=3.250" in r
+    r = repr(NQTensor.from_float(kv(), bits=4, block=64, scale_dtype=torch.uint8))
+    assert "scale_dtype=E5M3 (torch.uint8)" in r and "bits_per_element=4.125" in r
 
 
 def test_torch_save_load_weights_only():
@@ -130,12 +132,13 @@ def test_state_dict_safetensors_roundtrip(tmp_path):
         NQTensor.from_state_dict({"codes": loaded["codes"]}, metadata)
 
 
-def test_compile_fullgraph_quantize_dequantize():
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.uint8], ids=["fp16", "e5m3"])
+def test_compile_fullgraph_quantize_dequantize(scale_dtype):
     torch._dynamo.reset()
     x = kv(torch.float32, shape=(1, 2, 64, 64))
 
     def roundtrip(t):
-        q = NQTensor.from_float(t, block=32, bits=4)
+        q = NQTensor.from_float(t, block=32, bits=4, scale_dtype=scale_dtype)
         return q.dequantize() * 2
 
     compiled = torch.compile(roundtrip, fullgraph=True)  # fullgraph: any graph break raises
