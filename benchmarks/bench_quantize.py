@@ -56,7 +56,8 @@ def nqkv_methods(x: torch.Tensor, block: int) -> list[Method]:
         # the one-byte E5M3 scales of the 4-bit presets (nearest byte, not fp16 rounded up)
         codes8, scales8 = quantize_blockwise(rows_view, cb, block, scale_dtype=torch.uint8)
         y8 = dequantize_blockwise(codes8, scales8, cb, block, dtype=x.dtype)
-        methods.insert(1, ("nqkv (native, E5M3 scales)", lambda: quantize_blockwise(rows_view, cb, block, scale_dtype=torch.uint8),
+        methods.insert(1, ("nqkv (native, E5M3 scales)",
+                           lambda: quantize_blockwise(rows_view, cb, block, scale_dtype=torch.uint8),
                            lambda: dequantize_blockwise(codes8, scales8, cb, block, dtype=x.dtype),
                            ((y8.float() - rows_view.float()) ** 2).mean().item()))
     return methods
