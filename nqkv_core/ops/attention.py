@@ -43,7 +43,6 @@ from nqkv_core.tensor import NQTensor, implements_torch_function
 from nqkv_core.transform import CompactRope, output_transform
 
 Q_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-SCALE_DTYPES = KERNEL_SCALE_DTYPES  # fp16, fp32, E5M3 bytes
 
 
 # -- checks -----------------------------------------------------------------------------------------
@@ -54,7 +53,7 @@ def _check_packed(name: str, q: Tensor, p: Packed, dim: Optional[int]) -> int:
     codes, absmax, codebook, block = p.codes, p.absmax, p.codebook, p.block
     if codes.dtype != torch.uint8:
         raise TypeError(f"{name}_codes must be uint8, got {codes.dtype}")
-    if absmax.dtype not in SCALE_DTYPES:
+    if absmax.dtype not in KERNEL_SCALE_DTYPES:
         raise TypeError(f"{name}_absmax must be float16, float32 or E5M3 bytes (uint8), got {absmax.dtype}")
     if codebook.dtype != torch.float32:
         raise TypeError(f"{name}_codebook must be float32, got {codebook.dtype}")
